@@ -1,0 +1,626 @@
+//! Apply image layers to a directory: OCI whiteouts, hardlinks, symlinks,
+//! modes, ownership, mtimes, xattrs and device nodes.
+//!
+//! The one rule that matters most: nothing is ever written outside the target
+//! directory. Entry paths are normalized and refused when absolute or when
+//! they contain `..`; every ancestor of a path is checked with `lstat` and a
+//! symlink there is refused; files are created with `O_EXCL | O_NOFOLLOW`
+//! after the old entry is removed; hardlink targets obey the same rules.
+//! Ancestors already checked are remembered, and forgotten when an entry
+//! replaces them, so the common case costs one hash lookup per entry.
+//!
+//! Decompression (and hashing) runs on its own thread, feeding the thread
+//! that writes files, so the two overlap on a multi-core machine.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
+
+use crate::digest::{Digest, HashingReader, Hasher};
+use crate::error::{Error, IoContext, Result};
+use crate::layer::{decompress, ChannelReader};
+use crate::store::{Image, Store};
+
+const CHUNK: usize = 256 * 1024;
+
+/// What an unpack did, for the caller to report.
+#[derive(Debug, Default, Clone)]
+pub struct UnpackReport {
+    pub layers: usize,
+    pub entries: u64,
+    pub warnings: Vec<String>,
+}
+
+/// Unpack `image` into `dir`, which must not exist or be empty. The tree is
+/// built in a sibling temp directory and renamed into place at the end, so a
+/// failure or crash never leaves a half-unpacked `dir`.
+pub fn unpack_image(store: &Store, image: &Image, dir: &Path) -> Result<UnpackReport> {
+    if let Ok(mut entries) = fs::read_dir(dir) {
+        if entries.next().is_some() {
+            return Err(Error::Invalid(format!(
+                "{} is not empty; unpack into a new or empty directory",
+                dir.display()
+            )));
+        }
+    } else if dir.exists() {
+        return Err(Error::Invalid(format!("{} exists and is not a directory", dir.display())));
+    }
+    let diff_ids = &image.config.rootfs.diff_ids;
+    if diff_ids.len() != image.manifest.layers.len() {
+        return Err(Error::Malformed {
+            what: "image",
+            name: image.record.reference.clone(),
+            reason: format!(
+                "manifest has {} layers but config lists {} DiffIDs",
+                image.manifest.layers.len(),
+                diff_ids.len()
+            ),
+        });
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).at(&parent)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let staging = parent.join(format!(".{name}.hangar-unpack-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir(&staging).at(&staging)?;
+    let result = (|| {
+        let mut unpacker = Unpacker::new(&staging);
+        for (layer, diff_id) in image.manifest.layers.iter().zip(diff_ids) {
+            let file = store.open_blob(&layer.digest)?;
+            unpacker.apply_verified(file, &layer.digest, layer.size, diff_id)?;
+        }
+        fs::set_permissions(&staging, fs::Permissions::from_mode(0o755)).at(&staging)?;
+        fs::rename(&staging, dir).at(dir)?;
+        Ok(UnpackReport {
+            layers: image.manifest.layers.len(),
+            entries: unpacker.entries,
+            warnings: unpacker.warnings,
+        })
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Applies layers, in order, to one root directory.
+pub struct Unpacker {
+    root: PathBuf,
+    /// Relative paths known to be real directories (not symlinks) under root.
+    safe_dirs: HashSet<PathBuf>,
+    privileged: bool,
+    xattr_warned: bool,
+    buf: Vec<u8>,
+    pub entries: u64,
+    pub warnings: Vec<String>,
+}
+
+/// Per-layer bookkeeping.
+#[derive(Default)]
+struct LayerState {
+    /// Paths this layer created, with their ancestors: whiteouts spare them.
+    paths: HashSet<PathBuf>,
+    /// Directory modes and mtimes, applied when the layer is done so that
+    /// read-only directories and child writes do not get in the way.
+    dirs: Vec<(PathBuf, u32, u64)>,
+}
+
+/// Normalize a tar path to a relative path under the root, refusing escapes.
+fn normalize(raw: &Path) -> std::result::Result<PathBuf, &'static str> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("path contains '..'"),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path"),
+        }
+    }
+    Ok(out)
+}
+
+fn timespec(secs: u64) -> Timespec {
+    Timespec {
+        tv_sec: secs.min(i64::MAX as u64) as i64,
+        tv_nsec: 0,
+    }
+}
+
+impl Unpacker {
+    pub fn new(root: &Path) -> Unpacker {
+        Unpacker {
+            root: root.to_path_buf(),
+            safe_dirs: HashSet::new(),
+            privileged: rustix::process::geteuid().is_root(),
+            xattr_warned: false,
+            buf: vec![0; CHUNK],
+            entries: 0,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Apply a compressed layer blob, checking its digest, size and DiffID.
+    /// Decompression runs on a helper thread.
+    pub fn apply_verified<R: Read + Send + 'static>(&mut self, blob: R, digest: &Digest, size: u64, diff_id: &Digest) -> Result<()> {
+        let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
+        let producer = std::thread::spawn(move || -> io::Result<(Digest, u64, Digest)> {
+            let mut compressed = HashingReader::new(io::BufReader::with_capacity(CHUNK, blob));
+            let mut diff = Hasher::new();
+            let mut decoder = match decompress(&mut compressed) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    return Err(e);
+                }
+            };
+            loop {
+                let mut chunk = vec![0; CHUNK];
+                let n = match decoder.read(&mut chunk) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        return Err(e);
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                chunk.truncate(n);
+                diff.update(&chunk);
+                if tx.send(Ok(chunk)).is_err() {
+                    break;
+                }
+            }
+            drop(decoder);
+            drop(tx);
+            let (d, len) = compressed.finish()?;
+            Ok((d, len, diff.finish().0))
+        });
+        let layer = digest.to_string();
+        let mut reader = ChannelReader::new(rx);
+        let applied = self.apply(&mut reader, &layer);
+        // Let the producer finish whatever the tar end marker left unread.
+        let drained = io::copy(&mut reader, &mut io::sink());
+        drop(reader);
+        let produced = producer
+            .join()
+            .map_err(|_| Error::Invalid(format!("layer {layer}: decompression thread panicked")))?;
+        applied?;
+        let verify = |reason: String| Error::Verify {
+            digest: layer.clone(),
+            source_name: "the local store".into(),
+            reason,
+        };
+        let (got, len, got_diff) = produced.map_err(|e| verify(format!("cannot read or decompress: {e}")))?;
+        drained.map_err(|e| verify(format!("cannot read or decompress: {e}")))?;
+        if got != *digest || len != size {
+            return Err(verify(format!("stored blob hashes to {got} ({len} bytes); run `hangar image gc` and pull again")));
+        }
+        if got_diff != *diff_id {
+            return Err(verify(format!("uncompressed content hashes to {got_diff}, config says {diff_id}")));
+        }
+        Ok(())
+    }
+
+    fn unsafe_entry(layer: &str, entry: &Path, reason: impl Into<String>) -> Error {
+        Error::UnsafeEntry {
+            layer: layer.to_string(),
+            entry: entry.display().to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Apply one uncompressed layer tar.
+    pub fn apply<R: Read>(&mut self, tar_stream: R, layer: &str) -> Result<()> {
+        let mut archive = tar::Archive::new(tar_stream);
+        let mut state = LayerState::default();
+        let bad_tar = |e: io::Error| Error::UnsafeEntry {
+            layer: layer.to_string(),
+            entry: String::new(),
+            reason: format!("not a readable tar stream: {e}"),
+        };
+        for entry in archive.entries().map_err(bad_tar)? {
+            let mut entry = entry.map_err(bad_tar)?;
+            let raw = entry.path().map_err(bad_tar)?.into_owned();
+            self.entries += 1;
+            self.apply_entry(&mut entry, &raw, layer, &mut state)?;
+        }
+        for (rel, mode, mtime) in state.dirs.iter().rev() {
+            let full = self.root.join(rel);
+            fs::set_permissions(&full, fs::Permissions::from_mode(*mode)).at(&full)?;
+            self.set_times(&full, *mtime)?;
+        }
+        Ok(())
+    }
+
+    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<R>, raw: &Path, layer: &str, state: &mut LayerState) -> Result<()> {
+        use tar::EntryType as T;
+        let kind = entry.header().entry_type();
+        if matches!(kind, T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink) {
+            return Ok(());
+        }
+        let rel = normalize(raw).map_err(|r| Self::unsafe_entry(layer, raw, r))?;
+        let name = rel.file_name().map(OsStr::as_bytes).unwrap_or(b"");
+        if let Some(hidden) = name.strip_prefix(b".wh.") {
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            if !self.check_ancestors(&rel, layer, raw, state, false)? {
+                return Ok(());
+            }
+            if hidden == b".wh..opq" {
+                return self.opaque(parent, state);
+            }
+            if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.contains(&b'/') {
+                return Err(Self::unsafe_entry(layer, raw, "whiteout names no file"));
+            }
+            let target = parent.join(OsStr::from_bytes(hidden));
+            if !state.paths.contains(&target) {
+                self.remove_existing(&target)?;
+            }
+            return Ok(());
+        }
+        let header = entry.header();
+        let bad = |e: io::Error| Self::unsafe_entry(layer, raw, format!("bad header: {e}"));
+        let mode = header.mode().map_err(bad)? & 0o7777;
+        let uid = header.uid().map_err(bad)?;
+        let gid = header.gid().map_err(bad)?;
+        let mtime = header.mtime().map_err(bad)?;
+        if rel.as_os_str().is_empty() {
+            if kind == T::Directory {
+                state.dirs.push((rel, mode, mtime));
+                return Ok(());
+            }
+            return Err(Self::unsafe_entry(layer, raw, "would replace the root directory itself"));
+        }
+        self.check_ancestors(&rel, layer, raw, state, true)?;
+        let full = self.root.join(&rel);
+        match kind {
+            T::Directory => {
+                match fs::symlink_metadata(&full) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        self.remove_existing(&rel)?;
+                        fs::create_dir(&full).at(&full)?;
+                    }
+                    Err(_) => fs::create_dir(&full).at(&full)?,
+                }
+                self.chown(&full, uid, gid)?;
+                self.xattrs(entry, &full)?;
+                self.safe_dirs.insert(rel.clone());
+                state.dirs.push((rel.clone(), mode, mtime));
+            }
+            T::Regular | T::Continuous | T::GNUSparse => {
+                self.remove_existing(&rel)?;
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(&full)
+                    .at(&full)?;
+                loop {
+                    let n = match entry.read(&mut self.buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(Self::unsafe_entry(layer, raw, format!("reading contents: {e}"))),
+                    };
+                    file.write_all(&self.buf[..n]).at(&full)?;
+                }
+                if self.privileged {
+                    rustix::fs::fchown(&file, Some(uid_of(uid)), Some(gid_of(gid))).map_err(io::Error::from).at(&full)?;
+                }
+                file.set_permissions(fs::Permissions::from_mode(mode)).at(&full)?;
+                self.xattrs(entry, &full)?;
+                let t = SystemTime::UNIX_EPOCH + Duration::from_secs(mtime);
+                file.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t)).at(&full)?;
+            }
+            T::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(bad)?
+                    .ok_or_else(|| Self::unsafe_entry(layer, raw, "symlink without a target"))?;
+                self.remove_existing(&rel)?;
+                std::os::unix::fs::symlink(&target, &full).at(&full)?;
+                self.chown(&full, uid, gid)?;
+                self.xattrs(entry, &full)?;
+                self.set_times(&full, mtime)?;
+            }
+            T::Link => {
+                let link = entry
+                    .link_name()
+                    .map_err(bad)?
+                    .ok_or_else(|| Self::unsafe_entry(layer, raw, "hardlink without a target"))?;
+                let target = normalize(&link).map_err(|r| Self::unsafe_entry(layer, raw, format!("hardlink target {}: {r}", link.display())))?;
+                if target.as_os_str().is_empty() {
+                    return Err(Self::unsafe_entry(layer, raw, "hardlink to the root directory"));
+                }
+                if !self.check_ancestors(&target, layer, raw, state, false)? {
+                    return Err(Self::unsafe_entry(layer, raw, format!("hardlink target {} does not exist", link.display())));
+                }
+                let target_full = self.root.join(&target);
+                match fs::symlink_metadata(&target_full) {
+                    Ok(m) if m.is_dir() => return Err(Self::unsafe_entry(layer, raw, "hardlink to a directory")),
+                    Ok(_) => {}
+                    Err(_) => return Err(Self::unsafe_entry(layer, raw, format!("hardlink target {} does not exist", link.display()))),
+                }
+                if target != rel {
+                    self.remove_existing(&rel)?;
+                    fs::hard_link(&target_full, &full).at(&full)?;
+                }
+            }
+            T::Char | T::Block | T::Fifo => {
+                let file_type = match kind {
+                    T::Char => FileType::CharacterDevice,
+                    T::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                if file_type != FileType::Fifo && !self.privileged {
+                    self.warnings.push(format!("layer {layer}: skipped device node {} (creating devices needs root)", raw.display()));
+                    return Ok(());
+                }
+                let major = header.device_major().map_err(bad)?.unwrap_or(0);
+                let minor = header.device_minor().map_err(bad)?.unwrap_or(0);
+                self.remove_existing(&rel)?;
+                rustix::fs::mknodat(CWD, &full, file_type, Mode::from_raw_mode(mode), rustix::fs::makedev(major, minor))
+                    .map_err(io::Error::from)
+                    .at(&full)?;
+                self.chown(&full, uid, gid)?;
+                fs::set_permissions(&full, fs::Permissions::from_mode(mode)).at(&full)?;
+                self.set_times(&full, mtime)?;
+            }
+            other => {
+                self.warnings.push(format!("layer {layer}: skipped {} of unsupported tar type {other:?}", raw.display()));
+                return Ok(());
+            }
+        }
+        state.paths.insert(rel);
+        Ok(())
+    }
+
+    /// Make sure every ancestor of `rel` is a real directory under the root:
+    /// refuse symlinks, create missing ones when `create`, and record them as
+    /// this layer's. Returns false when an ancestor is missing and not created.
+    fn check_ancestors(&mut self, rel: &Path, layer: &str, raw: &Path, state: &mut LayerState, create: bool) -> Result<bool> {
+        let Some(parent) = rel.parent() else { return Ok(true) };
+        if parent.as_os_str().is_empty() {
+            return Ok(true);
+        }
+        // Walk up to the deepest ancestor already known safe, then down again.
+        let mut todo = Vec::new();
+        let mut cur = Some(parent);
+        while let Some(p) = cur {
+            if p.as_os_str().is_empty() || self.safe_dirs.contains(p) {
+                break;
+            }
+            todo.push(p);
+            cur = p.parent();
+        }
+        for p in todo.into_iter().rev() {
+            let full = self.root.join(p);
+            match fs::symlink_metadata(&full) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Self::unsafe_entry(layer, raw, format!("{} is a symlink; writing through it could leave the root", p.display())))
+                }
+                Ok(_) => return Err(Self::unsafe_entry(layer, raw, format!("{} is not a directory", p.display()))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    fs::create_dir(&full).at(&full)?;
+                    fs::set_permissions(&full, fs::Permissions::from_mode(0o755)).at(&full)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(Error::Io { path: full, source: e }),
+            }
+            self.safe_dirs.insert(p.to_path_buf());
+        }
+        if create {
+            let mut cur = Some(parent);
+            while let Some(p) = cur {
+                if p.as_os_str().is_empty() || !state.paths.insert(p.to_path_buf()) {
+                    break;
+                }
+                cur = p.parent();
+            }
+        }
+        Ok(true)
+    }
+
+    /// Remove whatever is at `rel` (a directory with its contents), if anything.
+    fn remove_existing(&mut self, rel: &Path) -> Result<()> {
+        let full = self.root.join(rel);
+        match fs::symlink_metadata(&full) {
+            Ok(m) if m.is_dir() => {
+                fs::remove_dir_all(&full).at(&full)?;
+                if self.safe_dirs.contains(rel) {
+                    self.safe_dirs.retain(|d| !d.starts_with(rel));
+                }
+            }
+            Ok(_) => fs::remove_file(&full).at(&full)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Io { path: full, source: e }),
+        }
+        Ok(())
+    }
+
+    /// An opaque whiteout: hide everything under `dir` that lower layers put
+    /// there, wherever in the layer the marker appears.
+    fn opaque(&mut self, dir: &Path, state: &LayerState) -> Result<()> {
+        let full = self.root.join(dir);
+        match fs::symlink_metadata(&full) {
+            Ok(m) if m.is_dir() => {}
+            _ => return Ok(()),
+        }
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let full = self.root.join(&d);
+            let children: Vec<_> = fs::read_dir(&full).at(&full)?.collect::<io::Result<_>>().at(&full)?;
+            for child in children {
+                let rel = d.join(child.file_name());
+                if !state.paths.contains(&rel) {
+                    self.remove_existing(&rel)?;
+                } else if child.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(rel);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn chown(&self, full: &Path, uid: u64, gid: u64) -> Result<()> {
+        if self.privileged {
+            rustix::fs::chownat(CWD, full, Some(uid_of(uid)), Some(gid_of(gid)), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io::Error::from)
+                .at(full)?;
+        }
+        Ok(())
+    }
+
+    fn set_times(&self, full: &Path, mtime: u64) -> Result<()> {
+        let t = timespec(mtime);
+        let times = Timestamps {
+            last_access: t,
+            last_modification: t,
+        };
+        rustix::fs::utimensat(CWD, full, &times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(io::Error::from)
+            .at(full)
+    }
+
+    fn xattrs<R: Read>(&mut self, entry: &mut tar::Entry<R>, full: &Path) -> Result<()> {
+        let Ok(Some(pax)) = entry.pax_extensions() else { return Ok(()) };
+        let mut failed = None;
+        for ext in pax.flatten() {
+            let Ok(key) = ext.key() else { continue };
+            let Some(name) = key.strip_prefix("SCHILY.xattr.") else { continue };
+            if let Err(e) = rustix::fs::lsetxattr(full, name, ext.value_bytes(), rustix::fs::XattrFlags::empty()) {
+                failed = Some(format!("{name} on {}: {}", full.display(), io::Error::from(e)));
+            }
+        }
+        if let Some(f) = failed {
+            if !self.xattr_warned {
+                self.xattr_warned = true;
+                self.warnings.push(format!("could not set extended attribute {f} (the filesystem may not allow it); later failures are not reported"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn uid_of(uid: u64) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(uid.min(u32::MAX as u64 - 1) as u32)
+}
+
+fn gid_of(gid: u64) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(gid.min(u32::MAX as u64 - 1) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar of (path, kind, data-or-link-target) entries.
+    fn tar_of(entries: &[(&str, char, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o755);
+            h.set_mtime(1_000_000);
+            h.set_uid(0);
+            h.set_gid(0);
+            match kind {
+                'd' => h.set_entry_type(tar::EntryType::Directory),
+                'f' => h.set_entry_type(tar::EntryType::Regular),
+                'l' => h.set_entry_type(tar::EntryType::Symlink),
+                'h' => h.set_entry_type(tar::EntryType::Link),
+                _ => unreachable!(),
+            }
+            // Write names raw so tests can carry '..' and absolute paths.
+            let name = h.as_old_mut();
+            name.name[..path.len()].copy_from_slice(path.as_bytes());
+            if *kind == 'l' || *kind == 'h' {
+                name.linkname[..data.len()].copy_from_slice(data.as_bytes());
+                h.set_size(0);
+                h.set_cksum();
+                b.append(&h, io::empty()).unwrap();
+            } else {
+                h.set_size(if *kind == 'f' { data.len() as u64 } else { 0 });
+                h.set_cksum();
+                b.append(&h, data.as_bytes()).unwrap();
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn apply(root: &Path, layers: &[Vec<u8>]) -> Result<()> {
+        let mut u = Unpacker::new(root);
+        for l in layers {
+            u.apply(&l[..], "sha256:test")?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn whiteouts_and_opaque_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let lower = tar_of(&[("a/", 'd', ""), ("a/old", 'f', "1"), ("a/sub/", 'd', ""), ("a/sub/x", 'f', "x"), ("b", 'f', "b"), ("c", 'f', "c")]);
+        // The opaque marker comes after a/new, which must survive it.
+        let upper = tar_of(&[("a/", 'd', ""), ("a/new", 'f', "2"), ("a/.wh..wh..opq", 'f', ""), ("./.wh.b", 'f', ""), ("c", 'f', "C")]);
+        apply(root, &[lower, upper]).unwrap();
+        assert!(!root.join("a/old").exists());
+        assert!(!root.join("a/sub").exists());
+        assert_eq!(fs::read_to_string(root.join("a/new")).unwrap(), "2");
+        assert!(!root.join("b").exists());
+        assert!(!root.join(".wh.b").exists());
+        assert_eq!(fs::read_to_string(root.join("c")).unwrap(), "C");
+    }
+
+    #[test]
+    fn never_writes_outside_the_root() {
+        let cases: &[&[(&str, char, &str)]] = &[
+            &[("../evil", 'f', "x")],
+            &[("/abs", 'f', "x")],
+            &[("a/../../evil", 'f', "x")],
+            &[("link", 'l', "/tmp"), ("link/evil", 'f', "x")],
+            &[("link", 'l', ".."), ("link/evil", 'f', "x")],
+            &[(".", 'l', "/tmp")],
+            &[("./", 'l', "/tmp"), ("evil", 'f', "x")],
+            &[("d/", 'd', ""), ("d", 'l', "/tmp"), ("d/evil", 'f', "x")],
+            &[("h", 'h', "../../etc/passwd")],
+            &[("h", 'h', "/etc/passwd")],
+            &[("l", 'l', "/etc"), ("h", 'h', "l/passwd")],
+        ];
+        for case in cases {
+            let outer = tempfile::tempdir().unwrap();
+            let root = outer.path().join("root");
+            fs::create_dir(&root).unwrap();
+            let err = apply(&root, &[tar_of(case)]).expect_err(&format!("{case:?} was accepted"));
+            let msg = err.to_string();
+            assert!(msg.contains("layer sha256:test: entry"), "{msg}");
+            assert!(!outer.path().join("evil").exists());
+            assert_eq!(fs::read_dir(outer.path()).unwrap().count(), 1, "{case:?} wrote outside");
+        }
+    }
+
+    #[test]
+    fn hardlinks_and_replacement_do_not_alias() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let l1 = tar_of(&[("f", 'f', "one"), ("g", 'h', "f")]);
+        let l2 = tar_of(&[("g", 'f', "two")]);
+        apply(root, &[l1, l2]).unwrap();
+        assert_eq!(fs::read_to_string(root.join("f")).unwrap(), "one");
+        assert_eq!(fs::read_to_string(root.join("g")).unwrap(), "two");
+    }
+}
