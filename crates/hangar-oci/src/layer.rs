@@ -3,7 +3,7 @@
 //! digest of the uncompressed tar, in one pass).
 
 use std::io::{self, Cursor, Read, Write};
-use std::sync::mpsc;
+use tokio::sync::mpsc;
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
@@ -106,41 +106,43 @@ pub fn ingest_layer<R: Read + Send>(store: &Store, reader: R, want: &Expected, s
     Ok(staged)
 }
 
-/// The blocking end of a byte channel: lets sync code (decompressors, tar)
-/// read what an async task or another thread produces. An `Err` item ends the
-/// stream with that error.
-pub struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
-    buf: Vec<u8>,
+/// The blocking end of a bounded byte channel: lets sync code (decompressors,
+/// tar) read what an async task or another thread produces, with
+/// backpressure. An `Err` item ends the stream with that error. Must be read
+/// from a thread that is not running async tasks.
+pub struct ChannelReader<T> {
+    rx: mpsc::Receiver<io::Result<T>>,
+    buf: Option<T>,
     pos: usize,
 }
 
-impl ChannelReader {
-    pub fn new(rx: mpsc::Receiver<io::Result<Vec<u8>>>) -> Self {
-        ChannelReader {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-        }
+impl<T: AsRef<[u8]>> ChannelReader<T> {
+    pub fn new(rx: mpsc::Receiver<io::Result<T>>) -> Self {
+        ChannelReader { rx, buf: None, pos: 0 }
     }
 }
 
-impl Read for ChannelReader {
+impl<T: AsRef<[u8]>> Read for ChannelReader<T> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.buf.len() {
-            match self.rx.recv() {
-                Ok(Ok(chunk)) => {
-                    self.buf = chunk;
+        loop {
+            if let Some(buf) = &self.buf {
+                let buf = buf.as_ref();
+                if self.pos < buf.len() {
+                    let n = out.len().min(buf.len() - self.pos);
+                    out[..n].copy_from_slice(&buf[self.pos..self.pos + n]);
+                    self.pos += n;
+                    return Ok(n);
+                }
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
+                    self.buf = Some(chunk);
                     self.pos = 0;
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
             }
         }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
     }
 }
 

@@ -14,9 +14,13 @@
 //! never runs image content and never writes outside the directories it is
 //! given.
 
+pub mod auth;
+pub mod build;
+pub mod client;
 pub mod digest;
 pub mod error;
 pub mod layer;
+pub mod layout;
 pub mod manifest;
 pub mod reference;
 pub mod store;

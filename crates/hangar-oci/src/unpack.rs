@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::mpsc;
+use tokio::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
@@ -153,14 +153,14 @@ impl Unpacker {
     /// Apply a compressed layer blob, checking its digest, size and DiffID.
     /// Decompression runs on a helper thread.
     pub fn apply_verified<R: Read + Send + 'static>(&mut self, blob: R, digest: &Digest, size: u64, diff_id: &Digest) -> Result<()> {
-        let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
+        let (tx, rx) = mpsc::channel::<io::Result<Vec<u8>>>(16);
         let producer = std::thread::spawn(move || -> io::Result<(Digest, u64, Digest)> {
             let mut compressed = HashingReader::new(io::BufReader::with_capacity(CHUNK, blob));
             let mut diff = Hasher::new();
             let mut decoder = match decompress(&mut compressed) {
                 Ok(d) => d,
                 Err(e) => {
-                    let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    let _ = tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
                     return Err(e);
                 }
             };
@@ -170,7 +170,7 @@ impl Unpacker {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        let _ = tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
                         return Err(e);
                     }
                 };
@@ -179,7 +179,7 @@ impl Unpacker {
                 }
                 chunk.truncate(n);
                 diff.update(&chunk);
-                if tx.send(Ok(chunk)).is_err() {
+                if tx.blocking_send(Ok(chunk)).is_err() {
                     break;
                 }
             }
