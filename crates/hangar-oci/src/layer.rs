@@ -84,15 +84,15 @@ pub fn ingest_layer<R: Read + Send>(store: &Store, reader: R, want: &Expected, s
         };
         let mut diff = Hasher::new();
         let result = decompress(&mut tee).and_then(|mut d| io::copy(&mut d, &mut diff));
-        if let Err(e) = result {
-            // A cut connection surfaces here; a corrupt stream too.
-            return Err(if e.kind() == io::ErrorKind::Other || e.kind() == io::ErrorKind::UnexpectedEof {
-                verify(format!("reading or decompressing the layer failed: {e}"))
-            } else {
-                verify(format!("layer does not decompress: {e}"))
-            });
+        // Read to the end either way: a bad digest or size explains a
+        // decompression failure better than the decompressor does.
+        let drained = io::copy(&mut tee, &mut io::sink());
+        if let Err(e) = result.and(drained) {
+            let cause = e.to_string();
+            drop(tee);
+            writer.finish(Some((want.digest, want.size)), source_name)?;
+            return Err(verify(format!("layer does not read or decompress: {cause}")));
         }
-        io::copy(&mut tee, &mut io::sink()).map_err(|e| verify(format!("reading the layer failed: {e}")))?;
         diff.finish().0
     };
     let staged = writer.finish(Some((want.digest, want.size)), source_name)?;

@@ -1,1 +1,55 @@
-fn main() {}
+//! `hangar`: the command line of the Hangar platform.
+//!
+//! This crate is glue: it parses arguments, finds `$HANGAR_HOME`, calls into
+//! the library crates and prints results. One file per subcommand. It holds
+//! no logic of its own; anything worth testing without the CLI belongs in a
+//! library crate.
+//!
+//! Errors print as one line, `hangar: <what failed>: <why>`, and exit 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod image;
+mod progress;
+
+/// Hangar: run OCI images as isolated machines on your own servers.
+#[derive(Parser)]
+#[command(name = "hangar", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pull, build, push, inspect and unpack OCI images (no Docker daemon needed).
+    Image(image::ImageArgs),
+}
+
+/// `$HANGAR_HOME`, or `~/.hangar`.
+pub fn home() -> anyhow::Result<PathBuf> {
+    if let Some(h) = std::env::var_os("HANGAR_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(h));
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => Ok(PathBuf::from(h).join(".hangar")),
+        None => anyhow::bail!("neither HANGAR_HOME nor HOME is set; set HANGAR_HOME to the directory Hangar should keep its data in"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Image(args) => image::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hangar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
