@@ -33,7 +33,10 @@ impl Credentials {
     /// The value of an `Authorization: Basic` header.
     pub fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password);
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
     }
 
     /// Credentials for `registry` from Docker's `config.json` (`auths`), in
@@ -59,9 +62,20 @@ impl Credentials {
             auths: BTreeMap<String, Entry>,
         }
         let config: Config = serde_json::from_str(text).ok()?;
-        let mut keys = vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}")];
+        let mut keys = vec![
+            registry.to_string(),
+            format!("https://{registry}"),
+            format!("http://{registry}"),
+        ];
         if registry == DOCKER_HUB {
-            keys.extend(["https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"].map(String::from));
+            keys.extend(
+                [
+                    "https://index.docker.io/v1/",
+                    "index.docker.io",
+                    "registry-1.docker.io",
+                ]
+                .map(String::from),
+            );
         }
         let host_of = |k: &str| {
             k.trim_start_matches("https://")
@@ -71,12 +85,17 @@ impl Credentials {
                 .unwrap_or("")
                 .to_string()
         };
-        let entry = keys
-            .iter()
-            .find_map(|k| config.auths.get(k))
-            .or_else(|| config.auths.iter().find(|(k, _)| host_of(k) == registry).map(|(_, v)| v))?;
+        let entry = keys.iter().find_map(|k| config.auths.get(k)).or_else(|| {
+            config
+                .auths
+                .iter()
+                .find(|(k, _)| host_of(k) == registry)
+                .map(|(_, v)| v)
+        })?;
         if let Some(auth) = &entry.auth {
-            let raw = base64::engine::general_purpose::STANDARD.decode(auth.trim()).ok()?;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .ok()?;
             return Credentials::parse(&String::from_utf8(raw).ok()?);
         }
         Some(Credentials {
@@ -108,7 +127,8 @@ impl Challenge {
             while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
                 chars.next();
             }
-            let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+            let key: String =
+                std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
             if key.is_empty() {
                 break;
             }
@@ -126,7 +146,10 @@ impl Challenge {
                     }
                 }
             } else {
-                value = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect::<String>().trim().to_string();
+                value = std::iter::from_fn(|| chars.next_if(|c| *c != ','))
+                    .collect::<String>()
+                    .trim()
+                    .to_string();
             }
             params.insert(key.trim().to_ascii_lowercase(), value);
         }

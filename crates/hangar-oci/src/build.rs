@@ -66,7 +66,12 @@ pub fn rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn append_tree<W: Write>(tar: &mut tar::Builder<W>, root: &Path, epoch: u64) -> Result<()> {
@@ -91,7 +96,10 @@ fn append_tree<W: Write>(tar: &mut tar::Builder<W>, root: &Path, epoch: u64) -> 
             h.set_gid(0);
             h.set_mtime(epoch);
             let ft = meta.file_type();
-            let io_err = |e: io::Error| Error::Io { path: full.clone(), source: e };
+            let io_err = |e: io::Error| Error::Io {
+                path: full.clone(),
+                source: e,
+            };
             if ft.is_dir() {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_size(0);
@@ -134,9 +142,17 @@ fn append_tree<W: Write>(tar: &mut tar::Builder<W>, root: &Path, epoch: u64) -> 
 }
 
 /// Build an image from `dir` and store it under `tag`.
-pub fn build(store: &Store, dir: &Path, tag: &Reference, opts: &BuildOptions) -> Result<ImageRecord> {
+pub fn build(
+    store: &Store,
+    dir: &Path,
+    tag: &Reference,
+    opts: &BuildOptions,
+) -> Result<ImageRecord> {
     if !dir.is_dir() {
-        return Err(Error::Invalid(format!("{}: not a directory; pass the directory to build", dir.display())));
+        return Err(Error::Invalid(format!(
+            "{}: not a directory; pass the directory to build",
+            dir.display()
+        )));
     }
     let _lock = store.lock_shared()?;
     let base = opts.base.as_ref().map(|b| store.image(b)).transpose()?;
@@ -181,9 +197,13 @@ pub fn build(store: &Store, dir: &Path, tag: &Reference, opts: &BuildOptions) ->
     if !run.is_object() {
         *run = json!({});
     }
-    let run = run.as_object_mut().ok_or_else(|| Error::Invalid("config is not an object".into()))?;
+    let run = run
+        .as_object_mut()
+        .ok_or_else(|| Error::Invalid("config is not an object".into()))?;
     apply_overrides(run, opts);
-    let rootfs = obj.entry("rootfs").or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
+    let rootfs = obj
+        .entry("rootfs")
+        .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
     match rootfs.get_mut("diff_ids").and_then(Value::as_array_mut) {
         Some(ids) => ids.push(json!(diff_id.to_string())),
         None => rootfs["diff_ids"] = json!([diff_id.to_string()]),
@@ -219,7 +239,8 @@ pub fn build(store: &Store, dir: &Path, tag: &Reference, opts: &BuildOptions) ->
         "config": {"mediaType": media::OCI_CONFIG, "digest": config_digest.to_string(), "size": config_bytes.len()},
         "layers": layers,
     });
-    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
+    let manifest_bytes =
+        serde_json::to_vec(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
 
     layer.commit()?;
     store.put_bytes(&config_bytes)?;
@@ -255,7 +276,11 @@ fn apply_overrides(run: &mut Map<String, Value>, opts: &BuildOptions) {
         let mut env: Vec<String> = run
             .get("Env")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         for kv in &opts.env {
             let key = kv.split('=').next().unwrap_or("");
@@ -268,7 +293,11 @@ fn apply_overrides(run: &mut Map<String, Value>, opts: &BuildOptions) {
         let ports = run.entry("ExposedPorts").or_insert_with(|| json!({}));
         if let Some(p) = ports.as_object_mut() {
             for port in &opts.expose {
-                let key = if port.contains('/') { port.clone() } else { format!("{port}/tcp") };
+                let key = if port.contains('/') {
+                    port.clone()
+                } else {
+                    format!("{port}/tcp")
+                };
                 p.insert(key, json!({}));
             }
         }

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
+};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use tokio::sync::mpsc;
 
@@ -99,7 +101,15 @@ async fn status_error(url: &Url, resp: Response) -> Error {
             let items: Vec<String> = e
                 .errors
                 .iter()
-                .map(|i| format!("{} {}", i.code.as_deref().unwrap_or(""), i.message.as_deref().unwrap_or("")).trim().to_string())
+                .map(|i| {
+                    format!(
+                        "{} {}",
+                        i.code.as_deref().unwrap_or(""),
+                        i.message.as_deref().unwrap_or("")
+                    )
+                    .trim()
+                    .to_string()
+                })
                 .collect();
             format!(": {}", items.join("; "))
         }
@@ -126,12 +136,21 @@ fn http_client() -> Result<reqwest::Client> {
 
 impl Session {
     fn new(reference: &Reference, opts: &ClientOptions, actions: &str) -> Result<Session> {
-        let scheme = if opts.insecure || reference.is_loopback() { "http" } else { "https" };
-        let base = Url::parse(&format!("{scheme}://{}/", reference.api_host())).map_err(|e| Error::InvalidReference {
-            input: reference.to_string(),
-            reason: format!("registry host is not usable in a URL: {e}"),
+        let scheme = if opts.insecure || reference.is_loopback() {
+            "http"
+        } else {
+            "https"
+        };
+        let base = Url::parse(&format!("{scheme}://{}/", reference.api_host())).map_err(|e| {
+            Error::InvalidReference {
+                input: reference.to_string(),
+                reason: format!("registry host is not usable in a URL: {e}"),
+            }
         })?;
-        let creds = opts.creds.clone().or_else(|| Credentials::from_docker_config(&reference.registry));
+        let creds = opts
+            .creds
+            .clone()
+            .or_else(|| Credentials::from_docker_config(&reference.registry));
         Ok(Session {
             http: http_client()?,
             base,
@@ -155,7 +174,12 @@ impl Session {
     /// Send a request built by `build`, answering one auth challenge if the
     /// registry poses it. `build` is called again for the retry, so bodies
     /// are rebuilt, not replayed.
-    async fn send(&self, method: Method, url: &Url, build: impl Fn(RequestBuilder) -> Result<RequestBuilder>) -> Result<Response> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        build: impl Fn(RequestBuilder) -> Result<RequestBuilder>,
+    ) -> Result<Response> {
         for attempt in 0..2 {
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(auth) = self.current_auth() {
@@ -196,8 +220,13 @@ impl Session {
         };
         match challenge {
             Some(c) if c.scheme == "bearer" => {
-                let realm = c.params.get("realm").ok_or_else(|| unauthorized("bearer challenge without a realm".into()))?;
-                let mut token_url = Url::parse(realm).map_err(|e| unauthorized(format!("bearer realm {realm:?} is not a URL: {e}")))?;
+                let realm = c
+                    .params
+                    .get("realm")
+                    .ok_or_else(|| unauthorized("bearer challenge without a realm".into()))?;
+                let mut token_url = Url::parse(realm).map_err(|e| {
+                    unauthorized(format!("bearer realm {realm:?} is not a URL: {e}"))
+                })?;
                 {
                     let mut q = token_url.query_pairs_mut();
                     if let Some(service) = c.params.get("service") {
@@ -233,8 +262,9 @@ impl Session {
                     access_token: Option<String>,
                 }
                 let text = resp.bytes().await.map_err(|e| transport(&token_url, e))?;
-                let body: Token = serde_json::from_slice(&text)
-                    .map_err(|e| unauthorized(format!("token endpoint {realm} sent no usable token: {e}")))?;
+                let body: Token = serde_json::from_slice(&text).map_err(|e| {
+                    unauthorized(format!("token endpoint {realm} sent no usable token: {e}"))
+                })?;
                 let token = body
                     .token
                     .or(body.access_token)
@@ -243,7 +273,9 @@ impl Session {
             }
             _ => match &self.creds {
                 Some(creds) => Ok(creds.basic_header()),
-                None => Err(unauthorized("the registry requires authentication (401)".into())),
+                None => Err(unauthorized(
+                    "the registry requires authentication (401)".into(),
+                )),
             },
         }
     }
@@ -251,10 +283,12 @@ impl Session {
     /// GET a manifest or config-sized document, bounded in size.
     async fn get_document(&self, url: &Url, accept: Option<&str>) -> Result<(Vec<u8>, String)> {
         let resp = self
-            .send(Method::GET, url, |r| Ok(match accept {
-                Some(a) => r.header(ACCEPT, a),
-                None => r,
-            }))
+            .send(Method::GET, url, |r| {
+                Ok(match accept {
+                    Some(a) => r.header(ACCEPT, a),
+                    None => r,
+                })
+            })
             .await?;
         if !resp.status().is_success() {
             return Err(status_error(url, resp).await);
@@ -290,7 +324,9 @@ impl Session {
 
     async fn manifest(&self, target: &str) -> Result<(Vec<u8>, Digest, Document, String)> {
         let url = self.url(&format!("manifests/{target}"));
-        let (bytes, content_type) = self.get_document(&url, Some(media::MANIFEST_ACCEPT)).await?;
+        let (bytes, content_type) = self
+            .get_document(&url, Some(media::MANIFEST_ACCEPT))
+            .await?;
         let digest = Digest::of(&bytes);
         if let Ok(want) = target.parse::<Digest>() {
             if want != digest {
@@ -301,11 +337,20 @@ impl Session {
                 });
             }
         }
-        let (doc, media_type) = Document::parse(&bytes, &content_type, &format!("{} ({url})", self.reference))?;
+        let (doc, media_type) = Document::parse(
+            &bytes,
+            &content_type,
+            &format!("{} ({url})", self.reference),
+        )?;
         Ok((bytes, digest, doc, media_type))
     }
 
-    async fn small_blob(&self, digest: &Digest, size: u64, store: &Store) -> Result<(Vec<u8>, StagedBlob)> {
+    async fn small_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        store: &Store,
+    ) -> Result<(Vec<u8>, StagedBlob)> {
         let url = self.url(&format!("blobs/{digest}"));
         let (bytes, _) = self.get_document(&url, None).await?;
         let mut w = store.new_blob()?;
@@ -318,7 +363,14 @@ impl Session {
     }
 
     /// Download one layer into `tmp/`, verified. `None` when the store has it.
-    async fn layer(&self, store: &Store, want_digest: Digest, size: u64, diff_id: Digest, progress: Arc<dyn Progress>) -> Result<Option<StagedBlob>> {
+    async fn layer(
+        &self,
+        store: &Store,
+        want_digest: Digest,
+        size: u64,
+        diff_id: Digest,
+        progress: Arc<dyn Progress>,
+    ) -> Result<Option<StagedBlob>> {
         if store.has_blob(&want_digest) {
             progress.finish(&want_digest, "exists");
             return Ok(None);
@@ -377,11 +429,17 @@ pub struct PullOptions {
 }
 
 /// Pull `reference` into `store`, returning the stored record.
-pub async fn pull(store: &Store, reference: &Reference, opts: &PullOptions, progress: Arc<dyn Progress>) -> Result<ImageRecord> {
+pub async fn pull(
+    store: &Store,
+    reference: &Reference,
+    opts: &PullOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<ImageRecord> {
     let session = Session::new(reference, &opts.client, "pull")?;
     let _lock = store.lock_shared()?;
     let wanted = opts.platform.clone().unwrap_or_else(Platform::host);
-    let (mut bytes, mut digest, mut doc, mut media_type) = session.manifest(&reference.target()).await?;
+    let (mut bytes, mut digest, mut doc, mut media_type) =
+        session.manifest(&reference.target()).await?;
     let mut index = None;
     if let Document::Index(list) = &doc {
         let chosen = list.select(&wanted, &reference.to_string())?.digest.clone();
@@ -391,14 +449,17 @@ pub async fn pull(store: &Store, reference: &Reference, opts: &PullOptions, prog
             return Err(Error::Malformed {
                 what: "manifest",
                 name: format!("{reference}@{chosen}"),
-                reason: "an index entry points at another index; nested indexes are not supported".into(),
+                reason: "an index entry points at another index; nested indexes are not supported"
+                    .into(),
             });
         }
     }
     let Document::Manifest(manifest) = doc else {
         unreachable!("indexes were resolved above")
     };
-    let (config_bytes, config_blob) = session.small_blob(&manifest.config.digest, manifest.config.size, store).await?;
+    let (config_bytes, config_blob) = session
+        .small_blob(&manifest.config.digest, manifest.config.size, store)
+        .await?;
     let config = ImageConfig::parse(&config_bytes, &manifest.config.digest)?;
     if let Some(asked) = &opts.platform {
         if !asked.matches(&config.platform()) {
@@ -420,12 +481,21 @@ pub async fn pull(store: &Store, reference: &Reference, opts: &PullOptions, prog
             ),
         });
     }
-    let layers: Vec<Option<StagedBlob>> = futures_util::stream::iter(manifest.layers.iter().zip(&config.rootfs.diff_ids).map(|(l, diff)| {
-        session.layer(store, l.digest.clone(), l.size, diff.clone(), progress.clone())
-    }))
-    .buffered(PARALLEL)
-    .try_collect()
-    .await?;
+    let layers: Vec<Option<StagedBlob>> =
+        futures_util::stream::iter(manifest.layers.iter().zip(&config.rootfs.diff_ids).map(
+            |(l, diff)| {
+                session.layer(
+                    store,
+                    l.digest.clone(),
+                    l.size,
+                    diff.clone(),
+                    progress.clone(),
+                )
+            },
+        ))
+        .buffered(PARALLEL)
+        .try_collect()
+        .await?;
 
     // Everything verified: make it visible, name last.
     for staged in layers.into_iter().flatten() {
@@ -447,7 +517,12 @@ pub async fn pull(store: &Store, reference: &Reference, opts: &PullOptions, prog
         index: index_digest,
     };
     store.set_image(&record)?;
-    for blob in manifest.layers.iter().map(|l| &l.digest).chain([&manifest.config.digest]) {
+    for blob in manifest
+        .layers
+        .iter()
+        .map(|l| &l.digest)
+        .chain([&manifest.config.digest])
+    {
         store.add_source(blob, &reference.registry, &reference.repository)?;
     }
     Ok(record)
@@ -464,7 +539,13 @@ pub struct PushOptions {
 
 /// Push the stored image `source` to `dest` (which may name another
 /// registry or repository). Returns the manifest digest.
-pub async fn push(store: &Store, source: &Reference, dest: &Reference, opts: &PushOptions, progress: Arc<dyn Progress>) -> Result<Digest> {
+pub async fn push(
+    store: &Store,
+    source: &Reference,
+    dest: &Reference,
+    opts: &PushOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<Digest> {
     let image = store.image(source)?;
     let mut session = Session::new(dest, &opts.client, "pull,push")?;
     let blobs: Vec<(Digest, u64)> = image
@@ -472,7 +553,10 @@ pub async fn push(store: &Store, source: &Reference, dest: &Reference, opts: &Pu
         .layers
         .iter()
         .map(|l| (l.digest.clone(), l.size))
-        .chain([(image.manifest.config.digest.clone(), image.manifest.config.size)])
+        .chain([(
+            image.manifest.config.digest.clone(),
+            image.manifest.config.size,
+        )])
         .collect();
     let mount_from = |d: &Digest| -> Option<String> {
         let prefix = format!("{}/", dest.registry);
@@ -494,23 +578,42 @@ pub async fn push(store: &Store, source: &Reference, dest: &Reference, opts: &Pu
     futures_util::stream::iter(blobs.iter().map(|(digest, size)| {
         let progress = progress.clone();
         let from = mount_from(digest);
-        async move { push_blob(session, store, digest, *size, from, opts.chunk_size, progress).await }
+        async move {
+            push_blob(
+                session,
+                store,
+                digest,
+                *size,
+                from,
+                opts.chunk_size,
+                progress,
+            )
+            .await
+        }
     }))
     .buffer_unordered(PARALLEL)
     .try_collect::<Vec<()>>()
     .await?;
 
-    let target = dest.tag.clone().unwrap_or_else(|| image.record.digest.to_string());
+    let target = dest
+        .tag
+        .clone()
+        .unwrap_or_else(|| image.record.digest.to_string());
     let url = session.url(&format!("manifests/{target}"));
     let resp = session
         .send(Method::PUT, &url, |r| {
-            Ok(r.header(CONTENT_TYPE, image.record.media_type.as_str()).body(image.manifest_bytes.clone()))
+            Ok(r.header(CONTENT_TYPE, image.record.media_type.as_str())
+                .body(image.manifest_bytes.clone()))
         })
         .await?;
     if !resp.status().is_success() {
         return Err(status_error(&url, resp).await);
     }
-    if let Some(got) = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
+    if let Some(got) = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+    {
         if got != image.record.digest.to_string() {
             return Err(Error::Verify {
                 digest: image.record.digest.to_string(),
@@ -541,7 +644,15 @@ fn location(session: &Session, url: &Url, headers: &HeaderMap) -> Result<Url> {
     })
 }
 
-async fn push_blob(session: &Session, store: &Store, digest: &Digest, size: u64, mount_from: Option<String>, chunk_size: u64, progress: Arc<dyn Progress>) -> Result<()> {
+async fn push_blob(
+    session: &Session,
+    store: &Store,
+    digest: &Digest,
+    size: u64,
+    mount_from: Option<String>,
+    chunk_size: u64,
+    progress: Arc<dyn Progress>,
+) -> Result<()> {
     let blob_url = session.url(&format!("blobs/{digest}"));
     let head = session.send(Method::HEAD, &blob_url, Ok).await?;
     if head.status().is_success() {
@@ -550,9 +661,14 @@ async fn push_blob(session: &Session, store: &Store, digest: &Digest, size: u64,
     }
     let mut start = session.url("blobs/uploads/");
     if let Some(from) = &mount_from {
-        start.query_pairs_mut().append_pair("mount", &digest.to_string()).append_pair("from", from);
+        start
+            .query_pairs_mut()
+            .append_pair("mount", &digest.to_string())
+            .append_pair("from", from);
     }
-    let resp = session.send(Method::POST, &start, |r| Ok(r.header(CONTENT_LENGTH, 0))).await?;
+    let resp = session
+        .send(Method::POST, &start, |r| Ok(r.header(CONTENT_LENGTH, 0)))
+        .await?;
     if resp.status() == StatusCode::CREATED && mount_from.is_some() {
         progress.finish(digest, "mounted");
         return Ok(());
@@ -572,7 +688,10 @@ async fn push_blob(session: &Session, store: &Store, digest: &Digest, size: u64,
             let mut chunk = vec![0; len as usize];
             file.seek(SeekFrom::Start(offset))
                 .and_then(|_| file.read_exact(&mut chunk))
-                .map_err(|e| Error::Io { path: path.clone(), source: e })?;
+                .map_err(|e| Error::Io {
+                    path: path.clone(),
+                    source: e,
+                })?;
             let range = format!("{}-{}", offset, offset + len - 1);
             let resp = session
                 .send(Method::PATCH, &upload, |r| {
@@ -589,13 +708,19 @@ async fn push_blob(session: &Session, store: &Store, digest: &Digest, size: u64,
             offset += len;
             progress.advance(digest, len);
         }
-        upload.query_pairs_mut().append_pair("digest", &digest.to_string());
-        let resp = session.send(Method::PUT, &upload, |r| Ok(r.header(CONTENT_LENGTH, 0))).await?;
+        upload
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let resp = session
+            .send(Method::PUT, &upload, |r| Ok(r.header(CONTENT_LENGTH, 0)))
+            .await?;
         if resp.status() != StatusCode::CREATED {
             return Err(status_error(&upload, resp).await);
         }
     } else {
-        upload.query_pairs_mut().append_pair("digest", &digest.to_string());
+        upload
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
         let resp = session
             .send(Method::PUT, &upload, |r| {
                 let file = store.open_blob(digest)?;

@@ -32,7 +32,9 @@ pub enum Error {
     },
 
     /// The registry wants credentials we do not have, or refused ours.
-    #[error("{url}: {reason}; pass --creds user:password or add the registry to ~/.docker/config.json")]
+    #[error(
+        "{url}: {reason}; pass --creds user:password or add the registry to ~/.docker/config.json"
+    )]
     Unauthorized { url: String, reason: String },
 
     /// A manifest, index or config that cannot be understood.

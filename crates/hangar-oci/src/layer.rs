@@ -41,7 +41,9 @@ pub fn decompress<'a, R: Read + Send + 'a>(mut r: R) -> io::Result<Box<dyn Read 
     let r = Cursor::new(head).chain(r);
     Ok(match kind {
         Compression::None => Box::new(r),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(256 * 1024, r))),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+            io::BufReader::with_capacity(256 * 1024, r),
+        )),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
     })
 }
@@ -70,7 +72,12 @@ pub struct Expected<'a> {
 
 /// Stream a layer blob into the store's `tmp/`, verifying its size, digest and
 /// DiffID. Nothing becomes visible until the returned blob is committed.
-pub fn ingest_layer<R: Read + Send>(store: &Store, reader: R, want: &Expected, source_name: &str) -> Result<StagedBlob> {
+pub fn ingest_layer<R: Read + Send>(
+    store: &Store,
+    reader: R,
+    want: &Expected,
+    source_name: &str,
+) -> Result<StagedBlob> {
     let mut writer = store.new_blob()?;
     let verify = |reason: String| Error::Verify {
         digest: want.digest.to_string(),
@@ -91,7 +98,9 @@ pub fn ingest_layer<R: Read + Send>(store: &Store, reader: R, want: &Expected, s
             let cause = e.to_string();
             drop(tee);
             writer.finish(Some((want.digest, want.size)), source_name)?;
-            return Err(verify(format!("layer does not read or decompress: {cause}")));
+            return Err(verify(format!(
+                "layer does not read or decompress: {cause}"
+            )));
         }
         diff.finish().0
     };
@@ -118,7 +127,11 @@ pub struct ChannelReader<T> {
 
 impl<T: AsRef<[u8]>> ChannelReader<T> {
     pub fn new(rx: mpsc::Receiver<io::Result<T>>) -> Self {
-        ChannelReader { rx, buf: None, pos: 0 }
+        ChannelReader {
+            rx,
+            buf: None,
+            pos: 0,
+        }
     }
 }
 
@@ -162,7 +175,11 @@ mod tests {
         let store = Store::open(home.path()).unwrap();
         let tar = b"pretend this is a tar".repeat(100);
         let diff = Digest::of(&tar);
-        for blob in [gzip(&tar), zstd::encode_all(&tar[..], 3).unwrap(), tar.clone()] {
+        for blob in [
+            gzip(&tar),
+            zstd::encode_all(&tar[..], 3).unwrap(),
+            tar.clone(),
+        ] {
             let digest = Digest::of(&blob);
             let want = Expected {
                 digest: &digest,
@@ -186,7 +203,10 @@ mod tests {
             size: blob.len() as u64,
             diff_id: Some(&wrong),
         };
-        let err = ingest_layer(&store, &blob[..], &want, "t").err().unwrap().to_string();
+        let err = ingest_layer(&store, &blob[..], &want, "t")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("DiffID"), "{err}");
         // too long a stream is refused by size, not read forever
         let want = Expected {
@@ -195,6 +215,9 @@ mod tests {
             diff_id: None,
         };
         assert!(ingest_layer(&store, &blob[..], &want, "t").is_err());
-        assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
+            0
+        );
     }
 }

@@ -43,28 +43,40 @@ pub fn save(store: &Store, reference: &Reference, path: &Path) -> Result<()> {
     });
     let index = serde_json::to_vec(&index).map_err(|e| Error::Invalid(e.to_string()))?;
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
-    let blobs: Vec<Digest> = [image.record.digest.clone(), image.manifest.config.digest.clone()]
-        .into_iter()
-        .chain(image.manifest.layers.iter().map(|l| l.digest.clone()))
-        .collect();
+    let blobs: Vec<Digest> = [
+        image.record.digest.clone(),
+        image.manifest.config.digest.clone(),
+    ]
+    .into_iter()
+    .chain(image.manifest.layers.iter().map(|l| l.digest.clone()))
+    .collect();
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let staging = parent.join(format!(".{name}.hangar-save-{}", std::process::id()));
     let result = (|| {
         if is_tar_path(path) {
             let file = File::create(&staging).at(&staging)?;
             let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, file));
             tar.mode(tar::HeaderMode::Deterministic);
-            let add = |tar: &mut tar::Builder<_>, name: &str, size: u64, data: &mut dyn io::Read| {
-                let mut h = tar::Header::new_gnu();
-                h.set_mode(0o644);
-                h.set_size(size);
-                tar.append_data(&mut h, name, data).at(&staging)
-            };
-            add(&mut tar, "oci-layout", layout.len() as u64, &mut &layout[..])?;
+            let add =
+                |tar: &mut tar::Builder<_>, name: &str, size: u64, data: &mut dyn io::Read| {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_mode(0o644);
+                    h.set_size(size);
+                    tar.append_data(&mut h, name, data).at(&staging)
+                };
+            add(
+                &mut tar,
+                "oci-layout",
+                layout.len() as u64,
+                &mut &layout[..],
+            )?;
             for d in &blobs {
                 let mut f = store.open_blob(d)?;
                 let size = f.metadata().at(store.blob_path(d))?.len();
@@ -76,7 +88,10 @@ pub fn save(store: &Store, reference: &Reference, path: &Path) -> Result<()> {
             w.get_ref().sync_all().at(&staging)?;
         } else {
             if path.exists() {
-                return Err(Error::Invalid(format!("{} already exists; save to a new directory or a .tar file", path.display())));
+                return Err(Error::Invalid(format!(
+                    "{} already exists; save to a new directory or a .tar file",
+                    path.display()
+                )));
             }
             let blob_dir = staging.join("blobs/sha256");
             fs::create_dir_all(&blob_dir).at(&blob_dir)?;
@@ -108,7 +123,10 @@ pub fn load(store: &Store, path: &Path, name: Option<&Reference>) -> Result<Vec<
     }
     // A tar may list its blobs in any order: unpack it under tmp/ first.
     let file = File::open(path).at(path)?;
-    let scratch = store.root().join("tmp").join(format!("load-{}", std::process::id()));
+    let scratch = store
+        .root()
+        .join("tmp")
+        .join(format!("load-{}", std::process::id()));
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch).at(&scratch)?;
     let result = (|| {
@@ -164,7 +182,11 @@ fn load_dir(store: &Store, dir: &Path, name: Option<&Reference>) -> Result<Vec<I
         path: index_path.clone(),
         source: io::Error::new(e.kind(), format!("{e} (is this an OCI image layout?)")),
     })?;
-    let index = match Document::parse(&index_bytes, media::OCI_INDEX, &index_path.display().to_string())? {
+    let index = match Document::parse(
+        &index_bytes,
+        media::OCI_INDEX,
+        &index_path.display().to_string(),
+    )? {
         (Document::Index(i), _) => i,
         _ => {
             return Err(Error::Malformed {
@@ -175,7 +197,10 @@ fn load_dir(store: &Store, dir: &Path, name: Option<&Reference>) -> Result<Vec<I
         }
     };
     if index.manifests.is_empty() {
-        return Err(Error::Invalid(format!("{}: the layout holds no images", dir.display())));
+        return Err(Error::Invalid(format!(
+            "{}: the layout holds no images",
+            dir.display()
+        )));
     }
     if name.is_some() && index.manifests.len() > 1 {
         return Err(Error::Invalid(format!(
@@ -190,9 +215,11 @@ fn load_dir(store: &Store, dir: &Path, name: Option<&Reference>) -> Result<Vec<I
         let reference = match name {
             Some(n) => n.clone(),
             None => {
-                let from = annotations
-                    .get(NAME_ANNOTATION)
-                    .or_else(|| annotations.get(REF_ANNOTATION).filter(|r| r.contains('/') || r.contains(':')));
+                let from = annotations.get(NAME_ANNOTATION).or_else(|| {
+                    annotations
+                        .get(REF_ANNOTATION)
+                        .filter(|r| r.contains('/') || r.contains(':'))
+                });
                 match from {
                     Some(r) => r.parse()?,
                     None => {
@@ -200,7 +227,10 @@ fn load_dir(store: &Store, dir: &Path, name: Option<&Reference>) -> Result<Vec<I
                             "{}: image {} has no full name (tag {:?}); name it with --tag REF",
                             dir.display(),
                             entry.digest,
-                            annotations.get(REF_ANNOTATION).map(String::as_str).unwrap_or("")
+                            annotations
+                                .get(REF_ANNOTATION)
+                                .map(String::as_str)
+                                .unwrap_or("")
                         )))
                     }
                 }
@@ -220,10 +250,13 @@ fn load_dir(store: &Store, dir: &Path, name: Option<&Reference>) -> Result<Vec<I
             };
             store.put_bytes(&bytes)?;
             index_digest = Some(desc.digest.clone());
-            desc = nested.select(&Platform::host(), &reference.to_string())?.clone();
+            desc = nested
+                .select(&Platform::host(), &reference.to_string())?
+                .clone();
             bytes = read_layout_blob(dir, &desc)?;
         }
-        let (doc, media_type) = Document::parse(&bytes, &desc.media_type, &desc.digest.to_string())?;
+        let (doc, media_type) =
+            Document::parse(&bytes, &desc.media_type, &desc.digest.to_string())?;
         let Document::Manifest(manifest) = doc else {
             return Err(Error::Malformed {
                 what: "manifest",
@@ -252,7 +285,12 @@ fn load_dir(store: &Store, dir: &Path, name: Option<&Reference>) -> Result<Vec<I
                 size: layer.size,
                 diff_id: Some(diff_id),
             };
-            staged.push(ingest_layer(store, io::BufReader::with_capacity(1 << 20, file), &want, &path.display().to_string())?);
+            staged.push(ingest_layer(
+                store,
+                io::BufReader::with_capacity(1 << 20, file),
+                &want,
+                &path.display().to_string(),
+            )?);
         }
         for s in staged {
             s.commit()?;

@@ -114,7 +114,8 @@ impl FromStr for Platform {
     type Err = Error;
     fn from_str(s: &str) -> Result<Platform> {
         let parts: Vec<&str> = s.split('/').collect();
-        let ok = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let ok =
+            |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !(2..=3).contains(&parts.len()) || !parts.iter().all(ok) {
             return Err(Error::InvalidPlatform { input: s.into() });
         }
@@ -212,17 +213,24 @@ impl Document {
         };
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| malformed(format!("not JSON: {e}")))?;
-        let declared = value.get("mediaType").and_then(|v| v.as_str()).map(str::to_string);
+        let declared = value
+            .get("mediaType")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
         let content_type = content_type.split(';').next().unwrap_or("").trim();
         let media_type = match declared {
             Some(m) => m,
-            None if media::is_index(content_type) || media::is_manifest(content_type) => content_type.to_string(),
+            None if media::is_index(content_type) || media::is_manifest(content_type) => {
+                content_type.to_string()
+            }
             None if value.get("manifests").is_some() => media::OCI_INDEX.to_string(),
             None if value.get("config").is_some() => media::OCI_MANIFEST.to_string(),
             None => return Err(malformed("neither a manifest nor an index".into())),
         };
         if value.get("schemaVersion").and_then(|v| v.as_u64()) != Some(2) {
-            return Err(malformed("schemaVersion is not 2 (schema1 manifests are not supported)".into()));
+            return Err(malformed(
+                "schemaVersion is not 2 (schema1 manifests are not supported)".into(),
+            ));
         }
         let doc = if media::is_index(&media_type) {
             Document::Index(serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?)
@@ -318,7 +326,10 @@ mod tests {
             manifests: vec![entry("linux/arm64/v8"), entry("linux/s390x")],
             annotations: None,
         };
-        let err = index.select(&p("linux/amd64"), "x/y:z").unwrap_err().to_string();
+        let err = index
+            .select(&p("linux/amd64"), "x/y:z")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("linux/arm64/v8, linux/s390x"), "{err}");
         assert!(index.select(&p("linux/s390x"), "x").is_ok());
     }

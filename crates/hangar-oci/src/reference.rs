@@ -130,7 +130,8 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 fn valid_host(h: &str) -> bool {
@@ -146,10 +147,13 @@ fn valid_host(h: &str) -> bool {
                 !label.is_empty()
                     && !label.starts_with('-')
                     && !label.ends_with('-')
-                    && label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                    && label
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-')
             })
     };
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()));
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()));
     host_ok && port_ok
 }
 
@@ -164,7 +168,12 @@ impl FromStr for Reference {
             return Err(invalid(input, "too long"));
         }
         let (rest, digest) = match input.split_once('@') {
-            Some((rest, d)) => (rest, Some(d.parse::<Digest>().map_err(|_| invalid(input, format!("{d:?} is not a sha256:<64 hex> digest")))?)),
+            Some((rest, d)) => (
+                rest,
+                Some(d.parse::<Digest>().map_err(|_| {
+                    invalid(input, format!("{d:?} is not a sha256:<64 hex> digest"))
+                })?),
+            ),
             None => (input, None),
         };
         // A tag follows the last ':' that comes after the last '/'.
@@ -175,15 +184,26 @@ impl FromStr for Reference {
         };
         if let Some(t) = tag {
             if !valid_tag(t) {
-                return Err(invalid(input, format!("tag {t:?} must be 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'")));
+                return Err(invalid(
+                    input,
+                    format!(
+                        "tag {t:?} must be 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'"
+                    ),
+                ));
             }
         }
         let (registry, path) = match name.split_once('/') {
             Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" || first.starts_with('[') =>
+                if first.contains('.')
+                    || first.contains(':')
+                    || first == "localhost"
+                    || first.starts_with('[') =>
             {
                 if !valid_host(first) {
-                    return Err(invalid(input, format!("registry host {first:?} is not a valid host[:port]")));
+                    return Err(invalid(
+                        input,
+                        format!("registry host {first:?} is not a valid host[:port]"),
+                    ));
                 }
                 (first.to_string(), path.to_string())
             }
@@ -204,7 +224,10 @@ impl FromStr for Reference {
                 } else {
                     "each path component must be [a-z0-9] separated by '.', '_', '__' or '-'"
                 };
-                return Err(invalid(input, format!("{component:?} in the repository name: {hint}")));
+                return Err(invalid(
+                    input,
+                    format!("{component:?} in the repository name: {hint}"),
+                ));
             }
         }
         if registry.len() + 1 + path.len() > 255 {
@@ -245,16 +268,31 @@ mod tests {
         assert_eq!(norm("index.docker.io/foo/bar:1"), "docker.io/foo/bar:1");
         assert_eq!(norm("host:5000/org/app:tag"), "host:5000/org/app:tag");
         assert_eq!(norm("localhost/app"), "localhost/app:latest");
-        assert_eq!(norm("127.0.0.1:5000/a/b/c:v1.2-rc_3"), "127.0.0.1:5000/a/b/c:v1.2-rc_3");
+        assert_eq!(
+            norm("127.0.0.1:5000/a/b/c:v1.2-rc_3"),
+            "127.0.0.1:5000/a/b/c:v1.2-rc_3"
+        );
         assert_eq!(norm("[::1]:5000/app"), "[::1]:5000/app:latest");
-        assert_eq!(norm("my-org/my_app__x"), "docker.io/my-org/my_app__x:latest");
+        assert_eq!(
+            norm("my-org/my_app__x"),
+            "docker.io/my-org/my_app__x:latest"
+        );
         let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        assert_eq!(norm(&format!("alpine@{d}")), format!("docker.io/library/alpine@{d}"));
-        assert_eq!(norm(&format!("alpine:3@{d}")), format!("docker.io/library/alpine:3@{d}"));
+        assert_eq!(
+            norm(&format!("alpine@{d}")),
+            format!("docker.io/library/alpine@{d}")
+        );
+        assert_eq!(
+            norm(&format!("alpine:3@{d}")),
+            format!("docker.io/library/alpine:3@{d}")
+        );
         let r: Reference = format!("h:1/a@{d}").parse().unwrap();
         assert_eq!(r.target(), d);
-        assert!(r.is_loopback() == false);
-        assert!("localhost:5000/a".parse::<Reference>().unwrap().is_loopback());
+        assert!(!r.is_loopback());
+        assert!("localhost:5000/a"
+            .parse::<Reference>()
+            .unwrap()
+            .is_loopback());
     }
 
     #[test]
@@ -277,7 +315,10 @@ mod tests {
         ] {
             let err = bad.parse::<Reference>();
             assert!(err.is_err(), "{bad:?} parsed as {:?}", err);
-            assert!(err.unwrap_err().to_string().contains("invalid image reference"));
+            assert!(err
+                .unwrap_err()
+                .to_string()
+                .contains("invalid image reference"));
         }
     }
 }

@@ -136,8 +136,15 @@ impl Store {
 
     fn lock(&self, op: rustix::fs::FlockOperation) -> Result<StoreLock> {
         let path = self.root.join("lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
-        rustix::fs::flock(&file, op).map_err(io::Error::from).at(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at(&path)?;
+        rustix::fs::flock(&file, op)
+            .map_err(io::Error::from)
+            .at(&path)?;
         Ok(StoreLock { _file: file })
     }
 
@@ -216,18 +223,24 @@ impl Store {
     /// Name an image. Call only after all of its blobs are committed.
     pub fn set_image(&self, record: &ImageRecord) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_atomic(&self.root.join("tmp"), &self.record_path(&record.reference), &bytes)
+        write_atomic(
+            &self.root.join("tmp"),
+            &self.record_path(&record.reference),
+            &bytes,
+        )
     }
 
     /// The record stored under `reference`, if any.
     pub fn image_record(&self, reference: &Reference) -> Result<Option<ImageRecord>> {
         let path = self.record_path(&reference.to_string());
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Malformed {
-                what: "image record",
-                name: path.display().to_string(),
-                reason: e.to_string(),
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Malformed {
+                    what: "image record",
+                    name: path.display().to_string(),
+                    reason: e.to_string(),
+                }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::Io { path, source: e }),
         }
@@ -259,16 +272,17 @@ impl Store {
 
     pub fn load(&self, record: ImageRecord) -> Result<Image> {
         let manifest_bytes = self.read_blob(&record.digest)?;
-        let manifest = match Document::parse(&manifest_bytes, &record.media_type, &record.reference)? {
-            (Document::Manifest(m), _) => m,
-            (Document::Index(_), _) => {
-                return Err(Error::Malformed {
-                    what: "image record",
-                    name: record.reference,
-                    reason: "points at an index, not an image manifest".into(),
-                })
-            }
-        };
+        let manifest =
+            match Document::parse(&manifest_bytes, &record.media_type, &record.reference)? {
+                (Document::Manifest(m), _) => m,
+                (Document::Index(_), _) => {
+                    return Err(Error::Malformed {
+                        what: "image record",
+                        name: record.reference,
+                        reason: "points at an index, not an image manifest".into(),
+                    })
+                }
+            };
         let config_bytes = self.read_blob(&manifest.config.digest)?;
         let config = ImageConfig::parse(&config_bytes, &manifest.config.digest)?;
         Ok(Image {
@@ -316,11 +330,15 @@ impl Store {
     /// Remember that `digest` exists in `repository` of `registry`, for cross-repository mounts.
     pub fn add_source(&self, digest: &Digest, registry: &str, repository: &str) -> Result<()> {
         let line = format!("{registry}/{repository}");
-        if self.sources(digest).iter().any(|s| *s == line) {
+        if self.sources(digest).contains(&line) {
             return Ok(());
         }
         let path = self.root.join("sources").join(digest.hex());
-        let mut f = OpenOptions::new().create(true).append(true).open(&path).at(&path)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .at(&path)?;
         f.write_all(format!("{line}\n").as_bytes()).at(&path)
     }
 
@@ -411,7 +429,11 @@ impl BlobWriter {
     /// Verify against `expected` (digest, size) when given, fsync, and hand
     /// back a blob that is ready to be committed. `source_name` names where the
     /// bytes came from in errors.
-    pub fn finish(mut self, expected: Option<(&Digest, u64)>, source_name: &str) -> Result<StagedBlob> {
+    pub fn finish(
+        mut self,
+        expected: Option<(&Digest, u64)>,
+        source_name: &str,
+    ) -> Result<StagedBlob> {
         let tmp = self.tmp.clone().unwrap_or_default();
         self.file.flush().at(&tmp)?;
         let hasher = std::mem::take(&mut self.hasher);
@@ -502,14 +524,29 @@ mod tests {
         let mut w = store.new_blob().unwrap();
         w.write_all(b"hello").unwrap();
         let wrong = Digest::of(b"other");
-        let err = w.finish(Some((&wrong, 5)), "http://x/blob").err().unwrap().to_string();
-        assert!(err.contains("http://x/blob") && err.contains(&wrong.to_string()), "{err}");
+        let err = w
+            .finish(Some((&wrong, 5)), "http://x/blob")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("http://x/blob") && err.contains(&wrong.to_string()),
+            "{err}"
+        );
         assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
-        assert_eq!(fs::read_dir(store.root().join("blobs/sha256")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(store.root().join("blobs/sha256"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]
     fn record_names_escape_slashes() {
-        assert_eq!(record_file_name("h:5000/a/b:t"), "h%3A5000%2Fa%2Fb%3At.json");
+        assert_eq!(
+            record_file_name("h:5000/a/b:t"),
+            "h%3A5000%2Fa%2Fb%3At.json"
+        );
     }
 }

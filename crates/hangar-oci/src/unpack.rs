@@ -19,12 +19,12 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use tokio::sync::mpsc;
 use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
 
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
 
-use crate::digest::{Digest, HashingReader, Hasher};
+use crate::digest::{Digest, Hasher, HashingReader};
 use crate::error::{Error, IoContext, Result};
 use crate::layer::{decompress, ChannelReader};
 use crate::store::{Image, Store};
@@ -51,7 +51,10 @@ pub fn unpack_image(store: &Store, image: &Image, dir: &Path) -> Result<UnpackRe
             )));
         }
     } else if dir.exists() {
-        return Err(Error::Invalid(format!("{} exists and is not a directory", dir.display())));
+        return Err(Error::Invalid(format!(
+            "{} exists and is not a directory",
+            dir.display()
+        )));
     }
     let diff_ids = &image.config.rootfs.diff_ids;
     if diff_ids.len() != image.manifest.layers.len() {
@@ -70,7 +73,10 @@ pub fn unpack_image(store: &Store, image: &Image, dir: &Path) -> Result<UnpackRe
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&parent).at(&parent)?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let staging = parent.join(format!(".{name}.hangar-unpack-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir(&staging).at(&staging)?;
@@ -152,7 +158,13 @@ impl Unpacker {
 
     /// Apply a compressed layer blob, checking its digest, size and DiffID.
     /// Decompression runs on a helper thread.
-    pub fn apply_verified<R: Read + Send + 'static>(&mut self, blob: R, digest: &Digest, size: u64, diff_id: &Digest) -> Result<()> {
+    pub fn apply_verified<R: Read + Send + 'static>(
+        &mut self,
+        blob: R,
+        digest: &Digest,
+        size: u64,
+        diff_id: &Digest,
+    ) -> Result<()> {
         let (tx, rx) = mpsc::channel::<io::Result<Vec<u8>>>(16);
         let producer = std::thread::spawn(move || -> io::Result<(Digest, u64, Digest)> {
             let mut compressed = HashingReader::new(io::BufReader::with_capacity(CHUNK, blob));
@@ -203,13 +215,18 @@ impl Unpacker {
             source_name: "the local store".into(),
             reason,
         };
-        let (got, len, got_diff) = produced.map_err(|e| verify(format!("cannot read or decompress: {e}")))?;
+        let (got, len, got_diff) =
+            produced.map_err(|e| verify(format!("cannot read or decompress: {e}")))?;
         drained.map_err(|e| verify(format!("cannot read or decompress: {e}")))?;
         if got != *digest || len != size {
-            return Err(verify(format!("stored blob hashes to {got} ({len} bytes); run `hangar image gc` and pull again")));
+            return Err(verify(format!(
+                "stored blob hashes to {got} ({len} bytes); run `hangar image gc` and pull again"
+            )));
         }
         if got_diff != *diff_id {
-            return Err(verify(format!("uncompressed content hashes to {got_diff}, config says {diff_id}")));
+            return Err(verify(format!(
+                "uncompressed content hashes to {got_diff}, config says {diff_id}"
+            )));
         }
         Ok(())
     }
@@ -245,10 +262,19 @@ impl Unpacker {
         Ok(())
     }
 
-    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<R>, raw: &Path, layer: &str, state: &mut LayerState) -> Result<()> {
+    fn apply_entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<R>,
+        raw: &Path,
+        layer: &str,
+        state: &mut LayerState,
+    ) -> Result<()> {
         use tar::EntryType as T;
         let kind = entry.header().entry_type();
-        if matches!(kind, T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink) {
+        if matches!(
+            kind,
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
+        ) {
             return Ok(());
         }
         let rel = normalize(raw).map_err(|r| Self::unsafe_entry(layer, raw, r))?;
@@ -281,7 +307,11 @@ impl Unpacker {
                 state.dirs.push((rel, mode, mtime));
                 return Ok(());
             }
-            return Err(Self::unsafe_entry(layer, raw, "would replace the root directory itself"));
+            return Err(Self::unsafe_entry(
+                layer,
+                raw,
+                "would replace the root directory itself",
+            ));
         }
         self.check_ancestors(&rel, layer, raw, state, true)?;
         let full = self.root.join(&rel);
@@ -314,17 +344,27 @@ impl Unpacker {
                         Ok(0) => break,
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(Self::unsafe_entry(layer, raw, format!("reading contents: {e}"))),
+                        Err(e) => {
+                            return Err(Self::unsafe_entry(
+                                layer,
+                                raw,
+                                format!("reading contents: {e}"),
+                            ))
+                        }
                     };
                     file.write_all(&self.buf[..n]).at(&full)?;
                 }
                 if self.privileged {
-                    rustix::fs::fchown(&file, Some(uid_of(uid)), Some(gid_of(gid))).map_err(io::Error::from).at(&full)?;
+                    rustix::fs::fchown(&file, Some(uid_of(uid)), Some(gid_of(gid)))
+                        .map_err(io::Error::from)
+                        .at(&full)?;
                 }
-                file.set_permissions(fs::Permissions::from_mode(mode)).at(&full)?;
+                file.set_permissions(fs::Permissions::from_mode(mode))
+                    .at(&full)?;
                 self.xattrs(entry, &full)?;
                 let t = SystemTime::UNIX_EPOCH + Duration::from_secs(mtime);
-                file.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t)).at(&full)?;
+                file.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+                    .at(&full)?;
             }
             T::Symlink => {
                 let target = entry
@@ -342,18 +382,40 @@ impl Unpacker {
                     .link_name()
                     .map_err(bad)?
                     .ok_or_else(|| Self::unsafe_entry(layer, raw, "hardlink without a target"))?;
-                let target = normalize(&link).map_err(|r| Self::unsafe_entry(layer, raw, format!("hardlink target {}: {r}", link.display())))?;
+                let target = normalize(&link).map_err(|r| {
+                    Self::unsafe_entry(
+                        layer,
+                        raw,
+                        format!("hardlink target {}: {r}", link.display()),
+                    )
+                })?;
                 if target.as_os_str().is_empty() {
-                    return Err(Self::unsafe_entry(layer, raw, "hardlink to the root directory"));
+                    return Err(Self::unsafe_entry(
+                        layer,
+                        raw,
+                        "hardlink to the root directory",
+                    ));
                 }
                 if !self.check_ancestors(&target, layer, raw, state, false)? {
-                    return Err(Self::unsafe_entry(layer, raw, format!("hardlink target {} does not exist", link.display())));
+                    return Err(Self::unsafe_entry(
+                        layer,
+                        raw,
+                        format!("hardlink target {} does not exist", link.display()),
+                    ));
                 }
                 let target_full = self.root.join(&target);
                 match fs::symlink_metadata(&target_full) {
-                    Ok(m) if m.is_dir() => return Err(Self::unsafe_entry(layer, raw, "hardlink to a directory")),
+                    Ok(m) if m.is_dir() => {
+                        return Err(Self::unsafe_entry(layer, raw, "hardlink to a directory"))
+                    }
                     Ok(_) => {}
-                    Err(_) => return Err(Self::unsafe_entry(layer, raw, format!("hardlink target {} does not exist", link.display()))),
+                    Err(_) => {
+                        return Err(Self::unsafe_entry(
+                            layer,
+                            raw,
+                            format!("hardlink target {} does not exist", link.display()),
+                        ))
+                    }
                 }
                 if target != rel {
                     self.remove_existing(&rel)?;
@@ -367,21 +429,33 @@ impl Unpacker {
                     _ => FileType::Fifo,
                 };
                 if file_type != FileType::Fifo && !self.privileged {
-                    self.warnings.push(format!("layer {layer}: skipped device node {} (creating devices needs root)", raw.display()));
+                    self.warnings.push(format!(
+                        "layer {layer}: skipped device node {} (creating devices needs root)",
+                        raw.display()
+                    ));
                     return Ok(());
                 }
                 let major = header.device_major().map_err(bad)?.unwrap_or(0);
                 let minor = header.device_minor().map_err(bad)?.unwrap_or(0);
                 self.remove_existing(&rel)?;
-                rustix::fs::mknodat(CWD, &full, file_type, Mode::from_raw_mode(mode), rustix::fs::makedev(major, minor))
-                    .map_err(io::Error::from)
-                    .at(&full)?;
+                rustix::fs::mknodat(
+                    CWD,
+                    &full,
+                    file_type,
+                    Mode::from_raw_mode(mode),
+                    rustix::fs::makedev(major, minor),
+                )
+                .map_err(io::Error::from)
+                .at(&full)?;
                 self.chown(&full, uid, gid)?;
                 fs::set_permissions(&full, fs::Permissions::from_mode(mode)).at(&full)?;
                 self.set_times(&full, mtime)?;
             }
             other => {
-                self.warnings.push(format!("layer {layer}: skipped {} of unsupported tar type {other:?}", raw.display()));
+                self.warnings.push(format!(
+                    "layer {layer}: skipped {} of unsupported tar type {other:?}",
+                    raw.display()
+                ));
                 return Ok(());
             }
         }
@@ -392,8 +466,17 @@ impl Unpacker {
     /// Make sure every ancestor of `rel` is a real directory under the root:
     /// refuse symlinks, create missing ones when `create`, and record them as
     /// this layer's. Returns false when an ancestor is missing and not created.
-    fn check_ancestors(&mut self, rel: &Path, layer: &str, raw: &Path, state: &mut LayerState, create: bool) -> Result<bool> {
-        let Some(parent) = rel.parent() else { return Ok(true) };
+    fn check_ancestors(
+        &mut self,
+        rel: &Path,
+        layer: &str,
+        raw: &Path,
+        state: &mut LayerState,
+        create: bool,
+    ) -> Result<bool> {
+        let Some(parent) = rel.parent() else {
+            return Ok(true);
+        };
         if parent.as_os_str().is_empty() {
             return Ok(true);
         }
@@ -412,15 +495,33 @@ impl Unpacker {
             match fs::symlink_metadata(&full) {
                 Ok(m) if m.is_dir() => {}
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(Self::unsafe_entry(layer, raw, format!("{} is a symlink; writing through it could leave the root", p.display())))
+                    return Err(Self::unsafe_entry(
+                        layer,
+                        raw,
+                        format!(
+                            "{} is a symlink; writing through it could leave the root",
+                            p.display()
+                        ),
+                    ))
                 }
-                Ok(_) => return Err(Self::unsafe_entry(layer, raw, format!("{} is not a directory", p.display()))),
+                Ok(_) => {
+                    return Err(Self::unsafe_entry(
+                        layer,
+                        raw,
+                        format!("{} is not a directory", p.display()),
+                    ))
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                     fs::create_dir(&full).at(&full)?;
                     fs::set_permissions(&full, fs::Permissions::from_mode(0o755)).at(&full)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-                Err(e) => return Err(Error::Io { path: full, source: e }),
+                Err(e) => {
+                    return Err(Error::Io {
+                        path: full,
+                        source: e,
+                    })
+                }
             }
             self.safe_dirs.insert(p.to_path_buf());
         }
@@ -448,7 +549,12 @@ impl Unpacker {
             }
             Ok(_) => fs::remove_file(&full).at(&full)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::Io { path: full, source: e }),
+            Err(e) => {
+                return Err(Error::Io {
+                    path: full,
+                    source: e,
+                })
+            }
         }
         Ok(())
     }
@@ -464,7 +570,10 @@ impl Unpacker {
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
             let full = self.root.join(&d);
-            let children: Vec<_> = fs::read_dir(&full).at(&full)?.collect::<io::Result<_>>().at(&full)?;
+            let children: Vec<_> = fs::read_dir(&full)
+                .at(&full)?
+                .collect::<io::Result<_>>()
+                .at(&full)?;
             for child in children {
                 let rel = d.join(child.file_name());
                 if !state.paths.contains(&rel) {
@@ -479,9 +588,15 @@ impl Unpacker {
 
     fn chown(&self, full: &Path, uid: u64, gid: u64) -> Result<()> {
         if self.privileged {
-            rustix::fs::chownat(CWD, full, Some(uid_of(uid)), Some(gid_of(gid)), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(io::Error::from)
-                .at(full)?;
+            rustix::fs::chownat(
+                CWD,
+                full,
+                Some(uid_of(uid)),
+                Some(gid_of(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(io::Error::from)
+            .at(full)?;
         }
         Ok(())
     }
@@ -498,13 +613,26 @@ impl Unpacker {
     }
 
     fn xattrs<R: Read>(&mut self, entry: &mut tar::Entry<R>, full: &Path) -> Result<()> {
-        let Ok(Some(pax)) = entry.pax_extensions() else { return Ok(()) };
+        let Ok(Some(pax)) = entry.pax_extensions() else {
+            return Ok(());
+        };
         let mut failed = None;
         for ext in pax.flatten() {
             let Ok(key) = ext.key() else { continue };
-            let Some(name) = key.strip_prefix("SCHILY.xattr.") else { continue };
-            if let Err(e) = rustix::fs::lsetxattr(full, name, ext.value_bytes(), rustix::fs::XattrFlags::empty()) {
-                failed = Some(format!("{name} on {}: {}", full.display(), io::Error::from(e)));
+            let Some(name) = key.strip_prefix("SCHILY.xattr.") else {
+                continue;
+            };
+            if let Err(e) = rustix::fs::lsetxattr(
+                full,
+                name,
+                ext.value_bytes(),
+                rustix::fs::XattrFlags::empty(),
+            ) {
+                failed = Some(format!(
+                    "{name} on {}: {}",
+                    full.display(),
+                    io::Error::from(e)
+                ));
             }
         }
         if let Some(f) = failed {
@@ -574,9 +702,22 @@ mod tests {
     fn whiteouts_and_opaque_dirs() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let lower = tar_of(&[("a/", 'd', ""), ("a/old", 'f', "1"), ("a/sub/", 'd', ""), ("a/sub/x", 'f', "x"), ("b", 'f', "b"), ("c", 'f', "c")]);
+        let lower = tar_of(&[
+            ("a/", 'd', ""),
+            ("a/old", 'f', "1"),
+            ("a/sub/", 'd', ""),
+            ("a/sub/x", 'f', "x"),
+            ("b", 'f', "b"),
+            ("c", 'f', "c"),
+        ]);
         // The opaque marker comes after a/new, which must survive it.
-        let upper = tar_of(&[("a/", 'd', ""), ("a/new", 'f', "2"), ("a/.wh..wh..opq", 'f', ""), ("./.wh.b", 'f', ""), ("c", 'f', "C")]);
+        let upper = tar_of(&[
+            ("a/", 'd', ""),
+            ("a/new", 'f', "2"),
+            ("a/.wh..wh..opq", 'f', ""),
+            ("./.wh.b", 'f', ""),
+            ("c", 'f', "C"),
+        ]);
         apply(root, &[lower, upper]).unwrap();
         assert!(!root.join("a/old").exists());
         assert!(!root.join("a/sub").exists());
@@ -609,7 +750,11 @@ mod tests {
             let msg = err.to_string();
             assert!(msg.contains("layer sha256:test: entry"), "{msg}");
             assert!(!outer.path().join("evil").exists());
-            assert_eq!(fs::read_dir(outer.path()).unwrap().count(), 1, "{case:?} wrote outside");
+            assert_eq!(
+                fs::read_dir(outer.path()).unwrap().count(),
+                1,
+                "{case:?} wrote outside"
+            );
         }
     }
 

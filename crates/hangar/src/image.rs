@@ -141,7 +141,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// `["a","b"]` or `a b`.
 fn parse_command(flag: &str, s: &str) -> Result<Vec<String>> {
     if s.trim_start().starts_with('[') {
-        serde_json::from_str(s).with_context(|| format!("--{flag} {s:?} is not a JSON array of strings"))
+        serde_json::from_str(s)
+            .with_context(|| format!("--{flag} {s:?} is not a JSON array of strings"))
     } else {
         Ok(s.split_whitespace().map(str::to_string).collect())
     }
@@ -181,11 +182,19 @@ pub fn run(args: ImageArgs) -> Result<()> {
         } => {
             let r = parse_ref(&reference)?;
             let opts = PullOptions {
-                platform: platform.as_deref().map(str::parse::<Platform>).transpose()?,
+                platform: platform
+                    .as_deref()
+                    .map(str::parse::<Platform>)
+                    .transpose()?,
                 client: registry.options()?,
             };
             let record = runtime()?
-                .block_on(hangar_oci::client::pull(&store, &r, &opts, progress::for_stdout()))
+                .block_on(hangar_oci::client::pull(
+                    &store,
+                    &r,
+                    &opts,
+                    progress::for_stdout(),
+                ))
                 .with_context(|| format!("pull {r}"))?;
             println!("{} {}", record.reference, record.digest);
         }
@@ -205,7 +214,13 @@ pub fn run(args: ImageArgs) -> Result<()> {
                 chunk_size,
             };
             let digest = runtime()?
-                .block_on(hangar_oci::client::push(&store, &src, &dest, &opts, progress::for_stdout()))
+                .block_on(hangar_oci::client::push(
+                    &store,
+                    &src,
+                    &dest,
+                    &opts,
+                    progress::for_stdout(),
+                ))
                 .with_context(|| format!("push {dest}"))?;
             println!("{dest} {digest}");
         }
@@ -229,13 +244,22 @@ pub fn run(args: ImageArgs) -> Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<50} {:<14} {:<14} {:>10}", "REFERENCE", "DIGEST", "PLATFORM", "SIZE");
+                println!(
+                    "{:<50} {:<14} {:<14} {:>10}",
+                    "REFERENCE", "DIGEST", "PLATFORM", "SIZE"
+                );
                 for (r, i) in rows {
                     let (platform, size) = match &i {
                         Some(i) => (i.config.platform().to_string(), human(i.size())),
                         None => ("(damaged)".into(), "-".into()),
                     };
-                    println!("{:<50} {:<14} {:<14} {:>10}", r.reference, r.digest.short(), platform, size);
+                    println!(
+                        "{:<50} {:<14} {:<14} {:>10}",
+                        r.reference,
+                        r.digest.short(),
+                        platform,
+                        size
+                    );
                 }
             }
         }
@@ -253,13 +277,20 @@ pub fn run(args: ImageArgs) -> Result<()> {
         }
         ImageCommand::Gc => {
             let stats = store.gc()?;
-            println!("removed {} blobs, freed {} ({} bytes)", stats.blobs, human(stats.bytes), stats.bytes);
+            println!(
+                "removed {} blobs, freed {} ({} bytes)",
+                stats.blobs,
+                human(stats.bytes),
+                stats.bytes
+            );
         }
         ImageCommand::Unpack { reference, dir } => {
             let r = parse_ref(&reference)?;
             let image = store.image(&r)?;
-            let report = hangar_oci::unpack::unpack_image(&store, &image, &dir)
-                .with_context(|| format!("unpack {} into {}", image.record.reference, dir.display()))?;
+            let report =
+                hangar_oci::unpack::unpack_image(&store, &image, &dir).with_context(|| {
+                    format!("unpack {} into {}", image.record.reference, dir.display())
+                })?;
             for w in &report.warnings {
                 eprintln!("hangar: warning: {w}");
             }
@@ -297,14 +328,25 @@ pub fn run(args: ImageArgs) -> Result<()> {
                         client: registry.options()?,
                     };
                     runtime()?
-                        .block_on(hangar_oci::client::pull(&store, b, &opts, progress::for_stdout()))
+                        .block_on(hangar_oci::client::pull(
+                            &store,
+                            b,
+                            &opts,
+                            progress::for_stdout(),
+                        ))
                         .with_context(|| format!("pull base image {b}"))?;
                 }
             }
             let opts = BuildOptions {
                 base,
-                entrypoint: entrypoint.as_deref().map(|e| parse_command("entrypoint", e)).transpose()?,
-                cmd: cmd.as_deref().map(|c| parse_command("cmd", c)).transpose()?,
+                entrypoint: entrypoint
+                    .as_deref()
+                    .map(|e| parse_command("entrypoint", e))
+                    .transpose()?,
+                cmd: cmd
+                    .as_deref()
+                    .map(|c| parse_command("cmd", c))
+                    .transpose()?,
                 env,
                 workdir,
                 user,
@@ -317,13 +359,14 @@ pub fn run(args: ImageArgs) -> Result<()> {
         }
         ImageCommand::Save { reference, output } => {
             let r = parse_ref(&reference)?;
-            hangar_oci::layout::save(&store, &r, &output).with_context(|| format!("save {r} to {}", output.display()))?;
+            hangar_oci::layout::save(&store, &r, &output)
+                .with_context(|| format!("save {r} to {}", output.display()))?;
             println!("saved {r} to {}", output.display());
         }
         ImageCommand::Load { path, tag } => {
             let tag = tag.as_deref().map(parse_ref).transpose()?;
-            let records =
-                hangar_oci::layout::load(&store, &path, tag.as_ref()).with_context(|| format!("load {}", path.display()))?;
+            let records = hangar_oci::layout::load(&store, &path, tag.as_ref())
+                .with_context(|| format!("load {}", path.display()))?;
             for r in records {
                 println!("{} {}", r.reference, r.digest);
             }
@@ -334,7 +377,12 @@ pub fn run(args: ImageArgs) -> Result<()> {
 
 fn print_inspect(image: &Image, as_json: bool) -> Result<()> {
     let run = image.config.config.clone().unwrap_or_default();
-    let ports: Vec<String> = run.exposed_ports.clone().unwrap_or_default().into_keys().collect();
+    let ports: Vec<String> = run
+        .exposed_ports
+        .clone()
+        .unwrap_or_default()
+        .into_keys()
+        .collect();
     let layers: Vec<_> = image
         .manifest
         .layers
@@ -362,7 +410,11 @@ fn print_inspect(image: &Image, as_json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let show = |v: &Option<Vec<String>>| v.as_ref().map(|v| serde_json::to_string(v).unwrap_or_default()).unwrap_or_else(|| "-".into());
+    let show = |v: &Option<Vec<String>>| {
+        v.as_ref()
+            .map(|v| serde_json::to_string(v).unwrap_or_default())
+            .unwrap_or_else(|| "-".into())
+    };
     println!("Reference:  {}", image.record.reference);
     println!("Digest:     {}", image.record.digest);
     if let Some(i) = &image.record.index {
@@ -370,13 +422,36 @@ fn print_inspect(image: &Image, as_json: bool) -> Result<()> {
     }
     println!("Media type: {}", image.record.media_type);
     println!("Platform:   {}", image.config.platform());
-    println!("Size:       {} ({} bytes compressed)", human(image.size()), image.size());
-    println!("Created:    {}", image.config.created.as_deref().unwrap_or("-"));
+    println!(
+        "Size:       {} ({} bytes compressed)",
+        human(image.size()),
+        image.size()
+    );
+    println!(
+        "Created:    {}",
+        image.config.created.as_deref().unwrap_or("-")
+    );
     println!("Entrypoint: {}", show(&run.entrypoint));
     println!("Cmd:        {}", show(&run.cmd));
-    println!("Workdir:    {}", run.working_dir.as_deref().filter(|w| !w.is_empty()).unwrap_or("-"));
-    println!("User:       {}", run.user.as_deref().filter(|u| !u.is_empty()).unwrap_or("-"));
-    println!("Ports:      {}", if ports.is_empty() { "-".into() } else { ports.join(", ") });
+    println!(
+        "Workdir:    {}",
+        run.working_dir
+            .as_deref()
+            .filter(|w| !w.is_empty())
+            .unwrap_or("-")
+    );
+    println!(
+        "User:       {}",
+        run.user.as_deref().filter(|u| !u.is_empty()).unwrap_or("-")
+    );
+    println!(
+        "Ports:      {}",
+        if ports.is_empty() {
+            "-".into()
+        } else {
+            ports.join(", ")
+        }
+    );
     println!("Env:");
     for e in run.env.unwrap_or_default() {
         println!("  {e}");

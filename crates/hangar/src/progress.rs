@@ -19,9 +19,10 @@ impl Bars {
         bars.entry(digest.clone())
             .or_insert_with(|| {
                 let bar = self.multi.add(ProgressBar::new(size));
-                let style = ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> ");
+                let style =
+                    ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> ");
                 bar.set_style(style);
                 bar.set_prefix(digest.short().to_string());
                 bar

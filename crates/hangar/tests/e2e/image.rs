@@ -52,16 +52,33 @@ fn tricky_image() -> BuiltImage {
         // Replace a hardlinked file: the other link must keep the old content.
         File("bin/tool-link", 0o755, b"replaced".to_vec()),
         Dir("data/", 0o700),
-        File("data/big", 0o644, (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect()),
+        File(
+            "data/big",
+            0o644,
+            (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect(),
+        ),
         Hardlink("data/big2", "data/big"),
     ]);
-    BuiltImage::new(&[(l1, Compress::Gzip), (l2, Compress::Gzip), (l3, Compress::None)], host_arch(), &["/bin/sh"])
+    BuiltImage::new(
+        &[
+            (l1, Compress::Gzip),
+            (l2, Compress::Gzip),
+            (l3, Compress::None),
+        ],
+        host_arch(),
+        &["/bin/sh"],
+    )
 }
 
 fn push_layout_with_skopeo(layout: &Path, tag: &str, dest: &str, creds: Option<&str>) {
     let src = format!("oci:{}:{tag}", layout.display());
     let dst = format!("docker://{dest}");
-    let mut args = vec!["copy", "--dest-tls-verify=false", src.as_str(), dst.as_str()];
+    let mut args = vec![
+        "copy",
+        "--dest-tls-verify=false",
+        src.as_str(),
+        dst.as_str(),
+    ];
     if let Some(c) = creds {
         args.splice(1..1, ["--dest-creds", c]);
     }
@@ -78,10 +95,20 @@ fn pull_what_skopeo_pushed_unpack_matches_umoci() {
     image.write_layout(&layout, "v1");
     let reference = format!("{}/org/tricky:v1", registry.host());
     push_layout_with_skopeo(&layout, "v1", &reference, None);
-    push_layout_with_skopeo(&layout, "v1", &format!("{}/org/tricky:again", registry.host()), None);
+    push_layout_with_skopeo(
+        &layout,
+        "v1",
+        &format!("{}/org/tricky:again", registry.host()),
+        None,
+    );
 
     // skopeo gzips the uncompressed layer on the way, so ask the registry.
-    let pushed: serde_json::Value = serde_json::from_str(&skopeo(&["inspect", "--tls-verify=false", &format!("docker://{reference}")])).unwrap();
+    let pushed: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]))
+    .unwrap();
     let h = Hangar::new();
     let out = h.ok(&["image", "pull", &reference]);
     assert!(out.contains(pushed["Digest"].as_str().unwrap()), "{out}");
@@ -99,34 +126,61 @@ fn pull_what_skopeo_pushed_unpack_matches_umoci() {
         .arg(&bundle)
         .output()
         .unwrap();
-    assert!(st.status.success(), "umoci: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "umoci: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let theirs = tree(&bundle.join("rootfs"));
     let mine = tree(&ours);
     let only_theirs: Vec<_> = theirs.keys().filter(|k| !mine.contains_key(*k)).collect();
     let only_mine: Vec<_> = mine.keys().filter(|k| !theirs.contains_key(*k)).collect();
-    assert!(only_theirs.is_empty() && only_mine.is_empty(), "paths differ: umoci only {only_theirs:?}, hangar only {only_mine:?}");
+    assert!(
+        only_theirs.is_empty() && only_mine.is_empty(),
+        "paths differ: umoci only {only_theirs:?}, hangar only {only_mine:?}"
+    );
     for (path, node) in &theirs {
         assert_eq!(Some(node), mine.get(path), "{path} differs from umoci's");
     }
     // Spot checks, so the comparison cannot pass on two equally wrong trees.
-    assert!(mine["opt/app/new.conf"].kind == "file" && !mine.contains_key("opt/app/old.conf") && !mine.contains_key("opt/app/sub"));
+    assert!(
+        mine["opt/app/new.conf"].kind == "file"
+            && !mine.contains_key("opt/app/old.conf")
+            && !mine.contains_key("opt/app/sub")
+    );
     assert!(!mine.contains_key("var/gone") && !mine.contains_key("var/dir-gone"));
-    assert_eq!(fs::read(ours.join("bin/tool")).unwrap(), b"#!/bin/sh\necho tool\n");
+    assert_eq!(
+        fs::read(ours.join("bin/tool")).unwrap(),
+        b"#!/bin/sh\necho tool\n"
+    );
     assert_eq!(fs::read(ours.join("bin/tool-link")).unwrap(), b"replaced");
     assert_eq!(mine["bin/tool"].mode, 0o4755);
     assert_eq!(mine["var/tmp"].mode, 0o1777);
     assert_eq!(mine["data/big"].link_group.as_deref(), Some("data/big"));
     assert_eq!(mine["data/big2"].link_group.as_deref(), Some("data/big"));
-    assert_eq!(fs::read_link(ours.join("etc/localtime")).unwrap(), Path::new("/usr/share/zoneinfo/UTC"));
+    assert_eq!(
+        fs::read_link(ours.join("etc/localtime")).unwrap(),
+        Path::new("/usr/share/zoneinfo/UTC")
+    );
 
     // Layers already in the store are not fetched again: remove their data
     // from the registry, then pull a second name of the same image.
     for layer in info["layers"].as_array().unwrap() {
-        let hex = layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        let hex = layer["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
         fs::remove_file(registry.blob_data(hex)).unwrap();
     }
-    h.ok(&["image", "pull", &format!("{}/org/tricky:again", registry.host())]);
-    assert_eq!(h.inspect(&format!("{}/org/tricky:again", registry.host()))["digest"], info["digest"]);
+    h.ok(&[
+        "image",
+        "pull",
+        &format!("{}/org/tricky:again", registry.host()),
+    ]);
+    assert_eq!(
+        h.inspect(&format!("{}/org/tricky:again", registry.host()))["digest"],
+        info["digest"]
+    );
 }
 
 #[test]
@@ -144,26 +198,72 @@ fn push_is_read_back_by_skopeo_with_chunks_and_mounts() {
     fs::create_dir_all(app.join("srv")).unwrap();
     fs::write(app.join("srv/index.html"), "hello").unwrap();
     let app_ref = format!("{}/org/app:1", registry.host());
-    let built = h.ok(&["image", "build", app.to_str().unwrap(), "-t", &app_ref, "--base", &base_ref, "--cmd", r#"["/bin/sh","-c","echo hi"]"#, "--expose", "8080", "-e", "MODE=prod"]);
+    let built = h.ok(&[
+        "image",
+        "build",
+        app.to_str().unwrap(),
+        "-t",
+        &app_ref,
+        "--base",
+        &base_ref,
+        "--cmd",
+        r#"["/bin/sh","-c","echo hi"]"#,
+        "--expose",
+        "8080",
+        "-e",
+        "MODE=prod",
+    ]);
     let digest = built.split_whitespace().nth(1).unwrap().to_string();
 
     // Chunked upload (tiny chunks) of the new layer; base layers get mounted.
     h.ok(&["image", "push", &app_ref, "--chunk-size", "100"]);
     let log = registry.log_text();
     assert!(log.contains("PATCH"), "no chunked upload in registry log");
-    assert!(log.contains("mount=sha256"), "no cross-repository mount attempted");
-    let inspected: serde_json::Value = serde_json::from_str(&skopeo(&["inspect", "--tls-verify=false", &format!("docker://{app_ref}")])).unwrap();
+    assert!(
+        log.contains("mount=sha256"),
+        "no cross-repository mount attempted"
+    );
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{app_ref}"),
+    ]))
+    .unwrap();
     assert_eq!(inspected["Digest"], digest);
     assert_eq!(inspected["Layers"].as_array().unwrap().len(), 4);
     let out = work.path().join("copied");
-    skopeo(&["copy", "--src-tls-verify=false", &format!("docker://{app_ref}"), &format!("oci:{}:x", out.display())]);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{app_ref}"),
+        &format!("oci:{}:x", out.display()),
+    ]);
     let raw = skopeo(&["inspect", "--raw", &format!("oci:{}:x", out.display())]);
     assert_eq!(format!("sha256:{}", sha256_hex(raw.as_bytes())), digest);
 
     // A second push finds every blob there already.
-    h.ok(&["image", "push", &app_ref, &format!("{}/org/app:2", registry.host())]);
-    let config: serde_json::Value = serde_json::from_str(&skopeo(&["inspect", "--config", "--tls-verify=false", &format!("docker://{}/org/app:2", registry.host())])).unwrap();
-    assert_eq!(config["config"]["Env"].as_array().unwrap().iter().filter(|e| *e == "MODE=prod").count(), 1);
+    h.ok(&[
+        "image",
+        "push",
+        &app_ref,
+        &format!("{}/org/app:2", registry.host()),
+    ]);
+    let config: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--config",
+        "--tls-verify=false",
+        &format!("docker://{}/org/app:2", registry.host()),
+    ]))
+    .unwrap();
+    assert_eq!(
+        config["config"]["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| *e == "MODE=prod")
+            .count(),
+        1
+    );
     assert!(config["config"]["ExposedPorts"]["8080/tcp"].is_object());
 }
 
@@ -173,27 +273,61 @@ fn bearer_token_flow_and_docker_config_credentials() {
     let registry = Registry::start(RegistryAuth::Token(tokens.clone()));
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
-    let image = BuiltImage::new(&[(layer_tar(&[Entry::File("hello", 0o644, b"hi".to_vec())]), Compress::Gzip)], host_arch(), &["/hello"]);
+    let image = BuiltImage::new(
+        &[(
+            layer_tar(&[Entry::File("hello", 0o644, b"hi".to_vec())]),
+            Compress::Gzip,
+        )],
+        host_arch(),
+        &["/hello"],
+    );
     image.write_layout(&layout, "1");
     let reference = format!("{}/team/secret:1", registry.host());
     push_layout_with_skopeo(&layout, "1", &reference, Some("alice:s3cret"));
 
     let h = Hangar::new();
     let err = h.fails(&["image", "pull", &reference]);
-    assert!(err.contains("401") && err.contains("--creds") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("401") && err.contains("--creds") && err.lines().count() == 1,
+        "{err}"
+    );
     let err = h.fails(&["image", "pull", &reference, "--creds", "alice:wrong"]);
     assert!(err.contains("refused the credentials"), "{err}");
     h.ok(&["image", "pull", &reference, "--creds", "alice:s3cret"]);
-    assert!(tokens.requests.lock().unwrap().iter().any(|q| q.contains("service=test-registry") && q.contains("scope=repository%3Ateam%2Fsecret%3Apull")));
+    assert!(tokens
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|q| q.contains("service=test-registry")
+            && q.contains("scope=repository%3Ateam%2Fsecret%3Apull")));
 
     // The same through ~/.docker/config.json.
     let h2 = Hangar::new();
     let auth = base64_encode("alice:s3cret");
-    fs::write(h2.docker_config.join("config.json"), format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.host())).unwrap();
+    fs::write(
+        h2.docker_config.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
     h2.ok(&["image", "pull", &reference]);
     // And push with a token carrying push scope.
-    h2.ok(&["image", "push", &reference, &format!("{}/team/copy:1", registry.host())]);
-    skopeo(&["inspect", "--tls-verify=false", "--creds", "alice:s3cret", &format!("docker://{}/team/copy:1", registry.host())]);
+    h2.ok(&[
+        "image",
+        "push",
+        &reference,
+        &format!("{}/team/copy:1", registry.host()),
+    ]);
+    skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        "alice:s3cret",
+        &format!("docker://{}/team/copy:1", registry.host()),
+    ]);
 }
 
 fn base64_encode(s: &str) -> String {
@@ -207,8 +341,20 @@ fn basic_auth_htpasswd_registry() {
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
     let layers = [
-        (layer_tar(&[Entry::File("a", 0o644, b"a".to_vec()), Entry::File("b", 0o644, b"b".to_vec())]), Compress::Zstd),
-        (layer_tar(&[Entry::Whiteout(".wh.b"), Entry::File("c", 0o644, b"c".to_vec())]), Compress::Gzip),
+        (
+            layer_tar(&[
+                Entry::File("a", 0o644, b"a".to_vec()),
+                Entry::File("b", 0o644, b"b".to_vec()),
+            ]),
+            Compress::Zstd,
+        ),
+        (
+            layer_tar(&[
+                Entry::Whiteout(".wh.b"),
+                Entry::File("c", 0o644, b"c".to_vec()),
+            ]),
+            Compress::Gzip,
+        ),
     ];
     let image = BuiltImage::new(&layers, host_arch(), &["/a"]);
     image.write_layout(&layout, "1");
@@ -217,11 +363,17 @@ fn basic_auth_htpasswd_registry() {
     let h = Hangar::new();
     let before = h.store_snapshot();
     let err = h.fails(&["image", "pull", &reference]);
-    assert!(err.contains(&format!("http://{}/v2/x/y/manifests/1", registry.host())), "{err}");
+    assert!(
+        err.contains(&format!("http://{}/v2/x/y/manifests/1", registry.host())),
+        "{err}"
+    );
     assert_eq!(h.store_snapshot(), before);
     h.ok(&["image", "pull", &reference, "--creds", "bob:pw"]);
     let info = h.inspect(&reference);
-    assert_eq!(info["layers"][0]["media_type"], "application/vnd.oci.image.layer.v1.tar+zstd");
+    assert_eq!(
+        info["layers"][0]["media_type"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
     let root = work.path().join("root");
     h.ok(&["image", "unpack", &reference, root.to_str().unwrap()]);
     assert_eq!(fs::read(root.join("a")).unwrap(), b"a");
@@ -234,23 +386,56 @@ fn platforms_are_selected_from_an_index() {
     let registry = Registry::start(RegistryAuth::None);
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
-    let amd = BuiltImage::new(&[(layer_tar(&[Entry::File("arch", 0o644, b"amd64".to_vec())]), Compress::Gzip)], "amd64", &["/x"]);
-    let arm = BuiltImage::new(&[(layer_tar(&[Entry::File("arch", 0o644, b"arm64".to_vec())]), Compress::Gzip)], "arm64", &["/x"]);
+    let amd = BuiltImage::new(
+        &[(
+            layer_tar(&[Entry::File("arch", 0o644, b"amd64".to_vec())]),
+            Compress::Gzip,
+        )],
+        "amd64",
+        &["/x"],
+    );
+    let arm = BuiltImage::new(
+        &[(
+            layer_tar(&[Entry::File("arch", 0o644, b"arm64".to_vec())]),
+            Compress::Gzip,
+        )],
+        "arm64",
+        &["/x"],
+    );
     write_layout(&layout, &[(&amd, "amd"), (&arm, "arm")], Some("multi"));
     let reference = format!("{}/org/multi:1", registry.host());
-    skopeo(&["copy", "--all", "--dest-tls-verify=false", &format!("oci:{}:multi", layout.display()), &format!("docker://{reference}")]);
+    skopeo(&[
+        "copy",
+        "--all",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:multi", layout.display()),
+        &format!("docker://{reference}"),
+    ]);
     let h = Hangar::new();
     h.ok(&["image", "pull", &reference, "--platform", "linux/arm64"]);
-    assert_eq!(h.inspect(&reference)["digest"], format!("sha256:{}", arm.manifest_hex()));
+    assert_eq!(
+        h.inspect(&reference)["digest"],
+        format!("sha256:{}", arm.manifest_hex())
+    );
     h.ok(&["image", "pull", &reference, "--platform", "linux/amd64"]);
-    assert_eq!(h.inspect(&reference)["digest"], format!("sha256:{}", amd.manifest_hex()));
+    assert_eq!(
+        h.inspect(&reference)["digest"],
+        format!("sha256:{}", amd.manifest_hex())
+    );
     assert!(h.inspect(&reference)["index"].is_string());
     let before = h.store_snapshot();
     let err = h.fails(&["image", "pull", &reference, "--platform", "linux/s390x"]);
-    assert!(err.contains("linux/amd64") && err.contains("linux/arm64") && err.contains("--platform"), "{err}");
+    assert!(
+        err.contains("linux/amd64") && err.contains("linux/arm64") && err.contains("--platform"),
+        "{err}"
+    );
     assert_eq!(h.store_snapshot(), before);
     // By digest, the image unpacks to the selected platform's files.
-    let by_digest = format!("{}/org/multi@sha256:{}", registry.host(), arm.manifest_hex());
+    let by_digest = format!(
+        "{}/org/multi@sha256:{}",
+        registry.host(),
+        arm.manifest_hex()
+    );
     h.ok(&["image", "pull", &by_digest]);
     let dir = work.path().join("arm");
     h.ok(&["image", "unpack", &by_digest, dir.to_str().unwrap()]);
@@ -264,22 +449,52 @@ fn save_load_roundtrip_through_skopeo() {
     let app = work.path().join("app");
     fs::create_dir_all(&app).unwrap();
     fs::write(app.join("f"), "x").unwrap();
-    let built = h.ok(&["image", "build", app.to_str().unwrap(), "-t", "example.com/me/app:7", "--entrypoint", "/f"]);
+    let built = h.ok(&[
+        "image",
+        "build",
+        app.to_str().unwrap(),
+        "-t",
+        "example.com/me/app:7",
+        "--entrypoint",
+        "/f",
+    ]);
     let digest = built.split_whitespace().nth(1).unwrap().to_string();
     let dir = work.path().join("saved");
     let tar = work.path().join("saved.tar");
-    h.ok(&["image", "save", "example.com/me/app:7", "-o", dir.to_str().unwrap()]);
-    h.ok(&["image", "save", "example.com/me/app:7", "-o", tar.to_str().unwrap()]);
+    h.ok(&[
+        "image",
+        "save",
+        "example.com/me/app:7",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    h.ok(&[
+        "image",
+        "save",
+        "example.com/me/app:7",
+        "-o",
+        tar.to_str().unwrap(),
+    ]);
     let raw = skopeo(&["inspect", "--raw", &format!("oci:{}:7", dir.display())]);
     assert_eq!(format!("sha256:{}", sha256_hex(raw.as_bytes())), digest);
     let fresh = Hangar::new();
     let out = fresh.ok(&["image", "load", tar.to_str().unwrap()]);
     assert_eq!(out.trim(), format!("example.com/me/app:7 {digest}"));
-    fresh.ok(&["image", "load", dir.to_str().unwrap(), "--tag", "other/name:1"]);
+    fresh.ok(&[
+        "image",
+        "load",
+        dir.to_str().unwrap(),
+        "--tag",
+        "other/name:1",
+    ]);
     assert_eq!(fresh.inspect("other/name:1")["digest"], digest);
     // A layout skopeo wrote (tag only, no full name) needs --tag.
     let sk = work.path().join("sk");
-    skopeo(&["copy", &format!("oci:{}:7", dir.display()), &format!("oci:{}:latest", sk.display())]);
+    skopeo(&[
+        "copy",
+        &format!("oci:{}:7", dir.display()),
+        &format!("oci:{}:latest", sk.display()),
+    ]);
     let err = fresh.fails(&["image", "load", sk.to_str().unwrap()]);
     assert!(err.contains("--tag"), "{err}");
     fresh.ok(&["image", "load", sk.to_str().unwrap(), "-t", "sk/img"]);
@@ -296,7 +511,14 @@ fn save_load_roundtrip_through_skopeo() {
 #[test]
 fn bad_input_names_the_cause_and_leaves_the_store_unchanged() {
     let server = FaultServer::start();
-    let good = BuiltImage::new(&[(layer_tar(&[Entry::File("f", 0o644, vec![7; 300_000])]), Compress::Gzip)], host_arch(), &["/f"]);
+    let good = BuiltImage::new(
+        &[(
+            layer_tar(&[Entry::File("f", 0o644, vec![7; 300_000])]),
+            Compress::Gzip,
+        )],
+        host_arch(),
+        &["/f"],
+    );
     let h = Hangar::new();
     // Something in the store first, so "unchanged" means more than "empty".
     server.serve_image("ok/img", "1", &good);
@@ -304,62 +526,116 @@ fn bad_input_names_the_cause_and_leaves_the_store_unchanged() {
     let before = h.store_snapshot();
 
     let err = h.fails(&["image", "pull", "Not/A:ref:at:all"]);
-    assert!(err.starts_with("hangar: invalid image reference \"Not/A:ref:at:all\""), "{err}");
+    assert!(
+        err.starts_with("hangar: invalid image reference \"Not/A:ref:at:all\""),
+        "{err}"
+    );
 
-    let json_ct = vec![("Content-Type".to_string(), "application/vnd.oci.image.manifest.v1+json".to_string())];
-    server.set("/v2/bad/json/manifests/1", Fault::Answer(200, json_ct.clone(), b"{not json".to_vec()));
+    let json_ct = vec![(
+        "Content-Type".to_string(),
+        "application/vnd.oci.image.manifest.v1+json".to_string(),
+    )];
+    server.set(
+        "/v2/bad/json/manifests/1",
+        Fault::Answer(200, json_ct.clone(), b"{not json".to_vec()),
+    );
     let err = h.fails(&["image", "pull", &format!("{}/bad/json:1", server.host())]);
-    assert!(err.contains("manifest") && err.contains("not JSON"), "{err}");
+    assert!(
+        err.contains("manifest") && err.contains("not JSON"),
+        "{err}"
+    );
 
     // A blob whose bytes are not what its digest says (an image the store
     // does not have yet, so the layer is really fetched).
-    let other = BuiltImage::new(&[(layer_tar(&[Entry::File("o", 0o644, vec![9; 300_000])]), Compress::Gzip)], host_arch(), &["/o"]);
+    let other = BuiltImage::new(
+        &[(
+            layer_tar(&[Entry::File("o", 0o644, vec![9; 300_000])]),
+            Compress::Gzip,
+        )],
+        host_arch(),
+        &["/o"],
+    );
     let other_hex = sha256_hex(&other.layers[0].0);
     let mut lying = other.layers[0].0.clone();
     let last = lying.len() - 10;
     lying[last] ^= 0xff;
     server.serve_image("bad/digest", "1", &other);
-    server.set(&format!("/v2/bad/digest/blobs/sha256:{other_hex}"), Fault::Answer(200, vec![], lying));
+    server.set(
+        &format!("/v2/bad/digest/blobs/sha256:{other_hex}"),
+        Fault::Answer(200, vec![], lying),
+    );
     let err = h.fails(&["image", "pull", &format!("{}/bad/digest:1", server.host())]);
-    assert!(err.contains(&format!("sha256:{other_hex}")) && err.contains("hashes to"), "{err}");
+    assert!(
+        err.contains(&format!("sha256:{other_hex}")) && err.contains("hashes to"),
+        "{err}"
+    );
 
     // A layer whose uncompressed content is not the config's DiffID.
     let tar = layer_tar(&[Entry::File("g", 0o644, b"g".to_vec())]);
-    let wrong_diff = BuiltImage::with_diff_ids(&[(tar, Compress::Gzip)], host_arch(), &["/g"], Some(vec![format!("sha256:{}", sha256_hex(b"other"))]));
+    let wrong_diff = BuiltImage::with_diff_ids(
+        &[(tar, Compress::Gzip)],
+        host_arch(),
+        &["/g"],
+        Some(vec![format!("sha256:{}", sha256_hex(b"other"))]),
+    );
     server.serve_image("bad/diff", "1", &wrong_diff);
     let err = h.fails(&["image", "pull", &format!("{}/bad/diff:1", server.host())]);
     assert!(err.contains("DiffID"), "{err}");
 
     for (status, word) in [(404u16, "404"), (500, "500")] {
         let repo = format!("status/s{status}");
-        server.set(&format!("/v2/{repo}/manifests/1"), Fault::Answer(status, vec![], b"{\"errors\":[{\"code\":\"X\",\"message\":\"boom\"}]}".to_vec()));
+        server.set(
+            &format!("/v2/{repo}/manifests/1"),
+            Fault::Answer(
+                status,
+                vec![],
+                b"{\"errors\":[{\"code\":\"X\",\"message\":\"boom\"}]}".to_vec(),
+            ),
+        );
         let err = h.fails(&["image", "pull", &format!("{}/{repo}:1", server.host())]);
-        assert!(err.contains(word) && err.contains(&format!("/v2/{repo}/manifests/1")) && err.contains("boom"), "{err}");
+        assert!(
+            err.contains(word)
+                && err.contains(&format!("/v2/{repo}/manifests/1"))
+                && err.contains("boom"),
+            "{err}"
+        );
     }
     // 500 on a blob, after the manifest and config were fine.
     server.serve_image("status/blob", "1", &other);
-    server.set(&format!("/v2/status/blob/blobs/sha256:{other_hex}"), Fault::Answer(500, vec![], vec![]));
+    server.set(
+        &format!("/v2/status/blob/blobs/sha256:{other_hex}"),
+        Fault::Answer(500, vec![], vec![]),
+    );
     let err = h.fails(&["image", "pull", &format!("{}/status/blob:1", server.host())]);
     assert!(err.contains("500") && err.contains(&other_hex), "{err}");
 
     // The connection is cut halfway through a layer.
     server.serve_image("cut/img", "1", &other);
     let blob = &other.layers[0].0;
-    server.set(&format!("/v2/cut/img/blobs/sha256:{other_hex}"), Fault::Cut(blob.len() as u64, blob[..blob.len() / 2].to_vec()));
+    server.set(
+        &format!("/v2/cut/img/blobs/sha256:{other_hex}"),
+        Fault::Cut(blob.len() as u64, blob[..blob.len() / 2].to_vec()),
+    );
     let err = h.fails(&["image", "pull", &format!("{}/cut/img:1", server.host())]);
     assert!(err.contains(&other_hex), "{err}");
 
     // Nothing listens.
     let dead = free_port();
     let err = h.fails(&["image", "pull", &format!("127.0.0.1:{dead}/x/y:1")]);
-    assert!(err.contains(&format!("http://127.0.0.1:{dead}/v2/x/y/manifests/1")), "{err}");
+    assert!(
+        err.contains(&format!("http://127.0.0.1:{dead}/v2/x/y/manifests/1")),
+        "{err}"
+    );
 
     for err in [
         h.fails(&["image", "inspect", "nothing/here"]),
         h.fails(&["image", "unpack", "nothing/here", "/tmp/never"]),
         h.fails(&["image", "rm", "nothing/here"]),
     ] {
-        assert!(err.contains("is not in the local store") && err.contains("hangar image pull"), "{err}");
+        assert!(
+            err.contains("is not in the local store") && err.contains("hangar image pull"),
+            "{err}"
+        );
     }
     assert_eq!(h.store_snapshot(), before);
     assert_eq!(err.lines().count(), 1, "errors are one line: {err}");
@@ -368,12 +644,21 @@ fn bad_input_names_the_cause_and_leaves_the_store_unchanged() {
 #[test]
 fn kill_during_pull_leaves_nothing_visible_and_concurrent_pulls_are_safe() {
     let server = FaultServer::start();
-    let big: Vec<u8> = (0..2_000_000u32).flat_map(|i| i.wrapping_mul(2654435761).to_le_bytes()).collect();
-    let image = BuiltImage::new(&[(layer_tar(&[Entry::File("big", 0o644, big)]), Compress::None)], host_arch(), &["/big"]);
+    let big: Vec<u8> = (0..2_000_000u32)
+        .flat_map(|i| i.wrapping_mul(2654435761).to_le_bytes())
+        .collect();
+    let image = BuiltImage::new(
+        &[(layer_tar(&[Entry::File("big", 0o644, big)]), Compress::None)],
+        host_arch(),
+        &["/big"],
+    );
     let layer = image.layers[0].0.clone();
     let layer_hex = sha256_hex(&layer);
     server.serve_image("slow/img", "1", &image);
-    server.set(&format!("/v2/slow/img/blobs/sha256:{layer_hex}"), Fault::Slow(layer.clone(), 64 * 1024));
+    server.set(
+        &format!("/v2/slow/img/blobs/sha256:{layer_hex}"),
+        Fault::Slow(layer.clone(), 64 * 1024),
+    );
     let h = Hangar::new();
     let reference = format!("{}/slow/img:1", server.host());
     let mut child = h.command(&["image", "pull", &reference]).spawn().unwrap();
@@ -381,7 +666,12 @@ fn kill_during_pull_leaves_nothing_visible_and_concurrent_pulls_are_safe() {
     let tmp = h.home().join("oci/tmp");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let partial = fs::read_dir(&tmp).map(|d| d.flatten().any(|e| e.metadata().map(|m| m.len() > 100_000).unwrap_or(false))).unwrap_or(false);
+        let partial = fs::read_dir(&tmp)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.metadata().map(|m| m.len() > 100_000).unwrap_or(false))
+            })
+            .unwrap_or(false);
         if partial {
             break;
         }
@@ -390,17 +680,38 @@ fn kill_during_pull_leaves_nothing_visible_and_concurrent_pulls_are_safe() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!h.home().join(format!("oci/blobs/sha256/{layer_hex}")).exists(), "a partial blob became visible");
-    assert!(fs::read_dir(h.home().join("oci/images")).unwrap().next().is_none(), "an image record appeared");
-    assert!(h.fails(&["image", "inspect", &reference]).contains("not in the local store"));
+    assert!(
+        !h.home()
+            .join(format!("oci/blobs/sha256/{layer_hex}"))
+            .exists(),
+        "a partial blob became visible"
+    );
+    assert!(
+        fs::read_dir(h.home().join("oci/images"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "an image record appeared"
+    );
+    assert!(h
+        .fails(&["image", "inspect", &reference])
+        .contains("not in the local store"));
     let gc = h.ok(&["image", "gc"]);
-    assert!(!gc.contains("freed 0 B"), "gc should clear the partial temp file: {gc}");
+    assert!(
+        !gc.contains("freed 0 B"),
+        "gc should clear the partial temp file: {gc}"
+    );
     assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
 
     // Two pulls of the same image at once both succeed and agree.
-    server.set(&format!("/v2/slow/img/blobs/sha256:{layer_hex}"), Fault::Slow(layer, 512 * 1024));
+    server.set(
+        &format!("/v2/slow/img/blobs/sha256:{layer_hex}"),
+        Fault::Slow(layer, 512 * 1024),
+    );
     let a = h.command(&["image", "pull", &reference]).output().unwrap();
-    let children: Vec<_> = (0..2).map(|_| h.command(&["image", "pull", &reference]).spawn().unwrap()).collect();
+    let children: Vec<_> = (0..2)
+        .map(|_| h.command(&["image", "pull", &reference]).spawn().unwrap())
+        .collect();
     for mut c in children {
         assert!(c.wait().unwrap().success());
     }

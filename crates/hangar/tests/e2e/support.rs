@@ -28,7 +28,10 @@ pub fn require(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "{tool} is not installed; run scripts/test, which installs the test peers");
+    assert!(
+        found,
+        "{tool} is not installed; run scripts/test, which installs the test peers"
+    );
 }
 
 /// A temporary `$HANGAR_HOME` and the means to run `hangar` against it.
@@ -77,12 +80,17 @@ impl Hangar {
     /// Run and require failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(!out.status.success(), "hangar {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "hangar {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     pub fn inspect(&self, reference: &str) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["image", "inspect", reference, "--json"])).expect("inspect json")
+        serde_json::from_str(&self.ok(&["image", "inspect", reference, "--json"]))
+            .expect("inspect json")
     }
 
     /// Every file under the store with its size: to show a failure changed nothing.
@@ -91,11 +99,17 @@ impl Hangar {
         let root = self.home();
         let mut stack = vec![root.clone()];
         while let Some(d) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&d) else { continue };
+            let Ok(entries) = fs::read_dir(&d) else {
+                continue;
+            };
             for e in entries.flatten() {
                 let p = e.path();
                 let m = fs::symlink_metadata(&p).expect("metadata");
-                let rel = p.strip_prefix(&root).expect("under root").display().to_string();
+                let rel = p
+                    .strip_prefix(&root)
+                    .expect("under root")
+                    .display()
+                    .to_string();
                 if m.is_dir() {
                     stack.push(p);
                 } else if rel != "oci/lock" {
@@ -108,7 +122,11 @@ impl Hangar {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 fn wait_for_port(port: u16, child: &mut Child, log: &Path) {
@@ -118,11 +136,17 @@ fn wait_for_port(port: u16, child: &mut Child, log: &Path) {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("peer exited with {status}: {}", fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "peer exited with {status}: {}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("peer did not listen on {port}: {}", fs::read_to_string(log).unwrap_or_default());
+    panic!(
+        "peer did not listen on {port}: {}",
+        fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 /// How a test registry authenticates.
@@ -178,7 +202,12 @@ impl Registry {
             .spawn()
             .expect("start docker-registry");
         wait_for_port(port, &mut child, &log);
-        Registry { child, port, dir, log }
+        Registry {
+            child,
+            port,
+            dir,
+            log,
+        }
     }
 
     pub fn host(&self) -> String {
@@ -191,7 +220,10 @@ impl Registry {
 
     /// Path of a blob's data in the registry's storage.
     pub fn blob_data(&self, hex: &str) -> PathBuf {
-        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+        self.dir.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
     }
 }
 
@@ -205,8 +237,15 @@ impl Drop for Registry {
 /// Run skopeo against a loopback registry without TLS.
 pub fn skopeo(args: &[&str]) -> String {
     require("skopeo");
-    let out = Command::new("skopeo").args(args).output().expect("run skopeo");
-    assert!(out.status.success(), "skopeo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -230,14 +269,28 @@ impl TokenServer {
         let key = dir.path().join("key.pem");
         let cert = dir.path().join("cert.pem");
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=hangar-test-token"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=hangar-test-token",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
             .arg(&cert)
             .output()
             .expect("openssl");
-        assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl req: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let server = Arc::new(TokenServer {
@@ -260,12 +313,19 @@ impl TokenServer {
     }
 
     fn serve(&self, mut stream: TcpStream) {
-        let Some(req) = read_request(&mut stream) else { return };
-        let query = req.target.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+        let Some(req) = read_request(&mut stream) else {
+            return;
+        };
+        let query = req
+            .target
+            .split_once('?')
+            .map(|(_, q)| q.to_string())
+            .unwrap_or_default();
         self.requests.lock().expect("lock").push(query.clone());
         let expected = format!(
             "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", self.user, self.password))
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", self.user, self.password))
         );
         if req.headers.get("authorization") != Some(&expected) {
             respond(&mut stream, 401, &[], b"{\"details\":\"bad credentials\"}");
@@ -278,26 +338,40 @@ impl TokenServer {
                 let parts: Vec<&str> = scope.splitn(3, ':').collect();
                 if parts.len() == 3 {
                     let actions: Vec<&str> = parts[2].split(',').collect();
-                    access.push(serde_json::json!({"type": parts[0], "name": parts[1], "actions": actions}));
+                    access.push(
+                        serde_json::json!({"type": parts[0], "name": parts[1], "actions": actions}),
+                    );
                 }
             }
         }
         let token = self.sign(&access);
-        respond(&mut stream, 200, &[("Content-Type", "application/json")], serde_json::json!({"token": token}).to_string().as_bytes());
+        respond(
+            &mut stream,
+            200,
+            &[("Content-Type", "application/json")],
+            serde_json::json!({"token": token}).to_string().as_bytes(),
+        );
     }
 
     fn sign(&self, access: &[serde_json::Value]) -> String {
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
         let pem = fs::read_to_string(&self.cert).expect("cert");
         let der: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
         let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [der]});
         let claims = serde_json::json!({
             "iss": "test-issuer", "sub": self.user, "aud": "test-registry",
             "exp": now + 600, "nbf": now - 60, "iat": now, "jti": format!("{now}-{}", access.len()),
             "access": access,
         });
-        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
         let mut child = Command::new("openssl")
             .args(["dgst", "-sha256", "-binary", "-sign"])
             .arg(&self.key)
@@ -305,7 +379,12 @@ impl TokenServer {
             .stdout(Stdio::piped())
             .spawn()
             .expect("openssl dgst");
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
         let out = child.wait_with_output().expect("sign");
         format!("{input}.{}", b64(&out.stdout))
     }
@@ -354,15 +433,25 @@ pub fn read_request(stream: &mut TcpStream) -> Option<Request> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    if let Some(len) = headers.get("content-length").and_then(|l| l.parse::<u64>().ok()) {
+    if let Some(len) = headers
+        .get("content-length")
+        .and_then(|l| l.parse::<u64>().ok())
+    {
         let mut body = Vec::new();
         reader.take(len).read_to_end(&mut body).ok()?;
     }
-    Some(Request { method, target, headers })
+    Some(Request {
+        method,
+        target,
+        headers,
+    })
 }
 
 pub fn respond(stream: &mut TcpStream, status: u16, headers: &[(&str, &str)], body: &[u8]) {
-    let mut head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    let mut head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -400,7 +489,9 @@ impl FaultServer {
                 let r = r.clone();
                 std::thread::spawn(move || {
                     let mut stream = stream;
-                    let Some(req) = read_request(&mut stream) else { return };
+                    let Some(req) = read_request(&mut stream) else {
+                        return;
+                    };
                     let path = req.target.split('?').next().unwrap_or("").to_string();
                     let fault = r.lock().expect("lock").get(&path).cloned();
                     match fault {
@@ -439,16 +530,31 @@ impl FaultServer {
     }
 
     pub fn set(&self, path: &str, fault: Fault) {
-        self.routes.lock().expect("lock").insert(path.to_string(), fault);
+        self.routes
+            .lock()
+            .expect("lock")
+            .insert(path.to_string(), fault);
     }
 
     /// Serve a whole test image under `repo`: manifest by tag and digest, and blobs.
     pub fn serve_image(&self, repo: &str, tag: &str, image: &BuiltImage) {
-        let ct = vec![("Content-Type".to_string(), "application/vnd.oci.image.manifest.v1+json".to_string())];
-        self.set(&format!("/v2/{repo}/manifests/{tag}"), Fault::Answer(200, ct.clone(), image.manifest.clone()));
-        self.set(&format!("/v2/{repo}/manifests/sha256:{}", image.manifest_hex()), Fault::Answer(200, ct, image.manifest.clone()));
+        let ct = vec![(
+            "Content-Type".to_string(),
+            "application/vnd.oci.image.manifest.v1+json".to_string(),
+        )];
+        self.set(
+            &format!("/v2/{repo}/manifests/{tag}"),
+            Fault::Answer(200, ct.clone(), image.manifest.clone()),
+        );
+        self.set(
+            &format!("/v2/{repo}/manifests/sha256:{}", image.manifest_hex()),
+            Fault::Answer(200, ct, image.manifest.clone()),
+        );
         for blob in image.blobs() {
-            self.set(&format!("/v2/{repo}/blobs/sha256:{}", sha256_hex(&blob)), Fault::Answer(200, vec![], blob));
+            self.set(
+                &format!("/v2/{repo}/blobs/sha256:{}", sha256_hex(&blob)),
+                Fault::Answer(200, vec![], blob),
+            );
         }
     }
 }
@@ -508,7 +614,8 @@ pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_mode(0o600);
                 h.set_size(0);
-                b.append_data(&mut h, p, std::io::empty()).expect("whiteout");
+                b.append_data(&mut h, p, std::io::empty())
+                    .expect("whiteout");
             }
         }
     }
@@ -540,9 +647,22 @@ impl BuiltImage {
     }
 
     /// `diff_ids` overrides the real DiffIDs (to make a lying image).
-    pub fn with_diff_ids(layers: &[(Vec<u8>, Compress)], arch: &str, cmd: &[&str], diff_ids: Option<Vec<String>>) -> BuiltImage {
-        let blobs: Vec<(Vec<u8>, Compress)> = layers.iter().map(|(tar, c)| (compress(tar, *c), *c)).collect();
-        let diff_ids = diff_ids.unwrap_or_else(|| layers.iter().map(|(tar, _)| format!("sha256:{}", sha256_hex(tar))).collect());
+    pub fn with_diff_ids(
+        layers: &[(Vec<u8>, Compress)],
+        arch: &str,
+        cmd: &[&str],
+        diff_ids: Option<Vec<String>>,
+    ) -> BuiltImage {
+        let blobs: Vec<(Vec<u8>, Compress)> = layers
+            .iter()
+            .map(|(tar, c)| (compress(tar, *c), *c))
+            .collect();
+        let diff_ids = diff_ids.unwrap_or_else(|| {
+            layers
+                .iter()
+                .map(|(tar, _)| format!("sha256:{}", sha256_hex(tar)))
+                .collect()
+        });
         let config = serde_json::json!({
             "architecture": arch, "os": "linux",
             "config": {"Cmd": cmd, "Env": ["PATH=/bin"], "WorkingDir": "/"},
@@ -563,7 +683,11 @@ impl BuiltImage {
         })
         .to_string()
         .into_bytes();
-        BuiltImage { layers: blobs, config, manifest }
+        BuiltImage {
+            layers: blobs,
+            config,
+            manifest,
+        }
     }
 
     pub fn manifest_hex(&self) -> String {
@@ -639,14 +763,21 @@ pub fn tree(root: &Path) -> BTreeMap<String, Node> {
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).expect("read_dir").flatten() {
             let p = e.path();
-            let rel = p.strip_prefix(root).expect("under root").display().to_string();
+            let rel = p
+                .strip_prefix(root)
+                .expect("under root")
+                .display()
+                .to_string();
             let m = fs::symlink_metadata(&p).expect("metadata");
             let ft = m.file_type();
             let (kind, content) = if ft.is_dir() {
                 stack.push(p.clone());
                 ("dir", String::new())
             } else if ft.is_symlink() {
-                ("symlink", fs::read_link(&p).expect("readlink").display().to_string())
+                (
+                    "symlink",
+                    fs::read_link(&p).expect("readlink").display().to_string(),
+                )
             } else if ft.is_file() {
                 if m.nlink() > 1 {
                     inodes.entry(m.ino()).or_default().push(rel.clone());
@@ -655,7 +786,17 @@ pub fn tree(root: &Path) -> BTreeMap<String, Node> {
             } else {
                 ("other", String::new())
             };
-            out.insert(rel, Node { kind, mode: m.permissions().mode() & 0o7777, uid: m.uid(), gid: m.gid(), content, link_group: None });
+            out.insert(
+                rel,
+                Node {
+                    kind,
+                    mode: m.permissions().mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    content,
+                    link_group: None,
+                },
+            );
         }
     }
     for paths in inodes.values() {
