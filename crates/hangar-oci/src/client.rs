@@ -3,9 +3,9 @@
 //!
 //! Pull fetches the manifest (selecting a platform from an index), the config,
 //! then the missing layers concurrently. Each layer streams from the network
-//! into a blocking worker that writes the temp file and checks size, digest
-//! and DiffID in one pass. Nothing is committed until every blob verified; the
-//! image name is written last.
+//! into a blocking worker that writes the temp file and checks size and
+//! digest as it goes (DiffIDs: see [`crate::layer::ingest_layer`]). Nothing is
+//! committed until every blob verified; the image name is written last.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

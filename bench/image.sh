@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Benchmarks of `hangar image` against its peers, same run, printed as ratios
+# (Hangar's median wall time over the peer's; below 1.0 means Hangar is faster):
+#   unpack: `hangar image unpack` vs `umoci unpack`, same multi-layer image
+#   pull:   `hangar image pull` vs `skopeo copy docker://... oci:...`, both
+#           from one docker-registry on 127.0.0.1
+# The image (over 200 MB, several layers) is built from files on this machine.
+# Usage: bench/image.sh [rounds]   (default 3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_commands docker-registry:docker-registry skopeo:skopeo umoci:umoci
+rounds=${1:-3}
+cargo build --release -q -p hangar
+hangar=$PWD/target/release/hangar
+work=$(mktemp -d /var/tmp/hangar-bench.XXXXXX)
+reg_pid=
+cleanup() { [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+export HANGAR_HOME=$work/home
+
+# Layers: real trees from this machine, until the image passes 200 MB.
+total=0 layers=0 base=()
+for src in /usr/lib/gcc /usr/lib/python3.11 /usr/share/perl /usr/share/doc /usr/share/locale /usr/bin /usr/lib/x86_64-linux-gnu; do
+    [ -d "$src" ] || continue
+    dir=$work/src/$layers
+    mkdir -p "$dir$(dirname "$src")"
+    cp -a "$src" "$dir$(dirname "$src")/"
+    size=$(du -sm "$dir" | cut -f1)
+    total=$((total + size))
+    "$hangar" image build "$dir" -t "bench/big:$layers" "${base[@]}" >/dev/null
+    base=(--base "bench/big:$layers")
+    layers=$((layers + 1))
+    [ "$total" -ge 220 ] && break
+done
+image=bench/big:$((layers - 1))
+rm -rf "$work/src"
+echo "image: $layers layers, $total MB uncompressed"
+
+now() { date +%s%N; }
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ms() { echo $(( ($2 - $1) / 1000000 )); }
+
+# unpack
+"$hangar" image save "$image" -o "$work/layout" >/dev/null
+tag=${image##*:}
+ours=() theirs=()
+for _ in $(seq "$rounds"); do
+    rm -rf "$work/rootfs" "$work/bundle"; sync
+    t0=$(now); "$hangar" image unpack "$image" "$work/rootfs" >/dev/null; t1=$(now)
+    ours+=("$(ms "$t0" "$t1")")
+    sync
+    t0=$(now); umoci unpack --image "$work/layout:$tag" "$work/bundle" >/dev/null 2>&1; t1=$(now)
+    theirs+=("$(ms "$t0" "$t1")")
+done
+u_ours=$(printf '%s\n' "${ours[@]}" | median)
+u_theirs=$(printf '%s\n' "${theirs[@]}" | median)
+rm -rf "$work/rootfs" "$work/bundle"
+
+# pull
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/registry.yml" <<YAML
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $work/registry}}
+http: {addr: 127.0.0.1:$port}
+YAML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+reg_pid=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+remote=127.0.0.1:$port/bench/big:1
+"$hangar" image push "$image" "$remote" >/dev/null
+ours=() theirs=()
+for _ in $(seq "$rounds"); do
+    rm -rf "$work/pull-home" "$work/oci"; sync
+    t0=$(now); HANGAR_HOME=$work/pull-home "$hangar" image pull "$remote" >/dev/null; t1=$(now)
+    ours+=("$(ms "$t0" "$t1")")
+    sync
+    t0=$(now); skopeo copy -q --src-tls-verify=false "docker://$remote" "oci:$work/oci:1" >/dev/null; t1=$(now)
+    theirs+=("$(ms "$t0" "$t1")")
+done
+p_ours=$(printf '%s\n' "${ours[@]}" | median)
+p_theirs=$(printf '%s\n' "${theirs[@]}" | median)
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+printf '%-7s hangar %6d ms   %-6s %6d ms   ratio %sx (goal <= %s)\n' \
+    unpack "$u_ours" umoci "$u_theirs" "$(ratio "$u_ours" "$u_theirs")" 0.5 \
+    pull "$p_ours" skopeo "$p_theirs" "$(ratio "$p_ours" "$p_theirs")" 1.0
