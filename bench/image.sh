@@ -44,18 +44,20 @@ ms() { echo $(( ($2 - $1) / 1000000 )); }
 # unpack
 "$hangar" image save "$image" -o "$work/layout" >/dev/null
 tag=${image##*:}
+# Every round unpacks into new directories; trees are deleted only at the end,
+# because ext4 scans recently freed inodes when creating files right after a
+# big delete, which would charge one tool for the other's cleanup.
 ours=() theirs=()
-for _ in $(seq "$rounds"); do
-    rm -rf "$work/rootfs" "$work/bundle"; sync
-    t0=$(now); "$hangar" image unpack "$image" "$work/rootfs" >/dev/null; t1=$(now)
+for i in $(seq "$rounds"); do
+    sync
+    t0=$(now); "$hangar" image unpack "$image" "$work/rootfs-$i" >/dev/null; t1=$(now)
     ours+=("$(ms "$t0" "$t1")")
     sync
-    t0=$(now); umoci unpack --image "$work/layout:$tag" "$work/bundle" >/dev/null 2>&1; t1=$(now)
+    t0=$(now); umoci unpack --image "$work/layout:$tag" "$work/bundle-$i" >/dev/null 2>&1; t1=$(now)
     theirs+=("$(ms "$t0" "$t1")")
 done
 u_ours=$(printf '%s\n' "${ours[@]}" | median)
 u_theirs=$(printf '%s\n' "${theirs[@]}" | median)
-rm -rf "$work/rootfs" "$work/bundle"
 
 # pull
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -71,12 +73,12 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 remote=127.0.0.1:$port/bench/big:1
 "$hangar" image push "$image" "$remote" >/dev/null
 ours=() theirs=()
-for _ in $(seq "$rounds"); do
-    rm -rf "$work/pull-home" "$work/oci"; sync
-    t0=$(now); HANGAR_HOME=$work/pull-home "$hangar" image pull "$remote" >/dev/null; t1=$(now)
+for i in $(seq "$rounds"); do
+    sync
+    t0=$(now); HANGAR_HOME=$work/pull-home-$i "$hangar" image pull "$remote" >/dev/null; t1=$(now)
     ours+=("$(ms "$t0" "$t1")")
     sync
-    t0=$(now); skopeo copy -q --src-tls-verify=false "docker://$remote" "oci:$work/oci:1" >/dev/null; t1=$(now)
+    t0=$(now); skopeo copy -q --src-tls-verify=false "docker://$remote" "oci:$work/oci-$i:1" >/dev/null; t1=$(now)
     theirs+=("$(ms "$t0" "$t1")")
 done
 p_ours=$(printf '%s\n' "${ours[@]}" | median)

@@ -63,7 +63,12 @@ pub struct Expected<'a> {
 /// here too would make a pull several times slower for no added safety,
 /// since no layer content is ever used unapplied. An uncompressed layer's
 /// DiffID is its digest, so that one is checked here, for free.
-pub fn ingest_layer<R: Read>(store: &Store, reader: R, want: &Expected, source_name: &str) -> Result<StagedBlob> {
+pub fn ingest_layer<R: Read>(
+    store: &Store,
+    reader: R,
+    want: &Expected,
+    source_name: &str,
+) -> Result<StagedBlob> {
     let mut writer = store.new_blob()?;
     let mut head = Vec::with_capacity(4);
     let mut reader = reader.take(want.size + 1);
@@ -110,6 +115,8 @@ pub struct ChannelReader<T> {
     rx: mpsc::Receiver<io::Result<T>>,
     buf: Option<T>,
     pos: usize,
+    /// Where finished chunks go back to the producer for reuse.
+    recycle: Option<std::sync::mpsc::Sender<T>>,
 }
 
 impl<T: AsRef<[u8]>> ChannelReader<T> {
@@ -118,6 +125,19 @@ impl<T: AsRef<[u8]>> ChannelReader<T> {
             rx,
             buf: None,
             pos: 0,
+            recycle: None,
+        }
+    }
+
+    /// Like `new`, and hand each chunk back through `recycle` once read, so
+    /// the producer reuses buffers instead of faulting in fresh pages.
+    pub fn recycling(
+        rx: mpsc::Receiver<io::Result<T>>,
+        recycle: std::sync::mpsc::Sender<T>,
+    ) -> Self {
+        ChannelReader {
+            recycle: Some(recycle),
+            ..Self::new(rx)
         }
     }
 }
@@ -136,7 +156,9 @@ impl<T: AsRef<[u8]>> Read for ChannelReader<T> {
             }
             match self.rx.blocking_recv() {
                 Some(Ok(chunk)) => {
-                    self.buf = Some(chunk);
+                    if let (Some(old), Some(recycle)) = (self.buf.replace(chunk), &self.recycle) {
+                        let _ = recycle.send(old);
+                    }
                     self.pos = 0;
                 }
                 Some(Err(e)) => return Err(e),

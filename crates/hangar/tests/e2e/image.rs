@@ -575,9 +575,18 @@ fn bad_input_names_the_cause_and_leaves_the_store_unchanged() {
     // decompressed anyway), and the target directory is not created.
     let tar = layer_tar(&[Entry::File("g", 0o644, b"g".to_vec())]);
     let not_it = Some(vec![format!("sha256:{}", sha256_hex(b"other"))]);
-    let plain = BuiltImage::with_diff_ids(&[(tar.clone(), Compress::None)], host_arch(), &["/g"], not_it.clone());
+    let plain = BuiltImage::with_diff_ids(
+        &[(tar.clone(), Compress::None)],
+        host_arch(),
+        &["/g"],
+        not_it.clone(),
+    );
     server.serve_image("bad/plaindiff", "1", &plain);
-    let err = h.fails(&["image", "pull", &format!("{}/bad/plaindiff:1", server.host())]);
+    let err = h.fails(&[
+        "image",
+        "pull",
+        &format!("{}/bad/plaindiff:1", server.host()),
+    ]);
     assert!(err.contains("DiffID"), "{err}");
     assert_eq!(h.store_snapshot(), before);
     let gz = BuiltImage::with_diff_ids(&[(tar, Compress::Gzip)], host_arch(), &["/g"], not_it);
@@ -586,9 +595,19 @@ fn bad_input_names_the_cause_and_leaves_the_store_unchanged() {
     h.ok(&["image", "pull", &lying]);
     let target = h.dir.path().join("never");
     let err = h.fails(&["image", "unpack", &lying, target.to_str().unwrap()]);
-    assert!(err.contains("DiffID") || err.contains("config says"), "{err}");
+    assert!(
+        err.contains("DiffID") || err.contains("config says"),
+        "{err}"
+    );
     assert!(!target.exists());
-    assert_eq!(fs::read_dir(h.dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("never")).count(), 0);
+    assert_eq!(
+        fs::read_dir(h.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("never"))
+            .count(),
+        0
+    );
     h.ok(&["image", "rm", &lying]);
     h.ok(&["image", "gc"]);
     assert_eq!(h.store_snapshot(), before);
