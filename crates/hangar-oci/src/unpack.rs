@@ -375,10 +375,11 @@ impl Unpacker {
         }
         let header = entry.header();
         let bad = |e: io::Error| Self::unsafe_entry(layer, raw, format!("bad header: {e}"));
-        let mode = header.mode().map_err(bad)? & 0o7777;
-        let uid = header.uid().map_err(bad)?;
-        let gid = header.gid().map_err(bad)?;
-        let mtime = header.mtime().map_err(bad)?;
+        let old = header.as_old();
+        let mode = numeric(header.mode(), &old.mode).map_err(bad)? & 0o7777;
+        let uid = numeric(header.uid(), &old.uid).map_err(bad)?;
+        let gid = numeric(header.gid(), &old.gid).map_err(bad)?;
+        let mtime = numeric(header.mtime(), &old.mtime).map_err(bad)?;
         if rel.as_os_str().is_empty() {
             if kind == T::Directory {
                 state.dirs.push((rel, mode, mtime));
@@ -545,8 +546,24 @@ impl Unpacker {
                     ));
                     return Ok(());
                 }
-                let major = header.device_major().map_err(bad)?.unwrap_or(0);
-                let minor = header.device_minor().map_err(bad)?.unwrap_or(0);
+                let (major, minor) = if file_type == FileType::Fifo {
+                    (0, 0)
+                } else {
+                    let (raw_major, raw_minor) = match (header.as_ustar(), header.as_gnu()) {
+                        (Some(u), _) => (u.dev_major, u.dev_minor),
+                        (None, Some(g)) => (g.dev_major, g.dev_minor),
+                        _ => ([0; 8], [0; 8]),
+                    };
+                    let major = numeric(
+                        header.device_major().map(Option::unwrap_or_default),
+                        &raw_major,
+                    );
+                    let minor = numeric(
+                        header.device_minor().map(Option::unwrap_or_default),
+                        &raw_minor,
+                    );
+                    (major.map_err(bad)?, minor.map_err(bad)?)
+                };
                 self.remove_existing(&rel)?;
                 rustix::fs::mknodat(
                     CWD,
@@ -755,6 +772,15 @@ impl Unpacker {
     }
 }
 
+/// A numeric header field, where a blank field (all NULs or spaces) counts
+/// as zero, as GNU tar and Go's archive/tar read it.
+fn numeric<T: Default>(parsed: io::Result<T>, raw: &[u8]) -> io::Result<T> {
+    match parsed {
+        Err(_) if raw.iter().all(|b| *b == 0 || *b == b' ') => Ok(T::default()),
+        other => other,
+    }
+}
+
 /// The umask, read without changing it (`umask(2)` can only set it, which
 /// would race with other threads creating files). When it cannot be read,
 /// assume every bit is masked, so modes are always set explicitly.
@@ -891,5 +917,53 @@ mod tests {
         apply(root, &[l1, l2]).unwrap();
         assert_eq!(fs::read_to_string(root.join("f")).unwrap(), "one");
         assert_eq!(fs::read_to_string(root.join("g")).unwrap(), "two");
+    }
+
+    #[test]
+    fn xattrs_from_pax_records_are_applied() {
+        // Pick the length that includes its own digits.
+        let rec = {
+            let body = " SCHILY.xattr.user.hangar=yes\n";
+            let mut n = body.len() + 1;
+            while format!("{n}{body}").len() != n {
+                n += 1;
+            }
+            format!("{n}{body}")
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        let mut pax = tar::Header::new_ustar();
+        pax.set_entry_type(tar::EntryType::XHeader);
+        pax.set_size(rec.len() as u64);
+        pax.set_path("PaxHeaders/f").unwrap();
+        pax.set_mode(0o644);
+        pax.set_uid(0);
+        pax.set_gid(0);
+        pax.set_mtime(0);
+        pax.set_cksum();
+        b.append(&pax, rec.as_bytes()).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_path("f").unwrap();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(dir.path());
+        u.apply(&b.into_inner().unwrap()[..], "sha256:test")
+            .unwrap();
+        let mut value = vec![0u8; 16];
+        match rustix::fs::lgetxattr(dir.path().join("f"), "user.hangar", &mut value[..]) {
+            Ok(n) => assert_eq!(&value[..n], b"yes"),
+            // Filesystems without user xattrs (tmpfs on older kernels) warn instead.
+            Err(_) => assert!(
+                u.warnings.iter().any(|w| w.contains("user.hangar")),
+                "{:?}",
+                u.warnings
+            ),
+        }
     }
 }

@@ -138,14 +138,56 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// `["a","b"]` or `a b`.
+/// `["a","b"]`, or words split as a POSIX shell splits them (quotes and
+/// backslashes, no expansion): `sh -c 'echo hi'` is three words.
 fn parse_command(flag: &str, s: &str) -> Result<Vec<String>> {
     if s.trim_start().starts_with('[') {
-        serde_json::from_str(s)
-            .with_context(|| format!("--{flag} {s:?} is not a JSON array of strings"))
-    } else {
-        Ok(s.split_whitespace().map(str::to_string).collect())
+        return serde_json::from_str(s)
+            .with_context(|| format!("--{flag} {s:?} is not a JSON array of strings"));
     }
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => words.extend(word.take()),
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => bail!("--{flag} {s:?}: unterminated single quote"),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => w.push(c),
+                            Some(c) => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                            None => bail!("--{flag} {s:?}: unterminated double quote"),
+                        },
+                        Some(c) => w.push(c),
+                        None => bail!("--{flag} {s:?}: unterminated double quote"),
+                    }
+                }
+            }
+            '\\' => {
+                let w = word.get_or_insert_with(String::new);
+                w.extend(chars.next());
+            }
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Ok(words)
 }
 
 fn human(bytes: u64) -> String {
@@ -461,4 +503,25 @@ fn print_inspect(image: &Image, as_json: bool) -> Result<()> {
         println!("  {} {:>10}", l.digest, human(l.size));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_command;
+
+    #[test]
+    fn splits_commands_like_a_shell() {
+        let p = |s: &str| parse_command("cmd", s).unwrap();
+        assert_eq!(
+            p("/bin/sh -c 'echo hi there'"),
+            ["/bin/sh", "-c", "echo hi there"]
+        );
+        assert_eq!(
+            p(r#"a "b \"c\" d" e\ f ''"#),
+            ["a", r#"b "c" d"#, "e f", ""]
+        );
+        assert_eq!(p(r#"["x", "y z"]"#), ["x", "y z"]);
+        assert!(parse_command("cmd", "'open").is_err());
+        assert!(parse_command("cmd", "[1,2]").is_err());
+    }
 }

@@ -31,6 +31,9 @@ fn tricky_image() -> BuiltImage {
         File("bin/tool", 0o4755, b"#!/bin/sh\necho tool\n".to_vec()),
         Hardlink("bin/tool-link", "bin/tool"),
         Symlink("bin/sh", "tool"),
+        Dir("dev/", 0o755),
+        CharDevice("dev/null", 1, 3),
+        Fifo("dev/pipe"),
         Dir("var/", 0o755),
         Dir("var/tmp/", 0o1777),
         File("var/gone", 0o644, b"to be whited out".to_vec()),
@@ -156,6 +159,14 @@ fn pull_what_skopeo_pushed_unpack_matches_umoci() {
     assert_eq!(fs::read(ours.join("bin/tool-link")).unwrap(), b"replaced");
     assert_eq!(mine["bin/tool"].mode, 0o4755);
     assert_eq!(mine["var/tmp"].mode, 0o1777);
+    // CI runs as root, where device nodes are created; elsewhere skipped with a warning.
+    if mine.contains_key("dev/null") {
+        assert_eq!(
+            (mine["dev/null"].kind, mine["dev/null"].content.as_str()),
+            ("char", "1:3")
+        );
+    }
+    assert_eq!(mine["dev/pipe"].kind, "fifo");
     assert_eq!(mine["data/big"].link_group.as_deref(), Some("data/big"));
     assert_eq!(mine["data/big2"].link_group.as_deref(), Some("data/big"));
     assert_eq!(
@@ -669,6 +680,26 @@ fn bad_input_names_the_cause_and_leaves_the_store_unchanged() {
     }
     assert_eq!(h.store_snapshot(), before);
     assert_eq!(err.lines().count(), 1, "errors are one line: {err}");
+
+    // A stored layer damaged on disk is caught when it is unpacked.
+    let ok_ref = format!("{}/ok/img:1", server.host());
+    let layer = h.inspect(&ok_ref)["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob_path = h.home().join("oci/blobs/sha256").join(&layer);
+    let mut bytes = fs::read(&blob_path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    fs::write(&blob_path, bytes).unwrap();
+    let target = h.dir.path().join("damaged");
+    let err = h.fails(&["image", "unpack", &ok_ref, target.to_str().unwrap()]);
+    assert!(
+        err.contains(&layer) && (err.contains("decompress") || err.contains("DiffID")),
+        "{err}"
+    );
+    assert!(!target.exists());
 }
 
 #[test]

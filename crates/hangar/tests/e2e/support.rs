@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -568,6 +568,9 @@ pub enum Entry {
     Hardlink(&'static str, &'static str),
     /// A whiteout or opaque marker is just an empty file with a special name.
     Whiteout(&'static str),
+    /// A character device (major, minor).
+    CharDevice(&'static str, u32, u32),
+    Fifo(&'static str),
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -609,6 +612,20 @@ pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
                 h.set_mode(0o644);
                 h.set_size(0);
                 b.append_link(&mut h, p, target).expect("hardlink");
+            }
+            Entry::CharDevice(p, major, minor) => {
+                h.set_entry_type(tar::EntryType::Char);
+                h.set_mode(0o666);
+                h.set_size(0);
+                h.set_device_major(*major).expect("major");
+                h.set_device_minor(*minor).expect("minor");
+                b.append_data(&mut h, p, std::io::empty()).expect("device");
+            }
+            Entry::Fifo(p) => {
+                h.set_entry_type(tar::EntryType::Fifo);
+                h.set_mode(0o640);
+                h.set_size(0);
+                b.append_data(&mut h, p, std::io::empty()).expect("fifo");
             }
             Entry::Whiteout(p) => {
                 h.set_entry_type(tar::EntryType::Regular);
@@ -783,6 +800,13 @@ pub fn tree(root: &Path) -> BTreeMap<String, Node> {
                     inodes.entry(m.ino()).or_default().push(rel.clone());
                 }
                 ("file", sha256_hex(&fs::read(&p).expect("read")))
+            } else if ft.is_char_device() {
+                (
+                    "char",
+                    format!("{}:{}", rdev_major(m.rdev()), rdev_minor(m.rdev())),
+                )
+            } else if ft.is_fifo() {
+                ("fifo", String::new())
             } else {
                 ("other", String::new())
             };
@@ -809,4 +833,12 @@ pub fn tree(root: &Path) -> BTreeMap<String, Node> {
         }
     }
     out
+}
+
+fn rdev_major(rdev: u64) -> u64 {
+    ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff)
+}
+
+fn rdev_minor(rdev: u64) -> u64 {
+    ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff)
 }
