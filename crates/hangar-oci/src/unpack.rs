@@ -955,7 +955,7 @@ mod tests {
         let mut u = Unpacker::new(dir.path());
         u.apply(&b.into_inner().unwrap()[..], "sha256:test")
             .unwrap();
-        let mut value = vec![0u8; 16];
+        let mut value = [0u8; 16];
         match rustix::fs::lgetxattr(dir.path().join("f"), "user.hangar", &mut value[..]) {
             Ok(n) => assert_eq!(&value[..n], b"yes"),
             // Filesystems without user xattrs (tmpfs on older kernels) warn instead.
