@@ -5,7 +5,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::json;
 
@@ -14,7 +14,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::layer::{ingest_layer, Expected};
 use crate::manifest::{media, Descriptor, Document, ImageConfig, Platform};
 use crate::reference::Reference;
-use crate::store::{ImageRecord, Store};
+use crate::store::{staging_sibling, ImageRecord, Store};
 
 /// Annotation containerd (and Hangar) use for the full image name.
 const NAME_ANNOTATION: &str = "io.containerd.image.name";
@@ -50,15 +50,7 @@ pub fn save(store: &Store, reference: &Reference, path: &Path) -> Result<()> {
     .into_iter()
     .chain(image.manifest.layers.iter().map(|l| l.digest.clone()))
     .collect();
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let staging = parent.join(format!(".{name}.hangar-save-{}", std::process::id()));
+    let staging = staging_sibling(path, "save");
     let result = (|| {
         if is_tar_path(path) {
             let file = File::create(&staging).at(&staging)?;
@@ -138,9 +130,14 @@ pub fn load(store: &Store, path: &Path, name: Option<&Reference>) -> Result<Vec<
             }
             let rel = entry.path().at(path)?.into_owned();
             let rel = rel.strip_prefix("./").unwrap_or(&rel).to_path_buf();
-            let known = rel == Path::new("index.json")
-                || rel == Path::new("oci-layout")
-                || (rel.starts_with("blobs/sha256") && rel.components().count() == 3);
+            let is_blob = rel.starts_with("blobs/sha256")
+                && rel.components().count() == 3
+                && rel.file_name().is_some_and(|n| {
+                    format!("sha256:{}", n.to_string_lossy())
+                        .parse::<Digest>()
+                        .is_ok()
+                });
+            let known = rel == Path::new("index.json") || rel == Path::new("oci-layout") || is_blob;
             if !known {
                 continue;
             }

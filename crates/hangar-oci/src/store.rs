@@ -105,6 +105,20 @@ pub(crate) fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<
     result
 }
 
+/// A hidden temp path beside `path` (same directory, so same filesystem):
+/// build there, then `rename` onto `path`, and `path` is never half-made.
+pub(crate) fn staging_sibling(path: &Path, purpose: &str) -> PathBuf {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    parent.join(format!(".{name}.hangar-{purpose}-{}", std::process::id()))
+}
+
 /// File name for an image record: the reference with unsafe bytes escaped.
 fn record_file_name(reference: &str) -> String {
     let mut out = String::with_capacity(reference.len() + 5);

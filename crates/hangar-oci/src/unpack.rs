@@ -27,7 +27,7 @@ use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::layer::{decompress, ChannelReader};
-use crate::store::{Image, Store};
+use crate::store::{staging_sibling, Image, Store};
 
 /// Decompressed chunks handed between threads. They are recycled: fresh
 /// buffers for every chunk cost a page fault per 4 KiB, which doubled the
@@ -75,16 +75,10 @@ pub fn unpack_image(store: &Store, image: &Image, dir: &Path) -> Result<UnpackRe
             ),
         });
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).at(&parent)?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let staging = parent.join(format!(".{name}.hangar-unpack-{}", std::process::id()));
+    let staging = staging_sibling(dir, "unpack");
+    if let Some(parent) = staging.parent() {
+        fs::create_dir_all(parent).at(parent)?;
+    }
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir(&staging).at(&staging)?;
     let result = (|| {
