@@ -12,12 +12,12 @@
 //! Decompression (and hashing) runs on its own thread, feeding the thread
 //! that writes files, so the two overlap on a multi-core machine.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -210,6 +210,11 @@ struct LayerState {
     /// Directory modes and mtimes, applied when the layer is done so that
     /// read-only directories and child writes do not get in the way.
     dirs: Vec<(PathBuf, u32, u64)>,
+    /// Mtimes of directories this layer changes without listing them,
+    /// taken before the first change and put back at the end, so adding or
+    /// whiting out a child does not stamp its parent with today's date (as
+    /// umoci and containerd keep them too).
+    parent_times: HashMap<PathBuf, Timespec>,
 }
 
 /// Normalize a tar path to a relative path under the root, refusing escapes.
@@ -325,12 +330,34 @@ impl Unpacker {
             self.entries += 1;
             self.apply_entry(&mut entry, &raw, layer, &mut state)?;
         }
+        for (rel, mtime) in &state.parent_times {
+            let full = self.root.join(rel);
+            if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
+                utimes(&full, *mtime)?;
+            }
+        }
         for (rel, mode, mtime) in state.dirs.iter().rev() {
             let full = self.root.join(rel);
             fs::set_permissions(&full, fs::Permissions::from_mode(*mode)).at(&full)?;
             self.set_times(&full, *mtime)?;
         }
         Ok(())
+    }
+
+    /// Remember `dir`'s mtime before this layer first changes its entries.
+    fn keep_parent_time(&self, dir: &Path, state: &mut LayerState) {
+        if state.parent_times.contains_key(dir) {
+            return;
+        }
+        if let Ok(m) = fs::symlink_metadata(self.root.join(dir)) {
+            if m.is_dir() {
+                let t = Timespec {
+                    tv_sec: m.mtime(),
+                    tv_nsec: m.mtime_nsec() as _,
+                };
+                state.parent_times.insert(dir.to_path_buf(), t);
+            }
+        }
     }
 
     fn apply_entry<R: Read>(
@@ -355,6 +382,7 @@ impl Unpacker {
             if !self.check_ancestors(&rel, layer, raw, state, false)? {
                 return Ok(());
             }
+            self.keep_parent_time(parent, state);
             if hidden == b".wh..opq" {
                 return self.opaque(parent, state);
             }
@@ -386,6 +414,7 @@ impl Unpacker {
             ));
         }
         self.check_ancestors(&rel, layer, raw, state, true)?;
+        self.keep_parent_time(rel.parent().unwrap_or(Path::new("")), state);
         let full = self.root.join(&rel);
         match kind {
             T::Directory => {
@@ -682,7 +711,7 @@ impl Unpacker {
 
     /// An opaque whiteout: hide everything under `dir` that lower layers put
     /// there, wherever in the layer the marker appears.
-    fn opaque(&mut self, dir: &Path, state: &LayerState) -> Result<()> {
+    fn opaque(&mut self, dir: &Path, state: &mut LayerState) -> Result<()> {
         let full = self.root.join(dir);
         match fs::symlink_metadata(&full) {
             Ok(m) if m.is_dir() => {}
@@ -698,6 +727,7 @@ impl Unpacker {
             for child in children {
                 let rel = d.join(child.file_name());
                 if !state.paths.contains(&rel) {
+                    self.keep_parent_time(&d, state);
                     self.remove_existing(&rel)?;
                 } else if child.file_type().is_ok_and(|t| t.is_dir()) {
                     stack.push(rel);
@@ -723,14 +753,7 @@ impl Unpacker {
     }
 
     fn set_times(&self, full: &Path, mtime: u64) -> Result<()> {
-        let t = timespec(mtime);
-        let times = Timestamps {
-            last_access: t,
-            last_modification: t,
-        };
-        rustix::fs::utimensat(CWD, full, &times, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(io::Error::from)
-            .at(full)
+        utimes(full, timespec(mtime))
     }
 
     fn xattrs<R: Read>(&mut self, entry: &mut tar::Entry<R>, full: &Path) -> Result<()> {
@@ -764,6 +787,17 @@ impl Unpacker {
         }
         Ok(())
     }
+}
+
+/// Set access and modification time of `full` (not following a symlink).
+fn utimes(full: &Path, t: Timespec) -> Result<()> {
+    let times = Timestamps {
+        last_access: t,
+        last_modification: t,
+    };
+    rustix::fs::utimensat(CWD, full, &times, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(io::Error::from)
+        .at(full)
 }
 
 /// A numeric header field, where a blank field (all NULs or spaces) counts

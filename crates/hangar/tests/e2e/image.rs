@@ -31,6 +31,7 @@ fn tricky_image() -> BuiltImage {
         File("bin/tool", 0o4755, b"#!/bin/sh\necho tool\n".to_vec()),
         Hardlink("bin/tool-link", "bin/tool"),
         Symlink("bin/sh", "tool"),
+        Owned("etc/shadow-ish", 1000, 1001),
         Dir("dev/", 0o755),
         CharDevice("dev/null", 1, 3),
         Fifo("dev/pipe"),
@@ -167,6 +168,11 @@ fn pull_what_skopeo_pushed_unpack_matches_umoci() {
         );
     }
     assert_eq!(mine["dev/pipe"].kind, "fifo");
+    assert_eq!(
+        (mine["etc/shadow-ish"].uid, mine["etc/shadow-ish"].gid),
+        (1000, 1001)
+    );
+    assert_eq!(mine["etc/motd"].mtime, 1_600_000_000);
     assert_eq!(mine["data/big"].link_group.as_deref(), Some("data/big"));
     assert_eq!(mine["data/big2"].link_group.as_deref(), Some("data/big"));
     assert_eq!(

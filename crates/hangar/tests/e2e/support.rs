@@ -568,6 +568,8 @@ pub enum Entry {
     Hardlink(&'static str, &'static str),
     /// A whiteout or opaque marker is just an empty file with a special name.
     Whiteout(&'static str),
+    /// A file with an owner other than root.
+    Owned(&'static str, u64, u64),
     /// A character device (major, minor).
     CharDevice(&'static str, u32, u32),
     Fifo(&'static str),
@@ -612,6 +614,14 @@ pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
                 h.set_mode(0o644);
                 h.set_size(0);
                 b.append_link(&mut h, p, target).expect("hardlink");
+            }
+            Entry::Owned(p, uid, gid) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o640);
+                h.set_uid(*uid);
+                h.set_gid(*gid);
+                h.set_size(5);
+                b.append_data(&mut h, p, &b"owned"[..]).expect("owned");
             }
             Entry::CharDevice(p, major, minor) => {
                 h.set_entry_type(tar::EntryType::Char);
@@ -768,6 +778,7 @@ pub struct Node {
     pub uid: u32,
     pub gid: u32,
     pub content: String,
+    pub mtime: i64,
     /// For files with several links: the first path (sorted) of the inode.
     pub link_group: Option<String>,
 }
@@ -818,6 +829,7 @@ pub fn tree(root: &Path) -> BTreeMap<String, Node> {
                     uid: m.uid(),
                     gid: m.gid(),
                     content,
+                    mtime: m.mtime(),
                     link_group: None,
                 },
             );
