@@ -546,6 +546,7 @@ pub async fn push(
     opts: &PushOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<Digest> {
+    let _lock = store.lock_shared()?;
     let image = store.image(source)?;
     let mut session = Session::new(dest, &opts.client, "pull,push")?;
     let blobs: Vec<(Digest, u64)> = image

@@ -29,6 +29,7 @@ fn is_tar_path(path: &Path) -> bool {
 /// Write `reference` from the store as an OCI layout at `path` (a `.tar`
 /// file, or a new directory).
 pub fn save(store: &Store, reference: &Reference, path: &Path) -> Result<()> {
+    let _lock = store.lock_shared()?;
     let image = store.image(reference)?;
     let tag = reference.tag.clone().unwrap_or_else(|| "latest".into());
     let index = json!({

@@ -50,6 +50,8 @@ pub struct UnpackReport {
 /// built in a sibling temp directory and renamed into place at the end, so a
 /// failure or crash never leaves a half-unpacked `dir`.
 pub fn unpack_image(store: &Store, image: &Image, dir: &Path) -> Result<UnpackReport> {
+    // Readers hold the store lock too, so `gc` cannot pull blobs from under them.
+    let _lock = store.lock_shared()?;
     if let Ok(mut entries) = fs::read_dir(dir) {
         if entries.next().is_some() {
             return Err(Error::Invalid(format!(
