@@ -5,10 +5,11 @@
 //! OCI image [`layout`] used by `save`/`load`.
 //!
 //! Key design decision: the store is the only place images live, and content
-//! enters it only through verification. Every blob is checked (size, digest,
-//! and for layers the DiffID) while it streams into a temp file, and becomes
-//! visible by an atomic rename; an image name is written last. A crash or a
-//! bad registry therefore never leaves anything half-visible.
+//! enters it only through verification. Every blob's size and digest are
+//! checked while it streams into a temp file, and it becomes visible by an
+//! atomic rename; an image name is written last. A crash or a bad registry
+//! therefore never leaves anything half-visible. A layer's DiffID is checked
+//! wherever the layer is decompressed (unpack), so decompression happens once.
 //!
 //! This crate must not know about machines, apps or the control plane; it
 //! never runs image content and never writes outside the directories it is
