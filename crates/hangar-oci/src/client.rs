@@ -748,15 +748,24 @@ mod tests {
             insecure,
             creds: Some(Credentials::parse("u:p").unwrap()),
         };
-        Session::new(&reference.parse().unwrap(), &opts, "pull").unwrap().base.to_string()
+        Session::new(&reference.parse().unwrap(), &opts, "pull")
+            .unwrap()
+            .base
+            .to_string()
     }
 
     #[test]
     fn plain_http_only_for_loopback_or_insecure() {
-        assert_eq!(base("registry.example.com/a/b", false), "https://registry.example.com/");
+        assert_eq!(
+            base("registry.example.com/a/b", false),
+            "https://registry.example.com/"
+        );
         assert_eq!(base("alpine", false), "https://registry-1.docker.io/");
         assert_eq!(base("localhost:5000/a", false), "http://localhost:5000/");
         assert_eq!(base("127.0.0.1:5000/a", false), "http://127.0.0.1:5000/");
-        assert_eq!(base("registry.example.com/a/b", true), "http://registry.example.com/");
+        assert_eq!(
+            base("registry.example.com/a/b", true),
+            "http://registry.example.com/"
+        );
     }
 }
