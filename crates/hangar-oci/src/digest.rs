@@ -81,7 +81,7 @@ impl<'de> serde::Deserialize<'de> for Digest {
 }
 
 /// Counts and hashes the bytes written through it.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Hasher {
     sha: Sha256,
     len: u64,

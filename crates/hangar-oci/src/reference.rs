@@ -87,6 +87,12 @@ fn invalid(input: &str, reason: impl Into<String>) -> Error {
 }
 
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`, the distribution spec's path component.
+/// Whether `name` is a valid repository path (`org/app`, lowercase
+/// components separated by '/'), as the distribution spec defines it.
+pub fn valid_repository(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.split('/').all(valid_component)
+}
+
 fn valid_component(c: &str) -> bool {
     let b = c.as_bytes();
     if b.is_empty() || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
@@ -125,7 +131,8 @@ fn valid_component(c: &str) -> bool {
     true
 }
 
-fn valid_tag(t: &str) -> bool {
+/// Whether `t` is a valid tag: 1-128 of `[A-Za-z0-9_.-]`, not starting with '.' or '-'.
+pub fn valid_tag(t: &str) -> bool {
     let b = t.as_bytes();
     !b.is_empty()
         && b.len() <= 128

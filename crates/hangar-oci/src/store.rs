@@ -89,8 +89,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
-/// Write `bytes` to `path` atomically: temp file in `tmp_dir`, fsync, rename.
-pub(crate) fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+/// Write `bytes` to `path` atomically: temp file in `tmp_dir` (on the same
+/// filesystem), fsync, rename, fsync the directory.
+pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_dir.join(tmp_name("write"));
     let result = (|| {
         let mut f = File::create(&tmp).at(&tmp)?;
@@ -117,6 +118,11 @@ pub(crate) fn staging_sibling(path: &Path, purpose: &str) -> PathBuf {
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     parent.join(format!(".{name}.hangar-{purpose}-{}", std::process::id()))
+}
+
+/// Block until `file` holds an exclusive `flock` (released when it closes).
+pub fn flock_exclusive(file: &File) -> io::Result<()> {
+    rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive).map_err(io::Error::from)
 }
 
 /// File name for an image record: the reference with unsafe bytes escaped.
@@ -170,6 +176,15 @@ impl Store {
     /// Held by `gc`: no writer is active while it decides what is unreferenced.
     pub fn lock_exclusive(&self) -> Result<StoreLock> {
         self.lock(rustix::fs::FlockOperation::LockExclusive)
+    }
+
+    /// The exclusive lock if nobody holds the lock now, else `None`.
+    pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>> {
+        match self.lock(rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(l) => Ok(Some(l)),
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -379,10 +394,25 @@ impl Store {
         Ok(live)
     }
 
+    /// Move a finished file (on this filesystem) in as the blob `digest`.
+    /// The caller has verified that the file hashes to `digest`.
+    pub fn adopt_file(&self, path: &Path, digest: &Digest) -> Result<()> {
+        File::open(path).and_then(|f| f.sync_all()).at(path)?;
+        let dest = self.blob_path(digest);
+        fs::rename(path, &dest).at(&dest)?;
+        sync_dir(&self.root.join("blobs/sha256"))
+    }
+
     /// Remove every blob no image needs, and every leftover temp file.
     pub fn gc(&self) -> Result<GcStats> {
         let _lock = self.lock_exclusive()?;
         let live = self.live_blobs()?;
+        self.sweep(&live)
+    }
+
+    /// Delete every blob not in `live`, and every temp file. The caller holds
+    /// the exclusive lock.
+    pub fn sweep(&self, live: &HashSet<Digest>) -> Result<GcStats> {
         let mut stats = GcStats::default();
         let blobs = self.root.join("blobs/sha256");
         for entry in fs::read_dir(&blobs).at(&blobs)? {

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod image;
 mod progress;
+mod registry;
 
 /// Hangar: run OCI images as isolated machines on your own servers.
 #[derive(Parser)]
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Pull, build, push, inspect and unpack OCI images (no Docker daemon needed).
     Image(image::ImageArgs),
+    /// Run Hangar's multi-tenant OCI registry and manage its tokens.
+    Registry(registry::RegistryArgs),
 }
 
 /// `$HANGAR_HOME`, or `~/.hangar`.
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Image(args) => image::run(args),
+        Command::Registry(args) => registry::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,419 @@
+//! Who is calling, and what they may do.
+//!
+//! API tokens (`hgr_<id>_<secret>`) belong to one org and may be read-only;
+//! only a SHA-256 of the secret is kept, in `tokens.json`. Clients present a
+//! token with Basic auth (any user name) or as a bearer token, or trade it at
+//! `/v2/token` for a short-lived bearer token scoped to repositories and
+//! actions, signed with HMAC-SHA256 under the registry's secret key.
+//!
+//! The authorizer's rule: a repository `<org>/<...>` is readable by tokens of
+//! `<org>` (and by anyone when public), writable by `<org>`'s read-write
+//! tokens, and by nobody else.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// How long a bearer token from `/v2/token` lives.
+pub const BEARER_TTL_SECS: u64 = 300;
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// `n` random bytes, hex-encoded.
+pub fn random_hex(n: usize) -> Result<String> {
+    let mut buf = vec![0u8; n];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|source| Error::Io {
+            path: PathBuf::from("/dev/urandom"),
+            source,
+        })?;
+    Ok(hex::encode(buf))
+}
+
+/// An API token as stored (the secret itself is never stored).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub org: String,
+    pub read_only: bool,
+    pub created: u64,
+    /// Seconds since the epoch; none means it never expires.
+    pub expires: Option<u64>,
+    sha256: String,
+}
+
+/// The token store plus the HMAC key.
+pub struct Auth {
+    path: PathBuf,
+    key: Vec<u8>,
+    cache: Mutex<Option<(SystemTime, Vec<TokenRecord>)>>,
+}
+
+/// An authenticated caller, or nobody.
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    /// The caller's org; `None` for anonymous callers.
+    pub org: Option<String>,
+    pub read_only: bool,
+    /// For bearer tokens from `/v2/token`: what they were granted.
+    pub scope: Option<Vec<Grant>>,
+}
+
+/// One `repository:<name>:<actions>` grant inside a bearer token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Grant {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    pub actions: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    org: Option<String>,
+    ro: bool,
+    exp: u64,
+    access: Vec<Grant>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Constant-time equality for secrets.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Auth {
+    /// Open the tokens of the registry at `root`, creating its secret key on first use.
+    pub fn open(root: &Path) -> Result<Auth> {
+        let key_path = root.join("secret");
+        let key = match fs::read(&key_path) {
+            Ok(k) if k.len() >= 32 => k,
+            _ => {
+                let key = random_hex(32)?.into_bytes();
+                let tmp = root.join(format!(".secret.{}", std::process::id()));
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(|source| Error::Io { path: tmp.clone(), source })?;
+                f.write_all(&key)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|source| Error::Io { path: tmp.clone(), source })?;
+                // Two first starts at once: the first rename wins, both read it back.
+                let _ = fs::hard_link(&tmp, &key_path);
+                let _ = fs::remove_file(&tmp);
+                fs::read(&key_path).map_err(|source| Error::Io {
+                    path: key_path.clone(),
+                    source,
+                })?
+            }
+        };
+        Ok(Auth {
+            path: root.join("tokens.json"),
+            key,
+            cache: Mutex::new(None),
+        })
+    }
+
+    fn load(&self) -> Result<Vec<TokenRecord>> {
+        match fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                Error::Invalid(format!("{}: {e}; fix or remove the file", self.path.display()))
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(Error::Io {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Tokens, re-read when the file changed (the CLI edits it while the
+    /// server runs).
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((t, tokens)) = cache.as_ref() {
+            if *t == mtime && mtime != UNIX_EPOCH {
+                return Ok(tokens.clone());
+            }
+        }
+        let tokens = self.load()?;
+        *cache = Some((mtime, tokens.clone()));
+        Ok(tokens)
+    }
+
+    fn save(&self, tokens: &[TokenRecord]) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(tokens).map_err(|e| Error::Invalid(e.to_string()))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tmp_dir = dir.join("oci/tmp");
+        hangar_oci::store::write_atomic(&tmp_dir, &self.path, &bytes)?;
+        Ok(())
+    }
+
+    fn edit<T>(&self, f: impl FnOnce(&mut Vec<TokenRecord>) -> Result<T>) -> Result<T> {
+        let lock_path = self.path.with_extension("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| Error::Io { path: lock_path.clone(), source })?;
+        hangar_oci::store::flock_exclusive(&lock).map_err(|source| Error::Io { path: lock_path.clone(), source })?;
+        let mut tokens = self.load()?;
+        let out = f(&mut tokens)?;
+        self.save(&tokens)?;
+        Ok(out)
+    }
+
+    /// Create a token; returns its record and the secret token string.
+    pub fn create(&self, org: &str, read_only: bool, ttl_secs: Option<u64>) -> Result<(TokenRecord, String)> {
+        if !hangar_oci::reference::valid_repository(org) || org.contains('/') {
+            return Err(Error::Invalid(format!(
+                "org {org:?} must be one lowercase name of [a-z0-9] separated by '.', '_' or '-'"
+            )));
+        }
+        let id = random_hex(6)?;
+        let secret = random_hex(24)?;
+        let token = format!("hgr_{id}_{secret}");
+        let created = now();
+        let record = TokenRecord {
+            id: id.clone(),
+            org: org.to_string(),
+            read_only,
+            created,
+            expires: ttl_secs.map(|t| created + t),
+            sha256: sha256_hex(&token),
+        };
+        let r = record.clone();
+        self.edit(move |tokens| {
+            tokens.push(r);
+            Ok(())
+        })?;
+        Ok((record, token))
+    }
+
+    pub fn list(&self) -> Result<Vec<TokenRecord>> {
+        self.load()
+    }
+
+    pub fn revoke(&self, id: &str) -> Result<TokenRecord> {
+        self.edit(|tokens| {
+            let pos = tokens
+                .iter()
+                .position(|t| t.id == id)
+                .ok_or_else(|| Error::NoSuchToken(id.to_string()))?;
+            Ok(tokens.remove(pos))
+        })
+    }
+
+    /// The record of a valid, unexpired API token.
+    pub fn verify_api_token(&self, token: &str) -> Option<TokenRecord> {
+        let id = token.strip_prefix("hgr_")?.split('_').next()?;
+        let want = sha256_hex(token);
+        let record = self.tokens().ok()?.into_iter().find(|t| t.id == id)?;
+        if !same(record.sha256.as_bytes(), want.as_bytes()) {
+            return None;
+        }
+        if record.expires.is_some_and(|e| e <= now()) {
+            return None;
+        }
+        Some(record)
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        // HMAC takes keys of any length.
+        HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
+    }
+
+    /// A short-lived bearer token for `caller`, granting `access`.
+    pub fn issue_bearer(&self, caller: &Caller, access: Vec<Grant>) -> String {
+        let claims = Claims {
+            org: caller.org.clone(),
+            ro: caller.read_only,
+            exp: now() + BEARER_TTL_SECS,
+            access,
+        };
+        let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&claims).unwrap_or_default());
+        let mut mac = self.mac();
+        mac.update(body.as_bytes());
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{body}.{sig}")
+    }
+
+    fn verify_bearer(&self, token: &str) -> Option<Caller> {
+        let (body, sig) = token.split_once('.')?;
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).ok()?;
+        let mut mac = self.mac();
+        mac.update(body.as_bytes());
+        mac.verify_slice(&sig).ok()?;
+        let claims: Claims =
+            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(body).ok()?).ok()?;
+        if claims.exp <= now() {
+            return None;
+        }
+        Some(Caller {
+            org: claims.org,
+            read_only: claims.ro,
+            scope: Some(claims.access),
+        })
+    }
+
+    /// HMAC tag binding an upload id to its repository.
+    pub fn upload_state(&self, name: &str, id: &str) -> String {
+        let mut mac = self.mac();
+        mac.update(b"upload\0");
+        mac.update(name.as_bytes());
+        mac.update(b"\0");
+        mac.update(id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    pub fn check_upload_state(&self, name: &str, id: &str, state: &str) -> bool {
+        same(self.upload_state(name, id).as_bytes(), state.as_bytes())
+    }
+
+    /// Identify the caller from an `Authorization` header value. `Err` means
+    /// credentials were given and are not valid.
+    pub fn identify(&self, authorization: Option<&str>) -> Result<Caller, ()> {
+        let Some(value) = authorization else {
+            return Ok(Caller::default());
+        };
+        let (scheme, rest) = value.split_once(' ').ok_or(())?;
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("basic") {
+            let raw = base64::engine::general_purpose::STANDARD.decode(rest).map_err(|_| ())?;
+            let raw = String::from_utf8(raw).map_err(|_| ())?;
+            let (_, password) = raw.split_once(':').ok_or(())?;
+            let record = self.verify_api_token(password).ok_or(())?;
+            Ok(Caller {
+                org: Some(record.org),
+                read_only: record.read_only,
+                scope: None,
+            })
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            if rest.starts_with("hgr_") {
+                let record = self.verify_api_token(rest).ok_or(())?;
+                return Ok(Caller {
+                    org: Some(record.org),
+                    read_only: record.read_only,
+                    scope: None,
+                });
+            }
+            self.verify_bearer(rest).ok_or(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+/// What a request wants to do to a repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pull,
+    Push,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pull => "pull",
+            Action::Push => "push",
+        }
+    }
+}
+
+/// The org that owns repository `name`.
+pub fn org_of(name: &str) -> &str {
+    name.split('/').next().unwrap_or(name)
+}
+
+impl Caller {
+    /// What the caller's identity allows on `name`, before bearer scopes.
+    pub fn rights(&self, name: &str, public: bool, action: Action) -> bool {
+        let own = self.org.as_deref() == Some(org_of(name));
+        match action {
+            Action::Pull => own || public,
+            Action::Push => own && !self.read_only,
+        }
+    }
+
+    /// Whether a bearer token's scope covers `action` on `name` (always true
+    /// for API tokens, which carry no scope).
+    pub fn scope_covers(&self, name: &str, action: Action) -> bool {
+        match &self.scope {
+            None => true,
+            Some(grants) => grants.iter().any(|g| {
+                g.kind == "repository" && g.name == name && g.actions.iter().any(|a| a == action.as_str() || a == "*")
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_expire_and_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("oci/tmp")).unwrap();
+        let auth = Auth::open(dir.path()).unwrap();
+        let (rec, token) = auth.create("acme", false, None).unwrap();
+        assert_eq!(auth.verify_api_token(&token).unwrap().org, "acme");
+        assert!(auth.verify_api_token(&format!("{token}x")).is_none());
+        let (_, expired) = auth.create("acme", true, Some(0)).unwrap();
+        assert!(auth.verify_api_token(&expired).is_none());
+        auth.revoke(&rec.id).unwrap();
+        assert!(auth.verify_api_token(&token).is_none());
+        assert!(auth.create("Acme", false, None).is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_signed_and_scoped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("oci/tmp")).unwrap();
+        let auth = Auth::open(dir.path()).unwrap();
+        let caller = Caller {
+            org: Some("acme".into()),
+            read_only: false,
+            scope: None,
+        };
+        let grant = Grant {
+            kind: "repository".into(),
+            name: "acme/app".into(),
+            actions: vec!["pull".into()],
+        };
+        let token = auth.issue_bearer(&caller, vec![grant]);
+        let back = auth.identify(Some(&format!("Bearer {token}"))).unwrap();
+        assert!(back.scope_covers("acme/app", Action::Pull));
+        assert!(!back.scope_covers("acme/app", Action::Push));
+        assert!(!back.scope_covers("acme/other", Action::Pull));
+        let mut forged = token.clone();
+        forged.insert(3, 'x');
+        assert!(auth.identify(Some(&format!("Bearer {forged}"))).is_err());
+        assert!(auth.check_upload_state("acme/app", "id1", &auth.upload_state("acme/app", "id1")));
+        assert!(!auth.check_upload_state("evil/app", "id1", &auth.upload_state("acme/app", "id1")));
+    }
+}

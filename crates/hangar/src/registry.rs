@@ -1,0 +1,197 @@
+//! `hangar registry`: serve the multi-tenant registry, manage its tokens and
+//! public repositories, and collect its garbage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use hangar_registry::auth::Auth;
+use hangar_registry::storage::RegistryStore;
+use hangar_registry::{Config, Registry};
+
+#[derive(Args)]
+pub struct RegistryArgs {
+    #[command(subcommand)]
+    command: RegistryCommand,
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Serve the OCI distribution API (data under $HANGAR_HOME/registry)
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        listen: String,
+        /// Serve Prometheus metrics at http://ADDR/metrics
+        #[arg(long, value_name = "ADDR")]
+        admin_listen: Option<String>,
+        /// Largest blob accepted, in bytes
+        #[arg(long, default_value_t = 10 << 30)]
+        max_blob_size: u64,
+        /// Remove uploads untouched this long (e.g. 30m, 1h)
+        #[arg(long, default_value = "1h")]
+        upload_timeout: String,
+    },
+    /// Create, list and revoke API tokens
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Allow (or with --off, stop) anonymous pulls of a repository
+    Public {
+        /// Repository, <org>/<repo>
+        name: String,
+        #[arg(long)]
+        off: bool,
+    },
+    /// Delete blobs no repository's manifests use (stop the registry first)
+    Gc,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for an org; prints the token alone on stdout
+    Create {
+        #[arg(long)]
+        org: String,
+        /// The token may pull but not push or delete
+        #[arg(long)]
+        read_only: bool,
+        /// Lifetime, e.g. 30d, 12h, 45m (default: no expiry)
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List tokens (never their secrets)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id
+    Revoke { id: String },
+}
+
+/// `30d`, `12h`, `45m`, `90s`.
+fn parse_duration(s: &str) -> Result<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("duration {s:?}: expected a number and a unit, like 30d, 12h, 45m or 90s"))?;
+    let secs = match unit {
+        "d" => n * 86_400,
+        "h" => n * 3600,
+        "m" => n * 60,
+        "s" | "" => n,
+        _ => bail!("duration {s:?}: unit must be d, h, m or s"),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn auth() -> Result<Auth> {
+    let store = RegistryStore::open(&crate::home()?)?;
+    Ok(Auth::open(store.root())?)
+}
+
+pub fn run(args: RegistryArgs) -> Result<()> {
+    match args.command {
+        RegistryCommand::Serve {
+            listen,
+            admin_listen,
+            max_blob_size,
+            upload_timeout,
+        } => {
+            let config = Config {
+                max_blob_size,
+                upload_timeout: parse_duration(&upload_timeout)?,
+            };
+            let home = crate::home()?;
+            let registry = Arc::new(Registry::open(&home, config)?);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}; is another registry running there? pick another with --listen"))?;
+                eprintln!(
+                    "hangar registry: serving http://{} (data in {})",
+                    listener.local_addr()?,
+                    registry.store.root().display()
+                );
+                if let Some(admin) = admin_listen {
+                    let admin_listener = tokio::net::TcpListener::bind(&admin)
+                        .await
+                        .with_context(|| format!("cannot listen on {admin} for metrics"))?;
+                    eprintln!("hangar registry: metrics on http://{}/metrics", admin_listener.local_addr()?);
+                    tokio::spawn(hangar_registry::serve_admin(registry.clone(), admin_listener));
+                }
+                hangar_registry::serve(registry, listener, shutdown_signal()).await;
+                eprintln!("hangar registry: stopped");
+                Ok::<_, anyhow::Error>(())
+            })?;
+        }
+        RegistryCommand::Token { command } => match command {
+            TokenCommand::Create {
+                org,
+                read_only,
+                expires,
+            } => {
+                let ttl = expires.as_deref().map(parse_duration).transpose()?.map(|d| d.as_secs());
+                let (_, token) = auth()?.create(&org, read_only, ttl)?;
+                println!("{token}");
+            }
+            TokenCommand::List { json } => {
+                let tokens = auth()?.list()?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&tokens)?);
+                } else {
+                    println!("{:<14} {:<20} {:<10} {:<22} EXPIRES", "ID", "ORG", "ACCESS", "CREATED");
+                    for t in tokens {
+                        let expires = t.expires.map_or("never".to_string(), hangar_oci::build::rfc3339);
+                        let access = if t.read_only { "read" } else { "read-write" };
+                        println!(
+                            "{:<14} {:<20} {:<10} {:<22} {expires}",
+                            t.id,
+                            t.org,
+                            access,
+                            hangar_oci::build::rfc3339(t.created)
+                        );
+                    }
+                }
+            }
+            TokenCommand::Revoke { id } => {
+                let t = auth()?.revoke(&id)?;
+                println!("revoked token {} of org {}", t.id, t.org);
+            }
+        },
+        RegistryCommand::Public { name, off } => {
+            if !hangar_oci::reference::valid_repository(&name) || !name.contains('/') {
+                bail!("{name:?} is not a repository name; use <org>/<repo>, lowercase");
+            }
+            let store = RegistryStore::open(&crate::home()?)?;
+            store.set_public(&name, !off)?;
+            println!("{name}: anonymous pull {}", if off { "off" } else { "on" });
+        }
+        RegistryCommand::Gc => {
+            let store = RegistryStore::open(&crate::home()?)?;
+            let stats = store.gc()?;
+            println!("removed {} blobs, freed {} bytes", stats.blobs, stats.bytes);
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
