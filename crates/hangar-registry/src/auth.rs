@@ -30,7 +30,10 @@ type HmacSha256 = Hmac<Sha256>;
 pub const BEARER_TTL_SECS: u64 = 300;
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// `n` random bytes, hex-encoded.
@@ -115,10 +118,16 @@ impl Auth {
                     .truncate(true)
                     .mode(0o600)
                     .open(&tmp)
-                    .map_err(|source| Error::Io { path: tmp.clone(), source })?;
+                    .map_err(|source| Error::Io {
+                        path: tmp.clone(),
+                        source,
+                    })?;
                 f.write_all(&key)
                     .and_then(|_| f.sync_all())
-                    .map_err(|source| Error::Io { path: tmp.clone(), source })?;
+                    .map_err(|source| Error::Io {
+                        path: tmp.clone(),
+                        source,
+                    })?;
                 // Two first starts at once: the first rename wins, both read it back.
                 let _ = fs::hard_link(&tmp, &key_path);
                 let _ = fs::remove_file(&tmp);
@@ -138,7 +147,10 @@ impl Auth {
     fn load(&self) -> Result<Vec<TokenRecord>> {
         match fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Invalid(format!("{}: {e}; fix or remove the file", self.path.display()))
+                Error::Invalid(format!(
+                    "{}: {e}; fix or remove the file",
+                    self.path.display()
+                ))
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(source) => Err(Error::Io {
@@ -151,7 +163,9 @@ impl Auth {
     /// Tokens, re-read when the file changed (the CLI edits it while the
     /// server runs).
     fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+        let mtime = fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .unwrap_or(UNIX_EPOCH);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((t, tokens)) = cache.as_ref() {
             if *t == mtime && mtime != UNIX_EPOCH {
@@ -178,8 +192,14 @@ impl Auth {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| Error::Io { path: lock_path.clone(), source })?;
-        hangar_oci::store::flock_exclusive(&lock).map_err(|source| Error::Io { path: lock_path.clone(), source })?;
+            .map_err(|source| Error::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        hangar_oci::store::flock_exclusive(&lock).map_err(|source| Error::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
         let mut tokens = self.load()?;
         let out = f(&mut tokens)?;
         self.save(&tokens)?;
@@ -187,7 +207,12 @@ impl Auth {
     }
 
     /// Create a token; returns its record and the secret token string.
-    pub fn create(&self, org: &str, read_only: bool, ttl_secs: Option<u64>) -> Result<(TokenRecord, String)> {
+    pub fn create(
+        &self,
+        org: &str,
+        read_only: bool,
+        ttl_secs: Option<u64>,
+    ) -> Result<(TokenRecord, String)> {
         if !hangar_oci::reference::valid_repository(org) || org.contains('/') {
             return Err(Error::Invalid(format!(
                 "org {org:?} must be one lowercase name of [a-z0-9] separated by '.', '_' or '-'"
@@ -243,7 +268,8 @@ impl Auth {
 
     fn mac(&self) -> HmacSha256 {
         // HMAC takes keys of any length.
-        HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
+        HmacSha256::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
     }
 
     /// A short-lived bearer token for `caller`, granting `access`.
@@ -258,18 +284,25 @@ impl Auth {
             .encode(serde_json::to_vec(&claims).unwrap_or_default());
         let mut mac = self.mac();
         mac.update(body.as_bytes());
-        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        let sig =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
         format!("{body}.{sig}")
     }
 
     fn verify_bearer(&self, token: &str) -> Option<Caller> {
         let (body, sig) = token.split_once('.')?;
-        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).ok()?;
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .ok()?;
         let mut mac = self.mac();
         mac.update(body.as_bytes());
         mac.verify_slice(&sig).ok()?;
-        let claims: Claims =
-            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(body).ok()?).ok()?;
+        let claims: Claims = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(body)
+                .ok()?,
+        )
+        .ok()?;
         if claims.exp <= now() {
             return None;
         }
@@ -294,36 +327,33 @@ impl Auth {
         same(self.upload_state(name, id).as_bytes(), state.as_bytes())
     }
 
-    /// Identify the caller from an `Authorization` header value. `Err` means
-    /// credentials were given and are not valid.
-    pub fn identify(&self, authorization: Option<&str>) -> Result<Caller, ()> {
+    /// Identify the caller from an `Authorization` header value: anonymous
+    /// without one, `None` when credentials were given and are not valid.
+    pub fn identify(&self, authorization: Option<&str>) -> Option<Caller> {
         let Some(value) = authorization else {
-            return Ok(Caller::default());
+            return Some(Caller::default());
         };
-        let (scheme, rest) = value.split_once(' ').ok_or(())?;
+        let (scheme, rest) = value.split_once(' ')?;
         let rest = rest.trim();
+        let from_record = |record: TokenRecord| Caller {
+            org: Some(record.org),
+            read_only: record.read_only,
+            scope: None,
+        };
         if scheme.eq_ignore_ascii_case("basic") {
-            let raw = base64::engine::general_purpose::STANDARD.decode(rest).map_err(|_| ())?;
-            let raw = String::from_utf8(raw).map_err(|_| ())?;
-            let (_, password) = raw.split_once(':').ok_or(())?;
-            let record = self.verify_api_token(password).ok_or(())?;
-            Ok(Caller {
-                org: Some(record.org),
-                read_only: record.read_only,
-                scope: None,
-            })
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .ok()?;
+            let raw = String::from_utf8(raw).ok()?;
+            let (_, password) = raw.split_once(':')?;
+            self.verify_api_token(password).map(from_record)
         } else if scheme.eq_ignore_ascii_case("bearer") {
             if rest.starts_with("hgr_") {
-                let record = self.verify_api_token(rest).ok_or(())?;
-                return Ok(Caller {
-                    org: Some(record.org),
-                    read_only: record.read_only,
-                    scope: None,
-                });
+                return self.verify_api_token(rest).map(from_record);
             }
-            self.verify_bearer(rest).ok_or(())
+            self.verify_bearer(rest)
         } else {
-            Err(())
+            None
         }
     }
 }
@@ -365,7 +395,9 @@ impl Caller {
         match &self.scope {
             None => true,
             Some(grants) => grants.iter().any(|g| {
-                g.kind == "repository" && g.name == name && g.actions.iter().any(|a| a == action.as_str() || a == "*")
+                g.kind == "repository"
+                    && g.name == name
+                    && g.actions.iter().any(|a| a == action.as_str() || a == "*")
             }),
         }
     }
@@ -412,7 +444,7 @@ mod tests {
         assert!(!back.scope_covers("acme/other", Action::Pull));
         let mut forged = token.clone();
         forged.insert(3, 'x');
-        assert!(auth.identify(Some(&format!("Bearer {forged}"))).is_err());
+        assert!(auth.identify(Some(&format!("Bearer {forged}"))).is_none());
         assert!(auth.check_upload_state("acme/app", "id1", &auth.upload_state("acme/app", "id1")));
         assert!(!auth.check_upload_state("evil/app", "id1", &auth.upload_state("acme/app", "id1")));
     }

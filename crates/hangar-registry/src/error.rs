@@ -52,23 +52,43 @@ impl ApiError {
     /// The one answer for "no such repository" and "not yours to read":
     /// identical, so nothing leaks about other orgs.
     pub fn name_unknown() -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "repository name not known to registry")
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            "repository name not known to registry",
+        )
     }
 
     pub fn denied() -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, "DENIED", "requested access to the resource is denied")
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            "requested access to the resource is denied",
+        )
     }
 
     pub fn blob_unknown() -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry")
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            "blob unknown to registry",
+        )
     }
 
     pub fn manifest_unknown() -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown")
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "manifest unknown",
+        )
     }
 
     pub fn upload_unknown() -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry")
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "BLOB_UPLOAD_UNKNOWN",
+            "blob upload unknown to registry",
+        )
     }
 
     pub fn digest_invalid(message: impl Into<String>) -> ApiError {
@@ -76,11 +96,19 @@ impl ApiError {
     }
 
     pub fn unsupported() -> ApiError {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "the operation is unsupported")
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "the operation is unsupported",
+        )
     }
 
     pub fn internal(e: impl std::fmt::Display) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("internal error: {e}"))
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "UNKNOWN",
+            format!("internal error: {e}"),
+        )
     }
 
     pub fn body(&self) -> String {

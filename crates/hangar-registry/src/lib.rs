@@ -36,7 +36,11 @@ pub use server::{Config, Registry, MAX_MANIFEST};
 
 /// Serve the distribution API on `listener` until `shutdown` resolves; also
 /// removes abandoned uploads, at start and then every minute.
-pub async fn serve(registry: Arc<Registry>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    registry: Arc<Registry>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let cleaner = {
         let registry = registry.clone();
         tokio::spawn(async move {
@@ -60,7 +64,9 @@ pub async fn serve(registry: Arc<Registry>, listener: TcpListener, shutdown: imp
         let registry = registry.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| registry.clone().handle(req));
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
     cleaner.abort();
@@ -70,7 +76,9 @@ pub async fn serve(registry: Arc<Registry>, listener: TcpListener, shutdown: imp
 pub async fn serve_admin(registry: Arc<Registry>, listener: TcpListener) {
     use http_body_util::Full;
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -79,7 +87,10 @@ pub async fn serve_admin(registry: Arc<Registry>, listener: TcpListener) {
                     let (status, body) = if req.uri().path() == "/metrics" {
                         (hyper::StatusCode::OK, registry.metrics.render())
                     } else {
-                        (hyper::StatusCode::NOT_FOUND, "only /metrics is served here\n".to_string())
+                        (
+                            hyper::StatusCode::NOT_FOUND,
+                            "only /metrics is served here\n".to_string(),
+                        )
                     };
                     hyper::Response::builder()
                         .status(status)
@@ -87,7 +98,9 @@ pub async fn serve_admin(registry: Arc<Registry>, listener: TcpListener) {
                         .body(Full::new(bytes::Bytes::from(body)))
                 }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

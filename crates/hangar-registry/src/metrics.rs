@@ -30,10 +30,22 @@ impl Metrics {
             );
         }
         for (name, help, v) in [
-            ("hangar_registry_received_bytes_total", "Request body bytes received.", &self.bytes_in),
-            ("hangar_registry_sent_bytes_total", "Response body bytes sent.", &self.bytes_out),
+            (
+                "hangar_registry_received_bytes_total",
+                "Request body bytes received.",
+                &self.bytes_in,
+            ),
+            (
+                "hangar_registry_sent_bytes_total",
+                "Response body bytes sent.",
+                &self.bytes_out,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         out
     }

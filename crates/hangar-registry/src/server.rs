@@ -19,7 +19,9 @@ use hangar_oci::Digest;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, RANGE};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, RANGE,
+};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -133,18 +135,16 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 3 <= b.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                    }
-                    Err(_) => {
-                        out.push(b'%');
-                        i += 1;
-                    }
+            b'%' if i + 3 <= b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(v) => {
+                    out.push(v);
+                    i += 3;
                 }
-            }
+                Err(_) => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
             b'+' => {
                 out.push(b' ');
                 i += 1;
@@ -178,7 +178,9 @@ fn empty_body() -> Body {
 }
 
 fn full_body(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn response(status: StatusCode) -> hyper::http::response::Builder {
@@ -211,7 +213,8 @@ fn error_response(e: &ApiError, challenge: Option<String>) -> Response<Body> {
     if let Some(c) = challenge {
         b = b.header("WWW-Authenticate", c);
     }
-    b.body(full_body(body)).unwrap_or_else(|_| Response::new(empty_body()))
+    b.body(full_body(body))
+        .unwrap_or_else(|_| Response::new(empty_body()))
 }
 
 /// Why a request was refused, before it becomes an answer.
@@ -247,7 +250,10 @@ impl Registry {
     }
 
     /// Answer one request. Never fails: every error becomes a spec error body.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
         let method = req.method().clone();
         let route = parse_route(req.uri().path());
         let label = route.as_ref().map_or("other", Route::label);
@@ -258,35 +264,51 @@ impl Registry {
             .unwrap_or("localhost")
             .to_string();
         let result = match route {
-            None => Err(Refusal::Api(ApiError::new(StatusCode::NOT_FOUND, "NAME_INVALID", "no such endpoint"))),
+            None => Err(Refusal::Api(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NAME_INVALID",
+                "no such endpoint",
+            ))),
             Some(route) => self.route(route, req).await,
         };
         let resp = match result {
             Ok(r) => r,
             Err(Refusal::Api(e)) => error_response(&e, None),
             Err(Refusal::Challenge(scope)) => {
-                let mut c = format!("Bearer realm=\"http://{host}/v2/token\",service=\"hangar-registry\"");
+                let mut c =
+                    format!("Bearer realm=\"http://{host}/v2/token\",service=\"hangar-registry\"");
                 if let Some(s) = scope {
                     c.push_str(&format!(",scope=\"{s}\""));
                 }
-                let e = ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
+                let e = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "authentication required",
+                );
                 error_response(&e, Some(c))
             }
         };
-        if let Some(len) = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        if let Some(len) = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
             if method != Method::HEAD {
                 self.metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
             }
         }
-        self.metrics.request(label, method.as_str(), resp.status().as_u16());
+        self.metrics
+            .request(label, method.as_str(), resp.status().as_u16());
         Ok(resp)
     }
 
     async fn route(&self, route: Route, req: Request<Incoming>) -> Handled {
-        let auth_header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let caller = match self.auth.identify(auth_header) {
-            Ok(c) => c,
-            Err(()) => return Err(Refusal::Challenge(None)),
+        let auth_header = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let Some(caller) = self.auth.identify(auth_header) else {
+            return Err(Refusal::Challenge(None));
         };
         let method = req.method().clone();
         let q = query(req.uri().query());
@@ -295,7 +317,11 @@ impl Registry {
                 if caller.org.is_none() {
                     return Err(Refusal::Challenge(None));
                 }
-                Ok(json(StatusCode::OK, &serde_json::json!({}), "application/json")?)
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({}),
+                    "application/json",
+                )?)
             }
             Route::Token => self.token(&caller, &q),
             Route::Catalog => self.catalog(&caller, &q),
@@ -335,7 +361,10 @@ impl Registry {
                         if !self.store.unlink_blob(&name, &d).map_err(ApiError::from)? {
                             return Err(ApiError::blob_unknown().into());
                         }
-                        Ok(build(response(StatusCode::ACCEPTED).header(CONTENT_LENGTH, 0), empty_body())?)
+                        Ok(build(
+                            response(StatusCode::ACCEPTED).header(CONTENT_LENGTH, 0),
+                            empty_body(),
+                        )?)
                     }
                     _ => Err(ApiError::unsupported().into()),
                 }
@@ -347,7 +376,9 @@ impl Registry {
                     (Method::POST, None) => self.start_upload(&caller, &name, &q, req).await,
                     (m, Some(id)) => {
                         let state = param(&q, "_state").unwrap_or("");
-                        if !self.auth.check_upload_state(&name, &id, state) || self.store.upload(&id).is_none() {
+                        if !self.auth.check_upload_state(&name, &id, state)
+                            || self.store.upload(&id).is_none()
+                        {
                             return Err(ApiError::upload_unknown().into());
                         }
                         match m {
@@ -416,7 +447,9 @@ impl Registry {
                 continue;
             }
             let mut parts = scope.splitn(3, ':');
-            let (Some(kind), Some(name), Some(actions)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(kind), Some(name), Some(actions)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
                 continue;
             };
             if kind != "repository" || !valid_repository(name) {
@@ -464,8 +497,12 @@ impl Registry {
         if let Some(l) = link {
             b = b.header("Link", l);
         }
-        let body = serde_json::to_vec(&serde_json::json!({ "repositories": page })).map_err(ApiError::internal)?;
-        Ok(build(b.header(CONTENT_LENGTH, body.len()), full_body(body))?)
+        let body = serde_json::to_vec(&serde_json::json!({ "repositories": page }))
+            .map_err(ApiError::internal)?;
+        Ok(build(
+            b.header(CONTENT_LENGTH, body.len()),
+            full_body(body),
+        )?)
     }
 
     fn tags(&self, name: &str, q: &[(String, String)]) -> Handled {
@@ -478,8 +515,12 @@ impl Registry {
         if let Some(l) = link {
             b = b.header("Link", l);
         }
-        let body = serde_json::to_vec(&serde_json::json!({ "name": name, "tags": page })).map_err(ApiError::internal)?;
-        Ok(build(b.header(CONTENT_LENGTH, body.len()), full_body(body))?)
+        let body = serde_json::to_vec(&serde_json::json!({ "name": name, "tags": page }))
+            .map_err(ApiError::internal)?;
+        Ok(build(
+            b.header(CONTENT_LENGTH, body.len()),
+            full_body(body),
+        )?)
     }
 
     fn resolve(&self, name: &str, reference: &str) -> Result<(Digest, String), Refusal> {
@@ -489,9 +530,13 @@ impl Registry {
         let digest = if reference.starts_with("sha256:") || reference.contains(':') {
             parse_digest(reference)?
         } else if valid_tag(reference) {
-            self.store.tag(name, reference).ok_or_else(ApiError::manifest_unknown)?
+            self.store
+                .tag(name, reference)
+                .ok_or_else(ApiError::manifest_unknown)?
         } else {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", "invalid tag").into());
+            return Err(
+                ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", "invalid tag").into(),
+            );
         };
         let media_type = self
             .store
@@ -502,13 +547,20 @@ impl Registry {
 
     fn get_manifest(&self, name: &str, reference: &str, head: bool) -> Handled {
         let (digest, media_type) = self.resolve(name, reference)?;
-        let bytes = self.store.blobs.read_blob(&digest).map_err(ApiError::from)?;
+        let bytes = self
+            .store
+            .blobs
+            .read_blob(&digest)
+            .map_err(ApiError::from)?;
         let b = response(StatusCode::OK)
             .header(CONTENT_TYPE, media_type)
             .header(CONTENT_LENGTH, bytes.len())
             .header("Docker-Content-Digest", digest.to_string())
             .header("ETag", format!("\"{digest}\""));
-        Ok(build(b, if head { empty_body() } else { full_body(bytes) })?)
+        Ok(build(
+            b,
+            if head { empty_body() } else { full_body(bytes) },
+        )?)
     }
 
     async fn put_manifest(&self, name: &str, reference: &str, req: Request<Incoming>) -> Handled {
@@ -520,13 +572,20 @@ impl Registry {
             .to_string();
         let bytes = read_capped(req.into_body(), MAX_MANIFEST, &self.metrics).await?;
         let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", m);
-        let doc: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("manifest is not JSON: {e}")))?;
+        let doc: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid(format!("manifest is not JSON: {e}")))?;
         let media_type = doc
             .get("mediaType")
             .and_then(|m| m.as_str())
             .map(str::to_string)
-            .unwrap_or_else(|| content_type.split(';').next().unwrap_or("").trim().to_string());
+            .unwrap_or_else(|| {
+                content_type
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            });
         if !media::is_manifest(&media_type) && !media::is_index(&media_type) {
             return Err(invalid(format!("unsupported manifest media type {media_type:?}")).into());
         }
@@ -536,13 +595,18 @@ impl Registry {
         let digest = Digest::of(&bytes);
         let tag = if reference.contains(':') {
             if parse_digest(reference)? != digest {
-                return Err(ApiError::digest_invalid(format!("manifest hashes to {digest}, not {reference}")).into());
+                return Err(ApiError::digest_invalid(format!(
+                    "manifest hashes to {digest}, not {reference}"
+                ))
+                .into());
             }
             None
         } else if valid_tag(reference) {
             Some(reference)
         } else {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", "invalid tag").into());
+            return Err(
+                ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", "invalid tag").into(),
+            );
         };
         // Everything it points at must already be in this repository
         // (children of an index are manifests; the rest are blobs).
@@ -576,17 +640,27 @@ impl Registry {
                 }
             }
         }
-        let subject = match doc.get("subject").and_then(|s| s.get("digest")).and_then(|d| d.as_str()) {
+        let subject = match doc
+            .get("subject")
+            .and_then(|s| s.get("digest"))
+            .and_then(|d| d.as_str())
+        {
             Some(s) => Some(parse_digest(s)?),
             None => None,
         };
         self.store.blobs.put_bytes(&bytes).map_err(ApiError::from)?;
-        self.store.link_manifest(name, &digest, &media_type).map_err(ApiError::from)?;
+        self.store
+            .link_manifest(name, &digest, &media_type)
+            .map_err(ApiError::from)?;
         if let Some(s) = &subject {
-            self.store.add_referrer(name, s, &digest).map_err(ApiError::from)?;
+            self.store
+                .add_referrer(name, s, &digest)
+                .map_err(ApiError::from)?;
         }
         if let Some(t) = tag {
-            self.store.set_tag(name, t, &digest).map_err(ApiError::from)?;
+            self.store
+                .set_tag(name, t, &digest)
+                .map_err(ApiError::from)?;
         }
         let mut b = response(StatusCode::CREATED)
             .header(LOCATION, format!("/v2/{name}/manifests/{digest}"))
@@ -604,14 +678,21 @@ impl Registry {
         }
         let found = if reference.contains(':') {
             let d = parse_digest(reference)?;
-            self.store.unlink_manifest(name, &d).map_err(ApiError::from)?
+            self.store
+                .unlink_manifest(name, &d)
+                .map_err(ApiError::from)?
         } else {
-            self.store.delete_tag(name, reference).map_err(ApiError::from)?
+            self.store
+                .delete_tag(name, reference)
+                .map_err(ApiError::from)?
         };
         if !found {
             return Err(ApiError::manifest_unknown().into());
         }
-        Ok(build(response(StatusCode::ACCEPTED).header(CONTENT_LENGTH, 0), empty_body())?)
+        Ok(build(
+            response(StatusCode::ACCEPTED).header(CONTENT_LENGTH, 0),
+            empty_body(),
+        )?)
     }
 
     fn get_blob(&self, name: &str, digest: &str, head: bool, headers: &HeaderMap) -> Handled {
@@ -639,7 +720,11 @@ impl Registry {
                     (s, e - s + 1)
                 }
                 None => {
-                    let e = ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN", "range not satisfiable");
+                    let e = ApiError::new(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        "BLOB_UNKNOWN",
+                        "range not satisfiable",
+                    );
                     return Ok(build(
                         response(e.status)
                             .header("Content-Range", format!("bytes */{size}"))
@@ -653,7 +738,8 @@ impl Registry {
         if head {
             return Ok(build(b, empty_body())?);
         }
-        file.seek(SeekFrom::Start(start)).map_err(ApiError::internal)?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(ApiError::internal)?;
         Ok(build(b, file_body(file, len))?)
     }
 
@@ -675,11 +761,18 @@ impl Registry {
     }
 
     fn upload_location(&self, name: &str, id: &str) -> String {
-        format!("/v2/{name}/blobs/uploads/{id}?_state={}", self.auth.upload_state(name, id))
+        format!(
+            "/v2/{name}/blobs/uploads/{id}?_state={}",
+            self.auth.upload_state(name, id)
+        )
     }
 
     fn upload_accepted(&self, name: &str, id: &str, len: u64, status: StatusCode) -> Http {
-        let range = if len == 0 { "0-0".to_string() } else { format!("0-{}", len - 1) };
+        let range = if len == 0 {
+            "0-0".to_string()
+        } else {
+            format!("0-{}", len - 1)
+        };
         build(
             response(status)
                 .header(LOCATION, self.upload_location(name, id))
@@ -700,7 +793,13 @@ impl Registry {
         )
     }
 
-    async fn start_upload(&self, caller: &Caller, name: &str, q: &[(String, String)], req: Request<Incoming>) -> Handled {
+    async fn start_upload(
+        &self,
+        caller: &Caller,
+        name: &str,
+        q: &[(String, String)],
+        req: Request<Incoming>,
+    ) -> Handled {
         if let (Some(mount), Some(from)) = (param(q, "mount"), param(q, "from")) {
             // Mount only what the caller could read anyway; otherwise fall
             // through to a normal upload and reveal nothing.
@@ -735,11 +834,19 @@ impl Registry {
         let path = self.store.upload(id).ok_or_else(ApiError::upload_unknown)?;
         let upload = self.upload_state(id)?;
         let mut u = upload.lock().await;
-        let range = req.headers().get("Content-Range").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let range = req
+            .headers()
+            .get("Content-Range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let expected = match range {
             Some(r) => {
                 let (start, end) = parse_content_range(&r).ok_or_else(|| {
-                    ApiError::new(StatusCode::BAD_REQUEST, "BLOB_UPLOAD_INVALID", format!("bad Content-Range {r:?}"))
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "BLOB_UPLOAD_INVALID",
+                        format!("bad Content-Range {r:?}"),
+                    )
                 })?;
                 if start != u.len || end < start {
                     // Out of order: say where the upload stands.
@@ -752,7 +859,11 @@ impl Registry {
                     if let Ok(v) = HeaderValue::from_str(&self.upload_location(name, id)) {
                         resp.headers_mut().insert(LOCATION, v);
                     }
-                    let range = if u.len == 0 { "0-0".into() } else { format!("0-{}", u.len - 1) };
+                    let range = if u.len == 0 {
+                        "0-0".into()
+                    } else {
+                        format!("0-{}", u.len - 1)
+                    };
                     if let Ok(v) = HeaderValue::from_str(&range) {
                         resp.headers_mut().insert(RANGE, v);
                     }
@@ -762,11 +873,18 @@ impl Registry {
             }
             None => None,
         };
-        self.append(&path, &mut u, req.into_body(), expected).await?;
+        self.append(&path, &mut u, req.into_body(), expected)
+            .await?;
         Ok(self.upload_accepted(name, id, u.len, StatusCode::ACCEPTED)?)
     }
 
-    async fn put_upload(&self, name: &str, id: &str, q: &[(String, String)], req: Request<Incoming>) -> Handled {
+    async fn put_upload(
+        &self,
+        name: &str,
+        id: &str,
+        q: &[(String, String)],
+        req: Request<Incoming>,
+    ) -> Handled {
         let digest = parse_digest(param(q, "digest").unwrap_or(""))?;
         let path = self.store.upload(id).ok_or_else(ApiError::upload_unknown)?;
         let upload = self.upload_state(id)?;
@@ -783,25 +901,45 @@ impl Registry {
 
     /// Stream `body` onto the end of the upload file. With `expected`, the
     /// body must be exactly that long; on any failure the file is cut back.
-    async fn append(&self, path: &Path, u: &mut Upload, mut body: Incoming, expected: Option<u64>) -> Result<(), ApiError> {
+    async fn append(
+        &self,
+        path: &Path,
+        u: &mut Upload,
+        mut body: Incoming,
+        expected: Option<u64>,
+    ) -> Result<(), ApiError> {
         let start = u.len;
-        let file = OpenOptions::new().append(true).open(path).map_err(ApiError::internal)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(ApiError::internal)?;
         let mut out = io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = u.hasher.take();
         let mut written = 0u64;
         let result: Result<(), ApiError> = async {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| {
-                    ApiError::new(StatusCode::BAD_REQUEST, "BLOB_UPLOAD_INVALID", format!("reading the body failed: {e}"))
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "BLOB_UPLOAD_INVALID",
+                        format!("reading the body failed: {e}"),
+                    )
                 })?;
-                let Ok(data) = frame.into_data() else { continue };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
                 written += data.len() as u64;
-                self.metrics.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .bytes_in
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 if start + written > self.config.max_blob_size {
                     return Err(ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "SIZE_INVALID",
-                        format!("blob larger than this registry's limit of {} bytes", self.config.max_blob_size),
+                        format!(
+                            "blob larger than this registry's limit of {} bytes",
+                            self.config.max_blob_size
+                        ),
                     ));
                 }
                 if expected.is_some_and(|e| written > e) {
@@ -830,7 +968,10 @@ impl Registry {
             }
             Err(e) => {
                 drop(out);
-                let _ = OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(start));
+                let _ = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(start));
                 u.len = start;
                 u.hasher = None;
                 Err(e)
@@ -838,25 +979,37 @@ impl Registry {
         }
     }
 
-    async fn finish_upload(&self, name: &str, id: &str, path: &Path, u: &mut Upload, want: &Digest) -> Handled {
+    async fn finish_upload(
+        &self,
+        name: &str,
+        id: &str,
+        path: &Path,
+        u: &mut Upload,
+        want: &Digest,
+    ) -> Handled {
         let got = match u.hasher.take() {
             Some(h) if h.len() == u.len => h.finish().0,
             _ => {
                 let file = File::open(path).map_err(ApiError::internal)?;
-                tokio::task::block_in_place(|| HashingReader::new(io::BufReader::with_capacity(CHUNK, file)).finish())
-                    .map_err(ApiError::internal)?
-                    .0
+                tokio::task::block_in_place(|| {
+                    HashingReader::new(io::BufReader::with_capacity(CHUNK, file)).finish()
+                })
+                .map_err(ApiError::internal)?
+                .0
             }
         };
         self.uploads_map().remove(id);
         if got != *want {
             let _ = self.store.cancel_upload(id);
-            return Err(ApiError::digest_invalid(format!("upload hashes to {got}, not {want}")).into());
+            return Err(
+                ApiError::digest_invalid(format!("upload hashes to {got}, not {want}")).into(),
+            );
         }
         if self.store.blobs.has_blob(want) {
             let _ = self.store.cancel_upload(id);
         } else {
-            tokio::task::block_in_place(|| self.store.blobs.adopt_file(path, want)).map_err(ApiError::from)?;
+            tokio::task::block_in_place(|| self.store.blobs.adopt_file(path, want))
+                .map_err(ApiError::from)?;
         }
         self.store.link_blob(name, want).map_err(ApiError::from)?;
         Ok(self.blob_created(name, want)?)
@@ -866,10 +1019,20 @@ impl Registry {
         let subject = parse_digest(digest)?;
         let filter = param(q, "artifactType");
         let mut manifests = Vec::new();
-        for d in self.store.referrers(name, &subject).map_err(ApiError::from)? {
-            let Some(media_type) = self.store.manifest_media_type(name, &d) else { continue };
-            let Ok(bytes) = self.store.blobs.read_blob(&d) else { continue };
-            let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+        for d in self
+            .store
+            .referrers(name, &subject)
+            .map_err(ApiError::from)?
+        {
+            let Some(media_type) = self.store.manifest_media_type(name, &d) else {
+                continue;
+            };
+            let Ok(bytes) = self.store.blobs.read_blob(&d) else {
+                continue;
+            };
+            let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
             let artifact_type = doc
                 .get("artifactType")
                 .or_else(|| doc.get("config").and_then(|c| c.get("mediaType")))
@@ -890,7 +1053,10 @@ impl Registry {
         let index = serde_json::json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests});
         let mut resp = json(StatusCode::OK, &index, media::OCI_INDEX)?;
         if filter.is_some() {
-            resp.headers_mut().insert("OCI-Filters-Applied", HeaderValue::from_static("artifactType"));
+            resp.headers_mut().insert(
+                "OCI-Filters-Applied",
+                HeaderValue::from_static("artifactType"),
+            );
         }
         Ok(resp)
     }
@@ -921,13 +1087,21 @@ fn parse_range(r: &str, size: u64) -> Option<(u64, u64)> {
 
 /// `Content-Range: a-b` (the registry form) or `bytes a-b/*`.
 fn parse_content_range(r: &str) -> Option<(u64, u64)> {
-    let r = r.trim().trim_start_matches("bytes").trim_start_matches('=').trim();
+    let r = r
+        .trim()
+        .trim_start_matches("bytes")
+        .trim_start_matches('=')
+        .trim();
     let r = r.split('/').next()?;
     let (a, b) = r.split_once('-')?;
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
-fn paginate(items: Vec<String>, q: &[(String, String)], path: &str) -> Result<(Vec<String>, Option<String>), ApiError> {
+fn paginate(
+    items: Vec<String>,
+    q: &[(String, String)],
+    path: &str,
+) -> Result<(Vec<String>, Option<String>), ApiError> {
     let last = param(q, "last");
     let mut items: Vec<String> = match last {
         Some(l) => items.into_iter().filter(|i| i.as_str() > l).collect(),
@@ -935,26 +1109,44 @@ fn paginate(items: Vec<String>, q: &[(String, String)], path: &str) -> Result<(V
     };
     let n = match param(q, "n") {
         Some(n) => Some(n.parse::<usize>().map_err(|_| {
-            ApiError::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "n must be a number")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "PAGINATION_NUMBER_INVALID",
+                "n must be a number",
+            )
         })?),
         None => None,
     };
     match n {
         Some(n) if items.len() > n => {
             items.truncate(n);
-            let link = items.last().map(|l| format!("<{path}?n={n}&last={l}>; rel=\"next\""));
+            let link = items
+                .last()
+                .map(|l| format!("<{path}?n={n}&last={l}>; rel=\"next\""));
             Ok((items, link))
         }
         _ => Ok((items, None)),
     }
 }
 
-async fn read_capped(mut body: Incoming, cap: usize, metrics: &Metrics) -> Result<Vec<u8>, ApiError> {
+async fn read_capped(
+    mut body: Incoming,
+    cap: usize,
+    metrics: &Metrics,
+) -> Result<Vec<u8>, ApiError> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", format!("reading the body failed: {e}")))?;
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_INVALID",
+                format!("reading the body failed: {e}"),
+            )
+        })?;
         if let Ok(data) = frame.into_data() {
-            metrics.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+            metrics
+                .bytes_in
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             out.extend_from_slice(&data);
             if out.len() > cap {
                 return Err(ApiError::new(
@@ -977,7 +1169,10 @@ fn file_body(file: File, len: u64) -> Body {
         let n = remaining.min(CHUNK as u64) as usize;
         let mut buf = vec![0u8; n];
         match tokio::task::block_in_place(|| file.read_exact(&mut buf)) {
-            Ok(()) => Some((Ok(Frame::data(Bytes::from(buf))), (file, remaining - n as u64))),
+            Ok(()) => Some((
+                Ok(Frame::data(Bytes::from(buf))),
+                (file, remaining - n as u64),
+            )),
             Err(e) => Some((Err(e), (file, 0))),
         }
     });
@@ -993,7 +1188,9 @@ mod tests {
         assert!(matches!(parse_route("/v2/"), Some(Route::Ping)));
         assert!(matches!(parse_route("/v2/_catalog"), Some(Route::Catalog)));
         match parse_route("/v2/org/blobs/manifests/latest") {
-            Some(Route::Manifest(n, r)) => assert_eq!((n.as_str(), r.as_str()), ("org/blobs", "latest")),
+            Some(Route::Manifest(n, r)) => {
+                assert_eq!((n.as_str(), r.as_str()), ("org/blobs", "latest"))
+            }
             _ => panic!("manifest route"),
         }
         match parse_route("/v2/a/b/blobs/uploads/") {
@@ -1001,7 +1198,9 @@ mod tests {
             _ => panic!("uploads route"),
         }
         match parse_route("/v2/a/b/blobs/uploads/xyz") {
-            Some(Route::Uploads(n, Some(id))) => assert_eq!((n.as_str(), id.as_str()), ("a/b", "xyz")),
+            Some(Route::Uploads(n, Some(id))) => {
+                assert_eq!((n.as_str(), id.as_str()), ("a/b", "xyz"))
+            }
             _ => panic!("upload route"),
         }
         match parse_route("/v2/a/b/blobs/sha256:00") {
@@ -1036,7 +1235,10 @@ mod tests {
         let (page, link) = paginate(items.clone(), &q, "/v2/x/tags/list").unwrap();
         assert_eq!(page, ["a", "b"]);
         assert_eq!(link.unwrap(), "</v2/x/tags/list?n=2&last=b>; rel=\"next\"");
-        let q = vec![("n".to_string(), "2".to_string()), ("last".to_string(), "b".to_string())];
+        let q = vec![
+            ("n".to_string(), "2".to_string()),
+            ("last".to_string(), "b".to_string()),
+        ];
         let (page, link) = paginate(items, &q, "/p").unwrap();
         assert_eq!((page, link), (vec!["c".to_string()], None));
     }

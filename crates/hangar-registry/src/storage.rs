@@ -114,7 +114,10 @@ impl RegistryStore {
     }
 
     pub fn link_manifest(&self, name: &str, digest: &Digest, media_type: &str) -> Result<()> {
-        self.write_link(self.repo(name).join("manifests").join(digest.hex()), media_type.as_bytes())
+        self.write_link(
+            self.repo(name).join("manifests").join(digest.hex()),
+            media_type.as_bytes(),
+        )
     }
 
     /// The media type of manifest `digest` in `name`, if linked.
@@ -147,7 +150,10 @@ impl RegistryStore {
     }
 
     pub fn set_tag(&self, name: &str, tag: &str, digest: &Digest) -> Result<()> {
-        self.write_link(self.repo(name).join("tags").join(tag), digest.to_string().as_bytes())
+        self.write_link(
+            self.repo(name).join("tags").join(tag),
+            digest.to_string().as_bytes(),
+        )
     }
 
     pub fn tag(&self, name: &str, tag: &str) -> Option<Digest> {
@@ -167,16 +173,21 @@ impl RegistryStore {
 
     pub fn add_referrer(&self, name: &str, subject: &Digest, referrer: &Digest) -> Result<()> {
         self.write_link(
-            self.repo(name).join("referrers").join(subject.hex()).join(referrer.hex()),
+            self.repo(name)
+                .join("referrers")
+                .join(subject.hex())
+                .join(referrer.hex()),
             b"",
         )
     }
 
     pub fn referrers(&self, name: &str, subject: &Digest) -> Result<Vec<Digest>> {
-        Ok(read_dir_names(&self.repo(name).join("referrers").join(subject.hex()))?
-            .into_iter()
-            .filter_map(|h| format!("sha256:{h}").parse().ok())
-            .collect())
+        Ok(
+            read_dir_names(&self.repo(name).join("referrers").join(subject.hex()))?
+                .into_iter()
+                .filter_map(|h| format!("sha256:{h}").parse().ok())
+                .collect(),
+        )
     }
 
     pub fn set_public(&self, name: &str, public: bool) -> Result<()> {
@@ -198,12 +209,20 @@ impl RegistryStore {
         let base = self.root.join("repos");
         let mut stack = vec![String::new()];
         while let Some(prefix) = stack.pop() {
-            let dir = if prefix.is_empty() { base.clone() } else { base.join(&prefix) };
+            let dir = if prefix.is_empty() {
+                base.clone()
+            } else {
+                base.join(&prefix)
+            };
             for child in read_dir_names(&dir)? {
                 if child == "_repo" {
                     out.push(prefix.clone());
                 } else {
-                    stack.push(if prefix.is_empty() { child } else { format!("{prefix}/{child}") });
+                    stack.push(if prefix.is_empty() {
+                        child
+                    } else {
+                        format!("{prefix}/{child}")
+                    });
                 }
             }
         }
@@ -221,7 +240,9 @@ impl RegistryStore {
         for name in self.repos()? {
             for m in self.manifests(&name)? {
                 live.insert(m.clone());
-                let Ok(bytes) = self.blobs.read_blob(&m) else { continue };
+                let Ok(bytes) = self.blobs.read_blob(&m) else {
+                    continue;
+                };
                 if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                     for d in referenced(&doc) {
                         live.insert(d);
@@ -285,7 +306,11 @@ impl RegistryStore {
 pub fn referenced(doc: &serde_json::Value) -> Vec<Digest> {
     let mut out = Vec::new();
     let mut add = |v: &serde_json::Value| {
-        if let Some(d) = v.get("digest").and_then(|d| d.as_str()).and_then(|d| d.parse().ok()) {
+        if let Some(d) = v
+            .get("digest")
+            .and_then(|d| d.as_str())
+            .and_then(|d| d.parse().ok())
+        {
             out.push(d);
         }
     };
@@ -293,7 +318,12 @@ pub fn referenced(doc: &serde_json::Value) -> Vec<Digest> {
         add(c);
     }
     for key in ["layers", "manifests", "blobs"] {
-        for item in doc.get(key).and_then(|l| l.as_array()).into_iter().flatten() {
+        for item in doc
+            .get(key)
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+        {
             add(item);
         }
     }

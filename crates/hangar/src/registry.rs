@@ -73,9 +73,9 @@ enum TokenCommand {
 /// `30d`, `12h`, `45m`, `90s`.
 fn parse_duration(s: &str) -> Result<Duration> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("duration {s:?}: expected a number and a unit, like 30d, 12h, 45m or 90s"))?;
+    let n: u64 = num.parse().with_context(|| {
+        format!("duration {s:?}: expected a number and a unit, like 30d, 12h, 45m or 90s")
+    })?;
     let secs = match unit {
         "d" => n * 86_400,
         "h" => n * 3600,
@@ -136,7 +136,11 @@ pub fn run(args: RegistryArgs) -> Result<()> {
                 read_only,
                 expires,
             } => {
-                let ttl = expires.as_deref().map(parse_duration).transpose()?.map(|d| d.as_secs());
+                let ttl = expires
+                    .as_deref()
+                    .map(parse_duration)
+                    .transpose()?
+                    .map(|d| d.as_secs());
                 let (_, token) = auth()?.create(&org, read_only, ttl)?;
                 println!("{token}");
             }
@@ -145,9 +149,14 @@ pub fn run(args: RegistryArgs) -> Result<()> {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&tokens)?);
                 } else {
-                    println!("{:<14} {:<20} {:<10} {:<22} EXPIRES", "ID", "ORG", "ACCESS", "CREATED");
+                    println!(
+                        "{:<14} {:<20} {:<10} {:<22} EXPIRES",
+                        "ID", "ORG", "ACCESS", "CREATED"
+                    );
                     for t in tokens {
-                        let expires = t.expires.map_or("never".to_string(), hangar_oci::build::rfc3339);
+                        let expires = t
+                            .expires
+                            .map_or("never".to_string(), hangar_oci::build::rfc3339);
                         let access = if t.read_only { "read" } else { "read-write" };
                         println!(
                             "{:<14} {:<20} {:<10} {:<22} {expires}",

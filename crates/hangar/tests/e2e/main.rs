@@ -2,4 +2,5 @@
 //! (docker-registry, skopeo, umoci) on 127.0.0.1.
 
 mod image;
+mod registry;
 mod support;

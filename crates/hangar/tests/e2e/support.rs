@@ -854,3 +854,132 @@ fn rdev_major(rdev: u64) -> u64 {
 fn rdev_minor(rdev: u64) -> u64 {
     ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff)
 }
+
+/// A parsed HTTP response from [`http`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The first spec error code in the body, or "".
+    pub fn code(&self) -> String {
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// One HTTP/1.1 request to `host` (host:port on loopback), connection closed after.
+pub fn http(
+    method: &str,
+    host: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut stream = TcpStream::connect(host).expect("connect");
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).expect("send");
+    stream.write_all(body).expect("send body");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+/// `hangar registry serve` on a free port, killed on drop.
+pub struct HangarRegistry {
+    child: Child,
+    pub host: String,
+    pub admin: String,
+}
+
+impl HangarRegistry {
+    pub fn start(h: &Hangar, extra: &[&str]) -> HangarRegistry {
+        let mut args = vec![
+            "registry",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = h
+            .command(&args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start hangar registry");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let mut host = String::new();
+        let mut admin = String::new();
+        while host.is_empty() || admin.is_empty() {
+            let line = lines
+                .next()
+                .expect("registry exited early")
+                .expect("read stderr");
+            if let Some(rest) = line.strip_prefix("hangar registry: serving http://") {
+                host = rest.split_whitespace().next().unwrap_or("").to_string();
+            } else if let Some(rest) = line.strip_prefix("hangar registry: metrics on http://") {
+                admin = rest.trim_end_matches("/metrics").to_string();
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        HangarRegistry { child, host, admin }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for HangarRegistry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,1000 @@
+//! `hangar registry` end to end: skopeo and `hangar image` as clients, the
+//! tenant-isolation rules route by route, the upload protocol, crashes, gc.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+use crate::support::*;
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    }
+}
+
+fn token(h: &Hangar, org: &str, extra: &[&str]) -> String {
+    let mut args = vec!["registry", "token", "create", "--org", org];
+    args.extend_from_slice(extra);
+    let out = h.ok(&args);
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "token create prints the token alone: {out}"
+    );
+    out.trim().to_string()
+}
+
+fn basic(token: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("x:{token}"))
+    )
+}
+
+fn small_image(text: &str) -> BuiltImage {
+    let base = layer_tar(&[
+        Entry::Dir("etc/", 0o755),
+        Entry::File("etc/os", 0o644, b"hangar test os".to_vec()),
+    ]);
+    let app = layer_tar(&[Entry::File("app.txt", 0o644, text.as_bytes().to_vec())]);
+    BuiltImage::new(
+        &[(base, Compress::Gzip), (app, Compress::Gzip)],
+        host_arch(),
+        &["/app"],
+    )
+}
+
+fn skopeo_push(image: &BuiltImage, work: &std::path::Path, dest: &str, token: &str) {
+    let layout = work.join(format!("layout-{}", image.manifest_hex()));
+    if !layout.exists() {
+        image.write_layout(&layout, "t");
+    }
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &format!("x:{token}"),
+        &format!("oci:{}:t", layout.display()),
+        &format!("docker://{dest}"),
+    ]);
+}
+
+fn skopeo_fails(args: &[&str]) -> String {
+    let out = std::process::Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("skopeo");
+    assert!(!out.status.success(), "skopeo {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn real_clients_push_pull_copy_delete_and_list() {
+    let h = Hangar::new();
+    let reg = HangarRegistry::start(&h, &[]);
+    let acme = token(&h, "acme", &[]);
+    let beta = token(&h, "beta", &[]);
+    let acme_ro = token(&h, "acme", &["--read-only"]);
+    let work = tempfile::tempdir().unwrap();
+    let image = small_image("v1");
+    let app = format!("{}/acme/app:1", reg.host);
+    skopeo_push(&image, work.path(), &app, &acme);
+
+    let creds = format!("x:{acme}");
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{app}"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        inspected["Digest"],
+        format!("sha256:{}", image.manifest_hex())
+    );
+    let tags: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "list-tags",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{}/acme/app", reg.host),
+    ]))
+    .unwrap();
+    assert_eq!(tags["Tags"], serde_json::json!(["1"]));
+
+    // hangar image as a client: pull, and push under another tag (mounting).
+    let client = Hangar::new();
+    client.ok(&["image", "pull", &app, "--creds", &creds]);
+    let root = work.path().join("root");
+    client.ok(&["image", "unpack", &app, root.to_str().unwrap()]);
+    assert_eq!(fs::read(root.join("app.txt")).unwrap(), b"v1");
+    client.ok(&[
+        "image",
+        "push",
+        &app,
+        &format!("{}/acme/other:2", reg.host),
+        "--creds",
+        &creds,
+    ]);
+
+    // Copy between orgs: with rights on both sides it works; into an org the
+    // token does not belong to it is denied.
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--src-creds",
+        &creds,
+        "--dest-creds",
+        &format!("x:{beta}"),
+        &format!("docker://{app}"),
+        &format!("docker://{}/beta/app:1", reg.host),
+    ]);
+    let err = skopeo_fails(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--src-creds",
+        &creds,
+        "--dest-creds",
+        &creds,
+        &format!("docker://{app}"),
+        &format!("docker://{}/beta/stolen:1", reg.host),
+    ]);
+    assert!(err.contains("denied"), "{err}");
+    let err = skopeo_fails(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--src-creds",
+        &format!("x:{beta}"),
+        "--dest-creds",
+        &format!("x:{beta}"),
+        &format!("docker://{}/acme/other:2", reg.host),
+        &format!("docker://{}/beta/x:1", reg.host),
+    ]);
+    assert!(err.contains("name unknown"), "{err}");
+    // A read-only token pulls but cannot push.
+    skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        &format!("x:{acme_ro}"),
+        &format!("docker://{app}"),
+    ]);
+    let err = skopeo_fails(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--src-creds",
+        &creds,
+        "--dest-creds",
+        &format!("x:{acme_ro}"),
+        &format!("docker://{app}"),
+        &format!("docker://{}/acme/ro:1", reg.host),
+    ]);
+    assert!(err.contains("denied"), "{err}");
+
+    // Delete, then the manifest is gone and its tag with it.
+    skopeo(&[
+        "delete",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{app}"),
+    ]);
+    let err = skopeo_fails(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{app}"),
+    ]);
+    assert!(err.contains("manifest unknown"), "{err}");
+
+    // Public repositories: anonymous pulls work once enabled, not before.
+    let beta_app = format!("docker://{}/beta/app:1", reg.host);
+    let err = skopeo_fails(&["inspect", "--tls-verify=false", "--no-creds", &beta_app]);
+    assert!(
+        err.contains("unauthorized") || err.contains("authentication required"),
+        "{err}"
+    );
+    h.ok(&["registry", "public", "beta/app"]);
+    skopeo(&["inspect", "--tls-verify=false", "--no-creds", &beta_app]);
+
+    let metrics = http("GET", &reg.admin, "/metrics", &[], b"");
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains(
+            "hangar_registry_requests_total{route=\"manifest\",method=\"PUT\",status=\"201\"}"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("hangar_registry_received_bytes_total"),
+        "{text}"
+    );
+}
+
+/// Every route, with another org's token, answers for an existing repository
+/// exactly as for a missing one.
+#[test]
+fn tenant_isolation_route_by_route() {
+    let h = Hangar::new();
+    let reg = HangarRegistry::start(&h, &[]);
+    let acme = token(&h, "acme", &[]);
+    let evil = token(&h, "evil", &[]);
+    let work = tempfile::tempdir().unwrap();
+    let image = small_image("secret");
+    skopeo_push(
+        &image,
+        work.path(),
+        &format!("{}/acme/app:1", reg.host),
+        &acme,
+    );
+    let manifest = format!("sha256:{}", image.manifest_hex());
+    let layer = format!("sha256:{}", sha256_hex(&image.layers[1].0));
+    let a = basic(&acme);
+    let e = basic(&evil);
+
+    // An upload session acme opened, to try from evil's side.
+    let started = http(
+        "POST",
+        &reg.host,
+        "/v2/acme/app/blobs/uploads/",
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(started.status, 202);
+    let acme_upload = started.header("location").unwrap().to_string();
+    let ghost_upload = acme_upload.replace("/acme/app/", "/acme/ghost/");
+
+    let routes: Vec<(&str, String, String, Vec<u8>)> = vec![
+        (
+            "GET",
+            "/v2/acme/app/manifests/1".into(),
+            "/v2/acme/ghost/manifests/1".into(),
+            vec![],
+        ),
+        (
+            "HEAD",
+            "/v2/acme/app/manifests/1".into(),
+            "/v2/acme/ghost/manifests/1".into(),
+            vec![],
+        ),
+        (
+            "GET",
+            format!("/v2/acme/app/manifests/{manifest}"),
+            format!("/v2/acme/ghost/manifests/{manifest}"),
+            vec![],
+        ),
+        (
+            "GET",
+            format!("/v2/acme/app/blobs/{layer}"),
+            format!("/v2/acme/ghost/blobs/{layer}"),
+            vec![],
+        ),
+        (
+            "HEAD",
+            format!("/v2/acme/app/blobs/{layer}"),
+            format!("/v2/acme/ghost/blobs/{layer}"),
+            vec![],
+        ),
+        (
+            "GET",
+            "/v2/acme/app/tags/list".into(),
+            "/v2/acme/ghost/tags/list".into(),
+            vec![],
+        ),
+        (
+            "GET",
+            format!("/v2/acme/app/referrers/{manifest}"),
+            format!("/v2/acme/ghost/referrers/{manifest}"),
+            vec![],
+        ),
+        (
+            "DELETE",
+            format!("/v2/acme/app/manifests/{manifest}"),
+            format!("/v2/acme/ghost/manifests/{manifest}"),
+            vec![],
+        ),
+        (
+            "DELETE",
+            "/v2/acme/app/manifests/1".into(),
+            "/v2/acme/ghost/manifests/1".into(),
+            vec![],
+        ),
+        (
+            "DELETE",
+            format!("/v2/acme/app/blobs/{layer}"),
+            format!("/v2/acme/ghost/blobs/{layer}"),
+            vec![],
+        ),
+        (
+            "PUT",
+            "/v2/acme/app/manifests/2".into(),
+            "/v2/acme/ghost/manifests/2".into(),
+            image.manifest.clone(),
+        ),
+        (
+            "POST",
+            "/v2/acme/app/blobs/uploads/".into(),
+            "/v2/acme/ghost/blobs/uploads/".into(),
+            vec![],
+        ),
+        (
+            "PATCH",
+            acme_upload.clone(),
+            ghost_upload.clone(),
+            b"x".to_vec(),
+        ),
+        ("GET", acme_upload.clone(), ghost_upload.clone(), vec![]),
+        (
+            "PUT",
+            format!("{acme_upload}&digest={layer}"),
+            format!("{ghost_upload}&digest={layer}"),
+            vec![],
+        ),
+        ("DELETE", acme_upload.clone(), ghost_upload.clone(), vec![]),
+    ];
+    for (method, existing, missing, body) in &routes {
+        let ct = [
+            ("Authorization", e.as_str()),
+            ("Content-Type", "application/vnd.oci.image.manifest.v1+json"),
+        ];
+        let got = http(method, &reg.host, existing, &ct, body);
+        let want = http(method, &reg.host, missing, &ct, body);
+        assert!(
+            got.status >= 400,
+            "{method} {existing} let evil in: {}",
+            got.status
+        );
+        assert_eq!(
+            (got.status, &got.body),
+            (want.status, &want.body),
+            "{method} {existing} differs from a missing repository"
+        );
+        for header in ["www-authenticate", "content-type", "content-length"] {
+            assert_eq!(
+                got.header(header),
+                want.header(header),
+                "{method} {existing}: {header}"
+            );
+        }
+    }
+    // Nothing changed for acme.
+    let still = http(
+        "GET",
+        &reg.host,
+        "/v2/acme/app/manifests/1",
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(still.status, 200);
+
+    // A mount from a repository evil cannot read opens a plain upload.
+    let mount = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/evil/app/blobs/uploads/?mount={layer}&from=acme/app"),
+        &[("Authorization", &e)],
+        b"",
+    );
+    assert_eq!(mount.status, 202, "mount must not be performed");
+    let ghost_mount = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/evil/app/blobs/uploads/?mount={layer}&from=acme/ghost"),
+        &[("Authorization", &e)],
+        b"",
+    );
+    assert_eq!(ghost_mount.status, 202);
+    assert_eq!(
+        http(
+            "HEAD",
+            &reg.host,
+            &format!("/v2/evil/app/blobs/{layer}"),
+            &[("Authorization", &e)],
+            b""
+        )
+        .status,
+        404
+    );
+    // The same mount by acme itself is performed.
+    let own = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/acme/copy/blobs/uploads/?mount={layer}&from=acme/app"),
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(own.status, 201);
+
+    // An upload cannot be moved into another repository: its state is HMAC'd.
+    let moved = acme_upload.replace("/acme/app/", "/acme/copy/");
+    let r = http(
+        "PATCH",
+        &reg.host,
+        &moved,
+        &[("Authorization", &a)],
+        b"data",
+    );
+    assert_eq!((r.status, r.code().as_str()), (404, "BLOB_UPLOAD_UNKNOWN"));
+
+    // The catalog shows each caller its own.
+    let cat = http(
+        "GET",
+        &reg.host,
+        "/v2/_catalog",
+        &[("Authorization", &e)],
+        b"",
+    )
+    .json();
+    assert_eq!(cat["repositories"], serde_json::json!([]));
+    let cat = http(
+        "GET",
+        &reg.host,
+        "/v2/_catalog",
+        &[("Authorization", &a)],
+        b"",
+    )
+    .json();
+    assert_eq!(
+        cat["repositories"],
+        serde_json::json!(["acme/app", "acme/copy"])
+    );
+
+    // Anonymous callers get the same challenge for existing and missing.
+    let got = http("GET", &reg.host, "/v2/acme/app/manifests/1", &[], b"");
+    let want = http("GET", &reg.host, "/v2/acme/ghost/manifests/1", &[], b"");
+    assert_eq!(got.status, 401);
+    assert_eq!(
+        got.header("www-authenticate")
+            .map(|c| c.replace("acme/app", "X")),
+        want.header("www-authenticate")
+            .map(|c| c.replace("acme/ghost", "X"))
+    );
+    // Bearer tokens from /v2/token carry only what the caller may have.
+    let t = http(
+        "GET",
+        &reg.host,
+        "/v2/token?service=hangar-registry&scope=repository:acme/app:pull,push",
+        &[("Authorization", &e)],
+        b"",
+    )
+    .json();
+    let bearer = format!("Bearer {}", t["token"].as_str().unwrap());
+    assert_eq!(
+        http(
+            "GET",
+            &reg.host,
+            "/v2/acme/app/manifests/1",
+            &[("Authorization", &bearer)],
+            b""
+        )
+        .code(),
+        "NAME_UNKNOWN"
+    );
+    let t = http(
+        "GET",
+        &reg.host,
+        "/v2/token?service=hangar-registry&scope=repository:acme/app:pull",
+        &[("Authorization", &a)],
+        b"",
+    )
+    .json();
+    let bearer = format!("Bearer {}", t["token"].as_str().unwrap());
+    assert_eq!(
+        http(
+            "GET",
+            &reg.host,
+            "/v2/acme/app/manifests/1",
+            &[("Authorization", &bearer)],
+            b""
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        http(
+            "GET",
+            &reg.host,
+            "/v2/acme/copy/tags/list",
+            &[("Authorization", &bearer)],
+            b""
+        )
+        .status,
+        401,
+        "scope limits the bearer token"
+    );
+    assert_eq!(
+        http(
+            "GET",
+            &reg.host,
+            "/v2/token?scope=repository:acme/app:pull",
+            &[("Authorization", &basic("hgr_bad_token"))],
+            b""
+        )
+        .status,
+        401
+    );
+}
+
+#[test]
+fn upload_protocol_ranges_referrers_and_bad_input() {
+    let h = Hangar::new();
+    let reg = HangarRegistry::start(&h, &["--max-blob-size", "1000000"]);
+    let a = basic(&token(&h, "acme", &[]));
+    let auth = [("Authorization", a.as_str())];
+    let data: Vec<u8> = (0..30u8).collect();
+    let digest = format!("sha256:{}", sha256_hex(&data));
+
+    // Chunked upload with an out-of-order chunk, a status check and resume.
+    let start = http(
+        "POST",
+        &reg.host,
+        "/v2/acme/blobs/blobs/uploads/",
+        &auth,
+        b"",
+    );
+    assert_eq!(start.status, 202);
+    let loc = start.header("location").unwrap().to_string();
+    let r = http(
+        "PATCH",
+        &reg.host,
+        &loc,
+        &[auth[0], ("Content-Range", "0-9")],
+        &data[..10],
+    );
+    assert_eq!((r.status, r.header("range")), (202, Some("0-9")));
+    let loc = r.header("location").unwrap().to_string();
+    let r = http(
+        "PATCH",
+        &reg.host,
+        &loc,
+        &[auth[0], ("Content-Range", "20-29")],
+        &data[20..],
+    );
+    assert_eq!((r.status, r.header("range")), (416, Some("0-9")));
+    let r = http("GET", &reg.host, &loc, &auth, b"");
+    assert_eq!((r.status, r.header("range")), (204, Some("0-9")));
+    let r = http(
+        "PATCH",
+        &reg.host,
+        &loc,
+        &[auth[0], ("Content-Range", "10-19")],
+        &data[10..20],
+    );
+    assert_eq!(r.status, 202);
+    let wrong = format!("sha256:{}", sha256_hex(b"nope"));
+    let r = http(
+        "PUT",
+        &reg.host,
+        &format!("{loc}&digest={wrong}"),
+        &auth,
+        &data[20..],
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "DIGEST_INVALID"));
+    // That upload is gone; a monolithic POST does it in one go.
+    let r = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/acme/blobs/blobs/uploads/?digest={digest}"),
+        &auth,
+        &data,
+    );
+    assert_eq!(
+        (r.status, r.header("docker-content-digest")),
+        (201, Some(digest.as_str()))
+    );
+    let r = http(
+        "GET",
+        &reg.host,
+        &format!("/v2/acme/blobs/blobs/{digest}"),
+        &[auth[0], ("Range", "bytes=5-14")],
+        b"",
+    );
+    assert_eq!(
+        (r.status, r.body.as_slice(), r.header("content-range")),
+        (206, &data[5..15], Some("bytes 5-14/30"))
+    );
+    let r = http(
+        "GET",
+        &reg.host,
+        &format!("/v2/acme/blobs/blobs/{digest}"),
+        &[auth[0], ("Range", "bytes=40-")],
+        b"",
+    );
+    assert_eq!(r.status, 416);
+    // Cancel.
+    let loc = http(
+        "POST",
+        &reg.host,
+        "/v2/acme/blobs/blobs/uploads/",
+        &auth,
+        b"",
+    )
+    .header("location")
+    .unwrap()
+    .to_string();
+    assert_eq!(http("DELETE", &reg.host, &loc, &auth, b"").status, 204);
+    assert_eq!(
+        http("GET", &reg.host, &loc, &auth, b"").code(),
+        "BLOB_UPLOAD_UNKNOWN"
+    );
+    // Over the size limit.
+    let big = vec![0u8; 1_000_001];
+    let r = http(
+        "POST",
+        &reg.host,
+        &format!(
+            "/v2/acme/blobs/blobs/uploads/?digest=sha256:{}",
+            sha256_hex(&big)
+        ),
+        &auth,
+        &big,
+    );
+    assert_eq!((r.status, r.code().as_str()), (413, "SIZE_INVALID"));
+
+    // Manifests: an image, an artifact pointing at it, referrers, tags pages.
+    let empty_config = b"{}".to_vec();
+    let cfg = format!("sha256:{}", sha256_hex(&empty_config));
+    http(
+        "POST",
+        &reg.host,
+        &format!("/v2/acme/blobs/blobs/uploads/?digest={cfg}"),
+        &auth,
+        &empty_config,
+    );
+    let image = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": 30}],
+    }).to_string();
+    let ct = ("Content-Type", "application/vnd.oci.image.manifest.v1+json");
+    for tag in ["a", "b", "c"] {
+        assert_eq!(
+            http(
+                "PUT",
+                &reg.host,
+                &format!("/v2/acme/blobs/manifests/{tag}"),
+                &[auth[0], ct],
+                image.as_bytes()
+            )
+            .status,
+            201
+        );
+    }
+    let image_digest = format!("sha256:{}", sha256_hex(image.as_bytes()));
+    let r = http("GET", &reg.host, "/v2/acme/blobs/tags/list?n=2", &auth, b"");
+    assert_eq!(r.json()["tags"], serde_json::json!(["a", "b"]));
+    assert_eq!(
+        r.header("link"),
+        Some("</v2/acme/blobs/tags/list?n=2&last=b>; rel=\"next\"")
+    );
+    let sig = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.signature",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg, "size": 2}],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image_digest, "size": image.len()},
+        "annotations": {"signed-by": "test"},
+    }).to_string();
+    let sig_digest = format!("sha256:{}", sha256_hex(sig.as_bytes()));
+    let r = http(
+        "PUT",
+        &reg.host,
+        &format!("/v2/acme/blobs/manifests/{sig_digest}"),
+        &[auth[0], ct],
+        sig.as_bytes(),
+    );
+    assert_eq!(
+        (r.status, r.header("oci-subject")),
+        (201, Some(image_digest.as_str()))
+    );
+    let r = http(
+        "GET",
+        &reg.host,
+        &format!("/v2/acme/blobs/referrers/{image_digest}"),
+        &auth,
+        b"",
+    );
+    assert_eq!(r.json()["manifests"][0]["digest"], sig_digest);
+    assert_eq!(
+        r.json()["manifests"][0]["artifactType"],
+        "application/vnd.example.signature"
+    );
+    let r = http(
+        "GET",
+        &reg.host,
+        &format!("/v2/acme/blobs/referrers/{image_digest}?artifactType=application/other"),
+        &auth,
+        b"",
+    );
+    assert_eq!(
+        (
+            r.json()["manifests"].as_array().unwrap().len(),
+            r.header("oci-filters-applied")
+        ),
+        (0, Some("artifactType"))
+    );
+
+    // Bad input: spec error codes, never a 5xx.
+    let unknown = format!("sha256:{}", sha256_hex(b"never uploaded"));
+    let missing_blob = image.replace(&digest, &unknown);
+    let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
+        (
+            "PUT",
+            "/v2/acme/blobs/manifests/x".into(),
+            b"{not json".to_vec(),
+            400,
+            "MANIFEST_INVALID",
+        ),
+        (
+            "PUT",
+            "/v2/acme/blobs/manifests/x".into(),
+            missing_blob.into_bytes(),
+            400,
+            "MANIFEST_BLOB_UNKNOWN",
+        ),
+        (
+            "PUT",
+            format!("/v2/acme/blobs/manifests/{unknown}"),
+            image.clone().into_bytes(),
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "PUT",
+            "/v2/acme/blobs/manifests/x".into(),
+            vec![b' '; 4 * 1024 * 1024 + 1],
+            413,
+            "MANIFEST_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/acme/blobs/manifests/nope".into(),
+            vec![],
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            "GET",
+            "/v2/acme/blobs/blobs/sha256:zz".into(),
+            vec![],
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "GET",
+            format!("/v2/acme/blobs/blobs/{unknown}"),
+            vec![],
+            404,
+            "BLOB_UNKNOWN",
+        ),
+        (
+            "GET",
+            "/v2/ACME/x/manifests/1".into(),
+            vec![],
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/acme/manifests/1".into(),
+            vec![],
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/acme/blobs/tags/list?n=x".into(),
+            vec![],
+            400,
+            "PAGINATION_NUMBER_INVALID",
+        ),
+        (
+            "PUT",
+            "/v2/acme/blobs/blobs/uploads/nosuch?_state=00".into(),
+            vec![],
+            404,
+            "BLOB_UPLOAD_UNKNOWN",
+        ),
+        (
+            "POST",
+            "/v2/acme/blobs/blobs/uploads/?digest=sha256:00".into(),
+            vec![],
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "PATCH",
+            "/v2/acme/blobs/manifests/a".into(),
+            vec![],
+            405,
+            "UNSUPPORTED",
+        ),
+    ];
+    for (method, target, body, status, code) in cases {
+        let r = http(method, &reg.host, &target, &[auth[0], ct], &body);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (status, code),
+            "{method} {target}"
+        );
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    // Deleting a tag leaves the manifest; deleting the manifest drops its tags.
+    assert_eq!(
+        http(
+            "DELETE",
+            &reg.host,
+            "/v2/acme/blobs/manifests/a",
+            &auth,
+            b""
+        )
+        .status,
+        202
+    );
+    assert_eq!(
+        http(
+            "GET",
+            &reg.host,
+            &format!("/v2/acme/blobs/manifests/{image_digest}"),
+            &auth,
+            b""
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        http(
+            "DELETE",
+            &reg.host,
+            &format!("/v2/acme/blobs/manifests/{image_digest}"),
+            &auth,
+            b""
+        )
+        .status,
+        202
+    );
+    assert_eq!(
+        http("GET", &reg.host, "/v2/acme/blobs/manifests/b", &auth, b"").code(),
+        "MANIFEST_UNKNOWN"
+    );
+}
+
+#[test]
+fn a_killed_registry_serves_only_whole_content_and_gc_reclaims() {
+    let h = Hangar::new();
+    let mut reg = HangarRegistry::start(&h, &["--upload-timeout", "2s"]);
+    let acme = token(&h, "acme", &[]);
+    let work = tempfile::tempdir().unwrap();
+    // Big enough that the push is still running when the registry dies.
+    let big: Vec<u8> = (0..12_000_000u32)
+        .flat_map(|i| i.wrapping_mul(2654435761).to_le_bytes())
+        .collect();
+    let image = BuiltImage::new(
+        &[(layer_tar(&[Entry::File("big", 0o644, big)]), Compress::None)],
+        host_arch(),
+        &["/big"],
+    );
+    let layout = work.path().join("layout");
+    image.write_layout(&layout, "t");
+    let dest = format!("docker://{}/acme/big:1", reg.host);
+    let mut push = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &format!("x:{acme}"),
+            &format!("oci:{}:t", layout.display()),
+            &dest,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let uploads = h.home().join("registry/uploads");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let partial = fs::read_dir(&uploads)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.metadata().map(|m| m.len() > 1_000_000).unwrap_or(false))
+            })
+            .unwrap_or(false);
+        if partial {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the push never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill_9(reg.pid());
+    reg.kill();
+    let _ = push.wait();
+
+    let reg = HangarRegistry::start(&h, &["--upload-timeout", "2s"]);
+    let creds = format!("x:{acme}");
+    let err = skopeo_fails(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{}/acme/big:1", reg.host),
+    ]);
+    assert!(err.contains("unknown"), "{err}");
+    // Every blob that is visible is whole.
+    for e in fs::read_dir(h.home().join("registry/oci/blobs/sha256"))
+        .unwrap()
+        .flatten()
+    {
+        assert_eq!(
+            sha256_hex(&fs::read(e.path()).unwrap()),
+            e.file_name().to_string_lossy(),
+            "corrupt visible blob"
+        );
+    }
+    // Abandoned uploads are cleaned after the timeout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::read_dir(&uploads).unwrap().count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "abandoned uploads were not cleaned"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The push can be done again, and then pulled whole.
+    let dest = format!("docker://{}/acme/big:1", reg.host);
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &creds,
+        &format!("oci:{}:t", layout.display()),
+        &dest,
+    ]);
+    let small = small_image("gc me");
+    skopeo_push(
+        &small,
+        work.path(),
+        &format!("{}/acme/small:1", reg.host),
+        &acme,
+    );
+    let client = Hangar::new();
+    client.ok(&[
+        "image",
+        "pull",
+        &format!("{}/acme/big:1", reg.host),
+        "--creds",
+        &creds,
+    ]);
+
+    // gc refuses while the registry runs; after a delete and a stop it frees space.
+    let err = h.fails(&["registry", "gc"]);
+    assert!(err.contains("stop"), "{err}");
+    skopeo(&["delete", "--tls-verify=false", "--creds", &creds, &dest]);
+    drop(reg);
+    let out = h.ok(&["registry", "gc"]);
+    let freed: u64 = out.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!(freed >= 48_000_000, "{out}");
+    let reg = HangarRegistry::start(&h, &[]);
+    let fresh = Hangar::new();
+    fresh.ok(&[
+        "image",
+        "pull",
+        &format!("{}/acme/small:1", reg.host),
+        "--creds",
+        &creds,
+    ]);
+}
+
+fn kill_9(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
