@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
+. bench/lib.sh
 ensure_commands docker-registry:docker-registry skopeo:skopeo umoci:umoci
 rounds=${1:-3}
 cargo build --release -q -p hangar
@@ -19,27 +20,7 @@ cleanup() { [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 export HANGAR_HOME=$work/home
 
-# Layers: real trees from this machine, until the image passes 200 MB.
-total=0 layers=0 base=()
-for src in /usr/lib/gcc /usr/lib/python3.11 /usr/share/perl /usr/share/doc /usr/share/locale /usr/bin /usr/lib/x86_64-linux-gnu; do
-    [ -d "$src" ] || continue
-    dir=$work/src/$layers
-    mkdir -p "$dir$(dirname "$src")"
-    cp -a "$src" "$dir$(dirname "$src")/"
-    size=$(du -sm "$dir" | cut -f1)
-    total=$((total + size))
-    "$hangar" image build "$dir" -t "bench/big:$layers" "${base[@]}" >/dev/null
-    base=(--base "bench/big:$layers")
-    layers=$((layers + 1))
-    [ "$total" -ge 220 ] && break
-done
-image=bench/big:$((layers - 1))
-rm -rf "$work/src"
-echo "image: $layers layers, $total MB uncompressed"
-
-now() { date +%s%N; }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-ms() { echo $(( ($2 - $1) / 1000000 )); }
+build_image 220
 
 # unpack
 "$hangar" image save "$image" -o "$work/layout" >/dev/null
@@ -60,16 +41,8 @@ u_ours=$(printf '%s\n' "${ours[@]}" | median)
 u_theirs=$(printf '%s\n' "${theirs[@]}" | median)
 
 # pull
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/registry.yml" <<YAML
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $work/registry}}
-http: {addr: 127.0.0.1:$port}
-YAML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-reg_pid=$!
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+port=$(free_port)
+docker_registry "$port" "$work/registry"
 remote=127.0.0.1:$port/bench/big:1
 "$hangar" image push "$image" "$remote" >/dev/null
 ours=() theirs=()
@@ -84,7 +57,6 @@ done
 p_ours=$(printf '%s\n' "${ours[@]}" | median)
 p_theirs=$(printf '%s\n' "${theirs[@]}" | median)
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 printf '%-7s hangar %6d ms   %-6s %6d ms   ratio %sx (goal <= %s)\n' \
     unpack "$u_ours" umoci "$u_theirs" "$(ratio "$u_ours" "$u_theirs")" 0.5 \
     pull "$p_ours" skopeo "$p_theirs" "$(ratio "$p_ours" "$p_theirs")" 1.0
