@@ -375,6 +375,9 @@ impl Registry {
                 match (method, id) {
                     (Method::POST, None) => self.start_upload(&caller, &name, &q, req).await,
                     (m, Some(id)) => {
+                        if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                            return Err(ApiError::upload_unknown().into());
+                        }
                         let state = param(&q, "_state").unwrap_or("");
                         if !self.auth.check_upload_state(&name, &id, state)
                             || self.store.upload(&id).is_none()
