@@ -196,6 +196,8 @@ pub struct Unpacker {
     /// Relative paths known to be real directories (not symlinks) under root.
     safe_dirs: HashSet<PathBuf>,
     privileged: bool,
+    /// Write whiteouts the way overlayfs reads them, instead of applying them.
+    overlay: bool,
     /// The process umask, which `open` applies to new files' modes.
     umask: u32,
     xattr_warned: bool,
@@ -244,6 +246,7 @@ impl Unpacker {
     pub fn new(root: &Path) -> Unpacker {
         Unpacker {
             root: root.to_path_buf(),
+            overlay: false,
             safe_dirs: HashSet::new(),
             privileged: rustix::process::geteuid().is_root(),
             umask: current_umask(),
@@ -251,6 +254,17 @@ impl Unpacker {
             buf: vec![0; WRITE_BUF],
             entries: 0,
             warnings: Vec::new(),
+        }
+    }
+
+    /// An unpacker that writes one layer as an overlayfs lower directory (a
+    /// snapshot): whiteouts become 0:0 character devices and opaque markers
+    /// the `trusted.overlay.opaque` xattr, so overlayfs hides what lies below.
+    /// Needs root, as overlayfs itself does.
+    pub fn for_overlay(root: &Path) -> Unpacker {
+        Unpacker {
+            overlay: true,
+            ..Unpacker::new(root)
         }
     }
 
@@ -346,6 +360,31 @@ impl Unpacker {
         Ok(())
     }
 
+    /// A whiteout in overlay form, in a snapshot holding just this layer.
+    fn overlay_whiteout(&mut self, rel: &Path, hidden: &[u8], layer: &str, raw: &Path, state: &mut LayerState) -> Result<()> {
+        self.check_ancestors(rel, layer, raw, state, true)?;
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        if hidden == b".wh..opq" {
+            let dir = self.root.join(parent);
+            fs::create_dir_all(&dir).at(&dir)?;
+            rustix::fs::lsetxattr(&dir, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())
+                .map_err(io::Error::from)
+                .at(&dir)?;
+            return Ok(());
+        }
+        if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.contains(&b'/') {
+            return Err(Self::unsafe_entry(layer, raw, "whiteout names no file"));
+        }
+        let target = parent.join(OsStr::from_bytes(hidden));
+        self.remove_existing(&target)?;
+        let full = self.root.join(&target);
+        rustix::fs::mknodat(CWD, &full, FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(0, 0))
+            .map_err(io::Error::from)
+            .at(&full)?;
+        state.paths.insert(target);
+        Ok(())
+    }
+
     /// Remember `dir`'s mtime before this layer first changes its entries.
     fn keep_parent_time(&self, dir: &Path, state: &mut LayerState) {
         if state.parent_times.contains_key(dir) {
@@ -381,6 +420,9 @@ impl Unpacker {
         let name = rel.file_name().map(OsStr::as_bytes).unwrap_or(b"");
         if let Some(hidden) = name.strip_prefix(b".wh.") {
             let parent = rel.parent().unwrap_or(Path::new(""));
+            if self.overlay {
+                return self.overlay_whiteout(&rel, hidden, layer, raw, state);
+            }
             if !self.check_ancestors(&rel, layer, raw, state, false)? {
                 return Ok(());
             }

@@ -1,0 +1,24 @@
+//! `hangar-machine`: everything about machines that touches the host.
+//!
+//! It owns layer [`snapshot`]s (each layer unpacked once, keyed by ChainID),
+//! the container driver ([`runtime::Runtime`]: runc bundles, one shim per
+//! machine, logs, exit codes and OOM kills), and the private [`network`]
+//! (bridge, namespaces, addresses).
+//!
+//! Key design decision: isolation is done by Debian's `runc`, a maintained
+//! OCI runtime, rather than hand-rolled namespace code; it handles cgroup v1,
+//! hybrid and v2 hosts alike. Hangar writes the bundle and supervises runc
+//! through a small shim process per machine that outlives `hangar up`, and
+//! whose files (pid, exit code, log) let a restarted node adopt machines.
+//!
+//! This crate does not decide what should run (that is `hangar-api`'s
+//! reconcile loop) and knows nothing of HTTP.
+
+pub mod bundle;
+pub mod error;
+pub mod network;
+pub mod runtime;
+pub mod snapshot;
+
+pub use error::{Error, Result};
+pub use runtime::{Exit, MachineSpec, ProcState, Runtime};

@@ -1,0 +1,132 @@
+//! The private network: a host bridge (`hangar0`) with a ULA IPv6 prefix and
+//! an IPv4 subnet; each machine gets a network namespace, a veth pair into
+//! the bridge, and addresses derived from its slot number, so they are stable
+//! across restarts. Machines reach each other and the host over the bridge;
+//! the host reaches their ports. Nothing is forwarded out: Hangar never turns
+//! on IP forwarding, and where the host has it on, a firewall rule drops
+//! traffic from the bridge to anywhere else (the egress proxy is the way out).
+//!
+//! Uses iproute2's `ip` and `iptables`: both are on every Debian host, and
+//! shelling out keeps this code small and obvious.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::error::{run, Error, Result};
+
+pub const BRIDGE: &str = "hangar0";
+/// `fdaa:6a6e:6172::/64`: a ULA prefix, like Fly's 6PN.
+pub const PREFIX6: [u16; 3] = [0xfdaa, 0x6a6e, 0x6172];
+pub const SUBNET4: [u8; 2] = [10, 213];
+
+/// A machine's addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addresses {
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+pub fn gateway() -> Addresses {
+    address(1)
+}
+
+/// The addresses of slot `n` (2 and up; 1 is the host).
+pub fn address(n: u32) -> Addresses {
+    let n = n.clamp(1, 65_000);
+    Addresses {
+        v4: Ipv4Addr::new(SUBNET4[0], SUBNET4[1], (n >> 8) as u8, (n & 0xff) as u8),
+        v6: Ipv6Addr::new(PREFIX6[0], PREFIX6[1], PREFIX6[2], 0, 0, 0, 0, n as u16),
+    }
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+fn netns(id: &str) -> String {
+    format!("hangar-{}", &id[..id.len().min(12)])
+}
+
+fn host_veth(id: &str) -> String {
+    format!("hv{}", &id[..id.len().min(12)])
+}
+
+/// The path runc joins for the machine's network namespace.
+pub fn netns_path(id: &str) -> PathBuf {
+    PathBuf::from("/var/run/netns").join(netns(id))
+}
+
+/// Create the bridge (once per host boot) and the no-forwarding rule.
+pub fn ensure_bridge() -> Result<()> {
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Err(Error::Host("`ip` (iproute2) is not installed; install iproute2".into()));
+    }
+    let exists = Command::new("ip").args(["link", "show", BRIDGE]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !exists {
+        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+    }
+    let gw = gateway();
+    let _ = ip(&["addr", "add", &format!("{}/16", gw.v4), "dev", BRIDGE]);
+    let _ = ip(&["-6", "addr", "add", &format!("{}/64", gw.v6), "dev", BRIDGE, "nodad"]);
+    ip(&["link", "set", BRIDGE, "up"])?;
+    // Drop anything routed from the bridge elsewhere, should forwarding be on.
+    for tool in ["iptables", "ip6tables"] {
+        let rule = ["FORWARD", "-i", BRIDGE, "!", "-o", BRIDGE, "-j", "DROP"];
+        let present = Command::new(tool).arg("-C").args(rule).output().map(|o| o.status.success()).unwrap_or(true);
+        if !present {
+            let _ = Command::new(tool).arg("-I").args(rule).output();
+        }
+    }
+    Ok(())
+}
+
+/// Give machine `id` its namespace, veth and addresses in slot `slot`.
+pub fn attach(id: &str, slot: u32) -> Result<Addresses> {
+    ensure_bridge()?;
+    detach(id);
+    let ns = netns(id);
+    let veth = host_veth(id);
+    let addr = address(slot);
+    let gw = gateway();
+    ip(&["netns", "add", &ns])?;
+    let result = (|| {
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{}/16", addr.v4), "dev", "eth0"])?;
+        ip(&["-n", &ns, "-6", "addr", "add", &format!("{}/64", addr.v6), "dev", "eth0", "nodad"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "route", "add", "default", "via", &gw.v4.to_string()])?;
+        ip(&["-n", &ns, "-6", "route", "add", "default", "via", &gw.v6.to_string()])?;
+        Ok(addr.clone())
+    })();
+    if result.is_err() {
+        detach(id);
+    }
+    result
+}
+
+/// Remove the machine's namespace (its veth pair goes with it). Idempotent.
+pub fn detach(id: &str) {
+    let _ = ip(&["netns", "del", &netns(id)]);
+    let _ = ip(&["link", "del", &host_veth(id)]);
+}
+
+/// Whether the machine's namespace exists (for tests of cleanup).
+pub fn attached(id: &str) -> bool {
+    netns_path(id).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_stable_per_slot() {
+        assert_eq!(address(2).v4, Ipv4Addr::new(10, 213, 0, 2));
+        assert_eq!(address(258).v4, Ipv4Addr::new(10, 213, 1, 2));
+        assert_eq!(address(2).v6.to_string(), "fdaa:6a6e:6172::2");
+        assert_eq!(gateway().v4, Ipv4Addr::new(10, 213, 0, 1));
+    }
+}

@@ -1,0 +1,464 @@
+//! The `container` driver: machines as runc containers, one shim each.
+//!
+//! Layout of a machine under `$HANGAR_HOME/machines/<id>/`:
+//!
+//! ```text
+//! bundle/config.json   what runc runs (see bundle.rs)
+//! rootfs/              overlay: snapshots below, upper/ on top
+//! upper/ work/         the machine's own writable layer
+//! init.json            hangar-init's config, bind-mounted read-only
+//! lease                ChainIDs of the snapshots it uses
+//! machine.log[.1]      stdout and stderr, rotated by size
+//! shim.pid, exit.json  the shim while it runs; how the app ended
+//! ```
+//!
+//! The shim (`hangar machine-shim`) runs `runc run` in the foreground in its
+//! own session, so machines outlive `hangar up`; it copies output into the
+//! log, watches `runc events` for OOM kills and writes `exit.json` when the
+//! app ends. Everything the control plane needs to know survives in files,
+//! so a restarted node adopts running machines.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hangar_init::InitConfig;
+use hangar_oci::{Digest, Reference, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::{self, Limits};
+use crate::error::{run, Error, IoContext, Result};
+use crate::network::{self, Addresses};
+use crate::snapshot::{chain_ids, Snapshots};
+
+/// Logs rotate when they pass this size; one older file is kept.
+pub const LOG_ROTATE_BYTES: u64 = 8 << 20;
+
+/// What the driver needs to create a machine.
+#[derive(Clone, Debug)]
+pub struct MachineSpec {
+    pub id: String,
+    pub hostname: String,
+    pub image: Reference,
+    /// Machine overrides; the image part is filled in from the image config.
+    pub init: InitConfig,
+    pub limits: Limits,
+    /// Network slot: decides the machine's addresses.
+    pub slot: u32,
+}
+
+/// How a machine's app ended.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i32,
+    pub oom: bool,
+    /// Seconds since the epoch.
+    pub at: u64,
+}
+
+/// What the host sees of a machine's process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcState {
+    Running,
+    Exited(Exit),
+    /// Never started, or its shim vanished without a word.
+    NotRunning,
+}
+
+/// The result of creating a machine.
+pub struct Created {
+    pub addresses: Addresses,
+    /// Whether any layer had to be unpacked (false for a second machine).
+    pub unpacked: bool,
+}
+
+pub struct Runtime {
+    machines: PathBuf,
+    runc_root: PathBuf,
+    store: Store,
+    snapshots: Snapshots,
+    init_bin: PathBuf,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn runc(root: &Path) -> Command {
+    let mut c = Command::new("runc");
+    c.arg("--root").arg(root);
+    c
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A shim that exited but was not reaped yet is a zombie: not alive.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+impl Runtime {
+    /// `init_bin` is the static hangar-init binary to put in every machine.
+    pub fn open(home: &Path, init_bin: PathBuf) -> Result<Runtime> {
+        let machines = home.join("machines");
+        let runc_root = machines.join("runc");
+        fs::create_dir_all(&runc_root).at(&runc_root)?;
+        if !init_bin.is_file() {
+            return Err(Error::Host(format!(
+                "hangar-init not found at {}; build it with scripts/build-init (or set HANGAR_INIT)",
+                init_bin.display()
+            )));
+        }
+        Ok(Runtime {
+            store: Store::open(home)?,
+            snapshots: Snapshots::open(home)?,
+            machines,
+            runc_root,
+            init_bin,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.machines.join(id)
+    }
+
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.dir(id).join("machine.log")
+    }
+
+    /// Build everything a machine needs short of starting it: snapshots,
+    /// its own layer, the overlay mount, its network, the bundle.
+    pub fn create(&self, spec: &MachineSpec) -> Result<Created> {
+        let image = self.store.image(&spec.image)?;
+        let (lowers, unpacked) = self.snapshots.prepare(&self.store, &image)?;
+        let dir = self.dir(&spec.id);
+        for sub in ["upper", "work", "rootfs", "bundle"] {
+            fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
+        }
+        let lease: Vec<String> = chain_ids(&image.config.rootfs.diff_ids).iter().map(|d| d.to_string()).collect();
+        fs::write(dir.join("lease"), lease.join("\n")).at(dir.join("lease"))?;
+
+        let run = image.config.config.clone().unwrap_or_default();
+        let mut init = spec.init.clone();
+        init.hostname = spec.hostname.clone();
+        init.image = hangar_init::ImageProcess {
+            entrypoint: run.entrypoint.unwrap_or_default(),
+            cmd: run.cmd.unwrap_or_default(),
+            env: run.env.unwrap_or_default(),
+            workdir: run.working_dir.unwrap_or_default(),
+            user: run.user.unwrap_or_default(),
+        };
+        let addresses = network::attach(&spec.id, spec.slot)?;
+        init.hosts.push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
+        init.hosts.push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
+        let init_path = dir.join("init.json");
+        let bytes = serde_json::to_vec_pretty(&init).map_err(|e| Error::Host(e.to_string()))?;
+        fs::write(&init_path, bytes).at(&init_path)?;
+
+        let config = bundle::config(
+            &spec.id,
+            &spec.hostname,
+            &dir.join("rootfs"),
+            &self.init_bin,
+            &init_path,
+            &network::netns_path(&spec.id),
+            spec.limits,
+        );
+        let bundle_path = dir.join("bundle/config.json");
+        fs::write(&bundle_path, serde_json::to_vec_pretty(&config).unwrap_or_default()).at(&bundle_path)?;
+        self.mount(&spec.id, &lowers)?;
+        Ok(Created { addresses, unpacked })
+    }
+
+    fn mount(&self, id: &str, lowers: &[PathBuf]) -> Result<()> {
+        let dir = self.dir(id);
+        let rootfs = dir.join("rootfs");
+        if is_mountpoint(&rootfs) {
+            return Ok(());
+        }
+        let lower: Vec<String> = lowers.iter().rev().map(|p| p.display().to_string()).collect();
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            dir.join("upper").display(),
+            dir.join("work").display()
+        );
+        let options = std::ffi::CString::new(options).map_err(|e| Error::Host(e.to_string()))?;
+        rustix::mount::mount("overlay", &rootfs, "overlay", rustix::mount::MountFlags::empty(), Some(options.as_c_str()))
+            .map_err(|e| Error::Host(format!("cannot mount the overlay for machine {id}: {e} (machines need root)")))
+    }
+
+    /// Start the machine's shim (which runs runc). The returned child is the
+    /// shim: the caller reaps it; the machine outlives the caller.
+    pub fn start(&self, id: &str, hangar_exe: &Path) -> Result<Child> {
+        let dir = self.dir(id);
+        if !dir.join("bundle/config.json").is_file() {
+            return Err(Error::NoMachine(id.to_string()));
+        }
+        if !is_mountpoint(&dir.join("rootfs")) {
+            let lease = fs::read_to_string(dir.join("lease")).unwrap_or_default();
+            let lowers: Vec<PathBuf> = lease
+                .lines()
+                .filter_map(|l| l.parse::<Digest>().ok())
+                .map(|d| self.snapshots.path(&d))
+                .collect();
+            self.mount(id, &lowers)?;
+        }
+        let _ = fs::remove_file(dir.join("exit.json"));
+        // A container of that id left by a crash would make `runc run` fail.
+        let _ = runc(&self.runc_root).args(["delete", "--force", id]).output();
+        let mut cmd = Command::new(hangar_exe);
+        cmd.arg("machine-shim").arg(&dir).arg(id).arg(&self.runc_root);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe; it detaches the shim from our
+        // session so signals to `hangar up` do not reach machines.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().at(hangar_exe)?;
+        // Wait until the shim has said it runs, so state() is right at once.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !dir.join("shim.pid").exists() && !dir.join("exit.json").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(child)
+    }
+
+    pub fn state(&self, id: &str) -> ProcState {
+        let dir = self.dir(id);
+        if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
+            if pid.trim().parse().is_ok_and(pid_alive) {
+                return ProcState::Running;
+            }
+        }
+        match fs::read(dir.join("exit.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            Some(exit) => ProcState::Exited(exit),
+            None => ProcState::NotRunning,
+        }
+    }
+
+    /// Send `signal` (a name like `SIGTERM` or a number) to the machine's init.
+    pub fn signal(&self, id: &str, signal: &str) -> Result<()> {
+        run(runc(&self.runc_root).args(["kill", id, signal])).map(|_| ())
+    }
+
+    /// Run a command inside the running machine; its output and status back.
+    pub fn exec(&self, id: &str, argv: &[String], env: &[String]) -> Result<Output> {
+        let mut cmd = runc(&self.runc_root);
+        cmd.args(["exec"]);
+        for e in env {
+            cmd.arg("--env").arg(e);
+        }
+        cmd.arg(id).args(argv);
+        cmd.output().map_err(|e| Error::Command {
+            command: "runc exec".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Remove every trace of the machine: process, container state, mount,
+    /// network namespace, cgroup, files. Idempotent.
+    pub fn destroy(&self, id: &str) -> Result<()> {
+        let dir = self.dir(id);
+        let _ = runc(&self.runc_root).args(["kill", id, "SIGKILL"]).output();
+        if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid_alive(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let _ = runc(&self.runc_root).args(["delete", "--force", id]).output();
+        let rootfs = dir.join("rootfs");
+        if is_mountpoint(&rootfs) {
+            rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH)
+                .map_err(|e| Error::Host(format!("cannot unmount {}: {e}", rootfs.display())))?;
+        }
+        network::detach(id);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).at(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// ChainIDs leased by the machines on this node.
+    pub fn leases(&self) -> HashSet<Digest> {
+        let mut out = HashSet::new();
+        for entry in fs::read_dir(&self.machines).into_iter().flatten().flatten() {
+            let lease = fs::read_to_string(entry.path().join("lease")).unwrap_or_default();
+            out.extend(lease.lines().filter_map(|l| l.parse().ok()));
+        }
+        out
+    }
+
+    /// Remove snapshots no machine leases and no stored image needs.
+    pub fn gc_snapshots(&self) -> Result<usize> {
+        self.snapshots.gc(&self.store, &self.leases())
+    }
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    let target = path.display().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+}
+
+/// Appends lines to the machine log, rotating it by size.
+struct LogWriter {
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl LogWriter {
+    fn open(path: PathBuf) -> std::io::Result<LogWriter> {
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let size = file.metadata()?.len();
+        Ok(LogWriter { path, file, size })
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if self.size + bytes.len() as u64 > LOG_ROTATE_BYTES {
+            let _ = fs::rename(&self.path, self.path.with_extension("log.1"));
+            if let Ok(f) = OpenOptions::new().create(true).append(true).open(&self.path) {
+                self.file = f;
+                self.size = 0;
+            }
+        }
+        if self.file.write_all(bytes).is_ok() {
+            self.size += bytes.len() as u64;
+        }
+    }
+}
+
+/// The body of `hangar machine-shim DIR ID RUNC_ROOT`: run the container in
+/// the foreground, log its output, record how it ended. Returns the app's
+/// exit code.
+pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
+    let pid_path = dir.join("shim.pid");
+    let _ = fs::write(dir.join(".shim.pid.tmp"), std::process::id().to_string());
+    let _ = fs::rename(dir.join(".shim.pid.tmp"), &pid_path);
+    let log = match LogWriter::open(dir.join("machine.log")) {
+        Ok(l) => Arc::new(Mutex::new(l)),
+        Err(_) => return 125,
+    };
+    let mut child = match runc(runc_root)
+        .args(["run", "--bundle"])
+        .arg(dir.join("bundle"))
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            if let Ok(mut l) = log.lock() {
+                l.write(format!("hangar: cannot start runc: {e}\n").as_bytes());
+            }
+            write_exit(dir, 125, false);
+            let _ = fs::remove_file(&pid_path);
+            return 125;
+        }
+    };
+    let mut copiers = Vec::new();
+    let streams: Vec<Box<dyn Read + Send>> = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for stream in streams {
+        let log = log.clone();
+        copiers.push(std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+                if let Ok(mut l) = log.lock() {
+                    l.write(&line);
+                }
+                line.clear();
+            }
+        }));
+    }
+    let oom = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (oom, done, root, id) = (oom.clone(), done.clone(), runc_root.to_path_buf(), id.to_string());
+        std::thread::spawn(move || watch_oom(&root, &id, &oom, &done))
+    };
+    let status = child.wait();
+    done.store(true, Ordering::SeqCst);
+    for c in copiers {
+        let _ = c.join();
+    }
+    let _ = watcher.join();
+    let code = match status {
+        Ok(s) => s.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + s.signal().unwrap_or(0)
+        }),
+        Err(_) => 125,
+    };
+    write_exit(dir, code, oom.load(Ordering::SeqCst));
+    let _ = fs::remove_file(&pid_path);
+    let _ = runc(runc_root).args(["delete", "--force", id]).output();
+    code
+}
+
+fn write_exit(dir: &Path, code: i32, oom: bool) {
+    let exit = Exit { code, oom, at: now_secs() };
+    let tmp = dir.join(".exit.json.tmp");
+    if fs::write(&tmp, serde_json::to_vec(&exit).unwrap_or_default()).is_ok() {
+        let _ = fs::rename(&tmp, dir.join("exit.json"));
+    }
+}
+
+/// Follow `runc events` for the container and flag an OOM kill. `runc
+/// events` is started as soon as the container exists and stops with it.
+fn watch_oom(root: &Path, id: &str, oom: &AtomicBool, done: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let Ok(mut events) = runc(root)
+            .args(["events", "--interval", "1s", id])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            return;
+        };
+        let started = Instant::now();
+        if let Some(out) = events.stdout.take() {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("\"type\":\"oom\"") {
+                    oom.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        let _ = events.wait();
+        if started.elapsed() > Duration::from_millis(200) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
