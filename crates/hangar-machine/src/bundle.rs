@@ -69,7 +69,6 @@ pub fn config(id: &str, hostname: &str, rootfs: &Path, init_bin: &Path, init_con
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64}],
             "noNewPrivileges": true,
         },
         "root": {"path": rootfs, "readonly": false},

@@ -12,7 +12,7 @@
 //! shim.pid, exit.json  the shim while it runs; how the app ended
 //! ```
 //!
-//! The shim (`hangar machine-shim`) runs `runc run` in the foreground in its
+//! The shim (`hangar machine shim`, hidden) runs `runc run` in the foreground in its
 //! own session, so machines outlive `hangar up`; it copies output into the
 //! log, watches `runc events` for OOM kills and writes `exit.json` when the
 //! app ends. Everything the control plane needs to know survives in files,
@@ -203,10 +203,14 @@ impl Runtime {
 
     /// Start the machine's shim (which runs runc). The returned child is the
     /// shim: the caller reaps it; the machine outlives the caller.
-    pub fn start(&self, id: &str, hangar_exe: &Path) -> Result<Child> {
+    pub fn start(&self, id: &str, slot: u32, hangar_exe: &Path) -> Result<Child> {
         let dir = self.dir(id);
         if !dir.join("bundle/config.json").is_file() {
             return Err(Error::NoMachine(id.to_string()));
+        }
+        if !network::attached(id) {
+            // After a host reboot: namespaces are gone, the files are not.
+            network::attach(id, slot)?;
         }
         if !is_mountpoint(&dir.join("rootfs")) {
             let lease = fs::read_to_string(dir.join("lease")).unwrap_or_default();
@@ -221,7 +225,7 @@ impl Runtime {
         // A container of that id left by a crash would make `runc run` fail.
         let _ = runc(&self.runc_root).args(["delete", "--force", id]).output();
         let mut cmd = Command::new(hangar_exe);
-        cmd.arg("machine-shim").arg(&dir).arg(id).arg(&self.runc_root);
+        cmd.args(["machine", "shim"]).arg(&dir).arg(id).arg(&self.runc_root);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         // SAFETY: setsid is async-signal-safe; it detaches the shim from our
         // session so signals to `hangar up` do not reach machines.
@@ -350,7 +354,7 @@ impl LogWriter {
     }
 }
 
-/// The body of `hangar machine-shim DIR ID RUNC_ROOT`: run the container in
+/// The body of `hangar machine shim DIR ID RUNC_ROOT`: run the container in
 /// the foreground, log its output, record how it ended. Returns the app's
 /// exit code.
 pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {

@@ -481,21 +481,23 @@ pub async fn pull(
             ),
         });
     }
-    let layers: Vec<Option<StagedBlob>> =
-        futures_util::stream::iter(manifest.layers.iter().zip(&config.rootfs.diff_ids).map(
-            |(l, diff)| {
-                session.layer(
-                    store,
-                    l.digest.clone(),
-                    l.size,
-                    diff.clone(),
-                    progress.clone(),
-                )
-            },
-        ))
-        .buffered(PARALLEL)
-        .try_collect()
-        .await?;
+    // Owned values, so the stream's closure borrows nothing per item (that
+    // keeps the future Send for any caller).
+    let wanted: Vec<(Digest, u64, Digest)> = manifest
+        .layers
+        .iter()
+        .zip(&config.rootfs.diff_ids)
+        .map(|(l, diff)| (l.digest.clone(), l.size, diff.clone()))
+        .collect();
+    let session_ref = &session;
+    let layers: Vec<Option<StagedBlob>> = futures_util::stream::iter(
+        wanted
+            .into_iter()
+            .map(|(digest, size, diff)| session_ref.layer(store, digest, size, diff, progress.clone())),
+    )
+    .buffered(PARALLEL)
+    .try_collect()
+    .await?;
 
     // Everything verified: make it visible, name last.
     for staged in layers.into_iter().flatten() {
@@ -576,21 +578,13 @@ pub async fn push(
         }
     }
     let session = &session;
-    futures_util::stream::iter(blobs.iter().map(|(digest, size)| {
+    let uploads: Vec<(Digest, u64, Option<String>)> = blobs
+        .iter()
+        .map(|(digest, size)| (digest.clone(), *size, mount_from(digest)))
+        .collect();
+    futures_util::stream::iter(uploads.into_iter().map(|(digest, size, from)| {
         let progress = progress.clone();
-        let from = mount_from(digest);
-        async move {
-            push_blob(
-                session,
-                store,
-                digest,
-                *size,
-                from,
-                opts.chunk_size,
-                progress,
-            )
-            .await
-        }
+        async move { push_blob(session, store, &digest, size, from, opts.chunk_size, progress).await }
     }))
     .buffer_unordered(PARALLEL)
     .try_collect::<Vec<()>>()

@@ -13,8 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod image;
+mod machine;
+mod node_config;
 mod progress;
 mod registry;
+mod up;
 
 /// Hangar: run OCI images as isolated machines on your own servers.
 #[derive(Parser)]
@@ -30,6 +33,10 @@ enum Command {
     Image(image::ImageArgs),
     /// Run Hangar's multi-tenant OCI registry and manage its tokens.
     Registry(registry::RegistryArgs),
+    /// Run a node: state store, Machines API, registry (in the foreground).
+    Up(up::UpArgs),
+    /// Run and manage machines on the node.
+    Machine(machine::MachineArgs),
 }
 
 /// `$HANGAR_HOME`, or `~/.hangar`.
@@ -48,6 +55,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Image(args) => image::run(args),
         Command::Registry(args) => registry::run(args),
+        Command::Up(args) => up::run(args),
+        Command::Machine(args) => machine::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

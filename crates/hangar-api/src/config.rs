@@ -1,0 +1,93 @@
+//! The machine config of the Machines API, shaped like Fly's.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MachineConfig {
+    pub image: String,
+    pub env: BTreeMap<String, String>,
+    pub init: Init,
+    pub guest: Guest,
+    pub restart: Restart,
+    pub services: Vec<Service>,
+    pub metadata: BTreeMap<String, String>,
+    pub auto_destroy: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Init {
+    pub exec: Option<Vec<String>>,
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub user: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Guest {
+    pub cpus: u32,
+    pub memory_mb: u64,
+}
+
+impl Default for Guest {
+    fn default() -> Self {
+        Guest { cpus: 1, memory_mb: 256 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Restart {
+    /// `no`, `on-failure` or `always`.
+    pub policy: String,
+    pub max_retries: u32,
+}
+
+impl Default for Restart {
+    fn default() -> Self {
+        Restart { policy: "on-failure".into(), max_retries: 3 }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Service {
+    pub internal_port: u16,
+    pub protocol: String,
+}
+
+impl MachineConfig {
+    /// Check what the API cannot accept, with a message that says what to fix.
+    pub fn validate(&self) -> Result<()> {
+        if self.image.is_empty() {
+            return Err(Error::Invalid("config.image is required".into()));
+        }
+        self.image
+            .parse::<hangar_oci::Reference>()
+            .map_err(|e| Error::Invalid(format!("config.image: {e}")))?;
+        if !["no", "on-failure", "always"].contains(&self.restart.policy.as_str()) {
+            return Err(Error::Invalid(format!(
+                "config.restart.policy {:?} must be no, on-failure or always",
+                self.restart.policy
+            )));
+        }
+        if self.guest.cpus == 0 || self.guest.cpus > 64 {
+            return Err(Error::Invalid("config.guest.cpus must be 1 to 64".into()));
+        }
+        if self.guest.memory_mb < 16 {
+            return Err(Error::Invalid("config.guest.memory_mb must be at least 16".into()));
+        }
+        if let Some(exec) = &self.init.exec {
+            if exec.is_empty() {
+                return Err(Error::Invalid("config.init.exec must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,34 @@
+//! Errors of the control plane, each mapped to an HTTP status.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("state store: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Machine(#[from] hangar_machine::Error),
+    #[error(transparent)]
+    Oci(#[from] hangar_oci::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::NotFound(_) => 404,
+            Error::Conflict(_) => 409,
+            Error::Invalid(_) => 400,
+            Error::Oci(hangar_oci::Error::InvalidReference { .. }) => 400,
+            Error::Oci(hangar_oci::Error::NotFound(_)) => 404,
+            _ => 500,
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! One node's control logic: machine lifecycle operations and the reconcile
+//! loop that makes the host match the state store (restart policies,
+//! adoption after a restart of `hangar up`, exits and OOM kills recorded).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hangar_init::InitConfig;
+use hangar_machine::bundle::Limits;
+use hangar_machine::{MachineSpec, ProcState, Runtime};
+use hangar_oci::Reference;
+
+use crate::config::MachineConfig;
+use crate::error::{Error, Result};
+use crate::state::{Machine, State};
+
+pub struct Node {
+    pub state: State,
+    pub runtime: Runtime,
+    hangar_exe: PathBuf,
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+/// Output of `exec`.
+#[derive(Debug, serde::Serialize)]
+pub struct ExecOutput {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn random_id() -> Result<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 7];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| Error::Internal(format!("/dev/urandom: {e}")))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Reap a shim in the background when it exits (the machine state is in
+/// its files; this only keeps zombies away).
+fn reap(mut child: Child) {
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+}
+
+impl Node {
+    pub fn new(state: State, runtime: Runtime, hangar_exe: PathBuf) -> Node {
+        Node {
+            state,
+            runtime,
+            hangar_exe,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self, id: &str) -> Arc<Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn spec(&self, m: &Machine) -> Result<MachineSpec> {
+        let c = &m.config;
+        Ok(MachineSpec {
+            id: m.id.clone(),
+            hostname: m.name.clone(),
+            image: c.image.parse::<Reference>()?,
+            init: InitConfig {
+                exec: c.init.exec.clone(),
+                entrypoint: c.init.entrypoint.clone(),
+                cmd: c.init.cmd.clone(),
+                user: c.init.user.clone(),
+                env: c.env.clone(),
+                ..InitConfig::default()
+            },
+            limits: Limits {
+                cpus: c.guest.cpus,
+                memory_mb: c.guest.memory_mb,
+                pids: 4096,
+            },
+            slot: m.slot,
+        })
+    }
+
+    /// Create a machine from `config` (its image already in the store) and start it.
+    pub fn create(&self, name: Option<String>, config: MachineConfig) -> Result<Machine> {
+        config.validate()?;
+        let id = random_id()?;
+        let name = name.unwrap_or_else(|| id.clone());
+        if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(Error::Invalid(format!("machine name {name:?} must be 1-63 letters, digits or '-'")));
+        }
+        let m = self.state.insert(&id, &name, &config)?;
+        let lock = self.lock(&id);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let created = self.spec(&m).and_then(|spec| Ok(self.runtime.create(&spec)?));
+        match created {
+            Ok(c) => self.state.event(&id, "created", serde_json::json!({"ipv4": c.addresses.v4.to_string(), "ipv6": c.addresses.v6.to_string(), "unpacked": c.unpacked}))?,
+            Err(e) => {
+                let _ = self.runtime.destroy(&id);
+                self.state.set_state(&id, "failed")?;
+                self.state.event(&id, "failed", serde_json::json!({"error": e.to_string()}))?;
+                return Err(e);
+            }
+        }
+        self.start_locked(&id)?;
+        self.state.get(&id)
+    }
+
+    fn start_locked(&self, id: &str) -> Result<()> {
+        let m = self.state.get(id)?;
+        self.state.set_desired(id, "started")?;
+        self.state.set_state(id, "starting")?;
+        self.state.set_exit(id, None, false)?;
+        let child = self.runtime.start(id, m.slot, &self.hangar_exe);
+        match child {
+            Ok(child) => {
+                reap(child);
+                self.state.set_state(id, "started")?;
+                self.state.event(id, "started", serde_json::json!({}))?;
+                Ok(())
+            }
+            Err(e) => {
+                self.state.set_state(id, "failed")?;
+                self.state.event(id, "failed", serde_json::json!({"error": e.to_string()}))?;
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn start(&self, id: &str) -> Result<Machine> {
+        let m = self.state.get(id)?;
+        let lock = self.lock(&m.id);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.runtime.state(&m.id) == ProcState::Running {
+            return Err(Error::Conflict(format!("machine {} is already running", m.id)));
+        }
+        self.start_locked(&m.id)?;
+        self.state.get(&m.id)
+    }
+
+    fn stop_locked(&self, id: &str, signal: &str, timeout: Duration) -> Result<()> {
+        self.state.set_desired(id, "stopped")?;
+        if self.runtime.state(id) == ProcState::Running {
+            self.state.set_state(id, "stopping")?;
+            let _ = self.runtime.signal(id, signal);
+            let deadline = Instant::now() + timeout;
+            while self.runtime.state(id) == ProcState::Running && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.runtime.state(id) == ProcState::Running {
+                let _ = self.runtime.signal(id, "SIGKILL");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while self.runtime.state(id) == ProcState::Running && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        self.record_exit(id)?;
+        self.state.set_state(id, "stopped")?;
+        Ok(())
+    }
+
+    fn record_exit(&self, id: &str) -> Result<()> {
+        if let ProcState::Exited(exit) = self.runtime.state(id) {
+            self.state.set_exit(id, Some(exit.code), exit.oom)?;
+            self.state.event(id, "exited", serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}))?;
+        }
+        Ok(())
+    }
+
+    pub fn stop(&self, id: &str, signal: &str, timeout: Duration) -> Result<Machine> {
+        let m = self.state.get(id)?;
+        let lock = self.lock(&m.id);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.stop_locked(&m.id, signal, timeout)?;
+        self.state.get(&m.id)
+    }
+
+    pub fn restart(&self, id: &str, signal: &str, timeout: Duration) -> Result<Machine> {
+        let m = self.state.get(id)?;
+        let lock = self.lock(&m.id);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.stop_locked(&m.id, signal, timeout)?;
+        self.start_locked(&m.id)?;
+        self.state.event(&m.id, "restarted", serde_json::json!({"by": "request"}))?;
+        self.state.get(&m.id)
+    }
+
+    pub fn signal(&self, id: &str, signal: &str) -> Result<()> {
+        let m = self.state.get(id)?;
+        if self.runtime.state(&m.id) != ProcState::Running {
+            return Err(Error::Conflict(format!("machine {} is not running", m.id)));
+        }
+        Ok(self.runtime.signal(&m.id, signal)?)
+    }
+
+    /// New config, then a restart onto it (a new root filesystem from the new image).
+    pub fn update(&self, id: &str, config: MachineConfig) -> Result<Machine> {
+        config.validate()?;
+        let m = self.state.get(id)?;
+        let lock = self.lock(&m.id);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.stop_locked(&m.id, "SIGTERM", Duration::from_secs(10))?;
+        self.runtime.destroy(&m.id)?;
+        self.state.set_config(&m.id, &config)?;
+        let m = self.state.get(&m.id)?;
+        self.runtime.create(&self.spec(&m)?)?;
+        self.state.event(&m.id, "updated", serde_json::json!({"image": config.image}))?;
+        self.start_locked(&m.id)?;
+        self.state.get(&m.id)
+    }
+
+    pub fn destroy(&self, id: &str, force: bool) -> Result<Machine> {
+        let m = self.state.get(id)?;
+        let lock = self.lock(&m.id);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.runtime.state(&m.id) == ProcState::Running {
+            if !force {
+                return Err(Error::Conflict(format!(
+                    "machine {} is running; stop it first, or destroy with force (`hangar machine destroy --force`)",
+                    m.id
+                )));
+            }
+            self.state.set_desired(&m.id, "destroyed")?;
+            let _ = self.runtime.signal(&m.id, "SIGKILL");
+        }
+        self.state.set_desired(&m.id, "destroyed")?;
+        self.state.set_state(&m.id, "destroying")?;
+        self.runtime.destroy(&m.id)?;
+        self.state.mark_destroyed(&m.id)?;
+        self.state.event(&m.id, "destroyed", serde_json::json!({}))?;
+        self.state.get(&m.id)
+    }
+
+    pub fn exec(&self, id: &str, cmd: &[String]) -> Result<ExecOutput> {
+        let m = self.state.get(id)?;
+        if cmd.is_empty() {
+            return Err(Error::Invalid("exec needs a command".into()));
+        }
+        if self.runtime.state(&m.id) != ProcState::Running {
+            return Err(Error::Conflict(format!("machine {} is not running; start it first", m.id)));
+        }
+        let env: Vec<String> = m.config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let out = self.runtime.exec(&m.id, cmd, &env)?;
+        Ok(ExecOutput {
+            exit_code: out.status.code().unwrap_or(128),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Bring the host in line with the state store, once.
+    pub fn reconcile(&self) {
+        let Ok(machines) = self.state.list() else { return };
+        for m in machines {
+            let lock = self.lock(&m.id);
+            let Ok(_guard) = lock.try_lock() else { continue };
+            if m.desired != "started" || m.state == "failed" {
+                continue;
+            }
+            match self.runtime.state(&m.id) {
+                ProcState::Running => {
+                    if m.state != "started" {
+                        let _ = self.state.set_state(&m.id, "started");
+                    }
+                }
+                ProcState::Exited(exit) => {
+                    if m.state != "started" {
+                        continue;
+                    }
+                    let _ = self.state.set_exit(&m.id, Some(exit.code), exit.oom);
+                    let _ = self.state.event(&m.id, "exited", serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}));
+                    let policy = m.config.restart.policy.as_str();
+                    let again = policy == "always" || (policy == "on-failure" && exit.code != 0 && m.restarts < m.config.restart.max_retries);
+                    if again {
+                        let _ = self.state.set_restarts(&m.id, m.restarts + 1);
+                        if self.start_locked(&m.id).is_ok() {
+                            let _ = self.state.event(&m.id, "restarted", serde_json::json!({"by": "policy", "count": m.restarts + 1}));
+                        }
+                    } else {
+                        let _ = self.state.set_desired(&m.id, "stopped");
+                        let _ = self.state.set_state(&m.id, "stopped");
+                        if m.config.auto_destroy {
+                            drop(_guard);
+                            let _ = self.destroy(&m.id, true);
+                        }
+                    }
+                }
+                ProcState::NotRunning => {
+                    // Should run, and nothing runs or says how it ended
+                    // (a host reboot, a killed shim): start it again.
+                    if self.start_locked(&m.id).is_ok() {
+                        let _ = self.state.event(&m.id, "restarted", serde_json::json!({"by": "adoption"}));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop every machine (for `hangar up --stop-machines`).
+    pub fn stop_all(&self) {
+        for m in self.state.list().unwrap_or_default() {
+            if self.runtime.state(&m.id) == ProcState::Running {
+                let _ = self.stop(&m.id, "SIGTERM", Duration::from_secs(10));
+            }
+        }
+    }
+}

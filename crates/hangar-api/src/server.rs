@@ -1,0 +1,339 @@
+//! The Machines API over HTTP+JSON, shaped like Fly's, behind a bearer token.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response};
+use serde::Deserialize;
+
+use crate::config::MachineConfig;
+use crate::error::Error;
+use crate::node::Node;
+use crate::state::Machine;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Fetches an image into the local store when a machine names one it lacks.
+pub type Puller = Arc<
+    dyn Fn(hangar_oci::Reference) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+pub struct Api {
+    pub node: Arc<Node>,
+    pub token: String,
+    pub pull: Puller,
+}
+
+fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .body(Full::new(body.into()).map_err(|never| match never {}).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed()))
+}
+
+fn json(status: u16, v: &serde_json::Value) -> Response<Body> {
+    full(status, "application/json", v.to_string())
+}
+
+fn error(e: &Error) -> Response<Body> {
+    json(e.status(), &serde_json::json!({"error": e.to_string()}))
+}
+
+fn machine_json(node: &Node, m: &Machine) -> serde_json::Value {
+    let addr = hangar_machine::network::address(m.slot);
+    let mut v = serde_json::json!({
+        "id": m.id, "name": m.name, "state": m.state, "config": m.config,
+        "private_ip": addr.v6.to_string(), "ipv4": addr.v4.to_string(),
+        "restarts": m.restarts, "created_at": m.created_at, "updated_at": m.updated_at,
+    });
+    if m.state == "destroyed" {
+        v.as_object_mut().map(|o| o.remove("ipv4"));
+        v.as_object_mut().map(|o| o.remove("private_ip"));
+    }
+    if let Some(code) = m.exit_code {
+        v["exit_code"] = code.into();
+        v["oom_killed"] = m.oom_killed.into();
+    }
+    if let Ok(image) = m.config.image.parse::<hangar_oci::Reference>() {
+        if let Ok(record) = node.runtime.store().resolve(&image) {
+            v["image_ref"] = serde_json::json!({"reference": record.reference, "digest": record.digest.to_string()});
+        }
+    }
+    v
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(body: Incoming) -> Result<T, Error> {
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| Error::Invalid(format!("reading the request body: {e}")))?
+        .to_bytes();
+    let bytes = if bytes.is_empty() { Bytes::from_static(b"{}") } else { bytes };
+    serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("request body: {e}")))
+}
+
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct CreateRequest {
+    name: Option<String>,
+    config: MachineConfig,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct UpdateRequest {
+    config: MachineConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct StopRequest {
+    signal: String,
+    /// Seconds.
+    timeout: u64,
+}
+
+impl Default for StopRequest {
+    fn default() -> Self {
+        StopRequest {
+            signal: "SIGTERM".into(),
+            timeout: 10,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct SignalRequest {
+    signal: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ExecRequest {
+    cmd: Vec<String>,
+}
+
+/// Run a blocking node operation off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("operation failed: {e}")))?
+}
+
+impl Api {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let authorized = req
+            .headers()
+            .get("Authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t.trim() == self.token);
+        if !authorized {
+            return Ok(json(401, &serde_json::json!({"error": "missing or wrong API token; the CLI reads it from $HANGAR_HOME/config.toml"})));
+        }
+        Ok(match self.route(req).await {
+            Ok(r) => r,
+            Err(e) => error(&e),
+        })
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+        let path = req.uri().path().trim_end_matches('/').to_string();
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let method = req.method().clone();
+        let q = query(&req);
+        let node = self.node.clone();
+        match (method, parts.as_slice()) {
+            (Method::GET, ["v1", "machines"]) => {
+                let list: Vec<serde_json::Value> = node.state.list()?.iter().map(|m| machine_json(&node, m)).collect();
+                Ok(json(200, &serde_json::Value::Array(list)))
+            }
+            (Method::POST, ["v1", "machines"]) => {
+                let body: CreateRequest = read_json(req.into_body()).await?;
+                body.config.validate()?;
+                let image: hangar_oci::Reference = body.config.image.parse()?;
+                if node.runtime.store().resolve(&image).is_err() {
+                    (self.pull)(image.clone())
+                        .await
+                        .map_err(|e| Error::Invalid(format!("cannot get image {image}: {e}")))?;
+                }
+                let m = blocking(move || node.create(body.name, body.config)).await?;
+                Ok(json(200, &machine_json(&self.node, &m)))
+            }
+            (Method::GET, ["v1", "machines", id]) => Ok(json(200, &machine_json(&node, &node.state.get(id)?))),
+            (Method::POST, ["v1", "machines", id]) => {
+                let body: UpdateRequest = read_json(req.into_body()).await?;
+                body.config.validate()?;
+                let image: hangar_oci::Reference = body.config.image.parse()?;
+                if node.runtime.store().resolve(&image).is_err() {
+                    (self.pull)(image.clone())
+                        .await
+                        .map_err(|e| Error::Invalid(format!("cannot get image {image}: {e}")))?;
+                }
+                let id = id.to_string();
+                let m = blocking(move || node.update(&id, body.config)).await?;
+                Ok(json(200, &machine_json(&self.node, &m)))
+            }
+            (Method::DELETE, ["v1", "machines", id]) => {
+                let force = param(&q, "force") == Some("true");
+                let id = id.to_string();
+                let m = blocking(move || node.destroy(&id, force)).await?;
+                Ok(json(200, &machine_json(&self.node, &m)))
+            }
+            (Method::POST, ["v1", "machines", id, "start"]) => {
+                let id = id.to_string();
+                let m = blocking(move || node.start(&id)).await?;
+                Ok(json(200, &machine_json(&self.node, &m)))
+            }
+            (Method::POST, ["v1", "machines", id, op @ ("stop" | "restart")]) => {
+                let body: StopRequest = read_json(req.into_body()).await?;
+                let (id, op) = (id.to_string(), op.to_string());
+                let timeout = Duration::from_secs(body.timeout);
+                let m = blocking(move || {
+                    if op == "stop" {
+                        node.stop(&id, &body.signal, timeout)
+                    } else {
+                        node.restart(&id, &body.signal, timeout)
+                    }
+                })
+                .await?;
+                Ok(json(200, &machine_json(&self.node, &m)))
+            }
+            (Method::POST, ["v1", "machines", id, "signal"]) => {
+                let body: SignalRequest = read_json(req.into_body()).await?;
+                if body.signal.is_empty() {
+                    return Err(Error::Invalid("signal is required, e.g. {\"signal\": \"SIGUSR1\"}".into()));
+                }
+                node.signal(id, &body.signal)?;
+                Ok(json(200, &serde_json::json!({"ok": true})))
+            }
+            (Method::POST, ["v1", "machines", id, "exec"]) => {
+                let body: ExecRequest = read_json(req.into_body()).await?;
+                let id = id.to_string();
+                let out = blocking(move || node.exec(&id, &body.cmd)).await?;
+                Ok(json(200, &serde_json::to_value(out).unwrap_or_default()))
+            }
+            (Method::GET, ["v1", "machines", id, "events"]) => {
+                let m = node.state.get(id)?;
+                Ok(json(200, &serde_json::to_value(node.state.events(&m.id)?).unwrap_or_default()))
+            }
+            (Method::GET, ["v1", "machines", id, "wait"]) => {
+                let want = param(&q, "state").unwrap_or("started").to_string();
+                if !["started", "stopped", "destroyed"].contains(&want.as_str()) {
+                    return Err(Error::Invalid("state must be started, stopped or destroyed".into()));
+                }
+                let timeout = param(&q, "timeout").and_then(|t| t.parse().ok()).unwrap_or(60u64);
+                let deadline = Instant::now() + Duration::from_secs(timeout);
+                loop {
+                    let m = node.state.get(id)?;
+                    if m.state == want {
+                        return Ok(json(200, &machine_json(&node, &m)));
+                    }
+                    if Instant::now() > deadline {
+                        return Ok(json(408, &serde_json::json!({"error": format!("machine {} is {}, not {want}, after {timeout}s", m.id, m.state)})));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            (Method::GET, ["v1", "machines", id, "logs"]) => {
+                let m = node.state.get(id)?;
+                let follow = param(&q, "follow") == Some("true");
+                Ok(logs_response(node, m.id, follow))
+            }
+            _ => Err(Error::NotFound(format!("no such endpoint: {path}"))),
+        }
+    }
+}
+
+/// The machine's log; with `follow`, keeps streaming as it grows, across
+/// restarts and rotations, until the machine is destroyed.
+fn logs_response(node: Arc<Node>, id: String, follow: bool) -> Response<Body> {
+    let path = node.runtime.log_path(&id);
+    let rotated = path.with_extension("log.1");
+    let mut initial = std::fs::read(&rotated).unwrap_or_default();
+    initial.extend(std::fs::read(&path).unwrap_or_default());
+    if !follow {
+        return full(200, "text/plain", initial);
+    }
+    struct Cursor {
+        node: Arc<Node>,
+        id: String,
+        path: std::path::PathBuf,
+        offset: u64,
+        first: Option<Vec<u8>>,
+    }
+    let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let cursor = Cursor { node, id, path, offset, first: Some(initial) };
+    let stream = futures_util::stream::unfold(cursor, |mut c| async move {
+        if let Some(first) = c.first.take() {
+            return Some((Ok(Frame::data(Bytes::from(first))), c));
+        }
+        loop {
+            let len = std::fs::metadata(&c.path).map(|m| m.len()).unwrap_or(0);
+            if len < c.offset {
+                c.offset = 0; // rotated or recreated: start the new file
+            }
+            if len > c.offset {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut buf = Vec::new();
+                if let Ok(mut f) = std::fs::File::open(&c.path) {
+                    let _ = f.seek(SeekFrom::Start(c.offset));
+                    let _ = f.take(1 << 20).read_to_end(&mut buf);
+                }
+                c.offset += buf.len() as u64;
+                return Some((Ok(Frame::data(Bytes::from(buf))), c));
+            }
+            let gone = c.node.state.get(&c.id).map(|m| m.state == "destroyed").unwrap_or(true);
+            if gone {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Response::builder()
+        .status(200)
+        .header("Content-Type", "text/plain")
+        .body(StreamBody::new(stream).boxed())
+        .unwrap_or_else(|_| full(500, "text/plain", "stream"))
+}
+
+/// Serve the API until `shutdown` resolves.
+pub async fn serve(api: Arc<Api>, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+            () = &mut shutdown => break,
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| api.clone().handle(req));
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}

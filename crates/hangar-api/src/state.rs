@@ -1,0 +1,220 @@
+//! The state store: SQLite under `$HANGAR_HOME/state.db`, the source of truth
+//! for what machines exist and what they should be doing.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::config::MachineConfig;
+use crate::error::{Error, Result};
+
+/// Lifecycle states, as Fly names them.
+pub const STATES: [&str; 8] = ["created", "starting", "started", "stopping", "stopped", "destroying", "destroyed", "failed"];
+
+/// One machine row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    /// What it should be: started, stopped or destroyed.
+    pub desired: String,
+    pub config: MachineConfig,
+    pub slot: u32,
+    pub exit_code: Option<i32>,
+    pub oom_killed: bool,
+    pub restarts: u32,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// One event of a machine's life.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Event {
+    pub machine_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub detail: serde_json::Value,
+    pub at: u64,
+}
+
+pub struct State {
+    db: Mutex<Connection>,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn row(r: &rusqlite::Row) -> rusqlite::Result<(Machine, String)> {
+    let config: String = r.get(4)?;
+    Ok((
+        Machine {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            state: r.get(2)?,
+            desired: r.get(3)?,
+            config: MachineConfig::default(),
+            slot: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+            exit_code: r.get(6)?,
+            oom_killed: r.get::<_, i64>(7)? != 0,
+            restarts: r.get(8)?,
+            created_at: r.get(9)?,
+            updated_at: r.get(10)?,
+        },
+        config,
+    ))
+}
+
+const COLUMNS: &str = "id, name, state, desired, config, slot, exit_code, oom_killed, restarts, created_at, updated_at";
+
+impl State {
+    pub fn open(home: &Path) -> Result<State> {
+        std::fs::create_dir_all(home).map_err(|e| Error::Internal(format!("{}: {e}", home.display())))?;
+        let db = Connection::open(home.join("state.db"))?;
+        db.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS machines (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, state TEXT NOT NULL, desired TEXT NOT NULL,
+                config TEXT NOT NULL, slot INTEGER NOT NULL UNIQUE, exit_code INTEGER, oom_killed INTEGER NOT NULL DEFAULT 0,
+                restarts INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, machine_id TEXT NOT NULL, type TEXT NOT NULL,
+                detail TEXT NOT NULL, at INTEGER NOT NULL);",
+        )?;
+        Ok(State { db: Mutex::new(db) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn finish(&self, rows: Vec<(Machine, String)>) -> Result<Vec<Machine>> {
+        rows.into_iter()
+            .map(|(mut m, config)| {
+                m.config = serde_json::from_str(&config).map_err(|e| Error::Internal(format!("stored config of {}: {e}", m.id)))?;
+                Ok(m)
+            })
+            .collect()
+    }
+
+    /// Insert a new machine in state `created`, with the lowest free slot.
+    pub fn insert(&self, id: &str, name: &str, config: &MachineConfig) -> Result<Machine> {
+        let db = self.db();
+        let slot: u32 = db.query_row(
+            "SELECT COALESCE(MIN(s.slot + 1), 2) FROM (SELECT 1 AS slot UNION SELECT slot FROM machines WHERE slot > 0) s
+             WHERE s.slot + 1 NOT IN (SELECT slot FROM machines)",
+            [],
+            |r| r.get(0),
+        )?;
+        let t = now();
+        let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
+        match db.execute(
+            &format!("INSERT INTO machines ({COLUMNS}) VALUES (?1, ?2, 'created', 'started', ?3, ?4, NULL, 0, 0, ?5, ?5)"),
+            params![id, name, json, slot, t],
+        ) {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                return Err(Error::Conflict(format!("a machine named {name:?} exists already; choose another --name")));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        drop(db);
+        self.get(id)
+    }
+
+    pub fn get(&self, id_or_name: &str) -> Result<Machine> {
+        let rows = {
+            let db = self.db();
+            let mut stmt = db.prepare(&format!("SELECT {COLUMNS} FROM machines WHERE (id = ?1 OR name = ?1)"))?;
+            let r = stmt.query_row(params![id_or_name], row).optional()?;
+            r.into_iter().collect::<Vec<_>>()
+        };
+        self.finish(rows)?
+            .pop()
+            .ok_or_else(|| Error::NotFound(format!("no machine {id_or_name:?}; list them with `hangar machine list`")))
+    }
+
+    /// Machines that are not destroyed, oldest first.
+    pub fn list(&self) -> Result<Vec<Machine>> {
+        let rows = {
+            let db = self.db();
+            let mut stmt = db.prepare(&format!("SELECT {COLUMNS} FROM machines WHERE state != 'destroyed' ORDER BY created_at, id"))?;
+            let r = stmt.query_map([], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            r
+        };
+        self.finish(rows)
+    }
+
+    pub fn set_state(&self, id: &str, state: &str) -> Result<()> {
+        self.db().execute("UPDATE machines SET state = ?2, updated_at = ?3 WHERE id = ?1", params![id, state, now()])?;
+        Ok(())
+    }
+
+    pub fn set_desired(&self, id: &str, desired: &str) -> Result<()> {
+        self.db().execute("UPDATE machines SET desired = ?2, updated_at = ?3 WHERE id = ?1", params![id, desired, now()])?;
+        Ok(())
+    }
+
+    pub fn set_config(&self, id: &str, config: &MachineConfig) -> Result<()> {
+        let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
+        self.db().execute("UPDATE machines SET config = ?2, updated_at = ?3 WHERE id = ?1", params![id, json, now()])?;
+        Ok(())
+    }
+
+    /// Record how the app ended.
+    pub fn set_exit(&self, id: &str, code: Option<i32>, oom: bool) -> Result<()> {
+        self.db().execute(
+            "UPDATE machines SET exit_code = ?2, oom_killed = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id, code, oom as i64, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_restarts(&self, id: &str, restarts: u32) -> Result<()> {
+        self.db().execute("UPDATE machines SET restarts = ?2 WHERE id = ?1", params![id, restarts])?;
+        Ok(())
+    }
+
+    /// Free the name and slot of a destroyed machine, keeping its row.
+    pub fn mark_destroyed(&self, id: &str) -> Result<()> {
+        self.db().execute(
+            "UPDATE machines SET state = 'destroyed', desired = 'destroyed', name = id || '.destroyed',
+             slot = (SELECT MIN(COALESCE(MIN(slot), 0), 0) - 1 FROM machines), updated_at = ?2 WHERE id = ?1",
+            params![id, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn event(&self, id: &str, kind: &str, detail: serde_json::Value) -> Result<()> {
+        self.db().execute(
+            "INSERT INTO events (machine_id, type, detail, at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, kind, detail.to_string(), now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn events(&self, id: &str) -> Result<Vec<Event>> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT machine_id, type, detail, at FROM events WHERE machine_id = ?1 ORDER BY seq")?;
+        let rows = stmt
+            .query_map(params![id], |r| {
+                let detail: String = r.get(2)?;
+                Ok(Event {
+                    machine_id: r.get(0)?,
+                    kind: r.get(1)?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                    at: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+}

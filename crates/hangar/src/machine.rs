@@ -1,0 +1,323 @@
+//! `hangar machine`: run and manage machines through the node's Machines API
+//! (found in `$HANGAR_HOME/config.toml`), and the hidden `machine-shim`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::node_config;
+
+#[derive(Args)]
+pub struct MachineArgs {
+    #[command(subcommand)]
+    command: MachineCommand,
+}
+
+#[derive(Subcommand)]
+enum MachineCommand {
+    /// Create and start a machine from an image; prints its id
+    Run {
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Environment variable KEY=VALUE (repeatable)
+        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Memory limit in MB
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+        /// no, on-failure or always
+        #[arg(long, default_value = "on-failure")]
+        restart: String,
+        #[arg(long, default_value_t = 3)]
+        max_retries: u32,
+        /// Internal port the app listens on (repeatable)
+        #[arg(long = "port", value_name = "PORT")]
+        ports: Vec<u16>,
+        /// Run as this user (name, uid, user:group)
+        #[arg(long)]
+        user: Option<String>,
+        /// Override the image's entrypoint (a JSON array or words)
+        #[arg(long)]
+        entrypoint: Option<String>,
+        /// Destroy the machine when it exits for good
+        #[arg(long)]
+        rm: bool,
+        /// The command (replaces the image's Cmd)
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// List machines
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a machine's state, exit code and config
+    Status {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped machine
+    Start { id: String },
+    /// Stop a machine: a signal, then SIGKILL after the timeout
+    Stop {
+        id: String,
+        #[arg(long, default_value = "SIGTERM")]
+        signal: String,
+        /// Seconds to wait before SIGKILL
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Stop and start a machine
+    Restart {
+        id: String,
+        #[arg(long, default_value = "SIGTERM")]
+        signal: String,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Send a signal to a machine's app
+    Signal { id: String, signal: String },
+    /// Destroy a machine (--force if it runs)
+    Destroy {
+        id: String,
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Print a machine's logs (-f to follow)
+    Logs {
+        id: String,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Run a command inside a running machine; exits with its exit code
+    Exec {
+        id: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Wait until a machine reaches a state (started, stopped, destroyed)
+    Wait {
+        id: String,
+        #[arg(long, default_value = "started")]
+        state: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// (internal) supervise one machine's runtime; started by `hangar up`
+    #[command(name = "shim", hide = true)]
+    Shim { dir: PathBuf, id: String, runc_root: PathBuf },
+}
+
+/// A small client of the node's Machines API.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    fn new() -> Result<Client> {
+        let config = node_config::load(&crate::home()?)?;
+        Ok(Client {
+            http: reqwest::Client::new(),
+            base: config.api.trim_end_matches('/').to_string(),
+            token: config.token,
+        })
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.header("Content-Type", "application/json").body(b.to_string());
+        }
+        req.send()
+            .await
+            .with_context(|| format!("cannot reach the node at {}; is `hangar up` running?", self.base))
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let msg = value["error"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            bail!("{msg}");
+        }
+        Ok(value)
+    }
+}
+
+fn parse_words(flag: &str, s: &str) -> Result<Vec<String>> {
+    if s.trim_start().starts_with('[') {
+        return serde_json::from_str(s).with_context(|| format!("--{flag} {s:?} is not a JSON array of strings"));
+    }
+    Ok(s.split_whitespace().map(str::to_string).collect())
+}
+
+fn print_machine(m: &Value) {
+    let field = |k: &str| m[k].as_str().unwrap_or("-").to_string();
+    println!("ID:        {}", field("id"));
+    println!("Name:      {}", field("name"));
+    println!("State:     {}", field("state"));
+    println!("Image:     {}", m["config"]["image"].as_str().unwrap_or("-"));
+    if let Some(d) = m["image_ref"]["digest"].as_str() {
+        println!("Digest:    {d}");
+    }
+    println!("Addresses: {} {}", field("private_ip"), field("ipv4"));
+    if let Some(code) = m["exit_code"].as_i64() {
+        println!("Exit code: {code}{}", if m["oom_killed"].as_bool() == Some(true) { " (OOM killed)" } else { "" });
+    }
+    println!("Restarts:  {}", m["restarts"]);
+}
+
+pub fn run(args: MachineArgs) -> Result<()> {
+    if let MachineCommand::Shim { dir, id, runc_root } = &args.command {
+        let code = hangar_machine::runtime::run_shim(dir, id, runc_root);
+        std::process::exit(code.clamp(0, 255));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: MachineArgs) -> Result<()> {
+    use reqwest::Method;
+    let client = Client::new()?;
+    match args.command {
+        MachineCommand::Run {
+            image,
+            name,
+            env,
+            cpus,
+            memory,
+            restart,
+            max_retries,
+            ports,
+            user,
+            entrypoint,
+            rm,
+            cmd,
+        } => {
+            let mut envs = BTreeMap::new();
+            for kv in env {
+                let (k, v) = kv.split_once('=').with_context(|| format!("-e {kv:?} must be KEY=VALUE"))?;
+                envs.insert(k.to_string(), v.to_string());
+            }
+            let mut init = json!({});
+            if !cmd.is_empty() {
+                init["cmd"] = json!(cmd);
+            }
+            if let Some(ep) = entrypoint {
+                init["entrypoint"] = json!(parse_words("entrypoint", &ep)?);
+            }
+            if let Some(u) = user {
+                init["user"] = json!(u);
+            }
+            let services: Vec<Value> = ports.iter().map(|p| json!({"internal_port": p, "protocol": "tcp"})).collect();
+            let body = json!({
+                "name": name,
+                "config": {
+                    "image": image, "env": envs, "init": init,
+                    "guest": {"cpus": cpus, "memory_mb": memory},
+                    "restart": {"policy": restart, "max_retries": max_retries},
+                    "services": services, "auto_destroy": rm,
+                },
+            });
+            let m = client.call(Method::POST, "/v1/machines", Some(body)).await?;
+            println!("{}", m["id"].as_str().unwrap_or(""));
+        }
+        MachineCommand::List { json } => {
+            let list = client.call(Method::GET, "/v1/machines", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<16} {:<20} {:<10} {:<24} IMAGE", "ID", "NAME", "STATE", "ADDRESS");
+                for m in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} {:<20} {:<10} {:<24} {}",
+                        m["id"].as_str().unwrap_or(""),
+                        m["name"].as_str().unwrap_or(""),
+                        m["state"].as_str().unwrap_or(""),
+                        m["private_ip"].as_str().unwrap_or(""),
+                        m["config"]["image"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        MachineCommand::Status { id, json } => {
+            let m = client.call(Method::GET, &format!("/v1/machines/{id}"), None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print_machine(&m);
+            }
+        }
+        MachineCommand::Start { id } => {
+            let m = client.call(Method::POST, &format!("/v1/machines/{id}/start"), None).await?;
+            println!("{} {}", m["id"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""));
+        }
+        MachineCommand::Stop { id, signal, timeout } => {
+            let m = client
+                .call(Method::POST, &format!("/v1/machines/{id}/stop"), Some(json!({"signal": signal, "timeout": timeout})))
+                .await?;
+            println!("{} {}", m["id"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""));
+        }
+        MachineCommand::Restart { id, signal, timeout } => {
+            let m = client
+                .call(Method::POST, &format!("/v1/machines/{id}/restart"), Some(json!({"signal": signal, "timeout": timeout})))
+                .await?;
+            println!("{} {}", m["id"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""));
+        }
+        MachineCommand::Signal { id, signal } => {
+            client.call(Method::POST, &format!("/v1/machines/{id}/signal"), Some(json!({"signal": signal}))).await?;
+        }
+        MachineCommand::Destroy { id, force } => {
+            let m = client
+                .call(Method::DELETE, &format!("/v1/machines/{id}?force={force}"), None)
+                .await?;
+            println!("{} destroyed", m["id"].as_str().unwrap_or(""));
+        }
+        MachineCommand::Logs { id, follow } => {
+            let resp = client.send(Method::GET, &format!("/v1/machines/{id}/logs?follow={follow}"), None).await?;
+            if !resp.status().is_success() {
+                let v: Value = serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or_default();
+                bail!("{}", v["error"].as_str().unwrap_or("cannot read logs"));
+            }
+            let mut stream = resp.bytes_stream();
+            let mut out = std::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                out.write_all(&chunk.context("log stream broke")?)?;
+                out.flush()?;
+            }
+        }
+        MachineCommand::Exec { id, cmd } => {
+            let r = client.call(Method::POST, &format!("/v1/machines/{id}/exec"), Some(json!({"cmd": cmd}))).await?;
+            print!("{}", r["stdout"].as_str().unwrap_or(""));
+            eprint!("{}", r["stderr"].as_str().unwrap_or(""));
+            let code = r["exit_code"].as_i64().unwrap_or(1);
+            std::process::exit(code.clamp(0, 255) as i32);
+        }
+        MachineCommand::Wait { id, state, timeout } => {
+            let m = client
+                .call(Method::GET, &format!("/v1/machines/{id}/wait?state={state}&timeout={timeout}"), None)
+                .await?;
+            println!("{} {}", m["id"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""));
+        }
+        MachineCommand::Shim { .. } => unreachable!("handled before the runtime starts"),
+    }
+    Ok(())
+}

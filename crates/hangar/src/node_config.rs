@@ -1,0 +1,39 @@
+//! `$HANGAR_HOME/config.toml`: where the node's API is and the admin token
+//! for it. `hangar up` writes it on first start; every client command reads it.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Base URL of the Machines API, e.g. `http://127.0.0.1:4280`.
+    pub api: String,
+    pub token: String,
+}
+
+pub fn path(home: &Path) -> std::path::PathBuf {
+    home.join("config.toml")
+}
+
+pub fn load(home: &Path) -> Result<NodeConfig> {
+    let p = path(home);
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("no node config at {}; start a node with `hangar up` first", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is not a valid node config", p.display()))
+}
+
+pub fn save(home: &Path, config: &NodeConfig) -> Result<()> {
+    std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
+    let text = toml::to_string(config)?;
+    let tmp = home.join(".config.toml.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    #[allow(clippy::permissions_set_readonly_false)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::rename(&tmp, path(home)).with_context(|| format!("cannot write {}", path(home).display()))
+}
