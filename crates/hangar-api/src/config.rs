@@ -37,7 +37,10 @@ pub struct Guest {
 
 impl Default for Guest {
     fn default() -> Self {
-        Guest { cpus: 1, memory_mb: 256 }
+        Guest {
+            cpus: 1,
+            memory_mb: 256,
+        }
     }
 }
 
@@ -51,7 +54,10 @@ pub struct Restart {
 
 impl Default for Restart {
     fn default() -> Self {
-        Restart { policy: "on-failure".into(), max_retries: 3 }
+        Restart {
+            policy: "on-failure".into(),
+            max_retries: 3,
+        }
     }
 }
 
@@ -81,7 +87,9 @@ impl MachineConfig {
             return Err(Error::Invalid("config.guest.cpus must be 1 to 64".into()));
         }
         if self.guest.memory_mb < 16 {
-            return Err(Error::Invalid("config.guest.memory_mb must be at least 16".into()));
+            return Err(Error::Invalid(
+                "config.guest.memory_mb must be at least 16".into(),
+            ));
         }
         if let Some(exec) = &self.init.exec {
             if exec.is_empty() {

@@ -96,13 +96,20 @@ impl Node {
         config.validate()?;
         let id = random_id()?;
         let name = name.unwrap_or_else(|| id.clone());
-        if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Err(Error::Invalid(format!("machine name {name:?} must be 1-63 letters, digits or '-'")));
+        if name.is_empty()
+            || name.len() > 63
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(Error::Invalid(format!(
+                "machine name {name:?} must be 1-63 letters, digits or '-'"
+            )));
         }
         let m = self.state.insert(&id, &name, &config)?;
         let lock = self.lock(&id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let created = self.spec(&m).and_then(|spec| Ok(self.runtime.create(&spec)?));
+        let created = self
+            .spec(&m)
+            .and_then(|spec| Ok(self.runtime.create(&spec)?));
         match created {
             Ok(c) => self.state.event(&id, "created", serde_json::json!({"ipv4": c.addresses.v4.to_string(), "ipv6": c.addresses.v6.to_string(), "unpacked": c.unpacked}))?,
             Err(e) => {
@@ -131,7 +138,8 @@ impl Node {
             }
             Err(e) => {
                 self.state.set_state(id, "failed")?;
-                self.state.event(id, "failed", serde_json::json!({"error": e.to_string()}))?;
+                self.state
+                    .event(id, "failed", serde_json::json!({"error": e.to_string()}))?;
                 Err(e.into())
             }
         }
@@ -142,7 +150,10 @@ impl Node {
         let lock = self.lock(&m.id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.runtime.state(&m.id) == ProcState::Running {
-            return Err(Error::Conflict(format!("machine {} is already running", m.id)));
+            return Err(Error::Conflict(format!(
+                "machine {} is already running",
+                m.id
+            )));
         }
         self.start_locked(&m.id)?;
         self.state.get(&m.id)
@@ -173,7 +184,11 @@ impl Node {
     fn record_exit(&self, id: &str) -> Result<()> {
         if let ProcState::Exited(exit) = self.runtime.state(id) {
             self.state.set_exit(id, Some(exit.code), exit.oom)?;
-            self.state.event(id, "exited", serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}))?;
+            self.state.event(
+                id,
+                "exited",
+                serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}),
+            )?;
         }
         Ok(())
     }
@@ -192,7 +207,8 @@ impl Node {
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         self.stop_locked(&m.id, signal, timeout)?;
         self.start_locked(&m.id)?;
-        self.state.event(&m.id, "restarted", serde_json::json!({"by": "request"}))?;
+        self.state
+            .event(&m.id, "restarted", serde_json::json!({"by": "request"}))?;
         self.state.get(&m.id)
     }
 
@@ -215,7 +231,8 @@ impl Node {
         self.state.set_config(&m.id, &config)?;
         let m = self.state.get(&m.id)?;
         self.runtime.create(&self.spec(&m)?)?;
-        self.state.event(&m.id, "updated", serde_json::json!({"image": config.image}))?;
+        self.state
+            .event(&m.id, "updated", serde_json::json!({"image": config.image}))?;
         self.start_locked(&m.id)?;
         self.state.get(&m.id)
     }
@@ -238,7 +255,8 @@ impl Node {
         self.state.set_state(&m.id, "destroying")?;
         self.runtime.destroy(&m.id)?;
         self.state.mark_destroyed(&m.id)?;
-        self.state.event(&m.id, "destroyed", serde_json::json!({}))?;
+        self.state
+            .event(&m.id, "destroyed", serde_json::json!({}))?;
         self.state.get(&m.id)
     }
 
@@ -248,9 +266,17 @@ impl Node {
             return Err(Error::Invalid("exec needs a command".into()));
         }
         if self.runtime.state(&m.id) != ProcState::Running {
-            return Err(Error::Conflict(format!("machine {} is not running; start it first", m.id)));
+            return Err(Error::Conflict(format!(
+                "machine {} is not running; start it first",
+                m.id
+            )));
         }
-        let env: Vec<String> = m.config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let env: Vec<String> = m
+            .config
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let out = self.runtime.exec(&m.id, cmd, &env)?;
         Ok(ExecOutput {
             exit_code: out.status.code().unwrap_or(128),
@@ -261,10 +287,14 @@ impl Node {
 
     /// Bring the host in line with the state store, once.
     pub fn reconcile(&self) {
-        let Ok(machines) = self.state.list() else { return };
+        let Ok(machines) = self.state.list() else {
+            return;
+        };
         for m in machines {
             let lock = self.lock(&m.id);
-            let Ok(_guard) = lock.try_lock() else { continue };
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
             if m.desired != "started" || m.state == "failed" {
                 continue;
             }
@@ -279,13 +309,24 @@ impl Node {
                         continue;
                     }
                     let _ = self.state.set_exit(&m.id, Some(exit.code), exit.oom);
-                    let _ = self.state.event(&m.id, "exited", serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}));
+                    let _ = self.state.event(
+                        &m.id,
+                        "exited",
+                        serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}),
+                    );
                     let policy = m.config.restart.policy.as_str();
-                    let again = policy == "always" || (policy == "on-failure" && exit.code != 0 && m.restarts < m.config.restart.max_retries);
+                    let again = policy == "always"
+                        || (policy == "on-failure"
+                            && exit.code != 0
+                            && m.restarts < m.config.restart.max_retries);
                     if again {
                         let _ = self.state.set_restarts(&m.id, m.restarts + 1);
                         if self.start_locked(&m.id).is_ok() {
-                            let _ = self.state.event(&m.id, "restarted", serde_json::json!({"by": "policy", "count": m.restarts + 1}));
+                            let _ = self.state.event(
+                                &m.id,
+                                "restarted",
+                                serde_json::json!({"by": "policy", "count": m.restarts + 1}),
+                            );
                         }
                     } else {
                         let _ = self.state.set_desired(&m.id, "stopped");
@@ -300,7 +341,11 @@ impl Node {
                     // Should run, and nothing runs or says how it ended
                     // (a host reboot, a killed shim): start it again.
                     if self.start_locked(&m.id).is_ok() {
-                        let _ = self.state.event(&m.id, "restarted", serde_json::json!({"by": "adoption"}));
+                        let _ = self.state.event(
+                            &m.id,
+                            "restarted",
+                            serde_json::json!({"by": "adoption"}),
+                        );
                     }
                 }
             }

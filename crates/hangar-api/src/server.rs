@@ -20,7 +20,10 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Fetches an image into the local store when a machine names one it lacks.
 pub type Puller = Arc<
-    dyn Fn(hangar_oci::Reference) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+    dyn Fn(
+            hangar_oci::Reference,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
         + Send
         + Sync,
 >;
@@ -35,8 +38,18 @@ fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<Bod
     Response::builder()
         .status(status)
         .header("Content-Type", content_type)
-        .body(Full::new(body.into()).map_err(|never| match never {}).boxed())
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed()))
+        .body(
+            Full::new(body.into())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap_or_else(|_| {
+            Response::new(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+        })
 }
 
 fn json(status: u16, v: &serde_json::Value) -> Response<Body> {
@@ -76,7 +89,11 @@ async fn read_json<T: for<'de> Deserialize<'de>>(body: Incoming) -> Result<T, Er
         .await
         .map_err(|e| Error::Invalid(format!("reading the request body: {e}")))?
         .to_bytes();
-    let bytes = if bytes.is_empty() { Bytes::from_static(b"{}") } else { bytes };
+    let bytes = if bytes.is_empty() {
+        Bytes::from_static(b"{}")
+    } else {
+        bytes
+    };
     serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("request body: {e}")))
 }
 
@@ -85,7 +102,10 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
         .query()
         .unwrap_or("")
         .split('&')
-        .filter_map(|p| p.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect()
 }
 
@@ -136,14 +156,19 @@ struct ExecRequest {
 }
 
 /// Run a blocking node operation off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(format!("operation failed: {e}")))?
 }
 
 impl Api {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
         let authorized = req
             .headers()
             .get("Authorization")
@@ -151,7 +176,10 @@ impl Api {
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| t.trim() == self.token);
         if !authorized {
-            return Ok(json(401, &serde_json::json!({"error": "missing or wrong API token; the CLI reads it from $HANGAR_HOME/config.toml"})));
+            return Ok(json(
+                401,
+                &serde_json::json!({"error": "missing or wrong API token; the CLI reads it from $HANGAR_HOME/config.toml"}),
+            ));
         }
         Ok(match self.route(req).await {
             Ok(r) => r,
@@ -167,7 +195,12 @@ impl Api {
         let node = self.node.clone();
         match (method, parts.as_slice()) {
             (Method::GET, ["v1", "machines"]) => {
-                let list: Vec<serde_json::Value> = node.state.list()?.iter().map(|m| machine_json(&node, m)).collect();
+                let list: Vec<serde_json::Value> = node
+                    .state
+                    .list()?
+                    .iter()
+                    .map(|m| machine_json(&node, m))
+                    .collect();
                 Ok(json(200, &serde_json::Value::Array(list)))
             }
             (Method::POST, ["v1", "machines"]) => {
@@ -182,7 +215,9 @@ impl Api {
                 let m = blocking(move || node.create(body.name, body.config)).await?;
                 Ok(json(200, &machine_json(&self.node, &m)))
             }
-            (Method::GET, ["v1", "machines", id]) => Ok(json(200, &machine_json(&node, &node.state.get(id)?))),
+            (Method::GET, ["v1", "machines", id]) => {
+                Ok(json(200, &machine_json(&node, &node.state.get(id)?)))
+            }
             (Method::POST, ["v1", "machines", id]) => {
                 let body: UpdateRequest = read_json(req.into_body()).await?;
                 body.config.validate()?;
@@ -224,7 +259,9 @@ impl Api {
             (Method::POST, ["v1", "machines", id, "signal"]) => {
                 let body: SignalRequest = read_json(req.into_body()).await?;
                 if body.signal.is_empty() {
-                    return Err(Error::Invalid("signal is required, e.g. {\"signal\": \"SIGUSR1\"}".into()));
+                    return Err(Error::Invalid(
+                        "signal is required, e.g. {\"signal\": \"SIGUSR1\"}".into(),
+                    ));
                 }
                 node.signal(id, &body.signal)?;
                 Ok(json(200, &serde_json::json!({"ok": true})))
@@ -237,14 +274,21 @@ impl Api {
             }
             (Method::GET, ["v1", "machines", id, "events"]) => {
                 let m = node.state.get(id)?;
-                Ok(json(200, &serde_json::to_value(node.state.events(&m.id)?).unwrap_or_default()))
+                Ok(json(
+                    200,
+                    &serde_json::to_value(node.state.events(&m.id)?).unwrap_or_default(),
+                ))
             }
             (Method::GET, ["v1", "machines", id, "wait"]) => {
                 let want = param(&q, "state").unwrap_or("started").to_string();
                 if !["started", "stopped", "destroyed"].contains(&want.as_str()) {
-                    return Err(Error::Invalid("state must be started, stopped or destroyed".into()));
+                    return Err(Error::Invalid(
+                        "state must be started, stopped or destroyed".into(),
+                    ));
                 }
-                let timeout = param(&q, "timeout").and_then(|t| t.parse().ok()).unwrap_or(60u64);
+                let timeout = param(&q, "timeout")
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(60u64);
                 let deadline = Instant::now() + Duration::from_secs(timeout);
                 loop {
                     let m = node.state.get(id)?;
@@ -252,7 +296,10 @@ impl Api {
                         return Ok(json(200, &machine_json(&node, &m)));
                     }
                     if Instant::now() > deadline {
-                        return Ok(json(408, &serde_json::json!({"error": format!("machine {} is {}, not {want}, after {timeout}s", m.id, m.state)})));
+                        return Ok(json(
+                            408,
+                            &serde_json::json!({"error": format!("machine {} is {}, not {want}, after {timeout}s", m.id, m.state)}),
+                        ));
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -285,7 +332,13 @@ fn logs_response(node: Arc<Node>, id: String, follow: bool) -> Response<Body> {
         first: Option<Vec<u8>>,
     }
     let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    let cursor = Cursor { node, id, path, offset, first: Some(initial) };
+    let cursor = Cursor {
+        node,
+        id,
+        path,
+        offset,
+        first: Some(initial),
+    };
     let stream = futures_util::stream::unfold(cursor, |mut c| async move {
         if let Some(first) = c.first.take() {
             return Some((Ok(Frame::data(Bytes::from(first))), c));
@@ -305,7 +358,12 @@ fn logs_response(node: Arc<Node>, id: String, follow: bool) -> Response<Body> {
                 c.offset += buf.len() as u64;
                 return Some((Ok(Frame::data(Bytes::from(buf))), c));
             }
-            let gone = c.node.state.get(&c.id).map(|m| m.state == "destroyed").unwrap_or(true);
+            let gone = c
+                .node
+                .state
+                .get(&c.id)
+                .map(|m| m.state == "destroyed")
+                .unwrap_or(true);
             if gone {
                 return None;
             }
@@ -320,7 +378,11 @@ fn logs_response(node: Arc<Node>, id: String, follow: bool) -> Response<Body> {
 }
 
 /// Serve the API until `shutdown` resolves.
-pub async fn serve(api: Arc<Api>, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    api: Arc<Api>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     use hyper::server::conn::http1;
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
@@ -333,7 +395,9 @@ pub async fn serve(api: Arc<Api>, listener: tokio::net::TcpListener, shutdown: i
         let api = api.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| api.clone().handle(req));
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -11,7 +11,16 @@ use crate::config::MachineConfig;
 use crate::error::{Error, Result};
 
 /// Lifecycle states, as Fly names them.
-pub const STATES: [&str; 8] = ["created", "starting", "started", "stopping", "stopped", "destroying", "destroyed", "failed"];
+pub const STATES: [&str; 8] = [
+    "created",
+    "starting",
+    "started",
+    "stopping",
+    "stopped",
+    "destroying",
+    "destroyed",
+    "failed",
+];
 
 /// One machine row.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -75,7 +84,8 @@ const COLUMNS: &str = "id, name, state, desired, config, slot, exit_code, oom_ki
 
 impl State {
     pub fn open(home: &Path) -> Result<State> {
-        std::fs::create_dir_all(home).map_err(|e| Error::Internal(format!("{}: {e}", home.display())))?;
+        std::fs::create_dir_all(home)
+            .map_err(|e| Error::Internal(format!("{}: {e}", home.display())))?;
         let db = Connection::open(home.join("state.db"))?;
         db.execute_batch(
             "PRAGMA journal_mode=WAL;
@@ -99,7 +109,8 @@ impl State {
     fn finish(&self, rows: Vec<(Machine, String)>) -> Result<Vec<Machine>> {
         rows.into_iter()
             .map(|(mut m, config)| {
-                m.config = serde_json::from_str(&config).map_err(|e| Error::Internal(format!("stored config of {}: {e}", m.id)))?;
+                m.config = serde_json::from_str(&config)
+                    .map_err(|e| Error::Internal(format!("stored config of {}: {e}", m.id)))?;
                 Ok(m)
             })
             .collect()
@@ -133,39 +144,56 @@ impl State {
     pub fn get(&self, id_or_name: &str) -> Result<Machine> {
         let rows = {
             let db = self.db();
-            let mut stmt = db.prepare(&format!("SELECT {COLUMNS} FROM machines WHERE (id = ?1 OR name = ?1)"))?;
+            let mut stmt = db.prepare(&format!(
+                "SELECT {COLUMNS} FROM machines WHERE (id = ?1 OR name = ?1)"
+            ))?;
             let r = stmt.query_row(params![id_or_name], row).optional()?;
             r.into_iter().collect::<Vec<_>>()
         };
-        self.finish(rows)?
-            .pop()
-            .ok_or_else(|| Error::NotFound(format!("no machine {id_or_name:?}; list them with `hangar machine list`")))
+        self.finish(rows)?.pop().ok_or_else(|| {
+            Error::NotFound(format!(
+                "no machine {id_or_name:?}; list them with `hangar machine list`"
+            ))
+        })
     }
 
     /// Machines that are not destroyed, oldest first.
     pub fn list(&self) -> Result<Vec<Machine>> {
         let rows = {
             let db = self.db();
-            let mut stmt = db.prepare(&format!("SELECT {COLUMNS} FROM machines WHERE state != 'destroyed' ORDER BY created_at, id"))?;
-            let r = stmt.query_map([], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = db.prepare(&format!(
+                "SELECT {COLUMNS} FROM machines WHERE state != 'destroyed' ORDER BY created_at, id"
+            ))?;
+            let r = stmt
+                .query_map([], row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             r
         };
         self.finish(rows)
     }
 
     pub fn set_state(&self, id: &str, state: &str) -> Result<()> {
-        self.db().execute("UPDATE machines SET state = ?2, updated_at = ?3 WHERE id = ?1", params![id, state, now()])?;
+        self.db().execute(
+            "UPDATE machines SET state = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, state, now()],
+        )?;
         Ok(())
     }
 
     pub fn set_desired(&self, id: &str, desired: &str) -> Result<()> {
-        self.db().execute("UPDATE machines SET desired = ?2, updated_at = ?3 WHERE id = ?1", params![id, desired, now()])?;
+        self.db().execute(
+            "UPDATE machines SET desired = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, desired, now()],
+        )?;
         Ok(())
     }
 
     pub fn set_config(&self, id: &str, config: &MachineConfig) -> Result<()> {
         let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
-        self.db().execute("UPDATE machines SET config = ?2, updated_at = ?3 WHERE id = ?1", params![id, json, now()])?;
+        self.db().execute(
+            "UPDATE machines SET config = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, json, now()],
+        )?;
         Ok(())
     }
 
@@ -179,7 +207,10 @@ impl State {
     }
 
     pub fn set_restarts(&self, id: &str, restarts: u32) -> Result<()> {
-        self.db().execute("UPDATE machines SET restarts = ?2 WHERE id = ?1", params![id, restarts])?;
+        self.db().execute(
+            "UPDATE machines SET restarts = ?2 WHERE id = ?1",
+            params![id, restarts],
+        )?;
         Ok(())
     }
 
@@ -203,7 +234,9 @@ impl State {
 
     pub fn events(&self, id: &str) -> Result<Vec<Event>> {
         let db = self.db();
-        let mut stmt = db.prepare("SELECT machine_id, type, detail, at FROM events WHERE machine_id = ?1 ORDER BY seq")?;
+        let mut stmt = db.prepare(
+            "SELECT machine_id, type, detail, at FROM events WHERE machine_id = ?1 ORDER BY seq",
+        )?;
         let rows = stmt
             .query_map(params![id], |r| {
                 let detail: String = r.get(2)?;

@@ -71,7 +71,10 @@ impl InitConfig {
         if let Some(exec) = &self.exec {
             return exec.clone();
         }
-        let entrypoint = self.entrypoint.clone().unwrap_or_else(|| self.image.entrypoint.clone());
+        let entrypoint = self
+            .entrypoint
+            .clone()
+            .unwrap_or_else(|| self.image.entrypoint.clone());
         let cmd = match (&self.cmd, &self.entrypoint) {
             (Some(c), _) => c.clone(),
             (None, Some(_)) => Vec::new(),
@@ -84,11 +87,9 @@ impl InitConfig {
     /// PATH, HOME and HOSTNAME defaulted as Docker does.
     pub fn environment(&self, home: &str) -> Vec<String> {
         let mut env: Vec<(String, String)> = Vec::new();
-        let mut set = |k: &str, v: &str| {
-            match env.iter_mut().find(|(key, _)| key == k) {
-                Some(entry) => entry.1 = v.to_string(),
-                None => env.push((k.to_string(), v.to_string())),
-            }
+        let mut set = |k: &str, v: &str| match env.iter_mut().find(|(key, _)| key == k) {
+            Some(entry) => entry.1 = v.to_string(),
+            None => env.push((k.to_string(), v.to_string())),
         };
         for kv in &self.image.env {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -99,7 +100,10 @@ impl InitConfig {
         }
         let has = |k: &str, env: &[(String, String)]| env.iter().any(|(key, _)| key == k);
         if !has("PATH", &env) {
-            env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+            env.push((
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ));
         }
         if !has("HOME", &env) {
             env.push(("HOME".into(), home.to_string()));
@@ -128,7 +132,8 @@ impl InitConfig {
 
     /// The contents of `/etc/hosts`.
     pub fn hosts_file(&self) -> String {
-        let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        let mut out =
+            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         for (addr, names) in &self.hosts {
             out.push_str(&format!("{addr}\t{}\n", names.join(" ")));
         }
@@ -170,17 +175,28 @@ pub fn resolve_user(spec: &str, root: &Path) -> Result<RunAs, String> {
         None => (spec, None),
     };
     let user = if user.is_empty() { "0" } else { user };
-    let entry = passwd.iter().find(|r| r.len() >= 4 && (r[0] == user || r[2] == user));
+    let entry = passwd
+        .iter()
+        .find(|r| r.len() >= 4 && (r[0] == user || r[2] == user));
     let uid: u32 = match (entry, user.parse()) {
-        (Some(r), _) => r[2].parse().map_err(|_| format!("bad uid for {user:?} in /etc/passwd"))?,
+        (Some(r), _) => r[2]
+            .parse()
+            .map_err(|_| format!("bad uid for {user:?} in /etc/passwd"))?,
         (None, Ok(n)) => n,
         (None, Err(_)) => return Err(format!("user {user:?} is not in the image's /etc/passwd")),
     };
     let name = entry.map(|r| r[0].clone());
     let gid: u32 = match grp {
-        Some(g) => match group.iter().find(|r| r.len() >= 3 && (r[0] == g || r[2] == g)) {
-            Some(r) => r[2].parse().map_err(|_| format!("bad gid for {g:?} in /etc/group"))?,
-            None => g.parse().map_err(|_| format!("group {g:?} is not in the image's /etc/group"))?,
+        Some(g) => match group
+            .iter()
+            .find(|r| r.len() >= 3 && (r[0] == g || r[2] == g))
+        {
+            Some(r) => r[2]
+                .parse()
+                .map_err(|_| format!("bad gid for {g:?} in /etc/group"))?,
+            None => g
+                .parse()
+                .map_err(|_| format!("group {g:?} is not in the image's /etc/group"))?,
         },
         None => entry.and_then(|r| r[3].parse().ok()).unwrap_or(0),
     };
@@ -200,7 +216,12 @@ pub fn resolve_user(spec: &str, root: &Path) -> Result<RunAs, String> {
         .and_then(|r| r.get(5).cloned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| if uid == 0 { "/root".into() } else { "/".into() });
-    Ok(RunAs { uid, gid, groups, home })
+    Ok(RunAs {
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
 
 #[cfg(test)]
@@ -227,7 +248,11 @@ mod tests {
         assert_eq!(c.argv(), ["/ep", "b"]);
         c.cmd = None;
         c.entrypoint = Some(vec!["/other".into()]);
-        assert_eq!(c.argv(), ["/other"], "a new entrypoint drops the image's cmd");
+        assert_eq!(
+            c.argv(),
+            ["/other"],
+            "a new entrypoint drops the image's cmd"
+        );
         c.exec = Some(vec!["/x".into(), "y".into()]);
         assert_eq!(c.argv(), ["/x", "y"]);
     }
@@ -245,10 +270,21 @@ mod tests {
     fn users_resolve_in_the_image() {
         let root = std::env::temp_dir().join(format!("hangar-init-test-{}", std::process::id()));
         std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n").unwrap();
-        std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\nwheel:x:10:app\n").unwrap();
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("etc/group"),
+            "root:x:0:\napp:x:1000:\nwheel:x:10:app\n",
+        )
+        .unwrap();
         let app = resolve_user("app", &root).unwrap();
-        assert_eq!((app.uid, app.gid, app.groups.clone(), app.home.as_str()), (1000, 1000, vec![1000, 10], "/home/app"));
+        assert_eq!(
+            (app.uid, app.gid, app.groups.clone(), app.home.as_str()),
+            (1000, 1000, vec![1000, 10], "/home/app")
+        );
         assert_eq!(resolve_user("app:wheel", &root).unwrap().gid, 10);
         assert_eq!(resolve_user("1234:5", &root).unwrap().uid, 1234);
         assert_eq!(resolve_user("", &root).unwrap().uid, 0);

@@ -37,24 +37,59 @@ fn mounted_targets() -> Vec<String> {
 /// privilege anyway; in a VM nobody did.
 fn ensure_mounts() {
     let table: [(&str, &str, libc::c_ulong, &str); 7] = [
-        ("/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ""),
-        ("/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ""),
+        (
+            "/proc",
+            "proc",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            "",
+        ),
+        (
+            "/sys",
+            "sysfs",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            "",
+        ),
         ("/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
-        ("/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
-        ("/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
-        ("/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755"),
-        ("/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
+        (
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        ),
+        (
+            "/dev/shm",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=1777",
+        ),
+        (
+            "/run",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=0755",
+        ),
+        (
+            "/tmp",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=1777",
+        ),
     ];
     for (target, fstype, flags, data) in table {
         if mounted_targets().iter().any(|m| m == target) {
             continue;
         }
         let _ = std::fs::create_dir_all(target);
-        let (Ok(t), Ok(f), Ok(d)) = (CString::new(target), CString::new(fstype), CString::new(data)) else {
+        let (Ok(t), Ok(f), Ok(d)) = (
+            CString::new(target),
+            CString::new(fstype),
+            CString::new(data),
+        ) else {
             continue;
         };
         // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-        let rc = unsafe { libc::mount(f.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
+        let rc =
+            unsafe { libc::mount(f.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EPERM) {
@@ -75,7 +110,10 @@ fn set_hostname(name: &str) {
     // SAFETY: the pointer and length describe `name`'s bytes.
     let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
     if rc != 0 {
-        say(&format!("cannot set hostname: {}", std::io::Error::last_os_error()));
+        say(&format!(
+            "cannot set hostname: {}",
+            std::io::Error::last_os_error()
+        ));
     }
 }
 
@@ -102,8 +140,13 @@ fn exit_code(status: libc::c_int) -> u8 {
 }
 
 fn main() -> ExitCode {
-    let path = std::env::args().nth(1).unwrap_or_else(|| CONFIG_PATH.to_string());
-    let config: InitConfig = match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| CONFIG_PATH.to_string());
+    let config: InitConfig = match std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
         Ok(c) => c,
         Err(e) => {
             say(&format!("cannot read {path}: {e}"));
@@ -167,7 +210,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             say(&format!("cannot run {}: {e}", argv[0]));
-            return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
+            return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
         }
     };
     let app = child.id() as libc::pid_t;

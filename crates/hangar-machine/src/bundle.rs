@@ -29,13 +29,50 @@ pub const DEFAULT_CAPS: [&str; 14] = [
 /// clocks, keyrings, tracing and namespace games. A deny list over an allow
 /// default: a first profile that no ordinary program trips over.
 const DENIED_SYSCALLS: [&str; 44] = [
-    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
-    "finit_module", "get_kernel_syms", "get_mempolicy", "init_module", "ioperm", "iopl", "kcmp",
-    "kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie", "mbind", "mount", "move_mount",
-    "move_pages", "name_to_handle_at", "nfsservctl", "open_by_handle_at", "open_tree",
-    "perf_event_open", "pivot_root", "process_vm_readv", "process_vm_writev", "ptrace",
-    "query_module", "quotactl", "reboot", "request_key", "set_mempolicy", "setns", "settimeofday",
-    "swapoff", "swapon", "umount2", "unshare", "uselib", "userfaultfd",
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
 ];
 
 /// Resource limits of a machine.
@@ -47,7 +84,15 @@ pub struct Limits {
 }
 
 /// The `config.json` for machine `id`.
-pub fn config(id: &str, hostname: &str, rootfs: &Path, init_bin: &Path, init_config: &Path, netns: &Path, limits: Limits) -> Value {
+pub fn config(
+    id: &str,
+    hostname: &str,
+    rootfs: &Path,
+    init_bin: &Path,
+    init_config: &Path,
+    netns: &Path,
+    limits: Limits,
+) -> Value {
     let caps = json!(DEFAULT_CAPS);
     let mut resources = json!({
         "devices": [{"allow": false, "access": "rwm"}],

@@ -60,20 +60,39 @@ pub fn netns_path(id: &str) -> PathBuf {
 /// Create the bridge (once per host boot) and the no-forwarding rule.
 pub fn ensure_bridge() -> Result<()> {
     if Command::new("ip").arg("-V").output().is_err() {
-        return Err(Error::Host("`ip` (iproute2) is not installed; install iproute2".into()));
+        return Err(Error::Host(
+            "`ip` (iproute2) is not installed; install iproute2".into(),
+        ));
     }
-    let exists = Command::new("ip").args(["link", "show", BRIDGE]).output().map(|o| o.status.success()).unwrap_or(false);
+    let exists = Command::new("ip")
+        .args(["link", "show", BRIDGE])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !exists {
         ip(&["link", "add", BRIDGE, "type", "bridge"])?;
     }
     let gw = gateway();
     let _ = ip(&["addr", "add", &format!("{}/16", gw.v4), "dev", BRIDGE]);
-    let _ = ip(&["-6", "addr", "add", &format!("{}/64", gw.v6), "dev", BRIDGE, "nodad"]);
+    let _ = ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/64", gw.v6),
+        "dev",
+        BRIDGE,
+        "nodad",
+    ]);
     ip(&["link", "set", BRIDGE, "up"])?;
     // Drop anything routed from the bridge elsewhere, should forwarding be on.
     for tool in ["iptables", "ip6tables"] {
         let rule = ["FORWARD", "-i", BRIDGE, "!", "-o", BRIDGE, "-j", "DROP"];
-        let present = Command::new(tool).arg("-C").args(rule).output().map(|o| o.status.success()).unwrap_or(true);
+        let present = Command::new(tool)
+            .arg("-C")
+            .args(rule)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(true);
         if !present {
             let _ = Command::new(tool).arg("-I").args(rule).output();
         }
@@ -91,14 +110,51 @@ pub fn attach(id: &str, slot: u32) -> Result<Addresses> {
     let gw = gateway();
     ip(&["netns", "add", &ns])?;
     let result = (|| {
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
         ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/16", addr.v4), "dev", "eth0"])?;
-        ip(&["-n", &ns, "-6", "addr", "add", &format!("{}/64", addr.v6), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/16", addr.v4),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", addr.v6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", &gw.v4.to_string()])?;
-        ip(&["-n", &ns, "-6", "route", "add", "default", "via", &gw.v6.to_string()])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw.v4.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw.v6.to_string(),
+        ])?;
         Ok(addr.clone())
     })();
     if result.is_err() {

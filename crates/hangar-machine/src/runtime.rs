@@ -102,7 +102,13 @@ fn runc(root: &Path) -> Command {
 fn pid_alive(pid: i32) -> bool {
     // A shim that exited but was not reaped yet is a zombie: not alive.
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
@@ -148,7 +154,10 @@ impl Runtime {
         for sub in ["upper", "work", "rootfs", "bundle"] {
             fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
         }
-        let lease: Vec<String> = chain_ids(&image.config.rootfs.diff_ids).iter().map(|d| d.to_string()).collect();
+        let lease: Vec<String> = chain_ids(&image.config.rootfs.diff_ids)
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
         fs::write(dir.join("lease"), lease.join("\n")).at(dir.join("lease"))?;
 
         let run = image.config.config.clone().unwrap_or_default();
@@ -162,8 +171,10 @@ impl Runtime {
             user: run.user.unwrap_or_default(),
         };
         let addresses = network::attach(&spec.id, spec.slot)?;
-        init.hosts.push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
-        init.hosts.push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
+        init.hosts
+            .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
+        init.hosts
+            .push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
         let init_path = dir.join("init.json");
         let bytes = serde_json::to_vec_pretty(&init).map_err(|e| Error::Host(e.to_string()))?;
         fs::write(&init_path, bytes).at(&init_path)?;
@@ -178,9 +189,16 @@ impl Runtime {
             spec.limits,
         );
         let bundle_path = dir.join("bundle/config.json");
-        fs::write(&bundle_path, serde_json::to_vec_pretty(&config).unwrap_or_default()).at(&bundle_path)?;
+        fs::write(
+            &bundle_path,
+            serde_json::to_vec_pretty(&config).unwrap_or_default(),
+        )
+        .at(&bundle_path)?;
         self.mount(&spec.id, &lowers)?;
-        Ok(Created { addresses, unpacked })
+        Ok(Created {
+            addresses,
+            unpacked,
+        })
     }
 
     fn mount(&self, id: &str, lowers: &[PathBuf]) -> Result<()> {
@@ -189,7 +207,11 @@ impl Runtime {
         if is_mountpoint(&rootfs) {
             return Ok(());
         }
-        let lower: Vec<String> = lowers.iter().rev().map(|p| p.display().to_string()).collect();
+        let lower: Vec<String> = lowers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.join(":"),
@@ -197,8 +219,18 @@ impl Runtime {
             dir.join("work").display()
         );
         let options = std::ffi::CString::new(options).map_err(|e| Error::Host(e.to_string()))?;
-        rustix::mount::mount("overlay", &rootfs, "overlay", rustix::mount::MountFlags::empty(), Some(options.as_c_str()))
-            .map_err(|e| Error::Host(format!("cannot mount the overlay for machine {id}: {e} (machines need root)")))
+        rustix::mount::mount(
+            "overlay",
+            &rootfs,
+            "overlay",
+            rustix::mount::MountFlags::empty(),
+            Some(options.as_c_str()),
+        )
+        .map_err(|e| {
+            Error::Host(format!(
+                "cannot mount the overlay for machine {id}: {e} (machines need root)"
+            ))
+        })
     }
 
     /// Start the machine's shim (which runs runc). The returned child is the
@@ -223,10 +255,17 @@ impl Runtime {
         }
         let _ = fs::remove_file(dir.join("exit.json"));
         // A container of that id left by a crash would make `runc run` fail.
-        let _ = runc(&self.runc_root).args(["delete", "--force", id]).output();
+        let _ = runc(&self.runc_root)
+            .args(["delete", "--force", id])
+            .output();
         let mut cmd = Command::new(hangar_exe);
-        cmd.args(["machine", "shim"]).arg(&dir).arg(id).arg(&self.runc_root);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.args(["machine", "shim"])
+            .arg(&dir)
+            .arg(id)
+            .arg(&self.runc_root);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         // SAFETY: setsid is async-signal-safe; it detaches the shim from our
         // session so signals to `hangar up` do not reach machines.
         unsafe {
@@ -238,7 +277,10 @@ impl Runtime {
         let child = cmd.spawn().at(hangar_exe)?;
         // Wait until the shim has said it runs, so state() is right at once.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !dir.join("shim.pid").exists() && !dir.join("exit.json").exists() && Instant::now() < deadline {
+        while !dir.join("shim.pid").exists()
+            && !dir.join("exit.json").exists()
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(2));
         }
         Ok(child)
@@ -251,7 +293,10 @@ impl Runtime {
                 return ProcState::Running;
             }
         }
-        match fs::read(dir.join("exit.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+        match fs::read(dir.join("exit.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
             Some(exit) => ProcState::Exited(exit),
             None => ProcState::NotRunning,
         }
@@ -289,7 +334,9 @@ impl Runtime {
                 }
             }
         }
-        let _ = runc(&self.runc_root).args(["delete", "--force", id]).output();
+        let _ = runc(&self.runc_root)
+            .args(["delete", "--force", id])
+            .output();
         let rootfs = dir.join("rootfs");
         if is_mountpoint(&rootfs) {
             rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH)
@@ -343,7 +390,11 @@ impl LogWriter {
     fn write(&mut self, bytes: &[u8]) {
         if self.size + bytes.len() as u64 > LOG_ROTATE_BYTES {
             let _ = fs::rename(&self.path, self.path.with_extension("log.1"));
-            if let Ok(f) = OpenOptions::new().create(true).append(true).open(&self.path) {
+            if let Ok(f) = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+            {
                 self.file = f;
                 self.size = 0;
             }
@@ -386,8 +437,14 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
     };
     let mut copiers = Vec::new();
     let streams: Vec<Box<dyn Read + Send>> = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -397,7 +454,11 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
         copiers.push(std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
-            while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+            while reader
+                .read_until(b'\n', &mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
                 if let Ok(mut l) = log.lock() {
                     l.write(&line);
                 }
@@ -408,7 +469,12 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
     let oom = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let (oom, done, root, id) = (oom.clone(), done.clone(), runc_root.to_path_buf(), id.to_string());
+        let (oom, done, root, id) = (
+            oom.clone(),
+            done.clone(),
+            runc_root.to_path_buf(),
+            id.to_string(),
+        );
         std::thread::spawn(move || watch_oom(&root, &id, &oom, &done))
     };
     let status = child.wait();
@@ -431,7 +497,11 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
 }
 
 fn write_exit(dir: &Path, code: i32, oom: bool) {
-    let exit = Exit { code, oom, at: now_secs() };
+    let exit = Exit {
+        code,
+        oom,
+        at: now_secs(),
+    };
     let tmp = dir.join(".exit.json.tmp");
     if fs::write(&tmp, serde_json::to_vec(&exit).unwrap_or_default()).is_ok() {
         let _ = fs::rename(&tmp, dir.join("exit.json"));

@@ -51,13 +51,26 @@ impl Snapshots {
         let chains = chain_ids(&image.config.rootfs.diff_ids);
         let mut dirs = Vec::new();
         let mut unpacked = false;
-        for ((layer, diff_id), chain) in image.manifest.layers.iter().zip(&image.config.rootfs.diff_ids).zip(&chains) {
+        for ((layer, diff_id), chain) in image
+            .manifest
+            .layers
+            .iter()
+            .zip(&image.config.rootfs.diff_ids)
+            .zip(&chains)
+        {
             let dir = self.path(chain);
             if !dir.is_dir() {
-                let tmp = self.root.join(format!(".{}.tmp-{}", chain.hex(), std::process::id()));
+                let tmp = self
+                    .root
+                    .join(format!(".{}.tmp-{}", chain.hex(), std::process::id()));
                 let _ = fs::remove_dir_all(&tmp);
                 fs::create_dir_all(&tmp).at(&tmp)?;
-                let result = Unpacker::for_overlay(&tmp).apply_verified(store.open_blob(&layer.digest)?, &layer.digest, layer.size, diff_id);
+                let result = Unpacker::for_overlay(&tmp).apply_verified(
+                    store.open_blob(&layer.digest)?,
+                    &layer.digest,
+                    layer.size,
+                    diff_id,
+                );
                 if let Err(e) = result {
                     let _ = fs::remove_dir_all(&tmp);
                     return Err(e.into());
@@ -84,7 +97,9 @@ impl Snapshots {
         let mut removed = 0;
         for entry in fs::read_dir(&self.root).at(&self.root)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let live = format!("sha256:{name}").parse::<Digest>().is_ok_and(|d| keep.contains(&d));
+            let live = format!("sha256:{name}")
+                .parse::<Digest>()
+                .is_ok_and(|d| keep.contains(&d));
             if !live {
                 fs::remove_dir_all(entry.path()).at(entry.path())?;
                 removed += 1;

@@ -490,14 +490,13 @@ pub async fn pull(
         .map(|(l, diff)| (l.digest.clone(), l.size, diff.clone()))
         .collect();
     let session_ref = &session;
-    let layers: Vec<Option<StagedBlob>> = futures_util::stream::iter(
-        wanted
-            .into_iter()
-            .map(|(digest, size, diff)| session_ref.layer(store, digest, size, diff, progress.clone())),
-    )
-    .buffered(PARALLEL)
-    .try_collect()
-    .await?;
+    let layers: Vec<Option<StagedBlob>> =
+        futures_util::stream::iter(wanted.into_iter().map(|(digest, size, diff)| {
+            session_ref.layer(store, digest, size, diff, progress.clone())
+        }))
+        .buffered(PARALLEL)
+        .try_collect()
+        .await?;
 
     // Everything verified: make it visible, name last.
     for staged in layers.into_iter().flatten() {
@@ -584,7 +583,18 @@ pub async fn push(
         .collect();
     futures_util::stream::iter(uploads.into_iter().map(|(digest, size, from)| {
         let progress = progress.clone();
-        async move { push_blob(session, store, &digest, size, from, opts.chunk_size, progress).await }
+        async move {
+            push_blob(
+                session,
+                store,
+                &digest,
+                size,
+                from,
+                opts.chunk_size,
+                progress,
+            )
+            .await
+        }
     }))
     .buffer_unordered(PARALLEL)
     .try_collect::<Vec<()>>()

@@ -361,15 +361,27 @@ impl Unpacker {
     }
 
     /// A whiteout in overlay form, in a snapshot holding just this layer.
-    fn overlay_whiteout(&mut self, rel: &Path, hidden: &[u8], layer: &str, raw: &Path, state: &mut LayerState) -> Result<()> {
+    fn overlay_whiteout(
+        &mut self,
+        rel: &Path,
+        hidden: &[u8],
+        layer: &str,
+        raw: &Path,
+        state: &mut LayerState,
+    ) -> Result<()> {
         self.check_ancestors(rel, layer, raw, state, true)?;
         let parent = rel.parent().unwrap_or(Path::new(""));
         if hidden == b".wh..opq" {
             let dir = self.root.join(parent);
             fs::create_dir_all(&dir).at(&dir)?;
-            rustix::fs::lsetxattr(&dir, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())
-                .map_err(io::Error::from)
-                .at(&dir)?;
+            rustix::fs::lsetxattr(
+                &dir,
+                "trusted.overlay.opaque",
+                b"y",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .map_err(io::Error::from)
+            .at(&dir)?;
             return Ok(());
         }
         if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.contains(&b'/') {
@@ -378,9 +390,15 @@ impl Unpacker {
         let target = parent.join(OsStr::from_bytes(hidden));
         self.remove_existing(&target)?;
         let full = self.root.join(&target);
-        rustix::fs::mknodat(CWD, &full, FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(0, 0))
-            .map_err(io::Error::from)
-            .at(&full)?;
+        rustix::fs::mknodat(
+            CWD,
+            &full,
+            FileType::CharacterDevice,
+            Mode::empty(),
+            rustix::fs::makedev(0, 0),
+        )
+        .map_err(io::Error::from)
+        .at(&full)?;
         state.paths.insert(target);
         Ok(())
     }

@@ -115,7 +115,11 @@ enum MachineCommand {
     },
     /// (internal) supervise one machine's runtime; started by `hangar up`
     #[command(name = "shim", hide = true)]
-    Shim { dir: PathBuf, id: String, runc_root: PathBuf },
+    Shim {
+        dir: PathBuf,
+        id: String,
+        runc_root: PathBuf,
+    },
 }
 
 /// A small client of the node's Machines API.
@@ -135,24 +139,42 @@ impl Client {
         })
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<reqwest::Response> {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<reqwest::Response> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {
-            req = req.header("Content-Type", "application/json").body(b.to_string());
+            req = req
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
         }
-        req.send()
-            .await
-            .with_context(|| format!("cannot reach the node at {}; is `hangar up` running?", self.base))
+        req.send().await.with_context(|| {
+            format!(
+                "cannot reach the node at {}; is `hangar up` running?",
+                self.base
+            )
+        })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !status.is_success() {
-            let msg = value["error"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            let msg = value["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
             bail!("{msg}");
         }
         Ok(value)
@@ -161,7 +183,8 @@ impl Client {
 
 fn parse_words(flag: &str, s: &str) -> Result<Vec<String>> {
     if s.trim_start().starts_with('[') {
-        return serde_json::from_str(s).with_context(|| format!("--{flag} {s:?} is not a JSON array of strings"));
+        return serde_json::from_str(s)
+            .with_context(|| format!("--{flag} {s:?} is not a JSON array of strings"));
     }
     Ok(s.split_whitespace().map(str::to_string).collect())
 }
@@ -171,13 +194,23 @@ fn print_machine(m: &Value) {
     println!("ID:        {}", field("id"));
     println!("Name:      {}", field("name"));
     println!("State:     {}", field("state"));
-    println!("Image:     {}", m["config"]["image"].as_str().unwrap_or("-"));
+    println!(
+        "Image:     {}",
+        m["config"]["image"].as_str().unwrap_or("-")
+    );
     if let Some(d) = m["image_ref"]["digest"].as_str() {
         println!("Digest:    {d}");
     }
     println!("Addresses: {} {}", field("private_ip"), field("ipv4"));
     if let Some(code) = m["exit_code"].as_i64() {
-        println!("Exit code: {code}{}", if m["oom_killed"].as_bool() == Some(true) { " (OOM killed)" } else { "" });
+        println!(
+            "Exit code: {code}{}",
+            if m["oom_killed"].as_bool() == Some(true) {
+                " (OOM killed)"
+            } else {
+                ""
+            }
+        );
     }
     println!("Restarts:  {}", m["restarts"]);
 }
@@ -214,7 +247,9 @@ async fn run_async(args: MachineArgs) -> Result<()> {
         } => {
             let mut envs = BTreeMap::new();
             for kv in env {
-                let (k, v) = kv.split_once('=').with_context(|| format!("-e {kv:?} must be KEY=VALUE"))?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("-e {kv:?} must be KEY=VALUE"))?;
                 envs.insert(k.to_string(), v.to_string());
             }
             let mut init = json!({});
@@ -227,7 +262,10 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             if let Some(u) = user {
                 init["user"] = json!(u);
             }
-            let services: Vec<Value> = ports.iter().map(|p| json!({"internal_port": p, "protocol": "tcp"})).collect();
+            let services: Vec<Value> = ports
+                .iter()
+                .map(|p| json!({"internal_port": p, "protocol": "tcp"}))
+                .collect();
             let body = json!({
                 "name": name,
                 "config": {
@@ -237,7 +275,9 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                     "services": services, "auto_destroy": rm,
                 },
             });
-            let m = client.call(Method::POST, "/v1/machines", Some(body)).await?;
+            let m = client
+                .call(Method::POST, "/v1/machines", Some(body))
+                .await?;
             println!("{}", m["id"].as_str().unwrap_or(""));
         }
         MachineCommand::List { json } => {
@@ -245,7 +285,10 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<16} {:<20} {:<10} {:<24} IMAGE", "ID", "NAME", "STATE", "ADDRESS");
+                println!(
+                    "{:<16} {:<20} {:<10} {:<24} IMAGE",
+                    "ID", "NAME", "STATE", "ADDRESS"
+                );
                 for m in list.as_array().into_iter().flatten() {
                     println!(
                         "{:<16} {:<20} {:<10} {:<24} {}",
@@ -259,7 +302,9 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             }
         }
         MachineCommand::Status { id, json } => {
-            let m = client.call(Method::GET, &format!("/v1/machines/{id}"), None).await?;
+            let m = client
+                .call(Method::GET, &format!("/v1/machines/{id}"), None)
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
@@ -267,34 +312,81 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             }
         }
         MachineCommand::Start { id } => {
-            let m = client.call(Method::POST, &format!("/v1/machines/{id}/start"), None).await?;
-            println!("{} {}", m["id"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""));
-        }
-        MachineCommand::Stop { id, signal, timeout } => {
             let m = client
-                .call(Method::POST, &format!("/v1/machines/{id}/stop"), Some(json!({"signal": signal, "timeout": timeout})))
+                .call(Method::POST, &format!("/v1/machines/{id}/start"), None)
                 .await?;
-            println!("{} {}", m["id"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""));
+            println!(
+                "{} {}",
+                m["id"].as_str().unwrap_or(""),
+                m["state"].as_str().unwrap_or("")
+            );
         }
-        MachineCommand::Restart { id, signal, timeout } => {
+        MachineCommand::Stop {
+            id,
+            signal,
+            timeout,
+        } => {
             let m = client
-                .call(Method::POST, &format!("/v1/machines/{id}/restart"), Some(json!({"signal": signal, "timeout": timeout})))
+                .call(
+                    Method::POST,
+                    &format!("/v1/machines/{id}/stop"),
+                    Some(json!({"signal": signal, "timeout": timeout})),
+                )
                 .await?;
-            println!("{} {}", m["id"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""));
+            println!(
+                "{} {}",
+                m["id"].as_str().unwrap_or(""),
+                m["state"].as_str().unwrap_or("")
+            );
+        }
+        MachineCommand::Restart {
+            id,
+            signal,
+            timeout,
+        } => {
+            let m = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/machines/{id}/restart"),
+                    Some(json!({"signal": signal, "timeout": timeout})),
+                )
+                .await?;
+            println!(
+                "{} {}",
+                m["id"].as_str().unwrap_or(""),
+                m["state"].as_str().unwrap_or("")
+            );
         }
         MachineCommand::Signal { id, signal } => {
-            client.call(Method::POST, &format!("/v1/machines/{id}/signal"), Some(json!({"signal": signal}))).await?;
+            client
+                .call(
+                    Method::POST,
+                    &format!("/v1/machines/{id}/signal"),
+                    Some(json!({"signal": signal})),
+                )
+                .await?;
         }
         MachineCommand::Destroy { id, force } => {
             let m = client
-                .call(Method::DELETE, &format!("/v1/machines/{id}?force={force}"), None)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/machines/{id}?force={force}"),
+                    None,
+                )
                 .await?;
             println!("{} destroyed", m["id"].as_str().unwrap_or(""));
         }
         MachineCommand::Logs { id, follow } => {
-            let resp = client.send(Method::GET, &format!("/v1/machines/{id}/logs?follow={follow}"), None).await?;
+            let resp = client
+                .send(
+                    Method::GET,
+                    &format!("/v1/machines/{id}/logs?follow={follow}"),
+                    None,
+                )
+                .await?;
             if !resp.status().is_success() {
-                let v: Value = serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or_default();
+                let v: Value = serde_json::from_str(&resp.text().await.unwrap_or_default())
+                    .unwrap_or_default();
                 bail!("{}", v["error"].as_str().unwrap_or("cannot read logs"));
             }
             let mut stream = resp.bytes_stream();
@@ -305,7 +397,13 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             }
         }
         MachineCommand::Exec { id, cmd } => {
-            let r = client.call(Method::POST, &format!("/v1/machines/{id}/exec"), Some(json!({"cmd": cmd}))).await?;
+            let r = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/machines/{id}/exec"),
+                    Some(json!({"cmd": cmd})),
+                )
+                .await?;
             print!("{}", r["stdout"].as_str().unwrap_or(""));
             eprint!("{}", r["stderr"].as_str().unwrap_or(""));
             let code = r["exit_code"].as_i64().unwrap_or(1);
@@ -313,9 +411,17 @@ async fn run_async(args: MachineArgs) -> Result<()> {
         }
         MachineCommand::Wait { id, state, timeout } => {
             let m = client
-                .call(Method::GET, &format!("/v1/machines/{id}/wait?state={state}&timeout={timeout}"), None)
+                .call(
+                    Method::GET,
+                    &format!("/v1/machines/{id}/wait?state={state}&timeout={timeout}"),
+                    None,
+                )
                 .await?;
-            println!("{} {}", m["id"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""));
+            println!(
+                "{} {}",
+                m["id"].as_str().unwrap_or(""),
+                m["state"].as_str().unwrap_or("")
+            );
         }
         MachineCommand::Shim { .. } => unreachable!("handled before the runtime starts"),
     }

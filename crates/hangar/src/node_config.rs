@@ -20,8 +20,12 @@ pub fn path(home: &Path) -> std::path::PathBuf {
 
 pub fn load(home: &Path) -> Result<NodeConfig> {
     let p = path(home);
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("no node config at {}; start a node with `hangar up` first", p.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "no node config at {}; start a node with `hangar up` first",
+            p.display()
+        )
+    })?;
     toml::from_str(&text).with_context(|| format!("{} is not a valid node config", p.display()))
 }
 
@@ -35,5 +39,6 @@ pub fn save(home: &Path, config: &NodeConfig) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     }
-    std::fs::rename(&tmp, path(home)).with_context(|| format!("cannot write {}", path(home).display()))
+    std::fs::rename(&tmp, path(home))
+        .with_context(|| format!("cannot write {}", path(home).display()))
 }

@@ -44,10 +44,16 @@ pub fn init_binary() -> Result<PathBuf> {
         }
     };
     let bytes = std::fs::read(&path).with_context(|| {
-        format!("hangar-init not found at {}; build it with scripts/build-init or set HANGAR_INIT", path.display())
+        format!(
+            "hangar-init not found at {}; build it with scripts/build-init or set HANGAR_INIT",
+            path.display()
+        )
     })?;
     if bytes.windows(12).any(|w| w == b"/lib64/ld-li") {
-        bail!("{} is dynamically linked; machines need the static build from scripts/build-init", path.display());
+        bail!(
+            "{} is dynamically linked; machines need the static build from scripts/build-init",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -56,10 +62,16 @@ fn random_token() -> Result<String> {
     use std::io::Read;
     let mut buf = [0u8; 24];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
-    Ok(format!("hgn_{}", buf.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+    Ok(format!(
+        "hgn_{}",
+        buf.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
 }
 
-async fn pull_image(store: hangar_oci::Store, reference: hangar_oci::Reference) -> Result<(), String> {
+async fn pull_image(
+    store: hangar_oci::Store,
+    reference: hangar_oci::Reference,
+) -> Result<(), String> {
     let progress: Arc<dyn hangar_oci::client::Progress> = Arc::new(NoProgress);
     let opts = PullOptions::default();
     let result = hangar_oci::client::pull(&store, &reference, &opts, progress).await;

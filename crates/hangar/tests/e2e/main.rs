@@ -1,6 +1,10 @@
 //! End-to-end tests: the real `hangar` binary against real peers
-//! (docker-registry, skopeo, umoci) on 127.0.0.1.
+//! (docker-registry, skopeo, umoci, runc) on 127.0.0.1.
+
+// Test helpers fail loudly by design.
+#![allow(clippy::unwrap_used)]
 
 mod image;
+mod machine;
 mod registry;
 mod support;

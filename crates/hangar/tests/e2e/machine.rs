@@ -1,0 +1,584 @@
+//! Machines end to end, as root: `hangar up` with the container driver
+//! (runc) and hangar-init, driven through `hangar machine`. Tests of this
+//! file run one at a time (they share the host bridge and its addresses).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Serializes machine tests across test processes (nextest) and threads.
+struct HostLock(#[allow(dead_code)] fs::File);
+
+fn host_lock() -> HostLock {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/hangar-machine-tests.lock")
+        .unwrap();
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    HostLock(f)
+}
+
+fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "machine tests need root (CI runs as root)"
+    );
+    require("runc");
+    require("busybox");
+}
+
+fn init_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/init/hangar-init");
+    assert!(
+        root.is_file(),
+        "{} is missing: scripts/test builds it with scripts/build-init",
+        root.display()
+    );
+    root
+}
+
+/// A busybox image with a user, a workdir and a web page.
+fn busybox_image(h: &Hangar) -> String {
+    let dir = h.dir.path().join("image");
+    fs::create_dir_all(dir.join("bin")).unwrap();
+    fs::copy(which("busybox"), dir.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "echo", "cat", "ps", "hostname", "sleep", "id", "env", "ls", "pwd", "wget", "httpd",
+        "dd", "trap", "kill", "grep", "true", "false", "nc",
+    ] {
+        let _ = symlink("busybox", dir.join("bin").join(applet));
+    }
+    fs::create_dir_all(dir.join("etc")).unwrap();
+    fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("etc/group"),
+        "root:x:0:\napp:x:1000:\nstaff:x:50:app\n",
+    )
+    .unwrap();
+    fs::create_dir_all(dir.join("www")).unwrap();
+    fs::write(dir.join("www/index.html"), "hello from a machine\n").unwrap();
+    fs::create_dir_all(dir.join("home/app")).unwrap();
+    let reference = "localhost/busybox:test";
+    h.ok(&[
+        "image",
+        "build",
+        dir.to_str().unwrap(),
+        "-t",
+        reference,
+        "--workdir",
+        "/home/app",
+        "-e",
+        "FROM_IMAGE=yes",
+        "-e",
+        "GREETING=image",
+        "--cmd",
+        "/bin/sh -c 'echo default cmd'",
+    ]);
+    reference.to_string()
+}
+
+fn which(tool: &str) -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .unwrap()
+}
+
+/// `hangar up` on free ports with its own home; destroys its machines and
+/// stops on drop.
+struct Node {
+    h: Hangar,
+    child: Option<Child>,
+    _lock: HostLock,
+}
+
+impl Node {
+    fn start() -> Node {
+        require_root();
+        let lock = host_lock();
+        let h = Hangar::new();
+        let mut node = Node {
+            h,
+            child: None,
+            _lock: lock,
+        };
+        node.up();
+        node
+    }
+
+    fn up(&mut self) {
+        let mut child = self
+            .h
+            .command(&[
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--registry-listen",
+                "127.0.0.1:0",
+            ])
+            .env("HANGAR_INIT", init_binary())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().expect("hangar up exited early").unwrap();
+            if line.contains("Machines API on") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let mut all = vec!["machine", "run"];
+        all.extend_from_slice(args);
+        self.h.ok(&all).trim().to_string()
+    }
+
+    fn status(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.h.ok(&["machine", "status", id, "--json"])).unwrap()
+    }
+
+    fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status(id);
+            if f(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "machine {id} never got {what}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self, id: &str) -> String {
+        self.h.ok(&["machine", "logs", id])
+    }
+
+    fn exec(&self, id: &str, cmd: &[&str]) -> (i32, String) {
+        let mut args = vec!["machine", "exec", id, "--"];
+        args.extend_from_slice(cmd);
+        let out = self.h.run(&args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            self.up();
+        }
+        if let Ok(list) =
+            serde_json::from_str::<serde_json::Value>(&self.h.ok(&["machine", "list", "--json"]))
+        {
+            for m in list.as_array().into_iter().flatten() {
+                let _ = self.h.run(&[
+                    "machine",
+                    "destroy",
+                    m["id"].as_str().unwrap_or(""),
+                    "--force",
+                ]);
+            }
+        }
+        self.kill9();
+    }
+}
+
+#[test]
+fn isolation_and_image_config_semantics() {
+    let node = Node::start();
+    let image = busybox_image(&node.h);
+    let id = node.run(&[&image, "--name", "semantics", "--restart", "no", "-e", "GREETING=machine", "--user", "app", "--", "/bin/sh", "-c", "echo user=$(id -u):$(id -g) groups=$(id -G); echo cwd=$(pwd); echo env=$FROM_IMAGE,$GREETING,$HOME; echo host=$(hostname); ps -o pid,comm | grep -v ps; sleep 1000"]);
+    node.wait_for(&id, "output", |_| node.logs(&id).contains("host="));
+    let logs = node.logs(&id);
+    assert!(logs.contains("user=1000:1000 groups=1000 50"), "{logs}");
+    assert!(logs.contains("cwd=/home/app"), "{logs}");
+    assert!(logs.contains("env=yes,machine,/home/app"), "{logs}");
+    assert!(logs.contains("host=semantics"), "{logs}");
+    // PID namespace: init is 1, the app is there, nothing of the host.
+    let (code, ps) = node.exec(&id, &["ps", "-o", "pid,comm"]);
+    assert_eq!(code, 0);
+    let pids: Vec<&str> = ps.lines().skip(1).collect();
+    assert!(
+        pids.iter()
+            .any(|l| l.trim().starts_with("1 ") && l.contains("init")),
+        "{ps}"
+    );
+    assert!(pids.len() <= 5, "the machine sees host processes: {ps}");
+    // The image's Cmd runs when the machine gives none.
+    let id2 = node.run(&[&image, "--restart", "no"]);
+    node.wait_for(&id2, "exit", |s| s["state"] == "stopped");
+    assert!(node.logs(&id2).contains("default cmd"));
+    assert_eq!(node.status(&id2)["exit_code"], 0);
+    // A new entrypoint drops the image's Cmd.
+    let id3 = node.run(&[&image, "--restart", "no", "--entrypoint", "/bin/echo"]);
+    node.wait_for(&id3, "exit", |s| s["state"] == "stopped");
+    assert_eq!(node.logs(&id3), "\n");
+}
+
+#[test]
+fn exit_codes_signals_zombies_and_oom() {
+    let node = Node::start();
+    let image = busybox_image(&node.h);
+    let exits = node.run(&[&image, "--restart", "no", "--", "/bin/sh", "-c", "exit 3"]);
+    let s = node.wait_for(&exits, "exit", |s| s["state"] == "stopped");
+    assert_eq!(
+        (s["exit_code"].as_i64(), s["oom_killed"].as_bool()),
+        (Some(3), Some(false))
+    );
+
+    // SIGTERM handled: the app's trap runs and it exits 0 quickly.
+    let polite = node.run(&[
+        &image,
+        "--restart",
+        "no",
+        "--",
+        "/bin/sh",
+        "-c",
+        "trap 'echo got TERM; exit 0' TERM; echo ready; while true; do sleep 0.1; done",
+    ]);
+    node.wait_for(&polite, "ready", |_| node.logs(&polite).contains("ready"));
+    let t = Instant::now();
+    node.h.ok(&["machine", "stop", &polite, "--timeout", "10"]);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(node.status(&polite)["exit_code"], 0);
+    assert!(node.logs(&polite).contains("got TERM"));
+
+    // SIGTERM ignored: SIGKILL after the timeout, exit 137.
+    let stubborn = node.run(&[
+        &image,
+        "--restart",
+        "no",
+        "--",
+        "/bin/sh",
+        "-c",
+        "trap '' TERM; echo ready; while true; do sleep 0.1; done",
+    ]);
+    node.wait_for(&stubborn, "ready", |_| {
+        node.logs(&stubborn).contains("ready")
+    });
+    let t = Instant::now();
+    node.h.ok(&["machine", "stop", &stubborn, "--timeout", "1"]);
+    assert!(t.elapsed() >= Duration::from_secs(1));
+    assert_eq!(node.status(&stubborn)["exit_code"], 137);
+
+    // Orphans are reaped by init: no zombies pile up.
+    let orphans = node.run(&[
+        &image,
+        "--restart",
+        "no",
+        "--",
+        "/bin/sh",
+        "-c",
+        "for i in 1 2 3 4 5; do sh -c 'sleep 0.2 & exit 0'; done; echo spawned; sleep 1000",
+    ]);
+    node.wait_for(&orphans, "spawned", |_| {
+        node.logs(&orphans).contains("spawned")
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, states) = node.exec(&orphans, &["/bin/sh", "-c", "cat /proc/[0-9]*/stat"]);
+    assert!(!states.contains(") Z "), "zombies left: {states}");
+
+    // A memory limit ends in a reported OOM kill.
+    let hog = node.run(&[
+        &image,
+        "--restart",
+        "no",
+        "--memory",
+        "32",
+        "--",
+        "/bin/sh",
+        "-c",
+        "exec dd if=/dev/zero of=/dev/null bs=128M count=1",
+    ]);
+    let s = node.wait_for(&hog, "OOM", |s| s["state"] == "stopped");
+    assert_eq!(
+        (s["exit_code"].as_i64(), s["oom_killed"].as_bool()),
+        (Some(137), Some(true)),
+        "{s}"
+    );
+}
+
+#[test]
+fn restart_policies_logs_and_exec() {
+    let node = Node::start();
+    let image = busybox_image(&node.h);
+    let flaky = node.run(&[
+        &image,
+        "--restart",
+        "on-failure",
+        "--max-retries",
+        "2",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo run; exit 1",
+    ]);
+    let s = node.wait_for(&flaky, "give up", |s| {
+        s["state"] == "stopped" && s["restarts"] == 2
+    });
+    assert_eq!(s["exit_code"], 1);
+    assert_eq!(
+        node.logs(&flaky).matches("run").count(),
+        3,
+        "one run and two restarts"
+    );
+    let ok = node.run(&[
+        &image,
+        "--restart",
+        "on-failure",
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 0",
+    ]);
+    let s = node.wait_for(&ok, "exit", |s| s["state"] == "stopped");
+    assert_eq!(s["restarts"], 0);
+    // `always` restarts even a clean exit; `logs -f` follows across restarts.
+    let always = node.run(&[
+        &image,
+        "--restart",
+        "always",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo tick; sleep 0.3; exit 0",
+    ]);
+    let mut follow = node
+        .h
+        .command(&["machine", "logs", &always, "-f"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = follow.stdout.take().unwrap();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.matches("tick").count() < 3 {
+        let mut buf = [0u8; 64];
+        let n = out.read(&mut buf).unwrap();
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        assert!(Instant::now() < deadline, "logs -f saw {seen:?}");
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(node.status(&always)["restarts"].as_u64().unwrap() >= 2);
+    // exec: output and exit code back.
+    let long = node.run(&[&image, "--", "sleep", "1000"]);
+    node.wait_for(&long, "start", |s| s["state"] == "started");
+    let (code, out) = node.exec(&long, &["/bin/sh", "-c", "echo inside; exit 7"]);
+    assert_eq!((code, out.as_str()), (7, "inside\n"));
+}
+
+#[test]
+fn private_network_host_ports_and_no_way_out() {
+    let node = Node::start();
+    let image = busybox_image(&node.h);
+    let web = node.run(&[
+        &image, "--name", "web", "--port", "8080", "--", "httpd", "-f", "-p", "8080", "-h", "/www",
+    ]);
+    let s = node.wait_for(&web, "start", |s| s["state"] == "started");
+    let v4 = s["ipv4"].as_str().unwrap().to_string();
+    let v6 = s["private_ip"].as_str().unwrap().to_string();
+    assert!(v6.starts_with("fdaa:"), "{v6}");
+    // host -> machine port
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        if let Ok(mut conn) = TcpStream::connect((v4.as_str(), 8080)) {
+            conn.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            let mut resp = String::new();
+            let _ = conn.read_to_string(&mut resp);
+            if resp.contains("hello") {
+                break resp;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "httpd never answered on {v4}:8080"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(page.contains("hello from a machine"));
+    // machine -> machine, over IPv4 and IPv6
+    let client = node.run(&[&image, "--", "sleep", "1000"]);
+    node.wait_for(&client, "start", |s| s["state"] == "started");
+    let (code, out) = node.exec(&client, &["wget", "-qO-", &format!("http://{v4}:8080/")]);
+    assert_eq!((code, out.as_str()), (0, "hello from a machine\n"));
+    let (code, out) = node.exec(&client, &["wget", "-qO-", &format!("http://[{v6}]:8080/")]);
+    assert_eq!((code, out.as_str()), (0, "hello from a machine\n"));
+    // machine -> outside: a listener in a namespace this test makes, which
+    // the host reaches and a machine must not.
+    let ns = format!("hgtest-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        assert!(
+            Command::new("ip").args(args).status().unwrap().success(),
+            "ip {args:?}"
+        )
+    };
+    ip(&["netns", "add", &ns]);
+    let cleanup = scopeguard(ns.clone());
+    ip(&[
+        "link", "add", "hgto0", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+    ]);
+    ip(&["addr", "add", "198.18.7.1/24", "dev", "hgto0"]);
+    ip(&["link", "set", "hgto0", "up"]);
+    ip(&["-n", &ns, "addr", "add", "198.18.7.2/24", "dev", "eth0"]);
+    ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+    let mut listener = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "python3",
+            "-m",
+            "http.server",
+            "9000",
+            "--bind",
+            "198.18.7.2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("198.18.7.2", 9000)).is_err() {
+        assert!(Instant::now() < deadline, "test listener never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _) = node.exec(
+        &client,
+        &["wget", "-q", "-T", "2", "-O-", "http://198.18.7.2:9000/"],
+    );
+    assert_ne!(code, 0, "a machine reached outside the private network");
+    let _ = listener.kill();
+    let _ = listener.wait();
+    drop(cleanup);
+}
+
+struct NsGuard(String);
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = Command::new("ip").args(["link", "del", "hgto0"]).status();
+    }
+}
+fn scopeguard(ns: String) -> NsGuard {
+    NsGuard(ns)
+}
+
+#[test]
+fn a_killed_node_adopts_its_machines_and_destroy_leaves_nothing() {
+    let mut node = Node::start();
+    let image = busybox_image(&node.h);
+    let keeper = node.run(&[&image, "--", "/bin/sh", "-c", "echo up; sleep 1000"]);
+    let quitter = node.run(&[
+        &image,
+        "--restart",
+        "always",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo once; sleep 2; exit 0",
+    ]);
+    node.wait_for(&keeper, "start", |s| s["state"] == "started");
+    node.wait_for(&quitter, "output", |_| node.logs(&quitter).contains("once"));
+    let pid_before =
+        fs::read_to_string(node.h.home().join(format!("machines/{keeper}/shim.pid"))).unwrap();
+    node.kill9();
+    // While the node is down, the quitter exits; the keeper keeps running.
+    std::thread::sleep(Duration::from_secs(3));
+    node.up();
+    let s = node.wait_for(&keeper, "adoption", |s| s["state"] == "started");
+    assert_eq!(
+        s["restarts"], 0,
+        "the running machine was adopted, not restarted"
+    );
+    assert_eq!(
+        fs::read_to_string(node.h.home().join(format!("machines/{keeper}/shim.pid"))).unwrap(),
+        pid_before
+    );
+    assert_eq!(node.exec(&keeper, &["true"]).0, 0);
+    node.wait_for(&quitter, "restart by policy", |s| {
+        s["restarts"].as_u64().unwrap_or(0) >= 1
+    });
+
+    // Destroy leaves no process, mount, namespace, veth, cgroup or file.
+    node.h.ok(&["machine", "destroy", &keeper, "--force"]);
+    let dir = node.h.home().join(format!("machines/{keeper}"));
+    assert!(!dir.exists());
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&keeper), "a mount of the machine remains");
+    let netns = String::from_utf8(
+        Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !netns.contains(&keeper[..12]),
+        "its namespace remains: {netns}"
+    );
+    let links = String::from_utf8(
+        Command::new("ip")
+            .args(["link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !links.contains(&format!("hv{}", &keeper[..12])),
+        "its veth remains"
+    );
+    for controller in ["memory", "pids", "cpu", "unified"] {
+        assert!(
+            !Path::new(&format!("/sys/fs/cgroup/{controller}/hangar/{keeper}")).exists(),
+            "its {controller} cgroup remains"
+        );
+    }
+    assert!(!Path::new(&format!("/sys/fs/cgroup/hangar/{keeper}")).exists());
+    let procs = String::from_utf8(
+        Command::new("ps")
+            .args(["-eo", "args"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(!procs.contains(&keeper), "a process of the machine remains");
+    assert_eq!(node.status(&keeper)["state"], "destroyed");
+}
