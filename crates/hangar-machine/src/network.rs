@@ -44,6 +44,33 @@ fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
+/// Run `ip [global] -batch -` with `commands` on stdin.
+fn ip_batch(global: &[&str], commands: &str) -> Result<()> {
+    use std::io::Write;
+    let shown = format!("ip {} -batch", global.join(" "));
+    let mut child = Command::new("ip")
+        .args(global)
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Command { command: shown.clone(), detail: e.to_string() })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(commands.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::Command { command: shown.clone(), detail: e.to_string() })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: shown,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
 fn netns(id: &str) -> String {
     format!("hangar-{}", &id[..id.len().min(12)])
 }
@@ -57,8 +84,19 @@ pub fn netns_path(id: &str) -> PathBuf {
     PathBuf::from("/var/run/netns").join(netns(id))
 }
 
-/// Create the bridge (once per host boot) and the no-forwarding rule.
+/// Create the bridge (once per host boot) and the no-forwarding rule; a
+/// process does the work once.
 pub fn ensure_bridge() -> Result<()> {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if DONE.get().is_some() {
+        return Ok(());
+    }
+    setup_bridge()?;
+    let _ = DONE.set(());
+    Ok(())
+}
+
+fn setup_bridge() -> Result<()> {
     if Command::new("ip").arg("-V").output().is_err() {
         return Err(Error::Host(
             "`ip` (iproute2) is not installed; install iproute2".into(),
@@ -103,60 +141,26 @@ pub fn ensure_bridge() -> Result<()> {
 /// Give machine `id` its namespace, veth and addresses in slot `slot`.
 pub fn attach(id: &str, slot: u32) -> Result<Addresses> {
     ensure_bridge()?;
-    detach(id);
+    if attached(id) {
+        detach(id);
+    }
     let ns = netns(id);
     let veth = host_veth(id);
     let addr = address(slot);
     let gw = gateway();
-    ip(&["netns", "add", &ns])?;
-    let result = (|| {
-        ip(&[
-            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/16", addr.v4),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", addr.v6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw.v4.to_string(),
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw.v6.to_string(),
-        ])?;
-        Ok(addr.clone())
-    })();
+    // Two `ip -batch` runs, host side then inside the namespace: every
+    // process started here is time a machine waits for.
+    let host = format!(
+        "netns add {ns}\nlink add {veth} type veth peer name eth0 netns {ns}\nlink set {veth} master {BRIDGE} up\n"
+    );
+    let inside = format!(
+        "link set lo up\naddr add {}/16 dev eth0\naddr add {}/64 dev eth0 nodad\nlink set eth0 up\n\
+         route add default via {}\nroute add default via {}\n",
+        addr.v4, addr.v6, gw.v4, gw.v6
+    );
+    let result = ip_batch(&[], &host)
+        .and_then(|_| ip_batch(&["-n", &ns], &inside))
+        .map(|_| addr.clone());
     if result.is_err() {
         detach(id);
     }

@@ -14,11 +14,10 @@
 //!
 //! The shim (`hangar machine shim`, hidden) runs `runc run` in the foreground in its
 //! own session, so machines outlive `hangar up`; it copies output into the
-//! log, watches `runc events` for OOM kills and writes `exit.json` when the
+//! log, watches the memory cgroup for OOM kills and writes `exit.json` when the
 //! app ends. Everything the control plane needs to know survives in files,
 //! so a restarted node adopts running machines.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -349,19 +348,10 @@ impl Runtime {
         Ok(())
     }
 
-    /// ChainIDs leased by the machines on this node.
-    pub fn leases(&self) -> HashSet<Digest> {
-        let mut out = HashSet::new();
-        for entry in fs::read_dir(&self.machines).into_iter().flatten().flatten() {
-            let lease = fs::read_to_string(entry.path().join("lease")).unwrap_or_default();
-            out.extend(lease.lines().filter_map(|l| l.parse().ok()));
-        }
-        out
-    }
-
     /// Remove snapshots no machine leases and no stored image needs.
     pub fn gc_snapshots(&self) -> Result<usize> {
-        self.snapshots.gc(&self.store, &self.leases())
+        let home = self.machines.parent().unwrap_or(Path::new("/"));
+        crate::snapshot::gc(home, &self.store)
     }
 }
 
@@ -469,20 +459,19 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
     let oom = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let (oom, done, root, id) = (
-            oom.clone(),
-            done.clone(),
-            runc_root.to_path_buf(),
-            id.to_string(),
-        );
-        std::thread::spawn(move || watch_oom(&root, &id, &oom, &done))
+        let (oom, done, id) = (oom.clone(), done.clone(), id.to_string());
+        std::thread::spawn(move || watch_oom(&id, &oom, &done))
     };
     let status = child.wait();
     done.store(true, Ordering::SeqCst);
     for c in copiers {
         let _ = c.join();
     }
-    let _ = watcher.join();
+    // The watcher wakes when runc removes the cgroup; give it a moment.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while !watcher.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let code = match status {
         Ok(s) => s.code().unwrap_or_else(|| {
             use std::os::unix::process::ExitStatusExt;
@@ -508,31 +497,52 @@ fn write_exit(dir: &Path, code: i32, oom: bool) {
     }
 }
 
-/// Follow `runc events` for the container and flag an OOM kill. `runc
-/// events` is started as soon as the container exists and stops with it.
-fn watch_oom(root: &Path, id: &str, oom: &AtomicBool, done: &AtomicBool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
-        let Ok(mut events) = runc(root)
-            .args(["events", "--interval", "1s", id])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-        else {
+/// Flag an OOM kill in the machine's memory cgroup, without starting any
+/// process (machines start faster with nothing else competing for the CPU).
+/// cgroup v1 (and hybrid hosts): an eventfd registered on
+/// `memory.oom_control`, which the kernel signals on an OOM kill (and on
+/// removal, told apart by the `oom_kill` count). cgroup v2: `memory.events`,
+/// read every 10 ms.
+fn watch_oom(id: &str, oom: &AtomicBool, done: &AtomicBool) {
+    let v1 = Path::new("/sys/fs/cgroup/memory").join("hangar").join(id);
+    let v2 = Path::new("/sys/fs/cgroup/hangar").join(id);
+    let v1_host = Path::new("/sys/fs/cgroup/memory/memory.oom_control").exists();
+    let oom_kills = |file: &Path| -> u64 {
+        fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // The cgroup appears once runc has created the container.
+    let control = if v1_host { v1.join("memory.oom_control") } else { v2.join("memory.events") };
+    while !control.exists() {
+        if done.load(Ordering::SeqCst) {
             return;
-        };
-        let started = Instant::now();
-        if let Some(out) = events.stdout.take() {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.contains("\"type\":\"oom\"") {
-                    oom.store(true, Ordering::SeqCst);
-                }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if v1_host {
+        use std::os::fd::AsRawFd;
+        let Ok(efd) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) else { return };
+        let Ok(ofd) = File::open(&control) else { return };
+        let registration = format!("{} {}", efd.as_raw_fd(), ofd.as_raw_fd());
+        if fs::write(v1.join("cgroup.event_control"), registration).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 8];
+        // Wakes on an OOM kill or when the cgroup goes away.
+        if rustix::io::read(&efd, &mut buf).is_ok() && oom_kills(&control) > 0 {
+            oom.store(true, Ordering::SeqCst);
+        }
+    } else {
+        while !done.load(Ordering::SeqCst) {
+            if oom_kills(&control) > 0 {
+                oom.store(true, Ordering::SeqCst);
+                return;
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = events.wait();
-        if started.elapsed() > Duration::from_millis(200) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }

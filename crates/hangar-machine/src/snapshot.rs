@@ -109,6 +109,25 @@ impl Snapshots {
     }
 }
 
+/// ChainIDs leased by the machines under `home`.
+pub fn leases(home: &Path) -> HashSet<Digest> {
+    let mut out = HashSet::new();
+    for entry in fs::read_dir(home.join("machines")).into_iter().flatten().flatten() {
+        let lease = fs::read_to_string(entry.path().join("lease")).unwrap_or_default();
+        out.extend(lease.lines().filter_map(|l| l.parse().ok()));
+    }
+    out
+}
+
+/// Remove the snapshots under `home` that no machine leases and no image in
+/// `store` uses.
+pub fn gc(home: &Path, store: &Store) -> Result<usize> {
+    if !home.join("machines/snapshots").is_dir() {
+        return Ok(0);
+    }
+    Snapshots::open(home)?.gc(store, &leases(home))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -319,6 +319,10 @@ pub fn run(args: ImageArgs) -> Result<()> {
         }
         ImageCommand::Gc => {
             let stats = store.gc()?;
+            let snapshots = hangar_machine::snapshot::gc(&crate::home()?, &store)?;
+            if snapshots > 0 {
+                println!("removed {snapshots} layer snapshots no machine or image uses");
+            }
             println!(
                 "removed {} blobs, freed {} ({} bytes)",
                 stats.blobs,
