@@ -257,6 +257,8 @@ impl Node {
         self.state.mark_destroyed(&m.id)?;
         self.state
             .event(&m.id, "destroyed", serde_json::json!({}))?;
+        // Its snapshots go once neither a machine nor a stored image needs them.
+        let _ = self.runtime.gc_snapshots();
         self.state.get(&m.id)
     }
 

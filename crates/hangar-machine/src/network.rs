@@ -55,13 +55,17 @@ fn ip_batch(global: &[&str], commands: &str) -> Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Command { command: shown.clone(), detail: e.to_string() })?;
+        .map_err(|e| Error::Command {
+            command: shown.clone(),
+            detail: e.to_string(),
+        })?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(commands.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::Command { command: shown.clone(), detail: e.to_string() })?;
+    let out = child.wait_with_output().map_err(|e| Error::Command {
+        command: shown.clone(),
+        detail: e.to_string(),
+    })?;
     if !out.status.success() {
         return Err(Error::Command {
             command: shown,

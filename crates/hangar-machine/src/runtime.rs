@@ -500,8 +500,7 @@ fn write_exit(dir: &Path, code: i32, oom: bool) {
 /// Flag an OOM kill in the machine's memory cgroup, without starting any
 /// process (machines start faster with nothing else competing for the CPU).
 /// cgroup v1 (and hybrid hosts): an eventfd registered on
-/// `memory.oom_control`, which the kernel signals on an OOM kill (and on
-/// removal, told apart by the `oom_kill` count). cgroup v2: `memory.events`,
+/// `memory.oom_control`, which the kernel signals on OOM (and on removal). cgroup v2: `memory.events`,
 /// read every 10 ms.
 fn watch_oom(id: &str, oom: &AtomicBool, done: &AtomicBool) {
     let v1 = Path::new("/sys/fs/cgroup/memory").join("hangar").join(id);
@@ -516,7 +515,11 @@ fn watch_oom(id: &str, oom: &AtomicBool, done: &AtomicBool) {
             .unwrap_or(0)
     };
     // The cgroup appears once runc has created the container.
-    let control = if v1_host { v1.join("memory.oom_control") } else { v2.join("memory.events") };
+    let control = if v1_host {
+        v1.join("memory.oom_control")
+    } else {
+        v2.join("memory.events")
+    };
     while !control.exists() {
         if done.load(Ordering::SeqCst) {
             return;
@@ -525,16 +528,30 @@ fn watch_oom(id: &str, oom: &AtomicBool, done: &AtomicBool) {
     }
     if v1_host {
         use std::os::fd::AsRawFd;
-        let Ok(efd) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) else { return };
-        let Ok(ofd) = File::open(&control) else { return };
+        let Ok(efd) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) else {
+            return;
+        };
+        let Ok(ofd) = File::open(&control) else {
+            return;
+        };
         let registration = format!("{} {}", efd.as_raw_fd(), ofd.as_raw_fd());
         if fs::write(v1.join("cgroup.event_control"), registration).is_err() {
             return;
         }
-        let mut buf = [0u8; 8];
-        // Wakes on an OOM kill or when the cgroup goes away.
-        if rustix::io::read(&efd, &mut buf).is_ok() && oom_kills(&control) > 0 {
+        // An OOM kill before the registration took effect counts too.
+        if oom_kills(&control) > 0 {
             oom.store(true, Ordering::SeqCst);
+            return;
+        }
+        // The kernel signals the eventfd when the cgroup hits OOM (before
+        // the kill is counted) and again when the cgroup is removed. A wake
+        // with the cgroup still there, or with two signals, is an OOM.
+        let mut buf = [0u8; 8];
+        if rustix::io::read(&efd, &mut buf).is_ok() {
+            let signals = u64::from_ne_bytes(buf);
+            if control.exists() || signals >= 2 || oom_kills(&control) > 0 {
+                oom.store(true, Ordering::SeqCst);
+            }
         }
     } else {
         while !done.load(Ordering::SeqCst) {

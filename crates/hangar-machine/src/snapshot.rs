@@ -112,7 +112,11 @@ impl Snapshots {
 /// ChainIDs leased by the machines under `home`.
 pub fn leases(home: &Path) -> HashSet<Digest> {
     let mut out = HashSet::new();
-    for entry in fs::read_dir(home.join("machines")).into_iter().flatten().flatten() {
+    for entry in fs::read_dir(home.join("machines"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let lease = fs::read_to_string(entry.path().join("lease")).unwrap_or_default();
         out.extend(lease.lines().filter_map(|l| l.parse().ok()));
     }

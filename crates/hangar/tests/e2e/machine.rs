@@ -581,4 +581,17 @@ fn a_killed_node_adopts_its_machines_and_destroy_leaves_nothing() {
     .unwrap();
     assert!(!procs.contains(&keeper), "a process of the machine remains");
     assert_eq!(node.status(&keeper)["state"], "destroyed");
+
+    // Snapshots stay while the image is stored, and go with it.
+    node.h.ok(&["machine", "destroy", &quitter, "--force"]);
+    let snapshots = node.h.home().join("machines/snapshots");
+    assert_eq!(
+        fs::read_dir(&snapshots).unwrap().count(),
+        1,
+        "one layer, one snapshot, shared"
+    );
+    node.h.ok(&["image", "rm", &image]);
+    let out = node.h.ok(&["image", "gc"]);
+    assert!(out.contains("removed 1 layer snapshots"), "{out}");
+    assert_eq!(fs::read_dir(&snapshots).unwrap().count(), 0);
 }
