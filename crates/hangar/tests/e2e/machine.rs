@@ -12,6 +12,28 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
+/// Just enough of `$HANGAR_HOME/config.toml` (two string keys) for tests.
+mod toml_like {
+    pub struct Config {
+        pub api: String,
+        pub token: String,
+    }
+
+    pub fn read(path: &std::path::Path) -> Config {
+        let text = std::fs::read_to_string(path).unwrap();
+        let get = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+                .map(|v| v.trim_matches('"').to_string())
+                .unwrap()
+        };
+        Config {
+            api: get("api"),
+            token: get("token"),
+        }
+    }
+}
+
 /// Serializes machine tests across test processes (nextest) and threads.
 struct HostLock(#[allow(dead_code)] fs::File);
 
@@ -238,6 +260,17 @@ fn isolation_and_image_config_semantics() {
         "{ps}"
     );
     assert!(pids.len() <= 5, "the machine sees host processes: {ps}");
+    // Hardening: no_new_privs, a seccomp filter, the default capability set
+    // (bounding set 0x00000000a80425fb), masked /proc paths.
+    let (_, status) = node.exec(&id, &["cat", "/proc/1/status"]);
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert!(status.contains("CapBnd:\t00000000a80425fb"), "{status}");
+    let (_, kcore) = node.exec(&id, &["/bin/sh", "-c", "wc -c < /proc/kcore || true"]);
+    assert!(
+        kcore.trim().is_empty() || kcore.trim() == "0",
+        "/proc/kcore is not masked: {kcore}"
+    );
     // The image's Cmd runs when the machine gives none.
     let id2 = node.run(&[&image, "--restart", "no"]);
     node.wait_for(&id2, "exit", |s| s["state"] == "stopped");
@@ -395,6 +428,55 @@ fn restart_policies_logs_and_exec() {
     let _ = follow.kill();
     let _ = follow.wait();
     assert!(node.status(&always)["restarts"].as_u64().unwrap() >= 2);
+    // The API's update: a new config, then a restart onto it; events tell the story.
+    let config: toml_like::Config = toml_like::read(&node.h.home().join("config.toml"));
+    let api = config.api.trim_start_matches("http://").to_string();
+    let auth = format!("Bearer {}", config.token);
+    let updated = http(
+        "POST",
+        &api,
+        &format!("/v1/machines/{ok}"),
+        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        serde_json::json!({"config": {"image": image, "restart": {"policy": "no"}, "init": {"cmd": ["/bin/sh", "-c", "echo updated; sleep 1000"]}}}).to_string().as_bytes(),
+    );
+    assert_eq!(
+        updated.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&updated.body)
+    );
+    node.wait_for(&ok, "the new config", |_| {
+        node.logs(&ok).contains("updated")
+    });
+    let events = http(
+        "GET",
+        &api,
+        &format!("/v1/machines/{ok}/events"),
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .json();
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.starts_with(&["created", "started", "exited"]) && kinds.contains(&"updated"),
+        "{kinds:?}"
+    );
+    assert_eq!(
+        http(
+            "GET",
+            &api,
+            "/v1/machines",
+            &[("Authorization", "Bearer wrong")],
+            b""
+        )
+        .status,
+        401
+    );
     // exec: output and exit code back.
     let long = node.run(&[&image, "--", "sleep", "1000"]);
     node.wait_for(&long, "start", |s| s["state"] == "started");
