@@ -1,0 +1,2 @@
+//! `hangar-egress`: the egress proxy.
+pub mod ip;
