@@ -1,2 +1,3 @@
 //! `hangar-egress`: the egress proxy.
+pub mod acl;
 pub mod ip;
