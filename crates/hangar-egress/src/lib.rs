@@ -1,3 +1,22 @@
-//! `hangar-egress`: the egress proxy.
+//! `hangar-egress`: the egress proxy, so app code need not be vigilant about
+//! every URL it fetches (server-side request forgery).
+//!
+//! Smokescreen-compatible: its v1 ACL ([`acl`]) decides by role and host; an
+//! IP policy ([`ip`]) of hand-written special-purpose tables decides by the
+//! address actually dialed; the [`proxy`] speaks HTTP absolute-form and
+//! CONNECT. Roles come from `Proxy-Authorization: Basic` or, inside
+//! `hangar up`, from a machine's source address.
+//!
+//! Key design decision: resolve once, check every candidate address, dial
+//! only a checked one; nothing is ever dialed by name after the check.
+//!
+//! A data plane: it is handed an ACL, an IP policy and roles, and knows
+//! nothing of the control plane.
+
 pub mod acl;
 pub mod ip;
+pub mod proxy;
+
+pub use acl::Acl;
+pub use ip::IpPolicy;
+pub use proxy::Proxy;

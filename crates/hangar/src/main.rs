@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod egress;
 mod image;
 mod machine;
 mod node_config;
@@ -33,6 +34,8 @@ enum Command {
     Image(image::ImageArgs),
     /// Run Hangar's multi-tenant OCI registry and manage its tokens.
     Registry(registry::RegistryArgs),
+    /// Run the SSRF-safe egress proxy (Smokescreen-compatible ACLs).
+    Egress(egress::EgressArgs),
     /// Run a node: state store, Machines API, registry (in the foreground).
     Up(up::UpArgs),
     /// Run and manage machines on the node.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Up(args) => up::run(args),
+        Command::Egress(args) => egress::run(args),
         Command::Machine(args) => machine::run(args),
     };
     match result {

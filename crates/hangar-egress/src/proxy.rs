@@ -1,0 +1,453 @@
+//! The proxy: HTTP absolute-form requests and CONNECT tunnels, each decided
+//! by the ACL (by role) and the IP policy (by the address actually dialed).
+//! A name is resolved once; every candidate address is checked; only a
+//! checked address is dialed, so a name cannot change its answer between the
+//! check and the connection. Redirects are never followed: responses pass
+//! back to the client as they are.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::acl::Acl;
+use crate::ip::IpPolicy;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Everything a running proxy decides with.
+pub struct Proxy {
+    pub acl: RwLock<Acl>,
+    pub ip: IpPolicy,
+    /// `password` or `user:password` -> role, for `Proxy-Authorization: Basic`.
+    pub roles: Vec<(String, String)>,
+    /// Source address -> role (machines inside `hangar up`).
+    pub source_roles: RwLock<HashMap<IpAddr, String>>,
+    pub connect_timeout: Duration,
+    pub dns_timeout: Duration,
+    pub requests: Option<Arc<Semaphore>>,
+    pub tunnels: Option<Arc<Semaphore>>,
+    next_id: AtomicU64,
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn text(status: StatusCode, body: String, error: Option<&str>) -> Response<Body> {
+    let mut b = Response::builder()
+        .status(status)
+        .header("Content-Type", "text/plain");
+    if let Some(e) = error {
+        if let Ok(v) = HeaderValue::from_str(e) {
+            b = b.header("X-Hangar-Egress-Error", v);
+        }
+    }
+    b.body(
+        Full::new(Bytes::from(body + "\n"))
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+    .unwrap_or_else(|_| {
+        Response::new(
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    })
+}
+
+/// What the log line says about a request.
+struct Log {
+    id: u64,
+    role: Option<String>,
+    project: String,
+    method: String,
+    host: String,
+    port: u16,
+    resolved: Option<SocketAddr>,
+    decision: &'static str,
+    reason: String,
+    enforce_would_deny: bool,
+    started: Instant,
+}
+
+impl Log {
+    fn emit(&self) {
+        let line = serde_json::json!({
+            "id": self.id, "role": self.role, "project": self.project, "method": self.method,
+            "host": self.host, "port": self.port, "resolved": self.resolved.map(|a| a.to_string()),
+            "decision": self.decision, "reason": self.reason, "enforce_would_deny": self.enforce_would_deny,
+            "duration_ms": self.started.elapsed().as_secs_f64() * 1000.0,
+        });
+        eprintln!("{line}");
+    }
+}
+
+impl Proxy {
+    pub fn new(acl: Acl, ip: IpPolicy) -> Proxy {
+        Proxy {
+            acl: RwLock::new(acl),
+            ip,
+            roles: Vec::new(),
+            source_roles: RwLock::new(HashMap::new()),
+            connect_timeout: Duration::from_secs(10),
+            dns_timeout: Duration::from_secs(5),
+            requests: None,
+            tunnels: None,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Replace the ACL (SIGHUP); open tunnels are not touched.
+    pub fn reload(&self, acl: Acl) {
+        *self.acl.write().unwrap_or_else(|e| e.into_inner()) = acl;
+    }
+
+    fn role(&self, req: &Request<Incoming>, peer: SocketAddr) -> Option<String> {
+        let header = req
+            .headers()
+            .get("proxy-authorization")
+            .and_then(|v| v.to_str().ok());
+        if let Some(basic) = header.and_then(|h| h.strip_prefix("Basic ")) {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(basic.trim())
+                .ok()?;
+            let raw = String::from_utf8(raw).ok()?;
+            let password = raw.split_once(':').map_or(raw.as_str(), |(_, p)| p);
+            let mut found = None;
+            // Compare against every entry, in constant time each.
+            for (secret, role) in &self.roles {
+                let hit = if secret.contains(':') {
+                    same(secret.as_bytes(), raw.as_bytes())
+                } else {
+                    same(secret.as_bytes(), password.as_bytes())
+                };
+                if hit && found.is_none() {
+                    found = Some(role.clone());
+                }
+            }
+            return found;
+        }
+        self.source_roles
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer.ip())
+            .cloned()
+    }
+
+    /// Answer one proxied request.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
+        let _permit = match &self.requests {
+            Some(s) => match s.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    return Ok(text(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "hangar egress: too many concurrent requests; retry later".into(),
+                        Some("too many concurrent requests"),
+                    ))
+                }
+            },
+            None => None,
+        };
+        let role = self.role(&req, peer);
+        let (host, port) = match target(&req) {
+            Ok(t) => t,
+            Err(e) => {
+                return Ok(text(
+                    StatusCode::BAD_REQUEST,
+                    format!("hangar egress: {e}"),
+                    Some(&e),
+                ))
+            }
+        };
+        let mut log = Log {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            role: role.clone(),
+            project: String::new(),
+            method: req.method().to_string(),
+            host: host.clone(),
+            port,
+            resolved: None,
+            decision: "deny",
+            reason: String::new(),
+            enforce_would_deny: false,
+            started: Instant::now(),
+        };
+        let decision = self
+            .acl
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .decide(role.as_deref(), &host);
+        log.project = decision.project.clone();
+        log.enforce_would_deny = decision.enforce_would_deny;
+        if !decision.allow {
+            log.reason = decision.reason.to_string();
+            log.emit();
+            return Ok(text(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                format!(
+                    "hangar egress: request to {host} denied: {}",
+                    decision.reason
+                ),
+                Some(decision.reason),
+            ));
+        }
+        let upstream = match self.dial(&host, port, &mut log).await {
+            Ok(s) => s,
+            Err(resp) => {
+                log.emit();
+                return Ok(resp);
+            }
+        };
+        log.decision = if decision.enforce_would_deny {
+            "report"
+        } else {
+            "allow"
+        };
+        log.reason = decision.reason.to_string();
+        log.emit();
+        if req.method() == Method::CONNECT {
+            let permit = match &self.tunnels {
+                Some(s) => match s.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        return Ok(text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "hangar egress: too many open tunnels; retry later".into(),
+                            Some("too many open tunnels"),
+                        ))
+                    }
+                },
+                None => None,
+            };
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Ok(upgraded) = hyper::upgrade::on(req).await {
+                    let mut client = TokioIo::new(upgraded);
+                    let mut upstream = upstream;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+            return Ok(Response::new(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            ));
+        }
+        Ok(forward(req, upstream, &host).await)
+    }
+
+    /// Resolve `host` once, check each address, dial the first allowed one.
+    async fn dial(
+        &self,
+        host: &str,
+        port: u16,
+        log: &mut Log,
+    ) -> Result<TcpStream, Response<Body>> {
+        let host_ip = host.trim_start_matches('[').trim_end_matches(']');
+        let candidates: Vec<SocketAddr> = match host_ip.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => {
+                match tokio::time::timeout(self.dns_timeout, tokio::net::lookup_host((host, port)))
+                    .await
+                {
+                    Ok(Ok(addrs)) => addrs.collect(),
+                    Ok(Err(e)) => {
+                        log.reason = format!("DNS lookup failed: {e}");
+                        return Err(text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("hangar egress: cannot resolve {host}: {e}"),
+                            Some("DNS lookup failed"),
+                        ));
+                    }
+                    Err(_) => {
+                        log.reason = "DNS lookup timed out".into();
+                        return Err(text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("hangar egress: resolving {host} timed out"),
+                            Some("DNS lookup timed out"),
+                        ));
+                    }
+                }
+            }
+        };
+        let mut first_denial = None;
+        for addr in candidates {
+            if let Err(why) = self.ip.check(addr) {
+                first_denial.get_or_insert(why);
+                continue;
+            }
+            log.resolved = Some(addr);
+            return match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await
+            {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => {
+                    log.reason = format!("connect failed: {e}");
+                    Err(text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("hangar egress: cannot connect to {host} ({addr}): {e}"),
+                        Some("connect failed"),
+                    ))
+                }
+                Err(_) => {
+                    log.reason = "connect timed out".into();
+                    Err(text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("hangar egress: connecting to {host} ({addr}) timed out"),
+                        Some("connect timed out"),
+                    ))
+                }
+            };
+        }
+        let why = first_denial.unwrap_or_else(|| "the name has no addresses".into());
+        log.reason = why.clone();
+        Err(text(
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            format!("hangar egress: request to {host} denied: {why}"),
+            Some(&why),
+        ))
+    }
+}
+
+/// `(host, port)` of a CONNECT authority or an absolute-form URI.
+fn target(req: &Request<Incoming>) -> Result<(String, u16), String> {
+    let uri = req.uri();
+    if req.method() == Method::CONNECT {
+        let auth = uri
+            .authority()
+            .ok_or("CONNECT needs host:port (authority form)")?;
+        let port = auth
+            .port_u16()
+            .ok_or("CONNECT needs host:port (authority form)")?;
+        return Ok((auth.host().to_ascii_lowercase(), port));
+    }
+    if uri.scheme_str() != Some("http") {
+        return Err("proxy requests need an absolute http:// URL; use CONNECT for https".into());
+    }
+    let host = uri.host().ok_or("the URL has no host")?;
+    Ok((host.to_ascii_lowercase(), uri.port_u16().unwrap_or(80)))
+}
+
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for h in HOP_BY_HOP.iter().copied() {
+        headers.remove(h);
+    }
+    for h in listed {
+        headers.remove(h);
+    }
+}
+
+/// Send an absolute-form request on as origin-form over `upstream`.
+async fn forward(req: Request<Incoming>, upstream: TcpStream, host: &str) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .append("via", HeaderValue::from_static("1.1 hangar-egress"));
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = match path.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "hangar egress: bad request path".into(),
+                Some("bad request path"),
+            )
+        }
+    };
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
+            Ok(x) => x,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("hangar egress: {host}: {e}"),
+                    Some("upstream handshake failed"),
+                )
+            }
+        };
+    tokio::spawn(conn);
+    match sender.send_request(Request::from_parts(parts, body)).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .append("via", HeaderValue::from_static("1.1 hangar-egress"));
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => text(
+            StatusCode::BAD_GATEWAY,
+            format!("hangar egress: {host}: {e}"),
+            Some("upstream request failed"),
+        ),
+    }
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
+            () = &mut shutdown => break,
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| proxy.clone().handle(req, peer));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}

@@ -1,0 +1,366 @@
+//! `hangar egress serve` end to end. Everything runs inside a network
+//! namespace this test creates, holding only loopback (with one
+//! public-looking test address on it): a proxy that failed open could reach
+//! nothing on this machine's real network.
+
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+struct Sandbox {
+    ns: String,
+    children: Vec<Child>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = fs::remove_dir_all(format!("/etc/netns/{}", self.ns));
+    }
+}
+
+/// A public-looking address that exists only on the sandbox's loopback.
+const ORIGIN: &str = "93.184.216.34";
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "egress tests need root to make a network namespace"
+        );
+        let ns = format!("hgegress-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            assert!(
+                Command::new("ip").args(args).status().unwrap().success(),
+                "ip {args:?}"
+            )
+        };
+        ip(&["netns", "add", &ns]);
+        let sb = Sandbox {
+            ns: ns.clone(),
+            children: Vec::new(),
+        };
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ORIGIN}/32"),
+            "dev",
+            "lo",
+        ]);
+        // `ip netns exec` puts this file over /etc/hosts inside the namespace.
+        fs::create_dir_all(format!("/etc/netns/{ns}")).unwrap();
+        fs::write(
+            format!("/etc/netns/{ns}/hosts"),
+            format!("127.0.0.1 localhost\n{ORIGIN} origin.test other.test\n127.0.0.1 internal.test\n169.254.169.254 metadata.test\n10.1.2.3 private.test\n"),
+        )
+        .unwrap();
+        sb
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, program]);
+        c
+    }
+
+    fn spawn(&mut self, mut c: Command) {
+        self.children.push(
+            c.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn wait_port(&self, addr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = self
+                .command("python3")
+                .args([
+                    "-c",
+                    &format!(
+                        "import socket; socket.create_connection(('{}', {}), 1)",
+                        addr.rsplit_once(':').unwrap().0,
+                        addr.rsplit_once(':').unwrap().1
+                    ),
+                ])
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr} never listened in the sandbox"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Run the client matrix inside the namespace: each case is (method,
+    /// target, password or ""), the answer its status line.
+    fn requests(&self, cases: &[(&str, &str, &str)]) -> Vec<String> {
+        let script = r#"
+import base64, json, socket, sys
+out = []
+for method, target, password in json.loads(sys.argv[1]):
+    s = socket.create_connection(("127.0.0.1", 4750), 5)
+    auth = "Proxy-Authorization: Basic %s\r\n" % base64.b64encode(("user:" + password).encode()).decode() if password else ""
+    if method == "CONNECT":
+        s.sendall(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (target, target, auth)).encode())
+        head = s.recv(4096).decode(errors="replace")
+        if head.startswith("HTTP/1.1 200"):
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            body = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk: break
+                body += chunk
+            head = head.split("\r\n")[0] + " tunnel:" + body.decode(errors="replace").split("\r\n")[0]
+    else:
+        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%sConnection: close\r\n\r\n" % (target, auth)).encode())
+        head = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk: break
+            head += chunk
+        head = head.decode(errors="replace")
+        err = [l for l in head.split("\r\n") if l.lower().startswith("x-hangar-egress-error")]
+        head = head.split("\r\n")[0] + ((" | " + err[0]) if err else "")
+    out.append(head.split("\r\n")[0])
+    s.close()
+print(json.dumps(out))
+"#;
+        let cases_json = serde_json::to_string(cases).unwrap();
+        let out = self
+            .command("python3")
+            .args(["-c", script, &cases_json])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+const ACL: &str = "version: v1
+services:
+  - name: authed
+    project: users
+    action: enforce
+    allowed_domains:
+      - origin.test
+  - name: reporter
+    project: audit
+    action: report
+  - name: opener
+    project: anything
+    action: open
+default:
+  project: other
+  action: enforce
+global_deny_list:
+  - denied.example.com
+";
+
+#[test]
+fn proxy_matrix_ip_policy_and_reload() {
+    let h = Hangar::new();
+    let mut sb = Sandbox::new();
+    let www = h.dir.path().join("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("index.html"), "origin page").unwrap();
+    let mut origin = sb.command("python3");
+    origin.args([
+        "-m",
+        "http.server",
+        "8080",
+        "--bind",
+        ORIGIN,
+        "--directory",
+        www.to_str().unwrap(),
+    ]);
+    sb.spawn(origin);
+    let mut internal = sb.command("python3");
+    internal.args([
+        "-m",
+        "http.server",
+        "8081",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        www.to_str().unwrap(),
+    ]);
+    sb.spawn(internal);
+    let acl = h.dir.path().join("acl.yaml");
+    fs::write(&acl, ACL).unwrap();
+    // An invalid ACL is refused at start, naming file and line.
+    let bad = h.dir.path().join("bad.yaml");
+    fs::write(&bad, ACL.replace("action: report", "action: sometimes")).unwrap();
+    let out = sb
+        .command(env!("CARGO_BIN_EXE_hangar"))
+        .args([
+            "egress",
+            "serve",
+            "--egress-acl-file",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad.yaml:10:") && err.contains("sometimes"),
+        "{err}"
+    );
+
+    let mut proxy = sb.command(env!("CARGO_BIN_EXE_hangar"));
+    proxy.args([
+        "egress",
+        "serve",
+        "--egress-acl-file",
+        acl.to_str().unwrap(),
+        "--role",
+        "s3cret=authed",
+        "--role",
+        "r3p=reporter",
+        "--role",
+        "op3n=opener",
+    ]);
+    let proxy_child = proxy
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proxy_pid = proxy_child.id();
+    sb.children.push(proxy_child);
+    sb.wait_port(&format!("{ORIGIN}:8080"));
+    sb.wait_port("127.0.0.1:4750");
+
+    let origin = "origin.test:8080".to_string();
+    let other = "other.test:8080".to_string();
+    let url = |host: &str| format!("http://{host}/");
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        // method, target, password, expected status line prefix
+        ("GET", url(&origin), "s3cret", "HTTP/1.0 200"),
+        (
+            "CONNECT",
+            origin.clone(),
+            "s3cret",
+            "HTTP/1.1 200 OK tunnel:HTTP/1.0 200",
+        ),
+        ("GET", url(&other), "s3cret", "HTTP/1.1 407"),
+        ("CONNECT", other.clone(), "s3cret", "HTTP/1.1 407"),
+        ("GET", url(&origin), "", "HTTP/1.1 407"),
+        ("CONNECT", origin.clone(), "", "HTTP/1.1 407"),
+        ("GET", url(&origin), "wrong", "HTTP/1.1 407"),
+        ("GET", url(&other), "r3p", "HTTP/1.0 200"),
+        (
+            "CONNECT",
+            other.clone(),
+            "r3p",
+            "HTTP/1.1 200 OK tunnel:HTTP/1.0 200",
+        ),
+        ("GET", url(&other), "op3n", "HTTP/1.0 200"),
+        ("GET", url("denied.example.com"), "op3n", "HTTP/1.1 407"),
+        // The IP policy, whatever the ACL says (the open role passes the ACL):
+        ("GET", url("internal.test:8081"), "op3n", "HTTP/1.1 407"),
+        ("GET", url("metadata.test"), "op3n", "HTTP/1.1 407"),
+        ("GET", url("private.test"), "op3n", "HTTP/1.1 407"),
+        ("CONNECT", "127.0.0.1:8081".into(), "op3n", "HTTP/1.1 407"),
+        ("CONNECT", "127.1:8081".into(), "op3n", "HTTP/1.1 407"),
+        ("CONNECT", "2130706433:8081".into(), "op3n", "HTTP/1.1 407"),
+        ("CONNECT", "0x7f000001:8081".into(), "op3n", "HTTP/1.1 407"),
+        ("CONNECT", "0177.0.0.1:8081".into(), "op3n", "HTTP/1.1 407"),
+        ("CONNECT", "[::1]:8081".into(), "op3n", "HTTP/1.1 407"),
+        (
+            "CONNECT",
+            "[::ffff:127.0.0.1]:8081".into(),
+            "op3n",
+            "HTTP/1.1 407",
+        ),
+        (
+            "CONNECT",
+            "[::ffff:169.254.169.254]:80".into(),
+            "op3n",
+            "HTTP/1.1 407",
+        ),
+        (
+            "CONNECT",
+            "169.254.169.254:80".into(),
+            "op3n",
+            "HTTP/1.1 407",
+        ),
+        ("CONNECT", "127.0.0.1:4750".into(), "op3n", "HTTP/1.1 407"),
+        (
+            "CONNECT",
+            "nosuchname.invalid:80".into(),
+            "op3n",
+            "HTTP/1.1 502",
+        ),
+        ("GET", "/not-absolute".into(), "op3n", "HTTP/1.1 400"),
+        (
+            "CONNECT",
+            format!("{ORIGIN}:8080"),
+            "op3n",
+            "HTTP/1.1 200 OK tunnel:HTTP/1.0 200",
+        ),
+    ];
+    let asked: Vec<(&str, &str, &str)> = cases
+        .iter()
+        .map(|(m, t, p, _)| (*m, t.as_str(), *p))
+        .collect();
+    let got = sb.requests(&asked);
+    for ((method, target, password, want), got) in cases.iter().zip(&got) {
+        assert!(
+            got.starts_with(want),
+            "{method} {target} as {password:?}: got {got:?}, want {want:?}"
+        );
+    }
+    let denial = &got[2];
+    assert!(
+        denial.contains("x-hangar-egress-error") || denial.contains("X-Hangar-Egress-Error"),
+        "{denial}"
+    );
+
+    // SIGHUP reloads the ACL.
+    fs::write(
+        &acl,
+        ACL.replace(
+            "      - origin.test",
+            "      - origin.test\n      - other.test",
+        ),
+    )
+    .unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &proxy_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = sb.requests(&[("GET", &url(&other), "s3cret")]);
+        if got[0].starts_with("HTTP/1.0 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reloaded ACL never applied: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
