@@ -17,6 +17,27 @@ pub struct MachineConfig {
     pub services: Vec<Service>,
     pub metadata: BTreeMap<String, String>,
     pub auto_destroy: bool,
+    /// What the node's egress proxy lets this machine reach.
+    pub egress: Egress,
+}
+
+/// A machine's egress policy (Smokescreen's rule fields). The IP policy
+/// (no private, loopback or metadata addresses) applies whatever this says.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Egress {
+    /// `open`, `report` or `enforce`.
+    pub action: String,
+    pub allowed_domains: Vec<String>,
+}
+
+impl Default for Egress {
+    fn default() -> Self {
+        Egress {
+            action: "open".into(),
+            allowed_domains: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -90,6 +111,12 @@ impl MachineConfig {
             return Err(Error::Invalid(
                 "config.guest.memory_mb must be at least 16".into(),
             ));
+        }
+        if !["open", "report", "enforce"].contains(&self.egress.action.as_str()) {
+            return Err(Error::Invalid(format!(
+                "config.egress.action {:?} must be open, report or enforce",
+                self.egress.action
+            )));
         }
         if let Some(exec) = &self.init.exec {
             if exec.is_empty() {

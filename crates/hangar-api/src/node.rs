@@ -17,6 +17,9 @@ use crate::config::MachineConfig;
 use crate::error::{Error, Result};
 use crate::state::{Machine, State};
 
+/// The port of the node's egress proxy on the bridge gateway.
+pub const EGRESS_PORT: u16 = 4750;
+
 pub struct Node {
     pub state: State,
     pub runtime: Runtime,
@@ -70,6 +73,29 @@ impl Node {
 
     fn spec(&self, m: &Machine) -> Result<MachineSpec> {
         let c = &m.config;
+        // The node's egress proxy, unless the machine says otherwise.
+        let mut env = c.env.clone();
+        let proxy = format!(
+            "http://{}:{}",
+            hangar_machine::network::gateway().v4,
+            EGRESS_PORT
+        );
+        let no_proxy = format!(
+            "localhost,127.0.0.1,::1,.internal,{}.0.0/16",
+            hangar_machine::network::SUBNET4
+                .map(|b| b.to_string())
+                .join(".")
+        );
+        for (k, v) in [
+            ("HTTP_PROXY", &proxy),
+            ("HTTPS_PROXY", &proxy),
+            ("http_proxy", &proxy),
+            ("https_proxy", &proxy),
+            ("NO_PROXY", &no_proxy),
+            ("no_proxy", &no_proxy),
+        ] {
+            env.entry(k.to_string()).or_insert_with(|| v.clone());
+        }
         Ok(MachineSpec {
             id: m.id.clone(),
             hostname: m.name.clone(),
@@ -79,7 +105,7 @@ impl Node {
                 entrypoint: c.init.entrypoint.clone(),
                 cmd: c.init.cmd.clone(),
                 user: c.init.user.clone(),
-                env: c.env.clone(),
+                env,
                 ..InitConfig::default()
             },
             limits: Limits {
@@ -273,8 +299,10 @@ impl Node {
                 m.id
             )));
         }
-        let env: Vec<String> = m
-            .config
+        // The app's own environment (the machine's, plus what the node adds).
+        let env: Vec<String> = self
+            .spec(&m)?
+            .init
             .env
             .iter()
             .map(|(k, v)| format!("{k}={v}"))

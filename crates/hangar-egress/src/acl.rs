@@ -160,6 +160,27 @@ impl Acl {
         })
     }
 
+    /// An ACL from rules built in code (by `hangar up`, from machine configs).
+    pub fn from_rules(services: Vec<Rule>, default: Option<Rule>) -> Result<Acl, String> {
+        let fix = |r: Rule| -> Result<Rule, String> {
+            let allowed_domains = r
+                .allowed_domains
+                .iter()
+                .map(|g| check_glob("", &format!("rule {}", r.name), g))
+                .collect::<Result<_, _>>()?;
+            Ok(Rule {
+                allowed_domains,
+                ..r
+            })
+        };
+        Ok(Acl {
+            services: services.into_iter().map(fix).collect::<Result<_, _>>()?,
+            default: default.map(fix).transpose()?,
+            global_allow: Vec::new(),
+            global_deny: Vec::new(),
+        })
+    }
+
     pub fn load(path: &Path) -> Result<Acl, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Acl::parse(&text, &path.display().to_string())

@@ -68,6 +68,56 @@ fn random_token() -> Result<String> {
     ))
 }
 
+/// Hand the egress proxy the machines' roles (by source address) and rules.
+/// A machine's role is its `app` metadata, else its name.
+fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
+    use hangar_egress::acl::{Action, Rule};
+    let Ok(machines) = node.state.list() else {
+        return;
+    };
+    let mut roles = std::collections::HashMap::new();
+    let mut rules: Vec<Rule> = Vec::new();
+    for m in &machines {
+        let role = m
+            .config
+            .metadata
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| m.name.clone());
+        let addr = hangar_machine::network::address(m.slot);
+        roles.insert(std::net::IpAddr::V4(addr.v4), role.clone());
+        roles.insert(std::net::IpAddr::V6(addr.v6), role.clone());
+        if rules.iter().any(|r| r.name == role) {
+            continue;
+        }
+        let action = match m.config.egress.action.as_str() {
+            "enforce" => Action::Enforce,
+            "report" => Action::Report,
+            _ => Action::Open,
+        };
+        rules.push(Rule {
+            name: role.clone(),
+            project: role,
+            action,
+            allowed_domains: m.config.egress.allowed_domains.clone(),
+        });
+    }
+    let default = Rule {
+        name: String::new(),
+        project: "unknown".into(),
+        action: Action::Enforce,
+        allowed_domains: Vec::new(),
+    };
+    match hangar_egress::Acl::from_rules(rules, Some(default)) {
+        Ok(acl) => egress.reload(acl),
+        Err(e) => eprintln!("hangar up: egress rules not updated: {e}"),
+    }
+    *egress
+        .source_roles
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = roles;
+}
+
 async fn pull_image(
     store: hangar_oci::Store,
     reference: hangar_oci::Reference,
@@ -125,14 +175,26 @@ pub fn run(args: UpArgs) -> Result<()> {
             tokio::spawn(hangar_registry::serve(registry, reg_listener, std::future::pending()));
         }
 
+        // The egress proxy, on the bridge gateway, where machines find it.
+        hangar_machine::network::ensure_bridge()?;
+        let egress_addr = std::net::SocketAddr::new(hangar_machine::network::gateway().v4.into(), hangar_api::node::EGRESS_PORT);
+        let egress_policy = hangar_egress::IpPolicy { own_addresses: vec![egress_addr, addr], ..Default::default() };
+        let egress = Arc::new(hangar_egress::Proxy::new(hangar_egress::Acl::from_rules(Vec::new(), None).unwrap_or_else(|_| hangar_egress::Acl::open()), egress_policy));
+        let egress_listener = tokio::net::TcpListener::bind(egress_addr)
+            .await
+            .with_context(|| format!("cannot listen on {egress_addr} for the egress proxy; is another node running?"))?;
+        eprintln!("hangar up: egress proxy on http://{egress_addr}");
+        tokio::spawn(hangar_egress::proxy::serve(egress.clone(), egress_listener, std::future::pending()));
+
         let store = node.runtime.store().clone();
         let pull: Puller = Arc::new(move |reference| Box::pin(pull_image(store.clone(), reference)));
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
-            let (node, stopping) = (node.clone(), stopping.clone());
+            let (node, stopping, egress) = (node.clone(), stopping.clone(), egress.clone());
             std::thread::spawn(move || {
                 while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
                     node.reconcile();
+                    update_egress(&node, &egress);
                     std::thread::sleep(Duration::from_millis(100));
                 }
             });

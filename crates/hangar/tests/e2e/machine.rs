@@ -74,7 +74,7 @@ fn busybox_image(h: &Hangar) -> String {
     fs::copy(which("busybox"), dir.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "ps", "hostname", "sleep", "id", "env", "ls", "pwd", "wget", "httpd",
-        "dd", "trap", "kill", "grep", "true", "false", "nc",
+        "dd", "trap", "kill", "grep", "true", "false", "nc", "printf",
     ] {
         let _ = symlink("busybox", dir.join("bin").join(applet));
     }
@@ -128,9 +128,15 @@ struct Node {
 
 impl Node {
     fn start() -> Node {
+        Node::start_in(None)
+    }
+
+    /// A node whose every process runs inside network namespace `netns`.
+    fn start_in(netns: Option<String>) -> Node {
         require_root();
         let lock = host_lock();
-        let h = Hangar::new();
+        let mut h = Hangar::new();
+        h.netns = netns;
         let mut node = Node {
             h,
             child: None,
@@ -211,6 +217,9 @@ impl Node {
         let mut args = vec!["machine", "exec", id, "--"];
         args.extend_from_slice(cmd);
         let out = self.h.run(&args);
+        if !out.status.success() {
+            eprintln!("exec {cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -513,12 +522,19 @@ fn private_network_host_ports_and_no_way_out() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(page.contains("hello from a machine"));
-    // machine -> machine, over IPv4 and IPv6
+    // machine -> machine, over IPv4 and IPv6 (directly: busybox wget does
+    // not read CIDRs in NO_PROXY, so -Y off)
     let client = node.run(&[&image, "--", "sleep", "1000"]);
     node.wait_for(&client, "start", |s| s["state"] == "started");
-    let (code, out) = node.exec(&client, &["wget", "-qO-", &format!("http://{v4}:8080/")]);
+    let (code, out) = node.exec(
+        &client,
+        &["wget", "-Y", "off", "-qO-", &format!("http://{v4}:8080/")],
+    );
     assert_eq!((code, out.as_str()), (0, "hello from a machine\n"));
-    let (code, out) = node.exec(&client, &["wget", "-qO-", &format!("http://[{v6}]:8080/")]);
+    let (code, out) = node.exec(
+        &client,
+        &["wget", "-Y", "off", "-qO-", &format!("http://[{v6}]:8080/")],
+    );
     assert_eq!((code, out.as_str()), (0, "hello from a machine\n"));
     // machine -> outside: a listener in a namespace this test makes, which
     // the host reaches and a machine must not.
@@ -561,7 +577,16 @@ fn private_network_host_ports_and_no_way_out() {
     }
     let (code, _) = node.exec(
         &client,
-        &["wget", "-q", "-T", "2", "-O-", "http://198.18.7.2:9000/"],
+        &[
+            "wget",
+            "-Y",
+            "off",
+            "-q",
+            "-T",
+            "2",
+            "-O-",
+            "http://198.18.7.2:9000/",
+        ],
     );
     assert_ne!(code, 0, "a machine reached outside the private network");
     let _ = listener.kill();
@@ -676,4 +701,236 @@ fn a_killed_node_adopts_its_machines_and_destroy_leaves_nothing() {
     let out = node.h.ok(&["image", "gc"]);
     assert!(out.contains("removed 1 layer snapshots"), "{out}");
     assert_eq!(fs::read_dir(&snapshots).unwrap().count(), 0);
+}
+
+/// Two namespaces this test makes: one for the node (only loopback and a
+/// veth, no route to the real network) and one for a public-looking origin
+/// behind that veth. Machines' traffic and any leak stay between the two.
+struct Sandbox {
+    node_ns: String,
+    origin_ns: String,
+    server: Option<Child>,
+}
+
+impl Sandbox {
+    const ORIGIN: &'static str = "93.184.216.34";
+
+    fn start(dir: &Path) -> Sandbox {
+        let (node_ns, origin_ns) = (
+            format!("hgnode-{}", std::process::id()),
+            format!("hgorig-{}", std::process::id()),
+        );
+        let ip = |args: &[&str]| {
+            assert!(
+                Command::new("ip").args(args).status().unwrap().success(),
+                "ip {args:?}"
+            )
+        };
+        ip(&["netns", "add", &node_ns]);
+        let mut sb = Sandbox {
+            node_ns: node_ns.clone(),
+            origin_ns: origin_ns.clone(),
+            server: None,
+        };
+        ip(&["netns", "add", &origin_ns]);
+        ip(&["-n", &node_ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &node_ns, "link", "add", "a0", "type", "veth", "peer", "name", "o0", "netns",
+            &origin_ns,
+        ]);
+        ip(&["-n", &node_ns, "addr", "add", "198.18.9.1/30", "dev", "a0"]);
+        ip(&["-n", &node_ns, "link", "set", "a0", "up"]);
+        ip(&[
+            "-n",
+            &node_ns,
+            "route",
+            "add",
+            &format!("{}/32", Self::ORIGIN),
+            "via",
+            "198.18.9.2",
+        ]);
+        ip(&[
+            "-n",
+            &origin_ns,
+            "addr",
+            "add",
+            "198.18.9.2/30",
+            "dev",
+            "o0",
+        ]);
+        ip(&[
+            "-n",
+            &origin_ns,
+            "addr",
+            "add",
+            &format!("{}/32", Self::ORIGIN),
+            "dev",
+            "lo",
+        ]);
+        ip(&["-n", &origin_ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &origin_ns, "link", "set", "o0", "up"]);
+        ip(&[
+            "-n",
+            &origin_ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.18.9.1",
+        ]);
+        fs::write(dir.join("index.html"), "public origin\n").unwrap();
+        sb.server = Some(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &origin_ns,
+                    "python3",
+                    "-m",
+                    "http.server",
+                    "8080",
+                    "--bind",
+                    Self::ORIGIN,
+                    "--directory",
+                    dir.to_str().unwrap(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // Wait from inside the node's namespace, so nothing tries the real network.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let probe = format!(
+            "import socket; socket.create_connection(('{}', 8080), 1)",
+            Self::ORIGIN
+        );
+        while !Command::new("ip")
+            .args(["netns", "exec", &node_ns, "python3", "-c", &probe])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+        {
+            assert!(Instant::now() < deadline, "the test origin never listened");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sb
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.origin_ns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node_ns])
+            .status();
+    }
+}
+
+#[test]
+fn machines_go_out_only_through_the_egress_proxy() {
+    let www = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(www.path());
+    let node = Node::start_in(Some(sandbox.node_ns.clone()));
+    let image = busybox_image(&node.h);
+    let app = node.run(&[&image, "--name", "fetcher", "--", "sleep", "1000"]);
+    node.wait_for(&app, "start", |s| s["state"] == "started");
+    let (code, env) = node.exec(&app, &["env"]);
+    assert!(
+        env.contains("http_proxy=http://10.213.0.1:4750"),
+        "exit {code}: {env}"
+    );
+    let origin = format!("http://{}:8080/", Sandbox::ORIGIN);
+    // Through the proxy, by hand with nc (what $http_proxy makes clients do).
+    let via_proxy = |id: &str, url: &str| {
+        // stdin stays open until the proxy closes: busybox nc stops reading at EOF.
+        let script = format!("(printf 'GET {url} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'; sleep 1) | nc 10.213.0.1 4750 2>&1; echo rc=$?");
+        let raw = node
+            .h
+            .run(&["machine", "exec", id, "--", "/bin/sh", "-c", &script]);
+        let out = String::from_utf8_lossy(&raw.stdout).into_owned();
+        assert!(
+            out.contains("rc="),
+            "exec gave nothing: {:?} {}",
+            raw.status,
+            String::from_utf8_lossy(&raw.stderr)
+        );
+        out.trim_end()
+            .strip_suffix("rc=0")
+            .unwrap_or(&out)
+            .to_string()
+    };
+    let out = via_proxy(&app, &origin);
+    assert!(
+        out.starts_with("HTTP/1.0 200") && out.ends_with("public origin\n"),
+        "{out}"
+    );
+    // Directly: no route out of the private network.
+    let (code, _) = node.exec(
+        &app,
+        &["wget", "-q", "-Y", "off", "-T", "2", "-O-", &origin],
+    );
+    assert_ne!(code, 0, "a machine reached the origin without the proxy");
+    // Metadata and the node's own services: refused by the proxy, unreachable directly.
+    let config = toml_like::read(&node.h.home().join("config.toml"));
+    for target in [
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        format!("{}/v1/machines", config.api),
+        "http://10.213.0.1:4750/".into(),
+    ] {
+        let out = via_proxy(&app, &target);
+        assert!(
+            out.starts_with("HTTP/1.1 407")
+                && out.to_ascii_lowercase().contains("x-hangar-egress-error"),
+            "{target} through the proxy: {out}"
+        );
+        let (code, _) = node.exec(
+            &app,
+            &["wget", "-q", "-Y", "off", "-T", "2", "-O-", &target],
+        );
+        assert_ne!(code, 0, "{target} directly");
+    }
+    // Per-machine policy: enforce, with a list the origin is not on.
+    let strict = node.run(&[&image, "--name", "strict", "--", "sleep", "1000"]);
+    let body = serde_json::json!({"config": {"image": image, "egress": {"action": "enforce", "allowed_domains": ["example.org"]}, "init": {"cmd": ["sleep", "1000"]}}});
+    let script = "import sys, urllib.request; r = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), method='POST', headers={'Authorization': 'Bearer ' + sys.argv[3], 'Content-Type': 'application/json'}); print(urllib.request.urlopen(r).status)";
+    let url = format!("{}/v1/machines/{strict}", config.api);
+    let r = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", sandbox.node_ns))
+        .args([
+            "--",
+            "python3",
+            "-c",
+            script,
+            &url,
+            &body.to_string(),
+            &config.token,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("200"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    node.wait_for(&strict, "restart", |s| s["state"] == "started");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = via_proxy(&strict, &origin);
+    assert!(
+        out.starts_with("HTTP/1.1 407"),
+        "an enforce policy let an unlisted host through: {out}"
+    );
+    assert!(
+        via_proxy(&app, &origin).starts_with("HTTP/1.0 200"),
+        "the open machine still gets out"
+    );
+    drop(node);
+    drop(sandbox);
 }

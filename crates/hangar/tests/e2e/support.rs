@@ -38,6 +38,8 @@ pub fn require(tool: &str) {
 pub struct Hangar {
     pub dir: tempfile::TempDir,
     pub docker_config: PathBuf,
+    /// Run every command inside this network namespace.
+    pub netns: Option<String>,
 }
 
 impl Hangar {
@@ -45,7 +47,11 @@ impl Hangar {
         let dir = tempfile::tempdir().expect("tempdir");
         let docker_config = dir.path().join("docker-config");
         fs::create_dir(&docker_config).expect("docker config dir");
-        Hangar { dir, docker_config }
+        Hangar {
+            dir,
+            docker_config,
+            netns: None,
+        }
     }
 
     pub fn home(&self) -> PathBuf {
@@ -53,7 +59,18 @@ impl Hangar {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hangar"));
+        let mut c = match &self.netns {
+            // nsenter, not `ip netns exec`: that remounts /sys, which hides
+            // the cgroup mounts runc needs.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_hangar"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_hangar")),
+        };
         c.args(args)
             .env("HANGAR_HOME", self.home())
             .env("DOCKER_CONFIG", &self.docker_config)
