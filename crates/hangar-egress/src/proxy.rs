@@ -40,7 +40,84 @@ pub struct Proxy {
     pub dns_timeout: Duration,
     pub requests: Option<Arc<Semaphore>>,
     pub tunnels: Option<Arc<Semaphore>>,
+    pub metrics: Metrics,
     next_id: AtomicU64,
+}
+
+/// Counters, rendered in the Prometheus text format.
+#[derive(Default)]
+pub struct Metrics {
+    /// (decision, role, project) -> requests
+    decisions: std::sync::Mutex<std::collections::BTreeMap<(&'static str, String, String), u64>>,
+    connect_attempts: AtomicU64,
+    connect_errors: AtomicU64,
+    dns_lookups: AtomicU64,
+    dns_micros: AtomicU64,
+    open_tunnels: AtomicU64,
+}
+
+impl Metrics {
+    fn decision(&self, decision: &'static str, role: &Option<String>, project: &str) {
+        let mut map = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry((
+            decision,
+            role.clone().unwrap_or_default(),
+            project.to_string(),
+        ))
+        .or_default() += 1;
+    }
+
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::from("# HELP hangar_egress_requests_total Requests by decision (allow, report, deny), role and project.\n# TYPE hangar_egress_requests_total counter\n");
+        for ((d, role, project), n) in self
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "hangar_egress_requests_total{{decision=\"{d}\",role=\"{role}\",project=\"{project}\"}} {n}");
+        }
+        for (name, kind, help, v) in [
+            (
+                "hangar_egress_connect_attempts_total",
+                "counter",
+                "Connections dialed.",
+                &self.connect_attempts,
+            ),
+            (
+                "hangar_egress_connect_errors_total",
+                "counter",
+                "Connections that failed or timed out.",
+                &self.connect_errors,
+            ),
+            (
+                "hangar_egress_dns_lookups_total",
+                "counter",
+                "Names resolved.",
+                &self.dns_lookups,
+            ),
+            (
+                "hangar_egress_dns_lookup_microseconds_total",
+                "counter",
+                "Time spent resolving names.",
+                &self.dns_micros,
+            ),
+            (
+                "hangar_egress_open_tunnels",
+                "gauge",
+                "CONNECT tunnels open now.",
+                &self.open_tunnels,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded.
@@ -121,6 +198,7 @@ impl Proxy {
             dns_timeout: Duration::from_secs(5),
             requests: None,
             tunnels: None,
+            metrics: Metrics::default(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -214,6 +292,7 @@ impl Proxy {
         log.enforce_would_deny = decision.enforce_would_deny;
         if !decision.allow {
             log.reason = decision.reason.to_string();
+            self.metrics.decision("deny", &log.role, &log.project);
             log.emit();
             return Ok(text(
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED,
@@ -227,6 +306,7 @@ impl Proxy {
         let upstream = match self.dial(&host, port, &mut log).await {
             Ok(s) => s,
             Err(resp) => {
+                self.metrics.decision("deny", &log.role, &log.project);
                 log.emit();
                 return Ok(resp);
             }
@@ -237,6 +317,7 @@ impl Proxy {
             "allow"
         };
         log.reason = decision.reason.to_string();
+        self.metrics.decision(log.decision, &log.role, &log.project);
         log.emit();
         if req.method() == Method::CONNECT {
             let permit = match &self.tunnels {
@@ -252,12 +333,15 @@ impl Proxy {
                 },
                 None => None,
             };
+            let proxy = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 if let Ok(upgraded) = hyper::upgrade::on(req).await {
+                    proxy.metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
                     let mut client = TokioIo::new(upgraded);
                     let mut upstream = upstream;
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    proxy.metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
                 }
             });
             return Ok(Response::new(
@@ -280,9 +364,15 @@ impl Proxy {
         let candidates: Vec<SocketAddr> = match host_ip.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => {
-                match tokio::time::timeout(self.dns_timeout, tokio::net::lookup_host((host, port)))
-                    .await
-                {
+                let started = Instant::now();
+                let lookup =
+                    tokio::time::timeout(self.dns_timeout, tokio::net::lookup_host((host, port)))
+                        .await;
+                self.metrics.dns_lookups.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .dns_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                match lookup {
                     Ok(Ok(addrs)) => addrs.collect(),
                     Ok(Err(e)) => {
                         log.reason = format!("DNS lookup failed: {e}");
@@ -310,8 +400,14 @@ impl Proxy {
                 continue;
             }
             log.resolved = Some(addr);
-            return match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await
-            {
+            self.metrics
+                .connect_attempts
+                .fetch_add(1, Ordering::Relaxed);
+            let result = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await;
+            if !matches!(result, Ok(Ok(_))) {
+                self.metrics.connect_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            return match result {
                 Ok(Ok(s)) => Ok(s),
                 Ok(Err(e)) => {
                     log.reason = format!("connect failed: {e}");
@@ -447,6 +543,36 @@ pub async fn serve(
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
+                .await;
+        });
+    }
+}
+
+/// Serve the metrics at `endpoint` (Prometheus text format) on `listener`.
+pub async fn serve_metrics(proxy: Arc<Proxy>, listener: TcpListener, endpoint: String) {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (proxy, endpoint) = (proxy.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let body = if req.uri().path() == endpoint {
+                    Some(proxy.metrics.render())
+                } else {
+                    None
+                };
+                async move {
+                    Ok::<_, Infallible>(match body {
+                        Some(b) => text(StatusCode::OK, b, None),
+                        None => text(StatusCode::NOT_FOUND, "not found".into(), None),
+                    })
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }

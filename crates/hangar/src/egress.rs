@@ -50,6 +50,15 @@ struct ServeArgs {
     /// Allow the private ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7); never loopback or link-local
     #[arg(long)]
     unsafe_allow_private_ranges: bool,
+    /// Serve Prometheus metrics
+    #[arg(long)]
+    expose_prometheus_metrics: bool,
+    #[arg(long, default_value = "/metrics")]
+    prometheus_endpoint: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    prometheus_listen_ip: String,
+    #[arg(long, default_value_t = 9810)]
+    prometheus_port: u16,
     /// A Proxy-Authorization secret and the role it gives, SECRET=ROLE (SECRET is a password or user:password; repeatable).
     /// PROXY_PASSWORD in the environment gives the role "authed", as Fly's Smokescreen does.
     #[arg(long = "role", value_name = "SECRET=ROLE")]
@@ -122,6 +131,14 @@ pub fn run(args: EgressArgs) -> Result<()> {
                 format!("cannot listen on {listen}; pick another with --listen-ip/--listen-port")
             })?;
         eprintln!("hangar egress: listening on {}", listener.local_addr()?);
+        if a.expose_prometheus_metrics {
+            let addr = format!("{}:{}", a.prometheus_listen_ip, a.prometheus_port);
+            let metrics = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics; see --prometheus-listen-ip/--prometheus-port"))?;
+            eprintln!("hangar egress: metrics on http://{}{}", metrics.local_addr()?, a.prometheus_endpoint);
+            tokio::spawn(hangar_egress::proxy::serve_metrics(proxy.clone(), metrics, a.prometheus_endpoint.clone()));
+        }
         // SIGHUP reloads the ACL; a bad file keeps the old one.
         {
             let (proxy, path) = (proxy.clone(), a.egress_acl_file.clone());

@@ -240,6 +240,7 @@ fn proxy_matrix_ip_policy_and_reload() {
         "r3p=reporter",
         "--role",
         "op3n=opener",
+        "--expose-prometheus-metrics",
     ]);
     let proxy_child = proxy
         .stdout(Stdio::null())
@@ -335,6 +336,30 @@ fn proxy_matrix_ip_policy_and_reload() {
     assert!(
         denial.contains("x-hangar-egress-error") || denial.contains("X-Hangar-Egress-Error"),
         "{denial}"
+    );
+
+    // Metrics count what happened, by decision, role and project.
+    let metrics = sb
+        .command("python3")
+        .args(["-c", "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9810/metrics').read().decode())"])
+        .output()
+        .unwrap();
+    assert!(
+        metrics.status.success(),
+        "metrics: {}",
+        String::from_utf8_lossy(&metrics.stderr)
+    );
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains(
+            "hangar_egress_requests_total{decision=\"allow\",role=\"authed\",project=\"users\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("hangar_egress_requests_total{decision=\"report\",role=\"reporter\",project=\"audit\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("hangar_egress_open_tunnels 0"),
+        "{metrics}"
     );
 
     // SIGHUP reloads the ACL.
