@@ -14,6 +14,7 @@
 //! nothing of the control plane.
 
 pub mod acl;
+pub mod dns;
 pub mod ip;
 pub mod proxy;
 

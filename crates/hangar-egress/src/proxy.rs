@@ -38,6 +38,8 @@ pub struct Proxy {
     pub source_roles: RwLock<HashMap<IpAddr, String>>,
     pub connect_timeout: Duration,
     pub dns_timeout: Duration,
+    /// A DNS server to ask instead of the system resolver.
+    pub resolver: Option<SocketAddr>,
     pub requests: Option<Arc<Semaphore>>,
     pub tunnels: Option<Arc<Semaphore>>,
     pub metrics: Metrics,
@@ -196,6 +198,7 @@ impl Proxy {
             source_roles: RwLock::new(HashMap::new()),
             connect_timeout: Duration::from_secs(10),
             dns_timeout: Duration::from_secs(5),
+            resolver: None,
             requests: None,
             tunnels: None,
             metrics: Metrics::default(),
@@ -369,33 +372,45 @@ impl Proxy {
         log: &mut Log,
     ) -> Result<TcpStream, Response<Body>> {
         let host_ip = host.trim_start_matches('[').trim_end_matches(']');
-        let candidates: Vec<SocketAddr> = match host_ip.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => {
+        let literal = host_ip
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| crate::dns::numeric_ipv4(host_ip).map(IpAddr::V4));
+        let candidates: Vec<SocketAddr> = match literal {
+            Some(ip) => vec![SocketAddr::new(ip, port)],
+            None => {
                 let started = Instant::now();
-                let lookup =
-                    tokio::time::timeout(self.dns_timeout, tokio::net::lookup_host((host, port)))
-                        .await;
+                let lookup: Result<Vec<SocketAddr>, String> = match self.resolver {
+                    Some(server) => crate::dns::resolve(server, host, self.dns_timeout)
+                        .await
+                        .map(|ips| {
+                            ips.into_iter()
+                                .map(|ip| SocketAddr::new(ip, port))
+                                .collect()
+                        }),
+                    None => match tokio::time::timeout(
+                        self.dns_timeout,
+                        tokio::net::lookup_host((host, port)),
+                    )
+                    .await
+                    {
+                        Ok(Ok(addrs)) => Ok(addrs.collect()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("timed out".into()),
+                    },
+                };
                 self.metrics.dns_lookups.fetch_add(1, Ordering::Relaxed);
                 self.metrics
                     .dns_micros
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match lookup {
-                    Ok(Ok(addrs)) => addrs.collect(),
-                    Ok(Err(e)) => {
+                    Ok(addrs) => addrs,
+                    Err(e) => {
                         log.reason = format!("DNS lookup failed: {e}");
                         return Err(text(
                             StatusCode::BAD_GATEWAY,
                             format!("hangar egress: cannot resolve {host}: {e}"),
                             Some("DNS lookup failed"),
-                        ));
-                    }
-                    Err(_) => {
-                        log.reason = "DNS lookup timed out".into();
-                        return Err(text(
-                            StatusCode::BAD_GATEWAY,
-                            format!("hangar egress: resolving {host} timed out"),
-                            Some("DNS lookup timed out"),
                         ));
                     }
                 }

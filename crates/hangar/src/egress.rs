@@ -43,6 +43,9 @@ struct ServeArgs {
     timeout: String,
     #[arg(long, default_value = "5s")]
     dns_timeout: String,
+    /// A DNS server (IP:PORT) to resolve with, instead of the system resolver
+    #[arg(long)]
+    resolver_address: Option<String>,
     #[arg(long)]
     max_concurrent_requests: Option<usize>,
     #[arg(long)]
@@ -104,6 +107,14 @@ pub fn run(args: EgressArgs) -> Result<()> {
     let mut proxy = Proxy::new(acl, ip);
     proxy.connect_timeout = seconds("timeout", &a.timeout)?;
     proxy.dns_timeout = seconds("dns-timeout", &a.dns_timeout)?;
+    proxy.resolver = match &a.resolver_address {
+        Some(r) => Some(
+            r.parse()
+                .or_else(|_| format!("{r}:53").parse())
+                .with_context(|| format!("--resolver-address {r:?} is not IP:PORT"))?,
+        ),
+        None => None,
+    };
     proxy.requests = a
         .max_concurrent_requests
         .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));

@@ -34,7 +34,9 @@ impl Sandbox {
             rustix::process::geteuid().is_root(),
             "egress tests need root to make a network namespace"
         );
-        let ns = format!("hgegress-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = format!("hgegress-{}-{n}", std::process::id());
         let ip = |args: &[&str]| {
             assert!(
                 Command::new("ip").args(args).status().unwrap().success(),
@@ -388,4 +390,121 @@ fn proxy_matrix_ip_policy_and_reload() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A DNS server for the sandbox: fixed answers, one private, one public,
+/// one that alternates between the public origin and 127.0.0.1 with TTL 0.
+const DNS_SERVER: &str = r#"
+import socket, struct, sys
+origin = sys.argv[1]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.53", 53))
+flips = 0
+while True:
+    data, addr = s.recvfrom(512)
+    i, labels = 12, []
+    while data[i]:
+        labels.append(data[i + 1:i + 1 + data[i]].decode())
+        i += data[i] + 1
+    qtype = struct.unpack(">H", data[i + 1:i + 3])[0]
+    name = ".".join(labels).lower()
+    answers = []
+    if qtype == 1:
+        if name == "private.test": answers = ["10.0.0.1"]
+        elif name == "meta.test": answers = ["169.254.169.254"]
+        elif name == "public.test": answers = [origin]
+        elif name == "mixed.test": answers = ["127.0.0.1", origin]
+        elif name == "flip.test":
+            flips += 1
+            answers = [origin if flips % 2 else "127.0.0.1"]
+    rcode = 0 if name.endswith(".test") else 3
+    out = data[:2] + struct.pack(">HHHHH", 0x8180 | rcode, 1, len(answers), 0, 0) + data[12:i + 5]
+    for a in answers:
+        out += b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 0, 4) + socket.inet_aton(a)
+    s.sendto(out, addr)
+"#;
+
+/// Answers every connection on 127.0.0.1:8080 with a status no origin uses.
+const TRAP: &str = r#"
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8080)); s.listen(64)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b"HTTP/1.0 418 TRAPPED\r\nContent-Length: 0\r\n\r\n")
+    c.close()
+"#;
+
+#[test]
+fn dns_answers_are_checked_and_rebinding_cannot_win() {
+    let h = Hangar::new();
+    let mut sb = Sandbox::new();
+    let www = h.dir.path().join("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("index.html"), "origin page").unwrap();
+    let mut origin = sb.command("python3");
+    origin.args([
+        "-m",
+        "http.server",
+        "8080",
+        "--bind",
+        ORIGIN,
+        "--directory",
+        www.to_str().unwrap(),
+    ]);
+    sb.spawn(origin);
+    let mut trap = sb.command("python3");
+    trap.args(["-c", TRAP]);
+    sb.spawn(trap);
+    let mut dns = sb.command("python3");
+    dns.args(["-c", DNS_SERVER, ORIGIN]);
+    sb.spawn(dns);
+    let mut proxy = sb.command(env!("CARGO_BIN_EXE_hangar"));
+    proxy.args([
+        "egress",
+        "serve",
+        "--resolver-address",
+        "127.0.0.53:53",
+        "--dns-timeout",
+        "2s",
+    ]);
+    sb.spawn(proxy);
+    sb.wait_port(&format!("{ORIGIN}:8080"));
+    sb.wait_port("127.0.0.1:8080");
+    sb.wait_port("127.0.0.1:4750");
+
+    let fixed = sb.requests(&[
+        ("CONNECT", "private.test:8080", ""),
+        ("CONNECT", "meta.test:80", ""),
+        ("CONNECT", "public.test:8080", ""),
+        ("CONNECT", "mixed.test:8080", ""),
+        ("CONNECT", "nxdomain.example:80", ""),
+    ]);
+    assert!(fixed[0].starts_with("HTTP/1.1 407"), "{fixed:?}");
+    assert!(fixed[1].starts_with("HTTP/1.1 407"), "{fixed:?}");
+    assert!(
+        fixed[2].starts_with("HTTP/1.1 200 OK tunnel:HTTP/1.0 200"),
+        "{fixed:?}"
+    );
+    assert!(
+        fixed[3].starts_with("HTTP/1.1 200 OK tunnel:HTTP/1.0 200"),
+        "only the checked address is dialed: {fixed:?}"
+    );
+    assert!(fixed[4].starts_with("HTTP/1.1 502"), "{fixed:?}");
+
+    // The flipping name: every answer is either the origin or a refusal,
+    // never the loopback trap.
+    let mut cases = Vec::new();
+    for _ in 0..10 {
+        cases.push(("CONNECT", "flip.test:8080", ""));
+        cases.push(("GET", "http://flip.test:8080/", ""));
+    }
+    let got = sb.requests(&cases);
+    assert!(
+        got.iter().all(|g| !g.contains("418")),
+        "rebinding reached loopback: {got:?}"
+    );
+    assert!(got.iter().any(|g| g.contains(" 200")), "{got:?}");
+    assert!(got.iter().any(|g| g.starts_with("HTTP/1.1 407")), "{got:?}");
 }
