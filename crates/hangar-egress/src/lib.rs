@@ -17,6 +17,7 @@ pub mod acl;
 pub mod dns;
 pub mod ip;
 pub mod proxy;
+pub mod tls;
 
 pub use acl::Acl;
 pub use ip::IpPolicy;

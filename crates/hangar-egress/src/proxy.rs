@@ -211,7 +211,12 @@ impl Proxy {
         *self.acl.write().unwrap_or_else(|e| e.into_inner()) = acl;
     }
 
-    fn role(&self, req: &Request<Incoming>, peer: SocketAddr) -> Option<String> {
+    fn role(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        cert_role: Option<&str>,
+    ) -> Option<String> {
         let header = req
             .headers()
             .get("proxy-authorization")
@@ -236,6 +241,9 @@ impl Proxy {
             }
             return found;
         }
+        if let Some(cn) = cert_role {
+            return Some(cn.to_string());
+        }
         self.source_roles
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -244,10 +252,12 @@ impl Proxy {
     }
 
     /// Answer one proxied request.
+    /// `cert_role` is the client certificate's common name on a TLS listener.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
+        cert_role: Option<Arc<str>>,
     ) -> Result<Response<Body>, Infallible> {
         let _permit = match &self.requests {
             Some(s) => match s.clone().try_acquire_owned() {
@@ -262,7 +272,7 @@ impl Proxy {
             },
             None => None,
         };
-        let role = self.role(&req, peer);
+        let role = self.role(&req, peer, cert_role.as_deref());
         let (host, port) = match target(&req) {
             Ok(t) => t,
             Err(e) => {
@@ -547,9 +557,12 @@ async fn forward(req: Request<Incoming>, upstream: TcpStream, host: &str) -> Res
 }
 
 /// Serve until `shutdown` resolves.
+/// With `tls`, the listener speaks TLS and a client certificate's common
+/// name is the caller's role.
 pub async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     use hyper::server::conn::http1;
@@ -561,12 +574,36 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let proxy = proxy.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| proxy.clone().handle(req, peer));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+            match tls {
+                None => {
+                    let service = service_fn(move |req| proxy.clone().handle(req, peer, None));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                }
+                Some(config) => {
+                    let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+                    else {
+                        return;
+                    };
+                    let cn: Option<Arc<str>> = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(|c| crate::tls::subject_cn(c))
+                        .map(Arc::from);
+                    let service =
+                        service_fn(move |req| proxy.clone().handle(req, peer, cn.clone()));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                }
+            }
         });
     }
 }

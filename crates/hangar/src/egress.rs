@@ -53,6 +53,12 @@ struct ServeArgs {
     /// Allow the private ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7); never loopback or link-local
     #[arg(long)]
     unsafe_allow_private_ranges: bool,
+    /// Listen with TLS: a PEM file with the certificate chain and its key
+    #[arg(long)]
+    tls_server_bundle_file: Option<PathBuf>,
+    /// Ask TLS clients for certificates signed by these CAs; the certificate's common name is the role
+    #[arg(long, requires = "tls_server_bundle_file")]
+    tls_client_ca_file: Option<PathBuf>,
     /// Serve Prometheus metrics
     #[arg(long)]
     expose_prometheus_metrics: bool,
@@ -130,6 +136,13 @@ pub fn run(args: EgressArgs) -> Result<()> {
     if let Ok(pw) = std::env::var("PROXY_PASSWORD") {
         proxy.roles.push((pw, "authed".to_string()));
     }
+    let tls = match &a.tls_server_bundle_file {
+        Some(bundle) => Some(
+            hangar_egress::tls::server_config(bundle, a.tls_client_ca_file.as_deref())
+                .map_err(|e| anyhow::anyhow!("TLS setup: {e}"))?,
+        ),
+        None => None,
+    };
     let proxy = Arc::new(proxy);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -170,7 +183,7 @@ pub fn run(args: EgressArgs) -> Result<()> {
                 }
             });
         }
-        hangar_egress::proxy::serve(proxy, listener, async {
+        hangar_egress::proxy::serve(proxy, listener, tls, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await;

@@ -184,7 +184,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {egress_addr} for the egress proxy; is another node running?"))?;
         eprintln!("hangar up: egress proxy on http://{egress_addr}");
-        tokio::spawn(hangar_egress::proxy::serve(egress.clone(), egress_listener, std::future::pending()));
+        tokio::spawn(hangar_egress::proxy::serve(egress.clone(), egress_listener, None, std::future::pending()));
 
         let store = node.runtime.store().clone();
         let pull: Puller = Arc::new(move |reference| Box::pin(pull_image(store.clone(), reference)));

@@ -508,3 +508,154 @@ fn dns_answers_are_checked_and_rebinding_cannot_win() {
     assert!(got.iter().any(|g| g.contains(" 200")), "{got:?}");
     assert!(got.iter().any(|g| g.starts_with("HTTP/1.1 407")), "{got:?}");
 }
+
+#[test]
+fn tls_listener_takes_the_role_from_the_client_certificate() {
+    require("openssl");
+    let h = Hangar::new();
+    let mut sb = Sandbox::new();
+    let d = h.dir.path();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=hangar-test-ca",
+    ]);
+    fs::write(
+        d.join("server.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
+    )
+    .unwrap();
+    fs::write(
+        d.join("client.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    for (name, cn) in [("server", "localhost"), ("client", "billing")] {
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+    let bundle = [
+        fs::read_to_string(d.join("server.pem")).unwrap(),
+        fs::read_to_string(d.join("server.key")).unwrap(),
+    ]
+    .concat();
+    fs::write(d.join("bundle.pem"), bundle).unwrap();
+    fs::write(
+        d.join("acl.yaml"),
+        "version: v1\nservices:\n  - name: billing\n    project: payments\n    action: enforce\n    allowed_domains: [origin.test]\ndefault:\n  project: other\n  action: enforce\n",
+    )
+    .unwrap();
+    let www = d.join("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("index.html"), "origin page").unwrap();
+    let mut origin = sb.command("python3");
+    origin.args([
+        "-m",
+        "http.server",
+        "8080",
+        "--bind",
+        ORIGIN,
+        "--directory",
+        www.to_str().unwrap(),
+    ]);
+    sb.spawn(origin);
+    let mut proxy = sb.command(env!("CARGO_BIN_EXE_hangar"));
+    proxy.args([
+        "egress",
+        "serve",
+        "--egress-acl-file",
+        d.join("acl.yaml").to_str().unwrap(),
+    ]);
+    proxy
+        .arg("--tls-server-bundle-file")
+        .arg(d.join("bundle.pem"));
+    proxy.arg("--tls-client-ca-file").arg(d.join("ca.pem"));
+    sb.spawn(proxy);
+    sb.wait_port(&format!("{ORIGIN}:8080"));
+    sb.wait_port("127.0.0.1:4750");
+    let client = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+ctx.check_hostname = False
+if sys.argv[2]:
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", 4750), 5))
+s.sendall(b"CONNECT origin.test:8080 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+print(s.recv(4096).decode().split("\r\n")[0])
+"#;
+    let ask = |cert: &str, key: &str| {
+        let out = sb
+            .command("python3")
+            .args(["-c", client, d.join("ca.pem").to_str().unwrap(), cert, key])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let with_cert = ask(
+        d.join("client.pem").to_str().unwrap(),
+        d.join("client.key").to_str().unwrap(),
+    );
+    assert!(
+        with_cert.starts_with("HTTP/1.1 200"),
+        "CN=billing may reach origin.test: {with_cert}"
+    );
+    let without = ask("", "");
+    assert!(
+        without.starts_with("HTTP/1.1 407"),
+        "no certificate falls to the default rule: {without}"
+    );
+}
