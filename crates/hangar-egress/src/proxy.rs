@@ -43,8 +43,22 @@ pub struct Proxy {
     pub requests: Option<Arc<Semaphore>>,
     pub tunnels: Option<Arc<Semaphore>>,
     pub metrics: Metrics,
+    /// Idle upstream HTTP/1 connections by the (checked) address they go to.
+    pool: std::sync::Mutex<
+        HashMap<SocketAddr, Vec<hyper::client::conn::http1::SendRequest<Incoming>>>,
+    >,
     next_id: AtomicU64,
 }
+
+/// How a request reaches upstream: a fresh connection, or a pooled one to
+/// the same checked address.
+enum Upstream {
+    Fresh(TcpStream),
+    Pooled(hyper::client::conn::http1::SendRequest<Incoming>),
+}
+
+/// Idle connections kept per upstream address.
+const POOL_PER_ADDR: usize = 8;
 
 /// Counters, rendered in the Prometheus text format.
 #[derive(Default)]
@@ -202,6 +216,7 @@ impl Proxy {
             requests: None,
             tunnels: None,
             metrics: Metrics::default(),
+            pool: std::sync::Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -316,7 +331,8 @@ impl Proxy {
                 Some(decision.reason),
             ));
         }
-        let upstream = match self.dial(&host, port, &mut log).await {
+        let pooled = req.method() != Method::CONNECT;
+        let upstream = match self.dial(&host, port, &mut log, pooled).await {
             Ok(s) => s,
             Err(resp) => {
                 self.metrics.decision("deny", &log.role, &log.project);
@@ -349,10 +365,12 @@ impl Proxy {
             let proxy = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let Upstream::Fresh(mut upstream) = upstream else {
+                    return;
+                };
                 if let Ok(upgraded) = hyper::upgrade::on(req).await {
                     proxy.metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
                     let mut client = TokioIo::new(upgraded);
-                    let mut upstream = upstream;
                     let _ = upstream.set_nodelay(true);
                     // Large buffers: 8 KiB copies cost most of a tunnel's throughput.
                     let _ = tokio::io::copy_bidirectional_with_sizes(
@@ -371,7 +389,8 @@ impl Proxy {
                     .boxed(),
             ));
         }
-        Ok(forward(req, upstream, &host).await)
+        let addr = log.resolved;
+        Ok(self.forward(req, upstream, addr, &host).await)
     }
 
     /// Resolve `host` once, check each address, dial the first allowed one.
@@ -380,7 +399,8 @@ impl Proxy {
         host: &str,
         port: u16,
         log: &mut Log,
-    ) -> Result<TcpStream, Response<Body>> {
+        pooled: bool,
+    ) -> Result<Upstream, Response<Body>> {
         let host_ip = host.trim_start_matches('[').trim_end_matches(']');
         let literal = host_ip
             .parse::<IpAddr>()
@@ -433,6 +453,11 @@ impl Proxy {
                 continue;
             }
             log.resolved = Some(addr);
+            if pooled {
+                if let Some(sender) = self.take_pooled(addr) {
+                    return Ok(Upstream::Pooled(sender));
+                }
+            }
             self.metrics
                 .connect_attempts
                 .fetch_add(1, Ordering::Relaxed);
@@ -441,7 +466,7 @@ impl Proxy {
                 self.metrics.connect_errors.fetch_add(1, Ordering::Relaxed);
             }
             return match result {
-                Ok(Ok(s)) => Ok(s),
+                Ok(Ok(s)) => Ok(Upstream::Fresh(s)),
                 Ok(Err(e)) => {
                     log.reason = format!("connect failed: {e}");
                     Err(text(
@@ -505,54 +530,97 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     }
 }
 
-/// Send an absolute-form request on as origin-form over `upstream`.
-async fn forward(req: Request<Incoming>, upstream: TcpStream, host: &str) -> Response<Body> {
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .append("via", HeaderValue::from_static("1.1 hangar-egress"));
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    parts.uri = match path.parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "hangar egress: bad request path".into(),
-                Some("bad request path"),
-            )
+impl Proxy {
+    /// An idle pooled connection to `addr` that can take a request now.
+    fn take_pooled(
+        &self,
+        addr: SocketAddr,
+    ) -> Option<hyper::client::conn::http1::SendRequest<Incoming>> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = pool.get_mut(&addr)?;
+        while let Some(sender) = idle.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
         }
-    };
-    let (mut sender, conn) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
-            Ok(x) => x,
-            Err(e) => {
+        None
+    }
+
+    /// Send an absolute-form request on as origin-form; the connection goes
+    /// back to the pool once its response is done.
+    async fn forward(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        upstream: Upstream,
+        addr: Option<SocketAddr>,
+        host: &str,
+    ) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .append("via", HeaderValue::from_static("1.1 hangar-egress"));
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        parts.uri = match path.parse() {
+            Ok(u) => u,
+            Err(_) => {
                 return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("hangar egress: {host}: {e}"),
-                    Some("upstream handshake failed"),
+                    StatusCode::BAD_REQUEST,
+                    "hangar egress: bad request path".into(),
+                    Some("bad request path"),
                 )
             }
         };
-    tokio::spawn(conn);
-    match sender.send_request(Request::from_parts(parts, body)).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            parts
-                .headers
-                .append("via", HeaderValue::from_static("1.1 hangar-egress"));
-            Response::from_parts(parts, body.boxed())
+        let mut sender = match upstream {
+            Upstream::Pooled(sender) => sender,
+            Upstream::Fresh(stream) => {
+                let _ = stream.set_nodelay(true);
+                match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                    Ok((sender, conn)) => {
+                        tokio::spawn(conn);
+                        sender
+                    }
+                    Err(e) => {
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("hangar egress: {host}: {e}"),
+                            Some("upstream handshake failed"),
+                        )
+                    }
+                }
+            }
+        };
+        match sender.send_request(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                if let Some(addr) = addr {
+                    let proxy = self.clone();
+                    tokio::spawn(async move {
+                        if sender.ready().await.is_ok() {
+                            let mut pool = proxy.pool.lock().unwrap_or_else(|e| e.into_inner());
+                            let idle = pool.entry(addr).or_default();
+                            if idle.len() < POOL_PER_ADDR {
+                                idle.push(sender);
+                            }
+                        }
+                    });
+                }
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts
+                    .headers
+                    .append("via", HeaderValue::from_static("1.1 hangar-egress"));
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("hangar egress: {host}: {e}"),
+                Some("upstream request failed"),
+            ),
         }
-        Err(e) => text(
-            StatusCode::BAD_GATEWAY,
-            format!("hangar egress: {host}: {e}"),
-            Some("upstream request failed"),
-        ),
     }
 }
 
@@ -573,6 +641,9 @@ pub async fn serve(
             a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
             () = &mut shutdown => break,
         };
+        // Small writes (response heads, the last piece of a body) must not
+        // wait on Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
