@@ -3,9 +3,11 @@
 //!
 //! Smokescreen-compatible: its v1 ACL ([`acl`]) decides by role and host; an
 //! IP policy ([`ip`]) of hand-written special-purpose tables decides by the
-//! address actually dialed; the [`proxy`] speaks HTTP absolute-form and
-//! CONNECT. Roles come from `Proxy-Authorization: Basic` or, inside
-//! `hangar up`, from a machine's source address.
+//! address actually dialed; [`dns`] reads numeric forms and asks a configured
+//! resolver; the [`proxy`] speaks HTTP absolute-form (pooling upstream
+//! connections per checked address) and CONNECT. Roles come from
+//! `Proxy-Authorization: Basic`, a client certificate's CN on the [`tls`]
+//! listener, or, inside `hangar up`, a machine's source address.
 //!
 //! Key design decision: resolve once, check every candidate address, dial
 //! only a checked one; nothing is ever dialed by name after the check.

@@ -659,3 +659,70 @@ print(s.recv(4096).decode().split("\r\n")[0])
         "no certificate falls to the default rule: {without}"
     );
 }
+
+#[test]
+fn limits_answer_429_and_503() {
+    let mut sb = Sandbox::new();
+    // An origin that holds each request for two seconds.
+    let slow = r#"
+import socket, threading, time, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 8080)); s.listen(64)
+def serve(c):
+    c.recv(4096); time.sleep(2)
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nslow"); c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+    let mut origin = sb.command("python3");
+    origin.args(["-c", slow, ORIGIN]);
+    sb.spawn(origin);
+    let mut proxy = sb.command(env!("CARGO_BIN_EXE_hangar"));
+    proxy.args([
+        "egress",
+        "serve",
+        "--max-concurrent-requests",
+        "1",
+        "--max-concurrent-connect-tunnels",
+        "1",
+    ]);
+    sb.spawn(proxy);
+    sb.wait_port(&format!("{ORIGIN}:8080"));
+    sb.wait_port("127.0.0.1:4750");
+    let client = format!(
+        r#"
+import socket, threading, time
+results = {{}}
+def get(name, delay):
+    time.sleep(delay)
+    s = socket.create_connection(("127.0.0.1", 4750), 10)
+    s.sendall(b"GET http://{ORIGIN}:8080/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    results[name] = s.recv(4096).decode().split("\r\n")[0]
+threads = [threading.Thread(target=get, args=("first", 0)), threading.Thread(target=get, args=("second", 0.5))]
+[t.start() for t in threads]; [t.join() for t in threads]
+held = socket.create_connection(("127.0.0.1", 4750), 10)
+held.sendall(b"CONNECT {ORIGIN}:8080 HTTP/1.1\r\nHost: x\r\n\r\n")
+results["tunnel1"] = held.recv(4096).decode().split("\r\n")[0]
+time.sleep(0.3)
+other = socket.create_connection(("127.0.0.1", 4750), 10)
+other.sendall(b"CONNECT {ORIGIN}:8080 HTTP/1.1\r\nHost: x\r\n\r\n")
+results["tunnel2"] = other.recv(4096).decode().split("\r\n")[0]
+print(results)
+"#
+    );
+    let out = sb
+        .command("python3")
+        .args(["-c", &client])
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.contains("'first': 'HTTP/1.0 200 OK'"),
+        "{got} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(got.contains("'second': 'HTTP/1.1 429"), "{got}");
+    assert!(got.contains("'tunnel1': 'HTTP/1.1 200"), "{got}");
+    assert!(got.contains("'tunnel2': 'HTTP/1.1 503"), "{got}");
+}
