@@ -183,10 +183,7 @@ pub fn run(args: EgressArgs) -> Result<()> {
                 }
             });
         }
-        hangar_egress::proxy::serve(proxy, listener, tls, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
+        hangar_egress::proxy::serve(proxy, listener, tls, crate::shutdown_signal()).await;
         Ok::<_, anyhow::Error>(())
     })
 }

@@ -125,7 +125,7 @@ pub fn run(args: RegistryArgs) -> Result<()> {
                     eprintln!("hangar registry: metrics on http://{}/metrics", admin_listener.local_addr()?);
                     tokio::spawn(hangar_registry::serve_admin(registry.clone(), admin_listener));
                 }
-                hangar_registry::serve(registry, listener, shutdown_signal()).await;
+                hangar_registry::serve(registry, listener, crate::shutdown_signal()).await;
                 eprintln!("hangar registry: stopped");
                 Ok::<_, anyhow::Error>(())
             })?;
@@ -188,19 +188,4 @@ pub fn run(args: RegistryArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -128,21 +128,6 @@ async fn pull_image(
     result.map(|_| ()).map_err(|e| e.to_string())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 pub fn run(args: UpArgs) -> Result<()> {
     let home = crate::home()?;
     let init = init_binary()?;
@@ -200,7 +185,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             });
         }
         let api = Arc::new(Api { node: node.clone(), token, pull });
-        hangar_api::server::serve(api, listener, shutdown_signal()).await;
+        hangar_api::server::serve(api, listener, crate::shutdown_signal()).await;
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         if args.stop_machines {
             eprintln!("hangar up: stopping machines");

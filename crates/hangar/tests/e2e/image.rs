@@ -7,13 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "aarch64" => "arm64",
-        _ => "amd64",
-    }
-}
-
 /// A three-layer image (gzip and plain: umoci 0.4 reads no zstd), exercising whiteouts,
 /// opaque directories, hardlinks, symlinks and modes.
 fn tricky_image() -> BuiltImage {

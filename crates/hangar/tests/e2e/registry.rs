@@ -8,13 +8,6 @@ use base64::Engine as _;
 
 use crate::support::*;
 
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "aarch64" => "arm64",
-        _ => "amd64",
-    }
-}
-
 fn token(h: &Hangar, org: &str, extra: &[&str]) -> String {
     let mut args = vec!["registry", "token", "create", "--org", org];
     args.extend_from_slice(extra);

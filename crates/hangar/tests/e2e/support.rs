@@ -1000,3 +1000,11 @@ impl Drop for HangarRegistry {
         self.kill();
     }
 }
+
+/// The host's architecture in Go's naming, as image configs use.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    }
+}
