@@ -1,6 +1,7 @@
-//! Shared helpers of the end-to-end tests: the real `hangar` binary, real
-//! peers (docker-registry, skopeo, umoci, openssl) on 127.0.0.1, test images
-//! written as OCI layouts, and a small HTTP server for faults no real
+//! Shared helpers of the end-to-end tests: the real `hangar` binary (in a
+//! network namespace when asked), real peers (docker-registry, skopeo, umoci,
+//! openssl) on 127.0.0.1, `hangar registry serve`, a tiny HTTP client, test
+//! images written as OCI layouts, and a small HTTP server for faults no real
 //! registry produces on demand.
 
 #![allow(dead_code)]
