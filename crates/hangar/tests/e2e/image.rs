@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -724,20 +724,12 @@ fn kill_during_pull_leaves_nothing_visible_and_concurrent_pulls_are_safe() {
     let mut child = h.command(&["image", "pull", &reference]).spawn().unwrap();
     // Wait until the layer is partly written, then kill -9.
     let tmp = h.home().join("oci/tmp");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let partial = fs::read_dir(&tmp)
-            .map(|d| {
-                d.flatten()
-                    .any(|e| e.metadata().map(|m| m.len() > 100_000).unwrap_or(false))
-            })
-            .unwrap_or(false);
-        if partial {
-            break;
-        }
-        assert!(Instant::now() < deadline, "pull never started writing");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_partial_file(
+        &tmp,
+        100_000,
+        Duration::from_secs(30),
+        "the pull to start writing",
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(

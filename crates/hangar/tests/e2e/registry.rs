@@ -893,20 +893,12 @@ fn a_killed_registry_serves_only_whole_content_and_gc_reclaims() {
         .spawn()
         .unwrap();
     let uploads = h.home().join("registry/uploads");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let partial = fs::read_dir(&uploads)
-            .map(|d| {
-                d.flatten()
-                    .any(|e| e.metadata().map(|m| m.len() > 1_000_000).unwrap_or(false))
-            })
-            .unwrap_or(false);
-        if partial {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the push never got going");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_partial_file(
+        &uploads,
+        1_000_000,
+        Duration::from_secs(60),
+        "the push to get going",
+    );
     kill_9(reg.pid());
     reg.kill();
     let _ = push.wait();

@@ -1009,3 +1009,22 @@ pub fn host_arch() -> &'static str {
         _ => "amd64",
     }
 }
+
+/// Wait until some file directly in `dir` is larger than `min_bytes`: a
+/// transfer is under way, so a kill now lands in the middle of it.
+pub fn wait_for_partial_file(dir: &Path, min_bytes: u64, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let partial = fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.metadata().map(|m| m.len() > min_bytes).unwrap_or(false))
+            })
+            .unwrap_or(false);
+        if partial {
+            return;
+        }
+        assert!(Instant::now() < deadline, "waited in vain for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
