@@ -189,6 +189,15 @@ fn parse_words(flag: &str, s: &str) -> Result<Vec<String>> {
     Ok(s.split_whitespace().map(str::to_string).collect())
 }
 
+/// `<id> <state>`, the answer of lifecycle commands.
+fn print_state(m: &Value) {
+    println!(
+        "{} {}",
+        m["id"].as_str().unwrap_or(""),
+        m["state"].as_str().unwrap_or("")
+    );
+}
+
 fn print_machine(m: &Value) {
     let field = |k: &str| m[k].as_str().unwrap_or("-").to_string();
     println!("ID:        {}", field("id"));
@@ -315,47 +324,33 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             let m = client
                 .call(Method::POST, &format!("/v1/machines/{id}/start"), None)
                 .await?;
-            println!(
-                "{} {}",
-                m["id"].as_str().unwrap_or(""),
-                m["state"].as_str().unwrap_or("")
-            );
+            print_state(&m);
         }
         MachineCommand::Stop {
             id,
             signal,
             timeout,
         } => {
+            let body = json!({"signal": signal, "timeout": timeout});
             let m = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/machines/{id}/stop"),
-                    Some(json!({"signal": signal, "timeout": timeout})),
-                )
+                .call(Method::POST, &format!("/v1/machines/{id}/stop"), Some(body))
                 .await?;
-            println!(
-                "{} {}",
-                m["id"].as_str().unwrap_or(""),
-                m["state"].as_str().unwrap_or("")
-            );
+            print_state(&m);
         }
         MachineCommand::Restart {
             id,
             signal,
             timeout,
         } => {
+            let body = json!({"signal": signal, "timeout": timeout});
             let m = client
                 .call(
                     Method::POST,
                     &format!("/v1/machines/{id}/restart"),
-                    Some(json!({"signal": signal, "timeout": timeout})),
+                    Some(body),
                 )
                 .await?;
-            println!(
-                "{} {}",
-                m["id"].as_str().unwrap_or(""),
-                m["state"].as_str().unwrap_or("")
-            );
+            print_state(&m);
         }
         MachineCommand::Signal { id, signal } => {
             client
@@ -417,11 +412,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                     None,
                 )
                 .await?;
-            println!(
-                "{} {}",
-                m["id"].as_str().unwrap_or(""),
-                m["state"].as_str().unwrap_or("")
-            );
+            print_state(&m);
         }
         MachineCommand::Shim { .. } => unreachable!("handled before the runtime starts"),
     }
