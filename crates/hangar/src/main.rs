@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod edge;
 mod egress;
 mod image;
 mod machine;
@@ -34,6 +35,8 @@ enum Command {
     Image(image::ImageArgs),
     /// Run Hangar's multi-tenant OCI registry and manage its tokens.
     Registry(registry::RegistryArgs),
+    /// Run the edge proxy: routing, load balancing, health checks and a CDN cache.
+    Edge(edge::EdgeArgs),
     /// Run the SSRF-safe egress proxy (Smokescreen-compatible ACLs).
     Egress(egress::EgressArgs),
     /// Run a node: state store, Machines API, registry (in the foreground).
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Up(args) => up::run(args),
+        Command::Edge(args) => edge::run(args),
         Command::Egress(args) => egress::run(args),
         Command::Machine(args) => machine::run(args),
     };

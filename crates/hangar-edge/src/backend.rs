@@ -1,0 +1,468 @@
+//! Hosts and their backends: the routing table (swapped whole when the
+//! configuration changes, keeping each surviving backend's pool and health),
+//! least-outstanding-requests balancing by the power of two choices,
+//! active health checks, and passive ejection of backends that fail or
+//! become slow compared with their peers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::{Health, Host};
+use crate::metrics::HostMetrics;
+use crate::upstream::{self, Pool};
+
+/// Successful responses needed before latency can eject a backend.
+const SLOW_MIN_SAMPLES: u64 = 20;
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    outstanding: AtomicU32,
+    pub pool: Arc<Pool>,
+    health: Mutex<HealthState>,
+}
+
+#[derive(Debug)]
+struct HealthState {
+    /// The active checks' verdict (true when there are none).
+    active_ok: bool,
+    passes: u32,
+    fails: u32,
+    consecutive_failures: u32,
+    ejected_until: Option<Instant>,
+    /// Moving average of the time to a response head, in ms.
+    ewma_ms: f64,
+    samples: u64,
+    /// Why the backend is out, for error pages and metrics.
+    reason: String,
+}
+
+impl Backend {
+    fn new(addr: SocketAddr) -> Backend {
+        Backend {
+            addr,
+            outstanding: AtomicU32::new(0),
+            pool: Arc::new(Pool::default()),
+            health: Mutex::new(HealthState {
+                active_ok: true,
+                passes: 0,
+                fails: 0,
+                consecutive_failures: 0,
+                ejected_until: None,
+                ewma_ms: 0.0,
+                samples: 0,
+                reason: String::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Passes active checks.
+    pub fn healthy(&self) -> bool {
+        self.state().active_ok
+    }
+
+    /// Healthy and not ejected.
+    pub fn available(&self) -> bool {
+        let mut s = self.state();
+        if let Some(until) = s.ejected_until {
+            if Instant::now() < until {
+                return false;
+            }
+            // Back on probation with a clean slate.
+            s.ejected_until = None;
+            s.consecutive_failures = 0;
+            s.samples = 0;
+            s.ewma_ms = 0.0;
+        }
+        s.active_ok
+    }
+
+    pub fn ejected(&self) -> bool {
+        self.state()
+            .ejected_until
+            .is_some_and(|u| Instant::now() < u)
+    }
+
+    pub fn latency_ms(&self) -> f64 {
+        self.state().ewma_ms
+    }
+
+    pub fn reason(&self) -> String {
+        self.state().reason.clone()
+    }
+
+    /// Count a request as outstanding until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One host: its configuration, backends and counters.
+pub struct Site {
+    pub config: Host,
+    pub backends: Vec<Arc<Backend>>,
+    pub metrics: Arc<HostMetrics>,
+    checks: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(c) = &self.checks {
+            c.abort();
+        }
+    }
+}
+
+static SEED: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+
+fn random() -> u64 {
+    // xorshift on a shared seed: fast, good enough to pick two backends.
+    let mut x = SEED.load(Ordering::Relaxed);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    SEED.store(x, Ordering::Relaxed);
+    x
+}
+
+impl Site {
+    /// Pick a backend: of two random available ones, the one with fewer
+    /// outstanding requests (ties: the faster). `exclude` holds backends
+    /// already tried for this request. When every backend is ejected but
+    /// some pass their checks, those are used anyway (a bad signal must not
+    /// take the whole app down). `None`: nothing healthy.
+    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Backend>> {
+        let candidates = |f: &dyn Fn(&Backend) -> bool| -> Vec<&Arc<Backend>> {
+            self.backends
+                .iter()
+                .filter(|b| !exclude.contains(&b.addr) && f(b))
+                .collect()
+        };
+        let mut c = candidates(&|b| b.available());
+        if c.is_empty() {
+            c = candidates(&|b| b.healthy());
+        }
+        match c.len() {
+            0 => None,
+            1 => Some(c[0].clone()),
+            n => {
+                let r = random();
+                let i = (r % n as u64) as usize;
+                let mut j = ((r >> 32) % (n as u64 - 1)) as usize;
+                if j >= i {
+                    j += 1;
+                }
+                let (a, b) = (c[i], c[j]);
+                let (oa, ob) = (a.outstanding(), b.outstanding());
+                Some(
+                    if oa < ob || (oa == ob && a.latency_ms() <= b.latency_ms()) {
+                        a
+                    } else {
+                        b
+                    }
+                    .clone(),
+                )
+            }
+        }
+    }
+
+    /// Passive health: a request to `backend` succeeded in `latency`.
+    pub fn record_success(&self, backend: &Backend, latency: Duration) {
+        let h = &self.config.health;
+        let ms = latency.as_secs_f64() * 1000.0;
+        let ewma = {
+            let mut s = backend.state();
+            s.consecutive_failures = 0;
+            s.ewma_ms = if s.samples == 0 {
+                ms
+            } else {
+                s.ewma_ms * 0.9 + ms * 0.1
+            };
+            s.samples += 1;
+            if s.samples < SLOW_MIN_SAMPLES {
+                return;
+            }
+            s.ewma_ms
+        };
+        if ewma < h.slow_floor.as_secs_f64() * 1000.0 {
+            return;
+        }
+        // Compare with the peers that are in service.
+        let mut peers: Vec<f64> = self
+            .backends
+            .iter()
+            .filter(|b| b.addr != backend.addr && b.available())
+            .map(|b| b.latency_ms())
+            .filter(|l| *l > 0.0)
+            .collect();
+        if peers.is_empty() {
+            return;
+        }
+        peers.sort_by(|a, b| a.total_cmp(b));
+        let median = peers[peers.len() / 2];
+        if ewma > median * h.slow_ratio {
+            eject(
+                backend,
+                h,
+                format!("slow: {ewma:.0} ms against its peers' {median:.0} ms"),
+            );
+            self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Passive health: a request to `backend` failed (connect error,
+    /// timeout, broken response).
+    pub fn record_failure(&self, backend: &Backend, why: &str) {
+        let h = &self.config.health;
+        let n = {
+            let mut s = backend.state();
+            s.consecutive_failures += 1;
+            s.consecutive_failures
+        };
+        if n >= h.max_failures.max(1) {
+            eject(backend, h, format!("{n} failures in a row, last: {why}"));
+            self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn eject(backend: &Backend, h: &Health, reason: String) {
+    let mut s = backend.state();
+    s.ejected_until = Some(Instant::now() + h.eject_for);
+    s.reason = reason;
+    drop(s);
+    backend.pool.clear();
+}
+
+/// The routing table: host name -> site.
+#[derive(Default)]
+pub struct Routes {
+    sites: RwLock<Arc<HashMap<String, Arc<Site>>>>,
+}
+
+impl Routes {
+    pub fn get(&self, host: &str) -> Option<Arc<Site>> {
+        self.sites
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host)
+            .cloned()
+    }
+
+    pub fn all(&self) -> Arc<HashMap<String, Arc<Site>>> {
+        self.sites.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replace the table. Unchanged hosts are kept as they are; a backend
+    /// that stays keeps its pool, counters and health. Requests in flight
+    /// finish on the table they started with. Must run inside a Tokio
+    /// runtime (it starts the active health checks).
+    pub fn set(&self, hosts: &[Host]) {
+        let old = self.all();
+        let mut new = HashMap::with_capacity(hosts.len());
+        for host in hosts {
+            let name = host.name.to_ascii_lowercase();
+            if let Some(site) = old.get(&name) {
+                if site.config == *host {
+                    new.insert(name, site.clone());
+                    continue;
+                }
+            }
+            let previous = old.get(&name);
+            let backends: Vec<Arc<Backend>> = host
+                .backends
+                .iter()
+                .map(|addr| {
+                    previous
+                        .and_then(|s| s.backends.iter().find(|b| b.addr == *addr).cloned())
+                        .unwrap_or_else(|| Arc::new(Backend::new(*addr)))
+                })
+                .collect();
+            let metrics = previous.map(|s| s.metrics.clone()).unwrap_or_default();
+            let checks = host.health.path.as_ref().map(|path| {
+                tokio::spawn(check_loop(
+                    backends.clone(),
+                    host.health.clone(),
+                    path.clone(),
+                    name.clone(),
+                ))
+                .abort_handle()
+            });
+            new.insert(
+                name,
+                Arc::new(Site {
+                    config: host.clone(),
+                    backends,
+                    metrics,
+                    checks,
+                }),
+            );
+        }
+        *self.sites.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+    }
+}
+
+/// Active checks: `GET path` on every backend each interval.
+async fn check_loop(backends: Vec<Arc<Backend>>, h: Health, path: String, host: String) {
+    let mut tick = tokio::time::interval(h.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let checks = backends.iter().map(|b| {
+            let (path, host) = (path.clone(), host.clone());
+            async move {
+                let result = check(b, &path, &host, h.timeout).await;
+                let mut s = b.state();
+                match result {
+                    Ok(()) => {
+                        s.fails = 0;
+                        s.passes += 1;
+                        if !s.active_ok && s.passes >= h.healthy_threshold.max(1) {
+                            s.active_ok = true;
+                            s.reason.clear();
+                        }
+                    }
+                    Err(why) => {
+                        s.passes = 0;
+                        s.fails += 1;
+                        if s.active_ok && s.fails >= h.unhealthy_threshold.max(1) {
+                            s.active_ok = false;
+                        }
+                        if !s.active_ok {
+                            s.reason = format!("failing its health check: {why}");
+                        }
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(checks).await;
+    }
+}
+
+async fn check(b: &Backend, path: &str, host: &str, timeout: Duration) -> Result<(), String> {
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, host)
+        .header(hyper::header::USER_AGENT, "hangar-edge-health")
+        .body(upstream::empty())
+        .map_err(|e| e.to_string())?;
+    let conn = upstream::checkout(&b.pool, b.addr, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let resp = conn
+        .send(req, timeout, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    // Drain the body so the connection can be reused.
+    let _ = tokio::time::timeout(timeout, http_body_util::BodyExt::collect(resp.into_body())).await;
+    if status.is_success() || status.is_redirection() {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(n: usize) -> Site {
+        let mut config = Host {
+            name: "a".into(),
+            ..Default::default()
+        };
+        config.health.eject_for = Duration::from_secs(60);
+        Site {
+            backends: (0..n)
+                .map(|i| {
+                    Arc::new(Backend::new(SocketAddr::from((
+                        [127, 0, 0, 1],
+                        9000 + i as u16,
+                    ))))
+                })
+                .collect(),
+            config,
+            metrics: Default::default(),
+            checks: None,
+        }
+    }
+
+    #[test]
+    fn two_choices_prefer_fewer_outstanding() {
+        let s = site(2);
+        let _busy: Vec<_> = (0..5).map(|_| s.backends[0].begin()).collect();
+        for _ in 0..20 {
+            assert_eq!(s.pick(&[]).unwrap().addr, s.backends[1].addr);
+        }
+        assert_eq!(
+            s.pick(&[s.backends[1].addr]).unwrap().addr,
+            s.backends[0].addr,
+            "exclusion"
+        );
+        assert!(s.pick(&[s.backends[0].addr, s.backends[1].addr]).is_none());
+    }
+
+    #[test]
+    fn failures_eject_and_all_ejected_still_serves() {
+        let s = site(2);
+        for _ in 0..3 {
+            s.record_failure(&s.backends[0], "refused");
+        }
+        assert!(s.backends[0].ejected());
+        for _ in 0..20 {
+            assert_eq!(s.pick(&[]).unwrap().addr, s.backends[1].addr);
+        }
+        for _ in 0..3 {
+            s.record_failure(&s.backends[1], "refused");
+        }
+        assert!(
+            s.pick(&[]).is_some(),
+            "all ejected: still try the healthy ones"
+        );
+        s.backends[0].state().active_ok = false;
+        s.backends[1].state().active_ok = false;
+        assert!(s.pick(&[]).is_none(), "nothing passes its checks");
+    }
+
+    #[test]
+    fn a_slow_backend_is_ejected_relative_to_its_peers() {
+        let s = site(3);
+        for _ in 0..30 {
+            s.record_success(&s.backends[1], Duration::from_millis(5));
+            s.record_success(&s.backends[2], Duration::from_millis(6));
+        }
+        for _ in 0..19 {
+            s.record_success(&s.backends[0], Duration::from_millis(400));
+        }
+        assert!(!s.backends[0].ejected(), "not before enough samples");
+        s.record_success(&s.backends[0], Duration::from_millis(400));
+        assert!(s.backends[0].ejected());
+        assert!(s.backends[0].reason().starts_with("slow"));
+        // Uniformly slow peers eject nobody.
+        let s = site(2);
+        for _ in 0..30 {
+            s.record_success(&s.backends[0], Duration::from_millis(400));
+            s.record_success(&s.backends[1], Duration::from_millis(400));
+        }
+        assert!(!s.backends[0].ejected() && !s.backends[1].ejected());
+    }
+}

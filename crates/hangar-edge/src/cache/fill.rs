@@ -1,0 +1,368 @@
+//! Request coalescing: concurrent misses on one key share one origin
+//! request (a *fill*). The first request leads; later ones wait for the
+//! response head, woken the moment it arrives (a watch channel, no
+//! polling), then stream the body from the fill's buffer as it grows.
+//! When the response cannot be shared the waiters are told to go to the
+//! origin themselves, and the key is remembered as uncacheable for a while
+//! so later requests do not queue behind it. A waiter never waits for the
+//! head longer than the lock timeout.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::Frame;
+use hyper::header::HeaderMap;
+use hyper::StatusCode;
+use tokio::sync::watch;
+
+/// The shared part of a response: what every waiter answers with.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The full cache key (with Vary values) this response is for.
+    pub key: String,
+    /// The body length, when the origin said.
+    pub len: Option<u64>,
+}
+
+#[derive(Clone)]
+enum Outcome {
+    Pending,
+    Shared(Arc<Head>),
+    Pass,
+    Failed(StatusCode, Arc<str>),
+}
+
+struct State {
+    outcome: Outcome,
+    chunks: Vec<Bytes>,
+    done: bool,
+    error: Option<Arc<str>>,
+}
+
+pub struct Fill {
+    state: Mutex<State>,
+    progress: watch::Sender<u64>,
+}
+
+/// What a waiter learns.
+pub enum Waited {
+    Shared(Arc<Head>),
+    /// Not shareable: go to the origin yourself.
+    Pass,
+    /// The fill failed before a head arrived: the status an error page
+    /// should have, and why.
+    Failed(StatusCode, Arc<str>),
+    /// The lock timeout passed.
+    TimedOut,
+}
+
+impl Fill {
+    fn new() -> Fill {
+        Fill {
+            state: Mutex::new(State {
+                outcome: Outcome::Pending,
+                chunks: Vec::new(),
+                done: false,
+                error: None,
+            }),
+            progress: watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.lock());
+        self.progress.send_modify(|v| *v += 1);
+    }
+
+    pub fn share(&self, head: Arc<Head>) {
+        self.update(|s| s.outcome = Outcome::Shared(head));
+    }
+
+    pub fn pass(&self) {
+        self.update(|s| s.outcome = Outcome::Pass);
+    }
+
+    pub fn fail(&self, status: StatusCode, why: &str) {
+        let why: Arc<str> = Arc::from(why);
+        self.update(|s| {
+            if matches!(s.outcome, Outcome::Pending) {
+                s.outcome = Outcome::Failed(status, why.clone());
+            }
+            if !s.done {
+                s.error = Some(why);
+                s.done = true;
+            }
+        });
+    }
+
+    pub fn push(&self, chunk: Bytes) {
+        self.update(|s| s.chunks.push(chunk));
+    }
+
+    pub fn finish(&self) {
+        self.update(|s| s.done = true);
+    }
+
+    /// Wait for the head, at most `timeout` (`None`: as long as it takes).
+    pub async fn wait(&self, timeout: Option<Duration>) -> Waited {
+        let mut rx = self.progress.subscribe();
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            match self.lock().outcome.clone() {
+                Outcome::Pending => {}
+                Outcome::Shared(h) => return Waited::Shared(h),
+                Outcome::Pass => return Waited::Pass,
+                Outcome::Failed(st, why) => return Waited::Failed(st, why),
+            }
+            let changed = rx.changed();
+            let result = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, changed).await {
+                    Ok(r) => r,
+                    Err(_) => return Waited::TimedOut,
+                },
+                None => changed.await,
+            };
+            if result.is_err() {
+                return Waited::Failed(
+                    StatusCode::BAD_GATEWAY,
+                    Arc::from("the origin request ended"),
+                );
+            }
+        }
+    }
+
+    /// The whole body so far, in one piece.
+    pub fn collected(&self) -> Bytes {
+        let s = self.lock();
+        let mut all = bytes::BytesMut::with_capacity(s.chunks.iter().map(|c| c.len()).sum());
+        for c in &s.chunks {
+            all.extend_from_slice(c);
+        }
+        all.freeze()
+    }
+
+    /// The body as it arrives, from the start, for one reader.
+    pub fn body(
+        self: Arc<Self>,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send {
+        let rx = self.progress.subscribe();
+        enum Step {
+            Chunk(Bytes),
+            Error(std::io::Error),
+            End,
+            Wait,
+        }
+        futures_util::stream::unfold((self, rx, 0usize), |(fill, mut rx, next)| async move {
+            if next == usize::MAX {
+                return None; // after an error
+            }
+            loop {
+                let step = {
+                    let s = fill.lock();
+                    if let Some(c) = s.chunks.get(next) {
+                        Step::Chunk(c.clone())
+                    } else if let Some(e) = &s.error {
+                        Step::Error(std::io::Error::other(e.to_string()))
+                    } else if s.done {
+                        Step::End
+                    } else {
+                        // Everything so far is seen; wait for the next change.
+                        rx.borrow_and_update();
+                        Step::Wait
+                    }
+                };
+                match step {
+                    Step::Chunk(c) => return Some((Ok(Frame::data(c)), (fill, rx, next + 1))),
+                    Step::Error(e) => return Some((Err(e), (fill, rx, usize::MAX))),
+                    Step::End => return None,
+                    Step::Wait => {
+                        if rx.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// How a request takes part in a key's fill.
+pub enum Join {
+    /// Make the origin request; the guard ends the fill's registration.
+    Lead(Arc<Fill>, Registration),
+    /// Another request is filling this key.
+    Wait(Arc<Fill>),
+    /// The key was recently found uncacheable: go straight to the origin.
+    Bypass,
+}
+
+/// The fills in progress and the keys recently found uncacheable.
+#[derive(Default)]
+pub struct Fills {
+    active: Mutex<HashMap<String, Arc<Fill>>>,
+    uncacheable: Mutex<HashMap<String, Instant>>,
+}
+
+/// Removes a fill from the table when dropped (done, failed or cancelled),
+/// failing its waiters if it never produced a head.
+pub struct Registration {
+    fills: Arc<Fills>,
+    key: String,
+    fill: Arc<Fill>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut active = self.fills.active.lock().unwrap_or_else(|e| e.into_inner());
+        if active
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
+            active.remove(&self.key);
+        }
+        drop(active);
+        self.fill
+            .fail(StatusCode::BAD_GATEWAY, "the origin request was cancelled");
+    }
+}
+
+impl Fills {
+    pub fn join(self: &Arc<Self>, key: &str) -> Join {
+        {
+            let mut unc = self.uncacheable.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(until) = unc.get(key) {
+                if *until > Instant::now() {
+                    return Join::Bypass;
+                }
+                unc.remove(key);
+            }
+        }
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = active.get(key) {
+            return Join::Wait(f.clone());
+        }
+        let fill = Arc::new(Fill::new());
+        active.insert(key.to_string(), fill.clone());
+        Join::Lead(
+            fill.clone(),
+            Registration {
+                fills: self.clone(),
+                key: key.to_string(),
+                fill,
+            },
+        )
+    }
+
+    /// Remember `key` as uncacheable for `ttl`.
+    pub fn mark_uncacheable(&self, key: &str, ttl: Duration) {
+        let mut unc = self.uncacheable.lock().unwrap_or_else(|e| e.into_inner());
+        if unc.len() > 100_000 {
+            let now = Instant::now();
+            unc.retain(|_, t| *t > now);
+        }
+        unc.insert(key.to_string(), Instant::now() + ttl);
+    }
+
+    /// Forget that `key` was uncacheable (a purge, or a cacheable answer).
+    pub fn forget(&self, key: &str) {
+        self.uncacheable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn waiters_wake_on_head_and_stream_the_body() {
+        let fills = Arc::new(Fills::default());
+        let Join::Lead(fill, reg) = fills.join("k") else {
+            panic!("first joins lead")
+        };
+        let Join::Wait(w) = fills.join("k") else {
+            panic!("second waits")
+        };
+        let waiter = tokio::spawn(async move {
+            let Waited::Shared(h) = w.wait(Some(Duration::from_secs(5))).await else {
+                panic!()
+            };
+            let body: Vec<_> = w.body().collect().await;
+            (
+                h.status,
+                body.into_iter()
+                    .map(|f| f.unwrap().into_data().unwrap())
+                    .collect::<Vec<_>>(),
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fill.share(Arc::new(Head {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            key: "k".into(),
+            len: None,
+        }));
+        fill.push(Bytes::from_static(b"ab"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fill.push(Bytes::from_static(b"cd"));
+        fill.finish();
+        drop(reg);
+        let (status, chunks) = waiter.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            chunks,
+            vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]
+        );
+        assert!(
+            matches!(fills.join("k"), Join::Lead(..)),
+            "a finished fill is gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_pass_cancel_and_uncacheable() {
+        let fills = Arc::new(Fills::default());
+        let Join::Lead(fill, reg) = fills.join("k") else {
+            panic!()
+        };
+        let Join::Wait(w) = fills.join("k") else {
+            panic!()
+        };
+        assert!(matches!(
+            w.wait(Some(Duration::from_millis(10))).await,
+            Waited::TimedOut
+        ));
+        fill.pass();
+        assert!(matches!(w.wait(None).await, Waited::Pass));
+        fills.mark_uncacheable("k", Duration::from_secs(60));
+        drop(reg);
+        assert!(matches!(fills.join("k"), Join::Bypass));
+        fills.forget("k");
+        let Join::Lead(_, reg) = fills.join("k") else {
+            panic!()
+        };
+        let Join::Wait(w) = fills.join("k") else {
+            panic!()
+        };
+        drop(reg);
+        assert!(
+            matches!(w.wait(None).await, Waited::Failed(..)),
+            "a cancelled leader fails its waiters"
+        );
+    }
+}

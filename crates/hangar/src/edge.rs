@@ -1,0 +1,79 @@
+//! `hangar edge serve`: the edge proxy on its own, from an `edge.toml`.
+//! SIGHUP re-reads the file's hosts (backends change without a restart).
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Subcommand};
+use hangar_edge::Config;
+
+#[derive(Args)]
+pub struct EdgeArgs {
+    #[command(subcommand)]
+    command: EdgeCommand,
+}
+
+#[derive(Subcommand)]
+enum EdgeCommand {
+    /// Run the edge proxy and cache in the foreground
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The edge configuration (TOML): listen, hosts and their backends, cache, tls, admin
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Override `listen` from the file
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+}
+
+pub fn run(args: EdgeArgs) -> Result<()> {
+    let EdgeCommand::Serve(args) = args.command;
+    let mut config = Config::load(&args.config)?;
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let edge = hangar_edge::start(&config, async move {
+            let _ = stop_rx.await;
+        })
+        .await
+        .map_err(|e| anyhow!(e))?;
+        eprintln!("hangar edge: serving on http://{}", config.listen);
+        for h in &config.hosts {
+            eprintln!("hangar edge:   {} -> {} backend(s)", h.name, h.backends.len());
+        }
+        if let Some(t) = &config.tls {
+            eprintln!("hangar edge: TLS on https://{}", t.listen);
+        }
+        if let Some(a) = &config.admin {
+            eprintln!("hangar edge: admin (metrics, purge) on http://{}", a.listen);
+        }
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot watch SIGHUP")?;
+        let shutdown = crate::shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = hup.recv() => match Config::load(&args.config) {
+                    Ok(new) => {
+                        edge.set_hosts(&new.hosts);
+                        eprintln!("hangar edge: reloaded {} host(s) from {}", new.hosts.len(), args.config.display());
+                    }
+                    Err(e) => eprintln!("hangar edge: not reloaded, the old hosts stay: {e}"),
+                },
+            }
+        }
+        let _ = stop_tx.send(());
+        eprintln!("hangar edge: stopped");
+        Ok(())
+    })
+}
