@@ -28,14 +28,21 @@ pub use proxy::Edge;
 
 use std::sync::Arc;
 
+/// A started edge: the handle to update its hosts, and where it listens.
+pub struct Running {
+    pub edge: Arc<Edge>,
+    pub http: std::net::SocketAddr,
+    pub tls: Option<std::net::SocketAddr>,
+    pub admin: Option<std::net::SocketAddr>,
+}
+
 /// Start everything `config` asks for: the HTTP listener, the TLS one and
-/// the admin endpoint. Returns the edge (to update its hosts) once all
-/// listeners are bound; serving goes on in background tasks until
-/// `shutdown` resolves.
+/// the admin endpoint. Returns once all listeners are bound; serving goes
+/// on in background tasks until `shutdown` resolves.
 pub async fn start(
     config: &Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<Arc<Edge>, String> {
+) -> Result<Running, String> {
     let edge = Arc::new(Edge::new(config).map_err(|e| e.to_string())?);
     let http = server::bind(config.listen, "edge").await?;
     let tls = match &config.tls {
@@ -45,8 +52,14 @@ pub async fn start(
         )),
         None => None,
     };
+    let local = |l: &tokio::net::TcpListener| l.local_addr().map_err(|e| e.to_string());
+    let mut running = Running { edge: edge.clone(), http: local(&http)?, tls: None, admin: None };
+    if let Some((_, l)) = &tls {
+        running.tls = Some(local(l)?);
+    }
     if let Some(admin) = &config.admin {
         let listener = server::bind(admin.listen, "edge admin endpoint").await?;
+        running.admin = Some(local(&listener)?);
         tokio::spawn(admin::serve(edge.clone(), listener, admin.token.clone()));
     }
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -65,6 +78,6 @@ pub async fn start(
             stop(rx.clone()),
         ));
     }
-    tokio::spawn(server::serve(edge.clone(), http, None, stop(rx)));
-    Ok(edge)
+    tokio::spawn(server::serve(edge, http, None, stop(rx)));
+    Ok(running)
 }

@@ -41,20 +41,21 @@ pub fn run(args: EdgeArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let edge = hangar_edge::start(&config, async move {
+        let running = hangar_edge::start(&config, async move {
             let _ = stop_rx.await;
         })
         .await
         .map_err(|e| anyhow!(e))?;
-        eprintln!("hangar edge: serving on http://{}", config.listen);
+        let edge = running.edge;
+        eprintln!("hangar edge: serving on http://{}", running.http);
         for h in &config.hosts {
             eprintln!("hangar edge:   {} -> {} backend(s)", h.name, h.backends.len());
         }
-        if let Some(t) = &config.tls {
-            eprintln!("hangar edge: TLS on https://{}", t.listen);
+        if let Some(t) = running.tls {
+            eprintln!("hangar edge: TLS on https://{t}");
         }
-        if let Some(a) = &config.admin {
-            eprintln!("hangar edge: admin (metrics, purge) on http://{}", a.listen);
+        if let Some(a) = running.admin {
+            eprintln!("hangar edge: admin (metrics, purge) on http://{a}");
         }
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot watch SIGHUP")?;

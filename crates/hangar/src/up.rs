@@ -1,5 +1,6 @@
 //! `hangar up`: run a node in the foreground: the state store, the Machines
-//! API, the reconcile loop, and the services that have landed (the registry).
+//! API, the reconcile loop, the registry, the egress proxy, and the edge
+//! (fed the started machines of each app as backends, live).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +29,15 @@ pub struct UpArgs {
     /// Stop all machines when the node shuts down (default: they keep running)
     #[arg(long)]
     stop_machines: bool,
+    /// Where the edge proxy listens: apps are served at http://<app>.localhost:<port>
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    edge_listen: std::net::SocketAddr,
+    /// Where the edge's admin endpoint (metrics, purge with the node token) listens
+    #[arg(long, default_value = "127.0.0.1:4281")]
+    edge_admin_listen: std::net::SocketAddr,
+    /// Do not run the edge proxy
+    #[arg(long)]
+    no_edge: bool,
 }
 
 /// The static hangar-init to put in machines: `$HANGAR_INIT`, else
@@ -118,6 +128,24 @@ fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
         .unwrap_or_else(|e| e.into_inner()) = roles;
 }
 
+/// The edge's hosts from the machines: `<app>.<domain>` for each app with a
+/// service, its started machines' addresses as backends. A machine's app is
+/// its `app` metadata, else its name.
+fn edge_hosts(machines: &[hangar_api::state::Machine], domain: &str) -> Vec<hangar_edge::config::Host> {
+    let mut hosts: std::collections::BTreeMap<String, hangar_edge::config::Host> = Default::default();
+    for m in machines {
+        let Some(service) = m.config.services.first() else { continue };
+        let app = m.config.metadata.get("app").cloned().unwrap_or_else(|| m.name.clone());
+        let name = format!("{app}.{domain}");
+        let host = hosts.entry(name.clone()).or_insert_with(|| hangar_edge::config::Host { name, ..Default::default() });
+        if m.state == "started" {
+            let addr = hangar_machine::network::address(m.slot);
+            host.backends.push(std::net::SocketAddr::new(addr.v4.into(), service.internal_port));
+        }
+    }
+    hosts.into_values().collect()
+}
+
 async fn pull_image(
     store: hangar_oci::Store,
     reference: hangar_oci::Reference,
@@ -171,15 +199,36 @@ pub fn run(args: UpArgs) -> Result<()> {
         eprintln!("hangar up: egress proxy on http://{egress_addr}");
         tokio::spawn(hangar_egress::proxy::serve(egress.clone(), egress_listener, None, std::future::pending()));
 
+        let edge = if args.no_edge {
+            None
+        } else {
+            let config = hangar_edge::Config {
+                listen: args.edge_listen,
+                admin: Some(hangar_edge::config::Admin { listen: args.edge_admin_listen, token: token.clone() }),
+                cache: hangar_edge::config::CacheConfig { dir: Some(home.join("edge/cache")), ..Default::default() },
+                ..Default::default()
+            };
+            let running = hangar_edge::start(&config, std::future::pending()).await.map_err(|e| anyhow::anyhow!("{e}; use --edge-listen or --no-edge"))?;
+            let admin = running.admin.map(|a| a.to_string()).unwrap_or_default();
+            eprintln!("hangar up: edge on http://{} (apps at http://<app>.localhost:{}), admin on http://{admin}", running.http, running.http.port());
+            Some(running.edge)
+        };
+
         let store = node.runtime.store().clone();
         let pull: Puller = Arc::new(move |reference| Box::pin(pull_image(store.clone(), reference)));
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
             let (node, stopping, egress) = (node.clone(), stopping.clone(), egress.clone());
+            let runtime = tokio::runtime::Handle::current();
             std::thread::spawn(move || {
+                // The edge starts health checks on the runtime.
+                let _entered = runtime.enter();
                 while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
                     node.reconcile();
                     update_egress(&node, &egress);
+                    if let (Some(edge), Ok(machines)) = (&edge, node.state.list()) {
+                        edge.set_hosts(&edge_hosts(&machines, "localhost"));
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                 }
             });

@@ -123,6 +123,8 @@ fn which(tool: &str) -> PathBuf {
 struct Node {
     h: Hangar,
     child: Option<Child>,
+    /// Where the node's edge proxy listens.
+    edge: String,
     _lock: HostLock,
 }
 
@@ -140,6 +142,7 @@ impl Node {
         let mut node = Node {
             h,
             child: None,
+            edge: String::new(),
             _lock: lock,
         };
         node.up();
@@ -155,6 +158,10 @@ impl Node {
                 "127.0.0.1:0",
                 "--registry-listen",
                 "127.0.0.1:0",
+                "--edge-listen",
+                "127.0.0.1:0",
+                "--edge-admin-listen",
+                "127.0.0.1:0",
             ])
             .env("HANGAR_INIT", init_binary())
             .stderr(Stdio::piped())
@@ -164,7 +171,9 @@ impl Node {
         let mut lines = BufReader::new(stderr).lines();
         loop {
             let line = lines.next().expect("hangar up exited early").unwrap();
-            if line.contains("Machines API on") {
+            // The edge is the last service up.
+            if let Some(rest) = line.split("edge on http://").nth(1) {
+                self.edge = rest.split_whitespace().next().unwrap().to_string();
                 break;
             }
         }
@@ -522,6 +531,20 @@ fn private_network_host_ports_and_no_way_out() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(page.contains("hello from a machine"));
+    // host -> edge -> machine: the machine's name is its app
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut conn = TcpStream::connect(&node.edge).unwrap();
+        conn.write_all(b"GET / HTTP/1.0\r\nHost: web.localhost\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        let _ = conn.read_to_string(&mut resp);
+        if resp.contains("hello from a machine") {
+            assert!(resp.to_ascii_lowercase().contains("cache-status: hangar"), "{resp}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edge never served web.localhost: {resp}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // machine -> machine, over IPv4 and IPv6 (directly: busybox wget does
     // not read CIDRs in NO_PROXY, so -Y off)
     let client = node.run(&[&image, "--", "sleep", "1000"]);
