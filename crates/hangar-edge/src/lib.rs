@@ -53,7 +53,12 @@ pub async fn start(
         None => None,
     };
     let local = |l: &tokio::net::TcpListener| l.local_addr().map_err(|e| e.to_string());
-    let mut running = Running { edge: edge.clone(), http: local(&http)?, tls: None, admin: None };
+    let mut running = Running {
+        edge: edge.clone(),
+        http: local(&http)?,
+        tls: None,
+        admin: None,
+    };
     if let Some((_, l)) = &tls {
         running.tls = Some(local(l)?);
     }

@@ -131,16 +131,35 @@ fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
 /// The edge's hosts from the machines: `<app>.<domain>` for each app with a
 /// service, its started machines' addresses as backends. A machine's app is
 /// its `app` metadata, else its name.
-fn edge_hosts(machines: &[hangar_api::state::Machine], domain: &str) -> Vec<hangar_edge::config::Host> {
-    let mut hosts: std::collections::BTreeMap<String, hangar_edge::config::Host> = Default::default();
+fn edge_hosts(
+    machines: &[hangar_api::state::Machine],
+    domain: &str,
+) -> Vec<hangar_edge::config::Host> {
+    let mut hosts: std::collections::BTreeMap<String, hangar_edge::config::Host> =
+        Default::default();
     for m in machines {
-        let Some(service) = m.config.services.first() else { continue };
-        let app = m.config.metadata.get("app").cloned().unwrap_or_else(|| m.name.clone());
+        let Some(service) = m.config.services.first() else {
+            continue;
+        };
+        let app = m
+            .config
+            .metadata
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| m.name.clone());
         let name = format!("{app}.{domain}");
-        let host = hosts.entry(name.clone()).or_insert_with(|| hangar_edge::config::Host { name, ..Default::default() });
+        let host = hosts
+            .entry(name.clone())
+            .or_insert_with(|| hangar_edge::config::Host {
+                name,
+                ..Default::default()
+            });
         if m.state == "started" {
             let addr = hangar_machine::network::address(m.slot);
-            host.backends.push(std::net::SocketAddr::new(addr.v4.into(), service.internal_port));
+            host.backends.push(std::net::SocketAddr::new(
+                addr.v4.into(),
+                service.internal_port,
+            ));
         }
     }
     hosts.into_values().collect()

@@ -535,14 +535,21 @@ fn private_network_host_ports_and_no_way_out() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut conn = TcpStream::connect(&node.edge).unwrap();
-        conn.write_all(b"GET / HTTP/1.0\r\nHost: web.localhost\r\n\r\n").unwrap();
+        conn.write_all(b"GET / HTTP/1.0\r\nHost: web.localhost\r\n\r\n")
+            .unwrap();
         let mut resp = String::new();
         let _ = conn.read_to_string(&mut resp);
         if resp.contains("hello from a machine") {
-            assert!(resp.to_ascii_lowercase().contains("cache-status: hangar"), "{resp}");
+            assert!(
+                resp.to_ascii_lowercase().contains("cache-status: hangar"),
+                "{resp}"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "the edge never served web.localhost: {resp}");
+        assert!(
+            Instant::now() < deadline,
+            "the edge never served web.localhost: {resp}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // machine -> machine, over IPv4 and IPv6 (directly: busybox wget does

@@ -910,8 +910,14 @@ pub fn http(
     body: &[u8],
 ) -> HttpResponse {
     let mut stream = TcpStream::connect(host).expect("connect");
+    // A Host among `headers` replaces the address.
+    let host_line = if headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        String::new()
+    } else {
+        format!("Host: {host}\r\n")
+    };
     let mut req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {target} HTTP/1.1\r\n{host_line}Connection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
