@@ -44,45 +44,68 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, String> {
     let edge = Arc::new(Edge::new(config).map_err(|e| e.to_string())?);
-    let http = server::bind(config.listen, "edge").await?;
     let tls = match &config.tls {
-        Some(t) => Some((
-            server::tls_config(&t.cert, &t.key)?,
-            server::bind(t.listen, "edge (TLS)").await?,
-        )),
+        Some(t) => Some((t.listen, server::tls_config(&t.cert, &t.key)?)),
         None => None,
     };
-    let local = |l: &tokio::net::TcpListener| l.local_addr().map_err(|e| e.to_string());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let http = server::spawn_workers(
+        edge.clone(),
+        config.listen,
+        None,
+        workers,
+        rx.clone(),
+        "edge",
+    )
+    .await;
+    let http = match http {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = tx.send(true);
+            return Err(e);
+        }
+    };
     let mut running = Running {
         edge: edge.clone(),
-        http: local(&http)?,
+        http,
         tls: None,
         admin: None,
     };
-    if let Some((_, l)) = &tls {
-        running.tls = Some(local(l)?);
+    if let Some((addr, cfg)) = tls {
+        match server::spawn_workers(
+            edge.clone(),
+            addr,
+            Some(cfg),
+            workers,
+            rx.clone(),
+            "edge (TLS)",
+        )
+        .await
+        {
+            Ok(a) => running.tls = Some(a),
+            Err(e) => {
+                let _ = tx.send(true);
+                return Err(e);
+            }
+        }
     }
     if let Some(admin) = &config.admin {
-        let listener = server::bind(admin.listen, "edge admin endpoint").await?;
-        running.admin = Some(local(&listener)?);
-        tokio::spawn(admin::serve(edge.clone(), listener, admin.token.clone()));
+        let listener = match server::bind(admin.listen, "edge admin endpoint").await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(true);
+                return Err(e);
+            }
+        };
+        running.admin = Some(listener.local_addr().map_err(|e| e.to_string())?);
+        tokio::spawn(admin::serve(edge, listener, admin.token.clone()));
     }
-    let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);
     });
-    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    if let Some((cfg, listener)) = tls {
-        tokio::spawn(server::serve(
-            edge.clone(),
-            listener,
-            Some(cfg),
-            stop(rx.clone()),
-        ));
-    }
-    tokio::spawn(server::serve(edge, http, None, stop(rx)));
     Ok(running)
 }

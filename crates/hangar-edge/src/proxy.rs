@@ -141,10 +141,12 @@ impl Edge {
         let cacheable =
             matches!(*req.method(), Method::GET | Method::HEAD) && site.config.cache.enabled;
         let (mut parts, body) = req.into_parts();
-        forwarding_headers(&mut parts, host, peer, tls, id);
+        let client = Client { peer, tls, id };
         if cacheable {
-            return self.cached(parts, site, host).await;
+            // Forwarding headers go on only if the request goes upstream.
+            return self.cached(parts, site, host, client).await;
         }
+        forwarding_headers(&mut parts, peer, tls, id);
         site.metrics.passes.fetch_add(1, Ordering::Relaxed);
         let method = parts.method.clone();
         let path = path_of(&parts);
@@ -307,35 +309,43 @@ impl Edge {
         parts: Parts,
         site: &Arc<Site>,
         host: &str,
+        client: Client<'_>,
     ) -> Response<Body> {
         let m = &site.metrics;
-        let path = path_of(&parts);
-        let primary = cache::primary_key(host, &path);
-        let vary = self.cache.store.vary_of(&primary);
-        let key = cache::full_key(&primary, &vary, &parts.headers);
-        let stored = self.cache.store.get(&key).await;
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let primary = cache::primary_key(host, path);
+        let (key, stored) = self.cache.store.lookup(&primary, &parts.headers).await;
         let mut stale_if_error = false;
         if let Some(obj) = &stored {
-            let headers = obj.meta.headers();
-            let age = policy::current_age(headers, obj.meta.times, SystemTime::now());
-            let lifetime = Duration::from_secs_f64(obj.meta.lifetime);
-            match policy::decide(&parts.headers, headers, lifetime, age, obj.meta.invalidated) {
+            let meta = &obj.meta;
+            let age = policy::age_at(meta.initial_age, meta.times, SystemTime::now());
+            let lifetime = Duration::from_secs_f64(meta.lifetime);
+            match policy::decide_parsed(
+                &parts.headers,
+                &meta.directives,
+                lifetime,
+                age,
+                meta.invalidated,
+            ) {
                 Use::Fresh => {
                     m.hits.fetch_add(1, Ordering::Relaxed);
-                    let ttl = lifetime.as_secs() as i64 - age.as_secs() as i64;
-                    return serve_object(&parts, obj, age, &format!("hit; ttl={ttl}"));
+                    return serve_object(&parts, obj, age, "hit");
                 }
                 Use::StaleWhileRevalidate => {
                     m.stale.fetch_add(1, Ordering::Relaxed);
                     if let Join::Lead(fill, reg) = self.cache.fills.join(&key) {
                         let job = FillJob {
                             site: site.clone(),
-                            parts: origin_parts(&parts, Some(obj)),
+                            parts: origin_parts(&parts, Some(obj), client),
                             key: key.clone(),
                             primary,
                             stored: stored.clone(),
                             host: host.into(),
-                            path,
+                            path: path.to_string(),
                         };
                         let edge = self.clone();
                         tokio::spawn(async move { edge.run_fill(job, fill, reg, None).await });
@@ -362,7 +372,9 @@ impl Edge {
         let (fill, wait) = match self.cache.fills.join(&key) {
             Join::Bypass => {
                 m.passes.fetch_add(1, Ordering::Relaxed);
-                return self.pass(parts, site, "fwd=miss; detail=uncacheable").await;
+                return self
+                    .pass(&parts, site, client, "fwd=miss; detail=uncacheable")
+                    .await;
             }
             Join::Wait(fill) => {
                 m.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -373,12 +385,12 @@ impl Edge {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let job = FillJob {
                     site: site.clone(),
-                    parts: origin_parts(&parts, stored.as_ref()),
+                    parts: origin_parts(&parts, stored.as_ref(), client),
                     key: key.clone(),
                     primary,
                     stored: stored.clone(),
                     host: host.into(),
-                    path,
+                    path: path.to_string(),
                 };
                 let edge = self.clone();
                 let f = fill.clone();
@@ -398,7 +410,7 @@ impl Edge {
                                 waited,
                                 fill,
                                 &parts,
-                                site,
+                                (site, host, client),
                                 stored.as_ref(),
                                 stale_if_error,
                                 fwd,
@@ -413,7 +425,7 @@ impl Edge {
             waited,
             fill,
             &parts,
-            site,
+            (site, host, client),
             stored.as_ref(),
             stale_if_error,
             "fwd=miss; collapsed",
@@ -427,20 +439,19 @@ impl Edge {
         waited: Waited,
         fill: Arc<crate::cache::fill::Fill>,
         parts: &Parts,
-        site: &Arc<Site>,
+        (site, host, client): (&Arc<Site>, &str, Client<'_>),
         stored: Option<&Object>,
         stale_if_error: bool,
         note: &str,
     ) -> Response<Body> {
-        let host = site.config.name.clone();
         match waited {
             Waited::Shared(head) => {
                 // Another request's variant (Vary): fetch our own.
                 let vary = cache::vary_names(&head.headers);
-                let primary = cache::primary_key(&host, &path_of(parts));
+                let primary = cache::primary_key(host, &path_of(parts));
                 if cache::full_key(&primary, &vary, &parts.headers) != head.key {
                     return self
-                        .pass(clone_parts(parts), site, "fwd=miss; detail=vary")
+                        .pass(parts, site, client, "fwd=miss; detail=vary")
                         .await;
                 }
                 let mut resp = Response::new(if parts.method == Method::HEAD {
@@ -463,24 +474,32 @@ impl Edge {
                 Some(obj) if stale_if_error => {
                     site.metrics.stale.fetch_add(1, Ordering::Relaxed);
                     let age =
-                        policy::current_age(obj.meta.headers(), obj.meta.times, SystemTime::now());
+                        policy::age_at(obj.meta.initial_age, obj.meta.times, SystemTime::now());
                     serve_object(parts, obj, age, "hit; fwd=stale; detail=stale-if-error")
                 }
-                _ => page(status, &host, &why),
+                _ => page(status, host, &why),
             },
             Waited::Pass => {
-                self.pass(clone_parts(parts), site, "fwd=miss; detail=uncacheable")
+                self.pass(parts, site, client, "fwd=miss; detail=uncacheable")
                     .await
             }
             Waited::TimedOut => {
-                self.pass(clone_parts(parts), site, "fwd=miss; detail=lock-timeout")
+                self.pass(parts, site, client, "fwd=miss; detail=lock-timeout")
                     .await
             }
         }
     }
 
     /// Go to the origin for this request alone, storing nothing.
-    async fn pass(&self, parts: Parts, site: &Arc<Site>, note: &str) -> Response<Body> {
+    async fn pass(
+        &self,
+        parts: &Parts,
+        site: &Arc<Site>,
+        client: Client<'_>,
+        note: &str,
+    ) -> Response<Body> {
+        let mut parts = clone_parts(parts);
+        forwarding_headers(&mut parts, client.peer, client.tls, client.id);
         let flag = AtomicU8::new(0);
         with_status(
             self.forward(site, parts, upstream::empty(), &flag).await,
@@ -636,7 +655,7 @@ impl Edge {
         let client = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
         let upgrade = parts.headers.get(header::UPGRADE).cloned();
-        forwarding_headers(&mut parts, host, peer, tls, id);
+        forwarding_headers(&mut parts, peer, tls, id);
         if let Some(u) = upgrade {
             parts
                 .headers
@@ -686,6 +705,14 @@ impl Edge {
     }
 }
 
+/// Who sent a request, for the forwarding headers.
+#[derive(Clone, Copy)]
+struct Client<'a> {
+    peer: SocketAddr,
+    tls: bool,
+    id: &'a str,
+}
+
 struct FillJob {
     site: Arc<Site>,
     parts: Parts,
@@ -698,8 +725,9 @@ struct FillJob {
 
 /// The request the cache sends to fill a key: always GET, never partial,
 /// conditional on the stored response's validators (not the client's).
-fn origin_parts(parts: &Parts, stored: Option<&Object>) -> Parts {
+fn origin_parts(parts: &Parts, stored: Option<&Object>, client: Client<'_>) -> Parts {
     let mut p = clone_parts(parts);
+    forwarding_headers(&mut p, client.peer, client.tls, client.id);
     p.method = Method::GET;
     for h in [
         header::IF_NONE_MATCH,
@@ -776,7 +804,12 @@ fn serve_object(parts: &Parts, obj: &Object, age: Duration, note: &str) -> Respo
 }
 
 fn with_status(mut resp: Response<Body>, note: &str) -> Response<Body> {
-    if let Ok(v) = HeaderValue::from_str(&format!("hangar; {note}")) {
+    let value = if note == "hit" {
+        Ok(HeaderValue::from_static("hangar; hit")) // the hot path: no allocation
+    } else {
+        HeaderValue::from_str(&format!("hangar; {note}"))
+    };
+    if let Ok(v) = value {
         resp.headers_mut().append("cache-status", v);
     }
     resp
@@ -912,7 +945,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Turn a client's request into the one a backend gets: origin-form,
 /// HTTP/1.1, Host kept, the forwarding headers added.
-fn forwarding_headers(parts: &mut Parts, host: &str, peer: SocketAddr, tls: bool, id: &str) {
+fn forwarding_headers(parts: &mut Parts, peer: SocketAddr, tls: bool, id: &str) {
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -952,7 +985,6 @@ fn forwarding_headers(parts: &mut Parts, host: &str, peer: SocketAddr, tls: bool
     if let Ok(v) = HeaderValue::from_str(id) {
         h.insert("x-request-id", v);
     }
-    let _ = host;
 }
 
 /// Keep `guard` (an outstanding-request count) until the body is done.
@@ -965,6 +997,12 @@ fn hold(body: Body, guard: InFlight) -> Body {
 }
 
 fn count_bytes(body: Body, metrics: Arc<HostMetrics>) -> Body {
+    use hyper::body::Body as _;
+    if let Some(n) = body.size_hint().exact() {
+        // A whole body (cache hits, pages): count it now, no wrapper.
+        metrics.bytes_out.fetch_add(n, Ordering::Relaxed);
+        return body;
+    }
     body.map_frame(move |f| {
         if let Some(d) = f.data_ref() {
             metrics

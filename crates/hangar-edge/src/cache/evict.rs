@@ -62,7 +62,11 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
     }
 
     /// Record a hit.
-    pub fn touch(&mut self, key: &K) {
+    pub fn touch<Q>(&mut self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         if let Some(s) = self.slots.get_mut(key) {
             s.freq = (s.freq + 1).min(3);
         }

@@ -218,6 +218,12 @@ pub fn unix(t: SystemTime) -> f64 {
 
 /// Section 4.2.3: the current age of a stored response.
 pub fn current_age(resp: &HeaderMap, times: Times, now: SystemTime) -> Duration {
+    age_at(initial_age(resp, times), times, now)
+}
+
+/// The age a response had when it was received (`corrected_initial_age`),
+/// in seconds: fixed once stored, so computed once.
+pub fn initial_age(resp: &HeaderMap, times: Times) -> f64 {
     let age_value = resp
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
@@ -227,9 +233,13 @@ pub fn current_age(resp: &HeaderMap, times: Times, now: SystemTime) -> Duration 
     let apparent_age = (times.response - date_value).max(0.0);
     let response_delay = (times.response - times.request).max(0.0);
     let corrected_age_value = age_value + response_delay;
-    let corrected_initial_age = apparent_age.max(corrected_age_value);
+    apparent_age.max(corrected_age_value)
+}
+
+/// The age at `now` of a response received with `initial` age.
+pub fn age_at(initial: f64, times: Times, now: SystemTime) -> Duration {
     let resident_time = (unix(now) - times.response).max(0.0);
-    Duration::from_secs_f64(corrected_initial_age + resident_time)
+    Duration::try_from_secs_f64(initial + resident_time).unwrap_or(Duration::MAX)
 }
 
 /// What a lookup may do with a stored response (sections 4.2 and 4.3,
@@ -255,8 +265,18 @@ pub fn decide(
     age: Duration,
     invalidated: bool,
 ) -> Use {
+    decide_parsed(req, &Directives::parse(resp), lifetime, age, invalidated)
+}
+
+/// [`decide`] with the stored response's directives already parsed.
+pub fn decide_parsed(
+    req: &HeaderMap,
+    d: &Directives,
+    lifetime: Duration,
+    age: Duration,
+    invalidated: bool,
+) -> Use {
     let rd = Directives::parse(req);
-    let d = Directives::parse(resp);
     let lifetime = if invalidated {
         Duration::ZERO
     } else {

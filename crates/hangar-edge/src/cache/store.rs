@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::evict::S3Fifo;
-use super::policy::Times;
+use super::policy::{self, Directives, Times};
 
 const MAGIC: &[u8; 4] = b"HGC1";
 const FLAG_INVALIDATED: u8 = 1;
@@ -50,6 +50,11 @@ pub struct Meta {
     pub invalidated: bool,
     #[serde(skip)]
     header_map: HeaderMap,
+    /// Parsed once: the response's cache directives and its initial age.
+    #[serde(skip)]
+    pub directives: Directives,
+    #[serde(skip)]
+    pub initial_age: f64,
 }
 
 impl Meta {
@@ -72,7 +77,11 @@ impl Meta {
             // Header values that are not text are not stored (rare).
             headers.push((k.as_str().to_string(), v.to_str().ok()?.to_string()));
         }
+        let directives = Directives::parse(&header_map);
+        let initial_age = policy::initial_age(&header_map, times);
         Some(Meta {
+            directives,
+            initial_age,
             key,
             primary,
             host,
@@ -120,6 +129,8 @@ impl Meta {
                 HeaderValue::from_str(v).ok()?,
             );
         }
+        self.directives = Directives::parse(&map);
+        self.initial_age = policy::initial_age(&map, self.times);
         self.header_map = map;
         Some(())
     }
@@ -261,20 +272,50 @@ impl Store {
         (inner.mem.bytes(), inner.disk.bytes())
     }
 
+    /// Find what is stored for a request: the full key (the primary key
+    /// with the request's values of the headers stored responses vary on)
+    /// and the object, if any.
+    pub async fn lookup(&self, primary: &str, req: &HeaderMap) -> (String, Option<Object>) {
+        let (key, meta) = {
+            let mut inner = self.lock();
+            let key = match inner.vary.get(primary) {
+                Some(vary) if !vary.is_empty() => super::full_key(primary, vary, req),
+                _ => primary.to_string(),
+            };
+            match Self::memory_hit(&mut inner, &key) {
+                Some(Ok(obj)) => return (key, Some(obj)),
+                Some(Err(meta)) => (key, meta),
+                None => return (key, None),
+            }
+        };
+        let obj = self.read_back(&key, meta).await;
+        (key, obj)
+    }
+
+    /// The object in memory (`Ok`), or its metadata when only the disk has
+    /// the body (`Err`); `None` when not stored.
+    fn memory_hit(inner: &mut Inner, key: &str) -> Option<Result<Object, Arc<Meta>>> {
+        let entry = inner.entries.get(key)?;
+        let meta = entry.meta.clone();
+        let Some(body) = entry.body.clone() else {
+            return Some(Err(meta));
+        };
+        inner.mem.touch(key);
+        inner.disk.touch(key);
+        Some(Ok(Object { meta, body }))
+    }
+
     /// Look `key` up in memory, then on disk.
     pub async fn get(&self, key: &str) -> Option<Object> {
-        let meta = {
-            let mut inner = self.lock();
-            let entry = inner.entries.get(key)?;
-            let (meta, body) = (entry.meta.clone(), entry.body.clone());
-            if let Some(body) = body {
-                let k: Arc<str> = Arc::from(key);
-                inner.mem.touch(&k);
-                inner.disk.touch(&k);
-                return Some(Object { meta, body });
-            }
-            meta
+        let meta = match Self::memory_hit(&mut self.lock(), key)? {
+            Ok(obj) => return Some(obj),
+            Err(meta) => meta,
         };
+        self.read_back(key, meta).await
+    }
+
+    /// Read a body from disk back into the memory tier.
+    async fn read_back(&self, key: &str, meta: Arc<Meta>) -> Option<Object> {
         let dir = self.dir.clone()?;
         let path = object_path(&dir, key);
         let want = meta.body_len;
