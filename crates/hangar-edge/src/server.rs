@@ -108,9 +108,9 @@ async fn connection<S>(
 }
 
 /// Serve `addr` with `workers` threads, each with its own single-threaded
-/// runtime and its own listening socket on the same address
-/// (`SO_REUSEPORT`: the kernel spreads connections over them). A request
-/// then never wakes another thread, as in nginx's worker processes.
+/// runtime watching the one listening socket (a duplicate descriptor per
+/// worker): whichever worker is free accepts the next connection, and a
+/// request never wakes another thread, as in nginx's worker processes.
 /// Returns the bound address (the port when `addr` asked for port 0).
 pub async fn spawn_workers(
     edge: Arc<Edge>,
@@ -120,32 +120,16 @@ pub async fn spawn_workers(
     stop: tokio::sync::watch::Receiver<bool>,
     what: &str,
 ) -> Result<SocketAddr, String> {
-    let taken = |e: std::io::Error| {
+    let failed = |e: std::io::Error| {
         format!("cannot listen on {addr} for the {what}: {e}; pick another address")
     };
-    // A plain bind first: it fails if anything holds the address, even a
-    // process that also uses SO_REUSEPORT (which would otherwise share it).
-    let probe = std::net::TcpListener::bind(addr).map_err(taken)?;
-    let bound = probe.local_addr().map_err(taken)?;
-    drop(probe);
+    let listener = bind(addr, what).await?.into_std().map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
     let mut sockets = Vec::with_capacity(workers);
-    for _ in 0..workers.max(1) {
-        let socket = if bound.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(taken)?;
-        socket.set_reuseport(true).map_err(taken)?;
-        socket.set_reuseaddr(true).map_err(taken)?;
-        socket.bind(bound).map_err(taken)?;
-        let listener = socket
-            .listen(4096)
-            .map_err(taken)?
-            .into_std()
-            .map_err(taken)?;
-        sockets.push(listener);
+    for _ in 1..workers.max(1) {
+        sockets.push(listener.try_clone().map_err(failed)?);
     }
+    sockets.push(listener);
     for (i, socket) in sockets.into_iter().enumerate() {
         let (edge, tls, mut stop) = (edge.clone(), tls.clone(), stop.clone());
         std::thread::Builder::new()
