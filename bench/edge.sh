@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
+. scripts/lib.sh
+ensure_commands wrk:wrk nginx:nginx-light varnishd:varnish curl:curl
 cargo build --release -q -p hangar
 hangar=$PWD/target/release/hangar
 work=$(mktemp -d)

@@ -12,8 +12,6 @@ use serde::{Deserialize, Deserializer};
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// Apps are `<app>.<domain>` when hosts come from a node.
-    pub domain: String,
     pub tls: Option<Tls>,
     pub admin: Option<Admin>,
     pub limits: Limits,
@@ -25,7 +23,6 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            domain: "localhost".into(),
             tls: None,
             admin: None,
             limits: Limits::default(),

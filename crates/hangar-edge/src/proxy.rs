@@ -854,19 +854,17 @@ pub fn page(status: StatusCode, host: &str, why: &str) -> Response<Body> {
 
 /// The host a request is for, lowercase, without a port.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req.uri().host().map(str::to_string).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    })?;
-    let host = if raw.starts_with('[') {
-        raw.split(']').next().map(|h| format!("{h}]"))?
-    } else {
-        raw.split(':').next()?.to_string()
+    let raw = match req.uri().host() {
+        Some(h) => h,
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
-    let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
-    (!host.is_empty()).then_some(host)
+    let host = match raw.strip_prefix('[') {
+        // An IPv6 literal keeps its brackets.
+        Some(rest) => &raw[..rest.find(']')? + 2],
+        None => raw.split(':').next()?,
+    };
+    let host = host.trim().trim_end_matches('.');
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
 fn path_of(parts: &Parts) -> String {

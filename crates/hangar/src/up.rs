@@ -38,6 +38,9 @@ pub struct UpArgs {
     /// Do not run the edge proxy
     #[arg(long)]
     no_edge: bool,
+    /// Apps are served at <app>.<domain>
+    #[arg(long, default_value = "localhost")]
+    domain: String,
 }
 
 /// The static hangar-init to put in machines: `$HANGAR_INIT`, else
@@ -229,7 +232,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             };
             let running = hangar_edge::start(&config, std::future::pending()).await.map_err(|e| anyhow::anyhow!("{e}; use --edge-listen or --no-edge"))?;
             let admin = running.admin.map(|a| a.to_string()).unwrap_or_default();
-            eprintln!("hangar up: edge on http://{} (apps at http://<app>.localhost:{}), admin on http://{admin}", running.http, running.http.port());
+            eprintln!("hangar up: edge on http://{} (apps at http://<app>.{}:{}), admin on http://{admin}", running.http, args.domain, running.http.port());
             Some(running.edge)
         };
 
@@ -239,6 +242,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         {
             let (node, stopping, egress) = (node.clone(), stopping.clone(), egress.clone());
             let runtime = tokio::runtime::Handle::current();
+            let domain = args.domain.clone();
             std::thread::spawn(move || {
                 // The edge starts health checks on the runtime.
                 let _entered = runtime.enter();
@@ -246,7 +250,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                     node.reconcile();
                     update_egress(&node, &egress);
                     if let (Some(edge), Ok(machines)) = (&edge, node.state.list()) {
-                        edge.set_hosts(&edge_hosts(&machines, "localhost"));
+                        edge.set_hosts(&edge_hosts(&machines, &domain));
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
