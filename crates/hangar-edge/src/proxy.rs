@@ -35,6 +35,8 @@ pub struct Edge {
     pub limits: Limits,
     next_id: AtomicU64,
     id_prefix: String,
+    /// Keyed per process: credentials never appear in fill keys as such.
+    credential_hasher: std::collections::hash_map::RandomState,
 }
 
 impl Edge {
@@ -51,6 +53,7 @@ impl Edge {
             cache: Cache::open(config.cache.clone())?,
             limits: config.limits.clone(),
             next_id: AtomicU64::new(0),
+            credential_hasher: Default::default(),
             id_prefix: format!(
                 "{:08x}",
                 (nanos as u64 ^ u64::from(std::process::id())) as u32
@@ -318,7 +321,28 @@ impl Edge {
             .map(|p| p.as_str())
             .unwrap_or("/");
         let primary = cache::primary_key(host, path);
-        let (key, stored) = self.cache.store.lookup(&primary, &parts.headers).await;
+        let (key, mut stored) = self.cache.store.lookup(&primary, &parts.headers).await;
+        // A request with credentials is answered from the cache only when
+        // the stored response allows it (RFC 9111 section 3.5), and shares
+        // a fill only with requests carrying the same credentials.
+        let credentials = parts.headers.get(header::AUTHORIZATION);
+        if credentials.is_some() {
+            if let Some(obj) = &stored {
+                let d = &obj.meta.directives;
+                if !(d.public || d.must_revalidate || d.s_maxage.is_some()) {
+                    stored = None;
+                }
+            }
+        }
+        let fill_key = match credentials {
+            Some(c) => {
+                use std::hash::{BuildHasher, Hash, Hasher};
+                let mut h = self.credential_hasher.build_hasher();
+                c.as_bytes().hash(&mut h);
+                format!("{key}\ncredentials={:x}", h.finish())
+            }
+            None => key.clone(),
+        };
         let mut stale_if_error = false;
         if let Some(obj) = &stored {
             let meta = &obj.meta;
@@ -342,6 +366,7 @@ impl Edge {
                             site: site.clone(),
                             parts: origin_parts(&parts, Some(obj), client),
                             key: key.clone(),
+                            fill_key: key.clone(),
                             primary,
                             stored: stored.clone(),
                             host: host.into(),
@@ -369,7 +394,7 @@ impl Edge {
         } else {
             "fwd=miss"
         };
-        let (fill, wait) = match self.cache.fills.join(&key) {
+        let (fill, wait) = match self.cache.fills.join(&fill_key) {
             Join::Bypass => {
                 m.passes.fetch_add(1, Ordering::Relaxed);
                 return self
@@ -387,6 +412,7 @@ impl Edge {
                     site: site.clone(),
                     parts: origin_parts(&parts, stored.as_ref(), client),
                     key: key.clone(),
+                    fill_key: fill_key.clone(),
                     primary,
                     stored: stored.clone(),
                     host: host.into(),
@@ -580,7 +606,7 @@ impl Edge {
             if why != "too-big" {
                 self.cache
                     .fills
-                    .mark_uncacheable(&job.key, self.cache.config.uncacheable_ttl);
+                    .mark_uncacheable(&job.fill_key, self.cache.config.uncacheable_ttl);
             }
             fill.pass();
             if let Some(tx) = pass_to {
@@ -625,7 +651,7 @@ impl Edge {
         let tags = cache::tags(&parts.headers);
         if let Some(meta) = Meta::new(
             key,
-            primary.clone(),
+            primary,
             job.host,
             job.path,
             vary,
@@ -637,7 +663,6 @@ impl Edge {
             total,
         ) {
             self.cache.store.put(meta, fill.collected());
-            self.cache.fills.forget(&primary);
         }
     }
 
@@ -716,7 +741,10 @@ struct Client<'a> {
 struct FillJob {
     site: Arc<Site>,
     parts: Parts,
+    /// The storage key (primary key and Vary values).
     key: String,
+    /// The coalescing key (the storage key, plus credentials when sent).
+    fill_key: String,
     primary: String,
     stored: Option<Object>,
     host: String,

@@ -278,6 +278,73 @@ fn routing_forwarding_headers_limits_and_error_pages() {
 }
 
 #[test]
+fn retries_timeouts_large_objects_and_live_reload() {
+    let h = Hangar::new();
+    let big: Vec<u8> = (0..200 * 1024).map(|i| (i % 199) as u8).collect();
+    let b = big.clone();
+    let one = Origin::start(move |req| match req.target.as_str() {
+        "/big" => reply(200, &[("Cache-Control", "max-age=300")], &b),
+        "/slow" => Reply {
+            delay: Duration::from_millis(1500),
+            ..reply(200, &[("Cache-Control", "no-store")], b"one, slowly")
+        },
+        _ => reply(200, &[("Cache-Control", "no-store")], b"one"),
+    });
+    let two = Origin::start(|_| reply(200, &[("Cache-Control", "no-store")], b"two"));
+    let dead = format!("127.0.0.1:{}", free_port());
+    let settings = "[limits]\nclient_timeout = \"1s\"\n[cache]\nmax_object = \"64KiB\"\n";
+    let edge = Edge::start(
+        &h,
+        &(settings.to_string() + &host_config("app.localhost", &[&dead, &one.addr], "")),
+    );
+
+    // A backend that refuses connections: every request lands on the other.
+    for _ in 0..20 {
+        let r = edge.get("app.localhost", "/", &[]);
+        assert_eq!((r.status, text(&r).as_str()), (200, "one"));
+    }
+    // Above max_object: streamed whole, never stored.
+    for _ in 0..2 {
+        let r = edge.get("app.localhost", "/big", &[]);
+        assert!(r.body == big, "the large body arrived whole");
+        assert!(status_of(&r).contains("too-big"), "{:?}", r.headers);
+    }
+    assert_eq!(one.hits("/big"), 2);
+    // A request body that stalls: 408.
+    let mut s = TcpStream::connect(&edge.addr).unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 408");
+
+    // Live reload: a request in flight to the old backend finishes; new
+    // requests go to the new one.
+    let addr = edge.addr.clone();
+    let inflight =
+        std::thread::spawn(move || http("GET", &addr, "/slow", &[("Host", "app.localhost")], b""));
+    std::thread::sleep(Duration::from_millis(300));
+    let config =
+        format!("listen = \"{}\"\n", edge.addr) + &host_config("app.localhost", &[&two.addr], "");
+    std::fs::write(h.dir.path().join("edge.toml"), config).unwrap();
+    let out = Command::new("kill")
+        .args(["-HUP", &edge.child.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while text(&edge.get("app.localhost", "/", &[])) != "two" {
+        assert!(Instant::now() < deadline, "the reload never took effect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = inflight.join().unwrap();
+    assert_eq!((r.status, text(&r).as_str()), (200, "one, slowly"));
+}
+
+#[test]
 fn cache_semantics_against_an_origin() {
     let h = Hangar::new();
     let origin = Origin::start(|req| {
@@ -336,6 +403,9 @@ fn cache_semantics_against_an_origin() {
     // does not do conditionals).
     get("/fresh", &[("Cache-Control", "no-cache")]);
     assert_eq!(origin.hits("/fresh"), 2);
+    // Credentials: not answered from an entry that does not allow it.
+    get("/fresh", &[("Authorization", "Bearer z")]);
+    assert_eq!(origin.hits("/fresh"), 3);
 
     // private and no-store are never stored.
     for p in ["/private", "/nostore"] {
@@ -366,8 +436,8 @@ fn cache_semantics_against_an_origin() {
     let r = edge.request("POST", "app.localhost", "/fresh", &[], b"x");
     assert_eq!(r.status, 200);
     get("/fresh", &[]);
-    // Two GETs and the POST so far; the GET after the POST is a miss.
-    assert_eq!(origin.hits("/fresh"), 4, "POST invalidated the cached GET");
+    // Three GETs and the POST so far; the GET after the POST is a miss.
+    assert_eq!(origin.hits("/fresh"), 5, "POST invalidated the cached GET");
 }
 
 #[test]
