@@ -103,7 +103,8 @@ impl Edge {
         };
         let metrics = site.metrics.clone();
         metrics.requests.fetch_add(1, Ordering::Relaxed);
-        let mut resp = self.route(req, &site, &host, peer, tls, &id).await;
+        let client = Client { peer, tls, id: &id };
+        let mut resp = self.route(req, &site, &host, client).await;
         metrics.observe(start.elapsed());
         if resp.status().is_server_error() && resp.headers().contains_key("x-hangar-error") {
             metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -122,9 +123,7 @@ impl Edge {
         req: Request<Incoming>,
         site: &Arc<Site>,
         host: &str,
-        peer: SocketAddr,
-        tls: bool,
-        id: &str,
+        client: Client<'_>,
     ) -> Response<Body> {
         if let Some(len) = content_length(req.headers()) {
             if len > self.limits.max_body_bytes {
@@ -139,17 +138,16 @@ impl Edge {
             }
         }
         if is_upgrade(&req) {
-            return self.upgrade(req, site, host, peer, tls, id).await;
+            return self.upgrade(req, site, host, client).await;
         }
         let cacheable =
             matches!(*req.method(), Method::GET | Method::HEAD) && site.config.cache.enabled;
         let (mut parts, body) = req.into_parts();
-        let client = Client { peer, tls, id };
         if cacheable {
             // Forwarding headers go on only if the request goes upstream.
             return self.cached(parts, site, host, client).await;
         }
-        forwarding_headers(&mut parts, peer, tls, id);
+        forwarding_headers(&mut parts, client);
         site.metrics.passes.fetch_add(1, Ordering::Relaxed);
         let method = parts.method.clone();
         let path = path_of(&parts);
@@ -336,10 +334,9 @@ impl Edge {
         }
         let fill_key = match credentials {
             Some(c) => {
-                use std::hash::{BuildHasher, Hash, Hasher};
-                let mut h = self.credential_hasher.build_hasher();
-                c.as_bytes().hash(&mut h);
-                format!("{key}\ncredentials={:x}", h.finish())
+                use std::hash::BuildHasher;
+                let h = self.credential_hasher.hash_one(c.as_bytes());
+                format!("{key}\ncredentials={h:x}")
             }
             None => key.clone(),
         };
@@ -525,7 +522,7 @@ impl Edge {
         note: &str,
     ) -> Response<Body> {
         let mut parts = clone_parts(parts);
-        forwarding_headers(&mut parts, client.peer, client.tls, client.id);
+        forwarding_headers(&mut parts, client);
         let flag = AtomicU8::new(0);
         with_status(
             self.forward(site, parts, upstream::empty(), &flag).await,
@@ -673,14 +670,12 @@ impl Edge {
         mut req: Request<Incoming>,
         site: &Arc<Site>,
         host: &str,
-        peer: SocketAddr,
-        tls: bool,
-        id: &str,
+        client: Client<'_>,
     ) -> Response<Body> {
-        let client = hyper::upgrade::on(&mut req);
+        let downstream = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
         let upgrade = parts.headers.get(header::UPGRADE).cloned();
-        forwarding_headers(&mut parts, peer, tls, id);
+        forwarding_headers(&mut parts, client);
         if let Some(u) = upgrade {
             parts
                 .headers
@@ -719,7 +714,7 @@ impl Edge {
         let server = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             let _guard = guard;
-            if let (Ok(c), Ok(s)) = (client.await, server.await) {
+            if let (Ok(c), Ok(s)) = (downstream.await, server.await) {
                 let mut c = hyper_util::rt::TokioIo::new(c);
                 let mut s = hyper_util::rt::TokioIo::new(s);
                 let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
@@ -755,7 +750,7 @@ struct FillJob {
 /// conditional on the stored response's validators (not the client's).
 fn origin_parts(parts: &Parts, stored: Option<&Object>, client: Client<'_>) -> Parts {
     let mut p = clone_parts(parts);
-    forwarding_headers(&mut p, client.peer, client.tls, client.id);
+    forwarding_headers(&mut p, client);
     p.method = Method::GET;
     for h in [
         header::IF_NONE_MATCH,
@@ -971,7 +966,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Turn a client's request into the one a backend gets: origin-form,
 /// HTTP/1.1, Host kept, the forwarding headers added.
-fn forwarding_headers(parts: &mut Parts, peer: SocketAddr, tls: bool, id: &str) {
+fn forwarding_headers(parts: &mut Parts, client: Client<'_>) {
+    let Client { peer, tls, id } = client;
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri

@@ -467,105 +467,46 @@ mod tests {
 
     #[test]
     fn storable_clauses() {
-        let get = Method::GET;
-        assert!(storable(&get, &h(&[]), OK, &h(&[("cache-control", "max-age=60")])).is_ok());
-        assert_eq!(
-            storable(
-                &Method::POST,
-                &h(&[]),
-                OK,
-                &h(&[("cache-control", "max-age=60")])
-            ),
-            Err("method")
+        let (get, post) = (Method::GET, Method::POST);
+        let auth = [("authorization", "Bearer x")];
+        let ise = StatusCode::INTERNAL_SERVER_ERROR;
+        let pc = StatusCode::PARTIAL_CONTENT;
+        type Headers<'a> = &'a [(&'a str, &'a str)];
+        /// (method, request headers, status, response headers, verdict)
+        type Case<'a> = (
+            &'a Method,
+            Headers<'a>,
+            StatusCode,
+            Headers<'a>,
+            Result<(), &'a str>,
         );
-        assert_eq!(
-            storable(
-                &get,
-                &h(&[]),
-                OK,
-                &h(&[("cache-control", "no-store, max-age=60")])
-            ),
-            Err("no-store")
-        );
-        assert_eq!(
-            storable(
-                &get,
-                &h(&[("cache-control", "no-store")]),
-                OK,
-                &h(&[("cache-control", "max-age=60")])
-            ),
-            Err("no-store")
-        );
-        assert_eq!(
-            storable(
-                &get,
-                &h(&[]),
-                OK,
-                &h(&[("cache-control", "private, max-age=60")])
-            ),
-            Err("private")
-        );
-        assert_eq!(
-            storable(
-                &get,
-                &h(&[]),
-                StatusCode::PARTIAL_CONTENT,
-                &h(&[("cache-control", "max-age=60")])
-            ),
-            Err("status")
-        );
-        // Authorization: only with public, must-revalidate or s-maxage.
-        let auth = h(&[("authorization", "Bearer x")]);
-        assert_eq!(
-            storable(&get, &auth, OK, &h(&[("cache-control", "max-age=60")])),
-            Err("authorization")
-        );
-        assert!(storable(
-            &get,
-            &auth,
-            OK,
-            &h(&[("cache-control", "public, max-age=60")])
-        )
-        .is_ok());
-        assert!(storable(&get, &auth, OK, &h(&[("cache-control", "s-maxage=60")])).is_ok());
-        assert!(storable(
-            &get,
-            &auth,
-            OK,
-            &h(&[("cache-control", "must-revalidate, max-age=60")])
-        )
-        .is_ok());
-        assert_eq!(
-            storable(
-                &get,
-                &h(&[]),
-                OK,
-                &h(&[("vary", "*"), ("cache-control", "max-age=60")])
-            ),
-            Err("vary-star")
-        );
-        assert_eq!(
-            storable(
-                &get,
-                &h(&[]),
-                OK,
-                &h(&[("set-cookie", "a=b"), ("cache-control", "max-age=60")])
-            ),
-            Err("set-cookie")
-        );
-        // No explicit freshness: heuristic status codes only.
-        assert!(storable(&get, &h(&[]), OK, &h(&[])).is_ok());
-        assert_eq!(
-            storable(&get, &h(&[]), StatusCode::INTERNAL_SERVER_ERROR, &h(&[])),
-            Err("status")
-        );
-        assert!(storable(
-            &get,
-            &h(&[]),
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &h(&[("cache-control", "max-age=5")])
-        )
-        .is_ok());
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            (&get, &[], OK, &[("cache-control", "max-age=60")], Ok(())),
+            (&post, &[], OK, &[("cache-control", "max-age=60")], Err("method")),
+            (&get, &[], OK, &[("cache-control", "no-store, max-age=60")], Err("no-store")),
+            (&get, &[("cache-control", "no-store")], OK, &[("cache-control", "max-age=60")], Err("no-store")),
+            (&get, &[], OK, &[("cache-control", "private, max-age=60")], Err("private")),
+            (&get, &[], pc, &[("cache-control", "max-age=60")], Err("status")),
+            // Authorization: only with public, must-revalidate or s-maxage.
+            (&get, &auth, OK, &[("cache-control", "max-age=60")], Err("authorization")),
+            (&get, &auth, OK, &[("cache-control", "public, max-age=60")], Ok(())),
+            (&get, &auth, OK, &[("cache-control", "s-maxage=60")], Ok(())),
+            (&get, &auth, OK, &[("cache-control", "must-revalidate, max-age=60")], Ok(())),
+            (&get, &[], OK, &[("vary", "*"), ("cache-control", "max-age=60")], Err("vary-star")),
+            (&get, &[], OK, &[("set-cookie", "a=b"), ("cache-control", "max-age=60")], Err("set-cookie")),
+            // No explicit freshness: heuristically cacheable statuses only.
+            (&get, &[], OK, &[], Ok(())),
+            (&get, &[], ise, &[], Err("status")),
+            (&get, &[], ise, &[("cache-control", "max-age=5")], Ok(())),
+        ];
+        for (i, (method, req, status, resp, want)) in cases.iter().enumerate() {
+            assert_eq!(
+                storable(method, &h(req), *status, &h(resp)),
+                *want,
+                "case {i}"
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support::{free_port, http, read_request, require, respond, Hangar, HttpResponse};
+use crate::support::{
+    free_port, http, read_request, require, respond, self_signed, Hangar, HttpResponse,
+};
 
 const TOKEN: &str = "test-admin-token";
 
@@ -718,7 +720,6 @@ fn a_slow_backend_is_ejected_and_a_failing_check_takes_one_out() {
 #[test]
 fn websocket_upgrades_and_http2() {
     require("curl");
-    require("openssl");
     let h = Hangar::new();
     // A WebSocket echo origin: RFC 6455 handshake, then frames echoed.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -753,33 +754,7 @@ fn websocket_upgrades_and_http2() {
             });
         }
     });
-    let dir = h.dir.path();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=app.localhost",
-            "-addext",
-            "subjectAltName=DNS:app.localhost",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (cert, key) = self_signed(h.dir.path(), "app.localhost");
     let tls = format!(
         "[tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
         cert.display(),

@@ -269,6 +269,31 @@ pub fn skopeo(args: &[&str]) -> String {
 
 /// A token endpoint for the registry's bearer flow: checks basic auth for
 /// one user, then signs an RS256 JWT (with openssl) granting what was asked.
+/// A self-signed certificate for `name` (CN and DNS name) and its key,
+/// written by openssl into `dir`: (cert.pem, key.pem).
+pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    require("openssl");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", &format!("/CN={name}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
 pub struct TokenServer {
     pub port: u16,
     pub cert: PathBuf,
@@ -282,33 +307,8 @@ pub struct TokenServer {
 
 impl TokenServer {
     pub fn start(user: &str, password: &str) -> Arc<TokenServer> {
-        require("openssl");
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("key.pem");
-        let cert = dir.path().join("cert.pem");
-        let out = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=hangar-test-token",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl req: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (cert, key) = self_signed(dir.path(), "hangar-test-token");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let server = Arc::new(TokenServer {
