@@ -44,11 +44,28 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, String> {
     let edge = Arc::new(Edge::new(config).map_err(|e| e.to_string())?);
-    let tls = match &config.tls {
-        Some(t) => Some((t.listen, server::tls_config(&t.cert, &t.key)?)),
-        None => None,
-    };
     let (tx, rx) = tokio::sync::watch::channel(false);
+    match listen(config, &edge, rx).await {
+        Ok(running) => {
+            tokio::spawn(async move {
+                shutdown.await;
+                let _ = tx.send(true);
+            });
+            Ok(running)
+        }
+        Err(e) => {
+            // Stop the workers already started.
+            let _ = tx.send(true);
+            Err(e)
+        }
+    }
+}
+
+async fn listen(
+    config: &Config,
+    edge: &Arc<Edge>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Running, String> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -57,55 +74,33 @@ pub async fn start(
         config.listen,
         None,
         workers,
-        rx.clone(),
+        stop.clone(),
         "edge",
     )
-    .await;
-    let http = match http {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = tx.send(true);
-            return Err(e);
-        }
-    };
+    .await?;
     let mut running = Running {
         edge: edge.clone(),
         http,
         tls: None,
         admin: None,
     };
-    if let Some((addr, cfg)) = tls {
-        match server::spawn_workers(
+    if let Some(t) = &config.tls {
+        let tls = server::tls_config(&t.cert, &t.key)?;
+        let addr = server::spawn_workers(
             edge.clone(),
-            addr,
-            Some(cfg),
+            t.listen,
+            Some(tls),
             workers,
-            rx.clone(),
+            stop,
             "edge (TLS)",
         )
-        .await
-        {
-            Ok(a) => running.tls = Some(a),
-            Err(e) => {
-                let _ = tx.send(true);
-                return Err(e);
-            }
-        }
+        .await?;
+        running.tls = Some(addr);
     }
     if let Some(admin) = &config.admin {
-        let listener = match server::bind(admin.listen, "edge admin endpoint").await {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = tx.send(true);
-                return Err(e);
-            }
-        };
+        let listener = server::bind(admin.listen, "edge admin endpoint").await?;
         running.admin = Some(listener.local_addr().map_err(|e| e.to_string())?);
-        tokio::spawn(admin::serve(edge, listener, admin.token.clone()));
+        tokio::spawn(admin::serve(edge.clone(), listener, admin.token.clone()));
     }
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
     Ok(running)
 }

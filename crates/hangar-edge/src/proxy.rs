@@ -1103,3 +1103,52 @@ impl hyper::body::Body for ClientBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_of(uri: &str, host: Option<&str>) -> Option<String> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        request_host(&b.body(()).unwrap())
+    }
+
+    #[test]
+    fn hosts_are_lowercase_without_port_or_trailing_dot() {
+        assert_eq!(
+            host_of("/", Some("App.Localhost:8080")).as_deref(),
+            Some("app.localhost")
+        );
+        assert_eq!(
+            host_of("/", Some("app.localhost.")).as_deref(),
+            Some("app.localhost")
+        );
+        assert_eq!(host_of("/", Some("[::1]:8080")).as_deref(), Some("[::1]"));
+        assert_eq!(
+            host_of("https://h2.localhost/x", None).as_deref(),
+            Some("h2.localhost")
+        );
+        assert_eq!(host_of("/", None), None);
+        assert_eq!(host_of("/", Some(":80")), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            vec!["x-kept"]
+        );
+    }
+}
