@@ -5,7 +5,9 @@
 #     requests/s and p99, and the ratios hangar/peer;
 #  2. miss storms: many clients at once on a cold URL of a slow origin:
 #     p50/p99 latency and origin requests (nginx's lock waiters poll every
-#     500 ms; Hangar and Varnish wake theirs when the response arrives).
+#     500 ms; Hangar and Varnish wake theirs when the response arrives);
+#  3. purge latency: 10,000 objects cached, one surrogate key (100 of them)
+#     purged through the admin API, timed from request to answer.
 # Needs wrk, nginx and varnish (scripts/test installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,12 +22,15 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep
 trap cleanup EXIT
 conns=${CONNS:-50} secs=${SECS:-10} delay=${DELAY_MS:-200} rounds=${ROUNDS:-10} clients=${CLIENTS:-100}
 
-origin=$(free_port) edge=$(free_port) ngx=$(free_port) varn=$(free_port)
+origin=$(free_port) edge=$(free_port) admin=$(free_port) ngx=$(free_port) varn=$(free_port)
 python3 bench/edge_origin.py "$origin" "$delay" & pids+=($!)
 wait_port "$origin"
 
 cat > "$work/edge.toml" <<TOML
 listen = "127.0.0.1:$edge"
+[admin]
+listen = "127.0.0.1:$admin"
+token = "bench"
 [[hosts]]
 name = "bench.localhost"
 backends = ["127.0.0.1:$origin"]
@@ -91,3 +96,17 @@ for peer in hangar:$edge nginx:$ngx varnish:$varn; do
     eval "${name}_storm=$p99"
 done
 echo "  ratio p99 hangar/nginx: $(ratio "$hangar_storm" "$nginx_storm")x, hangar/varnish: $(ratio "$hangar_storm" "$varnish_storm")x"
+
+echo "purge: 10,000 objects cached, one surrogate key (100 objects) purged"
+python3 - "$edge" <<'PY'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+for i in range(10000):
+    c.request("GET", "/obj/%d" % i, headers={"Host": "bench.localhost"})
+    c.getresponse().read()
+PY
+for tag in 1 2 3 4 5; do
+    curl -s -o /dev/null -w '%{time_total}\n' -X POST -H "Authorization: Bearer bench" \
+        -d "{\"tag\":\"tag-$tag\"}" "http://127.0.0.1:$admin/purge"
+done | awk '{ms = $1 * 1000; print ms}' | median | awk '{printf "  median purge request, end to end: %.2f ms\n", $1}'
+echo "  (tag-6: $(curl -s -X POST -H "Authorization: Bearer bench" -d '{"tag":"tag-6"}' "http://127.0.0.1:$admin/purge"))"

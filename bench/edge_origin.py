@@ -1,5 +1,6 @@
-"""The benchmark's origin: /1k and /100k (cacheable for an hour) and
-/storm/* (cacheable, answered after DELAY ms). Counts /storm requests."""
+"""The benchmark's origin: /1k and /100k (cacheable for an hour),
+/storm/* (cacheable, answered after DELAY ms; counted) and /obj/N
+(cacheable, Surrogate-Key tag-(N mod 100))."""
 import http.server, sys, threading
 
 port, delay = int(sys.argv[1]), float(sys.argv[2]) / 1000
@@ -12,6 +13,8 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/count":
             body = str(storm[0]).encode()
+        elif self.path.startswith("/obj/"):
+            body = b"o" * 512
         elif self.path.startswith("/storm/"):
             with lock:
                 storm[0] += 1
@@ -24,6 +27,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store" if self.path == "/count" else "max-age=3600")
+        if self.path.startswith("/obj/"):
+            self.send_header("Surrogate-Key", "tag-%d" % (int(self.path[5:]) % 100))
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
