@@ -19,6 +19,38 @@ pub struct MachineConfig {
     pub auto_destroy: bool,
     /// What the node's egress proxy lets this machine reach.
     pub egress: Egress,
+    /// Health checks by name; a machine serves traffic and counts as
+    /// deployed only while they all pass.
+    pub checks: BTreeMap<String, Check>,
+    /// How the machine is stopped: the signal, then SIGKILL after the
+    /// timeout (seconds).
+    pub kill_signal: Option<String>,
+    pub kill_timeout: Option<u64>,
+}
+
+/// An HTTP health check: `GET path` on the machine's `port`, 2xx or 3xx
+/// within `timeout` passes. Durations in seconds.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Check {
+    pub port: u16,
+    pub path: String,
+    pub interval: f64,
+    pub timeout: f64,
+    /// Failures before this long after the start do not count.
+    pub grace_period: f64,
+}
+
+impl Default for Check {
+    fn default() -> Self {
+        Check {
+            port: 8080,
+            path: "/".into(),
+            interval: 10.0,
+            timeout: 2.0,
+            grace_period: 1.0,
+        }
+    }
 }
 
 /// A machine's egress policy (Smokescreen's rule fields). The IP policy
@@ -87,6 +119,16 @@ impl Default for Restart {
 pub struct Service {
     pub internal_port: u16,
     pub protocol: String,
+    /// Stop this machine after `idle_timeout` seconds without requests
+    /// (keeping `min_machines_running` of the app started).
+    pub autostop: bool,
+    /// Start a stopped machine when a request finds none started.
+    pub autostart: bool,
+    pub min_machines_running: u32,
+    pub idle_timeout: u64,
+    /// Requests in flight above which the edge prefers other machines and
+    /// starts another stopped one (0: no limit).
+    pub soft_limit: u32,
 }
 
 impl MachineConfig {
@@ -117,6 +159,13 @@ impl MachineConfig {
                 "config.egress.action {:?} must be open, report or enforce",
                 self.egress.action
             )));
+        }
+        for (name, c) in &self.checks {
+            if !c.path.starts_with('/') || c.port == 0 || c.interval <= 0.0 || c.timeout <= 0.0 {
+                return Err(Error::Invalid(format!(
+                    "config.checks.{name}: path must start with /, port be set, interval and timeout be above 0"
+                )));
+            }
         }
         if let Some(exec) = &self.init.exec {
             if exec.is_empty() {

@@ -13,7 +13,10 @@
 //! This crate drives `hangar-machine` and must not touch namespaces, mounts
 //! or cgroups itself.
 
+pub mod apps;
+pub mod checks;
 pub mod config;
+pub mod deploy;
 pub mod error;
 pub mod node;
 pub mod server;

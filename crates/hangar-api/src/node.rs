@@ -23,6 +23,9 @@ pub const EGRESS_PORT: u16 = 4750;
 pub struct Node {
     pub state: State,
     pub runtime: Runtime,
+    pub checks: crate::checks::Checks,
+    /// Opens app secrets for machines' environments.
+    pub sealer: crate::apps::Sealer,
     hangar_exe: PathBuf,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -53,10 +56,17 @@ fn reap(mut child: Child) {
 }
 
 impl Node {
-    pub fn new(state: State, runtime: Runtime, hangar_exe: PathBuf) -> Node {
+    pub fn new(
+        state: State,
+        runtime: Runtime,
+        hangar_exe: PathBuf,
+        sealer: crate::apps::Sealer,
+    ) -> Node {
         Node {
             state,
             runtime,
+            checks: Default::default(),
+            sealer,
             hangar_exe,
             locks: Mutex::new(HashMap::new()),
         }
@@ -73,8 +83,13 @@ impl Node {
 
     fn spec(&self, m: &Machine) -> Result<MachineSpec> {
         let c = &m.config;
-        // The node's egress proxy, unless the machine says otherwise.
-        let mut env = c.env.clone();
+        // The app's secrets, then the machine's own environment, then the
+        // node's egress proxy unless the machine says otherwise.
+        let mut env = match c.metadata.get("app") {
+            Some(app) => self.state.open_secrets(&self.sealer, app)?,
+            None => Default::default(),
+        };
+        env.extend(c.env.clone());
         let proxy = format!(
             "http://{}:{}",
             hangar_machine::network::gateway().v4,

@@ -71,6 +71,19 @@ fn machine_json(node: &Node, m: &Machine) -> serde_json::Value {
         v.as_object_mut().map(|o| o.remove("ipv4"));
         v.as_object_mut().map(|o| o.remove("private_ip"));
     }
+    if !m.config.checks.is_empty() {
+        let mut checks = node.checks.status(&m.id);
+        for name in m.config.checks.keys() {
+            if !checks.iter().any(|c| &c.name == name) {
+                checks.push(crate::checks::CheckStatus {
+                    name: name.clone(),
+                    status: "pending".into(),
+                    output: String::new(),
+                });
+            }
+        }
+        v["checks"] = serde_json::to_value(checks).unwrap_or_default();
+    }
     if let Some(code) = m.exit_code {
         v["exit_code"] = code.into();
         v["oom_killed"] = m.oom_killed.into();
@@ -111,6 +124,61 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
 
 fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
     q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct CreateApp {
+    name: String,
+    org: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ScaleRequest {
+    count: u32,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct SetSecrets {
+    values: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct UnsetSecrets {
+    names: Vec<String>,
+}
+
+/// Run a long operation, streaming its progress as JSON lines; the last
+/// line is `{"ok": true, ...result}` or `{"ok": false, "error": ...}`.
+fn progress_response<F, Fut>(run: F) -> Response<Body>
+where
+    F: FnOnce(crate::deploy::Progress) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<serde_json::Value, Error>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let done = tx.clone();
+    tokio::spawn(async move {
+        let last = match run(crate::deploy::Progress(tx)).await {
+            Ok(mut v) => {
+                v["ok"] = true.into();
+                v
+            }
+            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+        };
+        let _ = done.send(last);
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let v = rx.recv().await?;
+        Some((Ok(Frame::data(Bytes::from(format!("{v}\n")))), rx))
+    });
+    Response::builder()
+        .status(200)
+        .header("Content-Type", "application/x-ndjson")
+        .body(StreamBody::new(stream).boxed())
+        .unwrap_or_else(|_| full(500, "text/plain", "stream"))
 }
 
 #[derive(Deserialize, Default)]
@@ -303,6 +371,111 @@ impl Api {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+            }
+            (Method::GET, ["v1", "apps"]) => {
+                let mut list = Vec::new();
+                for app in node.state.apps()? {
+                    let machines = crate::deploy::app_machines(&node, &app.name)?;
+                    let current = node.state.current_release(&app.name)?.map(|r| r.version);
+                    list.push(serde_json::json!({"name": app.name, "org": app.org, "machines": machines.len(), "release": current}));
+                }
+                Ok(json(200, &serde_json::Value::Array(list)))
+            }
+            (Method::POST, ["v1", "apps"]) => {
+                let body: CreateApp = read_json(req.into_body()).await?;
+                let app = node.state.create_app(
+                    &body.name,
+                    if body.org.is_empty() {
+                        "personal"
+                    } else {
+                        &body.org
+                    },
+                )?;
+                Ok(json(200, &serde_json::to_value(app).unwrap_or_default()))
+            }
+            (Method::GET, ["v1", "apps", app]) => {
+                let a = node.state.app(app)?;
+                let machines: Vec<serde_json::Value> = crate::deploy::app_machines(&node, app)?
+                    .iter()
+                    .map(|m| machine_json(&node, m))
+                    .collect();
+                let release = node.state.current_release(app)?;
+                Ok(json(
+                    200,
+                    &serde_json::json!({"name": a.name, "org": a.org, "machines": machines, "release": release}),
+                ))
+            }
+            (Method::DELETE, ["v1", "apps", app]) => {
+                node.state.app(app)?;
+                for m in crate::deploy::app_machines(&node, app)? {
+                    let n = node.clone();
+                    blocking(move || n.destroy(&m.id, true)).await?;
+                }
+                node.state.delete_app(app)?;
+                Ok(json(200, &serde_json::json!({"ok": true})))
+            }
+            (Method::GET, ["v1", "apps", app, "releases"]) => {
+                node.state.app(app)?;
+                Ok(json(
+                    200,
+                    &serde_json::to_value(node.state.releases(app)?).unwrap_or_default(),
+                ))
+            }
+            (Method::POST, ["v1", "apps", app, "deploy"]) => {
+                let body: crate::deploy::DeployRequest = read_json(req.into_body()).await?;
+                let image: hangar_oci::Reference = body.image.parse()?;
+                if node.runtime.store().resolve(&image).is_err() {
+                    (self.pull)(image.clone())
+                        .await
+                        .map_err(|e| Error::Invalid(format!("cannot get image {image}: {e}")))?;
+                }
+                let app = app.to_string();
+                Ok(progress_response(move |progress| async move {
+                    crate::deploy::deploy(node, app, body, progress)
+                        .await
+                        .map(|r| serde_json::json!({"release": r}))
+                }))
+            }
+            (Method::POST, ["v1", "apps", app, "scale"]) => {
+                let body: ScaleRequest = read_json(req.into_body()).await?;
+                node.state.app(app)?;
+                let app = app.to_string();
+                Ok(progress_response(move |progress| async move {
+                    crate::deploy::scale_count(node, app, body.count, progress)
+                        .await
+                        .map(|()| serde_json::json!({}))
+                }))
+            }
+            (Method::GET, ["v1", "apps", app, "secrets"]) => {
+                node.state.app(app)?;
+                Ok(json(
+                    200,
+                    &serde_json::to_value(node.state.secret_infos(app)?).unwrap_or_default(),
+                ))
+            }
+            (Method::POST, ["v1", "apps", app, "secrets"]) => {
+                let body: SetSecrets = read_json(req.into_body()).await?;
+                node.state.app(app)?;
+                for name in body.values.keys() {
+                    if name.is_empty()
+                        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    {
+                        return Err(Error::Invalid(format!(
+                            "secret name {name:?}: use letters, digits and _"
+                        )));
+                    }
+                }
+                node.state.set_secrets(&node.sealer, app, &body.values)?;
+                Ok(json(
+                    200,
+                    &serde_json::to_value(node.state.secret_infos(app)?).unwrap_or_default(),
+                ))
+            }
+            (Method::POST, ["v1", "apps", app, "secrets", "unset"]) => {
+                let body: UnsetSecrets = read_json(req.into_body()).await?;
+                node.state.app(app)?;
+                let gone = node.state.unset_secrets(app, &body.names)?;
+                Ok(json(200, &serde_json::json!({"unset": gone})))
             }
             (Method::GET, ["v1", "machines", id, "logs"]) => {
                 let m = node.state.get(id)?;

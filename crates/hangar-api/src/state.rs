@@ -97,12 +97,21 @@ impl State {
                 restarts INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS events (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT, machine_id TEXT NOT NULL, type TEXT NOT NULL,
-                detail TEXT NOT NULL, at INTEGER NOT NULL);",
+                detail TEXT NOT NULL, at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS apps (
+                name TEXT PRIMARY KEY, org TEXT NOT NULL, created_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS releases (
+                app TEXT NOT NULL, version INTEGER NOT NULL, image TEXT NOT NULL, status TEXT NOT NULL,
+                description TEXT NOT NULL, config TEXT NOT NULL, created_at INTEGER NOT NULL,
+                PRIMARY KEY (app, version));
+             CREATE TABLE IF NOT EXISTS secrets (
+                app TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL, digest TEXT NOT NULL,
+                created_at INTEGER NOT NULL, PRIMARY KEY (app, name));",
         )?;
         Ok(State { db: Mutex::new(db) })
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
 

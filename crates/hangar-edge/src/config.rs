@@ -117,6 +117,11 @@ pub struct Host {
     pub backends: Vec<SocketAddr>,
     pub health: Health,
     pub cache: HostCache,
+    /// When no backend is started, ask the node to start one (scale to
+    /// zero; needs a node: `hangar up` sets it).
+    pub autostart: bool,
+    /// Requests in flight per backend above which another is started.
+    pub soft_limit: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

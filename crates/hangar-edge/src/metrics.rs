@@ -25,11 +25,28 @@ pub struct HostMetrics {
     pub bytes_out: AtomicU64,
     pub errors: AtomicU64,
     pub ejections: AtomicU64,
+    last_request: AtomicU64,
     latency: [AtomicU64; BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
 }
 
 impl HostMetrics {
+    /// Note a request now (for idle detection).
+    pub fn touch(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if self.last_request.load(Ordering::Relaxed) != now {
+            self.last_request.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// When the last request came (Unix seconds; 0: never).
+    pub fn last_request(&self) -> u64 {
+        self.last_request.load(Ordering::Relaxed)
+    }
+
     pub fn observe(&self, took: Duration) {
         let s = took.as_secs_f64();
         let i = BUCKETS

@@ -28,6 +28,16 @@ use crate::upstream::{self, BoxError, UpBody, UpstreamError};
 /// Response bodies (and bodies sent upstream).
 pub type Body = UpBody;
 
+/// Starts a backend for a host: see [`Edge::set_waker`].
+pub type Waker = Arc<
+    dyn Fn(
+            String,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// The edge: its routing table, cache and limits.
 pub struct Edge {
     pub routes: Routes,
@@ -35,6 +45,8 @@ pub struct Edge {
     pub limits: Limits,
     next_id: AtomicU64,
     id_prefix: String,
+    /// Starts a stopped backend of a host (set by the node: scale to zero).
+    waker: std::sync::RwLock<Option<Waker>>,
     /// Keyed per process: credentials never appear in fill keys as such.
     credential_hasher: std::collections::hash_map::RandomState,
 }
@@ -54,11 +66,23 @@ impl Edge {
             limits: config.limits.clone(),
             next_id: AtomicU64::new(0),
             credential_hasher: Default::default(),
+            waker: Default::default(),
             id_prefix: format!(
                 "{:08x}",
                 (nanos as u64 ^ u64::from(std::process::id())) as u32
             ),
         })
+    }
+
+    /// Set what starts a host's stopped backends. It resolves once a
+    /// backend is in the routing table and passes its checks, or says why
+    /// not; concurrent calls for one host should share one start.
+    pub fn set_waker(&self, waker: Waker) {
+        *self.waker.write().unwrap_or_else(|e| e.into_inner()) = Some(waker);
+    }
+
+    fn waker(&self) -> Option<Waker> {
+        self.waker.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replace the hosts (live; open connections are kept).
@@ -103,6 +127,7 @@ impl Edge {
         };
         let metrics = site.metrics.clone();
         metrics.requests.fetch_add(1, Ordering::Relaxed);
+        metrics.touch();
         let client = Client { peer, tls, id: &id };
         let mut resp = self.route(req, &site, &host, client).await;
         metrics.observe(start.elapsed());
@@ -238,8 +263,38 @@ impl Edge {
         let mut tried = Vec::new();
         let mut body = Some(body);
         let mut last = String::new();
+        let mut site = site.clone();
+        let mut woken = false;
         loop {
-            let Some(backend) = site.pick(&tried) else {
+            let picked = site.pick(&tried);
+            // Nothing started: wake the app (once), then route again.
+            if picked.is_none() && tried.is_empty() && !woken && site.config.autostart {
+                if let Some(wake) = self.waker() {
+                    woken = true;
+                    if let Err(why) = wake(site.config.name.clone()).await {
+                        return Err((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("the app could not be started: {why}"),
+                        ));
+                    }
+                    site = self
+                        .routes
+                        .get(&site.config.name.to_ascii_lowercase())
+                        .unwrap_or(site);
+                    continue;
+                }
+            }
+            // Busy past the soft limit: start another machine meanwhile.
+            if let (Some(b), Some(wake)) = (&picked, self.waker()) {
+                let limit = site.config.soft_limit;
+                if site.config.autostart && limit > 0 && b.outstanding() >= limit {
+                    let name = site.config.name.clone();
+                    tokio::spawn(async move {
+                        let _ = wake(name).await;
+                    });
+                }
+            }
+            let Some(backend) = picked else {
                 if !last.is_empty() {
                     return Err((
                         StatusCode::BAD_GATEWAY,

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::node_config;
+use crate::client::Client;
 
 #[derive(Args)]
 pub struct MachineArgs {
@@ -123,64 +123,6 @@ enum MachineCommand {
 }
 
 /// A small client of the node's Machines API.
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Client {
-    fn new() -> Result<Client> {
-        let config = node_config::load(&crate::home()?)?;
-        Ok(Client {
-            http: reqwest::Client::new(),
-            base: config.api.trim_end_matches('/').to_string(),
-            token: config.token,
-        })
-    }
-
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<reqwest::Response> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req
-                .header("Content-Type", "application/json")
-                .body(b.to_string());
-        }
-        req.send().await.with_context(|| {
-            format!(
-                "cannot reach the node at {}; is `hangar up` running?",
-                self.base
-            )
-        })
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value> {
-        let resp = self.send(method, path, body).await?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !status.is_success() {
-            let msg = value["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            bail!("{msg}");
-        }
-        Ok(value)
-    }
-}
-
 fn parse_words(flag: &str, s: &str) -> Result<Vec<String>> {
     if s.trim_start().starts_with('[') {
         return serde_json::from_str(s)

@@ -12,6 +12,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod apps;
+mod client;
 mod edge;
 mod egress;
 mod image;
@@ -19,6 +21,7 @@ mod machine;
 mod node_config;
 mod progress;
 mod registry;
+mod scale;
 mod up;
 
 /// Hangar: run OCI images as isolated machines on your own servers.
@@ -43,6 +46,46 @@ enum Command {
     Up(up::UpArgs),
     /// Run and manage machines on the node.
     Machine(machine::MachineArgs),
+    /// Create an app and write its hangar.toml (from an image or this directory).
+    Launch(apps::LaunchArgs),
+    /// Build (when needed), push and roll out the app in hangar.toml.
+    Deploy(apps::DeployArgs),
+    /// The app's machines, their health, image and release.
+    Status(apps::AppFlag),
+    /// The app's releases, newest first.
+    Releases(apps::AppFlag),
+    /// The app's logs, every machine's lines prefixed with its id.
+    Logs {
+        #[command(flatten)]
+        app: apps::AppFlag,
+        /// Keep following
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Set the number of machines or their memory.
+    Scale {
+        #[command(flatten)]
+        app: apps::AppFlag,
+        #[command(subcommand)]
+        command: apps::ScaleCommand,
+    },
+    /// Set, list and unset the app's secrets (encrypted at rest, never shown).
+    Secrets {
+        #[command(flatten)]
+        app: apps::AppFlag,
+        #[command(subcommand)]
+        command: apps::SecretsCommand,
+    },
+    /// List or destroy apps.
+    Apps {
+        /// Print JSON for scripts
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: apps::AppsCommand,
+    },
+    /// Print the app's URL (and open it in a browser when there is one).
+    Open(apps::AppFlag),
 }
 
 /// `$HANGAR_HOME`, or `~/.hangar`.
@@ -81,6 +124,15 @@ fn main() -> ExitCode {
         Command::Edge(args) => edge::run(args),
         Command::Egress(args) => egress::run(args),
         Command::Machine(args) => machine::run(args),
+        Command::Launch(args) => apps::launch(args),
+        Command::Deploy(args) => apps::deploy(args),
+        Command::Status(app) => apps::status(app),
+        Command::Releases(app) => apps::releases(app),
+        Command::Logs { app, follow } => apps::logs(app, follow),
+        Command::Scale { app, command } => apps::scale(app, command),
+        Command::Secrets { app, command } => apps::secrets(app, command),
+        Command::Apps { json, command } => apps::apps(json, command),
+        Command::Open(app) => apps::open(app),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,22 @@ pub struct NodeConfig {
     /// Base URL of the Machines API, e.g. `http://127.0.0.1:4280`.
     pub api: String,
     pub token: String,
+    /// The node's registry (`host:port`), where deploys push images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+    /// Where the node's edge serves apps: `http://<app>.<domain>:<port>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<String>,
+}
+
+impl NodeConfig {
+    /// The URL an app is served at (the default edge when unknown).
+    pub fn app_url(&self, app: &str) -> String {
+        self.edge
+            .as_deref()
+            .unwrap_or("http://<app>.localhost:8080")
+            .replace("<app>", app)
+    }
 }
 
 pub fn path(home: &Path) -> std::path::PathBuf {

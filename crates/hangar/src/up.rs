@@ -1,6 +1,7 @@
 //! `hangar up`: run a node in the foreground: the state store, the Machines
-//! API, the reconcile loop, the registry, the egress proxy, and the edge
-//! (fed the started machines of each app as backends, live).
+//! and Apps API, the reconcile loop, health checks, the registry, the
+//! egress proxy, and the edge (fed each app's healthy machines, live; see
+//! `scale.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -131,43 +132,6 @@ fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
         .unwrap_or_else(|e| e.into_inner()) = roles;
 }
 
-/// The edge's hosts from the machines: `<app>.<domain>` for each app with a
-/// service, its started machines' addresses as backends. A machine's app is
-/// its `app` metadata, else its name.
-fn edge_hosts(
-    machines: &[hangar_api::state::Machine],
-    domain: &str,
-) -> Vec<hangar_edge::config::Host> {
-    let mut hosts: std::collections::BTreeMap<String, hangar_edge::config::Host> =
-        Default::default();
-    for m in machines {
-        let Some(service) = m.config.services.first() else {
-            continue;
-        };
-        let app = m
-            .config
-            .metadata
-            .get("app")
-            .cloned()
-            .unwrap_or_else(|| m.name.clone());
-        let name = format!("{app}.{domain}");
-        let host = hosts
-            .entry(name.clone())
-            .or_insert_with(|| hangar_edge::config::Host {
-                name,
-                ..Default::default()
-            });
-        if m.state == "started" {
-            let addr = hangar_machine::network::address(m.slot);
-            host.backends.push(std::net::SocketAddr::new(
-                addr.v4.into(),
-                service.internal_port,
-            ));
-        }
-    }
-    hosts.into_values().collect()
-}
-
 async fn pull_image(
     store: hangar_oci::Store,
     reference: hangar_oci::Reference,
@@ -184,7 +148,8 @@ pub fn run(args: UpArgs) -> Result<()> {
     let runtime = Runtime::open(&home, init)?;
     let state = State::open(&home)?;
     let exe = std::env::current_exe().context("cannot find the hangar binary")?;
-    let node = Arc::new(Node::new(state, runtime, exe));
+    let sealer = hangar_api::apps::Sealer::open_or_create(&home)?;
+    let node = Arc::new(Node::new(state, runtime, exe, sealer));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -198,17 +163,17 @@ pub fn run(args: UpArgs) -> Result<()> {
             Ok(c) => c.token,
             Err(_) => random_token()?,
         };
-        node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone() })?;
-        eprintln!("hangar up: Machines API on http://{addr} (token in {})", node_config::path(&home).display());
-
+        let mut registry_addr = None;
         if !args.no_registry {
             let registry = Arc::new(hangar_registry::Registry::open(&home, hangar_registry::Config::default())?);
             let reg_listener = tokio::net::TcpListener::bind(&args.registry_listen)
                 .await
                 .with_context(|| format!("cannot listen on {} for the registry; use --registry-listen or --no-registry", args.registry_listen))?;
+            registry_addr = Some(reg_listener.local_addr()?.to_string());
             eprintln!("hangar up: registry on http://{}", reg_listener.local_addr()?);
             tokio::spawn(hangar_registry::serve(registry, reg_listener, std::future::pending()));
         }
+
 
         // The egress proxy, on the bridge gateway, where machines find it.
         hangar_machine::network::ensure_bridge()?;
@@ -221,6 +186,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         eprintln!("hangar up: egress proxy on http://{egress_addr}");
         tokio::spawn(hangar_egress::proxy::serve(egress.clone(), egress_listener, None, std::future::pending()));
 
+        let mut edge_url = None;
         let edge = if args.no_edge {
             None
         } else {
@@ -233,8 +199,14 @@ pub fn run(args: UpArgs) -> Result<()> {
             let running = hangar_edge::start(&config, std::future::pending()).await.map_err(|e| anyhow::anyhow!("{e}; use --edge-listen or --no-edge"))?;
             let admin = running.admin.map(|a| a.to_string()).unwrap_or_default();
             eprintln!("hangar up: edge on http://{} (apps at http://<app>.{}:{}), admin on http://{admin}", running.http, args.domain, running.http.port());
+            edge_url = Some(format!("http://<app>.{}:{}", args.domain, running.http.port()));
+            running.edge.set_waker(crate::scale::waker(node.clone(), running.edge.clone(), args.domain.clone()));
             Some(running.edge)
         };
+        node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url })?;
+        eprintln!("hangar up: Machines API on http://{addr} (token in {})", node_config::path(&home).display());
+        node.state.interrupt_releases()?;
+        tokio::spawn(hangar_api::checks::run(node.clone()));
 
         let store = node.runtime.store().clone();
         let pull: Puller = Arc::new(move |reference| Box::pin(pull_image(store.clone(), reference)));
@@ -250,7 +222,8 @@ pub fn run(args: UpArgs) -> Result<()> {
                     node.reconcile();
                     update_egress(&node, &egress);
                     if let (Some(edge), Ok(machines)) = (&edge, node.state.list()) {
-                        edge.set_hosts(&edge_hosts(&machines, &domain));
+                        edge.set_hosts(&crate::scale::edge_hosts(&node, &machines, &domain));
+                        crate::scale::stop_idle(&node, edge, &machines, &domain);
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }

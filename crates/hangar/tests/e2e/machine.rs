@@ -171,9 +171,11 @@ impl Node {
         let mut lines = BufReader::new(stderr).lines();
         loop {
             let line = lines.next().expect("hangar up exited early").unwrap();
-            // The edge is the last service up.
             if let Some(rest) = line.split("edge on http://").nth(1) {
                 self.edge = rest.split_whitespace().next().unwrap().to_string();
+            }
+            // The API is announced last, once the node config is written.
+            if line.contains("Machines API on") {
                 break;
             }
         }

@@ -1,0 +1,458 @@
+//! Apps, their releases and their secrets, in the state store.
+//!
+//! An app owns the machines whose `app` metadata names it. A release is one
+//! deploy: the image and the machine config template, and how it ended.
+//! Secrets are sealed at rest with a key in `$HANGAR_HOME/secrets.key`
+//! (HMAC-SHA256 as the keystream and as the tag, encrypt-then-MAC) and are
+//! only ever opened to go into a machine's environment.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use hmac::{Hmac, Mac};
+use rusqlite::{params, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::config::MachineConfig;
+use crate::error::{Error, Result};
+use crate::state::{now, State};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct App {
+    pub name: String,
+    pub org: String,
+    pub created_at: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Release {
+    pub app: String,
+    pub version: u32,
+    pub image: String,
+    /// `running`, `complete`, `failed` or `interrupted`.
+    pub status: String,
+    pub description: String,
+    pub config: MachineConfig,
+    pub created_at: u64,
+}
+
+/// A secret as the API shows it: never its value.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretInfo {
+    pub name: String,
+    /// The first hex digits of SHA-256 over the value, to tell versions apart.
+    pub digest: String,
+    pub created_at: u64,
+}
+
+/// App names are DNS labels: they become `<app>.<domain>`.
+pub fn valid_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "app name {name:?}: use lowercase letters, digits and dashes (at most 63), e.g. \"hello-world\""
+        )))
+    }
+}
+
+impl State {
+    pub fn create_app(&self, name: &str, org: &str) -> Result<App> {
+        valid_name(name)?;
+        let done = self.db().execute(
+            "INSERT OR IGNORE INTO apps (name, org, created_at) VALUES (?1, ?2, ?3)",
+            params![name, org, now()],
+        )?;
+        if done == 0 {
+            return Err(Error::Conflict(format!(
+                "app {name} exists already; deploy to it, or pick another name"
+            )));
+        }
+        self.app(name)
+    }
+
+    pub fn app(&self, name: &str) -> Result<App> {
+        self.db()
+            .query_row("SELECT name, org, created_at FROM apps WHERE name = ?1", params![name], |r| {
+                Ok(App { name: r.get(0)?, org: r.get(1)?, created_at: r.get(2)? })
+            })
+            .optional()?
+            .ok_or_else(|| Error::NotFound(format!("no app {name:?}; create it with `hangar launch` or list them with `hangar apps list`")))
+    }
+
+    pub fn apps(&self) -> Result<Vec<App>> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT name, org, created_at FROM apps ORDER BY name")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(App {
+                    name: r.get(0)?,
+                    org: r.get(1)?,
+                    created_at: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Forget an app, its releases and secrets (its machines are the
+    /// caller's to destroy first).
+    pub fn delete_app(&self, name: &str) -> Result<()> {
+        let db = self.db();
+        for table in ["secrets", "releases"] {
+            db.execute(
+                &format!("DELETE FROM {table} WHERE app = ?1"),
+                params![name],
+            )?;
+        }
+        db.execute("DELETE FROM apps WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
+    /// Record a new release (status `running`); returns it with its version.
+    pub fn add_release(
+        &self,
+        app: &str,
+        image: &str,
+        description: &str,
+        config: &MachineConfig,
+    ) -> Result<Release> {
+        let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
+        let db = self.db();
+        let version: u32 = db.query_row(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1",
+            params![app],
+            |r| r.get(0),
+        )?;
+        db.execute(
+            "INSERT INTO releases (app, version, image, status, description, config, created_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6)",
+            params![app, version, image, description, json, now()],
+        )?;
+        drop(db);
+        self.release(app, version)
+    }
+
+    pub fn set_release_status(
+        &self,
+        app: &str,
+        version: u32,
+        status: &str,
+        description: &str,
+    ) -> Result<()> {
+        self.db().execute(
+            "UPDATE releases SET status = ?3, description = ?4 WHERE app = ?1 AND version = ?2",
+            params![app, version, status, description],
+        )?;
+        Ok(())
+    }
+
+    /// Releases still `running` when the node starts were cut short.
+    pub fn interrupt_releases(&self) -> Result<()> {
+        self.db().execute(
+            "UPDATE releases SET status = 'interrupted', description = description || ' (the node stopped during the deploy)' WHERE status = 'running'",
+            [],
+        )?;
+        Ok(())
+    }
+
+    pub fn release(&self, app: &str, version: u32) -> Result<Release> {
+        self.releases_where("app = ?1 AND version = ?2", params![app, version])?
+            .pop()
+            .ok_or_else(|| Error::NotFound(format!("app {app} has no release v{version}")))
+    }
+
+    /// Newest first.
+    pub fn releases(&self, app: &str) -> Result<Vec<Release>> {
+        self.releases_where("app = ?1", params![app])
+    }
+
+    /// The newest release that completed: what machines should run.
+    pub fn current_release(&self, app: &str) -> Result<Option<Release>> {
+        Ok(self
+            .releases_where("app = ?1 AND status = 'complete'", params![app])?
+            .into_iter()
+            .next())
+    }
+
+    fn releases_where(&self, filter: &str, args: impl rusqlite::Params) -> Result<Vec<Release>> {
+        let db = self.db();
+        let mut stmt = db.prepare(&format!(
+            "SELECT app, version, image, status, description, config, created_at FROM releases WHERE {filter} ORDER BY version DESC"
+        ))?;
+        let rows = stmt
+            .query_map(args, |r| {
+                let config: String = r.get(5)?;
+                Ok((
+                    Release {
+                        app: r.get(0)?,
+                        version: r.get(1)?,
+                        image: r.get(2)?,
+                        status: r.get(3)?,
+                        description: r.get(4)?,
+                        config: MachineConfig::default(),
+                        created_at: r.get(6)?,
+                    },
+                    config,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(mut rel, config)| {
+                rel.config = serde_json::from_str(&config)
+                    .map_err(|e| Error::Internal(format!("stored release config: {e}")))?;
+                Ok(rel)
+            })
+            .collect()
+    }
+
+    pub fn set_secrets(
+        &self,
+        sealer: &Sealer,
+        app: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let db = self.db();
+        for (name, value) in values {
+            let digest = short_digest(value);
+            db.execute(
+                "INSERT OR REPLACE INTO secrets (app, name, sealed, digest, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![app, name, sealer.seal(value.as_bytes())?, digest, now()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Remove secrets; returns the names that existed.
+    pub fn unset_secrets(&self, app: &str, names: &[String]) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut gone = Vec::new();
+        for name in names {
+            if db.execute(
+                "DELETE FROM secrets WHERE app = ?1 AND name = ?2",
+                params![app, name],
+            )? > 0
+            {
+                gone.push(name.clone());
+            }
+        }
+        Ok(gone)
+    }
+
+    pub fn secret_infos(&self, app: &str) -> Result<Vec<SecretInfo>> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare("SELECT name, digest, created_at FROM secrets WHERE app = ?1 ORDER BY name")?;
+        let rows = stmt
+            .query_map(params![app], |r| {
+                Ok(SecretInfo {
+                    name: r.get(0)?,
+                    digest: r.get(1)?,
+                    created_at: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// The app's secrets, opened: for a machine's environment only.
+    pub fn open_secrets(&self, sealer: &Sealer, app: &str) -> Result<BTreeMap<String, String>> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT name, sealed FROM secrets WHERE app = ?1")?;
+        let rows = stmt
+            .query_map(params![app], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(name, sealed)| {
+                let plain = sealer
+                    .open(&sealed)
+                    .map_err(|e| Error::Internal(format!("secret {name} of {app}: {e}")))?;
+                Ok((name, String::from_utf8_lossy(&plain).into_owned()))
+            })
+            .collect()
+    }
+}
+
+fn short_digest(value: &str) -> String {
+    use sha2::Digest;
+    hex(&Sha256::digest(value.as_bytes())[..6])
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Seals secrets with a node key: a random 16-byte nonce, the value XORed
+/// with HMAC(k_enc, nonce || counter) blocks, and HMAC(k_mac, nonce || ct).
+pub struct Sealer {
+    enc: [u8; 32],
+    mac: [u8; 32],
+}
+
+impl Sealer {
+    /// The node's key from `home/secrets.key`, made (mode 0600) if missing.
+    pub fn open_or_create(home: &Path) -> Result<Sealer> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = home.join("secrets.key");
+        let err = |e: std::io::Error| Error::Internal(format!("{}: {e}", path.display()));
+        let key = match std::fs::read(&path) {
+            Ok(k) if k.len() == 64 => k,
+            Ok(_) => return Err(Error::Internal(format!("{} is not a 64-byte key; restore it from a backup (secrets cannot be opened without it)", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let k = random_bytes(64)?;
+                let tmp = home.join("secrets.key.tmp");
+                let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
+                f.write_all(&k).and_then(|()| f.sync_all()).map_err(err)?;
+                std::fs::rename(&tmp, &path).map_err(err)?;
+                k
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let mut s = Sealer {
+            enc: [0; 32],
+            mac: [0; 32],
+        };
+        s.enc.copy_from_slice(&key[..32]);
+        s.mac.copy_from_slice(&key[32..]);
+        Ok(s)
+    }
+
+    fn keystream_xor(&self, nonce: &[u8], data: &mut [u8]) {
+        for (i, chunk) in data.chunks_mut(32).enumerate() {
+            let mut m = <HmacSha256 as Mac>::new_from_slice(&self.enc).expect("any key length");
+            m.update(nonce);
+            m.update(&(i as u64).to_be_bytes());
+            let block = m.finalize().into_bytes();
+            for (d, k) in chunk.iter_mut().zip(block.iter()) {
+                *d ^= k;
+            }
+        }
+    }
+
+    fn tag(&self, nonce_and_ct: &[u8]) -> [u8; 32] {
+        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.mac).expect("any key length");
+        m.update(nonce_and_ct);
+        m.finalize().into_bytes().into()
+    }
+
+    pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>> {
+        let mut out = random_bytes(16)?;
+        let mut ct = plain.to_vec();
+        self.keystream_xor(&out[..16], &mut ct);
+        out.extend_from_slice(&ct);
+        let tag = self.tag(&out);
+        out.extend_from_slice(&tag);
+        Ok(out)
+    }
+
+    pub fn open(&self, sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
+        if sealed.len() < 48 {
+            return Err("sealed value too short");
+        }
+        let (body, tag) = sealed.split_at(sealed.len() - 32);
+        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.mac).map_err(|_| "bad key")?;
+        m.update(body);
+        m.verify_slice(tag)
+            .map_err(|_| "the sealed value does not match the node key")?;
+        let mut plain = body[16..].to_vec();
+        self.keystream_xor(&body[..16], &mut plain);
+        Ok(plain)
+    }
+}
+
+fn random_bytes(n: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| Error::Internal(format!("/dev/urandom: {e}")))?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealing_round_trips_and_detects_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sealer::open_or_create(dir.path()).unwrap();
+        let sealed = s
+            .seal(b"postgres://user:hunter2@db/app, longer than one 32-byte block")
+            .unwrap();
+        assert!(
+            !sealed.windows(7).any(|w| w == b"hunter2"),
+            "no plaintext at rest"
+        );
+        assert_eq!(
+            s.open(&sealed).unwrap(),
+            b"postgres://user:hunter2@db/app, longer than one 32-byte block"
+        );
+        let mut bad = sealed.clone();
+        bad[20] ^= 1;
+        assert!(s.open(&bad).is_err());
+        // The same key next time; a different key opens nothing.
+        let again = Sealer::open_or_create(dir.path()).unwrap();
+        assert!(again.open(&sealed).is_ok());
+        let other = Sealer::open_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        assert!(other.open(&sealed).is_err());
+    }
+
+    #[test]
+    fn apps_releases_and_secrets_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let sealer = Sealer::open_or_create(dir.path()).unwrap();
+        assert!(state.create_app("Bad_Name", "o").is_err());
+        state.create_app("hello", "personal").unwrap();
+        assert!(matches!(
+            state.create_app("hello", "personal"),
+            Err(Error::Conflict(_))
+        ));
+        let r1 = state
+            .add_release("hello", "img:1", "first", &MachineConfig::default())
+            .unwrap();
+        let r2 = state
+            .add_release("hello", "img:2", "second", &MachineConfig::default())
+            .unwrap();
+        assert_eq!((r1.version, r2.version), (1, 2));
+        state
+            .set_release_status("hello", 1, "complete", "ok")
+            .unwrap();
+        assert_eq!(state.current_release("hello").unwrap().unwrap().version, 1);
+        state.interrupt_releases().unwrap();
+        assert_eq!(state.release("hello", 2).unwrap().status, "interrupted");
+        let mut v = BTreeMap::new();
+        v.insert("DB".to_string(), "secret-value".to_string());
+        state.set_secrets(&sealer, "hello", &v).unwrap();
+        assert_eq!(state.open_secrets(&sealer, "hello").unwrap(), v);
+        assert_eq!(state.secret_infos("hello").unwrap()[0].name, "DB");
+        for file in ["state.db", "state.db-wal"] {
+            let raw = std::fs::read(dir.path().join(file)).unwrap_or_default();
+            assert!(
+                !raw.windows(12).any(|w| w == b"secret-value"),
+                "not in {file}"
+            );
+        }
+        assert_eq!(
+            state
+                .unset_secrets("hello", &["DB".into(), "NOPE".into()])
+                .unwrap(),
+            vec!["DB"]
+        );
+        state.delete_app("hello").unwrap();
+        assert!(state.app("hello").is_err());
+    }
+}

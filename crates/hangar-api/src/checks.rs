@@ -1,0 +1,209 @@
+//! Health checks of machines: `GET path` on the machine's address, run by
+//! the node on each check's interval. Results live in memory (they are
+//! evidence, re-gathered within one interval after a restart) and gate
+//! traffic (the edge routes only to machines whose checks pass) and
+//! deploys (a new machine must pass before an old one goes).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::Check;
+use crate::node::Node;
+
+/// Consecutive failures after the grace period that make a check critical.
+pub const FAILURES_TO_CRITICAL: u32 = 2;
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct CheckStatus {
+    pub name: String,
+    /// `pending` (no verdict yet), `passing` or `critical`.
+    pub status: String,
+    pub output: String,
+}
+
+#[derive(Default)]
+struct Item {
+    status: CheckStatus,
+    last_run: Option<Instant>,
+    failures: u32,
+    running: bool,
+}
+
+struct MachineChecks {
+    /// When the node first saw this run of the machine started.
+    since: Instant,
+    items: BTreeMap<String, Item>,
+}
+
+#[derive(Default)]
+pub struct Checks {
+    machines: Mutex<HashMap<String, MachineChecks>>,
+}
+
+impl Checks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, MachineChecks>> {
+        self.machines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn status(&self, id: &str) -> Vec<CheckStatus> {
+        self.lock()
+            .get(id)
+            .map(|m| m.items.values().map(|i| i.status.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// All checks pass (or there are none) for a started machine.
+    pub fn passing(&self, id: &str, defined: usize) -> bool {
+        if defined == 0 {
+            return true;
+        }
+        self.lock().get(id).is_some_and(|m| {
+            m.items.len() == defined && m.items.values().all(|i| i.status.status == "passing")
+        })
+    }
+
+    /// Record that checks just passed when probed outside the loop (a
+    /// machine woken for a waiting request).
+    pub fn mark_passing<'a>(&self, id: &str, names: impl Iterator<Item = &'a String>) {
+        let mut table = self.lock();
+        let entry = table
+            .entry(id.to_string())
+            .or_insert_with(|| MachineChecks {
+                since: Instant::now(),
+                items: BTreeMap::new(),
+            });
+        for name in names {
+            let item = entry.items.entry(name.clone()).or_default();
+            item.status = CheckStatus {
+                name: name.clone(),
+                status: "passing".into(),
+                output: "OK".into(),
+            };
+            item.failures = 0;
+            item.last_run = Some(Instant::now());
+        }
+    }
+}
+
+/// One check, once: `Ok` or why it failed.
+pub async fn probe(addr: SocketAddr, check: &Check) -> Result<(), String> {
+    let timeout = Duration::from_secs_f64(check.timeout);
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let req = format!(
+            "GET {} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: hangar-check\r\n\r\n",
+            check.path
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await.map_err(|e| e.to_string())?;
+        let line = String::from_utf8_lossy(&head[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let code: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        if (200..400).contains(&code) {
+            Ok(())
+        } else if code == 0 {
+            Err(format!("GET {}: no HTTP answer", check.path))
+        } else {
+            Err(format!("GET {} answered {code}", check.path))
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("GET {}: no answer within {timeout:?}", check.path)),
+    }
+}
+
+/// Run every started machine's checks on their intervals, forever.
+pub async fn run(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        let Ok(machines) = node.state.list() else {
+            continue;
+        };
+        let now = Instant::now();
+        let mut table = node.checks.lock();
+        table.retain(|id, _| machines.iter().any(|m| &m.id == id && m.state == "started"));
+        for m in machines
+            .iter()
+            .filter(|m| m.state == "started" && !m.config.checks.is_empty())
+        {
+            let entry = table.entry(m.id.clone()).or_insert_with(|| MachineChecks {
+                since: now,
+                items: BTreeMap::new(),
+            });
+            for (name, check) in &m.config.checks {
+                let item = entry.items.entry(name.clone()).or_insert_with(|| Item {
+                    status: CheckStatus {
+                        name: name.clone(),
+                        status: "pending".into(),
+                        output: String::new(),
+                    },
+                    ..Item::default()
+                });
+                let due = item
+                    .last_run
+                    .is_none_or(|t| now >= t + Duration::from_secs_f64(check.interval));
+                if item.running || !due {
+                    continue;
+                }
+                item.running = true;
+                item.last_run = Some(now);
+                let addr = SocketAddr::new(
+                    hangar_machine::network::address(m.slot).v4.into(),
+                    check.port,
+                );
+                let (node, id, name, check, since) = (
+                    node.clone(),
+                    m.id.clone(),
+                    name.clone(),
+                    check.clone(),
+                    entry.since,
+                );
+                tokio::spawn(async move {
+                    let result = probe(addr, &check).await;
+                    let mut table = node.checks.lock();
+                    let Some(item) = table.get_mut(&id).and_then(|m| m.items.get_mut(&name)) else {
+                        return;
+                    };
+                    item.running = false;
+                    match result {
+                        Ok(()) => {
+                            item.failures = 0;
+                            item.status.status = "passing".into();
+                            item.status.output = "OK".into();
+                        }
+                        Err(why) => {
+                            let in_grace =
+                                since.elapsed() < Duration::from_secs_f64(check.grace_period);
+                            if !in_grace {
+                                item.failures += 1;
+                            }
+                            if item.failures >= FAILURES_TO_CRITICAL {
+                                item.status.status = "critical".into();
+                            }
+                            item.status.output = why;
+                        }
+                    }
+                });
+            }
+        }
+    }
+}

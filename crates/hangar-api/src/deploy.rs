@@ -1,0 +1,364 @@
+//! Deploys and scaling: replace an app's machines with a new release's,
+//! by strategy, never leaving the app with fewer healthy machines than it
+//! had unless the strategy says so.
+//!
+//! - `rolling` (default): per batch of `max_unavailable` (at least 1), start
+//!   new machines, wait until their checks pass, then stop old ones.
+//! - `bluegreen`: start every new machine, wait for all, then stop all old.
+//! - `immediate`: start every new machine and stop the old at once, without
+//!   waiting for checks.
+//!
+//! When a new machine fails (exits, or a check goes critical, or time runs
+//! out), the deploy rolls back: the new machines go and the old ones that
+//! were stopped come back, and the release is `failed` with the check's
+//! output and the machine's last log lines.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::apps::Release;
+use crate::config::MachineConfig;
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::state::Machine;
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    pub image: String,
+    /// The template of every machine of the release.
+    pub config: MachineConfig,
+    /// How many machines; default: as many as now, at least one.
+    #[serde(default)]
+    pub count: Option<u32>,
+    #[serde(default = "rolling")]
+    pub strategy: String,
+    #[serde(default)]
+    pub max_unavailable: u32,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn rolling() -> String {
+    "rolling".into()
+}
+
+/// Progress lines (JSON) for the caller, as the deploy goes.
+#[derive(Clone)]
+pub struct Progress(pub UnboundedSender<serde_json::Value>);
+
+impl Progress {
+    fn say(&self, message: String) {
+        let _ = self.0.send(serde_json::json!({ "message": message }));
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("operation failed: {e}")))?
+}
+
+/// The app's machines that are not destroyed, oldest first.
+pub fn app_machines(node: &Node, app: &str) -> Result<Vec<Machine>> {
+    Ok(node
+        .state
+        .list()?
+        .into_iter()
+        .filter(|m| m.config.metadata.get("app").map(String::as_str) == Some(app))
+        .collect())
+}
+
+fn suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16))
+        .unwrap_or(0);
+    format!(
+        "{:06x}",
+        (nanos ^ std::process::id().rotate_left(8)) & 0xff_ffff
+    )
+}
+
+async fn create(node: &Arc<Node>, app: &str, config: &MachineConfig) -> Result<Machine> {
+    let (node, config, name) = (node.clone(), config.clone(), format!("{app}-{}", suffix()));
+    blocking(move || node.create(Some(name), config)).await
+}
+
+/// Stop (with the machine's kill signal and timeout) and destroy.
+async fn retire(node: &Arc<Node>, m: &Machine) -> Result<()> {
+    let node = node.clone();
+    let id = m.id.clone();
+    let signal = m
+        .config
+        .kill_signal
+        .clone()
+        .unwrap_or_else(|| "SIGTERM".into());
+    let timeout = Duration::from_secs(m.config.kill_timeout.unwrap_or(5));
+    blocking(move || {
+        node.stop(&id, &signal, timeout)?;
+        node.destroy(&id, true).map(|_| ())
+    })
+    .await
+}
+
+/// The last `n` lines of a machine's log.
+pub fn last_log_lines(node: &Node, id: &str, n: usize) -> String {
+    let text = std::fs::read(node.runtime.log_path(id)).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Wait until `m` is started and its checks pass; the error says which
+/// check failed (or how it exited) and ends with its last log lines.
+pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result<()> {
+    let budget = m
+        .config
+        .checks
+        .values()
+        .map(|c| c.grace_period + 5.0 * c.interval + c.timeout)
+        .fold(10.0, f64::max)
+        .min(300.0);
+    let deadline = Instant::now() + Duration::from_secs_f64(budget);
+    let failed = |why: String| {
+        Error::Conflict(format!(
+            "machine {} ({}) {why}; its last log lines:\n{}",
+            m.name,
+            m.id,
+            last_log_lines(node, &m.id, 10)
+        ))
+    };
+    loop {
+        let now = node.state.get(&m.id)?;
+        match now.state.as_str() {
+            "started" if !checks => return Ok(()),
+            "started" => {
+                if node.checks.passing(&m.id, now.config.checks.len()) {
+                    return Ok(());
+                }
+                if let Some(c) = node
+                    .checks
+                    .status(&m.id)
+                    .into_iter()
+                    .find(|c| c.status == "critical")
+                {
+                    return Err(failed(format!(
+                        "failed its check {:?}: {}",
+                        c.name, c.output
+                    )));
+                }
+            }
+            "stopped" | "failed" | "destroyed" => {
+                let code = now
+                    .exit_code
+                    .map(|c| format!(" with code {c}"))
+                    .unwrap_or_default();
+                return Err(failed(format!("exited{code} before passing its checks")));
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            let pending: Vec<String> = node
+                .checks
+                .status(&m.id)
+                .into_iter()
+                .map(|c| format!("{}: {} {}", c.name, c.status, c.output))
+                .collect();
+            return Err(failed(format!(
+                "did not pass its checks within {budget:.0}s ({})",
+                pending.join("; ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Run a deploy to the end; the release records how it ended.
+pub async fn deploy(
+    node: Arc<Node>,
+    app: String,
+    req: DeployRequest,
+    progress: Progress,
+) -> Result<Release> {
+    node.state.app(&app)?;
+    if !["rolling", "bluegreen", "immediate"].contains(&req.strategy.as_str()) {
+        return Err(Error::Invalid(format!(
+            "strategy {:?} must be rolling, bluegreen or immediate",
+            req.strategy
+        )));
+    }
+    let mut config = req.config;
+    config.image = req.image.clone();
+    config.metadata.insert("app".into(), app.clone());
+    config.validate()?;
+    let old = app_machines(&node, &app)?;
+    let count = req.count.map(|c| c as usize).unwrap_or(old.len().max(1));
+    let release = node
+        .state
+        .add_release(&app, &req.image, &req.description, &config)?;
+    config
+        .metadata
+        .insert("release".into(), release.version.to_string());
+    progress.say(format!(
+        "release v{} of {app}: {} machine(s), {} strategy, image {}",
+        release.version, count, req.strategy, req.image
+    ));
+
+    let mut created: Vec<Machine> = Vec::new();
+    let mut retired: Vec<Machine> = Vec::new();
+    let outcome: Result<()> = async {
+        match req.strategy.as_str() {
+            "rolling" => {
+                let batch = req.max_unavailable.max(1) as usize;
+                let mut remaining_old = old.clone();
+                while created.len() < count {
+                    let n = batch.min(count - created.len());
+                    let mut fresh = Vec::new();
+                    for _ in 0..n {
+                        let m = create(&node, &app, &config).await?;
+                        progress.say(format!("machine {} started, waiting for its checks", m.id));
+                        created.push(m.clone());
+                        fresh.push(m);
+                    }
+                    for m in &fresh {
+                        wait_healthy(&node, m, true).await?;
+                        progress.say(format!("machine {} is healthy", m.id));
+                    }
+                    for _ in 0..n {
+                        if remaining_old.is_empty() {
+                            break;
+                        }
+                        let o = remaining_old.remove(0);
+                        retire(&node, &o).await?;
+                        progress.say(format!(
+                            "machine {} (v{}) stopped and destroyed",
+                            o.id,
+                            o.config
+                                .metadata
+                                .get("release")
+                                .map(String::as_str)
+                                .unwrap_or("?")
+                        ));
+                        retired.push(o);
+                    }
+                }
+                for o in remaining_old {
+                    retire(&node, &o).await?;
+                    progress.say(format!(
+                        "machine {} stopped and destroyed (scaled down)",
+                        o.id
+                    ));
+                    retired.push(o);
+                }
+            }
+            strategy => {
+                for _ in 0..count {
+                    let m = create(&node, &app, &config).await?;
+                    progress.say(format!("machine {} started", m.id));
+                    created.push(m);
+                }
+                for m in &created {
+                    wait_healthy(&node, m, strategy == "bluegreen").await?;
+                    progress.say(format!(
+                        "machine {} is {}",
+                        m.id,
+                        if strategy == "bluegreen" {
+                            "healthy"
+                        } else {
+                            "started"
+                        }
+                    ));
+                }
+                for o in &old {
+                    retire(&node, o).await?;
+                    progress.say(format!("machine {} stopped and destroyed", o.id));
+                    retired.push(o.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+
+    match outcome {
+        Ok(()) => {
+            let note = format!("deployed {} machine(s)", created.len());
+            node.state
+                .set_release_status(&app, release.version, "complete", &note)?;
+            progress.say(format!("release v{} is complete", release.version));
+        }
+        Err(e) => {
+            progress.say(format!("deploy failed, rolling back: {e}"));
+            for m in &created {
+                let _ = retire(&node, m).await;
+            }
+            for o in &retired {
+                // The old release comes back as it was.
+                match create(&node, &app, &o.config).await {
+                    Ok(m) => progress.say(format!(
+                        "machine {} restored (v{})",
+                        m.id,
+                        o.config
+                            .metadata
+                            .get("release")
+                            .map(String::as_str)
+                            .unwrap_or("?")
+                    )),
+                    Err(e) => progress.say(format!(
+                        "could not restore a machine of the old release: {e}"
+                    )),
+                }
+            }
+            node.state
+                .set_release_status(&app, release.version, "failed", &e.to_string())?;
+            progress.say(format!(
+                "release v{} failed and was rolled back",
+                release.version
+            ));
+            return Err(e);
+        }
+    }
+    node.state.release(&app, release.version)
+}
+
+/// Set the number of machines of an app's current release: new ones must
+/// pass their checks; extra ones go, newest first.
+pub async fn scale_count(
+    node: Arc<Node>,
+    app: String,
+    count: u32,
+    progress: Progress,
+) -> Result<()> {
+    let release = node.state.current_release(&app)?.ok_or_else(|| {
+        Error::Conflict(format!(
+            "app {app} has no complete release yet; run `hangar deploy` first"
+        ))
+    })?;
+    let mut config = release.config.clone();
+    config
+        .metadata
+        .insert("release".into(), release.version.to_string());
+    let machines = app_machines(&node, &app)?;
+    let count = count as usize;
+    if count > machines.len() {
+        for _ in machines.len()..count {
+            let m = create(&node, &app, &config).await?;
+            progress.say(format!("machine {} started, waiting for its checks", m.id));
+            if let Err(e) = wait_healthy(&node, &m, true).await {
+                let _ = retire(&node, &m).await;
+                return Err(e);
+            }
+            progress.say(format!("machine {} is healthy", m.id));
+        }
+    } else {
+        for m in machines.iter().rev().take(machines.len() - count) {
+            retire(&node, m).await?;
+            progress.say(format!("machine {} stopped and destroyed", m.id));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,534 @@
+//! `hangar-app`: the `hangar.toml` an app is described by (in the spirit of
+//! fly.toml), read strictly (unknown keys are errors with file and line),
+//! and turned into the node's deploy request: the machine config template,
+//! the count and the strategy.
+//!
+//! It owns the file format and its defaults; it does not build, push or
+//! deploy (the CLI and the node do).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hangar_api::config::{Check, Guest, Restart, Service};
+use hangar_api::deploy::DeployRequest;
+use hangar_api::MachineConfig;
+use serde::{Deserialize, Deserializer, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub app: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_signal: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "opt_seconds"
+    )]
+    pub kill_timeout: Option<u64>,
+    #[serde(default)]
+    pub build: Build,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_service: Option<HttpService>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vm: Vec<Vm>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<Deploy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+}
+
+/// Where the image comes from: `image`, or a directory to build.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Build {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// A directory (relative to hangar.toml) whose files become the top layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// The image the directory is layered on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpService {
+    pub internal_port: u16,
+    #[serde(default)]
+    pub force_https: bool,
+    /// `off` or `stop`.
+    #[serde(default = "off")]
+    pub auto_stop_machines: String,
+    #[serde(default)]
+    pub auto_start_machines: bool,
+    #[serde(default)]
+    pub min_machines_running: u32,
+    /// How long without requests before a machine stops (with `stop`).
+    #[serde(default = "five_minutes", deserialize_with = "seconds")]
+    pub idle_timeout: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<HttpCheck>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    #[serde(default = "requests", rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub soft_limit: u32,
+    #[serde(default)]
+    pub hard_limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    #[serde(default = "slash")]
+    pub path: String,
+    #[serde(default = "ten", deserialize_with = "seconds_f")]
+    pub interval: f64,
+    #[serde(default = "two", deserialize_with = "seconds_f")]
+    pub timeout: f64,
+    #[serde(default = "one", deserialize_with = "seconds_f")]
+    pub grace_period: f64,
+    #[serde(default = "get")]
+    pub method: String,
+}
+
+/// The app's edge cache policy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default, deserialize_with = "seconds")]
+    pub default_ttl: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub port: u16,
+    #[serde(default = "metrics_path")]
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    #[serde(default = "one_cpu")]
+    pub cpus: u32,
+    /// MB, or text like "512mb" / "1gb".
+    #[serde(default = "memory_default", deserialize_with = "megabytes")]
+    pub memory: u64,
+    /// `container` (`vm` arrives with the micro-VM driver).
+    #[serde(default = "container")]
+    pub driver: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Deploy {
+    #[serde(default = "rolling")]
+    pub strategy: String,
+    #[serde(default)]
+    pub max_unavailable: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    /// `no`, `on-failure` or `always`.
+    pub policy: String,
+    #[serde(default = "three")]
+    pub retries: u32,
+}
+
+fn off() -> String {
+    "off".into()
+}
+fn requests() -> String {
+    "requests".into()
+}
+fn slash() -> String {
+    "/".into()
+}
+fn get() -> String {
+    "GET".into()
+}
+fn rolling() -> String {
+    "rolling".into()
+}
+fn container() -> String {
+    "container".into()
+}
+fn metrics_path() -> String {
+    "/metrics".into()
+}
+fn five_minutes() -> u64 {
+    300
+}
+fn ten() -> f64 {
+    10.0
+}
+fn two() -> f64 {
+    2.0
+}
+fn one() -> f64 {
+    1.0
+}
+fn one_cpu() -> u32 {
+    1
+}
+fn three() -> u32 {
+    3
+}
+fn yes() -> bool {
+    true
+}
+fn memory_default() -> u64 {
+    256
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrText {
+    Num(f64),
+    Text(String),
+}
+
+/// Seconds from `10`, `"10s"`, `"500ms"`, `"5m"`, `"1h"`.
+fn parse_seconds(v: NumOrText) -> Result<f64, String> {
+    match v {
+        NumOrText::Num(n) if n >= 0.0 => Ok(n),
+        NumOrText::Num(n) => Err(format!("{n} is negative")),
+        NumOrText::Text(t) => {
+            let t = t.trim();
+            let split = t
+                .find(|c: char| !c.is_ascii_digit() && c != '.')
+                .unwrap_or(t.len());
+            let (n, unit) = t.split_at(split);
+            let n: f64 = n.parse().map_err(|_| {
+                format!("{t:?} is not a duration (e.g. \"10s\", \"500ms\", \"5m\")")
+            })?;
+            Ok(match unit {
+                "ms" => n / 1000.0,
+                "" | "s" => n,
+                "m" => n * 60.0,
+                "h" => n * 3600.0,
+                _ => {
+                    return Err(format!(
+                        "{t:?} is not a duration (e.g. \"10s\", \"500ms\", \"5m\")"
+                    ))
+                }
+            })
+        }
+    }
+}
+
+fn seconds_f<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    parse_seconds(NumOrText::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    seconds_f(d).map(|s| s.round() as u64)
+}
+
+fn opt_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    seconds(d).map(Some)
+}
+
+fn megabytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match NumOrText::deserialize(d)? {
+        NumOrText::Num(n) => Ok(n as u64),
+        NumOrText::Text(t) => {
+            let lower = t.trim().to_ascii_lowercase();
+            let split = lower
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(lower.len());
+            let (n, unit) = lower.split_at(split);
+            let n: u64 = n.parse().map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a memory size (e.g. 512, \"512mb\", \"1gb\")"
+                ))
+            })?;
+            match unit.trim() {
+                "" | "mb" | "m" => Ok(n),
+                "gb" | "g" => Ok(n * 1024),
+                _ => Err(serde::de::Error::custom(format!(
+                    "{t:?} is not a memory size (e.g. 512, \"512mb\", \"1gb\")"
+                ))),
+            }
+        }
+    }
+}
+
+/// The name of the file, in the app's directory.
+pub const FILE: &str = "hangar.toml";
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Manifest, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
+        let m = Manifest::parse(&text).map_err(|(line, message)| Error::Parse {
+            path: path.into(),
+            line,
+            message,
+        })?;
+        m.validate().map_err(|message| Error::Invalid {
+            path: path.into(),
+            message,
+        })?;
+        Ok(m)
+    }
+
+    /// Parse TOML; an error is (line, message).
+    pub fn parse(text: &str) -> Result<Manifest, (usize, String)> {
+        toml::from_str::<Manifest>(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start].matches('\n').count() + 1)
+                .unwrap_or(1);
+            (line, e.message().to_string())
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        hangar_api::apps::valid_name(&self.app).map_err(|e| e.to_string())?;
+        if self.build.image.is_some() == self.build.dir.is_some() {
+            return Err("[build] needs exactly one of image = \"...\" or dir = \"...\"".into());
+        }
+        if let Some(vm) = self.vm.first() {
+            if vm.driver != "container" {
+                return Err(format!("[[vm]] driver {:?}: only \"container\" exists yet (micro-VMs come with their own issue)", vm.driver));
+            }
+        }
+        if let Some(s) = &self.http_service {
+            if !["off", "stop"].contains(&s.auto_stop_machines.as_str()) {
+                return Err(format!(
+                    "[http_service] auto_stop_machines {:?} must be \"off\" or \"stop\"",
+                    s.auto_stop_machines
+                ));
+            }
+            for c in &s.checks {
+                if c.method != "GET" || !c.path.starts_with('/') {
+                    return Err(format!("[[http_service.checks]] path {:?}: checks are GET requests to a path starting with /", c.path));
+                }
+            }
+        }
+        if let Some(d) = &self.deploy {
+            if !["rolling", "bluegreen", "immediate"].contains(&d.strategy.as_str()) {
+                return Err(format!(
+                    "[deploy] strategy {:?} must be rolling, bluegreen or immediate",
+                    d.strategy
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The file's text: what `hangar launch` writes.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The machine config template of a release of `image`.
+    pub fn machine_config(&self, image: &str) -> MachineConfig {
+        let mut c = MachineConfig {
+            image: image.to_string(),
+            env: self.env.clone(),
+            ..Default::default()
+        };
+        if let Some(vm) = self.vm.first() {
+            c.guest = Guest {
+                cpus: vm.cpus,
+                memory_mb: vm.memory,
+            };
+        }
+        if let Some(r) = &self.restart {
+            c.restart = Restart {
+                policy: r.policy.clone(),
+                max_retries: r.retries,
+            };
+        }
+        c.kill_signal = self.kill_signal.clone();
+        c.kill_timeout = self.kill_timeout;
+        if let Some(s) = &self.http_service {
+            c.services.push(Service {
+                internal_port: s.internal_port,
+                protocol: "tcp".into(),
+                autostop: s.auto_stop_machines == "stop",
+                autostart: s.auto_start_machines,
+                min_machines_running: s.min_machines_running,
+                idle_timeout: s.idle_timeout,
+                soft_limit: s.concurrency.as_ref().map(|c| c.soft_limit).unwrap_or(0),
+            });
+            for (i, check) in s.checks.iter().enumerate() {
+                c.checks.insert(
+                    format!("http-{i}"),
+                    Check {
+                        port: s.internal_port,
+                        path: check.path.clone(),
+                        interval: check.interval,
+                        timeout: check.timeout,
+                        grace_period: check.grace_period,
+                    },
+                );
+            }
+        }
+        if let Some(region) = &self.primary_region {
+            c.metadata.insert("region".into(), region.clone());
+        }
+        if let Some(m) = &self.metrics {
+            c.metadata
+                .insert("metrics".into(), format!("{}{}", m.port, m.path));
+        }
+        c
+    }
+
+    /// The deploy request for `image`; `count` overrides the machine count.
+    pub fn deploy_request(
+        &self,
+        image: &str,
+        count: Option<u32>,
+        description: &str,
+    ) -> DeployRequest {
+        let d = self.deploy.clone().unwrap_or(Deploy {
+            strategy: rolling(),
+            max_unavailable: 0,
+        });
+        DeployRequest {
+            image: image.to_string(),
+            config: self.machine_config(image),
+            count,
+            strategy: d.strategy,
+            max_unavailable: d.max_unavailable,
+            description: description.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+app = "hello"
+primary_region = "local"
+kill_signal = "SIGINT"
+kill_timeout = "5s"
+
+[build]
+dir = "."
+base = "busybox"
+cmd = ["/bin/httpd", "-f", "-p", "8080"]
+
+[env]
+GREETING = "hi"
+
+[http_service]
+internal_port = 8080
+auto_stop_machines = "stop"
+auto_start_machines = true
+min_machines_running = 0
+idle_timeout = "2m"
+[http_service.concurrency]
+soft_limit = 20
+hard_limit = 25
+[[http_service.checks]]
+path = "/healthz"
+interval = "500ms"
+timeout = "1s"
+grace_period = "2s"
+
+[cache]
+default_ttl = "30s"
+
+[metrics]
+port = 9091
+
+[[vm]]
+cpus = 2
+memory = "1gb"
+
+[deploy]
+strategy = "bluegreen"
+
+[restart]
+policy = "always"
+"#;
+
+    #[test]
+    fn a_full_file_becomes_a_machine_config() {
+        let m = Manifest::parse(FULL).unwrap();
+        m.validate().unwrap();
+        let c = m.machine_config("localhost:5000/personal/hello:1");
+        assert_eq!(c.guest.memory_mb, 1024);
+        assert_eq!(c.kill_timeout, Some(5));
+        assert_eq!(c.services[0].idle_timeout, 120);
+        assert!(c.services[0].autostop && c.services[0].autostart);
+        assert_eq!(c.services[0].soft_limit, 20);
+        assert_eq!(c.checks["http-0"].interval, 0.5);
+        assert_eq!(c.checks["http-0"].path, "/healthz");
+        assert_eq!(c.env["GREETING"], "hi");
+        assert_eq!(c.restart.policy, "always");
+        c.validate().unwrap();
+        assert_eq!(m.deploy_request("x", None, "").strategy, "bluegreen");
+        // What launch writes reads back the same.
+        assert_eq!(Manifest::parse(&m.to_toml()).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_line() {
+        let (line, msg) = Manifest::parse("app = \"a\"\n[build]\nimage = \"x\"\n[http_service]\ninternal_port = 80\nauto_stop = \"stop\"\n").unwrap_err();
+        assert_eq!(line, 6, "{msg}");
+        assert!(msg.contains("auto_stop"), "{msg}");
+        let (line, msg) =
+            Manifest::parse("app = \"a\"\n\n[[vm]]\nmemory = \"lots\"\n").unwrap_err();
+        assert_eq!(line, 4);
+        assert!(msg.contains("memory size"), "{msg}");
+        let m = Manifest::parse("app = \"a\"\n[build]\nimage = \"x\"\n[[vm]]\ndriver = \"vm\"\n")
+            .unwrap();
+        assert!(m.validate().unwrap_err().contains("only \"container\""));
+        let m = Manifest::parse("app = \"Bad App\"\n[build]\nimage = \"x\"\n").unwrap();
+        assert!(m.validate().is_err());
+        let m = Manifest::parse("app = \"a\"\n").unwrap();
+        assert!(m.validate().unwrap_err().contains("[build]"));
+    }
+}

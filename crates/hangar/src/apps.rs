@@ -1,0 +1,676 @@
+//! The app workflow: `hangar launch`, `deploy`, `status`, `releases`,
+//! `logs`, `scale`, `secrets`, `apps`, `open`. The app comes from `-a` or
+//! the `hangar.toml` in the current directory. Builds happen here (the
+//! build context is local); rollouts happen on the node.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use hangar_app::Manifest;
+use serde_json::{json, Value};
+
+use crate::client::Client;
+
+#[derive(Args)]
+pub struct AppFlag {
+    /// The app (default: `app` in ./hangar.toml)
+    #[arg(short = 'a', long = "app", global = true)]
+    app: Option<String>,
+    /// Print JSON for scripts
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// Run this image (default: build the current directory)
+    #[arg(long)]
+    image: Option<String>,
+    /// The app's name (default: the directory's)
+    #[arg(long)]
+    name: Option<String>,
+    /// The org that owns the app (its images go to the registry under it)
+    #[arg(long, default_value = "personal")]
+    org: String,
+    /// The port the app listens on
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// For a directory build: the image it is layered on
+    #[arg(long)]
+    base: Option<String>,
+    /// For a directory build: the command, as words
+    #[arg(long)]
+    cmd: Option<String>,
+    /// Where hangar.toml goes (default: the current directory)
+    #[arg(long, default_value = ".")]
+    path: PathBuf,
+}
+
+#[derive(Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    app: AppFlag,
+    /// The hangar.toml to deploy (default: ./hangar.toml)
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Deploy this image instead of [build]
+    #[arg(long)]
+    image: Option<String>,
+    /// How many machines (default: as many as now, at least one)
+    #[arg(long)]
+    count: Option<u32>,
+}
+
+#[derive(Subcommand)]
+pub enum ScaleCommand {
+    /// Set the number of machines
+    Count { count: u32 },
+    /// Set each machine's memory (a new release)
+    Memory { mb: u64 },
+}
+
+#[derive(Subcommand)]
+pub enum SecretsCommand {
+    /// Set secrets (KEY=VALUE ...); redeploys unless --stage
+    Set {
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        #[arg(long)]
+        stage: bool,
+    },
+    /// List secret names and digests (never values)
+    List,
+    /// Remove secrets; redeploys unless --stage
+    Unset {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        stage: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AppsCommand {
+    /// List apps
+    List,
+    /// Destroy an app and all its machines
+    Destroy {
+        name: String,
+        /// Do not ask (there is nothing to ask yet; kept for scripts)
+        #[arg(long, short)]
+        yes: bool,
+    },
+}
+
+/// `app` from the flag or ./hangar.toml, with what to do when neither.
+fn app_name(flag: &AppFlag) -> Result<String> {
+    if let Some(a) = &flag.app {
+        return Ok(a.clone());
+    }
+    let path = Path::new(hangar_app::FILE);
+    if path.exists() {
+        return Ok(Manifest::load(path)?.app);
+    }
+    bail!("which app? pass -a APP, or run this where a hangar.toml is (`hangar launch` writes one)")
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Print a node operation's JSON progress lines; the last says how it ended.
+async fn follow(client: &Client, path: &str, body: Value, json_out: bool) -> Result<Value> {
+    let resp = client.send(reqwest::Method::POST, path, Some(body)).await?;
+    if !resp.status().is_success() {
+        let v: Value =
+            serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or(Value::Null);
+        bail!(
+            "{}",
+            v["error"]
+                .as_str()
+                .unwrap_or("the node refused the request")
+        );
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut last = Value::Null;
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk.context("the node's answer broke off")?);
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let v: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
+            if let Some(m) = v["message"].as_str() {
+                if !json_out {
+                    println!("  {m}");
+                }
+            } else {
+                last = v;
+            }
+        }
+    }
+    if last["ok"] != true {
+        bail!(
+            "{}",
+            last["error"]
+                .as_str()
+                .unwrap_or("the operation ended without an answer")
+        );
+    }
+    Ok(last)
+}
+
+pub fn launch(args: LaunchArgs) -> Result<()> {
+    let dir = args
+        .path
+        .canonicalize()
+        .with_context(|| format!("{} is not a directory", args.path.display()))?;
+    let toml_path = dir.join(hangar_app::FILE);
+    let client = Client::new()?;
+    if toml_path.exists() {
+        // An app that comes with its hangar.toml: create the app it names.
+        let m = Manifest::load(&toml_path)?;
+        runtime()?.block_on(client.call(
+            reqwest::Method::POST,
+            "/v1/apps",
+            Some(json!({"name": m.app, "org": args.org})),
+        ))?;
+        println!(
+            "Created app {} (org {}) from {}",
+            m.app,
+            args.org,
+            toml_path.display()
+        );
+        println!("Next: hangar deploy");
+        return Ok(());
+    }
+    let name = match args.name {
+        Some(n) => n,
+        None => dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(|n| n.to_ascii_lowercase().replace(['_', '.', ' '], "-"))
+            .ok_or_else(|| anyhow!("cannot name the app after {}; pass --name", dir.display()))?,
+    };
+    hangar_api::apps::valid_name(&name).map_err(|e| anyhow!("{e}; pass --name"))?;
+    let mut m = Manifest {
+        app: name.clone(),
+        ..Default::default()
+    };
+    match args.image {
+        Some(i) => m.build.image = Some(i),
+        None => {
+            m.build.dir = Some(".".into());
+            m.build.base = args.base;
+            m.build.cmd = args
+                .cmd
+                .map(|c| c.split_whitespace().map(str::to_string).collect());
+        }
+    }
+    m.http_service = Some(hangar_app::HttpService {
+        internal_port: args.port,
+        force_https: false,
+        auto_stop_machines: "off".into(),
+        auto_start_machines: true,
+        min_machines_running: 0,
+        idle_timeout: 300,
+        concurrency: None,
+        checks: vec![hangar_app::HttpCheck {
+            path: "/".into(),
+            interval: 10.0,
+            timeout: 2.0,
+            grace_period: 1.0,
+            method: "GET".into(),
+        }],
+    });
+    m.validate().map_err(|e| anyhow!(e))?;
+    runtime()?.block_on(client.call(
+        reqwest::Method::POST,
+        "/v1/apps",
+        Some(json!({"name": name, "org": args.org})),
+    ))?;
+    std::fs::write(&toml_path, m.to_toml())
+        .with_context(|| format!("cannot write {}", toml_path.display()))?;
+    println!(
+        "Created app {name} (org {}) and wrote {}",
+        args.org,
+        toml_path.display()
+    );
+    println!("Next: hangar deploy");
+    Ok(())
+}
+
+/// Build `[build] dir` into the local store, tagged for the built-in
+/// registry, and push it there under the app's org.
+fn build_and_push(m: &Manifest, base_dir: &Path, org: &str, registry: &str) -> Result<String> {
+    let home = crate::home()?;
+    let store = hangar_oci::Store::open(&home)?;
+    let dir = base_dir.join(m.build.dir.as_deref().unwrap_or("."));
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let tag: hangar_oci::Reference =
+        format!("{registry}/{org}/{}:deployment-{epoch}", m.app).parse()?;
+    let base: Option<hangar_oci::Reference> =
+        m.build.base.as_deref().map(str::parse).transpose()?;
+    let rt = runtime()?;
+    if let Some(b) = &base {
+        if store.resolve(b).is_err() {
+            rt.block_on(hangar_oci::client::pull(
+                &store,
+                b,
+                &Default::default(),
+                crate::progress::for_stdout(),
+            ))
+            .with_context(|| format!("pull base image {b}"))?;
+        }
+    }
+    let opts = hangar_oci::build::BuildOptions {
+        base,
+        cmd: m.build.cmd.clone(),
+        workdir: m.build.workdir.clone(),
+        expose: m
+            .http_service
+            .iter()
+            .map(|s| s.internal_port.to_string())
+            .collect(),
+        epoch: 0,
+        ..Default::default()
+    };
+    let record = hangar_oci::build::build(&store, &dir, &tag, &opts)
+        .with_context(|| format!("build {}", dir.display()))?;
+    println!("  built {} ({})", tag, record.digest);
+    // Push with a deploy token of the org (made once, kept in $HANGAR_HOME).
+    let token = deploy_token(&home, org)?;
+    let push = hangar_oci::client::PushOptions {
+        client: hangar_oci::client::ClientOptions {
+            insecure: false,
+            creds: Some(hangar_oci::auth::Credentials {
+                username: "deploy".into(),
+                password: token,
+            }),
+        },
+        chunk_size: 0,
+    };
+    rt.block_on(hangar_oci::client::push(
+        &store,
+        &tag,
+        &tag,
+        &push,
+        Arc::new(hangar_oci::client::NoProgress),
+    ))
+    .with_context(|| format!("push {tag} to the node's registry"))?;
+    println!("  pushed {tag}");
+    Ok(tag.to_string())
+}
+
+fn deploy_token(home: &Path, org: &str) -> Result<String> {
+    let path = home.join(format!("deploy-token-{org}"));
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_string());
+    }
+    let store = hangar_registry::storage::RegistryStore::open(home)?;
+    let auth = hangar_registry::auth::Auth::open(store.root())?;
+    let (_, token) = auth.create(org, false, None)?;
+    std::fs::write(&path, &token).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(token)
+}
+
+pub fn deploy(args: DeployArgs) -> Result<()> {
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(hangar_app::FILE));
+    let m = Manifest::load(&path).map_err(|e| anyhow!("{e}; run `hangar launch` to write one"))?;
+    if let Some(a) = &args.app.app {
+        if *a != m.app {
+            bail!("{} is for app {}, not {a}", path.display(), m.app);
+        }
+    }
+    let client = Client::new()?;
+    let rt = runtime()?;
+    let app = rt
+        .block_on(client.call(reqwest::Method::GET, &format!("/v1/apps/{}", m.app), None))
+        .map_err(|e| anyhow!("{e}"))?;
+    let org = app["org"].as_str().unwrap_or("personal").to_string();
+    let image = match (&args.image, &m.build.image) {
+        (Some(i), _) | (None, Some(i)) => i.clone(),
+        (None, None) => {
+            let registry = crate::node_config::load(&crate::home()?)?
+                .registry
+                .ok_or_else(|| anyhow!("the node runs no registry to push to; start `hangar up` without --no-registry, or set [build] image"))?;
+            let base_dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            build_and_push(&m, base_dir, &org, &registry)?
+        }
+    };
+    let req = m.deploy_request(&image, args.count, &format!("deploy of {image}"));
+    let body = serde_json::to_value(&req)?;
+    println!("Deploying {} ({})", m.app, req.strategy);
+    let done = rt.block_on(follow(
+        &client,
+        &format!("/v1/apps/{}/deploy", m.app),
+        body,
+        args.app.json,
+    ))?;
+    if args.app.json {
+        println!("{}", done["release"]);
+    } else {
+        let url = crate::node_config::load(&crate::home()?)?.app_url(&m.app);
+        println!(
+            "Release v{} of {} is live: {url}",
+            done["release"]["version"], m.app
+        );
+    }
+    Ok(())
+}
+
+pub fn status(flag: AppFlag) -> Result<()> {
+    let app = app_name(&flag)?;
+    let client = Client::new()?;
+    let v =
+        runtime()?.block_on(client.call(reqwest::Method::GET, &format!("/v1/apps/{app}"), None))?;
+    if flag.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "App     {} (org {})",
+        v["name"].as_str().unwrap_or(""),
+        v["org"].as_str().unwrap_or("")
+    );
+    match v["release"].as_object() {
+        Some(r) => println!(
+            "Release v{} {} {}",
+            r["version"],
+            r["status"].as_str().unwrap_or(""),
+            r["image"].as_str().unwrap_or("")
+        ),
+        None => println!("Release none yet: run `hangar deploy`"),
+    }
+    println!(
+        "\n{:<16} {:<10} {:<8} {:<10} {:<14} IMAGE",
+        "ID", "STATE", "RELEASE", "HEALTH", "ADDRESS"
+    );
+    for m in v["machines"].as_array().into_iter().flatten() {
+        let checks = m["checks"].as_array().cloned().unwrap_or_default();
+        let passing = checks.iter().filter(|c| c["status"] == "passing").count();
+        let health = if checks.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{passing}/{} ok", checks.len())
+        };
+        println!(
+            "{:<16} {:<10} {:<8} {:<10} {:<14} {}",
+            m["id"].as_str().unwrap_or(""),
+            m["state"].as_str().unwrap_or(""),
+            m["config"]["metadata"]["release"]
+                .as_str()
+                .map(|r| format!("v{r}"))
+                .unwrap_or_default(),
+            health,
+            m["ipv4"].as_str().unwrap_or(""),
+            m["config"]["image"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub fn releases(flag: AppFlag) -> Result<()> {
+    let app = app_name(&flag)?;
+    let client = Client::new()?;
+    let v = runtime()?.block_on(client.call(
+        reqwest::Method::GET,
+        &format!("/v1/apps/{app}/releases"),
+        None,
+    ))?;
+    if flag.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<12} {:<44} DESCRIPTION",
+        "VERSION", "STATUS", "IMAGE"
+    );
+    for r in v.as_array().into_iter().flatten() {
+        let description = r["description"]
+            .as_str()
+            .unwrap_or("")
+            .lines()
+            .next()
+            .unwrap_or("");
+        println!(
+            "v{:<7} {:<12} {:<44} {description}",
+            r["version"],
+            r["status"].as_str().unwrap_or(""),
+            r["image"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub fn logs(flag: AppFlag, follow_logs: bool) -> Result<()> {
+    let app = app_name(&flag)?;
+    let client = Client::new()?;
+    let rt = runtime()?;
+    let v = rt.block_on(client.call(reqwest::Method::GET, &format!("/v1/apps/{app}"), None))?;
+    let ids: Vec<String> = v["machines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str().map(str::to_string))
+        .collect();
+    if ids.is_empty() {
+        bail!("app {app} has no machines; deploy it with `hangar deploy`");
+    }
+    rt.block_on(async {
+        let streams = ids.iter().map(|id| {
+            let client = &client;
+            async move {
+                let path = format!(
+                    "/v1/machines/{id}/logs{}",
+                    if follow_logs { "?follow=true" } else { "" }
+                );
+                let resp = client.send(reqwest::Method::GET, &path, None).await?;
+                let mut stream = resp.bytes_stream();
+                let mut buf = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    buf.extend_from_slice(&chunk?);
+                    while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=i).collect();
+                        print!("{id} | {}", String::from_utf8_lossy(&line));
+                    }
+                }
+                if !buf.is_empty() {
+                    println!("{id} | {}", String::from_utf8_lossy(&buf));
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+        });
+        for r in futures_util::future::join_all(streams).await {
+            r?;
+        }
+        Ok(())
+    })
+}
+
+/// Redeploy the current release with `change` applied (scale memory,
+/// secrets): a new release, rolled out like any deploy.
+fn redeploy(client: &Client, app: &str, why: &str, change: impl FnOnce(&mut Value)) -> Result<()> {
+    let rt = runtime()?;
+    let releases = rt.block_on(client.call(
+        reqwest::Method::GET,
+        &format!("/v1/apps/{app}/releases"),
+        None,
+    ))?;
+    let Some(current) = releases
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["status"] == "complete"))
+        .cloned()
+    else {
+        bail!("app {app} has no complete release to redeploy; run `hangar deploy`");
+    };
+    let mut config = current["config"].clone();
+    if let Some(meta) = config["metadata"].as_object_mut() {
+        meta.remove("release");
+    }
+    change(&mut config);
+    let body = json!({"image": current["image"], "config": config, "description": why});
+    let done = rt.block_on(follow(
+        client,
+        &format!("/v1/apps/{app}/deploy"),
+        body,
+        false,
+    ))?;
+    println!("Release v{} of {app} is live", done["release"]["version"]);
+    Ok(())
+}
+
+pub fn scale(flag: AppFlag, command: ScaleCommand) -> Result<()> {
+    let app = app_name(&flag)?;
+    let client = Client::new()?;
+    match command {
+        ScaleCommand::Count { count } => {
+            runtime()?.block_on(follow(
+                &client,
+                &format!("/v1/apps/{app}/scale"),
+                json!({"count": count}),
+                flag.json,
+            ))?;
+            println!("{app} runs {count} machine(s)");
+            Ok(())
+        }
+        ScaleCommand::Memory { mb } => {
+            redeploy(&client, &app, &format!("scale memory {mb} MB"), |c| {
+                c["guest"]["memory_mb"] = mb.into()
+            })
+        }
+    }
+}
+
+pub fn secrets(flag: AppFlag, command: SecretsCommand) -> Result<()> {
+    let app = app_name(&flag)?;
+    let client = Client::new()?;
+    let rt = runtime()?;
+    match command {
+        SecretsCommand::List => {
+            let v = rt.block_on(client.call(
+                reqwest::Method::GET,
+                &format!("/v1/apps/{app}/secrets"),
+                None,
+            ))?;
+            if flag.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<24} DIGEST", "NAME");
+            for s in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {}",
+                    s["name"].as_str().unwrap_or(""),
+                    s["digest"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        SecretsCommand::Set { pairs, stage } => {
+            let mut values = serde_json::Map::new();
+            for p in &pairs {
+                let Some((k, v)) = p.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+                    bail!("{:?} is not KEY=VALUE", p.split('=').next().unwrap_or(""));
+                };
+                values.insert(k.to_string(), v.into());
+            }
+            let names: Vec<String> = values.keys().cloned().collect();
+            rt.block_on(client.call(
+                reqwest::Method::POST,
+                &format!("/v1/apps/{app}/secrets"),
+                Some(json!({"values": values})),
+            ))?;
+            println!("Set {} on {app}", names.join(", "));
+            if stage {
+                println!("Staged: machines get them at the next deploy");
+                return Ok(());
+            }
+            drop(rt);
+            redeploy(
+                &client,
+                &app,
+                &format!("secrets set: {}", names.join(", ")),
+                |_| {},
+            )
+        }
+        SecretsCommand::Unset { names, stage } => {
+            let v = rt.block_on(client.call(
+                reqwest::Method::POST,
+                &format!("/v1/apps/{app}/secrets/unset"),
+                Some(json!({"names": names})),
+            ))?;
+            println!("Unset {}", v["unset"]);
+            if stage {
+                return Ok(());
+            }
+            drop(rt);
+            redeploy(
+                &client,
+                &app,
+                &format!("secrets unset: {}", names.join(", ")),
+                |_| {},
+            )
+        }
+    }
+}
+
+pub fn apps(json_out: bool, command: AppsCommand) -> Result<()> {
+    let client = Client::new()?;
+    let rt = runtime()?;
+    match command {
+        AppsCommand::List => {
+            let v = rt.block_on(client.call(reqwest::Method::GET, "/v1/apps", None))?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<24} {:<16} {:<9} RELEASE", "NAME", "ORG", "MACHINES");
+            for a in v.as_array().into_iter().flatten() {
+                let release = a["release"]
+                    .as_u64()
+                    .map(|r| format!("v{r}"))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<24} {:<16} {:<9} {release}",
+                    a["name"].as_str().unwrap_or(""),
+                    a["org"].as_str().unwrap_or(""),
+                    a["machines"]
+                );
+            }
+            Ok(())
+        }
+        AppsCommand::Destroy { name, .. } => {
+            rt.block_on(client.call(reqwest::Method::DELETE, &format!("/v1/apps/{name}"), None))?;
+            println!("Destroyed app {name} and its machines");
+            Ok(())
+        }
+    }
+}
+
+pub fn open(flag: AppFlag) -> Result<()> {
+    let app = app_name(&flag)?;
+    let url = crate::node_config::load(&crate::home()?)?.app_url(&app);
+    println!("{url}");
+    // A browser if there is one; the URL above either way.
+    let _ = std::process::Command::new("xdg-open")
+        .arg(&url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The node's side of the edge, inside `hangar up`: each app's hosts and
+//! backends from the machines (started, checks passing), scale to zero
+//! (stop machines idle past their `idle_timeout`, keeping
+//! `min_machines_running`), and the waker the edge calls to start a stopped
+//! machine when a request finds none started or all past their soft limit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hangar_api::state::Machine;
+use hangar_api::Node;
+
+fn app_of(m: &Machine) -> String {
+    m.config
+        .metadata
+        .get("app")
+        .cloned()
+        .unwrap_or_else(|| m.name.clone())
+}
+
+fn address(m: &Machine, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(hangar_machine::network::address(m.slot).v4.into(), port)
+}
+
+/// The edge's hosts: `<app>.<domain>` for each app with a service; its
+/// started machines whose checks pass are the backends.
+pub fn edge_hosts(
+    node: &Node,
+    machines: &[Machine],
+    domain: &str,
+) -> Vec<hangar_edge::config::Host> {
+    let mut hosts: BTreeMap<String, hangar_edge::config::Host> = BTreeMap::new();
+    for m in machines {
+        let Some(service) = m.config.services.first() else {
+            continue;
+        };
+        let name = format!("{}.{domain}", app_of(m));
+        let host = hosts
+            .entry(name.clone())
+            .or_insert_with(|| hangar_edge::config::Host {
+                name,
+                ..Default::default()
+            });
+        host.autostart |= service.autostart;
+        host.soft_limit = host.soft_limit.max(service.soft_limit);
+        if m.state == "started" && node.checks.passing(&m.id, m.config.checks.len()) {
+            host.backends.push(address(m, service.internal_port));
+        }
+    }
+    hosts.into_values().collect()
+}
+
+/// Stop machines of apps with `autostop` that had no request for their
+/// `idle_timeout`, keeping `min_machines_running` started. Stops run in the
+/// background; a machine already stopping is left alone.
+pub fn stop_idle(node: &Arc<Node>, edge: &hangar_edge::Edge, machines: &[Machine], domain: &str) {
+    let now = hangar_api::state::now();
+    let mut by_app: HashMap<String, Vec<&Machine>> = HashMap::new();
+    for m in machines
+        .iter()
+        .filter(|m| m.state == "started" && m.desired == "started")
+    {
+        if m.config.services.first().is_some_and(|s| s.autostop) {
+            by_app.entry(app_of(m)).or_default().push(m);
+        }
+    }
+    for (app, started) in by_app {
+        let service = &started[0].config.services[0];
+        let last_request = edge
+            .routes
+            .get(&format!("{app}.{domain}"))
+            .map(|s| s.metrics.last_request())
+            .unwrap_or(0);
+        let keep = service.min_machines_running as usize;
+        let idle_timeout = service.idle_timeout.max(1);
+        // Newest first go; a machine's own start counts as activity.
+        let mut candidates: Vec<&&Machine> = started
+            .iter()
+            .filter(|m| now.saturating_sub(last_request.max(m.updated_at)) >= idle_timeout)
+            .collect();
+        candidates.sort_by_key(|m| std::cmp::Reverse(m.created_at));
+        let excess = started.len().saturating_sub(keep);
+        for m in candidates.into_iter().take(excess) {
+            let (node, id) = (node.clone(), m.id.clone());
+            let signal = m
+                .config
+                .kill_signal
+                .clone()
+                .unwrap_or_else(|| "SIGTERM".into());
+            let timeout = Duration::from_secs(m.config.kill_timeout.unwrap_or(5));
+            // Wanted stopped from now: the next tick leaves it alone.
+            let _ = node.state.set_desired(&id, "stopped");
+            std::thread::spawn(move || {
+                let _ = node.stop(&id, &signal, timeout);
+            });
+        }
+    }
+}
+
+/// The edge's waker: start a stopped machine of the host's app that allows
+/// it, wait until it is started and answers its check (probed directly,
+/// every 5 ms), and put it in the routing table. One start per app at a
+/// time; callers that arrive meanwhile wait for it.
+pub fn waker(
+    node: Arc<Node>,
+    edge: Arc<hangar_edge::Edge>,
+    domain: String,
+) -> hangar_edge::proxy::Waker {
+    let locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = Arc::default();
+    Arc::new(move |host: String| {
+        let (node, edge, domain, locks) =
+            (node.clone(), edge.clone(), domain.clone(), locks.clone());
+        Box::pin(async move {
+            let app = host
+                .strip_suffix(&format!(".{domain}"))
+                .unwrap_or(&host)
+                .to_string();
+            let lock = locks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(app.clone())
+                .or_default()
+                .clone();
+            let _one_at_a_time = lock.lock().await;
+            let machines = node.state.list().map_err(|e| e.to_string())?;
+            let mine: Vec<&Machine> = machines
+                .iter()
+                .filter(|m| app_of(m) == app && !m.config.services.is_empty())
+                .collect();
+            // Someone else's start may have landed while this one waited.
+            let ready = |m: &Machine| {
+                m.state == "started" && node.checks.passing(&m.id, m.config.checks.len())
+            };
+            if let Some(site) = edge.routes.get(&host) {
+                if site
+                    .backends
+                    .iter()
+                    .any(|b| b.available() && b.outstanding() < site.config.soft_limit.max(1))
+                {
+                    return Ok(());
+                }
+            }
+            let Some(m) = mine
+                .iter()
+                .find(|m| m.state == "stopped" && m.config.services[0].autostart)
+            else {
+                if mine.iter().any(|m| ready(m)) {
+                    return Ok(());
+                }
+                return Err(format!("app {app} has no stopped machine to start"));
+            };
+            let id = m.id.clone();
+            let n = node.clone();
+            tokio::task::spawn_blocking(move || n.start(&id))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let started = node.state.get(&m.id).map_err(|e| e.to_string())?;
+            let service = &started.config.services[0];
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // Ready when every check passes; with none, when the port answers.
+            loop {
+                let mut ok = true;
+                if started.config.checks.is_empty() {
+                    ok = tokio::net::TcpStream::connect(address(&started, service.internal_port))
+                        .await
+                        .is_ok();
+                } else {
+                    for check in started.config.checks.values() {
+                        if hangar_api::checks::probe(address(&started, check.port), check)
+                            .await
+                            .is_err()
+                        {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "machine {} did not become ready within 30s",
+                        started.id
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            node.checks
+                .mark_passing(&started.id, started.config.checks.keys());
+            let machines = node.state.list().map_err(|e| e.to_string())?;
+            edge.set_hosts(&edge_hosts(&node, &machines, &domain));
+            Ok(())
+        })
+    })
+}
