@@ -27,6 +27,14 @@ pub struct Addresses {
     pub v6: Ipv6Addr,
 }
 
+/// The machine's MAC address, fixed per slot: a slot reused by a new
+/// machine answers under the same MAC, so the host's neighbor cache entry
+/// for the address stays true (a new MAC would leave it stale for seconds).
+pub fn mac(n: u32) -> String {
+    let n = n.clamp(1, 65_000);
+    format!("02:68:61:6e:{:02x}:{:02x}", n >> 8, n & 0xff)
+}
+
 pub fn gateway() -> Addresses {
     address(1)
 }
@@ -155,7 +163,8 @@ pub fn attach(id: &str, slot: u32) -> Result<Addresses> {
     // Two `ip -batch` runs, host side then inside the namespace: every
     // process started here is time a machine waits for.
     let host = format!(
-        "netns add {ns}\nlink add {veth} type veth peer name eth0 netns {ns}\nlink set {veth} master {BRIDGE} up\n"
+        "netns add {ns}\nlink add {veth} type veth peer name eth0 address {} netns {ns}\nlink set {veth} master {BRIDGE} up\n",
+        mac(slot)
     );
     let inside = format!(
         "link set lo up\naddr add {}/16 dev eth0\naddr add {}/64 dev eth0 nodad\nlink set eth0 up\n\
@@ -192,5 +201,6 @@ mod tests {
         assert_eq!(address(258).v4, Ipv4Addr::new(10, 213, 1, 2));
         assert_eq!(address(2).v6.to_string(), "fdaa:6a6e:6172::2");
         assert_eq!(gateway().v4, Ipv4Addr::new(10, 213, 0, 1));
+        assert_eq!(mac(258), "02:68:61:6e:01:02");
     }
 }

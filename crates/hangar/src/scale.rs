@@ -59,7 +59,13 @@ pub fn stop_idle(node: &Arc<Node>, edge: &hangar_edge::Edge, machines: &[Machine
     let mut by_app: HashMap<String, Vec<&Machine>> = HashMap::new();
     for m in machines
         .iter()
-        .filter(|m| m.state == "started" && m.desired == "started")
+        // Only machines in service count: one still coming up (a deploy's
+        // new machine) is starting, not idle.
+        .filter(|m| {
+            m.state == "started"
+                && m.desired == "started"
+                && node.checks.passing(&m.id, m.config.checks.len())
+        })
     {
         if m.config.services.first().is_some_and(|s| s.autostop) {
             by_app.entry(app_of(m)).or_default().push(m);
