@@ -64,6 +64,21 @@ pub struct DeployArgs {
     count: Option<u32>,
 }
 
+impl DeployArgs {
+    /// Deploy `config` with `count` machines (what `hangar demo` does).
+    pub fn for_file(config: PathBuf, count: u32) -> DeployArgs {
+        DeployArgs {
+            app: AppFlag {
+                app: None,
+                json: false,
+            },
+            config: Some(config),
+            image: None,
+            count: Some(count),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum ScaleCommand {
     /// Set the number of machines

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod apps;
 mod client;
+mod demo;
 mod edge;
 mod egress;
 mod image;
@@ -46,6 +47,8 @@ enum Command {
     Up(up::UpArgs),
     /// Run and manage machines on the node.
     Machine(machine::MachineArgs),
+    /// The tour: start a node, build and deploy the example app, serve it until Ctrl-C.
+    Demo(demo::DemoArgs),
     /// Create an app and write its hangar.toml (from an image or this directory).
     Launch(apps::LaunchArgs),
     /// Build (when needed), push and roll out the app in hangar.toml.
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
         Command::Edge(args) => edge::run(args),
         Command::Egress(args) => egress::run(args),
         Command::Machine(args) => machine::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Launch(args) => apps::launch(args),
         Command::Deploy(args) => apps::deploy(args),
         Command::Status(app) => apps::status(app),
