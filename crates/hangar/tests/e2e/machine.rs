@@ -68,13 +68,13 @@ fn init_binary() -> PathBuf {
 }
 
 /// A busybox image with a user, a workdir and a web page.
-fn busybox_image(h: &Hangar) -> String {
+pub(crate) fn busybox_image(h: &Hangar) -> String {
     let dir = h.dir.path().join("image");
     fs::create_dir_all(dir.join("bin")).unwrap();
     fs::copy(which("busybox"), dir.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "ps", "hostname", "sleep", "id", "env", "ls", "pwd", "wget", "httpd",
-        "dd", "trap", "kill", "grep", "true", "false", "nc", "printf",
+        "dd", "trap", "kill", "grep", "true", "false", "nc", "printf", "date",
     ] {
         let _ = symlink("busybox", dir.join("bin").join(applet));
     }
@@ -120,16 +120,16 @@ fn which(tool: &str) -> PathBuf {
 
 /// `hangar up` on free ports with its own home; destroys its machines and
 /// stops on drop.
-struct Node {
-    h: Hangar,
+pub(crate) struct Node {
+    pub(crate) h: Hangar,
     child: Option<Child>,
     /// Where the node's edge proxy listens.
-    edge: String,
+    pub(crate) edge: String,
     _lock: HostLock,
 }
 
 impl Node {
-    fn start() -> Node {
+    pub(crate) fn start() -> Node {
         Node::start_in(None)
     }
 
@@ -149,7 +149,7 @@ impl Node {
         node
     }
 
-    fn up(&mut self) {
+    pub(crate) fn up(&mut self) {
         let mut child = self
             .h
             .command(&[
@@ -183,7 +183,7 @@ impl Node {
         self.child = Some(child);
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -224,7 +224,7 @@ impl Node {
         self.h.ok(&["machine", "logs", id])
     }
 
-    fn exec(&self, id: &str, cmd: &[&str]) -> (i32, String) {
+    pub(crate) fn exec(&self, id: &str, cmd: &[&str]) -> (i32, String) {
         let mut args = vec!["machine", "exec", id, "--"];
         args.extend_from_slice(cmd);
         let out = self.h.run(&args);

@@ -4,6 +4,7 @@
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used)]
 
+mod apps;
 mod edge;
 mod egress;
 mod image;

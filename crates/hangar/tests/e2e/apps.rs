@@ -1,0 +1,237 @@
+//! The app workflow as a new user lives it, on a real node (as root):
+//! launch and deploy the bundled example, HTTP through the edge, a broken
+//! release rolled back, scale, secrets, scale to zero and back, and a node
+//! restart that keeps it all.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::machine::{busybox_image, Node};
+
+/// The example app, copied, on the test's busybox image.
+fn example_app(node: &Node, base: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
+    let dir = node.h.dir.path().join("hello");
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let toml = fs::read_to_string(dir.join("hangar.toml")).unwrap();
+    let toml = toml.replace(
+        "base = \"localhost/busybox:demo\"",
+        &format!("base = \"{base}\""),
+    );
+    // Quicker checks than the example's, for a quicker test.
+    let toml = toml.replace("interval = \"2s\"", "interval = \"300ms\"");
+    fs::write(dir.join("hangar.toml"), toml).unwrap();
+    dir
+}
+
+fn hangar_in(node: &Node, dir: &Path, args: &[&str]) -> Output {
+    node.h.command(args).current_dir(dir).output().unwrap()
+}
+
+fn ok_in(node: &Node, dir: &Path, args: &[&str]) -> String {
+    let out = hangar_in(node, dir, args);
+    assert!(
+        out.status.success(),
+        "hangar {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// GET through the node's edge; (status, body).
+fn get(node: &Node, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(&node.edge).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: hello.localhost\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn status_json(node: &Node, dir: &Path) -> Value {
+    serde_json::from_str(&ok_in(node, dir, &["status", "--json"])).unwrap()
+}
+
+fn machines(v: &Value) -> Vec<Value> {
+    v["machines"].as_array().cloned().unwrap_or_default()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
+    let mut node = Node::start();
+    let base = busybox_image(&node.h);
+    let dir = example_app(&node, &base);
+
+    // Launch (the example brings its hangar.toml) and deploy.
+    let out = ok_in(&node, &dir, &["launch"]);
+    assert!(out.contains("Created app hello"), "{out}");
+    let out = ok_in(&node, &dir, &["deploy", "--count", "2"]);
+    assert!(out.contains("release v1 is complete"), "{out}");
+    let v = status_json(&node, &dir);
+    assert_eq!(machines(&v).len(), 2);
+    assert!(
+        machines(&v)
+            .iter()
+            .all(|m| m["state"] == "started" && m["checks"][0]["status"] == "passing"),
+        "{v}"
+    );
+    let (code, body) = get(&node, "/");
+    assert_eq!(code, 200);
+    assert!(body.contains("Hello from a Hangar machine"), "{body}");
+    let (code, body) = get(&node, "/cgi-bin/info");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"app\": \"hello\""), "{body}");
+
+    // A broken version (its health path is gone) is rolled back, and the
+    // old one keeps serving.
+    fs::rename(dir.join("www/healthz"), dir.join("healthz.away")).unwrap();
+    let out = hangar_in(&node, &dir, &["deploy"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("failed its check") && stderr.contains("404"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("last log lines") && stderr.contains("hello from"),
+        "{stderr}"
+    );
+    fs::rename(dir.join("healthz.away"), dir.join("www/healthz")).unwrap();
+    let releases: Value =
+        serde_json::from_str(&ok_in(&node, &dir, &["releases", "--json"])).unwrap();
+    assert_eq!(releases[0]["status"], "failed");
+    assert_eq!(releases[1]["status"], "complete");
+    let v = status_json(&node, &dir);
+    assert_eq!(v["release"]["version"], 1);
+    assert_eq!(machines(&v).len(), 2);
+    assert!(machines(&v)
+        .iter()
+        .all(|m| m["config"]["metadata"]["release"] == "1"));
+    assert_eq!(get(&node, "/healthz"), (200, "ok\n".to_string()));
+
+    // Scale to three: three healthy backends answer.
+    ok_in(&node, &dir, &["scale", "count", "3"]);
+    assert_eq!(machines(&status_json(&node, &dir)).len(), 3);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..60 {
+        let (code, body) = get(&node, &format!("/cgi-bin/info?n={i}"));
+        assert_eq!(code, 200);
+        let info: Value = serde_json::from_str(body.trim()).unwrap();
+        seen.insert(info["machine"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 3, "requests reach all three machines: {seen:?}");
+
+    // A secret: in the app's environment, in no API or CLI output.
+    let secret = "s3cr3t-v4lue-9731";
+    ok_in(
+        &node,
+        &dir,
+        &["secrets", "set", &format!("DB_PASSWORD={secret}")],
+    );
+    let v = status_json(&node, &dir);
+    let id = machines(&v)[0]["id"].as_str().unwrap().to_string();
+    let (code, env) = node.exec(&id, &["sh", "-c", "echo $DB_PASSWORD"]);
+    assert_eq!((code, env.trim()), (0, secret));
+    let outputs = vec![
+        ok_in(&node, &dir, &["status", "--json"]),
+        ok_in(&node, &dir, &["releases", "--json"]),
+        ok_in(&node, &dir, &["secrets", "list", "--json"]),
+        ok_in(&node, &dir, &["machine", "status", &id, "--json"]),
+        ok_in(&node, &dir, &["machine", "list", "--json"]),
+    ];
+    for o in &outputs {
+        assert!(!o.contains(secret), "the secret leaked: {o}");
+    }
+    for file in ["state.db", "state.db-wal"] {
+        let raw = fs::read(node.h.home().join(file)).unwrap_or_default();
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the secret is in {file} in the clear"
+        );
+    }
+    assert!(node.h.home().join("state.db").exists());
+    assert!(outputs[2].contains("DB_PASSWORD"));
+
+    // Scale to zero: idle machines stop; the next request starts one.
+    let toml = fs::read_to_string(dir.join("hangar.toml")).unwrap();
+    let toml = toml
+        .replace(
+            "auto_stop_machines = \"off\"",
+            "auto_stop_machines = \"stop\"\nidle_timeout = \"2s\"",
+        )
+        .replace("min_machines_running = 1", "min_machines_running = 0");
+    fs::write(dir.join("hangar.toml"), toml).unwrap();
+    ok_in(&node, &dir, &["deploy", "--count", "1"]);
+    wait_until("the idle machine stops", 30, || {
+        machines(&status_json(&node, &dir))
+            .iter()
+            .all(|m| m["state"] == "stopped")
+    });
+    let started = Instant::now();
+    let (code, body) = get(&node, "/healthz?wake");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "ok\n"),
+        "a request to a stopped app is served"
+    );
+    eprintln!("cold start through the edge: {:?}", started.elapsed());
+    assert!(machines(&status_json(&node, &dir))
+        .iter()
+        .any(|m| m["state"] == "started"));
+
+    // The node restarts (killed): the same app, release and machines.
+    let before = status_json(&node, &dir);
+    node.kill9();
+    node.up();
+    let after = status_json(&node, &dir);
+    assert_eq!(before["release"]["version"], after["release"]["version"]);
+    let ids = |v: &Value| {
+        machines(v)
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&before), ids(&after));
+    wait_until("the edge serves again", 30, || {
+        get(&node, "/healthz?again").0 == 200
+    });
+    let apps: Value =
+        serde_json::from_str(&ok_in(&node, &dir, &["apps", "list", "--json"])).unwrap();
+    assert_eq!(apps[0]["name"], "hello");
+
+    // Destroying the app takes its machines.
+    ok_in(&node, &dir, &["apps", "destroy", "hello", "--yes"]);
+    let list: Value =
+        serde_json::from_str(&ok_in(&node, &dir, &["machine", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+}
