@@ -267,8 +267,9 @@ impl Edge {
         let mut woken = false;
         loop {
             let picked = site.pick(&tried);
-            // Nothing started: wake the app (once), then route again.
-            if picked.is_none() && tried.is_empty() && !woken && site.config.autostart {
+            // Nothing started (or nothing that answers): wake the app
+            // (once), then route again.
+            if picked.is_none() && !woken && site.config.autostart {
                 if let Some(wake) = self.waker() {
                     woken = true;
                     if let Err(why) = wake(site.config.name.clone()).await {
@@ -281,6 +282,7 @@ impl Edge {
                         .routes
                         .get(&site.config.name.to_ascii_lowercase())
                         .unwrap_or(site);
+                    tried.clear();
                     continue;
                 }
             }

@@ -44,7 +44,11 @@ pub fn edge_hosts(
             });
         host.autostart |= service.autostart;
         host.soft_limit = host.soft_limit.max(service.soft_limit);
-        if m.state == "started" && node.checks.passing(&m.id, m.config.checks.len()) {
+        // Started, wanted started (not on its way to an idle stop), healthy.
+        if m.state == "started"
+            && m.desired == "started"
+            && node.checks.passing(&m.id, m.config.checks.len())
+        {
             host.backends.push(address(m, service.internal_port));
         }
     }
@@ -134,28 +138,50 @@ pub fn waker(
                 .iter()
                 .filter(|m| app_of(m) == app && !m.config.services.is_empty())
                 .collect();
-            // Someone else's start may have landed while this one waited.
+            // Someone else's start may have landed while this one waited:
+            // a healthy machine whose backend has room is enough.
             let ready = |m: &Machine| {
-                m.state == "started" && node.checks.passing(&m.id, m.config.checks.len())
+                m.state == "started"
+                    && m.desired == "started"
+                    && node.checks.passing(&m.id, m.config.checks.len())
             };
+            let ready_addrs: Vec<std::net::SocketAddr> = mine
+                .iter()
+                .filter(|m| ready(m))
+                .map(|m| address(m, m.config.services[0].internal_port))
+                .collect();
             if let Some(site) = edge.routes.get(&host) {
-                if site
-                    .backends
-                    .iter()
-                    .any(|b| b.available() && b.outstanding() < site.config.soft_limit.max(1))
-                {
+                let room = site.config.soft_limit.max(1);
+                if site.backends.iter().any(|b| {
+                    ready_addrs.contains(&b.addr) && b.available() && b.outstanding() < room
+                }) {
                     return Ok(());
                 }
             }
-            let Some(m) = mine
-                .iter()
-                .find(|m| m.state == "stopped" && m.config.services[0].autostart)
-            else {
+            // A stopped machine, or one on its way to an idle stop (it is
+            // started again once the stop is done).
+            let stopped = |m: &&&Machine| {
+                m.config.services[0].autostart && (m.state == "stopped" || m.desired == "stopped")
+            };
+            let Some(m) = mine.iter().find(stopped) else {
                 if mine.iter().any(|m| ready(m)) {
                     return Ok(());
                 }
                 return Err(format!("app {app} has no stopped machine to start"));
             };
+            let stop_deadline =
+                Instant::now() + Duration::from_secs(m.config.kill_timeout.unwrap_or(5) + 15);
+            while node
+                .state
+                .get(&m.id)
+                .map(|m| m.state != "stopped")
+                .unwrap_or(false)
+            {
+                if Instant::now() > stop_deadline {
+                    return Err(format!("machine {} did not finish stopping", m.id));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let id = m.id.clone();
             let n = node.clone();
             tokio::task::spawn_blocking(move || n.start(&id))

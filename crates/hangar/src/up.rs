@@ -222,8 +222,11 @@ pub fn run(args: UpArgs) -> Result<()> {
                     node.reconcile();
                     update_egress(&node, &egress);
                     if let (Some(edge), Ok(machines)) = (&edge, node.state.list()) {
-                        edge.set_hosts(&crate::scale::edge_hosts(&node, &machines, &domain));
+                        // Idle stops first: the hosts then leave them out.
                         crate::scale::stop_idle(&node, edge, &machines, &domain);
+                        if let Ok(machines) = node.state.list() {
+                            edge.set_hosts(&crate::scale::edge_hosts(&node, &machines, &domain));
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }

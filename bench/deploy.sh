@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Apps (root): `hangar deploy` of a change to one layer, end to end (build,
+# push to the node's registry, rolling replacement of 2 machines with
+# checks), and the cold start of scale to zero with the container driver:
+# a request to an app whose machines are all stopped, until its response.
+# Medians of $ROUNDS. The issue names no peer for these; the goal for the
+# cold start is 300 ms.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+. scripts/lib.sh
+ensure_commands busybox:busybox-static runc:runc ip:iproute2 curl:curl
+[ "$(id -u)" = 0 ] || { echo "bench/deploy.sh runs machines: run it as root" >&2; exit 1; }
+cargo build --release -q -p hangar
+scripts/build-init --release
+hangar=$PWD/target/release/hangar
+work=$(mktemp -d)
+export HANGAR_HOME=$work/home
+rounds=${ROUNDS:-5}
+api=$(free_port) reg=$(free_port) edge=$(free_port) admin=$(free_port)
+"$hangar" up --listen "127.0.0.1:$api" --registry-listen "127.0.0.1:$reg" --edge-listen "127.0.0.1:$edge" \
+    --edge-admin-listen "127.0.0.1:$admin" --stop-machines 2>"$work/up.log" &
+node=$!
+cleanup() {
+    for m in $("$hangar" machine list --json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(m["id"] for m in json.load(sys.stdin)))'); do
+        "$hangar" machine destroy "$m" --force >/dev/null 2>&1 || true
+    done
+    kill "$node" 2>/dev/null; wait "$node" 2>/dev/null || true; rm -rf "$work"
+}
+trap cleanup EXIT
+for _ in $(seq 100); do grep -q "Machines API" "$work/up.log" && break; sleep 0.1; done
+
+# The example on a busybox base, as the demo builds it.
+mkdir -p "$work/base/bin"
+cp "$(command -v busybox)" "$work/base/bin/"
+for a in sh cat ls httpd echo hostname date printf; do ln -s busybox "$work/base/bin/$a"; done
+"$hangar" image build "$work/base" -t localhost/busybox:demo --cmd /bin/sh >/dev/null
+cp -a examples/hello "$work/hello"
+cd "$work/hello"
+sed -i 's/interval = "2s"/interval = "200ms"/' hangar.toml
+"$hangar" launch >/dev/null
+"$hangar" deploy --count 2 >/dev/null
+
+echo "hangar deploy of a one-file change (build + push + rolling update of 2 machines), $rounds rounds:"
+for i in $(seq "$rounds"); do
+    echo "<p>change $i</p>" >> www/index.html
+    t0=$(now); "$hangar" deploy >/dev/null; t1=$(now)
+    ms "$t0" "$t1"
+done | tee "$work/deploy.txt" | tr '\n' ' '; echo
+echo "  median: $(median < "$work/deploy.txt") ms"
+
+# Scale to zero: stop after 1 s idle, then time a request.
+sed -i 's/auto_stop_machines = "off"/auto_stop_machines = "stop"\nidle_timeout = "1s"/; s/min_machines_running = 1/min_machines_running = 0/' hangar.toml
+"$hangar" deploy --count 1 >/dev/null
+echo "cold start: request to an app with every machine stopped, until the response, $rounds rounds:"
+for i in $(seq "$rounds"); do
+    for _ in $(seq 200); do
+        "$hangar" status --json | grep -q '"state": "started"' || break
+        sleep 0.1
+    done
+    [ -n "${DEBUG:-}" ] && "$hangar" status >&2
+    curl -s -o /dev/null -w "%{http_code} %{time_total}\n" -H "Host: hello.localhost" "http://127.0.0.1:$edge/healthz?$i"
+done | awk '$1 != 200 {print "  (answered " $1 ")" > "/dev/stderr"} {printf "%.0f\n", $2 * 1000}' | tee "$work/cold.txt" | tr '\n' ' '; echo
+echo "  median: $(median < "$work/cold.txt") ms (goal: 300 ms)"
