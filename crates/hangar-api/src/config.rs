@@ -132,6 +132,16 @@ pub struct Service {
 }
 
 impl MachineConfig {
+    /// How to stop it: the kill signal (SIGTERM by default), and how long
+    /// to wait before SIGKILL (5 s by default).
+    pub fn kill(&self) -> (String, std::time::Duration) {
+        let signal = self.kill_signal.clone().unwrap_or_else(|| "SIGTERM".into());
+        (
+            signal,
+            std::time::Duration::from_secs(self.kill_timeout.unwrap_or(5)),
+        )
+    }
+
     /// Check what the API cannot accept, with a message that says what to fix.
     pub fn validate(&self) -> Result<()> {
         if self.image.is_empty() {

@@ -92,12 +92,7 @@ async fn create(node: &Arc<Node>, app: &str, config: &MachineConfig) -> Result<M
 async fn retire(node: &Arc<Node>, m: &Machine) -> Result<()> {
     let node = node.clone();
     let id = m.id.clone();
-    let signal = m
-        .config
-        .kill_signal
-        .clone()
-        .unwrap_or_else(|| "SIGTERM".into());
-    let timeout = Duration::from_secs(m.config.kill_timeout.unwrap_or(5));
+    let (signal, timeout) = m.config.kill();
     blocking(move || {
         node.stop(&id, &signal, timeout)?;
         node.destroy(&id, true).map(|_| ())

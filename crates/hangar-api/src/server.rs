@@ -28,10 +28,24 @@ pub type Puller = Arc<
         + Sync,
 >;
 
+/// Maps an org's API token to its org (the registry's tokens: one set of
+/// orgs for images, apps and machines).
+pub type OrgTokens = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 pub struct Api {
     pub node: Arc<Node>,
+    /// The node's admin token: everything.
     pub token: String,
     pub pull: Puller,
+    /// Org tokens: their org's apps and those apps' machines only.
+    pub orgs: Option<OrgTokens>,
+}
+
+/// Who calls.
+#[derive(Clone, Debug, PartialEq)]
+enum Caller {
+    Admin,
+    Org(String),
 }
 
 fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
@@ -237,25 +251,101 @@ impl Api {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let authorized = req
+        let given = req
             .headers()
             .get("Authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t.trim() == self.token);
-        if !authorized {
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        let caller = if !given.is_empty() && given == self.token {
+            Some(Caller::Admin)
+        } else {
+            self.orgs
+                .as_ref()
+                .and_then(|check| check(&given))
+                .map(Caller::Org)
+        };
+        let Some(caller) = caller else {
             return Ok(json(
                 401,
-                &serde_json::json!({"error": "missing or wrong API token; the CLI reads it from $HANGAR_HOME/config.toml"}),
+                &serde_json::json!({"error": "missing or wrong API token; the CLI reads it from $HANGAR_HOME/config.toml or $HANGAR_API_TOKEN (an org token from `hangar auth token create`)"}),
             ));
+        };
+        if let Err(e) = self.authorize(&caller, &req) {
+            return Ok(error(&e));
         }
-        Ok(match self.route(req).await {
+        Ok(match self.route(req, &caller).await {
             Ok(r) => r,
             Err(e) => error(&e),
         })
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    /// An org token reaches its org's apps and their machines; anything
+    /// else answers as if it did not exist.
+    fn authorize(&self, caller: &Caller, req: &Request<Incoming>) -> Result<(), Error> {
+        let Caller::Org(org) = caller else {
+            return Ok(());
+        };
+        let path = req.uri().path().trim_end_matches('/');
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let node = &self.node;
+        let app_of_org = |app: &str| node.state.app(app).ok().is_some_and(|a| &a.org == org);
+        match parts.as_slice() {
+            ["v1", "apps"] | ["v1", "machines"] => Ok(()),
+            ["v1", "apps", app, ..] if app_of_org(app) => Ok(()),
+            ["v1", "apps", app, ..] => Err(Error::NotFound(format!("no app {app:?}; create it with `hangar launch` or list them with `hangar apps list`"))),
+            ["v1", "machines", id, ..] => {
+                let visible = node
+                    .state
+                    .get(id)
+                    .ok()
+                    .and_then(|m| m.config.metadata.get("app").cloned())
+                    .is_some_and(|app| app_of_org(&app));
+                if visible {
+                    Ok(())
+                } else {
+                    Err(Error::NotFound(format!("no machine {id:?}; list them with `hangar machine list`")))
+                }
+            }
+            _ => Err(Error::NotFound(format!("no such endpoint: {path}"))),
+        }
+    }
+
+    /// An org token's machines belong to its org's apps.
+    fn org_may_use(&self, caller: &Caller, config: &MachineConfig) -> Result<(), Error> {
+        let Caller::Org(org) = caller else {
+            return Ok(());
+        };
+        let app = config
+            .metadata
+            .get("app")
+            .and_then(|a| self.node.state.app(a).ok());
+        if app.is_some_and(|a| &a.org == org) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!("an org token runs machines of its org's apps only: set config.metadata.app to an app of {org}")))
+        }
+    }
+
+    /// Whether `caller` may see machine `m` (in lists).
+    fn sees(&self, caller: &Caller, m: &Machine) -> bool {
+        match caller {
+            Caller::Admin => true,
+            Caller::Org(org) => m
+                .config
+                .metadata
+                .get("app")
+                .and_then(|a| self.node.state.app(a).ok())
+                .is_some_and(|a| &a.org == org),
+        }
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        caller: &Caller,
+    ) -> Result<Response<Body>, Error> {
         let path = req.uri().path().trim_end_matches('/').to_string();
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
         let method = req.method().clone();
@@ -267,6 +357,7 @@ impl Api {
                     .state
                     .list()?
                     .iter()
+                    .filter(|m| self.sees(caller, m))
                     .map(|m| machine_json(&node, m))
                     .collect();
                 Ok(json(200, &serde_json::Value::Array(list)))
@@ -274,6 +365,7 @@ impl Api {
             (Method::POST, ["v1", "machines"]) => {
                 let body: CreateRequest = read_json(req.into_body()).await?;
                 body.config.validate()?;
+                self.org_may_use(caller, &body.config)?;
                 let image: hangar_oci::Reference = body.config.image.parse()?;
                 if node.runtime.store().resolve(&image).is_err() {
                     (self.pull)(image.clone())
@@ -289,6 +381,7 @@ impl Api {
             (Method::POST, ["v1", "machines", id]) => {
                 let body: UpdateRequest = read_json(req.into_body()).await?;
                 body.config.validate()?;
+                self.org_may_use(caller, &body.config)?;
                 let image: hangar_oci::Reference = body.config.image.parse()?;
                 if node.runtime.store().resolve(&image).is_err() {
                     (self.pull)(image.clone())
@@ -374,7 +467,11 @@ impl Api {
             }
             (Method::GET, ["v1", "apps"]) => {
                 let mut list = Vec::new();
-                for app in node.state.apps()? {
+                let visible = node.state.apps()?.into_iter().filter(|a| match caller {
+                    Caller::Admin => true,
+                    Caller::Org(org) => &a.org == org,
+                });
+                for app in visible {
                     let machines = crate::deploy::app_machines(&node, &app.name)?;
                     let current = node.state.current_release(&app.name)?.map(|r| r.version);
                     list.push(serde_json::json!({"name": app.name, "org": app.org, "machines": machines.len(), "release": current}));
@@ -383,14 +480,17 @@ impl Api {
             }
             (Method::POST, ["v1", "apps"]) => {
                 let body: CreateApp = read_json(req.into_body()).await?;
-                let app = node.state.create_app(
-                    &body.name,
-                    if body.org.is_empty() {
-                        "personal"
-                    } else {
-                        &body.org
-                    },
-                )?;
+                let org = match (caller, body.org.as_str()) {
+                    (Caller::Org(org), o) if o.is_empty() || o == org => org.clone(),
+                    (Caller::Org(org), o) => {
+                        return Err(Error::Invalid(format!(
+                            "this token is for org {org}, not {o}"
+                        )))
+                    }
+                    (Caller::Admin, "") => "personal".to_string(),
+                    (Caller::Admin, o) => o.to_string(),
+                };
+                let app = node.state.create_app(&body.name, &org)?;
                 Ok(json(200, &serde_json::to_value(app).unwrap_or_default()))
             }
             (Method::GET, ["v1", "apps", app]) => {

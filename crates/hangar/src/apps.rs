@@ -330,9 +330,7 @@ fn deploy_token(home: &Path, org: &str) -> Result<String> {
     if let Ok(t) = std::fs::read_to_string(&path) {
         return Ok(t.trim().to_string());
     }
-    let store = hangar_registry::storage::RegistryStore::open(home)?;
-    let auth = hangar_registry::auth::Auth::open(store.root())?;
-    let (_, token) = auth.create(org, false, None)?;
+    let (_, token) = crate::registry::auth()?.create(org, false, None)?;
     std::fs::write(&path, &token).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(token)
 }

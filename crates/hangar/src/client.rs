@@ -18,7 +18,11 @@ impl Client {
         Ok(Client {
             http: reqwest::Client::new(),
             base: config.api.trim_end_matches('/').to_string(),
-            token: config.token,
+            // An org token, when given, instead of the node's admin token.
+            token: std::env::var("HANGAR_API_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .unwrap_or(config.token),
         })
     }
 

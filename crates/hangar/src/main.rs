@@ -43,6 +43,11 @@ enum Command {
     Edge(edge::EdgeArgs),
     /// Run the SSRF-safe egress proxy (Smokescreen-compatible ACLs).
     Egress(egress::EgressArgs),
+    /// Org tokens for the node's API and registry.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
     /// Run a node: state store, Machines API, registry (in the foreground).
     Up(up::UpArgs),
     /// Run and manage machines on the node.
@@ -91,6 +96,15 @@ enum Command {
     Open(apps::AppFlag),
 }
 
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Create, list and revoke org tokens (an org token reaches its org's apps, machines and images)
+    Token {
+        #[command(subcommand)]
+        command: registry::TokenCommand,
+    },
+}
+
 /// `$HANGAR_HOME`, or `~/.hangar`.
 pub fn home() -> anyhow::Result<PathBuf> {
     if let Some(h) = std::env::var_os("HANGAR_HOME").filter(|h| !h.is_empty()) {
@@ -124,6 +138,9 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Up(args) => up::run(args),
+        Command::Auth {
+            command: AuthCommand::Token { command },
+        } => registry::token(command),
         Command::Edge(args) => edge::run(args),
         Command::Egress(args) => egress::run(args),
         Command::Machine(args) => machine::run(args),

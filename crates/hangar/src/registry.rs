@@ -49,7 +49,7 @@ enum RegistryCommand {
 }
 
 #[derive(Subcommand)]
-enum TokenCommand {
+pub enum TokenCommand {
     /// Create a token for an org; prints the token alone on stdout
     Create {
         #[arg(long)]
@@ -86,7 +86,57 @@ fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
-fn auth() -> Result<Auth> {
+/// `hangar registry token ...` and `hangar auth token ...`: one set of
+/// org tokens for the registry and the node's API.
+pub fn token(command: TokenCommand) -> Result<()> {
+    match command {
+        TokenCommand::Create {
+            org,
+            read_only,
+            expires,
+        } => {
+            let ttl = expires
+                .as_deref()
+                .map(parse_duration)
+                .transpose()?
+                .map(|d| d.as_secs());
+            let (_, token) = auth()?.create(&org, read_only, ttl)?;
+            println!("{token}");
+        }
+        TokenCommand::List { json } => {
+            let tokens = auth()?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                println!(
+                    "{:<14} {:<20} {:<10} {:<22} EXPIRES",
+                    "ID", "ORG", "ACCESS", "CREATED"
+                );
+                for t in tokens {
+                    let expires = t
+                        .expires
+                        .map_or("never".to_string(), hangar_oci::build::rfc3339);
+                    let access = if t.read_only { "read" } else { "read-write" };
+                    println!(
+                        "{:<14} {:<20} {:<10} {:<22} {expires}",
+                        t.id,
+                        t.org,
+                        access,
+                        hangar_oci::build::rfc3339(t.created)
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            let t = auth()?.revoke(&id)?;
+            println!("revoked token {} of org {}", t.id, t.org);
+        }
+    }
+    Ok(())
+}
+
+/// The registry's token store under `$HANGAR_HOME`.
+pub fn auth() -> Result<Auth> {
     let store = RegistryStore::open(&crate::home()?)?;
     Ok(Auth::open(store.root())?)
 }
@@ -130,49 +180,7 @@ pub fn run(args: RegistryArgs) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })?;
         }
-        RegistryCommand::Token { command } => match command {
-            TokenCommand::Create {
-                org,
-                read_only,
-                expires,
-            } => {
-                let ttl = expires
-                    .as_deref()
-                    .map(parse_duration)
-                    .transpose()?
-                    .map(|d| d.as_secs());
-                let (_, token) = auth()?.create(&org, read_only, ttl)?;
-                println!("{token}");
-            }
-            TokenCommand::List { json } => {
-                let tokens = auth()?.list()?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&tokens)?);
-                } else {
-                    println!(
-                        "{:<14} {:<20} {:<10} {:<22} EXPIRES",
-                        "ID", "ORG", "ACCESS", "CREATED"
-                    );
-                    for t in tokens {
-                        let expires = t
-                            .expires
-                            .map_or("never".to_string(), hangar_oci::build::rfc3339);
-                        let access = if t.read_only { "read" } else { "read-write" };
-                        println!(
-                            "{:<14} {:<20} {:<10} {:<22} {expires}",
-                            t.id,
-                            t.org,
-                            access,
-                            hangar_oci::build::rfc3339(t.created)
-                        );
-                    }
-                }
-            }
-            TokenCommand::Revoke { id } => {
-                let t = auth()?.revoke(&id)?;
-                println!("revoked token {} of org {}", t.id, t.org);
-            }
-        },
+        RegistryCommand::Token { command } => token(command)?,
         RegistryCommand::Public { name, off } => {
             if !hangar_oci::reference::valid_repository(&name) || !name.contains('/') {
                 bail!("{name:?} is not a repository name; use <org>/<repo>, lowercase");

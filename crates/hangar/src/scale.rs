@@ -93,12 +93,7 @@ pub fn stop_idle(node: &Arc<Node>, edge: &hangar_edge::Edge, machines: &[Machine
         let excess = started.len().saturating_sub(keep);
         for m in candidates.into_iter().take(excess) {
             let (node, id) = (node.clone(), m.id.clone());
-            let signal = m
-                .config
-                .kill_signal
-                .clone()
-                .unwrap_or_else(|| "SIGTERM".into());
-            let timeout = Duration::from_secs(m.config.kill_timeout.unwrap_or(5));
+            let (signal, timeout) = m.config.kill();
             // Wanted stopped from now: the next tick leaves it alone.
             let _ = node.state.set_desired(&id, "stopped");
             std::thread::spawn(move || {

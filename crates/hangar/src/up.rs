@@ -232,7 +232,15 @@ pub fn run(args: UpArgs) -> Result<()> {
                 }
             });
         }
-        let api = Arc::new(Api { node: node.clone(), token, pull });
+        // Org tokens (the registry's) reach their org's apps and machines.
+        let orgs: Option<hangar_api::server::OrgTokens> = match crate::registry::auth() {
+            Ok(auth) => Some(Arc::new(move |t: &str| auth.verify_api_token(t).filter(|r| !r.read_only).map(|r| r.org))),
+            Err(e) => {
+                eprintln!("hangar up: org tokens are off: {e:#}");
+                None
+            }
+        };
+        let api = Arc::new(Api { node: node.clone(), token, pull, orgs });
         hangar_api::server::serve(api, listener, crate::shutdown_signal()).await;
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         if args.stop_machines {

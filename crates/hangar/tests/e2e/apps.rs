@@ -142,14 +142,17 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
     // Scale to three: three healthy backends answer.
     ok_in(&node, &dir, &["scale", "count", "3"]);
     assert_eq!(machines(&status_json(&node, &dir)).len(), 3);
+    // The edge takes the new machine in within a reconcile tick.
     let mut seen = std::collections::BTreeSet::new();
-    for i in 0..60 {
+    let mut i = 0;
+    wait_until("requests reach all three machines", 10, || {
+        i += 1;
         let (code, body) = get(&node, &format!("/cgi-bin/info?n={i}"));
         assert_eq!(code, 200);
         let info: Value = serde_json::from_str(body.trim()).unwrap();
         seen.insert(info["machine"].as_str().unwrap().to_string());
-    }
-    assert_eq!(seen.len(), 3, "requests reach all three machines: {seen:?}");
+        seen.len() == 3
+    });
 
     // A secret: in the app's environment, in no API or CLI output.
     let secret = "s3cr3t-v4lue-9731";
@@ -228,6 +231,53 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
     let apps: Value =
         serde_json::from_str(&ok_in(&node, &dir, &["apps", "list", "--json"])).unwrap();
     assert_eq!(apps[0]["name"], "hello");
+
+    // Org tokens: another org's token sees nothing of the app; its own
+    // org's token sees it all.
+    let other = ok_in(&node, &dir, &["auth", "token", "create", "--org", "other"])
+        .trim()
+        .to_string();
+    let mine = ok_in(
+        &node,
+        &dir,
+        &["auth", "token", "create", "--org", "personal"],
+    )
+    .trim()
+    .to_string();
+    let as_org = |token: &str, args: &[&str]| {
+        node.h
+            .command(args)
+            .current_dir(&dir)
+            .env("HANGAR_API_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let out = as_org(&other, &["apps", "list", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let out = as_org(&other, &["status", "-a", "hello"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no app \"hello\"")
+    );
+    let out = as_org(&other, &["machine", "list", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let out = as_org(&other, &["machine", "status", &ids(&after)[0], "--json"]);
+    assert!(!out.status.success());
+    let out = as_org(&mine, &["status", "-a", "hello", "--json"]);
+    assert!(out.status.success());
+    assert_eq!(
+        ids(&serde_json::from_slice(&out.stdout).unwrap()),
+        ids(&after)
+    );
+    let out = as_org("hgr_bogus_token", &["apps", "list"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("wrong API token")
+    );
 
     // Destroying the app takes its machines.
     ok_in(&node, &dir, &["apps", "destroy", "hello", "--yes"]);
