@@ -415,6 +415,18 @@ impl Manifest {
         if let Some(region) = &self.primary_region {
             c.metadata.insert("region".into(), region.clone());
         }
+        // The edge's policy for this app's host: `off`, or the default TTL.
+        if let Some(cache) = &self.cache {
+            let policy = if cache.enabled {
+                format!("ttl={}", cache.default_ttl)
+            } else {
+                "off".into()
+            };
+            c.metadata.insert("edge_cache".into(), policy);
+        }
+        if self.http_service.as_ref().is_some_and(|s| s.force_https) {
+            c.metadata.insert("force_https".into(), "true".into());
+        }
         if let Some(m) = &self.metrics {
             c.metadata
                 .insert("metrics".into(), format!("{}{}", m.port, m.path));
@@ -508,6 +520,7 @@ policy = "always"
         assert_eq!(c.checks["http-0"].path, "/healthz");
         assert_eq!(c.env["GREETING"], "hi");
         assert_eq!(c.restart.policy, "always");
+        assert_eq!(c.metadata["edge_cache"], "ttl=30");
         c.validate().unwrap();
         assert_eq!(m.deploy_request("x", None, "").strategy, "bluegreen");
         // What launch writes reads back the same.

@@ -96,6 +96,7 @@ async fn listen(
         )
         .await?;
         running.tls = Some(addr);
+        let _ = edge.https_port.set(addr.port());
     }
     if let Some(admin) = &config.admin {
         let listener = server::bind(admin.listen, "edge admin endpoint").await?;

@@ -45,6 +45,8 @@ pub struct Edge {
     pub limits: Limits,
     next_id: AtomicU64,
     id_prefix: String,
+    /// The TLS listener's port, for `force_https` redirects (set once bound).
+    pub https_port: std::sync::OnceLock<u16>,
     /// Starts a stopped backend of a host (set by the node: scale to zero).
     waker: std::sync::RwLock<Option<Waker>>,
     /// Keyed per process: credentials never appear in fill keys as such.
@@ -66,6 +68,7 @@ impl Edge {
             limits: config.limits.clone(),
             next_id: AtomicU64::new(0),
             credential_hasher: Default::default(),
+            https_port: Default::default(),
             waker: Default::default(),
             id_prefix: format!(
                 "{:08x}",
@@ -125,6 +128,9 @@ impl Edge {
                 ),
             ));
         };
+        if let (true, false, Some(port)) = (site.config.force_https, tls, self.https_port.get()) {
+            return Ok(redirect_to_https(&req, &host, *port));
+        }
         let metrics = site.metrics.clone();
         metrics.requests.fetch_add(1, Ordering::Relaxed);
         metrics.touch();
@@ -893,6 +899,26 @@ fn with_status(mut resp: Response<Body>, note: &str) -> Response<Body> {
         resp.headers_mut().append("cache-status", v);
     }
     resp
+}
+
+/// 308 to the same URL over HTTPS.
+fn redirect_to_https<B>(req: &Request<B>, host: &str, port: u16) -> Response<Body> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let port = if port == 443 {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let mut r = Response::new(upstream::empty());
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{port}{path}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
 }
 
 /// An error page that says what happened and where.

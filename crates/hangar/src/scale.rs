@@ -43,6 +43,20 @@ pub fn edge_hosts(
                 ..Default::default()
             });
         host.autostart |= service.autostart;
+        host.force_https |= m
+            .config
+            .metadata
+            .get("force_https")
+            .is_some_and(|v| v == "true");
+        match m.config.metadata.get("edge_cache").map(String::as_str) {
+            Some("off") => host.cache.enabled = false,
+            Some(ttl) => {
+                if let Some(secs) = ttl.strip_prefix("ttl=").and_then(|s| s.parse().ok()) {
+                    host.cache.default_ttl = Duration::from_secs(secs);
+                }
+            }
+            None => {}
+        }
         host.soft_limit = host.soft_limit.max(service.soft_limit);
         // Started, wanted started (not on its way to an idle stop), healthy.
         if m.state == "started"

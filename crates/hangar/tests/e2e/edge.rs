@@ -760,7 +760,26 @@ fn websocket_upgrades_and_http2() {
         cert.display(),
         key.display()
     );
-    let edge = Edge::start(&h, &(tls + &host_config("app.localhost", &[&ws_addr], "")));
+    let secure = host_config("secure.localhost", &[&ws_addr], "force_https = true");
+    let edge = Edge::start(
+        &h,
+        &(tls + &host_config("app.localhost", &[&ws_addr], "") + &secure),
+    );
+    // force_https: plain HTTP is redirected to the TLS listener.
+    let r = edge.get("secure.localhost", "/x?y=1", &[]);
+    let tls_port = edge
+        .tls
+        .as_ref()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://secure.localhost:{tls_port}/x?y=1").as_str())
+    );
 
     let mut s = TcpStream::connect(&edge.addr).unwrap();
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: app.localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
