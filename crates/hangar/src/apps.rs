@@ -266,12 +266,17 @@ fn build_and_push(m: &Manifest, base_dir: &Path, org: &str, registry: &str) -> R
     let home = crate::home()?;
     let store = hangar_oci::Store::open(&home)?;
     let dir = base_dir.join(m.build.dir.as_deref().unwrap_or("."));
-    let epoch = std::time::SystemTime::now()
+    // A tag per deploy, never reused: a release keeps naming its own image.
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let tag: hangar_oci::Reference =
-        format!("{registry}/{org}/{}:deployment-{epoch}", m.app).parse()?;
+        .unwrap_or_default();
+    let tag: hangar_oci::Reference = format!(
+        "{registry}/{org}/{}:deployment-{}-{:06}",
+        m.app,
+        now.as_secs(),
+        now.subsec_micros()
+    )
+    .parse()?;
     let base: Option<hangar_oci::Reference> =
         m.build.base.as_deref().map(str::parse).transpose()?;
     let rt = runtime()?;
