@@ -62,6 +62,37 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Internal(format!("operation failed: {e}")))?
 }
 
+/// Holds an app for one deploy or scale; released on drop.
+struct AppLock<'a> {
+    node: &'a Node,
+    app: String,
+}
+
+impl<'a> AppLock<'a> {
+    fn take(node: &'a Node, app: &str) -> Result<AppLock<'a>> {
+        let mut busy = node.busy_apps.lock().unwrap_or_else(|e| e.into_inner());
+        if !busy.insert(app.to_string()) {
+            return Err(Error::Conflict(format!(
+                "a deploy or scale of {app} is under way; wait for it (`hangar status -a {app}`) and try again"
+            )));
+        }
+        Ok(AppLock {
+            node,
+            app: app.to_string(),
+        })
+    }
+}
+
+impl Drop for AppLock<'_> {
+    fn drop(&mut self) {
+        self.node
+            .busy_apps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.app);
+    }
+}
+
 /// The app's machines that are not destroyed, oldest first.
 pub fn app_machines(node: &Node, app: &str) -> Result<Vec<Machine>> {
     Ok(node
@@ -180,6 +211,7 @@ pub async fn deploy(
     progress: Progress,
 ) -> Result<Release> {
     node.state.app(&app)?;
+    let _one_at_a_time = AppLock::take(&node, &app)?;
     if !["rolling", "bluegreen", "immediate"].contains(&req.strategy.as_str()) {
         return Err(Error::Invalid(format!(
             "strategy {:?} must be rolling, bluegreen or immediate",
@@ -328,6 +360,7 @@ pub async fn scale_count(
     count: u32,
     progress: Progress,
 ) -> Result<()> {
+    let _one_at_a_time = AppLock::take(&node, &app)?;
     let release = node.state.current_release(&app)?.ok_or_else(|| {
         Error::Conflict(format!(
             "app {app} has no complete release yet; run `hangar deploy` first"

@@ -26,6 +26,8 @@ pub struct Node {
     pub checks: crate::checks::Checks,
     /// Opens app secrets for machines' environments.
     pub sealer: crate::apps::Sealer,
+    /// Apps with a deploy or scale under way (one at a time per app).
+    pub(crate) busy_apps: Mutex<std::collections::HashSet<String>>,
     hangar_exe: PathBuf,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -67,6 +69,7 @@ impl Node {
             runtime,
             checks: Default::default(),
             sealer,
+            busy_apps: Default::default(),
             hangar_exe,
             locks: Mutex::new(HashMap::new()),
         }
