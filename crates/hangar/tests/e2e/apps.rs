@@ -154,6 +154,44 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
         seen.len() == 3
     });
 
+    // The other strategies: bluegreen replaces all three at once after
+    // they pass; immediate does not wait for checks.
+    for strategy in ["bluegreen", "immediate"] {
+        let toml = fs::read_to_string(dir.join("hangar.toml")).unwrap();
+        let toml = toml.replace(
+            "strategy = \"rolling\"",
+            &format!("strategy = \"{strategy}\""),
+        );
+        let toml = toml.replace(
+            "strategy = \"bluegreen\"",
+            &format!("strategy = \"{strategy}\""),
+        );
+        fs::write(dir.join("hangar.toml"), toml).unwrap();
+        let out = ok_in(&node, &dir, &["deploy"]);
+        assert!(
+            out.contains(&format!("3 machine(s), {strategy} strategy")),
+            "{out}"
+        );
+        let v = status_json(&node, &dir);
+        let version = v["release"]["version"].to_string();
+        assert_eq!(machines(&v).len(), 3, "{v}");
+        assert!(
+            machines(&v)
+                .iter()
+                .all(|m| m["config"]["metadata"]["release"].as_str() == Some(version.as_str())),
+            "{v}"
+        );
+    }
+    wait_until("the edge serves the immediate release", 10, || {
+        get(&node, "/healthz?after-immediate").0 == 200
+    });
+    let toml = fs::read_to_string(dir.join("hangar.toml")).unwrap();
+    fs::write(
+        dir.join("hangar.toml"),
+        toml.replace("strategy = \"immediate\"", "strategy = \"rolling\""),
+    )
+    .unwrap();
+
     // A secret: in the app's environment, in no API or CLI output.
     let secret = "s3cr3t-v4lue-9731";
     ok_in(
