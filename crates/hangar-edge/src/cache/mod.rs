@@ -41,11 +41,15 @@ impl Cache {
 
     /// Apply a purge; returns how many objects it touched.
     pub fn purge(&self, what: &Purge, soft: bool) -> usize {
-        let n = self.store.purge(|m| what.matches(m), soft);
-        if let Purge::Url { host, path } = what {
-            self.fills.forget(&primary_key(host, path));
+        match what {
+            // One URL (and every unsafe request's invalidation): indexed.
+            Purge::Url { host, path } => {
+                let primary = primary_key(host, path);
+                self.fills.forget(&primary);
+                self.store.purge_primary(&primary, soft)
+            }
+            _ => self.store.purge(|m| what.matches(m), soft),
         }
-        n
     }
 }
 

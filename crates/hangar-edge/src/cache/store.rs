@@ -153,6 +153,9 @@ struct Entry {
 
 struct Inner {
     entries: HashMap<Arc<str>, Entry>,
+    /// Primary key -> the full keys stored under it (its Vary variants):
+    /// a URL's invalidation touches only these.
+    variants: HashMap<String, Vec<Arc<str>>>,
     /// Primary key -> the request headers its stored responses vary on.
     vary: HashMap<String, Vec<String>>,
     mem: S3Fifo<Arc<str>>,
@@ -185,6 +188,7 @@ impl Store {
     pub fn open(limits: Limits) -> Result<Store, DiskError> {
         let mut inner = Inner {
             entries: HashMap::new(),
+            variants: HashMap::new(),
             vary: HashMap::new(),
             mem: S3Fifo::new(limits.memory),
             disk: S3Fifo::new(limits.disk.as_ref().map(|d| d.1).unwrap_or(0)),
@@ -219,11 +223,11 @@ impl Store {
                                 let key: Arc<str> = Arc::from(meta.key.as_str());
                                 inner.vary.insert(meta.primary.clone(), meta.vary.clone());
                                 for gone in inner.disk.insert(key.clone(), meta.body_len) {
-                                    inner.entries.remove(&gone);
+                                    inner.remove_entry(&gone);
                                     let _ = std::fs::remove_file(object_path(&dir, &gone));
                                 }
                                 if inner.disk.contains(&key) {
-                                    inner.entries.insert(
+                                    inner.insert_entry(
                                         key,
                                         Entry {
                                             meta: Arc::new(meta),
@@ -350,7 +354,7 @@ impl Store {
         inner.vary.insert(meta.primary.clone(), meta.vary.clone());
         let was_on_disk = inner.entries.get(&key).is_some_and(|e| e.on_disk);
         let writing = self.dir.is_some();
-        inner.entries.insert(
+        inner.insert_entry(
             key.clone(),
             Entry {
                 meta: meta.clone(),
@@ -376,7 +380,7 @@ impl Store {
             if Arc::ptr_eq(&e.meta, &meta) {
                 e.writing = false;
                 if !written && e.body.is_none() && !e.on_disk {
-                    inner.entries.remove(&key);
+                    inner.remove_entry(&key);
                 }
             }
         }
@@ -405,7 +409,7 @@ impl Store {
                 e.body.is_some()
             });
             if in_memory == Some(false) {
-                inner.entries.remove(&k);
+                inner.remove_entry(&k);
             }
             gone.push(object_path(dir, &k));
         }
@@ -418,13 +422,29 @@ impl Store {
     /// Remove (or with `soft`, mark stale) every object `select` picks.
     /// Returns how many.
     pub fn purge(&self, select: impl Fn(&Meta) -> bool, soft: bool) -> usize {
-        let mut inner = self.lock();
+        let inner = self.lock();
         let keys: Vec<Arc<str>> = inner
             .entries
             .iter()
             .filter(|(_, e)| select(&e.meta))
             .map(|(k, _)| k.clone())
             .collect();
+        self.purge_keys(inner, keys, soft)
+    }
+
+    /// Remove (or mark stale) every variant of one URL, without a scan.
+    pub fn purge_primary(&self, primary: &str, soft: bool) -> usize {
+        let inner = self.lock();
+        let keys = inner.variants.get(primary).cloned().unwrap_or_default();
+        self.purge_keys(inner, keys, soft)
+    }
+
+    fn purge_keys(
+        &self,
+        mut inner: std::sync::MutexGuard<'_, Inner>,
+        keys: Vec<Arc<str>>,
+        soft: bool,
+    ) -> usize {
         let mut files = Vec::new();
         for key in &keys {
             if soft {
@@ -436,7 +456,7 @@ impl Store {
                         files.push((key.clone(), true));
                     }
                 }
-            } else if let Some(e) = inner.entries.remove(key) {
+            } else if let Some(e) = inner.remove_entry(key) {
                 inner.mem.remove(key);
                 inner.disk.remove(key);
                 if e.on_disk {
@@ -459,6 +479,26 @@ impl Store {
     }
 }
 
+impl Inner {
+    fn insert_entry(&mut self, key: Arc<str>, entry: Entry) {
+        let primary = entry.meta.primary.clone();
+        if self.entries.insert(key.clone(), entry).is_none() {
+            self.variants.entry(primary).or_default().push(key);
+        }
+    }
+
+    fn remove_entry(&mut self, key: &str) -> Option<Entry> {
+        let e = self.entries.remove(key)?;
+        if let Some(keys) = self.variants.get_mut(&e.meta.primary) {
+            keys.retain(|k| &**k != key);
+            if keys.is_empty() {
+                self.variants.remove(&e.meta.primary);
+            }
+        }
+        Some(e)
+    }
+}
+
 fn drop_from_memory(inner: &mut Inner, evicted: Vec<Arc<str>>) {
     for k in evicted {
         let kept = inner.entries.get_mut(&k).map(|e| {
@@ -466,7 +506,7 @@ fn drop_from_memory(inner: &mut Inner, evicted: Vec<Arc<str>>) {
             e.on_disk || e.writing
         });
         if kept == Some(false) {
-            inner.entries.remove(&k);
+            inner.remove_entry(&k);
         }
     }
 }
@@ -628,6 +668,28 @@ mod tests {
         .unwrap();
         assert!(store.is_empty());
         assert!(!victim.exists());
+    }
+
+    #[tokio::test]
+    async fn a_url_purge_takes_its_variants_and_nothing_else() {
+        let store = Arc::new(
+            Store::open(Limits {
+                memory: 1000,
+                disk: None,
+            })
+            .unwrap(),
+        );
+        for key in ["/a", "/b"] {
+            for variant in ["gzip", "br"] {
+                let mut m = meta(&format!("{key}\naccept-encoding={variant}"), "t", 1);
+                m.primary = key.to_string();
+                store.put(m, Bytes::from_static(b"x"));
+            }
+        }
+        assert_eq!(store.purge_primary("/a", false), 2);
+        assert_eq!(store.purge_primary("/a", false), 0);
+        assert_eq!(store.len(), 2);
+        assert!(store.get("/b\naccept-encoding=br").await.is_some());
     }
 
     #[tokio::test]
