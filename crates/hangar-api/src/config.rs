@@ -86,6 +86,8 @@ pub struct Init {
 pub struct Guest {
     pub cpus: u32,
     pub memory_mb: u64,
+    /// `container` or `vm` (a micro-VM).
+    pub driver: String,
 }
 
 impl Default for Guest {
@@ -93,6 +95,7 @@ impl Default for Guest {
         Guest {
             cpus: 1,
             memory_mb: 256,
+            driver: "container".into(),
         }
     }
 }
@@ -158,6 +161,12 @@ impl MachineConfig {
         }
         if self.guest.cpus == 0 || self.guest.cpus > 64 {
             return Err(Error::Invalid("config.guest.cpus must be 1 to 64".into()));
+        }
+        if !["container", "vm"].contains(&self.guest.driver.as_str()) {
+            return Err(Error::Invalid(format!(
+                "config.guest.driver {:?} must be container or vm",
+                self.guest.driver
+            )));
         }
         if self.guest.memory_mb < 16 {
             return Err(Error::Invalid(

@@ -132,6 +132,7 @@ impl Node {
                 pids: 4096,
             },
             slot: m.slot,
+            vm: c.guest.driver == "vm",
         })
     }
 

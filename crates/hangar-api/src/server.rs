@@ -85,6 +85,9 @@ fn machine_json(node: &Node, m: &Machine) -> serde_json::Value {
         v.as_object_mut().map(|o| o.remove("ipv4"));
         v.as_object_mut().map(|o| o.remove("private_ip"));
     }
+    if let Some(vm) = node.runtime.vm_info(&m.id) {
+        v["vmm"] = serde_json::to_value(vm).unwrap_or_default();
+    }
     if !m.config.checks.is_empty() {
         let mut checks = node.checks.status(&m.id);
         for name in m.config.checks.keys() {

@@ -335,8 +335,11 @@ impl Manifest {
             return Err("[build] needs exactly one of image = \"...\" or dir = \"...\"".into());
         }
         if let Some(vm) = self.vm.first() {
-            if vm.driver != "container" {
-                return Err(format!("[[vm]] driver {:?}: only \"container\" exists yet (micro-VMs come with their own issue)", vm.driver));
+            if !["container", "vm"].contains(&vm.driver.as_str()) {
+                return Err(format!(
+                    "[[vm]] driver {:?} must be \"container\" or \"vm\"",
+                    vm.driver
+                ));
             }
         }
         if let Some(s) = &self.http_service {
@@ -379,6 +382,7 @@ impl Manifest {
             c.guest = Guest {
                 cpus: vm.cpus,
                 memory_mb: vm.memory,
+                driver: vm.driver.clone(),
             };
         }
         if let Some(r) = &self.restart {
@@ -536,9 +540,14 @@ policy = "always"
             Manifest::parse("app = \"a\"\n\n[[vm]]\nmemory = \"lots\"\n").unwrap_err();
         assert_eq!(line, 4);
         assert!(msg.contains("memory size"), "{msg}");
-        let m = Manifest::parse("app = \"a\"\n[build]\nimage = \"x\"\n[[vm]]\ndriver = \"vm\"\n")
-            .unwrap();
-        assert!(m.validate().unwrap_err().contains("only \"container\""));
+        let m = Manifest::parse(
+            "app = \"a\"\n[build]\nimage = \"x\"\n[[vm]]\ndriver = \"firecracker\"\n",
+        )
+        .unwrap();
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .contains("\"container\" or \"vm\""));
         let m = Manifest::parse("app = \"Bad App\"\n[build]\nimage = \"x\"\n").unwrap();
         assert!(m.validate().is_err());
         let m = Manifest::parse("app = \"a\"\n").unwrap();

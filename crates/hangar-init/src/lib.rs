@@ -53,6 +53,43 @@ pub struct InitConfig {
     pub search: Vec<String>,
     /// Extra `/etc/hosts` lines: address and names.
     pub hosts: Vec<(String, Vec<String>)>,
+    /// Set inside a micro-VM: what init does before the usual (modules,
+    /// root disk, network).
+    pub vm: Option<VmSetup>,
+}
+
+/// In a micro-VM, init starts from the initramfs: it loads the kernel
+/// modules the host put there, mounts the root disk, switches to it and
+/// configures eth0. It then reports the app's end on the console
+/// ([`EXIT_MARKER`]) and powers off; the host sends signals as console
+/// lines ([`SIGNAL_MARKER`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct VmSetup {
+    /// Module files in the initramfs, in load order.
+    pub modules: Vec<String>,
+    /// The root disk's device, e.g. `/dev/vda`, with an ext4 filesystem.
+    pub root: String,
+    /// `address/prefix` for eth0, IPv4 and IPv6.
+    pub ipv4: String,
+    pub ipv6: String,
+    pub gateway4: String,
+    pub gateway6: String,
+    pub mtu: u32,
+}
+
+/// Where the config sits in a VM's initramfs.
+pub const VM_CONFIG_PATH: &str = "/hangar/config.json";
+/// `hangar-exit:<code>:<oom 0|1>` on the console: how the app ended.
+pub const EXIT_MARKER: &str = "hangar-exit:";
+/// `hangar-signal:<number>` from the host on the console: pass it on.
+pub const SIGNAL_MARKER: &str = "hangar-signal:";
+
+/// Parse an exit line the guest printed: (code, oom).
+pub fn parse_exit(line: &str) -> Option<(i32, bool)> {
+    let rest = line.trim().strip_prefix(EXIT_MARKER)?;
+    let (code, oom) = rest.split_once(':')?;
+    Some((code.parse().ok()?, oom == "1"))
 }
 
 /// A user to run as, resolved against the image's own passwd and group files.

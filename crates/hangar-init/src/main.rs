@@ -5,7 +5,12 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode};
 
-use hangar_init::{InitConfig, CONFIG_PATH};
+use hangar_init::{InitConfig, CONFIG_PATH, VM_CONFIG_PATH};
+
+mod vm;
+
+/// The app's pid once it runs (for the VM's signal listener).
+static APP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// Signals passed on to the app.
 const FORWARDED: [libc::c_int; 9] = [
@@ -140,9 +145,25 @@ fn exit_code(status: libc::c_int) -> u8 {
 }
 
 fn main() -> ExitCode {
-    let path = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| CONFIG_PATH.to_string());
+    // PID 1 of a micro-VM starts in the initramfs, where the host put its
+    // config; in a container the runtime passes the config's path.
+    let in_vm = std::process::id() == 1 && Path::new(VM_CONFIG_PATH).exists();
+    let code = run(in_vm);
+    if in_vm {
+        let oom = code == 137 && vm::oom_kills() > 0;
+        vm::power_off(code, oom);
+    }
+    ExitCode::from(code)
+}
+
+fn run(in_vm: bool) -> u8 {
+    let path = if in_vm {
+        VM_CONFIG_PATH.to_string()
+    } else {
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| CONFIG_PATH.to_string())
+    };
     let config: InitConfig = match std::fs::read(&path)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -150,9 +171,16 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             say(&format!("cannot read {path}: {e}"));
-            return ExitCode::from(127);
+            return 127;
         }
     };
+    if let Some(setup) = config.vm.as_ref().filter(|_| in_vm) {
+        if let Err(e) = vm::boot(setup) {
+            say(&format!("cannot boot the machine: {e}"));
+            return 125;
+        }
+        vm::listen_for_signals(&APP);
+    }
     ensure_mounts();
     set_hostname(&config.hostname);
     if let Some(resolv) = config.resolv_conf() {
@@ -164,13 +192,13 @@ fn main() -> ExitCode {
     let argv = config.argv();
     if argv.is_empty() {
         say("the image has no Entrypoint or Cmd and the machine sets no command; give one (init.cmd)");
-        return ExitCode::from(127);
+        return 127;
     }
     let user = match config.run_as(Path::new("/")) {
         Ok(u) => u,
         Err(e) => {
             say(&e);
-            return ExitCode::from(126);
+            return 126;
         }
     };
     let workdir = config.workdir();
@@ -185,6 +213,10 @@ fn main() -> ExitCode {
 
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear().current_dir(&workdir);
+    if in_vm {
+        // The console's input carries the host's signals, not the app's stdin.
+        cmd.stdin(std::process::Stdio::null());
+    }
     for kv in config.environment(&user.home) {
         let (k, v) = kv.split_once('=').unwrap_or((&kv, ""));
         cmd.env(k, v);
@@ -210,14 +242,15 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             say(&format!("cannot run {}: {e}", argv[0]));
-            return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+            return if e.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {
                 126
-            });
+            };
         }
     };
     let app = child.id() as libc::pid_t;
+    APP.store(app, std::sync::atomic::Ordering::SeqCst);
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `blocked` is a valid set and `sig` a valid out-pointer.
@@ -238,7 +271,7 @@ fn main() -> ExitCode {
                 break;
             }
             if pid == app {
-                return ExitCode::from(exit_code(status));
+                return exit_code(status);
             }
         }
     }

@@ -1,9 +1,10 @@
 //! `hangar-machine`: everything about machines that touches the host.
 //!
 //! It owns layer [`snapshot`]s (each layer unpacked once, keyed by ChainID),
-//! the container driver ([`runtime::Runtime`]: runc bundles, one shim per
-//! machine, logs, exit codes and OOM kills), and the private [`network`]
-//! (bridge, namespaces, addresses).
+//! the drivers behind one [`runtime::Runtime`] (containers: runc bundles;
+//! micro-VMs: QEMU microvm, see [`vm`]), one shim per machine (logs, exit
+//! codes, OOM kills), and the private [`network`] (bridge, namespaces or
+//! taps, addresses).
 //!
 //! Key design decision: isolation is done by Debian's `runc`, a maintained
 //! OCI runtime, rather than hand-rolled namespace code; it handles cgroup v1,
@@ -19,6 +20,7 @@ pub mod error;
 pub mod network;
 pub mod runtime;
 pub mod snapshot;
+pub mod vm;
 
 pub use error::{Error, Result};
 pub use runtime::{Exit, MachineSpec, ProcState, Runtime};

@@ -53,7 +53,7 @@ fn ip(args: &[&str]) -> Result<String> {
 }
 
 /// Run `ip [global] -batch -` with `commands` on stdin.
-fn ip_batch(global: &[&str], commands: &str) -> Result<()> {
+pub(crate) fn ip_batch(global: &[&str], commands: &str) -> Result<()> {
     use std::io::Write;
     let shown = format!("ip {} -batch", global.join(" "));
     let mut child = Command::new("ip")

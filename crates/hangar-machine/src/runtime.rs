@@ -50,6 +50,8 @@ pub struct MachineSpec {
     pub limits: Limits,
     /// Network slot: decides the machine's addresses.
     pub slot: u32,
+    /// A micro-VM instead of a container.
+    pub vm: bool,
 }
 
 /// How a machine's app ended.
@@ -83,6 +85,17 @@ pub struct Runtime {
     store: Store,
     snapshots: Snapshots,
     init_bin: PathBuf,
+    /// The micro-VM driver, where a guest kernel was found.
+    vmm: Option<crate::vm::Vmm>,
+}
+
+/// What the host sees of a VM machine (for status).
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    pub accel: String,
+    pub base_disk_reused: bool,
+    /// The VMM's own resident memory, while it runs.
+    pub overhead_kib: Option<u64>,
 }
 
 fn now_secs() -> u64 {
@@ -129,6 +142,42 @@ impl Runtime {
             machines,
             runc_root,
             init_bin,
+            vmm: None,
+        })
+    }
+
+    /// Enable micro-VMs with the guest kernel in `kernel_dir`.
+    pub fn with_vms(mut self, kernel_dir: PathBuf) -> Runtime {
+        self.vmm = Some(crate::vm::Vmm::new(kernel_dir));
+        self
+    }
+
+    /// The VM driver, or what to do to get it.
+    pub fn vmm(&self) -> Result<&crate::vm::Vmm> {
+        let vmm = self.vmm.as_ref().ok_or_else(|| {
+            Error::Host("micro-VMs are off: no guest kernel was found; fetch it with scripts/fetch-kernel (or set HANGAR_VM_KERNEL)".into())
+        })?;
+        vmm.check()?;
+        Ok(vmm)
+    }
+
+    fn is_vm(&self, id: &str) -> bool {
+        self.dir(id).join("vm.json").is_file()
+    }
+
+    /// How a VM machine runs (None for containers).
+    pub fn vm_info(&self, id: &str) -> Option<VmInfo> {
+        let launch: crate::vm::Launch =
+            serde_json::from_slice(&fs::read(self.dir(id).join("vm.json")).ok()?).ok()?;
+        let overhead_kib = fs::read_to_string(self.dir(id).join("qemu.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .filter(|p| pid_alive(*p))
+            .and_then(|p| crate::vm::overhead_kib(p, launch.memory_mb));
+        Some(VmInfo {
+            accel: launch.accel.describe().into(),
+            base_disk_reused: launch.base_disk_reused,
+            overhead_kib,
         })
     }
 
@@ -147,6 +196,9 @@ impl Runtime {
     /// Build everything a machine needs short of starting it: snapshots,
     /// its own layer, the overlay mount, its network, the bundle.
     pub fn create(&self, spec: &MachineSpec) -> Result<Created> {
+        if spec.vm {
+            self.vmm()?;
+        }
         let image = self.store.image(&spec.image)?;
         let (lowers, unpacked) = self.snapshots.prepare(&self.store, &image)?;
         let dir = self.dir(&spec.id);
@@ -169,6 +221,15 @@ impl Runtime {
             workdir: run.working_dir.unwrap_or_default(),
             user: run.user.unwrap_or_default(),
         };
+        if spec.vm {
+            return self.create_vm(
+                spec,
+                init,
+                &lowers,
+                unpacked,
+                &chain_ids(&image.config.rootfs.diff_ids),
+            );
+        }
         let addresses = network::attach(&spec.id, spec.slot)?;
         init.hosts
             .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
@@ -197,6 +258,76 @@ impl Runtime {
         Ok(Created {
             addresses,
             unpacked,
+        })
+    }
+
+    /// A VM's disk overlay, initramfs, tap and launch line.
+    fn create_vm(
+        &self,
+        spec: &MachineSpec,
+        mut init: InitConfig,
+        lowers: &[PathBuf],
+        unpacked: bool,
+        chain: &[Digest],
+    ) -> Result<Created> {
+        let vmm = self.vmm()?;
+        let dir = self.dir(&spec.id);
+        let top = chain
+            .last()
+            .map(|d| d.to_string().replace(':', "-"))
+            .unwrap_or_default();
+        let (base, reused) = crate::vm::base_disk(&self.machines, &top, lowers)?;
+        crate::vm::overlay(&dir, &base)?;
+        let addresses = network::address(spec.slot);
+        let gw = network::gateway();
+        init.hosts
+            .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
+        init.hosts
+            .push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
+        init.vm = Some(hangar_init::VmSetup {
+            modules: crate::vm::MODULES
+                .iter()
+                .map(|m| format!("/hangar/modules/{m}.ko"))
+                .collect(),
+            root: "/dev/vda".into(),
+            ipv4: format!("{}/16", addresses.v4),
+            ipv6: format!("{}/64", addresses.v6),
+            gateway4: gw.v4.to_string(),
+            gateway6: gw.v6.to_string(),
+            mtu: 1500,
+        });
+        let config = serde_json::to_vec(&init).map_err(|e| Error::Host(e.to_string()))?;
+        crate::vm::initramfs(
+            &dir.join("initrd"),
+            &self.init_bin,
+            &vmm.kernel_dir,
+            &config,
+        )?;
+        crate::vm::attach_tap(&spec.id)?;
+        let (accel, _) = vmm.accel();
+        let launch = crate::vm::Launch {
+            argv: crate::vm::argv(
+                &vmm.kernel_dir,
+                &accel,
+                &dir,
+                &spec.id,
+                spec.slot,
+                spec.limits.cpus,
+                spec.limits.memory_mb,
+            ),
+            accel,
+            memory_mb: spec.limits.memory_mb,
+            base_disk_reused: reused,
+        };
+        let path = dir.join("vm.json");
+        fs::write(
+            &path,
+            serde_json::to_vec_pretty(&launch).unwrap_or_default(),
+        )
+        .at(&path)?;
+        Ok(Created {
+            addresses,
+            unpacked: unpacked || !reused,
         })
     }
 
@@ -236,6 +367,13 @@ impl Runtime {
     /// shim: the caller reaps it; the machine outlives the caller.
     pub fn start(&self, id: &str, slot: u32, hangar_exe: &Path) -> Result<Child> {
         let dir = self.dir(id);
+        if self.is_vm(id) {
+            if !crate::vm::tap_exists(id) {
+                crate::vm::attach_tap(id)?;
+            }
+            crate::vm::make_fifo(&dir.join("ctl"))?;
+            return self.spawn_shim(id, hangar_exe);
+        }
         if !dir.join("bundle/config.json").is_file() {
             return Err(Error::NoMachine(id.to_string()));
         }
@@ -257,6 +395,12 @@ impl Runtime {
         let _ = runc(&self.runc_root)
             .args(["delete", "--force", id])
             .output();
+        self.spawn_shim(id, hangar_exe)
+    }
+
+    fn spawn_shim(&self, id: &str, hangar_exe: &Path) -> Result<Child> {
+        let dir = self.dir(id);
+        let _ = fs::remove_file(dir.join("exit.json"));
         let mut cmd = Command::new(hangar_exe);
         cmd.args(["machine", "shim"])
             .arg(&dir)
@@ -303,11 +447,33 @@ impl Runtime {
 
     /// Send `signal` (a name like `SIGTERM` or a number) to the machine's init.
     pub fn signal(&self, id: &str, signal: &str) -> Result<()> {
+        if self.is_vm(id) {
+            let number = signal_number(signal)
+                .ok_or_else(|| Error::Host(format!("unknown signal {signal:?}")))?;
+            if number == libc::SIGKILL {
+                // Nothing inside can refuse it: the VM goes, as a killed
+                // process would.
+                if let Some(pid) = fs::read_to_string(self.dir(id).join("qemu.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: kill(2) of the machine's QEMU process.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                return Ok(());
+            }
+            return crate::vm::signal(&self.dir(id), number);
+        }
         run(runc(&self.runc_root).args(["kill", id, signal])).map(|_| ())
     }
 
     /// Run a command inside the running machine; its output and status back.
     pub fn exec(&self, id: &str, argv: &[String], env: &[String]) -> Result<Output> {
+        if self.is_vm(id) {
+            return Err(Error::Host(format!(
+                "exec into micro-VM machines is not there yet (machine {id}); read its log with `hangar machine logs {id}`"
+            )));
+        }
         let mut cmd = runc(&self.runc_root);
         cmd.args(["exec"]);
         for e in env {
@@ -324,6 +490,9 @@ impl Runtime {
     /// network namespace, cgroup, files. Idempotent.
     pub fn destroy(&self, id: &str) -> Result<()> {
         let dir = self.dir(id);
+        if self.is_vm(id) {
+            let _ = self.signal(id, "SIGKILL");
+        }
         let _ = runc(&self.runc_root).args(["kill", id, "SIGKILL"]).output();
         if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
@@ -342,6 +511,7 @@ impl Runtime {
                 .map_err(|e| Error::Host(format!("cannot unmount {}: {e}", rootfs.display())))?;
         }
         network::detach(id);
+        crate::vm::detach_tap(id);
         if dir.exists() {
             fs::remove_dir_all(&dir).at(&dir)?;
         }
@@ -406,6 +576,11 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
         Ok(l) => Arc::new(Mutex::new(l)),
         Err(_) => return 125,
     };
+    if dir.join("vm.json").is_file() {
+        let code = run_vm(dir, &log);
+        let _ = fs::remove_file(&pid_path);
+        return code;
+    }
     let mut child = match runc(runc_root)
         .args(["run", "--bundle"])
         .arg(dir.join("bundle"))
@@ -483,6 +658,164 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
     let _ = fs::remove_file(&pid_path);
     let _ = runc(runc_root).args(["delete", "--force", id]).output();
     code
+}
+
+/// The VM's half of the shim: QEMU in the foreground, its console into
+/// the log (less init's exit line, which gives the exit code), the control
+/// FIFO's lines into the console.
+fn run_vm(dir: &Path, log: &Arc<Mutex<LogWriter>>) -> i32 {
+    let say = |msg: String| {
+        if let Ok(mut l) = log.lock() {
+            l.write(msg.as_bytes());
+        }
+    };
+    let launch: crate::vm::Launch = match fs::read(dir.join("vm.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(l) => l,
+        None => {
+            say("hangar: the machine's vm.json is unreadable\n".into());
+            write_exit(dir, 125, false);
+            return 125;
+        }
+    };
+    let mut child = match Command::new(&launch.argv[0])
+        .args(&launch.argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            say(format!("hangar: cannot start {}: {e}\n", launch.argv[0]));
+            write_exit(dir, 125, false);
+            return 125;
+        }
+    };
+    let _ = fs::write(dir.join("qemu.pid"), child.id().to_string());
+    // Control: lines written to the FIFO go to the guest's console.
+    if let Some(mut stdin) = child.stdin.take() {
+        let ctl = dir.join("ctl");
+        std::thread::spawn(move || {
+            // Read-write, so the FIFO never reports end-of-file between writers.
+            let Ok(fifo) = OpenOptions::new().read(true).write(true).open(&ctl) else {
+                return;
+            };
+            let mut reader = BufReader::new(fifo);
+            let mut line = Vec::new();
+            while reader
+                .read_until(b'\n', &mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                if stdin.write_all(&line).and_then(|()| stdin.flush()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+        });
+    }
+    let reported: Arc<Mutex<Option<(i32, bool)>>> = Arc::default();
+    let mut copiers = Vec::new();
+    let streams: Vec<Box<dyn Read + Send>> = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for stream in streams {
+        let (log, reported) = (log.clone(), reported.clone());
+        copiers.push(std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            // Init starts its exit line on a line of its own: an empty line
+            // just before it is init's, not the app's.
+            let mut held_empty = false;
+            while reader
+                .read_until(b'\n', &mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                // The console speaks CRLF.
+                let text = String::from_utf8_lossy(&line).replace('\r', "");
+                line.clear();
+                if let Some(exit) = hangar_init::parse_exit(&text) {
+                    *reported.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit);
+                    held_empty = false;
+                    continue;
+                }
+                // The kernel's last word after init powers off.
+                if text.contains("] reboot: Power down") {
+                    continue;
+                }
+                let Ok(mut l) = log.lock() else { continue };
+                if held_empty {
+                    l.write(b"\n");
+                    held_empty = false;
+                }
+                if text == "\n" {
+                    held_empty = true;
+                } else {
+                    l.write(text.as_bytes());
+                }
+            }
+        }));
+    }
+    let status = child.wait();
+    for c in copiers {
+        let _ = c.join();
+    }
+    let reported = *reported.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, oom) = match (reported, status) {
+        (Some(r), _) => r,
+        // Killed from outside (SIGKILL): as a killed process.
+        (None, Ok(s))
+            if std::os::unix::process::ExitStatusExt::signal(&s) == Some(libc::SIGKILL) =>
+        {
+            (137, false)
+        }
+        (None, s) => {
+            say(format!(
+                "hangar: the VM ended without an exit report ({s:?})\n"
+            ));
+            (125, false)
+        }
+    };
+    write_exit(dir, code, oom);
+    let _ = fs::remove_file(dir.join("qemu.pid"));
+    code
+}
+
+/// A signal by name (`SIGTERM`, `TERM`) or number.
+fn signal_number(signal: &str) -> Option<i32> {
+    if let Ok(n) = signal.parse::<i32>() {
+        return Some(n);
+    }
+    let name = signal.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    Some(match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "ALRM" => libc::SIGALRM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "WINCH" => libc::SIGWINCH,
+        _ => return None,
+    })
 }
 
 fn write_exit(dir: &Path, code: i32, oom: bool) {

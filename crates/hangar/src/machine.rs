@@ -30,6 +30,9 @@ enum MachineCommand {
         env: Vec<String>,
         #[arg(long, default_value_t = 1)]
         cpus: u32,
+        /// container, or vm (a micro-VM: QEMU microvm with hangar-init as PID 1)
+        #[arg(long, default_value = "container")]
+        driver: String,
         /// Memory limit in MB
         #[arg(long, default_value_t = 256)]
         memory: u64,
@@ -153,6 +156,17 @@ fn print_machine(m: &Value) {
         println!("Digest:    {d}");
     }
     println!("Addresses: {} {}", field("private_ip"), field("ipv4"));
+    if let Some(vmm) = m["vmm"].as_object() {
+        let overhead = vmm
+            .get("overhead_kib")
+            .and_then(|v| v.as_u64())
+            .map(|k| format!(", VMM overhead {:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_default();
+        println!(
+            "Driver:    micro-VM under {}{overhead}",
+            vmm.get("accel").and_then(|v| v.as_str()).unwrap_or("?")
+        );
+    }
     if let Some(code) = m["exit_code"].as_i64() {
         println!(
             "Exit code: {code}{}",
@@ -187,6 +201,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             name,
             env,
             cpus,
+            driver,
             memory,
             restart,
             max_retries,
@@ -221,7 +236,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                 "name": name,
                 "config": {
                     "image": image, "env": envs, "init": init,
-                    "guest": {"cpus": cpus, "memory_mb": memory},
+                    "guest": {"cpus": cpus, "memory_mb": memory, "driver": driver},
                     "restart": {"policy": restart, "max_retries": max_retries},
                     "services": services, "auto_destroy": rm,
                 },

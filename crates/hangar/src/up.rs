@@ -72,6 +72,16 @@ pub fn init_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The guest kernel for micro-VMs: `$HANGAR_VM_KERNEL`, else `target/vm`
+/// beside this build (scripts/fetch-kernel makes it); none: VMs are off.
+fn vm_kernel_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("HANGAR_VM_KERNEL") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe().ok()?.parent()?.parent()?.join("vm"),
+    };
+    dir.join("vmlinuz").is_file().then_some(dir)
+}
+
 fn random_token() -> Result<String> {
     use std::io::Read;
     let mut buf = [0u8; 24];
@@ -145,7 +155,10 @@ async fn pull_image(
 pub fn run(args: UpArgs) -> Result<()> {
     let home = crate::home()?;
     let init = init_binary()?;
-    let runtime = Runtime::open(&home, init)?;
+    let mut runtime = Runtime::open(&home, init)?;
+    if let Some(kernel) = vm_kernel_dir() {
+        runtime = runtime.with_vms(kernel);
+    }
     let state = State::open(&home)?;
     let exe = std::env::current_exe().context("cannot find the hangar binary")?;
     let sealer = hangar_api::apps::Sealer::open_or_create(&home)?;
@@ -205,6 +218,19 @@ pub fn run(args: UpArgs) -> Result<()> {
         };
         node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url })?;
         eprintln!("hangar up: Machines API on http://{addr} (token in {})", node_config::path(&home).display());
+        // Which accelerator micro-VMs get, probed in the background.
+        match node.runtime.vmm() {
+            Ok(_) => {
+                let node = node.clone();
+                std::thread::spawn(move || {
+                    if let Ok(vmm) = node.runtime.vmm() {
+                        let (accel, why) = vmm.accel();
+                        eprintln!("hangar up: micro-VMs run under {} ({why})", accel.describe());
+                    }
+                });
+            }
+            Err(e) => eprintln!("hangar up: micro-VMs are off: {e}"),
+        }
         node.state.interrupt_releases()?;
         tokio::spawn(hangar_api::checks::run(node.clone()));
 

@@ -1,0 +1,311 @@
+//! Init's first steps inside a micro-VM, from the initramfs: load the
+//! modules the host packed, mount the root disk, configure eth0, and switch
+//! to the root disk. Afterwards init goes on as in a container.
+
+use std::ffi::CString;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use hangar_init::VmSetup;
+
+fn cstr(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{s:?} has a NUL byte"))
+}
+
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> Result<(), String> {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
+    // SAFETY: valid NUL-terminated strings that outlive the call; no data.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount {source} on {target}: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+fn load_module(path: &str) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let params = cstr("")?;
+    // SAFETY: finit_module(2) with an open descriptor and an empty
+    // parameter string.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+    let err = std::io::Error::last_os_error();
+    if rc == 0 || err.raw_os_error() == Some(libc::EEXIST) {
+        Ok(())
+    } else {
+        Err(format!("loading {path}: {err}"))
+    }
+}
+
+fn wait_for(path: &str, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    while !std::path::Path::new(path).exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{path} did not appear within {within:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Everything before the usual init: returns once `/` is the root disk.
+pub fn boot(setup: &VmSetup) -> Result<(), String> {
+    mount("proc", "/proc", "proc", 0)?;
+    mount("sysfs", "/sys", "sysfs", 0)?;
+    mount("devtmpfs", "/dev", "devtmpfs", 0)?;
+    // A module whose symbols come from one not loaded yet fails with
+    // ENOENT; passes until nothing more loads settle the order.
+    let mut pending: Vec<&String> = setup.modules.iter().collect();
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut last = String::new();
+        pending.retain(|m| match load_module(m) {
+            Ok(()) => false,
+            Err(e) => {
+                last = e;
+                true
+            }
+        });
+        if pending.len() == before {
+            return Err(last);
+        }
+    }
+    wait_for(&setup.root, Duration::from_secs(10))?;
+    network(setup)?;
+    mount(&setup.root, "/newroot", "ext4", 0)?;
+    // /dev goes along; /proc and /sys are mounted again in the new root.
+    let _ = std::fs::create_dir_all("/newroot/dev");
+    mount("/dev", "/newroot/dev", "", libc::MS_MOVE)?;
+    for m in ["/proc", "/sys"] {
+        let t = cstr(m)?;
+        // SAFETY: a valid path; a lazy unmount of our own mount.
+        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    }
+    std::env::set_current_dir("/newroot").map_err(|e| format!("chdir /newroot: {e}"))?;
+    mount(".", "/", "", libc::MS_MOVE)?;
+    let dot = cstr(".")?;
+    // SAFETY: chroot(2) into the current directory, a valid path.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(format!("chroot: {}", std::io::Error::last_os_error()));
+    }
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+struct Socket(libc::c_int);
+
+impl Socket {
+    fn new(family: libc::c_int) -> Result<Socket, String> {
+        // SAFETY: socket(2) with constant arguments.
+        let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Socket(fd))
+    }
+
+    fn ioctl<T>(&self, request: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
+        // SAFETY: `arg` is the structure `request` expects, valid for the call.
+        let rc = unsafe { libc::ioctl(self.0, request as _, arg as *mut T) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(format!("{what}: {}", std::io::Error::last_os_error()))
+        }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    req
+}
+
+fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; sockaddr is the
+    // generic view the ioctls take.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn split(cidr: &str) -> Result<(&str, u32), String> {
+    let (a, p) = cidr
+        .split_once('/')
+        .ok_or_else(|| format!("{cidr:?} is not address/prefix"))?;
+    Ok((a, p.parse().map_err(|_| format!("{cidr:?}: bad prefix"))?))
+}
+
+fn set_up(sock: &Socket, name: &str) -> Result<(), String> {
+    let mut req = ifreq(name);
+    sock.ioctl(libc::SIOCGIFFLAGS, &mut req, "get flags")?;
+    // SAFETY: the flags member was just filled in by the kernel.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    sock.ioctl(libc::SIOCSIFFLAGS, &mut req, &format!("{name} up"))
+}
+
+/// The IPv6 default route (`in6_rtmsg`, whose fields libc keeps private).
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    kind: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+/// eth0's addresses, MTU and default routes; lo up.
+fn network(setup: &VmSetup) -> Result<(), String> {
+    wait_for("/sys/class/net/eth0", Duration::from_secs(10))?;
+    let v4 = Socket::new(libc::AF_INET)?;
+    set_up(&v4, "lo")?;
+    let (addr, prefix) = split(&setup.ipv4)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{addr:?} is not IPv4"))?;
+    let mut req = ifreq("eth0");
+    req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    v4.ioctl(libc::SIOCSIFADDR, &mut req, "eth0 address")?;
+    let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - prefix.min(32)).unwrap_or(0));
+    req.ifr_ifru.ifru_netmask = sockaddr_v4(mask);
+    v4.ioctl(libc::SIOCSIFNETMASK, &mut req, "eth0 netmask")?;
+    if setup.mtu > 0 {
+        req.ifr_ifru.ifru_mtu = setup.mtu as libc::c_int;
+        v4.ioctl(libc::SIOCSIFMTU, &mut req, "eth0 mtu")?;
+    }
+    set_up(&v4, "eth0")?;
+    if let Ok(gw) = setup.gateway4.parse::<Ipv4Addr>() {
+        // SAFETY: rtentry is plain data; zero is a valid value.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_v4(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        v4.ioctl(libc::SIOCADDRT, &mut rt, "IPv4 default route")?;
+    }
+    if !setup.ipv6.is_empty() {
+        let v6 = Socket::new(libc::AF_INET6)?;
+        let mut idx = ifreq("eth0");
+        v4.ioctl(libc::SIOCGIFINDEX, &mut idx, "eth0 index")?;
+        // SAFETY: the index member was just filled in by the kernel.
+        let ifindex = unsafe { idx.ifr_ifru.ifru_ifindex };
+        let (addr, prefix) = split(&setup.ipv6)?;
+        let addr: Ipv6Addr = addr.parse().map_err(|_| format!("{addr:?} is not IPv6"))?;
+        let mut req = libc::in6_ifreq {
+            ifr6_addr: libc::in6_addr {
+                s6_addr: addr.octets(),
+            },
+            ifr6_prefixlen: prefix,
+            ifr6_ifindex: ifindex,
+        };
+        v6.ioctl(libc::SIOCSIFADDR, &mut req, "eth0 IPv6 address")?;
+        if let Ok(gw) = setup.gateway6.parse::<Ipv6Addr>() {
+            let mut rt = In6Rtmsg {
+                dst: libc::in6_addr { s6_addr: [0; 16] },
+                src: libc::in6_addr { s6_addr: [0; 16] },
+                gateway: libc::in6_addr {
+                    s6_addr: gw.octets(),
+                },
+                kind: 0,
+                dst_len: 0,
+                src_len: 0,
+                metric: 1,
+                info: 0,
+                flags: (libc::RTF_UP | libc::RTF_GATEWAY) as u32,
+                ifindex,
+            };
+            v6.ioctl(libc::SIOCADDRT, &mut rt, "IPv6 default route")?;
+        }
+    }
+    Ok(())
+}
+
+/// Write the exit line on the console, flush the disks, power off.
+pub fn power_off(code: u8, oom: bool) -> ! {
+    use std::io::Write;
+    let line = format!("\n{}{code}:{}\n", hangar_init::EXIT_MARKER, u8::from(oom));
+    let _ = std::io::stdout().write_all(line.as_bytes());
+    let _ = std::io::stdout().flush();
+    // SAFETY: sync(2) and reboot(2) take no pointers.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    std::process::exit(code as i32)
+}
+
+/// OOM kills so far (the kernel's counter), to tell whether the app's
+/// SIGKILL was the OOM killer's.
+pub fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Pass signals the host writes on the console (`hangar-signal:N`) to the
+/// app, whose pid is in `app` once it runs.
+pub fn listen_for_signals(app: &'static std::sync::atomic::AtomicI32) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let Ok(console) = std::fs::File::open("/dev/console") else {
+            return;
+        };
+        // The host's lines must not be echoed into the machine's log.
+        // SAFETY: termios is plain data, filled in by tcgetattr before use.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(console.as_raw_fd(), &mut t) == 0 {
+                t.c_lflag &= !(libc::ECHO | libc::ECHOE | libc::ECHOK | libc::ECHONL);
+                libc::tcsetattr(console.as_raw_fd(), libc::TCSANOW, &t);
+            }
+        }
+        for line in std::io::BufReader::new(console)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let Some(n) = line.trim().strip_prefix(hangar_init::SIGNAL_MARKER) else {
+                continue;
+            };
+            let (Ok(sig), pid) = (
+                n.parse::<libc::c_int>(),
+                app.load(std::sync::atomic::Ordering::SeqCst),
+            ) else {
+                continue;
+            };
+            if pid > 0 {
+                // SAFETY: kill(2) of the app, our child.
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+    });
+}
