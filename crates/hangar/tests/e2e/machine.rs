@@ -67,6 +67,17 @@ fn init_binary() -> PathBuf {
     root
 }
 
+/// The guest kernel scripts/fetch-kernel put in target/vm.
+fn vm_kernel() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vm");
+    assert!(
+        dir.join("vmlinuz").is_file(),
+        "{} has no guest kernel: scripts/test fetches it with scripts/fetch-kernel",
+        dir.display()
+    );
+    dir
+}
+
 /// A busybox image with a user, a workdir and a web page.
 pub(crate) fn busybox_image(h: &Hangar) -> String {
     let dir = h.dir.path().join("image");
@@ -164,6 +175,7 @@ impl Node {
                 "127.0.0.1:0",
             ])
             .env("HANGAR_INIT", init_binary())
+            .env("HANGAR_VM_KERNEL", vm_kernel())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -965,4 +977,147 @@ fn machines_go_out_only_through_the_egress_proxy() {
     );
     drop(node);
     drop(sandbox);
+}
+
+/// Micro-VMs (under software emulation here: each boot takes seconds, so
+/// few of them): served through the edge, talking with a container, exit
+/// codes, stop with SIGTERM then SIGKILL, the base disk built once, and
+/// nothing left after destroy.
+#[test]
+fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
+    require("qemu-system-x86_64");
+    require("qemu-img");
+    require("mkfs.ext4");
+    let node = Node::start();
+    let image = busybox_image(&node.h);
+    let vm = node.run(&[
+        &image, "--name", "vmweb", "--driver", "vm", "--port", "8080", "--", "httpd", "-f", "-p",
+        "8080", "-h", "/www",
+    ]);
+    let s = node.wait_for(&vm, "start", |s| s["state"] == "started");
+    let vm_ip = s["ipv4"].as_str().unwrap().to_string();
+    assert!(s["vmm"]["accel"].as_str().is_some(), "{s}");
+    assert_eq!(
+        s["vmm"]["base_disk_reused"], false,
+        "the first VM of an image builds its disk"
+    );
+    // Through the edge, once the guest has booted.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut conn = TcpStream::connect(&node.edge).unwrap();
+        conn.write_all(b"GET / HTTP/1.0\r\nHost: vmweb.localhost\r\n\r\n")
+            .unwrap();
+        let mut resp = String::new();
+        let _ = conn.read_to_string(&mut resp);
+        if resp.contains("hello from a machine") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM never answered through the edge: {resp}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s = node.status(&vm);
+    assert!(
+        s["vmm"]["overhead_kib"].as_u64().is_some_and(|k| k > 0),
+        "{s}"
+    );
+
+    // Container -> VM, and VM -> container (the VM's log says what it got).
+    let ctr = node.run(&[
+        &image, "--name", "ctr", "--port", "8080", "--", "httpd", "-f", "-p", "8080", "-h", "/www",
+    ]);
+    let c = node.wait_for(&ctr, "start", |s| s["state"] == "started");
+    let ctr_ip = c["ipv4"].as_str().unwrap().to_string();
+    let (code, out) = node.exec(
+        &ctr,
+        &[
+            "wget",
+            "-Y",
+            "off",
+            "-qO-",
+            &format!("http://{vm_ip}:8080/"),
+        ],
+    );
+    assert_eq!((code, out.as_str()), (0, "hello from a machine\n"));
+    let getter = node.run(&[
+        &image,
+        "--name",
+        "vmget",
+        "--driver",
+        "vm",
+        "--restart",
+        "no",
+        "--",
+        "sh",
+        "-c",
+        &format!("sleep 1; wget -Y off -qO- http://{ctr_ip}:8080/; exit 7"),
+    ]);
+    let g = node.wait_for(&getter, "exit", |s| s["state"] == "stopped");
+    assert_eq!(
+        g["exit_code"], 7,
+        "the app's exit code crosses the VM boundary: {g}"
+    );
+    assert_eq!(
+        g["vmm"]["base_disk_reused"], true,
+        "a second VM of the image builds nothing: {g}"
+    );
+    assert!(
+        node.logs(&getter).contains("hello from a machine"),
+        "{}",
+        node.logs(&getter)
+    );
+
+    // Stop: SIGTERM first (httpd ends: 143), then SIGKILL after the timeout.
+    node.h.ok(&["machine", "stop", &vm, "--timeout", "10"]);
+    assert_eq!(node.status(&vm)["exit_code"], 143);
+    let stubborn = node.run(&[
+        &image,
+        "--name",
+        "vmstub",
+        "--driver",
+        "vm",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; echo ready; sleep 1000",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !node.logs(&stubborn).contains("ready") {
+        assert!(Instant::now() < deadline, "the stubborn VM never booted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    node.h.ok(&["machine", "stop", &stubborn, "--timeout", "2"]);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(node.status(&stubborn)["exit_code"], 137);
+
+    // Destroy: no tap, overlay, process or directory left.
+    for id in [&vm, &getter, &stubborn] {
+        node.h.ok(&["machine", "destroy", id, "--force"]);
+        let tap = format!("ht{}", &id[..12]);
+        assert!(
+            !Path::new("/sys/class/net").join(&tap).exists(),
+            "{tap} left behind"
+        );
+        assert!(
+            !node.h.home().join("machines").join(id).exists(),
+            "machine dir of {id} left behind"
+        );
+    }
+    let qemus = Command::new("pgrep")
+        .args(["-f", &node.h.home().display().to_string()])
+        .output()
+        .unwrap();
+    let left: Vec<String> = String::from_utf8_lossy(&qemus.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ps = Command::new("ps")
+        .args(["-o", "args=", "-p", &left.join(",")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(!ps.contains("qemu-system"), "a VMM is left: {ps}");
 }
