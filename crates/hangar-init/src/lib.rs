@@ -9,13 +9,15 @@
 //! killed by a signal).
 //!
 //! Key design decision: one static binary that assumes nothing about being in
-//! a container, so the same init serves micro-VMs later: every mount is
-//! attempted only where nothing is mounted yet, and failures to mount (no
-//! privilege in a container) are not fatal.
+//! a container, so the same init serves micro-VMs: every mount is attempted
+//! only where nothing is mounted yet, and failures to mount (no privilege in
+//! a container) are not fatal. In a VM ([`VmSetup`]) it first loads the
+//! virtio modules, mounts the root disk and configures eth0, and it talks
+//! to the host over the console ([`EXIT_MARKER`], [`SIGNAL_MARKER`]).
 //!
 //! This crate depends on no other Hangar crate; the host crates depend on its
 //! library half (this file) for the config format. It must stay small and
-//! static: no async runtime, no network code.
+//! static: no async runtime, no network protocols (eth0 is set by ioctl).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -275,6 +277,14 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn exit_lines_parse() {
+        assert_eq!(parse_exit("hangar-exit:7:0\n"), Some((7, false)));
+        assert_eq!(parse_exit("hangar-exit:137:1"), Some((137, true)));
+        assert_eq!(parse_exit("hello hangar-exit:1:0"), None);
+        assert_eq!(parse_exit("hangar-exit:x:0"), None);
     }
 
     #[test]
