@@ -87,6 +87,41 @@ pub const EXIT_MARKER: &str = "hangar-exit:";
 /// `hangar-signal:<number>` from the host on the console: pass it on.
 pub const SIGNAL_MARKER: &str = "hangar-signal:";
 
+/// `hangar-exec:<n>:<hex of ExecRequest JSON>` from the host: run a command.
+pub const EXEC_MARKER: &str = "hangar-exec:";
+/// `hangar-exec-result:<n>:<hex of ExecResult JSON>` from the guest.
+pub const EXEC_RESULT_MARKER: &str = "hangar-exec-result:";
+
+/// A command to run inside a VM (what `runc exec` does for containers).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+}
+
+/// How it went: exit code and output (each cut at 64 KiB).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecResult {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+pub fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Parse an exit line the guest printed: (code, oom).
 pub fn parse_exit(line: &str) -> Option<(i32, bool)> {
     let rest = line.trim().strip_prefix(EXIT_MARKER)?;
@@ -277,6 +312,14 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let bytes = b"{\"argv\":[\"cat\",\"/etc/hosts\"]}\n\x00\xff";
+        assert_eq!(hex_decode(&hex_encode(bytes)).as_deref(), Some(&bytes[..]));
+        assert_eq!(hex_decode("abc"), None);
+        assert_eq!(hex_decode("zz"), None);
     }
 
     #[test]

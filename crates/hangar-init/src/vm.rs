@@ -272,6 +272,58 @@ pub fn oom_kills() -> u64 {
         .unwrap_or(0)
 }
 
+/// Run a command the host asked for (`<n>:<hex json>`) in the background
+/// and print its result on the console for the host's shim.
+fn exec(request: &str) {
+    let Some((n, hex)) = request.split_once(':') else {
+        return;
+    };
+    let n = n.to_string();
+    let req: Option<hangar_init::ExecRequest> =
+        hangar_init::hex_decode(hex).and_then(|b| serde_json::from_slice(&b).ok());
+    std::thread::spawn(move || {
+        let result = match req {
+            Some(req) if !req.argv.is_empty() => {
+                let mut cmd = std::process::Command::new(&req.argv[0]);
+                cmd.args(&req.argv[1..])
+                    .env_clear()
+                    .stdin(std::process::Stdio::null());
+                for kv in &req.env {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    cmd.env(k, v);
+                }
+                match cmd.output() {
+                    Ok(out) => hangar_init::ExecResult {
+                        code: out.status.code().unwrap_or_else(|| {
+                            128 + std::os::unix::process::ExitStatusExt::signal(&out.status)
+                                .unwrap_or(0)
+                        }),
+                        stdout: out.stdout.into_iter().take(64 << 10).collect(),
+                        stderr: out.stderr.into_iter().take(64 << 10).collect(),
+                    },
+                    Err(e) => hangar_init::ExecResult {
+                        code: 127,
+                        stdout: Vec::new(),
+                        stderr: format!("hangar-init: cannot run {}: {e}\n", req.argv[0])
+                            .into_bytes(),
+                    },
+                }
+            }
+            _ => hangar_init::ExecResult {
+                code: 126,
+                stdout: Vec::new(),
+                stderr: b"hangar-init: unreadable exec request\n".to_vec(),
+            },
+        };
+        let json = serde_json::to_vec(&result).unwrap_or_default();
+        println!(
+            "\n{}{n}:{}",
+            hangar_init::EXEC_RESULT_MARKER,
+            hangar_init::hex_encode(&json)
+        );
+    });
+}
+
 /// Pass signals the host writes on the console (`hangar-signal:N`) to the
 /// app, whose pid is in `app` once it runs.
 pub fn listen_for_signals(app: &'static std::sync::atomic::AtomicI32) {
@@ -293,6 +345,10 @@ pub fn listen_for_signals(app: &'static std::sync::atomic::AtomicI32) {
             .lines()
             .map_while(Result::ok)
         {
+            if let Some(rest) = line.trim().strip_prefix(hangar_init::EXEC_MARKER) {
+                exec(rest);
+                continue;
+            }
             let Some(n) = line.trim().strip_prefix(hangar_init::SIGNAL_MARKER) else {
                 continue;
             };

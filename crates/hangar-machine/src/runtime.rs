@@ -470,9 +470,7 @@ impl Runtime {
     /// Run a command inside the running machine; its output and status back.
     pub fn exec(&self, id: &str, argv: &[String], env: &[String]) -> Result<Output> {
         if self.is_vm(id) {
-            return Err(Error::Host(format!(
-                "exec into micro-VM machines is not there yet (machine {id}); read its log with `hangar machine logs {id}`"
-            )));
+            return crate::vm::exec(&self.dir(id), argv, env);
         }
         let mut cmd = runc(&self.runc_root);
         cmd.args(["exec"]);
@@ -733,7 +731,7 @@ fn run_vm(dir: &Path, log: &Arc<Mutex<LogWriter>>) -> i32 {
     .flatten()
     .collect();
     for stream in streams {
-        let (log, reported) = (log.clone(), reported.clone());
+        let (log, reported, dir) = (log.clone(), reported.clone(), dir.to_path_buf());
         copiers.push(std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
@@ -750,6 +748,11 @@ fn run_vm(dir: &Path, log: &Arc<Mutex<LogWriter>>) -> i32 {
                 line.clear();
                 if let Some(exit) = hangar_init::parse_exit(&text) {
                     *reported.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit);
+                    held_empty = false;
+                    continue;
+                }
+                if let Some(rest) = text.trim().strip_prefix(hangar_init::EXEC_RESULT_MARKER) {
+                    crate::vm::file_exec_result(&dir, rest);
                     held_empty = false;
                     continue;
                 }

@@ -105,6 +105,31 @@ impl Snapshots {
                 removed += 1;
             }
         }
+        // Micro-VM base disks go with the last snapshot of their image.
+        let disks = self
+            .root
+            .parent()
+            .map(|m| m.join("vmdisks"))
+            .unwrap_or_default();
+        for entry in fs::read_dir(&disks).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name
+                .strip_prefix("sha256-")
+                .and_then(|n| n.strip_suffix(".ext4"))
+            else {
+                continue;
+            };
+            if !format!("sha256:{hex}")
+                .parse::<Digest>()
+                .is_ok_and(|d| keep.contains(&d))
+            {
+                fs::remove_file(entry.path()).at(entry.path())?;
+                let _ = fs::remove_file(
+                    disks.join(format!("{name}.lock").replace(".ext4.lock", ".lock")),
+                );
+                removed += 1;
+            }
+        }
         Ok(removed)
     }
 }

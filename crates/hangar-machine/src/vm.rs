@@ -475,15 +475,89 @@ pub fn overhead_kib(qemu_pid: i32, memory_mb: u64) -> Option<u64> {
 
 /// Send a signal (by number) to the guest's init over the console.
 pub fn signal(dir: &Path, number: i32) -> Result<()> {
+    console_line(dir, &format!("{}{number}\n", hangar_init::SIGNAL_MARKER))
+}
+
+/// Write one line into the guest's console (through the shim's FIFO).
+fn console_line(dir: &Path, line: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let ctl = dir.join("ctl");
     let mut f = fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(&ctl)
-        .at(&ctl)?;
-    f.write_all(format!("{}{number}\n", hangar_init::SIGNAL_MARKER).as_bytes())
-        .at(&ctl)
+        .map_err(|e| {
+            Error::Host(format!(
+                "the machine at {} is not running (its console is closed: {e})",
+                dir.display()
+            ))
+        })?;
+    f.write_all(line.as_bytes()).at(&ctl)
+}
+
+/// Run a command inside the VM: init runs it and prints the result on the
+/// console, where the shim files it as `exec-<n>.json`.
+pub fn exec(dir: &Path, argv: &[String], env: &[String]) -> Result<std::process::Output> {
+    use std::os::unix::process::ExitStatusExt;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let req = hangar_init::ExecRequest {
+        argv: argv.to_vec(),
+        env: env.to_vec(),
+    };
+    let json = serde_json::to_vec(&req).map_err(|e| Error::Host(e.to_string()))?;
+    // The console reads lines of at most 4 KiB.
+    let line = format!(
+        "{}{n}:{}\n",
+        hangar_init::EXEC_MARKER,
+        hangar_init::hex_encode(&json)
+    );
+    if line.len() > 4000 {
+        return Err(Error::Host(
+            "the command and its environment are too long for a VM's console (4 KiB)".into(),
+        ));
+    }
+    console_line(dir, &line)?;
+    let result = dir.join(format!("exec-{n}.json"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !result.is_file() {
+        if Instant::now() > deadline {
+            return Err(Error::Host(
+                "the VM did not answer the exec within 120 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let bytes = fs::read(&result).at(&result)?;
+    let _ = fs::remove_file(&result);
+    let r: hangar_init::ExecResult =
+        serde_json::from_slice(&bytes).map_err(|e| Error::Host(format!("exec result: {e}")))?;
+    Ok(std::process::Output {
+        status: std::process::ExitStatus::from_raw((r.code & 0xff) << 8),
+        stdout: r.stdout,
+        stderr: r.stderr,
+    })
+}
+
+/// File an exec result line (`<n>:<hex json>`) the guest printed.
+pub fn file_exec_result(dir: &Path, rest: &str) {
+    let Some((n, hex)) = rest.trim().split_once(':') else {
+        return;
+    };
+    if !n.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+        return;
+    }
+    let Some(json) = hangar_init::hex_decode(hex) else {
+        return;
+    };
+    let tmp = dir.join(format!(".exec-{n}.json"));
+    if fs::write(&tmp, json).is_ok() {
+        let _ = fs::rename(&tmp, dir.join(format!("exec-{n}.json")));
+    }
 }
 
 /// The shim's control FIFO: what the host writes into the guest console.

@@ -1023,6 +1023,10 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
         s["vmm"]["overhead_kib"].as_u64().is_some_and(|k| k > 0),
         "{s}"
     );
+    // exec into the VM, as into a container.
+    let (code, out) = node.exec(&vm, &["sh", "-c", "hostname; cat /www/index.html"]);
+    assert_eq!((code, out.as_str()), (0, "vmweb\nhello from a machine\n"));
+    assert_eq!(node.exec(&vm, &["sh", "-c", "exit 3"]).0, 3);
 
     // Container -> VM, and VM -> container (the VM's log says what it got).
     let ctr = node.run(&[
@@ -1120,4 +1124,19 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     assert!(!ps.contains("qemu-system"), "a VMM is left: {ps}");
+    // The image's base disk goes with the image.
+    let disks = || {
+        fs::read_dir(node.h.home().join("machines/vmdisks"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(disks(), 1);
+    node.h.ok(&["machine", "destroy", &ctr, "--force"]);
+    node.h.ok(&["image", "rm", &image]);
+    node.h.ok(&["image", "gc"]);
+    assert_eq!(disks(), 0, "the base disk outlived its image");
 }
