@@ -72,14 +72,17 @@ pub fn init_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The guest kernel for micro-VMs: `$HANGAR_VM_KERNEL`, else `target/vm`
-/// beside this build (scripts/fetch-kernel makes it); none: VMs are off.
-fn vm_kernel_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("HANGAR_VM_KERNEL") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::current_exe().ok()?.parent()?.parent()?.join("vm"),
-    };
-    dir.join("vmlinuz").is_file().then_some(dir)
+/// The guest kernel for micro-VMs: `$HANGAR_VM_KERNEL`, else
+/// `$HANGAR_HOME/vm`, else `target/vm` beside this build (where
+/// `scripts/fetch-kernel [DIR]` puts it); none: VMs are off.
+fn vm_kernel_dir(home: &std::path::Path) -> Option<PathBuf> {
+    let beside_build = || std::env::current_exe().ok()?.parent()?.parent().map(|t| t.join("vm"));
+    std::env::var_os("HANGAR_VM_KERNEL")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([home.join("vm")])
+        .chain(beside_build())
+        .find(|d| d.join("vmlinuz").is_file())
 }
 
 fn random_token() -> Result<String> {
@@ -156,7 +159,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     let home = crate::home()?;
     let init = init_binary()?;
     let mut runtime = Runtime::open(&home, init)?;
-    if let Some(kernel) = vm_kernel_dir() {
+    if let Some(kernel) = vm_kernel_dir(&home) {
         runtime = runtime.with_vms(kernel);
     }
     let state = State::open(&home)?;
