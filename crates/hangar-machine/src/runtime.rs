@@ -599,19 +599,7 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
         }
     };
     let mut copiers = Vec::new();
-    let streams: Vec<Box<dyn Read + Send>> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let streams = output_streams(&mut child);
     for stream in streams {
         let log = log.clone();
         copiers.push(std::thread::spawn(move || {
@@ -717,19 +705,7 @@ fn run_vm(dir: &Path, log: &Arc<Mutex<LogWriter>>) -> i32 {
     }
     let reported: Arc<Mutex<Option<(i32, bool)>>> = Arc::default();
     let mut copiers = Vec::new();
-    let streams: Vec<Box<dyn Read + Send>> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let streams = output_streams(&mut child);
     for stream in streams {
         let (log, reported, dir) = (log.clone(), reported.clone(), dir.to_path_buf());
         copiers.push(std::thread::spawn(move || {
@@ -819,6 +795,19 @@ fn signal_number(signal: &str) -> Option<i32> {
         "WINCH" => libc::SIGWINCH,
         _ => return None,
     })
+}
+
+/// A child's stdout and stderr, to copy into the log.
+fn output_streams(child: &mut Child) -> Vec<Box<dyn Read + Send>> {
+    let out = child
+        .stdout
+        .take()
+        .map(|s| Box::new(s) as Box<dyn Read + Send>);
+    let err = child
+        .stderr
+        .take()
+        .map(|s| Box::new(s) as Box<dyn Read + Send>);
+    out.into_iter().chain(err).collect()
 }
 
 fn write_exit(dir: &Path, code: i32, oom: bool) {

@@ -76,7 +76,13 @@ pub fn init_binary() -> Result<PathBuf> {
 /// `$HANGAR_HOME/vm`, else `target/vm` beside this build (where
 /// `scripts/fetch-kernel [DIR]` puts it); none: VMs are off.
 fn vm_kernel_dir(home: &std::path::Path) -> Option<PathBuf> {
-    let beside_build = || std::env::current_exe().ok()?.parent()?.parent().map(|t| t.join("vm"));
+    let beside_build = || {
+        std::env::current_exe()
+            .ok()?
+            .parent()?
+            .parent()
+            .map(|t| t.join("vm"))
+    };
     std::env::var_os("HANGAR_VM_KERNEL")
         .map(PathBuf::from)
         .into_iter()
