@@ -61,10 +61,14 @@ pub struct TokenRecord {
 }
 
 /// The token store plus the HMAC key.
+/// A file's (inode, length, mtime): changes whenever tokens.json is saved.
+type FileStamp = (u64, u64, SystemTime);
+
 pub struct Auth {
     path: PathBuf,
     key: Vec<u8>,
-    cache: Mutex<Option<(SystemTime, Vec<TokenRecord>)>>,
+    /// Tokens as last read, with the file's stamp then.
+    cache: Mutex<Option<(FileStamp, Vec<TokenRecord>)>>,
 }
 
 /// An authenticated caller, or nobody.
@@ -163,17 +167,23 @@ impl Auth {
     /// Tokens, re-read when the file changed (the CLI edits it while the
     /// server runs).
     fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let mtime = fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .unwrap_or(UNIX_EPOCH);
+        // Every save is a rename: a new inode, and usually a new length.
+        // The modification time alone is too coarse: a revoke right after
+        // a create could share it and leave the revoked token valid.
+        let stamp = fs::metadata(&self.path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.ino(), m.len(), m.modified().unwrap_or(UNIX_EPOCH))
+        });
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((t, tokens)) = cache.as_ref() {
-            if *t == mtime && mtime != UNIX_EPOCH {
+        if let (Some((t, tokens)), Some(now)) = (cache.as_ref(), stamp) {
+            if *t == now {
                 return Ok(tokens.clone());
             }
         }
         let tokens = self.load()?;
-        *cache = Some((mtime, tokens.clone()));
+        if let Some(now) = stamp {
+            *cache = Some((now, tokens.clone()));
+        }
         Ok(tokens)
     }
 
