@@ -75,7 +75,7 @@ pub fn boot(setup: &VmSetup) -> Result<(), String> {
             return Err(last);
         }
     }
-    wait_for(&setup.root, Duration::from_secs(10))?;
+    wait_for(&setup.root, Duration::from_secs(60))?;
     network(setup)?;
     mount(&setup.root, "/newroot", "ext4", 0)?;
     // /dev goes along; /proc and /sys are mounted again in the new root.
@@ -185,7 +185,7 @@ struct In6Rtmsg {
 
 /// eth0's addresses, MTU and default routes; lo up.
 fn network(setup: &VmSetup) -> Result<(), String> {
-    wait_for("/sys/class/net/eth0", Duration::from_secs(10))?;
+    wait_for("/sys/class/net/eth0", Duration::from_secs(60))?;
     let v4 = Socket::new(libc::AF_INET)?;
     set_up(&v4, "lo")?;
     let (addr, prefix) = split(&setup.ipv4)?;

@@ -426,10 +426,14 @@ pub fn argv(
         "-initrd".into(),
         s(&dir.join("initrd")),
     ]);
-    a.extend([
-        "-append".into(),
-        "console=ttyS0 quiet loglevel=1 panic=-1".into(),
-    ]);
+    // Under emulation the kernel's timer calibration depends on the host's
+    // load: on a busy host it can fail to calibrate the TSC and hang before
+    // init. Preset values take the host's timing out of the boot.
+    let mut cmdline = "console=ttyS0 quiet loglevel=1 panic=-1".to_string();
+    if *accel == Accel::Tcg {
+        cmdline.push_str(" lpj=4000000 tsc_early_khz=2000000 no_timer_check");
+    }
+    a.extend(["-append".into(), cmdline]);
     a.extend([
         "-drive".into(),
         format!(

@@ -218,7 +218,7 @@ impl Node {
         what: &str,
         f: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let s = self.status(id);
             if f(&s) {
@@ -226,7 +226,8 @@ impl Node {
             }
             assert!(
                 Instant::now() < deadline,
-                "machine {id} never got {what}: {s}"
+                "machine {id} never got {what}: {s}\nits log:\n{}",
+                self.logs(id)
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1002,7 +1003,7 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
         "the first VM of an image builds its disk"
     );
     // Through the edge, once the guest has booted.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let mut conn = TcpStream::connect(&node.edge).unwrap();
         conn.write_all(b"GET / HTTP/1.0\r\nHost: vmweb.localhost\r\n\r\n")
@@ -1087,9 +1088,14 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
         "-c",
         "trap '' TERM; echo ready; sleep 1000",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(180);
     while !node.logs(&stubborn).contains("ready") {
-        assert!(Instant::now() < deadline, "the stubborn VM never booted");
+        assert!(
+            Instant::now() < deadline,
+            "the stubborn VM never booted: {}\n{}",
+            node.status(&stubborn),
+            node.logs(&stubborn)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let started = Instant::now();
