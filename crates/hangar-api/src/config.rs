@@ -132,6 +132,8 @@ pub struct Service {
     /// Requests in flight above which the edge prefers other machines and
     /// starts another stopped one (0: no limit).
     pub soft_limit: u32,
+    /// Requests in flight a machine takes at most (0: no limit).
+    pub hard_limit: u32,
 }
 
 impl MachineConfig {

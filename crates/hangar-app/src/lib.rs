@@ -402,6 +402,7 @@ impl Manifest {
                 min_machines_running: s.min_machines_running,
                 idle_timeout: s.idle_timeout,
                 soft_limit: s.concurrency.as_ref().map(|c| c.soft_limit).unwrap_or(0),
+                hard_limit: s.concurrency.as_ref().map(|c| c.hard_limit).unwrap_or(0),
             });
             for (i, check) in s.checks.iter().enumerate() {
                 c.checks.insert(
@@ -520,6 +521,7 @@ policy = "always"
         assert_eq!(c.services[0].idle_timeout, 120);
         assert!(c.services[0].autostop && c.services[0].autostart);
         assert_eq!(c.services[0].soft_limit, 20);
+        assert_eq!(c.services[0].hard_limit, 25);
         assert_eq!(c.checks["http-0"].interval, 0.5);
         assert_eq!(c.checks["http-0"].path, "/healthz");
         assert_eq!(c.env["GREETING"], "hi");

@@ -151,10 +151,13 @@ impl Site {
     /// some pass their checks, those are used anyway (a bad signal must not
     /// take the whole app down). `None`: nothing healthy.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Backend>> {
+        // A backend at its hard limit takes no more requests.
+        let limit = self.config.hard_limit;
+        let room = |b: &Backend| limit == 0 || b.outstanding() < limit;
         let candidates = |f: &dyn Fn(&Backend) -> bool| -> Vec<&Arc<Backend>> {
             self.backends
                 .iter()
-                .filter(|b| !exclude.contains(&b.addr) && f(b))
+                .filter(|b| !exclude.contains(&b.addr) && room(b) && f(b))
                 .collect()
         };
         let mut c = candidates(&|b| b.available());
@@ -419,6 +422,18 @@ mod tests {
             "exclusion"
         );
         assert!(s.pick(&[s.backends[0].addr, s.backends[1].addr]).is_none());
+    }
+
+    #[test]
+    fn a_backend_at_its_hard_limit_takes_no_more() {
+        let mut s = site(2);
+        s.config.hard_limit = 2;
+        let _a: Vec<_> = (0..2).map(|_| s.backends[0].begin()).collect();
+        for _ in 0..20 {
+            assert_eq!(s.pick(&[]).unwrap().addr, s.backends[1].addr);
+        }
+        let _b: Vec<_> = (0..2).map(|_| s.backends[1].begin()).collect();
+        assert!(s.pick(&[]).is_none(), "every backend is full");
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct Host {
     pub autostart: bool,
     /// Requests in flight per backend above which another is started.
     pub soft_limit: u32,
+    /// Requests in flight a backend takes at most (0: no limit).
+    pub hard_limit: u32,
     /// Answer plain HTTP with a redirect to HTTPS (when TLS is on).
     pub force_https: bool,
 }

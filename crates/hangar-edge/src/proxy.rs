@@ -309,6 +309,18 @@ impl Edge {
                         format!("no backend could be reached: {last}"),
                     ));
                 }
+                let limit = site.config.hard_limit;
+                if limit > 0
+                    && site
+                        .backends
+                        .iter()
+                        .any(|b| b.healthy() && b.outstanding() >= limit)
+                {
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("every machine is at its hard limit of {limit} requests in flight; raise [http_service.concurrency] hard_limit or add machines"),
+                    ));
+                }
                 let reasons: Vec<String> = site
                     .backends
                     .iter()

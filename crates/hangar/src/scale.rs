@@ -58,6 +58,7 @@ pub fn edge_hosts(
             None => {}
         }
         host.soft_limit = host.soft_limit.max(service.soft_limit);
+        host.hard_limit = host.hard_limit.max(service.hard_limit);
         // Started, wanted started (not on its way to an idle stop), healthy.
         if m.state == "started"
             && m.desired == "started"

@@ -972,3 +972,26 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn a_backend_at_its_hard_limit_takes_no_more_requests() {
+    let h = Hangar::new();
+    let slow = Origin::start(|_| Reply {
+        delay: Duration::from_millis(1000),
+        ..reply(200, &[("Cache-Control", "no-store")], b"done")
+    });
+    let edge = Arc::new(Edge::start(
+        &h,
+        &host_config("app.localhost", &[&slow.addr], "hard_limit = 1"),
+    ));
+    let e = edge.clone();
+    let first = std::thread::spawn(move || e.get("app.localhost", "/a", &[]));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = edge.get("app.localhost", "/b", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(text(&r).contains("hard limit of 1"), "{}", text(&r));
+    let r = first.join().unwrap();
+    assert_eq!((r.status, text(&r).as_str()), (200, "done"));
+    // With room again, requests are taken.
+    assert_eq!(text(&edge.get("app.localhost", "/c", &[])), "done");
+}
