@@ -18,22 +18,11 @@ work=$(mktemp -d)
 export HANGAR_HOME=$work/home
 rounds=${ROUNDS:-5}
 api=$(free_port) reg=$(free_port) edge=$(free_port) admin=$(free_port)
-"$hangar" up --listen "127.0.0.1:$api" --registry-listen "127.0.0.1:$reg" --edge-listen "127.0.0.1:$edge" \
-    --edge-admin-listen "127.0.0.1:$admin" --stop-machines 2>"$work/up.log" &
-node=$!
-cleanup() {
-    for m in $("$hangar" machine list --json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(m["id"] for m in json.load(sys.stdin)))'); do
-        "$hangar" machine destroy "$m" --force >/dev/null 2>&1 || true
-    done
-    kill "$node" 2>/dev/null; wait "$node" 2>/dev/null || true; rm -rf "$work"
-}
-trap cleanup EXIT
-for _ in $(seq 100); do grep -q "Machines API" "$work/up.log" && break; sleep 0.1; done
+start_node --listen "127.0.0.1:$api" --registry-listen "127.0.0.1:$reg" --edge-listen "127.0.0.1:$edge" \
+    --edge-admin-listen "127.0.0.1:$admin" --stop-machines
 
 # The example on a busybox base, as the demo builds it.
-mkdir -p "$work/base/bin"
-cp "$(command -v busybox)" "$work/base/bin/"
-for a in sh cat ls httpd echo hostname date printf; do ln -s busybox "$work/base/bin/$a"; done
+busybox_tree "$work/base" sh cat ls httpd echo hostname date printf
 "$hangar" image build "$work/base" -t localhost/busybox:demo --cmd /bin/sh >/dev/null
 cp -a examples/hello "$work/hello"
 cd "$work/hello"
@@ -59,6 +48,7 @@ for i in $(seq "$rounds"); do
         sleep 0.1
     done
     [ -n "${DEBUG:-}" ] && "$hangar" status >&2
-    curl -s -o /dev/null -w "%{http_code} %{time_total}\n" -H "Host: hello.localhost" "http://127.0.0.1:$edge/healthz?$i"
+    curl -s -o /dev/null -D "$work/head.$i" -w "%{http_code} %{time_total}\n" -H "Host: hello.localhost" "http://127.0.0.1:$edge/healthz?$i"
+    [ -n "${DEBUG:-}" ] && grep -i x-hangar-error "$work/head.$i" >&2 || true
 done | awk '$1 != 200 {print "  (answered " $1 ")" > "/dev/stderr"} {printf "%.0f\n", $2 * 1000}' | tee "$work/cold.txt" | tr '\n' ' '; echo
 echo "  median: $(median < "$work/cold.txt") ms (goal: 300 ms)"

@@ -43,3 +43,27 @@ YAML
     reg_pid=$!
     wait_port "$1"
 }
+
+# start_node ARGS...: `hangar up ARGS` in the background with $HANGAR_HOME,
+# waits until its API answers; on exit destroys its machines, stops it and
+# removes $work. Sets $node.
+start_node() {
+    "$hangar" up "$@" 2>"$work/up.log" &
+    node=$!
+    trap stop_node EXIT
+    for _ in $(seq 100); do grep -q "Machines API" "$work/up.log" && break; sleep 0.1; done
+}
+stop_node() {
+    for m in $("$hangar" machine list --json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(m["id"] for m in json.load(sys.stdin)))'); do
+        "$hangar" machine destroy "$m" --force >/dev/null 2>&1 || true
+    done
+    kill "$node" 2>/dev/null; wait "$node" 2>/dev/null || true; rm -rf "$work"
+}
+
+# busybox_tree DIR APPLET...: a root filesystem of this host's busybox.
+busybox_tree() {
+    local dir=$1 a; shift
+    mkdir -p "$dir/bin"
+    cp "$(command -v busybox)" "$dir/bin/"
+    for a in "$@"; do ln -s busybox "$dir/bin/$a"; done
+}

@@ -18,19 +18,8 @@ work=$(mktemp -d)
 export HANGAR_HOME=$work/home
 rounds=${ROUNDS:-5}
 api=$(free_port)
-"$hangar" up --listen "127.0.0.1:$api" --no-registry --no-edge 2>"$work/up.log" &
-node=$!
-cleanup() {
-    for m in $("$hangar" machine list --json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(m["id"] for m in json.load(sys.stdin)))'); do
-        "$hangar" machine destroy "$m" --force >/dev/null 2>&1 || true
-    done
-    kill "$node" 2>/dev/null; wait "$node" 2>/dev/null || true; rm -rf "$work"
-}
-trap cleanup EXIT
-for _ in $(seq 100); do grep -q "Machines API" "$work/up.log" && break; sleep 0.1; done
-mkdir -p "$work/img/bin"
-cp "$(command -v busybox)" "$work/img/bin/"
-for a in sh echo sleep; do ln -s busybox "$work/img/bin/$a"; done
+start_node --listen "127.0.0.1:$api" --no-registry --no-edge
+busybox_tree "$work/img" sh echo sleep
 "$hangar" image build "$work/img" -t localhost/bench:vm --cmd /bin/sh >/dev/null
 # The first VM builds the image's base disk.
 first=$("$hangar" machine run localhost/bench:vm --driver vm --restart no -- sh -c 'echo up')

@@ -807,14 +807,6 @@ fn websocket_upgrades_and_http2() {
     }
 
     // HTTP/2 over TLS (ALPN) and with prior knowledge on the plain port.
-    let tls_port = edge
-        .tls
-        .as_ref()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
     let out = Command::new("curl")
         .args(["-sS", "--http2", "--cacert"])
         .arg(&cert)
