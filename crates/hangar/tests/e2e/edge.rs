@@ -712,6 +712,17 @@ fn a_slow_backend_is_ejected_and_a_failing_check_takes_one_out() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Each host checks its own backends: wait for two.localhost's checker
+    // to take the same backend out before asserting it gets no traffic.
+    let down = format!(
+        "hangar_edge_backend_up{{host=\"two.localhost\",backend=\"{}\"}} 0",
+        bad.addr
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !edge.metrics().contains(&down) {
+        assert!(Instant::now() < deadline, "{}", edge.metrics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for _ in 0..20 {
         assert_eq!(text(&edge.get("two.localhost", "/", &[])), "fast");
     }
