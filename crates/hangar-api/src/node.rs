@@ -30,7 +30,11 @@ pub struct Node {
     pub(crate) busy_apps: Mutex<std::collections::HashSet<String>>,
     hangar_exe: PathBuf,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// See [`Node::on_leaving_service`].
+    leaving: std::sync::RwLock<Option<LeavingHook>>,
 }
+
+type LeavingHook = Arc<dyn Fn(&Machine) + Send + Sync>;
 
 /// Output of `exec`.
 #[derive(Debug, serde::Serialize)]
@@ -72,6 +76,27 @@ impl Node {
             busy_apps: Default::default(),
             hangar_exe,
             locks: Mutex::new(HashMap::new()),
+            leaving: Default::default(),
+        }
+    }
+
+    /// Run `hook` whenever a running machine is taken out of service
+    /// (wanted stopped or destroyed), after the state store says so and
+    /// before the machine gets its signal: the edge drains it first (no new
+    /// requests; those in flight may finish), so no request meets a machine
+    /// on its way down.
+    pub fn on_leaving_service(&self, hook: impl Fn(&Machine) + Send + Sync + 'static) {
+        *self.leaving.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(hook));
+    }
+
+    fn leaving_service(&self, id: &str) {
+        let hook = self
+            .leaving
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Some(hook), Ok(m)) = (hook, self.state.get(id)) {
+            hook(&m);
         }
     }
 
@@ -207,6 +232,7 @@ impl Node {
     fn stop_locked(&self, id: &str, signal: &str, timeout: Duration) -> Result<()> {
         self.state.set_desired(id, "stopped")?;
         if self.runtime.state(id) == ProcState::Running {
+            self.leaving_service(id);
             self.state.set_state(id, "stopping")?;
             let _ = self.runtime.signal(id, signal);
             let deadline = Instant::now() + timeout;
@@ -294,6 +320,7 @@ impl Node {
                 )));
             }
             self.state.set_desired(&m.id, "destroyed")?;
+            self.leaving_service(&m.id);
             let _ = self.runtime.signal(&m.id, "SIGKILL");
         }
         self.state.set_desired(&m.id, "destroyed")?;

@@ -266,7 +266,12 @@ impl Edge {
         parts: Parts,
         body: Body,
     ) -> Result<(Response<Incoming>, InFlight), (StatusCode, String)> {
+        use hyper::body::Body as _;
         let mut tried = Vec::new();
+        // An idempotent request without a body can be sent again elsewhere
+        // when its backend fails before answering (a machine killed with
+        // the request in flight), as nginx's proxy_next_upstream does.
+        let replayable = body.is_end_stream() && idempotent(&parts.method);
         let mut body = Some(body);
         let mut last = String::new();
         let mut site = site.clone();
@@ -354,7 +359,10 @@ impl Edge {
                         return Err((StatusCode::BAD_GATEWAY, e.to_string()));
                     }
                 };
-            let req = Request::from_parts(parts, body.take().unwrap_or_else(upstream::empty));
+            let req = Request::from_parts(
+                clone_parts(&parts),
+                body.take().unwrap_or_else(upstream::empty),
+            );
             return match conn
                 .send(
                     req,
@@ -373,6 +381,14 @@ impl Edge {
                         UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
                         _ => StatusCode::BAD_GATEWAY,
                     };
+                    if status == StatusCode::BAD_GATEWAY
+                        && replayable
+                        && tried.len() < 3
+                        && tried.len() < site.backends.len()
+                    {
+                        last = e.to_string();
+                        continue;
+                    }
                     Err((status, e.to_string()))
                 }
             };
@@ -1021,6 +1037,19 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
+}
+
+/// RFC 9110 section 9.2.2.
+fn idempotent(m: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(m)
 }
 
 pub fn clone_parts(p: &Parts) -> Parts {

@@ -23,6 +23,69 @@ fn address(m: &Machine, port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::new(hangar_machine::network::address(m.slot).v4.into(), port)
 }
 
+/// Keeps the edge's routes in line with the state store. Every update goes
+/// through [`Router::refresh`] under one lock, so a table computed from an
+/// older listing never replaces one computed from a newer listing (the
+/// reconcile tick, the waker and machines leaving service all refresh).
+pub struct Router {
+    pub node: Arc<Node>,
+    pub edge: Arc<hangar_edge::Edge>,
+    pub domain: String,
+    runtime: tokio::runtime::Handle,
+    one_at_a_time: Mutex<()>,
+}
+
+impl Router {
+    /// A router for `edge`; the node drains a machine through it before
+    /// signalling it (see [`Router::drain`]). Call inside the runtime.
+    pub fn new(node: Arc<Node>, edge: Arc<hangar_edge::Edge>, domain: String) -> Arc<Router> {
+        let router = Arc::new(Router {
+            node: node.clone(),
+            edge,
+            domain,
+            runtime: tokio::runtime::Handle::current(),
+            one_at_a_time: Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&router);
+        node.on_leaving_service(move |m| {
+            if let Some(router) = weak.upgrade() {
+                router.drain(m);
+            }
+        });
+        router
+    }
+
+    /// Take a machine wanted stopped or destroyed out of the routes, then
+    /// wait (up to its kill timeout) until the requests in flight to it have
+    /// finished.
+    pub fn drain(&self, m: &Machine) {
+        let ip = std::net::IpAddr::from(hangar_machine::network::address(m.slot).v4);
+        let mine: Vec<Arc<hangar_edge::backend::Backend>> = self
+            .edge
+            .routes
+            .all()
+            .values()
+            .flat_map(|site| site.backends.iter().filter(|b| b.addr.ip() == ip).cloned())
+            .collect();
+        self.refresh();
+        let deadline = Instant::now() + m.config.kill().1;
+        while mine.iter().any(|b| b.outstanding() > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Recompute every host's backends from the machines now.
+    pub fn refresh(&self) {
+        let _one = self.one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+        // The edge starts a host's health checks on the runtime.
+        let _entered = self.runtime.enter();
+        if let Ok(machines) = self.node.state.list() {
+            self.edge
+                .set_hosts(&edge_hosts(&self.node, &machines, &self.domain));
+        }
+    }
+}
+
 /// The edge's hosts: `<app>.<domain>` for each app with a service; its
 /// started machines whose checks pass are the backends.
 pub fn edge_hosts(
@@ -122,16 +185,12 @@ pub fn stop_idle(node: &Arc<Node>, edge: &hangar_edge::Edge, machines: &[Machine
 /// it, wait until it is started and answers its check (probed directly,
 /// every 5 ms), and put it in the routing table. One start per app at a
 /// time; callers that arrive meanwhile wait for it.
-pub fn waker(
-    node: Arc<Node>,
-    edge: Arc<hangar_edge::Edge>,
-    domain: String,
-) -> hangar_edge::proxy::Waker {
+pub fn waker(router: Arc<Router>) -> hangar_edge::proxy::Waker {
     let locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = Arc::default();
     Arc::new(move |host: String| {
-        let (node, edge, domain, locks) =
-            (node.clone(), edge.clone(), domain.clone(), locks.clone());
+        let (router, locks) = (router.clone(), locks.clone());
         Box::pin(async move {
+            let (node, edge, domain) = (&router.node, &router.edge, &router.domain);
             let app = host
                 .strip_suffix(&format!(".{domain}"))
                 .unwrap_or(&host)
@@ -232,8 +291,7 @@ pub fn waker(
             }
             node.checks
                 .mark_passing(&started.id, started.config.checks.keys());
-            let machines = node.state.list().map_err(|e| e.to_string())?;
-            edge.set_hosts(&edge_hosts(&node, &machines, &domain));
+            router.refresh();
             Ok(())
         })
     })

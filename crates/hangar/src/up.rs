@@ -222,8 +222,9 @@ pub fn run(args: UpArgs) -> Result<()> {
             let admin = running.admin.map(|a| a.to_string()).unwrap_or_default();
             eprintln!("hangar up: edge on http://{} (apps at http://<app>.{}:{}), admin on http://{admin}", running.http, args.domain, running.http.port());
             edge_url = Some(format!("http://<app>.{}:{}", args.domain, running.http.port()));
-            running.edge.set_waker(crate::scale::waker(node.clone(), running.edge.clone(), args.domain.clone()));
-            Some(running.edge)
+            let router = crate::scale::Router::new(node.clone(), running.edge.clone(), args.domain.clone());
+            running.edge.set_waker(crate::scale::waker(router.clone()));
+            Some(router)
         };
         node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url })?;
         eprintln!("hangar up: Machines API on http://{addr} (token in {})", node_config::path(&home).display());
@@ -248,20 +249,14 @@ pub fn run(args: UpArgs) -> Result<()> {
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
             let (node, stopping, egress) = (node.clone(), stopping.clone(), egress.clone());
-            let runtime = tokio::runtime::Handle::current();
-            let domain = args.domain.clone();
             std::thread::spawn(move || {
-                // The edge starts health checks on the runtime.
-                let _entered = runtime.enter();
                 while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
                     node.reconcile();
                     update_egress(&node, &egress);
-                    if let (Some(edge), Ok(machines)) = (&edge, node.state.list()) {
+                    if let (Some(router), Ok(machines)) = (&edge, node.state.list()) {
                         // Idle stops first: the hosts then leave them out.
-                        crate::scale::stop_idle(&node, edge, &machines, &domain);
-                        if let Ok(machines) = node.state.list() {
-                            edge.set_hosts(&crate::scale::edge_hosts(&node, &machines, &domain));
-                        }
+                        crate::scale::stop_idle(&node, &router.edge, &machines, &router.domain);
+                        router.refresh();
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }

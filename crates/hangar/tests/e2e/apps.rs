@@ -8,6 +8,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -53,7 +55,11 @@ fn ok_in(node: &Node, dir: &Path, args: &[&str]) -> String {
 
 /// GET through the node's edge; (status, body).
 fn get(node: &Node, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(&node.edge).unwrap();
+    get_at(&node.edge, path)
+}
+
+fn get_at(edge: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(edge).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: hello.localhost\r\n\r\n").unwrap();
     let mut raw = String::new();
@@ -84,6 +90,35 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Run `f` while another thread GETs through the edge without pause; every
+/// answer must be a 200.
+fn without_errors_under_load(node: &Node, f: impl FnOnce()) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, edge) = (stop.clone(), node.edge.clone());
+        std::thread::spawn(move || {
+            let (mut n, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let (code, body) = get_at(&edge, &format!("/healthz?load={n}"));
+                if code != 200 {
+                    failed.push(format!("{code}: {body}"));
+                }
+            }
+            (n, failed)
+        })
+    };
+    f();
+    stop.store(true, Ordering::SeqCst);
+    let (n, failed) = load.join().unwrap();
+    assert!(n > 10, "only {n} requests during the deploy");
+    assert!(
+        failed.is_empty(),
+        "{} of {n} requests failed during a deploy: {failed:?}",
+        failed.len()
+    );
 }
 
 #[test]
@@ -139,6 +174,13 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
         .all(|m| m["config"]["metadata"]["release"] == "1"));
     assert_eq!(get(&node, "/healthz"), (200, "ok\n".to_string()));
 
+    // A rolling deploy of an app on one machine, under load: the new
+    // machine takes the traffic before the old one is signalled.
+    ok_in(&node, &dir, &["scale", "count", "1"]);
+    without_errors_under_load(&node, || {
+        ok_in(&node, &dir, &["deploy"]);
+    });
+
     // Scale to three: three healthy backends answer.
     ok_in(&node, &dir, &["scale", "count", "3"]);
     assert_eq!(machines(&status_json(&node, &dir)).len(), 3);
@@ -192,13 +234,18 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
     )
     .unwrap();
 
-    // A secret: in the app's environment, in no API or CLI output.
+    // A secret: in the app's environment, in no API or CLI output. Setting
+    // it redeploys the three machines one by one; a client requesting all
+    // the while sees no error (the edge drops a machine before it is
+    // signalled, and a request cut off by a dying machine goes elsewhere).
     let secret = "s3cr3t-v4lue-9731";
-    ok_in(
-        &node,
-        &dir,
-        &["secrets", "set", &format!("DB_PASSWORD={secret}")],
-    );
+    without_errors_under_load(&node, || {
+        ok_in(
+            &node,
+            &dir,
+            &["secrets", "set", &format!("DB_PASSWORD={secret}")],
+        );
+    });
     let v = status_json(&node, &dir);
     let id = machines(&v)[0]["id"].as_str().unwrap().to_string();
     let (code, env) = node.exec(&id, &["sh", "-c", "echo $DB_PASSWORD"]);

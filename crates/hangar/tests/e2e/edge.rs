@@ -294,10 +294,30 @@ fn retries_timeouts_large_objects_and_live_reload() {
     });
     let two = Origin::start(|_| reply(200, &[("Cache-Control", "no-store")], b"two"));
     let dead = format!("127.0.0.1:{}", free_port());
+    // Backends that take a connection, read the request and hang up without
+    // answering (a machine dying with a request in flight).
+    let hangup = || {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let taken = Arc::new(AtomicU64::new(0));
+        let t = taken.clone();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let _ = read_request(&mut s);
+                t.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        (addr, taken)
+    };
+    let (hangup_get, taken_get) = hangup();
+    let (hangup_post, taken_post) = hangup();
     let settings = "[limits]\nclient_timeout = \"1s\"\n[cache]\nmax_object = \"64KiB\"\n";
     let edge = Edge::start(
         &h,
-        &(settings.to_string() + &host_config("app.localhost", &[&dead, &one.addr], "")),
+        &(settings.to_string()
+            + &host_config("app.localhost", &[&dead, &one.addr], "")
+            + &host_config("get.localhost", &[&hangup_get, &one.addr], "")
+            + &host_config("post.localhost", &[&hangup_post, &one.addr], "")),
     );
 
     // A backend that refuses connections: every request lands on the other.
@@ -305,6 +325,32 @@ fn retries_timeouts_large_objects_and_live_reload() {
         let r = edge.get("app.localhost", "/", &[]);
         assert_eq!((r.status, text(&r).as_str()), (200, "one"));
     }
+    // A GET cut off before its answer is sent again to another backend; a
+    // POST is not (it may have done its work), so it answers 502.
+    for _ in 0..20 {
+        let r = edge.get("get.localhost", "/", &[]);
+        assert_eq!((r.status, text(&r).as_str()), (200, "one"));
+    }
+    assert!(
+        taken_get.load(Ordering::SeqCst) > 0,
+        "the hang-up backend was tried"
+    );
+    let mut failed = 0;
+    for _ in 0..20 {
+        let r = http("POST", &edge.addr, "/", &[("Host", "post.localhost")], b"x");
+        match r.status {
+            200 => assert_eq!(text(&r), "one"),
+            502 => failed += 1,
+            s => panic!("POST answered {s}: {}", text(&r)),
+        }
+    }
+    assert!(failed > 0, "no POST met the hang-up backend");
+    assert_eq!(
+        failed,
+        taken_post.load(Ordering::SeqCst),
+        "each POST was sent once"
+    );
+
     // Above max_object: streamed whole, never stored.
     for _ in 0..2 {
         let r = edge.get("app.localhost", "/big", &[]);
