@@ -146,21 +146,28 @@ fn random() -> u64 {
 
 impl Site {
     /// Pick a backend: of two random available ones, the one with fewer
-    /// outstanding requests (ties: the faster). `exclude` holds backends
+    /// outstanding requests (ties: the faster). Backends below the soft
+    /// limit come first; one at or above it gets a request only when all
+    /// are; one at its hard limit gets none. `exclude` holds backends
     /// already tried for this request. When every backend is ejected but
     /// some pass their checks, those are used anyway (a bad signal must not
     /// take the whole app down). `None`: nothing healthy.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Backend>> {
-        // A backend at its hard limit takes no more requests.
-        let limit = self.config.hard_limit;
-        let room = |b: &Backend| limit == 0 || b.outstanding() < limit;
+        let (soft, hard) = (self.config.soft_limit, self.config.hard_limit);
+        let room = |b: &Backend| hard == 0 || b.outstanding() < hard;
         let candidates = |f: &dyn Fn(&Backend) -> bool| -> Vec<&Arc<Backend>> {
             self.backends
                 .iter()
                 .filter(|b| !exclude.contains(&b.addr) && room(b) && f(b))
                 .collect()
         };
-        let mut c = candidates(&|b| b.available());
+        let mut c = Vec::new();
+        if soft > 0 {
+            c = candidates(&|b| b.available() && b.outstanding() < soft);
+        }
+        if c.is_empty() {
+            c = candidates(&|b| b.available());
+        }
         if c.is_empty() {
             c = candidates(&|b| b.healthy());
         }
@@ -434,6 +441,26 @@ mod tests {
         }
         let _b: Vec<_> = (0..2).map(|_| s.backends[1].begin()).collect();
         assert!(s.pick(&[]).is_none(), "every backend is full");
+    }
+
+    #[test]
+    fn backends_under_the_soft_limit_come_first() {
+        let mut s = site(3);
+        s.config.soft_limit = 2;
+        // 0 and 1 at or past the soft limit, 2 under it: two random choices
+        // alone would often pick between 0 and 1.
+        let _a: Vec<_> = (0..2).map(|_| s.backends[0].begin()).collect();
+        let _b: Vec<_> = (0..3).map(|_| s.backends[1].begin()).collect();
+        let _c = s.backends[2].begin();
+        for _ in 0..50 {
+            assert_eq!(s.pick(&[]).unwrap().addr, s.backends[2].addr);
+        }
+        // All at the soft limit: fewer outstanding of two random ones.
+        let _c2 = s.backends[2].begin();
+        let picked: std::collections::HashSet<_> =
+            (0..100).map(|_| s.pick(&[]).unwrap().addr).collect();
+        assert!(picked.contains(&s.backends[0].addr), "{picked:?}");
+        assert!(picked.contains(&s.backends[2].addr), "{picked:?}");
     }
 
     #[test]
