@@ -39,16 +39,22 @@ impl Cache {
         })
     }
 
-    /// Apply a purge; returns how many objects it touched.
+    /// Apply a purge; returns how many objects it touched. Every kind
+    /// reads an index (URL, ordered primary keys, surrogate keys): none
+    /// scans the store.
     pub fn purge(&self, what: &Purge, soft: bool) -> usize {
         match what {
-            // One URL (and every unsafe request's invalidation): indexed.
             Purge::Url { host, path } => {
                 let primary = primary_key(host, path);
                 self.fills.forget(&primary);
                 self.store.purge_primary(&primary, soft)
             }
-            _ => self.store.purge(|m| what.matches(m), soft),
+            Purge::Prefix { host, prefix } => {
+                self.store.purge_prefix(&primary_key(host, prefix), soft)
+            }
+            // Every path starts with "/", and no host name holds one.
+            Purge::Host { host } => self.store.purge_prefix(&primary_key(host, "/"), soft),
+            Purge::Tag { host, tag } => self.store.purge_tag(tag, host.as_deref(), soft),
         }
     }
 }
@@ -64,19 +70,6 @@ pub enum Purge {
     Tag { host: Option<String>, tag: String },
     /// A whole host.
     Host { host: String },
-}
-
-impl Purge {
-    pub fn matches(&self, m: &store::Meta) -> bool {
-        match self {
-            Purge::Url { host, path } => m.host == *host && m.url == *path,
-            Purge::Prefix { host, prefix } => m.host == *host && m.url.starts_with(prefix.as_str()),
-            Purge::Tag { host, tag } => {
-                host.as_ref().is_none_or(|h| m.host == *h) && m.tags.iter().any(|t| t == tag)
-            }
-            Purge::Host { host } => m.host == *host,
-        }
-    }
 }
 
 /// The primary key: host and path with query.

@@ -9,7 +9,7 @@
 //! renamed into place, so a crash leaves either the whole object or none;
 //! at start the index is rebuilt from the files and `tmp/` is emptied.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -154,8 +154,11 @@ struct Entry {
 struct Inner {
     entries: HashMap<Arc<str>, Entry>,
     /// Primary key -> the full keys stored under it (its Vary variants):
-    /// a URL's invalidation touches only these.
-    variants: HashMap<String, Vec<Arc<str>>>,
+    /// a URL's invalidation touches only these. Ordered, so that a prefix
+    /// (a host, or a host and a path prefix) is a range.
+    variants: BTreeMap<String, Vec<Arc<str>>>,
+    /// Surrogate key -> the full keys carrying it.
+    tags: HashMap<String, HashSet<Arc<str>>>,
     /// Primary key -> the request headers its stored responses vary on.
     vary: HashMap<String, Vec<String>>,
     mem: S3Fifo<Arc<str>>,
@@ -188,7 +191,8 @@ impl Store {
     pub fn open(limits: Limits) -> Result<Store, DiskError> {
         let mut inner = Inner {
             entries: HashMap::new(),
-            variants: HashMap::new(),
+            variants: BTreeMap::new(),
+            tags: HashMap::new(),
             vary: HashMap::new(),
             mem: S3Fifo::new(limits.memory),
             disk: S3Fifo::new(limits.disk.as_ref().map(|d| d.1).unwrap_or(0)),
@@ -419,23 +423,43 @@ impl Store {
         }
     }
 
-    /// Remove (or with `soft`, mark stale) every object `select` picks.
-    /// Returns how many.
-    pub fn purge(&self, select: impl Fn(&Meta) -> bool, soft: bool) -> usize {
+    /// Remove (or with `soft`, mark stale) every variant of one URL.
+    /// Returns how many objects. Like every purge, it reads an index: the
+    /// store lock is held for the objects purged, not for all objects.
+    pub fn purge_primary(&self, primary: &str, soft: bool) -> usize {
+        let inner = self.lock();
+        let keys = inner.variants.get(primary).cloned().unwrap_or_default();
+        self.purge_keys(inner, keys, soft)
+    }
+
+    /// Every object whose primary key starts with `prefix`.
+    pub fn purge_prefix(&self, prefix: &str, soft: bool) -> usize {
         let inner = self.lock();
         let keys: Vec<Arc<str>> = inner
-            .entries
-            .iter()
-            .filter(|(_, e)| select(&e.meta))
-            .map(|(k, _)| k.clone())
+            .variants
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(primary, _)| primary.starts_with(prefix))
+            .flat_map(|(_, keys)| keys.iter().cloned())
             .collect();
         self.purge_keys(inner, keys, soft)
     }
 
-    /// Remove (or mark stale) every variant of one URL, without a scan.
-    pub fn purge_primary(&self, primary: &str, soft: bool) -> usize {
+    /// Every object carrying the surrogate key `tag` (of `host` only, if given).
+    pub fn purge_tag(&self, tag: &str, host: Option<&str>, soft: bool) -> usize {
         let inner = self.lock();
-        let keys = inner.variants.get(primary).cloned().unwrap_or_default();
+        let keys: Vec<Arc<str>> = inner
+            .tags
+            .get(tag)
+            .into_iter()
+            .flatten()
+            .filter(|k| {
+                host.is_none_or(|h| inner.entries.get(*k).is_some_and(|e| e.meta.host == h))
+            })
+            .cloned()
+            .collect();
         self.purge_keys(inner, keys, soft)
     }
 
@@ -482,13 +506,30 @@ impl Store {
 impl Inner {
     fn insert_entry(&mut self, key: Arc<str>, entry: Entry) {
         let primary = entry.meta.primary.clone();
-        if self.entries.insert(key.clone(), entry).is_none() {
-            self.variants.entry(primary).or_default().push(key);
+        let tags = entry.meta.tags.clone();
+        match self.entries.insert(key.clone(), entry) {
+            None => self.variants.entry(primary).or_default().push(key.clone()),
+            Some(old) => self.untag(&key, &old.meta.tags),
+        }
+        for tag in tags {
+            self.tags.entry(tag).or_default().insert(key.clone());
+        }
+    }
+
+    fn untag(&mut self, key: &str, tags: &[String]) {
+        for tag in tags {
+            if let Some(keys) = self.tags.get_mut(tag) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.tags.remove(tag);
+                }
+            }
         }
     }
 
     fn remove_entry(&mut self, key: &str) -> Option<Entry> {
         let e = self.entries.remove(key)?;
+        self.untag(key, &e.meta.tags);
         if let Some(keys) = self.variants.get_mut(&e.meta.primary) {
             keys.retain(|k| &**k != key);
             if keys.is_empty() {
@@ -642,7 +683,7 @@ mod tests {
         settle(&store, "/b").await;
         // Memory holds 10 bytes: /a was evicted from memory, read from disk.
         assert_eq!(store.get("/a").await.unwrap().body, &b"aaaaaaaa"[..]);
-        assert_eq!(store.purge(|m| m.tags.iter().any(|t| t == "t2"), true), 1);
+        assert_eq!(store.purge_tag("t2", None, true), 1);
         drop(store);
 
         let store = Store::open(limits).unwrap();
@@ -650,7 +691,12 @@ mod tests {
         let b = store.get("/b").await.unwrap();
         assert!(b.meta.invalidated, "a soft purge is kept across restarts");
         assert_eq!(b.meta.headers()["cache-control"], "max-age=60");
-        assert_eq!(store.purge(|m| m.url.starts_with("/a"), false), 1);
+        assert_eq!(store.purge_prefix("/a", false), 1);
+        assert_eq!(
+            store.purge_tag("t1", None, false),
+            0,
+            "the tag went with /a"
+        );
         assert!(store.get("/a").await.is_none());
         // A truncated file is dropped at open.
         let victim = object_path(dir.path(), "/b");
@@ -690,6 +736,39 @@ mod tests {
         assert_eq!(store.purge_primary("/a", false), 0);
         assert_eq!(store.len(), 2);
         assert!(store.get("/b\naccept-encoding=br").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn prefix_and_tag_purges_read_their_indexes() {
+        let store = Arc::new(
+            Store::open(Limits {
+                memory: 1000,
+                disk: None,
+            })
+            .unwrap(),
+        );
+        for (primary, tag) in [
+            ("app.localhost/a", "x"),
+            ("app.localhost/ab", "y"),
+            ("app.localhost/b", "x"),
+            ("app.localhost2/a", "x"),
+        ] {
+            let mut m = meta(primary, tag, 1);
+            m.primary = primary.to_string();
+            m.host = primary.split('/').next().unwrap().to_string();
+            store.put(m, Bytes::from_static(b"x"));
+        }
+        // A new version of a key with another tag leaves the old tag.
+        let mut m = meta("app.localhost/b", "z", 1);
+        m.primary = "app.localhost/b".into();
+        store.put(m, Bytes::from_static(b"x"));
+        assert_eq!(store.purge_prefix("app.localhost/a", false), 2);
+        assert_eq!(store.purge_tag("x", Some("app.localhost"), false), 0);
+        assert_eq!(store.purge_tag("x", None, false), 1, "app.localhost2/a");
+        assert_eq!(store.purge_tag("z", None, true), 1);
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.purge_prefix("app.localhost/", false), 1);
+        assert!(store.lock().tags.is_empty() && store.lock().variants.is_empty());
     }
 
     #[tokio::test]
