@@ -22,6 +22,32 @@ pub struct Backend {
     outstanding: AtomicU32,
     pub pool: Arc<Pool>,
     health: Mutex<HealthState>,
+    /// The host's: told when a request of this backend finishes.
+    slots: Arc<Slots>,
+}
+
+/// Requests waiting for a backend of a host to have room (all at their
+/// hard limit), woken when any request of the host finishes.
+#[derive(Default)]
+pub struct Slots {
+    freed: tokio::sync::Notify,
+    waiting: AtomicU32,
+}
+
+impl Slots {
+    /// Wait until a request of the host finishes or `until` passes; returns
+    /// at once if `room()` already holds once this waiter is registered (so
+    /// a request finishing in between is not missed).
+    pub async fn wait(&self, until: Instant, room: impl Fn() -> bool) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let freed = self.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if !room() {
+            let _ = tokio::time::timeout_at(until.into(), freed).await;
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug)]
@@ -40,9 +66,10 @@ struct HealthState {
 }
 
 impl Backend {
-    fn new(addr: SocketAddr) -> Backend {
+    fn new(addr: SocketAddr, slots: Arc<Slots>) -> Backend {
         Backend {
             addr,
+            slots,
             outstanding: AtomicU32::new(0),
             pool: Arc::new(Pool::default()),
             health: Mutex::new(HealthState {
@@ -112,7 +139,10 @@ pub struct InFlight(Arc<Backend>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+        if self.0.slots.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.slots.freed.notify_waiters();
+        }
     }
 }
 
@@ -121,6 +151,8 @@ pub struct Site {
     pub config: Host,
     pub backends: Vec<Arc<Backend>>,
     pub metrics: Arc<HostMetrics>,
+    /// Kept across table swaps, like the metrics and the backends.
+    pub slots: Arc<Slots>,
     checks: Option<tokio::task::AbortHandle>,
 }
 
@@ -298,13 +330,14 @@ impl Routes {
                 }
             }
             let previous = old.get(&name);
+            let slots = previous.map(|s| s.slots.clone()).unwrap_or_default();
             let backends: Vec<Arc<Backend>> = host
                 .backends
                 .iter()
                 .map(|addr| {
                     previous
                         .and_then(|s| s.backends.iter().find(|b| b.addr == *addr).cloned())
-                        .unwrap_or_else(|| Arc::new(Backend::new(*addr)))
+                        .unwrap_or_else(|| Arc::new(Backend::new(*addr, slots.clone())))
                 })
                 .collect();
             let metrics = previous.map(|s| s.metrics.clone()).unwrap_or_default();
@@ -323,11 +356,21 @@ impl Routes {
                     config: host.clone(),
                     backends,
                     metrics,
+                    slots,
                     checks,
                 }),
             );
         }
+        let changed: Vec<Arc<Slots>> = new
+            .iter()
+            .filter(|(name, site)| old.get(*name).is_none_or(|o| !Arc::ptr_eq(o, site)))
+            .map(|(_, site)| site.slots.clone())
+            .collect();
         *self.sites.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        // Requests waiting for room may find it among new backends.
+        for slots in changed {
+            slots.freed.notify_waiters();
+        }
     }
 }
 
@@ -404,14 +447,15 @@ mod tests {
         Site {
             backends: (0..n)
                 .map(|i| {
-                    Arc::new(Backend::new(SocketAddr::from((
-                        [127, 0, 0, 1],
-                        9000 + i as u16,
-                    ))))
+                    Arc::new(Backend::new(
+                        SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                        Default::default(),
+                    ))
                 })
                 .collect(),
             config,
             metrics: Default::default(),
+            slots: Default::default(),
             checks: None,
         }
     }

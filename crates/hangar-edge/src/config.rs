@@ -110,7 +110,7 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Host {
     pub name: String,
@@ -124,8 +124,28 @@ pub struct Host {
     pub soft_limit: u32,
     /// Requests in flight a backend takes at most (0: no limit).
     pub hard_limit: u32,
+    /// How long a request waits for room when every backend is at its
+    /// hard limit, before a 503.
+    #[serde(deserialize_with = "duration")]
+    pub queue_timeout: Duration,
     /// Answer plain HTTP with a redirect to HTTPS (when TLS is on).
     pub force_https: bool,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            name: String::new(),
+            backends: Vec::new(),
+            health: Health::default(),
+            cache: HostCache::default(),
+            autostart: false,
+            soft_limit: 0,
+            hard_limit: 0,
+            queue_timeout: Duration::from_secs(5),
+            force_https: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -276,6 +276,7 @@ impl Edge {
         let mut last = String::new();
         let mut site = site.clone();
         let mut woken = false;
+        let mut queued_until: Option<Instant> = None;
         loop {
             let picked = site.pick(&tried);
             // Nothing started (or nothing that answers): wake the app
@@ -321,9 +322,29 @@ impl Edge {
                         .iter()
                         .any(|b| b.healthy() && b.outstanding() >= limit)
                 {
+                    // Full: wait in line for a request to finish.
+                    let wait = site.config.queue_timeout;
+                    let until = *queued_until.get_or_insert_with(|| Instant::now() + wait);
+                    if Instant::now() < until {
+                        let s = site.clone();
+                        site.slots
+                            .wait(until, move || {
+                                s.backends
+                                    .iter()
+                                    .any(|b| b.healthy() && b.outstanding() < limit)
+                            })
+                            .await;
+                        // The table may have changed meanwhile (a machine
+                        // added): route again on the current one.
+                        site = self
+                            .routes
+                            .get(&site.config.name.to_ascii_lowercase())
+                            .unwrap_or(site);
+                        continue;
+                    }
                     return Err((
                         StatusCode::SERVICE_UNAVAILABLE,
-                        format!("every machine is at its hard limit of {limit} requests in flight; raise [http_service.concurrency] hard_limit or add machines"),
+                        format!("every machine is at its hard limit of {limit} requests in flight (waited {wait:?} for one to finish); raise [http_service.concurrency] hard_limit or add machines"),
                     ));
                 }
                 let reasons: Vec<String> = site

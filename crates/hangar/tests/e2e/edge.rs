@@ -1031,16 +1031,40 @@ fn a_backend_at_its_hard_limit_takes_no_more_requests() {
     });
     let edge = Arc::new(Edge::start(
         &h,
-        &host_config("app.localhost", &[&slow.addr], "hard_limit = 1"),
+        &(host_config("app.localhost", &[&slow.addr], "hard_limit = 1")
+            + &host_config(
+                "short.localhost",
+                &[&slow.addr],
+                "hard_limit = 1\nqueue_timeout = \"200ms\"",
+            )),
     ));
+    // One request in flight: the next one waits in line for it, then is
+    // served by the same backend.
     let e = edge.clone();
     let first = std::thread::spawn(move || e.get("app.localhost", "/a", &[]));
     std::thread::sleep(Duration::from_millis(300));
     let r = edge.get("app.localhost", "/b", &[]);
-    assert_eq!(r.status, 503, "{r:?}");
-    assert!(text(&r).contains("hard limit of 1"), "{}", text(&r));
+    assert_eq!((r.status, text(&r).as_str()), (200, "done"), "{r:?}");
     let r = first.join().unwrap();
     assert_eq!((r.status, text(&r).as_str()), (200, "done"));
-    // With room again, requests are taken.
-    assert_eq!(text(&edge.get("app.localhost", "/c", &[])), "done");
+    assert_eq!(slow.hits("/a") + slow.hits("/b"), 2);
+    // A line that does not move within queue_timeout: 503 saying why.
+    let e = edge.clone();
+    let first = std::thread::spawn(move || e.get("short.localhost", "/c", &[]));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = edge.get("short.localhost", "/d", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        text(&r).contains("hard limit of 1") && text(&r).contains("waited 200ms"),
+        "{}",
+        text(&r)
+    );
+    assert_eq!(
+        slow.hits("/d"),
+        0,
+        "the refused request never reached the backend"
+    );
+    assert_eq!(first.join().unwrap().status, 200);
+    // With room again, requests are taken at once.
+    assert_eq!(text(&edge.get("short.localhost", "/e", &[])), "done");
 }
