@@ -589,13 +589,20 @@ impl Edge {
                         .pass(parts, site, client, "fwd=miss; detail=vary")
                         .await;
                 }
-                let mut resp = Response::new(if parts.method == Method::HEAD {
+                let body = if parts.method == Method::HEAD {
                     upstream::empty()
                 } else {
-                    StreamBody::new(fill.body())
-                        .map_err(BoxError::from)
-                        .boxed_unsync()
-                });
+                    match fill.body() {
+                        Some(body) => StreamBody::new(body).map_err(BoxError::from).boxed_unsync(),
+                        // Too big to share, and its start is gone already.
+                        None => {
+                            return self
+                                .pass(parts, site, client, "fwd=miss; detail=too-big")
+                                .await
+                        }
+                    }
+                };
+                let mut resp = Response::new(body);
                 *resp.status_mut() = head.status;
                 *resp.headers_mut() = head.headers.clone();
                 let note = if head.status == StatusCode::NOT_MODIFIED {
@@ -648,7 +655,7 @@ impl Edge {
         self: Arc<Self>,
         job: FillJob,
         fill: Arc<crate::cache::fill::Fill>,
-        _reg: crate::cache::fill::Registration,
+        reg: crate::cache::fill::Registration,
         pass_to: Option<tokio::sync::oneshot::Sender<(Response<Body>, String)>>,
     ) {
         let request_time = SystemTime::now();
@@ -735,12 +742,25 @@ impl Edge {
         }));
         let mut body = body;
         let mut total = 0u64;
+        let max = self.cache.config.max_object;
+        let mut streaming = false;
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(f) => {
                     if let Ok(data) = f.into_data() {
                         total += data.len() as u64;
                         fill.push(data);
+                        // Past the largest object (its length was not
+                        // said): a stream paced by its readers, no longer
+                        // joined by new requests.
+                        if total > max && !streaming {
+                            streaming = true;
+                            fill.stream();
+                            reg.unlist();
+                        }
+                        if streaming && !fill.room().await {
+                            return; // every reader left
+                        }
                     }
                 }
                 Err(e) => {

@@ -6,6 +6,12 @@
 //! origin themselves, and the key is remembered as uncacheable for a while
 //! so later requests do not queue behind it. A waiter never waits for the
 //! head longer than the lock timeout.
+//!
+//! A body of unknown length that grows past the largest storable object
+//! turns the fill into a plain stream: it leaves the table (later requests
+//! make their own), drops what every reader has seen, and reads from the
+//! origin only as fast as its slowest reader (at most [`STREAM_WINDOW`]
+//! ahead), stopping when no reader is left.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,11 +42,45 @@ enum Outcome {
     Failed(StatusCode, Arc<str>),
 }
 
+/// How far a streaming fill may read ahead of its slowest reader.
+pub const STREAM_WINDOW: u64 = 4 << 20;
+
 struct State {
     outcome: Outcome,
-    chunks: Vec<Bytes>,
+    /// The body from chunk number `base` on.
+    chunks: std::collections::VecDeque<Bytes>,
+    base: usize,
+    /// Bytes in `chunks`.
+    buffered: u64,
     done: bool,
     error: Option<Arc<str>>,
+    /// Too big to keep: chunks every reader has seen are dropped.
+    streaming: bool,
+    /// Each reader's next chunk number.
+    readers: HashMap<u64, usize>,
+    next_reader: u64,
+}
+
+impl State {
+    /// Drop the chunks every reader has seen (streaming only).
+    fn trim(&mut self) {
+        if !self.streaming {
+            return;
+        }
+        let seen = self
+            .readers
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(self.base + self.chunks.len());
+        while self.base < seen {
+            match self.chunks.pop_front() {
+                Some(c) => self.buffered -= c.len() as u64,
+                None => break,
+            }
+            self.base += 1;
+        }
+    }
 }
 
 pub struct Fill {
@@ -65,9 +105,14 @@ impl Fill {
         Fill {
             state: Mutex::new(State {
                 outcome: Outcome::Pending,
-                chunks: Vec::new(),
+                chunks: Default::default(),
+                base: 0,
+                buffered: 0,
                 done: false,
                 error: None,
+                streaming: false,
+                readers: HashMap::new(),
+                next_reader: 0,
             }),
             progress: watch::Sender::new(0),
         }
@@ -104,7 +149,41 @@ impl Fill {
     }
 
     pub fn push(&self, chunk: Bytes) {
-        self.update(|s| s.chunks.push(chunk));
+        self.update(|s| {
+            s.buffered += chunk.len() as u64;
+            s.chunks.push_back(chunk);
+            s.trim();
+        });
+    }
+
+    /// Stop keeping the whole body (it will not be stored): from now on
+    /// only what some reader has not seen yet is held.
+    pub fn stream(&self) {
+        self.update(|s| {
+            s.streaming = true;
+            s.trim();
+        });
+    }
+
+    /// For a streaming fill: wait until the readers are within
+    /// [`STREAM_WINDOW`] of the end. `false`: no reader is left, stop.
+    pub async fn room(&self) -> bool {
+        let mut rx = self.progress.subscribe();
+        loop {
+            {
+                let s = self.lock();
+                if s.readers.is_empty() {
+                    return false;
+                }
+                if s.buffered <= STREAM_WINDOW {
+                    return true;
+                }
+                rx.borrow_and_update();
+            }
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
     }
 
     pub fn finish(&self) {
@@ -139,7 +218,7 @@ impl Fill {
         }
     }
 
-    /// The whole body so far, in one piece.
+    /// The whole body so far, in one piece (before any [`Fill::stream`]).
     pub fn collected(&self) -> Bytes {
         let s = self.lock();
         let mut all = bytes::BytesMut::with_capacity(s.chunks.iter().map(|c| c.len()).sum());
@@ -149,10 +228,24 @@ impl Fill {
         all.freeze()
     }
 
-    /// The body as it arrives, from the start, for one reader.
+    /// The body as it arrives, from the start, for one reader. `None`
+    /// when its start is already gone (a streaming fill): go to the origin.
     pub fn body(
         self: Arc<Self>,
-    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send {
+    ) -> Option<impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send> {
+        let reader = {
+            let mut s = self.lock();
+            if s.base > 0 {
+                return None;
+            }
+            let id = s.next_reader;
+            s.next_reader += 1;
+            s.readers.insert(id, 0);
+            Reader {
+                fill: self.clone(),
+                id,
+            }
+        };
         let rx = self.progress.subscribe();
         enum Step {
             Chunk(Bytes),
@@ -160,37 +253,67 @@ impl Fill {
             End,
             Wait,
         }
-        futures_util::stream::unfold((self, rx, 0usize), |(fill, mut rx, next)| async move {
-            if next == usize::MAX {
-                return None; // after an error
-            }
-            loop {
-                let step = {
-                    let s = fill.lock();
-                    if let Some(c) = s.chunks.get(next) {
-                        Step::Chunk(c.clone())
-                    } else if let Some(e) = &s.error {
-                        Step::Error(std::io::Error::other(e.to_string()))
-                    } else if s.done {
-                        Step::End
-                    } else {
-                        // Everything so far is seen; wait for the next change.
-                        rx.borrow_and_update();
-                        Step::Wait
-                    }
-                };
-                match step {
-                    Step::Chunk(c) => return Some((Ok(Frame::data(c)), (fill, rx, next + 1))),
-                    Step::Error(e) => return Some((Err(e), (fill, rx, usize::MAX))),
-                    Step::End => return None,
-                    Step::Wait => {
-                        if rx.changed().await.is_err() {
-                            return None;
+        Some(futures_util::stream::unfold(
+            (reader, rx, 0usize),
+            |(reader, mut rx, next)| async move {
+                if next == usize::MAX {
+                    return None; // after an error
+                }
+                let fill = reader.fill.clone();
+                loop {
+                    let step = {
+                        let mut s = fill.lock();
+                        let at = next.checked_sub(s.base);
+                        if let Some(c) = at.and_then(|i| s.chunks.get(i)).cloned() {
+                            s.readers.insert(reader.id, next + 1);
+                            if s.streaming {
+                                s.trim();
+                                drop(s);
+                                // The fill may be waiting for room.
+                                fill.progress.send_modify(|v| *v += 1);
+                            }
+                            Step::Chunk(c)
+                        } else if let Some(e) = &s.error {
+                            Step::Error(std::io::Error::other(e.to_string()))
+                        } else if s.done {
+                            Step::End
+                        } else {
+                            // Everything so far is seen; wait for the next change.
+                            rx.borrow_and_update();
+                            Step::Wait
+                        }
+                    };
+                    match step {
+                        Step::Chunk(c) => {
+                            return Some((Ok(Frame::data(c)), (reader, rx, next + 1)))
+                        }
+                        Step::Error(e) => return Some((Err(e), (reader, rx, usize::MAX))),
+                        Step::End => return None,
+                        Step::Wait => {
+                            if rx.changed().await.is_err() {
+                                return None;
+                            }
                         }
                     }
                 }
-            }
-        })
+            },
+        ))
+    }
+}
+
+/// A registered reader of a fill; leaving lets the fill drop what only it
+/// still needed, or stop.
+struct Reader {
+    fill: Arc<Fill>,
+    id: u64,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.fill.update(|s| {
+            s.readers.remove(&self.id);
+            s.trim();
+        });
     }
 }
 
@@ -219,8 +342,10 @@ pub struct Registration {
     fill: Arc<Fill>,
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
+impl Registration {
+    /// Take the fill out of the table now: later requests for the key
+    /// start their own.
+    pub fn unlist(&self) {
         let mut active = self.fills.active.lock().unwrap_or_else(|e| e.into_inner());
         if active
             .get(&self.key)
@@ -228,7 +353,12 @@ impl Drop for Registration {
         {
             active.remove(&self.key);
         }
-        drop(active);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.unlist();
         self.fill
             .fail(StatusCode::BAD_GATEWAY, "the origin request was cancelled");
     }
@@ -302,7 +432,7 @@ mod tests {
             let Waited::Shared(h) = w.wait(Some(Duration::from_secs(5))).await else {
                 panic!()
             };
-            let body: Vec<_> = w.body().collect().await;
+            let body: Vec<_> = w.body().unwrap().collect().await;
             (
                 h.status,
                 body.into_iter()
@@ -332,6 +462,58 @@ mod tests {
             matches!(fills.join("k"), Join::Lead(..)),
             "a finished fill is gone"
         );
+    }
+
+    #[tokio::test]
+    async fn a_streaming_fill_holds_only_what_a_reader_has_not_seen() {
+        let fills = Arc::new(Fills::default());
+        let Join::Lead(fill, reg) = fills.join("k") else {
+            panic!()
+        };
+        fill.share(Arc::new(Head {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            key: "k".into(),
+            len: None,
+        }));
+        let mut a = Box::pin(fill.clone().body().unwrap());
+        let chunk = Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..3 {
+            fill.push(chunk.clone());
+        }
+        fill.stream();
+        reg.unlist();
+        assert!(
+            matches!(fills.join("k"), Join::Lead(..)),
+            "new requests fill anew"
+        );
+        assert_eq!(fill.lock().buffered, 3 << 20, "nothing read yet");
+        // A second reader, still at the start, pins what it has not read.
+        let b = fill.clone().body().unwrap();
+        a.next().await.unwrap().unwrap();
+        a.next().await.unwrap().unwrap();
+        assert_eq!(fill.lock().buffered, 3 << 20);
+        drop(b);
+        assert_eq!(fill.lock().buffered, 1 << 20, "only the unread chunk");
+        assert!(fill.clone().body().is_none(), "too late to start");
+        // Ahead by more than the window: the fill waits for the reader.
+        for _ in 0..5 {
+            fill.push(chunk.clone());
+        }
+        let room = tokio::spawn({
+            let fill = fill.clone();
+            async move { fill.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!room.is_finished(), "6 MiB ahead of the reader");
+        for _ in 0..3 {
+            a.next().await.unwrap().unwrap();
+        }
+        assert!(room.await.unwrap(), "within the window again");
+        // The last reader leaves: the fill is told to stop.
+        drop(a);
+        assert!(!fill.room().await);
+        assert_eq!(fill.lock().buffered, 0);
     }
 
     #[tokio::test]

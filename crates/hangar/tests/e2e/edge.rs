@@ -676,6 +676,103 @@ fn purge_by_url_prefix_tag_host_and_soft() {
     );
 }
 
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_body_of_unknown_length_past_max_object_streams_in_bounded_memory() {
+    const TOTAL: u64 = 128 << 20;
+    // An origin that sends TOTAL bytes chunked (no Content-Length),
+    // counting per connection what it managed to write.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = listener.local_addr().unwrap().to_string();
+    let written: Arc<Mutex<Vec<Arc<AtomicU64>>>> = Arc::default();
+    let w = written.clone();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let count = Arc::new(AtomicU64::new(0));
+            w.lock().unwrap().push(count.clone());
+            std::thread::spawn(move || {
+                let _ = read_request(&mut s);
+                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nCache-Control: max-age=60\r\n\r\n";
+                if s.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b'z'; 64 << 10];
+                let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+                frame.extend_from_slice(&chunk);
+                frame.extend_from_slice(b"\r\n");
+                while count.load(Ordering::SeqCst) < TOTAL {
+                    if s.write_all(&frame).is_err() {
+                        return;
+                    }
+                    count.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                }
+                let _ = s.write_all(b"0\r\n\r\n");
+            });
+        }
+    });
+    let h = Hangar::new();
+    let edge = Edge::start(
+        &h,
+        &("[cache]\nmax_object = \"1MiB\"\n".to_string()
+            + &host_config("app.localhost", &[&origin], "")),
+    );
+    let get = |read_at_most: u64| {
+        let mut s = TcpStream::connect(&edge.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"GET /big HTTP/1.0\r\nHost: app.localhost\r\n\r\n")
+            .unwrap();
+        let (mut got, mut buf) = (0u64, vec![0u8; 256 << 10]);
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+            if got >= read_at_most {
+                break;
+            }
+        }
+        got
+    };
+    // Read whole: every byte arrives, and the edge never held the body.
+    let got = get(u64::MAX);
+    assert!(
+        got > TOTAL && got < TOTAL + 4096,
+        "{got} bytes with the head"
+    );
+    let peak = peak_rss_kib(edge.child.id());
+    assert!(
+        peak < 64 << 10,
+        "the edge peaked at {peak} KiB for a 128 MiB body"
+    );
+    // A client that leaves early: the edge stops reading from the origin
+    // (it would otherwise pull the rest into memory for nobody).
+    assert!(get(2 << 20) >= 2 << 20);
+    let second = written.lock().unwrap()[1].clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = second.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        if second.load(Ordering::SeqCst) == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the origin kept being read");
+    }
+    let sent = second.load(Ordering::SeqCst);
+    assert!(
+        sent < 48 << 20,
+        "the origin sent {sent} bytes for a reader that left after 2 MiB"
+    );
+}
+
 #[test]
 fn a_slow_backend_is_ejected_and_a_failing_check_takes_one_out() {
     let h = Hangar::new();
