@@ -186,6 +186,20 @@ pub fn detach(id: &str) {
     let _ = ip(&["link", "del", &host_veth(id)]);
 }
 
+/// Take a stopped machine's link off the bridge (down), or put it back
+/// (up) before it starts again: a stopped machine keeps its namespace and
+/// address, but nothing on the bridge reaches it (not even as a refused
+/// connection).
+pub fn set_link(id: &str, up: bool) -> Result<()> {
+    ip(&[
+        "link",
+        "set",
+        &host_veth(id),
+        if up { "up" } else { "down" },
+    ])
+    .map(|_| ())
+}
+
 /// Whether the machine's namespace exists (for tests of cleanup).
 pub fn attached(id: &str) -> bool {
     netns_path(id).exists()

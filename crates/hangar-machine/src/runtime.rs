@@ -377,7 +377,9 @@ impl Runtime {
         if !dir.join("bundle/config.json").is_file() {
             return Err(Error::NoMachine(id.to_string()));
         }
-        if !network::attached(id) {
+        if network::attached(id) {
+            network::set_link(id, true)?;
+        } else {
             // After a host reboot: namespaces are gone, the files are not.
             network::attach(id, slot)?;
         }
@@ -640,6 +642,9 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
         }),
         Err(_) => 125,
     };
+    // Off the bridge before the exit is told: a start that follows at
+    // once (a restart policy) puts the link back up after this.
+    let _ = network::set_link(id, false);
     write_exit(dir, code, oom.load(Ordering::SeqCst));
     let _ = fs::remove_file(&pid_path);
     let _ = runc(runc_root).args(["delete", "--force", id]).output();

@@ -567,6 +567,37 @@ fn private_network_host_ports_and_no_way_out() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Stopped, the machine keeps its address but is off the bridge (a
+    // stale one cannot answer for anybody); started, it serves again.
+    let id = s["id"].as_str().unwrap().to_string();
+    let link = || {
+        let out = Command::new("ip")
+            .args(["-br", "link", "show", &format!("hv{}", &id[..12])])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(link().contains(" UP "), "{}", link());
+    node.h.ok(&["machine", "stop", &web, "--timeout", "5"]);
+    assert!(link().contains(" DOWN "), "{}", link());
+    node.h.ok(&["machine", "start", &web]);
+    node.wait_for(&web, "start", |s| s["state"] == "started");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut resp = String::new();
+        if let Ok(mut conn) = TcpStream::connect((v4.as_str(), 8080)) {
+            conn.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            let _ = conn.read_to_string(&mut resp);
+        }
+        if resp.contains("hello from a machine") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "httpd never came back on {v4}:8080"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // machine -> machine, over IPv4 and IPv6 (directly: busybox wget does
     // not read CIDRs in NO_PROXY, so -Y off)
     let client = node.run(&[&image, "--", "sleep", "1000"]);
