@@ -37,6 +37,15 @@ pub struct Release {
     pub created_at: u64,
 }
 
+/// A deploy the node's stop cut short: what [`crate::deploy::recover`] undoes.
+#[derive(Clone, Debug)]
+pub struct Interrupted {
+    pub app: String,
+    pub version: u32,
+    /// The machines the deploy was replacing.
+    pub replaces: Vec<String>,
+}
+
 /// A secret as the API shows it: never its value.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretInfo {
@@ -117,15 +126,19 @@ impl State {
         Ok(())
     }
 
-    /// Record a new release (status `running`); returns it with its version.
+    /// Record a new release (status `running`) that replaces the machines
+    /// `replaces`; returns it with its version.
     pub fn add_release(
         &self,
         app: &str,
         image: &str,
         description: &str,
         config: &MachineConfig,
+        replaces: &[String],
     ) -> Result<Release> {
         let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
+        let replaces =
+            serde_json::to_string(replaces).map_err(|e| Error::Internal(e.to_string()))?;
         let db = self.db();
         let version: u32 = db.query_row(
             "SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1",
@@ -133,8 +146,8 @@ impl State {
             |r| r.get(0),
         )?;
         db.execute(
-            "INSERT INTO releases (app, version, image, status, description, config, created_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6)",
-            params![app, version, image, description, json, now()],
+            "INSERT INTO releases (app, version, image, status, description, config, created_at, replaces) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7)",
+            params![app, version, image, description, json, now(), replaces],
         )?;
         drop(db);
         self.release(app, version)
@@ -154,13 +167,26 @@ impl State {
         Ok(())
     }
 
-    /// Releases still `running` when the node starts were cut short.
-    pub fn interrupt_releases(&self) -> Result<()> {
-        self.db().execute(
+    /// Releases still `running` when the node starts were cut short: mark
+    /// them `interrupted` and return them.
+    pub fn interrupt_releases(&self) -> Result<Vec<Interrupted>> {
+        let db = self.db();
+        let cut = db
+            .prepare("SELECT app, version, replaces FROM releases WHERE status = 'running'")?
+            .query_map([], |r| {
+                let replaces: String = r.get(2)?;
+                Ok(Interrupted {
+                    app: r.get(0)?,
+                    version: r.get(1)?,
+                    replaces: serde_json::from_str(&replaces).unwrap_or_default(),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        db.execute(
             "UPDATE releases SET status = 'interrupted', description = description || ' (the node stopped during the deploy)' WHERE status = 'running'",
             [],
         )?;
-        Ok(())
+        Ok(cut)
     }
 
     pub fn release(&self, app: &str, version: u32) -> Result<Release> {
@@ -411,6 +437,28 @@ mod tests {
     }
 
     #[test]
+    fn a_store_from_before_replaces_opens_and_keeps_its_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE releases (
+                app TEXT NOT NULL, version INTEGER NOT NULL, image TEXT NOT NULL, status TEXT NOT NULL,
+                description TEXT NOT NULL, config TEXT NOT NULL, created_at INTEGER NOT NULL,
+                PRIMARY KEY (app, version));
+             INSERT INTO releases VALUES ('hello', 1, 'img:1', 'running', 'old', '{}', 0);",
+        )
+        .unwrap();
+        drop(db);
+        let state = State::open(dir.path()).unwrap();
+        let cut = state.interrupt_releases().unwrap();
+        assert_eq!((cut[0].app.as_str(), cut[0].version), ("hello", 1));
+        assert!(cut[0].replaces.is_empty());
+        drop(state);
+        // Opening again finds the column there.
+        assert!(State::open(dir.path()).is_ok());
+    }
+
+    #[test]
     fn apps_releases_and_secrets_in_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
@@ -422,18 +470,27 @@ mod tests {
             Err(Error::Conflict(_))
         ));
         let r1 = state
-            .add_release("hello", "img:1", "first", &MachineConfig::default())
+            .add_release("hello", "img:1", "first", &MachineConfig::default(), &[])
             .unwrap();
         let r2 = state
-            .add_release("hello", "img:2", "second", &MachineConfig::default())
+            .add_release(
+                "hello",
+                "img:2",
+                "second",
+                &MachineConfig::default(),
+                &["m1".to_string(), "m2".to_string()],
+            )
             .unwrap();
         assert_eq!((r1.version, r2.version), (1, 2));
         state
             .set_release_status("hello", 1, "complete", "ok")
             .unwrap();
         assert_eq!(state.current_release("hello").unwrap().unwrap().version, 1);
-        state.interrupt_releases().unwrap();
+        let cut = state.interrupt_releases().unwrap();
         assert_eq!(state.release("hello", 2).unwrap().status, "interrupted");
+        assert_eq!(cut.len(), 1);
+        assert_eq!((cut[0].version, cut[0].replaces.len()), (2, 2));
+        assert!(state.interrupt_releases().unwrap().is_empty());
         let mut v = BTreeMap::new();
         v.insert("DB".to_string(), "secret-value".to_string());
         state.set_secrets(&sealer, "hello", &v).unwrap();

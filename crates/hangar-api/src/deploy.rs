@@ -224,9 +224,10 @@ pub async fn deploy(
     config.validate()?;
     let old = app_machines(&node, &app)?;
     let count = req.count.map(|c| c as usize).unwrap_or(old.len().max(1));
+    let replaces: Vec<String> = old.iter().map(|m| m.id.clone()).collect();
     let release = node
         .state
-        .add_release(&app, &req.image, &req.description, &config)?;
+        .add_release(&app, &req.image, &req.description, &config, &replaces)?;
     config
         .metadata
         .insert("release".into(), release.version.to_string());
@@ -350,6 +351,32 @@ pub async fn deploy(
         }
     }
     node.state.release(&app, release.version)
+}
+
+/// Undo a deploy that a stop of the node cut short, when the node starts
+/// again: the machines it had already replaced come back (from their
+/// stored configs), the ones it had created go, and the release is marked
+/// failed. The app is then as it was before the deploy.
+pub async fn recover(node: Arc<Node>, cut: crate::apps::Interrupted) -> Result<()> {
+    let _one_at_a_time = AppLock::take(&node, &cut.app)?;
+    for id in &cut.replaces {
+        let old = node.state.get(id)?;
+        if old.state == "destroyed" {
+            create(&node, &cut.app, &old.config).await?;
+        }
+    }
+    let version = cut.version.to_string();
+    for m in app_machines(&node, &cut.app)? {
+        if m.config.metadata.get("release") == Some(&version) {
+            retire(&node, &m).await?;
+        }
+    }
+    node.state.set_release_status(
+        &cut.app,
+        cut.version,
+        "failed",
+        "the node stopped during this deploy; it was rolled back when the node started again",
+    )
 }
 
 /// Set the number of machines of an app's current release: new ones must

@@ -108,6 +108,16 @@ impl State {
                 app TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL, digest TEXT NOT NULL,
                 created_at INTEGER NOT NULL, PRIMARY KEY (app, name));",
         )?;
+        // Added after the first release: the machines a deploy replaces
+        // (what comes back if the node stops in the middle of it).
+        let has_replaces = db
+            .prepare("SELECT 1 FROM pragma_table_info('releases') WHERE name = 'replaces'")?
+            .exists([])?;
+        if !has_replaces {
+            db.execute_batch(
+                "ALTER TABLE releases ADD COLUMN replaces TEXT NOT NULL DEFAULT '[]'",
+            )?;
+        }
         Ok(State { db: Mutex::new(db) })
     }
 

@@ -241,7 +241,18 @@ pub fn run(args: UpArgs) -> Result<()> {
             }
             Err(e) => eprintln!("hangar up: micro-VMs are off: {e}"),
         }
-        node.state.interrupt_releases()?;
+        // Deploys a stop of the node cut short are rolled back.
+        for cut in node.state.interrupt_releases()? {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let (app, version) = (cut.app.clone(), cut.version);
+                eprintln!("hangar up: release v{version} of {app} was cut short by the node's stop; rolling it back");
+                match hangar_api::deploy::recover(node, cut).await {
+                    Ok(()) => eprintln!("hangar up: release v{version} of {app} rolled back"),
+                    Err(e) => eprintln!("hangar up: could not roll back release v{version} of {app}: {e}; check `hangar status -a {app}` and deploy again"),
+                }
+            });
+        }
         tokio::spawn(hangar_api::checks::run(node.clone()));
 
         let store = node.runtime.store().clone();

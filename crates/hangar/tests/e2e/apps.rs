@@ -313,6 +313,48 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
     wait_until("the edge serves again", 30, || {
         get(&node, "/healthz?again").0 == 200
     });
+
+    // The node killed in the middle of a deploy: when it starts again,
+    // the deploy is rolled back and the app is as it was.
+    let before = status_json(&node, &dir);
+    let old_release = before["release"]["version"].to_string();
+    let count = machines(&before).len();
+    fs::write(dir.join("www/next.html"), "next\n").unwrap();
+    let mut deploy = node
+        .h
+        .command(&["deploy"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the deploy has created a machine", 30, || {
+        machines(&status_json(&node, &dir)).len() > count
+    });
+    node.kill9();
+    let _ = deploy.wait();
+    node.up();
+    wait_until("the cut-short deploy is rolled back", 60, || {
+        let v = status_json(&node, &dir);
+        let ms = machines(&v);
+        ms.len() == count
+            && ms
+                .iter()
+                .all(|m| m["config"]["metadata"]["release"].as_str() == Some(&old_release))
+    });
+    let releases: Value =
+        serde_json::from_str(&ok_in(&node, &dir, &["releases", "--json"])).unwrap();
+    assert_eq!(releases[0]["status"], "failed", "{releases}");
+    assert!(
+        releases[0]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("node stopped")),
+        "{releases}"
+    );
+    assert_eq!(
+        status_json(&node, &dir)["release"]["version"].to_string(),
+        old_release
+    );
     let apps: Value =
         serde_json::from_str(&ok_in(&node, &dir, &["apps", "list", "--json"])).unwrap();
     assert_eq!(apps[0]["name"], "hello");
