@@ -200,6 +200,31 @@ pub fn set_link(id: &str, up: bool) -> Result<()> {
     .map(|_| ())
 }
 
+/// Machines on this host's bridge whose ids `mine` does not know, with
+/// their link up: another Hangar home's, whose addresses may be the same
+/// as this node's machines'. Their 12-character id prefixes.
+pub fn strangers(mine: &[String]) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = dir
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("hangar-")
+                .map(String::from)
+        })
+        .filter(|short| !mine.iter().any(|id| id.starts_with(short.as_str())))
+        .filter(|short| {
+            std::fs::read_to_string(format!("/sys/class/net/hv{short}/operstate"))
+                .is_ok_and(|s| s.trim() != "down")
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// Whether the machine's namespace exists (for tests of cleanup).
 pub fn attached(id: &str) -> bool {
     netns_path(id).exists()

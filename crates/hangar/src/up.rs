@@ -199,6 +199,14 @@ pub fn run(args: UpArgs) -> Result<()> {
 
         // The egress proxy, on the bridge gateway, where machines find it.
         hangar_machine::network::ensure_bridge()?;
+        let mine: Vec<String> = node.state.list()?.into_iter().map(|m| m.id).collect();
+        let strangers = hangar_machine::network::strangers(&mine);
+        if !strangers.is_empty() {
+            eprintln!(
+                "hangar up: warning: machines this node does not know are running on the bridge ({}), left by a node with another HANGAR_HOME; their addresses may collide with this node's machines: stop them with that HANGAR_HOME (`hangar machine destroy --force`) or with `ip netns del hangar-<id>`",
+                strangers.join(", ")
+            );
+        }
         let egress_addr = std::net::SocketAddr::new(hangar_machine::network::gateway().v4.into(), hangar_api::node::EGRESS_PORT);
         let egress_policy = hangar_egress::IpPolicy { own_addresses: vec![egress_addr, addr], ..Default::default() };
         let egress = Arc::new(hangar_egress::Proxy::new(hangar_egress::Acl::from_rules(Vec::new(), None).unwrap_or_else(|_| hangar_egress::Acl::open()), egress_policy));

@@ -129,6 +129,42 @@ fn which(tool: &str) -> PathBuf {
         .unwrap()
 }
 
+/// Start `hangar up` for `h` on free ports; returns it and the lines it
+/// printed up to announcing its API (the rest are drained).
+fn spawn_up(h: &Hangar) -> (Child, Vec<String>) {
+    let mut child = h
+        .command(&[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry-listen",
+            "127.0.0.1:0",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--edge-admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("HANGAR_INIT", init_binary())
+        .env("HANGAR_VM_KERNEL", vm_kernel())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines.next().expect("hangar up exited early").unwrap();
+        // The API is announced last, once the node config is written.
+        let last = line.contains("Machines API on");
+        seen.push(line);
+        if last {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (child, seen)
+}
+
 /// `hangar up` on free ports with its own home; destroys its machines and
 /// stops on drop.
 pub(crate) struct Node {
@@ -161,37 +197,10 @@ impl Node {
     }
 
     pub(crate) fn up(&mut self) {
-        let mut child = self
-            .h
-            .command(&[
-                "up",
-                "--listen",
-                "127.0.0.1:0",
-                "--registry-listen",
-                "127.0.0.1:0",
-                "--edge-listen",
-                "127.0.0.1:0",
-                "--edge-admin-listen",
-                "127.0.0.1:0",
-            ])
-            .env("HANGAR_INIT", init_binary())
-            .env("HANGAR_VM_KERNEL", vm_kernel())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        loop {
-            let line = lines.next().expect("hangar up exited early").unwrap();
-            if let Some(rest) = line.split("edge on http://").nth(1) {
-                self.edge = rest.split_whitespace().next().unwrap().to_string();
-            }
-            // The API is announced last, once the node config is written.
-            if line.contains("Machines API on") {
-                break;
-            }
+        let (child, lines) = spawn_up(&self.h);
+        if let Some(rest) = lines.iter().find_map(|l| l.split("edge on http://").nth(1)) {
+            self.edge = rest.split_whitespace().next().unwrap().to_string();
         }
-        std::thread::spawn(move || for _ in lines {});
         self.child = Some(child);
     }
 
@@ -701,7 +710,19 @@ fn a_killed_node_adopts_its_machines_and_destroy_leaves_nothing() {
         fs::read_to_string(node.h.home().join(format!("machines/{keeper}/shim.pid"))).unwrap();
     node.kill9();
     // While the node is down, the quitter exits; the keeper keeps running.
-    std::thread::sleep(Duration::from_secs(3));
+    // A node of another home started meanwhile warns that the keeper is
+    // on the bridge without being its machine.
+    let other = Hangar::new();
+    let (mut stranger, lines) = spawn_up(&other);
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("machines this node does not know") && l.contains(&keeper[..12])),
+        "{lines:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
     node.up();
     let s = node.wait_for(&keeper, "adoption", |s| s["state"] == "started");
     assert_eq!(
