@@ -526,6 +526,32 @@ fn restart_policies_logs_and_exec() {
     assert_eq!((code, out.as_str()), (7, "inside\n"));
 }
 
+/// `GET /` (with a Host header when `host` is not empty) at `addr` until
+/// the answer contains `needle` (10 s at most); the answer.
+fn get_until(addr: &str, host: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let host = if host.is_empty() {
+        String::new()
+    } else {
+        format!("Host: {host}\r\n")
+    };
+    loop {
+        let mut resp = String::new();
+        if let Ok(mut conn) = TcpStream::connect(addr) {
+            let _ = write!(conn, "GET / HTTP/1.0\r\n{host}\r\n");
+            let _ = conn.read_to_string(&mut resp);
+        }
+        if resp.contains(needle) {
+            return resp;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never answered {needle:?}: {resp}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn private_network_host_ports_and_no_way_out() {
     let node = Node::start();
@@ -538,44 +564,14 @@ fn private_network_host_ports_and_no_way_out() {
     let v6 = s["private_ip"].as_str().unwrap().to_string();
     assert!(v6.starts_with("fdaa:"), "{v6}");
     // host -> machine port
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let page = loop {
-        if let Ok(mut conn) = TcpStream::connect((v4.as_str(), 8080)) {
-            conn.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-            let mut resp = String::new();
-            let _ = conn.read_to_string(&mut resp);
-            if resp.contains("hello") {
-                break resp;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "httpd never answered on {v4}:8080"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let page = get_until(&format!("{v4}:8080"), "", "hello");
     assert!(page.contains("hello from a machine"));
     // host -> edge -> machine: the machine's name is its app
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut conn = TcpStream::connect(&node.edge).unwrap();
-        conn.write_all(b"GET / HTTP/1.0\r\nHost: web.localhost\r\n\r\n")
-            .unwrap();
-        let mut resp = String::new();
-        let _ = conn.read_to_string(&mut resp);
-        if resp.contains("hello from a machine") {
-            assert!(
-                resp.to_ascii_lowercase().contains("cache-status: hangar"),
-                "{resp}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the edge never served web.localhost: {resp}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let resp = get_until(&node.edge, "web.localhost", "hello from a machine");
+    assert!(
+        resp.to_ascii_lowercase().contains("cache-status: hangar"),
+        "{resp}"
+    );
     // Stopped, the machine keeps its address but is off the bridge (a
     // stale one cannot answer for anybody); started, it serves again.
     let id = s["id"].as_str().unwrap().to_string();
@@ -591,22 +587,7 @@ fn private_network_host_ports_and_no_way_out() {
     assert!(link().contains(" DOWN "), "{}", link());
     node.h.ok(&["machine", "start", &web]);
     node.wait_for(&web, "start", |s| s["state"] == "started");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut resp = String::new();
-        if let Ok(mut conn) = TcpStream::connect((v4.as_str(), 8080)) {
-            conn.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-            let _ = conn.read_to_string(&mut resp);
-        }
-        if resp.contains("hello from a machine") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "httpd never came back on {v4}:8080"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    get_until(&format!("{v4}:8080"), "", "hello from a machine");
     // machine -> machine, over IPv4 and IPv6 (directly: busybox wget does
     // not read CIDRs in NO_PROXY, so -Y off)
     let client = node.run(&[&image, "--", "sleep", "1000"]);
