@@ -345,7 +345,10 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(hangar_app::FILE));
-    let m = Manifest::load(&path).map_err(|e| anyhow!("{e}; run `hangar launch` to write one"))?;
+    let m = Manifest::load(&path).map_err(|e| match e {
+        hangar_app::Error::Read { .. } => anyhow!("{e}; run `hangar launch` to write one"),
+        _ => anyhow!("{e}; fix the file (the README lists every key of hangar.toml)"),
+    })?;
     if let Some(a) = &args.app.app {
         if *a != m.app {
             bail!("{} is for app {}, not {a}", path.display(), m.app);
