@@ -469,7 +469,11 @@ pub fn overhead_kib(qemu_pid: i32, memory_mb: u64) -> Option<u64> {
         } else if let Some(v) = line.strip_prefix("Rss:") {
             let rss: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
             total += rss;
-            if size >= guest_kb {
+            // The guest's RAM is one mapping of its size (QEMU may round
+            // it up a little). Not "at least its size": under emulation
+            // the translation cache is a 1 GiB mapping, and it is the
+            // VMM's own memory.
+            if (guest_kb..=guest_kb + 2048).contains(&size) {
                 guest += rss;
             }
         }
