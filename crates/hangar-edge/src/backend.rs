@@ -178,7 +178,7 @@ fn random() -> u64 {
 
 impl Site {
     /// Pick a backend: of two random available ones, the one with fewer
-    /// outstanding requests (ties: the faster). Backends below the soft
+    /// outstanding requests. Backends below the soft
     /// limit come first; one at or above it gets a request only when all
     /// are; one at its hard limit gets none. `exclude` holds backends
     /// already tried for this request. When every backend is ejected but
@@ -213,10 +213,14 @@ impl Site {
                 if j >= i {
                     j += 1;
                 }
+                // `a` is the first of a random pair: a tie goes either way.
+                // (Not to the lower latency: at low load that would starve
+                // whichever backend happened to answer slowest once, since
+                // its average only moves when it serves; slow backends are
+                // ejected instead, relative to their peers.)
                 let (a, b) = (c[i], c[j]);
-                let (oa, ob) = (a.outstanding(), b.outstanding());
                 Some(
-                    if oa < ob || (oa == ob && a.latency_ms() <= b.latency_ms()) {
+                    if a.outstanding() <= b.outstanding() {
                         a
                     } else {
                         b
@@ -473,6 +477,21 @@ mod tests {
             "exclusion"
         );
         assert!(s.pick(&[s.backends[0].addr, s.backends[1].addr]).is_none());
+    }
+
+    #[test]
+    fn at_equal_load_every_backend_gets_requests() {
+        let s = site(3);
+        // One answered slowly once; at no load it still gets its share.
+        s.record_success(&s.backends[0], Duration::from_millis(90));
+        s.record_success(&s.backends[1], Duration::from_millis(1));
+        s.record_success(&s.backends[2], Duration::from_millis(2));
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            let b = s.pick(&[]).unwrap();
+            counts[s.backends.iter().position(|x| x.addr == b.addr).unwrap()] += 1;
+        }
+        assert!(counts.iter().all(|&n| n > 50), "{counts:?}");
     }
 
     #[test]
