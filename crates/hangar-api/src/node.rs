@@ -362,7 +362,7 @@ impl Node {
     }
 
     /// Bring the host in line with the state store, once.
-    pub fn reconcile(&self) {
+    pub fn reconcile(self: &Arc<Self>) {
         let Ok(machines) = self.state.list() else {
             return;
         };
@@ -371,6 +371,23 @@ impl Node {
             let Ok(_guard) = lock.try_lock() else {
                 continue;
             };
+            // Wanted stopped, with no stop under way (the lock is free), yet
+            // not recorded as stopped: a stop the node did not finish (it
+            // was killed in the middle). Finish it: in the background if
+            // the machine still runs, else by recording how it ended.
+            if m.desired == "stopped" && ["started", "stopping"].contains(&m.state.as_str()) {
+                if self.runtime.state(&m.id) == ProcState::Running {
+                    let (node, id) = (self.clone(), m.id.clone());
+                    let (signal, timeout) = m.config.kill();
+                    std::thread::spawn(move || {
+                        let _ = node.stop(&id, &signal, timeout);
+                    });
+                } else {
+                    let _ = self.record_exit(&m.id);
+                    let _ = self.state.set_state(&m.id, "stopped");
+                }
+                continue;
+            }
             if m.desired != "started" || m.state == "failed" {
                 continue;
             }
