@@ -36,6 +36,16 @@ pub struct UpArgs {
     /// Where the edge's admin endpoint (metrics, purge with the node token) listens
     #[arg(long, default_value = "127.0.0.1:4281")]
     edge_admin_listen: std::net::SocketAddr,
+    /// Also serve apps over HTTPS here (HTTP/2 and HTTP/1.1), with
+    /// --edge-tls-cert and --edge-tls-key; apps with force_https redirect to it
+    #[arg(long, requires_all = ["edge_tls_cert", "edge_tls_key"])]
+    edge_tls_listen: Option<std::net::SocketAddr>,
+    /// The edge's certificate chain (PEM)
+    #[arg(long, requires = "edge_tls_listen")]
+    edge_tls_cert: Option<PathBuf>,
+    /// The edge's private key (PEM)
+    #[arg(long, requires = "edge_tls_listen")]
+    edge_tls_key: Option<PathBuf>,
     /// Do not run the edge proxy
     #[arg(long)]
     no_edge: bool,
@@ -224,11 +234,18 @@ pub fn run(args: UpArgs) -> Result<()> {
                 listen: args.edge_listen,
                 admin: Some(hangar_edge::config::Admin { listen: args.edge_admin_listen, token: token.clone() }),
                 cache: hangar_edge::config::CacheConfig { dir: Some(home.join("edge/cache")), ..Default::default() },
+                tls: match (args.edge_tls_listen, &args.edge_tls_cert, &args.edge_tls_key) {
+                    (Some(listen), Some(cert), Some(key)) => Some(hangar_edge::config::Tls { listen, cert: cert.clone(), key: key.clone() }),
+                    _ => None,
+                },
                 ..Default::default()
             };
             let running = hangar_edge::start(&config, std::future::pending()).await.map_err(|e| anyhow::anyhow!("{e}; use --edge-listen or --no-edge"))?;
             let admin = running.admin.map(|a| a.to_string()).unwrap_or_default();
             eprintln!("hangar up: edge on http://{} (apps at http://<app>.{}:{}), admin on http://{admin}", running.http, args.domain, running.http.port());
+            if let Some(tls) = running.tls {
+                eprintln!("hangar up: edge TLS on https://{tls} (apps at https://<app>.{}:{})", args.domain, tls.port());
+            }
             edge_url = Some(format!("http://<app>.{}:{}", args.domain, running.http.port()));
             let router = crate::scale::Router::new(node.clone(), running.edge.clone(), args.domain.clone());
             running.edge.set_waker(crate::scale::waker(router.clone()));

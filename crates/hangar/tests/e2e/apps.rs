@@ -355,10 +355,64 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
         status_json(&node, &dir)["release"]["version"].to_string(),
         old_release
     );
+    // HTTPS at the edge's TLS listener (HTTP/2); with force_https, plain
+    // HTTP is redirected there.
+    let https = |path: &str| {
+        let port = node.edge_tls.rsplit(':').next().unwrap().to_string();
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sk",
+                "--max-time",
+                "10",
+                "--http2",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_version} %{http_code}",
+            ])
+            .args(["--resolve", &format!("hello.localhost:{port}:127.0.0.1")])
+            .arg(format!("https://hello.localhost:{port}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut tries = 0;
+    wait_until("the app answers over HTTPS", 30, || {
+        tries += 1;
+        https(&format!("/healthz?tls={tries}")).ends_with("2 200")
+    });
+    let toml = fs::read_to_string(dir.join("hangar.toml")).unwrap();
+    fs::write(
+        dir.join("hangar.toml"),
+        toml.replace(
+            "internal_port = 8080",
+            "internal_port = 8080\nforce_https = true",
+        ),
+    )
+    .unwrap();
+    ok_in(&node, &dir, &["deploy"]);
+    wait_until("plain HTTP is redirected to HTTPS", 30, || {
+        let mut s = TcpStream::connect(&node.edge).unwrap();
+        write!(
+            s,
+            "GET /healthz?plain HTTP/1.0\r\nHost: hello.localhost\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        let _ = s.read_to_string(&mut raw);
+        raw.starts_with("HTTP/1.0 308")
+            && raw.to_ascii_lowercase().contains(&format!(
+                "location: https://hello.localhost:{}/healthz?plain",
+                node.edge_tls.rsplit(':').next().unwrap()
+            ))
+    });
+    assert!(https("/healthz?secure").ends_with("2 200"));
+
     let apps: Value =
         serde_json::from_str(&ok_in(&node, &dir, &["apps", "list", "--json"])).unwrap();
     assert_eq!(apps[0]["name"], "hello");
 
+    let current = status_json(&node, &dir);
     // Org tokens: another org's token sees nothing of the app; its own
     // org's token sees it all.
     let other = ok_in(&node, &dir, &["auth", "token", "create", "--org", "other"])
@@ -393,13 +447,13 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
         serde_json::from_slice::<Value>(&out.stdout).unwrap(),
         serde_json::json!([])
     );
-    let out = as_org(&other, &["machine", "status", &ids(&after)[0], "--json"]);
+    let out = as_org(&other, &["machine", "status", &ids(&current)[0], "--json"]);
     assert!(!out.status.success());
     let out = as_org(&mine, &["status", "-a", "hello", "--json"]);
     assert!(out.status.success());
     assert_eq!(
         ids(&serde_json::from_slice(&out.stdout).unwrap()),
-        ids(&after)
+        ids(&current)
     );
     let out = as_org("hgr_bogus_token", &["apps", "list"]);
     assert!(

@@ -129,9 +129,12 @@ fn which(tool: &str) -> PathBuf {
         .unwrap()
 }
 
-/// Start `hangar up` for `h` on free ports; returns it and the lines it
-/// printed up to announcing its API (the rest are drained).
+/// Start `hangar up` for `h` on free ports, its edge also on TLS (a
+/// self-signed certificate); returns it and the lines it printed up to
+/// announcing its API (the rest are drained).
 fn spawn_up(h: &Hangar) -> (Child, Vec<String>) {
+    let (cert, key) = self_signed(h.dir.path(), "hello.localhost");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let mut child = h
         .command(&[
             "up",
@@ -143,6 +146,12 @@ fn spawn_up(h: &Hangar) -> (Child, Vec<String>) {
             "127.0.0.1:0",
             "--edge-admin-listen",
             "127.0.0.1:0",
+            "--edge-tls-listen",
+            "127.0.0.1:0",
+            "--edge-tls-cert",
+            &cert,
+            "--edge-tls-key",
+            &key,
         ])
         .env("HANGAR_INIT", init_binary())
         .env("HANGAR_VM_KERNEL", vm_kernel())
@@ -161,7 +170,12 @@ fn spawn_up(h: &Hangar) -> (Child, Vec<String>) {
             break;
         }
     }
-    std::thread::spawn(move || for _ in lines {});
+    // The rest goes to the test's stderr: a failing test shows it.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("hangar up: | {line}");
+        }
+    });
     (child, seen)
 }
 
@@ -170,8 +184,9 @@ fn spawn_up(h: &Hangar) -> (Child, Vec<String>) {
 pub(crate) struct Node {
     pub(crate) h: Hangar,
     child: Option<Child>,
-    /// Where the node's edge proxy listens.
+    /// Where the node's edge proxy listens, and its TLS listener.
     pub(crate) edge: String,
+    pub(crate) edge_tls: String,
     _lock: HostLock,
 }
 
@@ -190,6 +205,7 @@ impl Node {
             h,
             child: None,
             edge: String::new(),
+            edge_tls: String::new(),
             _lock: lock,
         };
         node.up();
@@ -198,9 +214,14 @@ impl Node {
 
     pub(crate) fn up(&mut self) {
         let (child, lines) = spawn_up(&self.h);
-        if let Some(rest) = lines.iter().find_map(|l| l.split("edge on http://").nth(1)) {
-            self.edge = rest.split_whitespace().next().unwrap().to_string();
-        }
+        let after = |marker: &str| {
+            lines
+                .iter()
+                .find_map(|l| l.split(marker).nth(1))
+                .map(|rest| rest.split_whitespace().next().unwrap().to_string())
+        };
+        self.edge = after("edge on http://").expect("the edge's address");
+        self.edge_tls = after("edge TLS on https://").expect("the edge's TLS address");
         self.child = Some(child);
     }
 
@@ -719,6 +740,30 @@ fn a_killed_node_adopts_its_machines_and_destroy_leaves_nothing() {
         s["restarts"].as_u64().unwrap_or(0) >= 1
     });
 
+    // A stop cut short by a kill of the node is finished when it is back:
+    // the machine ignores SIGTERM, so the node is killed while it waits.
+    let stubborn = node.run(&[
+        &image,
+        "--",
+        "/bin/sh",
+        "-c",
+        "trap '' TERM; echo up; while :; do sleep 1; done",
+    ]);
+    node.wait_for(&stubborn, "output", |_| node.logs(&stubborn).contains("up"));
+    let mut stop = node
+        .h
+        .command(&["machine", "stop", &stubborn, "--timeout", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    node.wait_for(&stubborn, "stopping", |s| s["state"] == "stopping");
+    node.kill9();
+    let _ = stop.wait();
+    node.up();
+    let s = node.wait_for(&stubborn, "its stop finished", |s| s["state"] == "stopped");
+    assert_eq!(s["exit_code"], 137, "killed after its kill timeout: {s}");
+
     // Destroy leaves no process, mount, namespace, veth, cgroup or file.
     node.h.ok(&["machine", "destroy", &keeper, "--force"]);
     let dir = node.h.home().join(format!("machines/{keeper}"));
@@ -769,6 +814,7 @@ fn a_killed_node_adopts_its_machines_and_destroy_leaves_nothing() {
 
     // Snapshots stay while the image is stored, and go with it.
     node.h.ok(&["machine", "destroy", &quitter, "--force"]);
+    node.h.ok(&["machine", "destroy", &stubborn, "--force"]);
     let snapshots = node.h.home().join("machines/snapshots");
     assert_eq!(
         fs::read_dir(&snapshots).unwrap().count(),
