@@ -100,17 +100,15 @@ impl Edge {
         tls: bool,
     ) -> Result<Response<Body>, std::convert::Infallible> {
         let start = Instant::now();
-        let id = match req
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(v) if !v.is_empty() && v.len() <= 128 => v.to_string(),
-            _ => format!(
+        // The client's request id when it sent a sane one, else ours.
+        let id = match req.headers().get("x-request-id") {
+            Some(v) if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() => v.clone(),
+            _ => HeaderValue::from_str(&format!(
                 "{}-{:x}",
                 self.id_prefix,
                 self.next_id.fetch_add(1, Ordering::Relaxed)
-            ),
+            ))
+            .unwrap_or(HeaderValue::from_static("hangar")),
         };
         let Some(host) = request_host(&req) else {
             return Ok(page(
@@ -142,9 +140,7 @@ impl Edge {
         }
         let h = resp.headers_mut();
         h.append(header::VIA, HeaderValue::from_static("1.1 hangar"));
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            h.insert("x-request-id", v);
-        }
+        h.insert("x-request-id", id);
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(parts, count_bytes(body, metrics)))
     }
@@ -444,14 +440,6 @@ impl Edge {
                 }
             }
         }
-        let fill_key = match credentials {
-            Some(c) => {
-                use std::hash::BuildHasher;
-                let h = self.credential_hasher.hash_one(c.as_bytes());
-                format!("{key}\ncredentials={h:x}")
-            }
-            None => key.clone(),
-        };
         let mut stale_if_error = false;
         if let Some(obj) = &stored {
             let meta = &obj.meta;
@@ -498,6 +486,14 @@ impl Edge {
                 "only-if-cached: the response is not in the cache",
             );
         }
+        let fill_key = match credentials {
+            Some(c) => {
+                use std::hash::BuildHasher;
+                let h = self.credential_hasher.hash_one(c.as_bytes());
+                format!("{key}\ncredentials={h:x}")
+            }
+            None => key.clone(),
+        };
         let fwd = if stored.is_some() {
             "fwd=stale"
         } else {
@@ -862,7 +858,7 @@ impl Edge {
 struct Client<'a> {
     peer: SocketAddr,
     tls: bool,
-    id: &'a str,
+    id: &'a HeaderValue,
 }
 
 struct FillJob {
@@ -1169,9 +1165,7 @@ fn forwarding_headers(parts: &mut Parts, client: Client<'_>) {
             "1.1 hangar"
         }),
     );
-    if let Ok(v) = HeaderValue::from_str(id) {
-        h.insert("x-request-id", v);
-    }
+    h.insert("x-request-id", id.clone());
 }
 
 /// Keep `guard` (an outstanding-request count) until the body is done.
