@@ -18,6 +18,13 @@ pub struct MachineArgs {
     command: MachineCommand,
 }
 
+impl MachineArgs {
+    /// The hidden shim, which outlives the command that started it.
+    pub fn is_shim(&self) -> bool {
+        matches!(self.command, MachineCommand::Shim { .. })
+    }
+}
+
 #[derive(Subcommand)]
 enum MachineCommand {
     /// Create and start a machine from an image; prints its id

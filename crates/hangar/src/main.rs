@@ -134,6 +134,23 @@ pub async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A command that prints and ends stops quietly when its reader goes
+    // away (`hangar status --json | grep -q ...`), as Unix tools do. Not
+    // the long-running ones: they write to sockets and pipes of their own.
+    let prints_and_ends = match &cli.command {
+        Command::Status(_) | Command::Releases(_) | Command::Logs { .. } | Command::Apps { .. } => {
+            true
+        }
+        Command::Image(_) => true,
+        Command::Machine(m) => !m.is_shim(),
+        _ => false,
+    };
+    if prints_and_ends {
+        // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Image(args) => image::run(args),
         Command::Registry(args) => registry::run(args),

@@ -412,6 +412,35 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
         serde_json::from_str(&ok_in(&node, &dir, &["apps", "list", "--json"])).unwrap();
     assert_eq!(apps[0]["name"], "hello");
 
+    // A reader that goes away early (`| grep -q`, `| head`) ends the
+    // command quietly. (A 4 KiB pipe, so that the writer meets it.)
+    let whole = ok_in(&node, &dir, &["releases", "--json"]);
+    assert!(
+        whole.len() > 8192,
+        "{} bytes is too little to test",
+        whole.len()
+    );
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    // SAFETY: a valid descriptor; F_SETPIPE_SZ takes an int.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::fcntl(reader.as_raw_fd(), libc::F_SETPIPE_SZ, 4096);
+    }
+    let child = node
+        .h
+        .command(&["releases", "--json"])
+        .current_dir(&dir)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    reader.read_exact(&mut first).unwrap();
+    drop(reader);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
     let current = status_json(&node, &dir);
     // Org tokens: another org's token sees nothing of the app; its own
     // org's token sees it all.
