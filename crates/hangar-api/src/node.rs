@@ -111,13 +111,14 @@ impl Node {
 
     fn spec(&self, m: &Machine) -> Result<MachineSpec> {
         let c = &m.config;
-        // The app's secrets, then the machine's own environment, then the
-        // node's egress proxy unless the machine says otherwise.
-        let mut env = match c.metadata.get("app") {
-            Some(app) => self.state.open_secrets(&self.sealer, app)?,
-            None => Default::default(),
-        };
-        env.extend(c.env.clone());
+        // The machine's own environment ([env]), then the app's secrets,
+        // which win on a name in both (what `hangar secrets set` says is
+        // what the app sees), then the node's egress proxy unless either
+        // says otherwise.
+        let mut env = c.env.clone();
+        if let Some(app) = c.metadata.get("app") {
+            env.extend(self.state.open_secrets(&self.sealer, app)?);
+        }
         let proxy = format!(
             "http://{}:{}",
             hangar_machine::network::gateway().v4,

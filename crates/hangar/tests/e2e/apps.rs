@@ -243,13 +243,21 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
         ok_in(
             &node,
             &dir,
-            &["secrets", "set", &format!("DB_PASSWORD={secret}")],
+            &[
+                "secrets",
+                "set",
+                &format!("DB_PASSWORD={secret}"),
+                "GREETING=from-a-secret",
+            ],
         );
     });
     let v = status_json(&node, &dir);
     let id = machines(&v)[0]["id"].as_str().unwrap().to_string();
     let (code, env) = node.exec(&id, &["sh", "-c", "echo $DB_PASSWORD"]);
     assert_eq!((code, env.trim()), (0, secret));
+    // A secret wins over [env] on the same name.
+    let (_, greeting) = node.exec(&id, &["sh", "-c", "echo $GREETING"]);
+    assert_eq!(greeting.trim(), "from-a-secret");
     let outputs = vec![
         ok_in(&node, &dir, &["status", "--json"]),
         ok_in(&node, &dir, &["releases", "--json"]),
