@@ -33,6 +33,16 @@ pub const MODULES: [&str; 7] = [
 ];
 
 const QEMU: &str = "qemu-system-x86_64";
+/// Every QEMU run: nothing but what is asked for, the serial console on
+/// stdio, and an exit instead of a reboot.
+const QEMU_COMMON: [&str; 6] = [
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-serial",
+    "stdio",
+    "-no-reboot",
+];
 
 /// How guests run.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,14 +132,7 @@ fn probe(kernel: &Path) -> (Accel, String) {
             "-m",
             "64",
         ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
+        .args(QEMU_COMMON)
         .arg("-kernel")
         .arg(kernel)
         .args(["-append", "console=ttyS0 panic=-1"])
@@ -409,17 +412,7 @@ pub fn argv(
         "-m".into(),
         memory_mb.to_string(),
     ]);
-    a.extend(
-        [
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ]
-        .map(String::from),
-    );
+    a.extend(QEMU_COMMON.map(String::from));
     a.extend([
         "-kernel".into(),
         s(&kernel_dir.join("vmlinuz")),
