@@ -11,10 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 . scripts/lib.sh
-ensure_commands busybox:busybox-static runc:runc ip:iproute2 curl:curl
+ensure_commands "${MACHINE_COMMANDS[@]}" curl:curl
 [ "$(id -u)" = 0 ] || { echo "bench/deploy.sh runs machines: run it as root" >&2; exit 1; }
 cargo build --release -q -p hangar
-scripts/build-init --release
 hangar=$PWD/target/release/hangar
 work=$(mktemp -d)
 export HANGAR_HOME=$work/home

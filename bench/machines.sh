@@ -7,10 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-ensure_commands runc:runc busybox:busybox-static ip:iproute2
+ensure_commands "${MACHINE_COMMANDS[@]}"
 rounds=${1:-10}
 cargo build --release -q -p hangar
-scripts/build-init --release
 work=$(mktemp -d /var/tmp/hangar-bench.XXXXXX)
 node_pid=
 cleanup() {
@@ -19,7 +18,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-export HANGAR_HOME=$work/home HANGAR_INIT=$PWD/target/init/hangar-init
+export HANGAR_HOME=$work/home
 port=$(free_port 2>/dev/null || python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 target/release/hangar up --listen "127.0.0.1:$port" --no-registry 2>"$work/up.log" &
 node_pid=$!

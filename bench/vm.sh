@@ -8,10 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 . scripts/lib.sh
-ensure_commands busybox:busybox-static runc:runc qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mkfs.ext4:e2fsprogs
+ensure_commands "${MACHINE_COMMANDS[@]}"
 [ "$(id -u)" = 0 ] || { echo "bench/vm.sh runs machines: run it as root" >&2; exit 1; }
 cargo build --release -q -p hangar
-scripts/build-init --release
 scripts/fetch-kernel
 hangar=$PWD/target/release/hangar
 work=$(mktemp -d)

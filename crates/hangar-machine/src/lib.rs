@@ -23,4 +23,4 @@ pub mod snapshot;
 pub mod vm;
 
 pub use error::{Error, Result};
-pub use runtime::{Exit, MachineSpec, ProcState, Runtime};
+pub use runtime::{check_host, Exit, MachineSpec, ProcState, Runtime};

@@ -124,6 +124,47 @@ fn pid_alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// What the container driver runs on the host, and the Debian package of each.
+const HOST_COMMANDS: [(&str, &str); 3] = [
+    ("runc", "runc"),
+    ("ip", "iproute2"),
+    ("iptables", "iptables"),
+];
+
+/// Whether `command` is an executable file on `$PATH`.
+fn on_path(command: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            fs::metadata(dir.join(command))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Machines need root and a few host commands: one error that says what
+/// to run when something is missing.
+pub fn check_host() -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(Error::Host(
+            "machines need root (mounts, namespaces, the bridge): run `hangar up` as root, e.g. with sudo".into(),
+        ));
+    }
+    let missing: Vec<&str> = HOST_COMMANDS
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Host(format!(
+            "machines need {} (not installed): apt-get install {} (scripts/demo installs everything a node needs)",
+            missing.join(", "),
+            missing.join(" ")
+        )));
+    }
+    Ok(())
+}
+
 impl Runtime {
     /// `init_bin` is the static hangar-init binary to put in every machine.
     pub fn open(home: &Path, init_bin: PathBuf) -> Result<Runtime> {
@@ -132,7 +173,7 @@ impl Runtime {
         fs::create_dir_all(&runc_root).at(&runc_root)?;
         if !init_bin.is_file() {
             return Err(Error::Host(format!(
-                "hangar-init not found at {}; build it with scripts/build-init (or set HANGAR_INIT)",
+                "hangar-init not found at {}; unset HANGAR_INIT to use the one the hangar binary carries",
                 init_bin.display()
             )));
         }

@@ -54,31 +54,46 @@ pub struct UpArgs {
     domain: String,
 }
 
-/// The static hangar-init to put in machines: `$HANGAR_INIT`, else
-/// `target/init/hangar-init` beside this build (scripts/build-init makes it).
-pub fn init_binary() -> Result<PathBuf> {
-    let path = match std::env::var_os("HANGAR_INIT") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let exe = std::env::current_exe().context("cannot find the hangar binary")?;
-            exe.parent()
-                .and_then(|d| d.parent())
-                .map(|t| t.join("init/hangar-init"))
-                .unwrap_or_default()
+/// The static hangar-init this binary carries (built by `build.rs`).
+static INIT: &[u8] = include_bytes!(env!("HANGAR_INIT_BIN"));
+
+/// The static hangar-init to put in machines: `$HANGAR_INIT` when set (a
+/// build of one's own), else the one this binary carries, written to
+/// `$HANGAR_HOME/init/hangar-init` when that file is not already it (by a
+/// rename, so running machines keep the file they have).
+pub fn init_binary(home: &std::path::Path) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("HANGAR_INIT").map(PathBuf::from) {
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("HANGAR_INIT names {}, which cannot be read; unset it to use the hangar-init this binary carries", path.display()))?;
+        if bytes.windows(12).any(|w| w == b"/lib64/ld-li") {
+            bail!(
+                "{} (HANGAR_INIT) is dynamically linked; machines need a static build (unset HANGAR_INIT to use the one this binary carries)",
+                path.display()
+            );
         }
-    };
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!(
-            "hangar-init not found at {}; build it with scripts/build-init or set HANGAR_INIT",
-            path.display()
-        )
-    })?;
-    if bytes.windows(12).any(|w| w == b"/lib64/ld-li") {
-        bail!(
-            "{} is dynamically linked; machines need the static build from scripts/build-init",
-            path.display()
-        );
+        return Ok(path);
     }
+    let dir = home.join("init");
+    let path = dir.join("hangar-init");
+    if std::fs::read(&path).is_ok_and(|b| b == INIT) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(".hangar-init.tmp");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o755)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::io::Write::write_all(&mut f, INIT)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
 
@@ -173,7 +188,8 @@ async fn pull_image(
 
 pub fn run(args: UpArgs) -> Result<()> {
     let home = crate::home()?;
-    let init = init_binary()?;
+    hangar_machine::check_host()?;
+    let init = init_binary(&home)?;
     let mut runtime = Runtime::open(&home, init)?;
     if let Some(kernel) = vm_kernel_dir(&home) {
         runtime = runtime.with_vms(kernel);

@@ -57,16 +57,6 @@ fn require_root() {
     require("busybox");
 }
 
-fn init_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/init/hangar-init");
-    assert!(
-        root.is_file(),
-        "{} is missing: scripts/test builds it with scripts/build-init",
-        root.display()
-    );
-    root
-}
-
 /// The guest kernel scripts/fetch-kernel put in target/vm.
 fn vm_kernel() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vm");
@@ -153,7 +143,6 @@ fn spawn_up(h: &Hangar) -> (Child, Vec<String>) {
             "--edge-tls-key",
             &key,
         ])
-        .env("HANGAR_INIT", init_binary())
         .env("HANGAR_VM_KERNEL", vm_kernel())
         .stderr(Stdio::piped())
         .spawn()

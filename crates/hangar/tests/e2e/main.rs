@@ -10,4 +10,5 @@ mod egress;
 mod image;
 mod machine;
 mod registry;
+mod setup;
 mod support;
