@@ -372,6 +372,14 @@ impl Node {
             let Ok(_guard) = lock.try_lock() else {
                 continue;
             };
+            // A machine that does not run holds disk only: its shim gives
+            // the rest back when the app ends; this catches what a killed
+            // shim (or an older node) left.
+            if self.runtime.state(&m.id) != ProcState::Running
+                && self.runtime.holds_host_resources(&m.id)
+            {
+                self.runtime.release(&m.id);
+            }
             // Wanted stopped, with no stop under way (the lock is free), yet
             // not recorded as stopped: a stop the node did not finish (it
             // was killed in the middle). Finish it: in the background if
@@ -446,12 +454,17 @@ impl Node {
         }
     }
 
-    /// Stop every machine (for `hangar up --stop-machines`).
-    pub fn stop_all(&self) {
+    /// Stop every machine (for `hangar up --stop-machines`, `hangar node stop`).
+    /// Each with its own kill signal and timeout; returns how many ran.
+    pub fn stop_all(&self) -> usize {
+        let mut stopped = 0;
         for m in self.state.list().unwrap_or_default() {
             if self.runtime.state(&m.id) == ProcState::Running {
-                let _ = self.stop(&m.id, "SIGTERM", Duration::from_secs(10));
+                let (signal, timeout) = m.config.kill();
+                let _ = self.stop(&m.id, &signal, timeout);
+                stopped += 1;
             }
         }
+        stopped
     }
 }

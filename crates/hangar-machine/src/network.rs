@@ -3,8 +3,10 @@
 //! the bridge, and addresses derived from its slot number, so they are stable
 //! across restarts. Machines reach each other and the host over the bridge;
 //! the host reaches their ports. Nothing is forwarded out: Hangar never turns
-//! on IP forwarding, and where the host has it on, a firewall rule drops
-//! traffic from the bridge to anywhere else (the egress proxy is the way out).
+//! on IP forwarding, and a firewall rule (IPv4 and IPv6) drops traffic
+//! routed from the bridge to anywhere else, should the host have it on (the
+//! egress proxy is the way out). Fail closed: when that rule cannot be
+//! checked or put in place, the bridge is not set up and no machine starts.
 //!
 //! Uses iproute2's `ip` and `iptables`: both are on every Debian host, and
 //! shelling out keeps this code small and obvious.
@@ -134,18 +136,59 @@ fn setup_bridge() -> Result<()> {
         "nodad",
     ]);
     ip(&["link", "set", BRIDGE, "up"])?;
-    // Drop anything routed from the bridge elsewhere, should forwarding be on.
+    // Drop anything routed from the bridge elsewhere, should forwarding be
+    // on. Fail closed: no machine starts unless the rule is known to be in
+    // place, for IPv4 and IPv6 alike.
     for tool in ["iptables", "ip6tables"] {
-        let rule = ["FORWARD", "-i", BRIDGE, "!", "-o", BRIDGE, "-j", "DROP"];
-        let present = Command::new(tool)
-            .arg("-C")
-            .args(rule)
+        ensure_drop_rule(tool)?;
+    }
+    Ok(())
+}
+
+/// The rule that drops traffic routed from the bridge to anywhere else.
+const DROP_RULE: [&str; 8] = ["FORWARD", "-i", BRIDGE, "!", "-o", BRIDGE, "-j", "DROP"];
+
+/// Make sure `tool` (iptables or ip6tables) has `DROP_RULE`: checked,
+/// inserted when absent, checked again. Anything else is an error that
+/// says machines cannot start, and why.
+fn ensure_drop_rule(tool: &str) -> Result<()> {
+    let refuse = |why: String| {
+        Error::Host(format!(
+            "cannot make sure nothing is forwarded out of the machine network ({tool}: {why}); \
+             machines are not started: install iptables and run as root (`{tool} -I {}` must work)",
+            DROP_RULE.join(" ")
+        ))
+    };
+    let check = || -> Result<bool> {
+        let out = Command::new(tool)
+            .args(["-w", "5", "-C"])
+            .args(DROP_RULE)
             .output()
-            .map(|o| o.status.success())
-            .unwrap_or(true);
-        if !present {
-            let _ = Command::new(tool).arg("-I").args(rule).output();
+            .map_err(|e| refuse(e.to_string()))?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            // 1: the rule is not there (the chain and table are).
+            Some(1) => Ok(false),
+            _ => Err(refuse(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            )),
         }
+    };
+    if check()? {
+        return Ok(());
+    }
+    let out = Command::new(tool)
+        .args(["-w", "5", "-I"])
+        .args(DROP_RULE)
+        .output()
+        .map_err(|e| refuse(e.to_string()))?;
+    if !out.status.success() {
+        return Err(refuse(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    if !check()? {
+        return Err(refuse("the rule is not there after inserting it".into()));
     }
     Ok(())
 }
@@ -184,20 +227,6 @@ pub fn attach(id: &str, slot: u32) -> Result<Addresses> {
 pub fn detach(id: &str) {
     let _ = ip(&["netns", "del", &netns(id)]);
     let _ = ip(&["link", "del", &host_veth(id)]);
-}
-
-/// Take a stopped machine's link off the bridge (down), or put it back
-/// (up) before it starts again: a stopped machine keeps its namespace and
-/// address, but nothing on the bridge reaches it (not even as a refused
-/// connection).
-pub fn set_link(id: &str, up: bool) -> Result<()> {
-    ip(&[
-        "link",
-        "set",
-        &host_veth(id),
-        if up { "up" } else { "down" },
-    ])
-    .map(|_| ())
 }
 
 /// Machines on this host's bridge whose ids `mine` does not know, with

@@ -418,10 +418,10 @@ impl Runtime {
         if !dir.join("bundle/config.json").is_file() {
             return Err(Error::NoMachine(id.to_string()));
         }
-        if network::attached(id) {
-            network::set_link(id, true)?;
-        } else {
-            // After a host reboot: namespaces are gone, the files are not.
+        // A stopped machine holds no namespace (see `release`): it gets
+        // its network again, at its slot's addresses. One created just now
+        // has it already.
+        if !network::attached(id) {
             network::attach(id, slot)?;
         }
         if !is_mountpoint(&dir.join("rootfs")) {
@@ -559,10 +559,48 @@ impl Runtime {
         Ok(())
     }
 
+    /// Give back what only a running machine needs: runc's container
+    /// state and cgroup, the root filesystem's mount, the network namespace
+    /// and veth pair (or a VM's tap). Its files stay, and `start` makes the
+    /// rest again (same addresses). The shim does this when the app ends;
+    /// the node calls it for machines found stopped that still hold any of
+    /// it (a shim killed, an older node). Idempotent; a running machine is
+    /// left alone.
+    pub fn release(&self, id: &str) {
+        if self.state(id) != ProcState::Running {
+            release_host(&self.dir(id), id, &self.runc_root);
+        }
+    }
+
+    /// Whether a machine holds anything `release` gives back.
+    pub fn holds_host_resources(&self, id: &str) -> bool {
+        network::attached(id)
+            || crate::vm::tap_exists(id)
+            || self.runc_root.join(id).exists()
+            || is_mountpoint(&self.dir(id).join("rootfs"))
+    }
+
     /// Remove snapshots no machine leases and no stored image needs.
     pub fn gc_snapshots(&self) -> Result<usize> {
         let home = self.machines.parent().unwrap_or(Path::new("/"));
         crate::snapshot::gc(home, &self.store)
+    }
+}
+
+/// See `Runtime::release`.
+fn release_host(dir: &Path, id: &str, runc_root: &Path) {
+    if runc_root.join(id).exists() {
+        let _ = runc(runc_root).args(["delete", "--force", id]).output();
+    }
+    let rootfs = dir.join("rootfs");
+    if is_mountpoint(&rootfs) {
+        let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
+    }
+    if network::attached(id) {
+        network::detach(id);
+    }
+    if crate::vm::tap_exists(id) {
+        crate::vm::detach_tap(id);
     }
 }
 
@@ -618,7 +656,7 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
         Err(_) => return 125,
     };
     if dir.join("vm.json").is_file() {
-        let code = run_vm(dir, &log);
+        let code = run_vm(dir, id, &log);
         let _ = fs::remove_file(&pid_path);
         return code;
     }
@@ -636,6 +674,7 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
             if let Ok(mut l) = log.lock() {
                 l.write(format!("hangar: cannot start runc: {e}\n").as_bytes());
             }
+            release_host(dir, id, runc_root);
             write_exit(dir, 125, false);
             let _ = fs::remove_file(&pid_path);
             return 125;
@@ -683,19 +722,19 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
         }),
         Err(_) => 125,
     };
-    // Off the bridge before the exit is told: a start that follows at
-    // once (a restart policy) puts the link back up after this.
-    let _ = network::set_link(id, false);
+    // A stopped machine holds disk only, and is off the bridge before its
+    // exit is told: a start that follows (a restart policy) makes its
+    // mount and network again.
+    release_host(dir, id, runc_root);
     write_exit(dir, code, oom.load(Ordering::SeqCst));
     let _ = fs::remove_file(&pid_path);
-    let _ = runc(runc_root).args(["delete", "--force", id]).output();
     code
 }
 
 /// The VM's half of the shim: QEMU in the foreground, its console into
 /// the log (less init's exit line, which gives the exit code), the control
 /// FIFO's lines into the console.
-fn run_vm(dir: &Path, log: &Arc<Mutex<LogWriter>>) -> i32 {
+fn run_vm(dir: &Path, id: &str, log: &Arc<Mutex<LogWriter>>) -> i32 {
     let say = |msg: String| {
         if let Ok(mut l) = log.lock() {
             l.write(msg.as_bytes());
@@ -708,6 +747,7 @@ fn run_vm(dir: &Path, log: &Arc<Mutex<LogWriter>>) -> i32 {
         Some(l) => l,
         None => {
             say("hangar: the machine's vm.json is unreadable\n".into());
+            crate::vm::detach_tap(id);
             write_exit(dir, 125, false);
             return 125;
         }
@@ -722,6 +762,7 @@ fn run_vm(dir: &Path, log: &Arc<Mutex<LogWriter>>) -> i32 {
         Ok(c) => c,
         Err(e) => {
             say(format!("hangar: cannot start {}: {e}\n", launch.argv[0]));
+            crate::vm::detach_tap(id);
             write_exit(dir, 125, false);
             return 125;
         }
@@ -815,8 +856,9 @@ fn run_vm(dir: &Path, log: &Arc<Mutex<LogWriter>>) -> i32 {
             (125, false)
         }
     };
-    write_exit(dir, code, oom);
     let _ = fs::remove_file(dir.join("qemu.pid"));
+    crate::vm::detach_tap(id);
+    write_exit(dir, code, oom);
     code
 }
 

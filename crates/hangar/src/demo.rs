@@ -157,6 +157,7 @@ fn start_node(home: &Path) -> Result<Child> {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let home = crate::home()?;
+    let tour_home = home.clone();
     std::fs::create_dir_all(&home).with_context(|| format!("cannot create {}", home.display()))?;
     println!("Hangar demo (data in {})", home.display());
     let mut node = None;
@@ -171,7 +172,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
-        let tour = tokio::task::spawn_blocking(move || tour(&home, args.count));
+        let tour = tokio::task::spawn_blocking(move || tour(&tour_home, args.count));
         tokio::select! {
             r = tour => match r {
                 Ok(Ok(())) => {
@@ -195,6 +196,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .args(["-TERM", &child.id().to_string()])
             .status();
         let _ = child.wait();
+        let env = match std::env::var_os("HANGAR_HOME") {
+            Some(h) => format!("HANGAR_HOME={} ", h.to_string_lossy()),
+            None => String::new(),
+        };
+        println!(
+            "Stopped: nothing of the demo runs or is mounted. Its data (images, the app) stays in {}; remove it with: {env}hangar node destroy --yes",
+            home.display()
+        );
     }
     // Leave now: an interrupted tour may still hold a blocking thread.
     rt.shutdown_background();

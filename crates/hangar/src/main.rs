@@ -19,6 +19,7 @@ mod edge;
 mod egress;
 mod image;
 mod machine;
+mod node;
 mod node_config;
 mod progress;
 mod registry;
@@ -50,6 +51,11 @@ enum Command {
     },
     /// Run a node: state store, Machines API, registry (in the foreground).
     Up(up::UpArgs),
+    /// Stop this host's node and everything it runs, or remove its data.
+    Node {
+        #[command(subcommand)]
+        command: node::NodeCommand,
+    },
     /// Run and manage machines on the node.
     Machine(machine::MachineArgs),
     /// The tour: start a node, build and deploy the example app, serve it until Ctrl-C.
@@ -155,6 +161,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Up(args) => up::run(args),
+        Command::Node { command } => node::run(command),
         Command::Auth {
             command: AuthCommand::Token { command },
         } => registry::token(command),

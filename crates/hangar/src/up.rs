@@ -186,18 +186,25 @@ async fn pull_image(
     result.map(|_| ()).map_err(|e| e.to_string())
 }
 
-pub fn run(args: UpArgs) -> Result<()> {
-    let home = crate::home()?;
+/// The node's state and machines on this host, as `hangar up` and
+/// `hangar node stop` open them.
+pub fn open_node(home: &std::path::Path) -> Result<Arc<Node>> {
     hangar_machine::check_host()?;
-    let init = init_binary(&home)?;
-    let mut runtime = Runtime::open(&home, init)?;
-    if let Some(kernel) = vm_kernel_dir(&home) {
+    let init = init_binary(home)?;
+    let mut runtime = Runtime::open(home, init)?;
+    if let Some(kernel) = vm_kernel_dir(home) {
         runtime = runtime.with_vms(kernel);
     }
-    let state = State::open(&home)?;
+    let state = State::open(home)?;
     let exe = std::env::current_exe().context("cannot find the hangar binary")?;
-    let sealer = hangar_api::apps::Sealer::open_or_create(&home)?;
-    let node = Arc::new(Node::new(state, runtime, exe, sealer));
+    let sealer = hangar_api::apps::Sealer::open_or_create(home)?;
+    Ok(Arc::new(Node::new(state, runtime, exe, sealer)))
+}
+
+pub fn run(args: UpArgs) -> Result<()> {
+    let home = crate::home()?;
+    let node = open_node(&home)?;
+    let _pid_file = crate::node::PidFile::create(&home)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

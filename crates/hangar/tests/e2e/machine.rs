@@ -291,6 +291,125 @@ impl Drop for Node {
     }
 }
 
+/// What of machine `id` the host still holds: mounts, its network
+/// namespace, veth or tap, cgroups. Empty for a stopped or destroyed one.
+fn host_traces(id: &str) -> Vec<String> {
+    let short = &id[..12];
+    let mut found = Vec::new();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    found.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(id))
+            .map(|l| format!("mount {l}")),
+    );
+    let netns = String::from_utf8(
+        Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    found.extend(
+        netns
+            .lines()
+            .filter(|l| l.contains(short))
+            .map(|l| format!("netns {l}")),
+    );
+    let links = String::from_utf8(
+        Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    found.extend(
+        links
+            .lines()
+            .filter(|l| l.contains(&format!("hv{short}")) || l.contains(&format!("ht{short}")))
+            .map(|l| format!("link {l}")),
+    );
+    for controller in ["memory", "pids", "cpu", "unified", ""] {
+        let dir = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join("hangar")
+            .join(id);
+        if dir.exists() {
+            found.push(format!("cgroup {}", dir.display()));
+        }
+    }
+    found
+}
+
+#[test]
+fn a_stopped_machine_holds_disk_only_and_node_stop_and_destroy_end_everything() {
+    let mut node = Node::start();
+    let image = busybox_image(&node.h);
+    let id = node.run(&[
+        &image, "--name", "holder", "--port", "8080", "--", "httpd", "-f", "-p", "8080", "-h",
+        "/www",
+    ]);
+    let s = node.wait_for(&id, "start", |s| s["state"] == "started");
+    let v4 = s["ipv4"].as_str().unwrap().to_string();
+    assert!(
+        !host_traces(&id).is_empty(),
+        "a running machine has its mount and network"
+    );
+    // Stopped: disk only; `rm -rf` of its directory would work.
+    node.h.ok(&["machine", "stop", &id, "--timeout", "5"]);
+    node.wait_for(&id, "stop", |s| s["state"] == "stopped");
+    let traces = host_traces(&id);
+    assert!(traces.is_empty(), "a stopped machine holds {traces:?}");
+    assert!(
+        node.h.home().join(format!("machines/{id}/upper")).is_dir(),
+        "its disk stays"
+    );
+    // Started again: the same addresses, serving.
+    node.h.ok(&["machine", "start", &id]);
+    let s = node.wait_for(&id, "start again", |s| s["state"] == "started");
+    assert_eq!(s["ipv4"].as_str().unwrap(), v4);
+    let (code, page) = node.exec(
+        &id,
+        &["wget", "-Y", "off", "-qO-", &format!("http://{v4}:8080/")],
+    );
+    assert_eq!(code, 0);
+    assert!(page.contains("hello from a machine"), "{page}");
+
+    // `hangar node stop`: the node and its machines end; nothing is held.
+    let out = node.h.ok(&["node", "stop"]);
+    assert!(out.contains("stopped the node"), "{out}");
+    assert!(out.contains("stopped 1 machine"), "{out}");
+    if let Some(mut c) = node.child.take() {
+        let status = c.wait().unwrap();
+        assert!(status.success() || status.code().is_some(), "{status}");
+    }
+    assert!(
+        !node
+            .h
+            .home()
+            .join(format!("machines/{id}/shim.pid"))
+            .exists(),
+        "its shim still runs"
+    );
+    let traces = host_traces(&id);
+    assert!(traces.is_empty(), "after node stop: {traces:?}");
+    let again = node.h.ok(&["node", "stop"]);
+    assert!(again.contains("no node runs"), "{again}");
+    // `hangar node destroy`: asks for --yes, then removes the home; twice is fine.
+    let refused = node.h.run(&["node", "destroy"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert!(node.h.home().exists());
+    let out = node.h.ok(&["node", "destroy", "--yes"]);
+    assert!(out.contains("destroyed 1 machine"), "{out}");
+    assert!(!node.h.home().exists(), "the home is gone");
+    assert!(host_traces(&id).is_empty());
+    let again = node.h.ok(&["node", "destroy", "--yes"]);
+    assert!(again.contains("nothing to destroy"), "{again}");
+}
+
 #[test]
 fn isolation_and_image_config_semantics() {
     let node = Node::start();
@@ -582,8 +701,9 @@ fn private_network_host_ports_and_no_way_out() {
         resp.to_ascii_lowercase().contains("cache-status: hangar"),
         "{resp}"
     );
-    // Stopped, the machine keeps its address but is off the bridge (a
-    // stale one cannot answer for anybody); started, it serves again.
+    // Stopped, the machine keeps its address but has no link on the
+    // bridge (a stale one cannot answer for anybody); started, it serves
+    // again at the same address.
     let id = s["id"].as_str().unwrap().to_string();
     let link = || {
         let out = Command::new("ip")
@@ -594,7 +714,11 @@ fn private_network_host_ports_and_no_way_out() {
     };
     assert!(link().contains(" UP "), "{}", link());
     node.h.ok(&["machine", "stop", &web, "--timeout", "5"]);
-    assert!(link().contains(" DOWN "), "{}", link());
+    assert!(
+        link().is_empty(),
+        "a stopped machine keeps its veth: {}",
+        link()
+    );
     node.h.ok(&["machine", "start", &web]);
     node.wait_for(&web, "start", |s| s["state"] == "started");
     get_until(&format!("{v4}:8080"), "", "hello from a machine");
@@ -757,39 +881,8 @@ fn a_killed_node_adopts_its_machines_and_destroy_leaves_nothing() {
     node.h.ok(&["machine", "destroy", &keeper, "--force"]);
     let dir = node.h.home().join(format!("machines/{keeper}"));
     assert!(!dir.exists());
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(&keeper), "a mount of the machine remains");
-    let netns = String::from_utf8(
-        Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    assert!(
-        !netns.contains(&keeper[..12]),
-        "its namespace remains: {netns}"
-    );
-    let links = String::from_utf8(
-        Command::new("ip")
-            .args(["link", "show"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    assert!(
-        !links.contains(&format!("hv{}", &keeper[..12])),
-        "its veth remains"
-    );
-    for controller in ["memory", "pids", "cpu", "unified"] {
-        assert!(
-            !Path::new(&format!("/sys/fs/cgroup/{controller}/hangar/{keeper}")).exists(),
-            "its {controller} cgroup remains"
-        );
-    }
-    assert!(!Path::new(&format!("/sys/fs/cgroup/hangar/{keeper}")).exists());
+    let traces = host_traces(&keeper);
+    assert!(traces.is_empty(), "a destroyed machine left {traces:?}");
     let procs = String::from_utf8(
         Command::new("ps")
             .args(["-eo", "args"])
@@ -1213,4 +1306,131 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
     node.h.ok(&["image", "rm", &image]);
     node.h.ok(&["image", "gc"]);
     assert_eq!(disks(), 0, "the base disk outlived its image");
+}
+
+/// The README's main job, as a user runs it: `hangar demo`, then Ctrl-C.
+/// Nothing of it may stay running or mounted, so its home can go.
+#[test]
+fn the_demo_serves_and_ctrl_c_leaves_nothing_behind() {
+    require_root();
+    let _lock = host_lock();
+    let h = Hangar::new();
+    let mut demo = h
+        .command(&["demo"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the demo ended early: {seen:#?}"))
+            .unwrap();
+        let serving = line.contains("Serving until Ctrl-C");
+        seen.push(line);
+        if serving {
+            break;
+        }
+    }
+    let page = get_until("127.0.0.1:8080", "hello.localhost", "200 OK");
+    assert!(page.contains("Hangar"), "{page}");
+    let ids: Vec<String> = fs::read_dir(h.home().join("machines"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("lease").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "the demo runs two machines: {ids:?}");
+
+    // Ctrl-C.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(demo.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(demo.wait().unwrap().success());
+    let said = rest.join("\n");
+    assert!(said.contains("hangar node destroy --yes"), "{said}");
+    for id in &ids {
+        let traces = host_traces(id);
+        assert!(traces.is_empty(), "machine {id} left {traces:?}");
+    }
+    let home = h.home().display().to_string();
+    let procs = String::from_utf8(
+        Command::new("ps")
+            .args(["-eo", "args"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !procs.lines().any(|l| l.contains(&home)),
+        "a process of the demo still runs: {procs}"
+    );
+    fs::remove_dir_all(h.home()).expect("the demo's home can be removed");
+}
+
+/// Fail closed: a host where the rule that keeps machine traffic from being
+/// forwarded out cannot be checked (here ip6tables fails, as it does where
+/// the kernel lacks its tables) gets no node, and a line that says why.
+#[test]
+fn a_node_that_cannot_make_sure_nothing_is_forwarded_out_refuses_to_start() {
+    require_root();
+    let _lock = host_lock();
+    let h = Hangar::new();
+    let bin = h.dir.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    fs::write(
+        bin.join("ip6tables"),
+        "#!/bin/sh\necho \"ip6tables v1.8.9: can't initialize ip6tables table 'filter': Table does not exist\" >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(bin.join("ip6tables"), fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let mut child = h
+        .command(&[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry-listen",
+            "127.0.0.1:0",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--edge-admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("PATH", path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("hangar up started although it cannot check its forward rule");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot make sure nothing is forwarded out")
+            && stderr.contains("ip6tables"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Machines API on"), "{stderr}");
 }
