@@ -229,8 +229,9 @@ pub const V6_DENIED: [(u128, u8, &str, bool); 16] = [
 ];
 
 /// Why `ip` is special, and whether it is a private range, or `None` for an
-/// ordinary public address. IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible
-/// (`::a.b.c.d`) addresses are judged as the IPv4 address they carry.
+/// ordinary public address. IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible
+/// (`::a.b.c.d`) and IPv4-translated (`::ffff:0:a.b.c.d`) addresses are judged
+/// as the IPv4 address they carry.
 pub fn special(ip: IpAddr) -> Option<(&'static str, bool)> {
     match ip {
         IpAddr::V4(a) => {
@@ -271,15 +272,15 @@ pub fn special(ip: IpAddr) -> Option<(&'static str, bool)> {
     }
 }
 
-/// The IPv4 address inside an IPv4-mapped or IPv4-compatible IPv6 address.
+/// The IPv4 address inside an IPv4-mapped (`::ffff:a.b.c.d`),
+/// IPv4-compatible (`::a.b.c.d`) or IPv4-translated (`::ffff:0:a.b.c.d`,
+/// RFC 2765) IPv6 address.
 fn embedded_v4(a: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = a.segments();
     let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0xffff || s[5] == 0) {
-        Some(low)
-    } else {
-        None
-    }
+    let mapped_or_compatible = s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0xffff || s[5] == 0);
+    let translated = s[..6] == [0, 0, 0, 0, 0xffff, 0];
+    (mapped_or_compatible || translated).then_some(low)
 }
 
 /// An operator's `--allow-address`/`--deny-address` entry: an IP, maybe a port.
@@ -356,14 +357,15 @@ impl IpPolicy {
     }
 }
 
-/// IPv4-mapped IPv6 addresses compared as the IPv4 address they carry.
+/// IPv6 forms that carry an IPv4 address compared as that address (`::`
+/// and `::1` stay themselves).
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+        IpAddr::V6(a) if u128::from(a) > 1 => match embedded_v4(a) {
             Some(v4) => IpAddr::V4(v4),
             None => ip,
         },
-        v4 => v4,
+        other => other,
     }
 }
 
@@ -391,6 +393,13 @@ mod tests {
                             .to_string()
                     ),
                     "mapped {ip}"
+                );
+                assert!(
+                    denied(
+                        &Ipv6Addr::from(0xffff_0000_0000_0000u128 | u128::from(u32::from(ip)))
+                            .to_string()
+                    ),
+                    "translated {ip}"
                 );
             }
         }

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::acl::Acl;
+use crate::dns::Host;
 use crate::ip::IpPolicy;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -288,22 +289,23 @@ impl Proxy {
             None => None,
         };
         let role = self.role(&req, peer, cert_role.as_deref());
-        let (host, port) = match target(&req) {
-            Ok(t) => t,
-            Err(e) => {
-                return Ok(text(
-                    StatusCode::BAD_REQUEST,
-                    format!("hangar egress: {e}"),
-                    Some(&e),
-                ))
-            }
-        };
+        let (host, port) =
+            match target(&req).and_then(|(raw, port)| Ok((crate::dns::parse_host(&raw)?, port))) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Ok(text(
+                        StatusCode::BAD_REQUEST,
+                        format!("hangar egress: {e}"),
+                        Some(&e),
+                    ))
+                }
+            };
         let mut log = Log {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             role: role.clone(),
             project: String::new(),
             method: req.method().to_string(),
-            host: host.clone(),
+            host: host.to_string(),
             port,
             resolved: None,
             decision: "deny",
@@ -315,7 +317,7 @@ impl Proxy {
             .acl
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .decide(role.as_deref(), &host);
+            .decide(role.as_deref(), &host.to_string());
         log.project = decision.project.clone();
         log.enforce_would_deny = decision.enforce_would_deny;
         if !decision.allow {
@@ -390,25 +392,21 @@ impl Proxy {
             ));
         }
         let addr = log.resolved;
-        Ok(self.forward(req, upstream, addr, &host).await)
+        Ok(self.forward(req, upstream, addr, &host.to_string()).await)
     }
 
     /// Resolve `host` once, check each address, dial the first allowed one.
     async fn dial(
         &self,
-        host: &str,
+        target: &Host,
         port: u16,
         log: &mut Log,
         pooled: bool,
     ) -> Result<Upstream, Response<Body>> {
-        let host_ip = host.trim_start_matches('[').trim_end_matches(']');
-        let literal = host_ip
-            .parse::<IpAddr>()
-            .ok()
-            .or_else(|| crate::dns::numeric_ipv4(host_ip).map(IpAddr::V4));
-        let candidates: Vec<SocketAddr> = match literal {
-            Some(ip) => vec![SocketAddr::new(ip, port)],
-            None => {
+        let host = &target.to_string();
+        let candidates: Vec<SocketAddr> = match target {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, port)],
+            Host::Name(host) => {
                 let started = Instant::now();
                 let lookup: Result<Vec<SocketAddr>, String> = match self.resolver {
                     Some(server) => crate::dns::resolve(server, host, self.dns_timeout)
@@ -420,7 +418,7 @@ impl Proxy {
                         }),
                     None => match tokio::time::timeout(
                         self.dns_timeout,
-                        tokio::net::lookup_host((host, port)),
+                        tokio::net::lookup_host((host.as_str(), port)),
                     )
                     .await
                     {
