@@ -19,6 +19,7 @@ pub mod acl;
 pub mod dns;
 pub mod ip;
 pub mod proxy;
+pub mod splice;
 pub mod tls;
 
 pub use acl::Acl;

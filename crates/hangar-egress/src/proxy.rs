@@ -372,16 +372,33 @@ impl Proxy {
                 };
                 if let Ok(upgraded) = hyper::upgrade::on(req).await {
                     proxy.metrics.open_tunnels.fetch_add(1, Ordering::Relaxed);
-                    let mut client = TokioIo::new(upgraded);
                     let _ = upstream.set_nodelay(true);
-                    // Large buffers: 8 KiB copies cost most of a tunnel's throughput.
-                    let _ = tokio::io::copy_bidirectional_with_sizes(
-                        &mut client,
-                        &mut upstream,
-                        256 * 1024,
-                        256 * 1024,
-                    )
-                    .await;
+                    match upgraded.downcast::<TokioIo<TcpStream>>() {
+                        // A plain TCP client: splice(2) both ways, after
+                        // what the client sent behind its CONNECT.
+                        Ok(parts) => {
+                            let client = parts.io.into_inner();
+                            use tokio::io::AsyncWriteExt;
+                            if parts.read_buf.is_empty()
+                                || upstream.write_all(&parts.read_buf).await.is_ok()
+                            {
+                                let _ = crate::splice::relay(&client, &upstream).await;
+                            }
+                        }
+                        // TLS to the proxy: the bytes must be decrypted, so
+                        // they are copied, with large buffers (8 KiB copies
+                        // cost most of a tunnel's throughput).
+                        Err(upgraded) => {
+                            let mut client = TokioIo::new(upgraded);
+                            let _ = tokio::io::copy_bidirectional_with_sizes(
+                                &mut client,
+                                &mut upstream,
+                                256 * 1024,
+                                256 * 1024,
+                            )
+                            .await;
+                        }
+                    }
                     proxy.metrics.open_tunnels.fetch_sub(1, Ordering::Relaxed);
                 }
             });

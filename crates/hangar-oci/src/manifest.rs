@@ -37,6 +37,15 @@ pub mod media {
     pub fn is_manifest(m: &str) -> bool {
         m == OCI_MANIFEST || m == DOCKER_MANIFEST
     }
+
+    /// Non-distributable ("foreign") layers: named by manifests, fetched
+    /// from their `urls`, never pushed to a registry (OCI's deprecated
+    /// `nondistributable` types and Docker's `foreign` one, as Windows
+    /// base images use).
+    pub fn is_foreign_layer(m: &str) -> bool {
+        m.starts_with("application/vnd.oci.image.layer.nondistributable.v1.tar")
+            || m == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+    }
 }
 
 /// A pointer to content: media type, digest and size.

@@ -79,6 +79,9 @@ pub struct Caller {
     pub read_only: bool,
     /// For bearer tokens from `/v2/token`: what they were granted.
     pub scope: Option<Vec<Grant>>,
+    /// The API token the caller showed (or the bearer token was minted
+    /// from): a bearer token lives only as long as it does.
+    pub token_id: Option<String>,
 }
 
 /// One `repository:<name>:<actions>` grant inside a bearer token.
@@ -96,6 +99,9 @@ struct Claims {
     ro: bool,
     exp: u64,
     access: Vec<Grant>,
+    /// The API token this was minted from: revoking it ends this too.
+    #[serde(default)]
+    tid: Option<String>,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -282,13 +288,16 @@ impl Auth {
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
     }
 
-    /// A short-lived bearer token for `caller`, granting `access`.
+    /// A short-lived bearer token for `caller`, granting `access`. It is
+    /// checked against the API token it came from on every use, so a
+    /// revoke or an expiry ends it at once (not after its 5 minutes).
     pub fn issue_bearer(&self, caller: &Caller, access: Vec<Grant>) -> String {
         let claims = Claims {
             org: caller.org.clone(),
             ro: caller.read_only,
             exp: now() + BEARER_TTL_SECS,
             access,
+            tid: caller.token_id.clone(),
         };
         let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(serde_json::to_vec(&claims).unwrap_or_default());
@@ -316,10 +325,25 @@ impl Auth {
         if claims.exp <= now() {
             return None;
         }
+        if let Some(id) = &claims.tid {
+            // tokens() re-reads tokens.json whenever it changed.
+            let alive = self
+                .tokens()
+                .ok()?
+                .into_iter()
+                .any(|t| &t.id == id && t.expires.is_none_or(|e| e > now()));
+            if !alive {
+                return None;
+            }
+        } else if claims.org.is_some() {
+            // Every bearer token of an org is minted from an API token.
+            return None;
+        }
         Some(Caller {
             org: claims.org,
             read_only: claims.ro,
             scope: Some(claims.access),
+            token_id: claims.tid,
         })
     }
 
@@ -349,6 +373,7 @@ impl Auth {
             org: Some(record.org),
             read_only: record.read_only,
             scope: None,
+            token_id: Some(record.id),
         };
         if scheme.eq_ignore_ascii_case("basic") {
             let raw = base64::engine::general_purpose::STANDARD
@@ -437,11 +462,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("oci/tmp")).unwrap();
         let auth = Auth::open(dir.path()).unwrap();
-        let caller = Caller {
-            org: Some("acme".into()),
-            read_only: false,
-            scope: None,
-        };
+        let (record, secret) = auth.create("acme", false, None).unwrap();
+        let caller = auth.identify(Some(&format!("Bearer {secret}"))).unwrap();
+        assert_eq!(caller.token_id.as_deref(), Some(record.id.as_str()));
         let grant = Grant {
             kind: "repository".into(),
             name: "acme/app".into(),
@@ -457,5 +480,8 @@ mod tests {
         assert!(auth.identify(Some(&format!("Bearer {forged}"))).is_none());
         assert!(auth.check_upload_state("acme/app", "id1", &auth.upload_state("acme/app", "id1")));
         assert!(!auth.check_upload_state("evil/app", "id1", &auth.upload_state("acme/app", "id1")));
+        // Revoking the API token ends the bearer token minted from it.
+        auth.revoke(&record.id).unwrap();
+        assert!(auth.identify(Some(&format!("Bearer {token}"))).is_none());
     }
 }

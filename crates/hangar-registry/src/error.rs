@@ -38,6 +38,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// What was refused and why, for people (clients print it); the
+    /// message stands in where nothing more is known.
+    pub detail: Option<String>,
 }
 
 impl ApiError {
@@ -46,7 +49,13 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            detail: None,
         }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> ApiError {
+        self.detail = Some(detail.into());
+        self
     }
 
     /// The one answer for "no such repository" and "not yours to read":
@@ -57,14 +66,19 @@ impl ApiError {
             "NAME_UNKNOWN",
             "repository name not known to registry",
         )
+        .with_detail(
+            "no repository of this name that these credentials may read: an org token reads its own org's repositories (<org>/<repo>) and public ones",
+        )
     }
 
-    pub fn denied() -> ApiError {
+    /// A refused write; `why` says what the credentials may do instead.
+    pub fn denied(why: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::FORBIDDEN,
             "DENIED",
             "requested access to the resource is denied",
         )
+        .with_detail(why)
     }
 
     pub fn blob_unknown() -> ApiError {
@@ -112,7 +126,8 @@ impl ApiError {
     }
 
     pub fn body(&self) -> String {
-        serde_json::json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]}).to_string()
+        let detail = self.detail.as_deref().unwrap_or(&self.message);
+        serde_json::json!({"errors": [{"code": self.code, "message": self.message, "detail": detail}]}).to_string()
     }
 }
 

@@ -277,14 +277,19 @@ impl Registry {
             Err(Refusal::Challenge(scope)) => {
                 let mut c =
                     format!("Bearer realm=\"http://{host}/v2/token\",service=\"hangar-registry\"");
-                if let Some(s) = scope {
-                    c.push_str(&format!(",scope=\"{s}\""));
-                }
+                let detail = match &scope {
+                    Some(s) => {
+                        c.push_str(&format!(",scope=\"{s}\""));
+                        format!("{s} needs credentials: log in with an org token (docker login, skopeo --creds x:TOKEN), or get a bearer token for this scope from the realm")
+                    }
+                    None => "credentials missing or not valid (revoked, expired, or not a Hangar token): log in with an org token (hangar registry token create --org ORG)".to_string(),
+                };
                 let e = ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "UNAUTHORIZED",
                     "authentication required",
-                );
+                )
+                .with_detail(detail);
                 error_response(&e, Some(c))
             }
         };
@@ -437,9 +442,17 @@ impl Registry {
             // Anonymous, or a bearer token that lacks this scope: ask for one.
             return Err(Refusal::Challenge(Some(scope)));
         }
+        let org = caller.org.as_deref().unwrap_or_default();
         Err(match action {
             Action::Pull => ApiError::name_unknown().into(),
-            Action::Push => ApiError::denied().into(),
+            Action::Push if caller.read_only && org_of(name) == org => ApiError::denied(format!(
+                "push to {name} refused: this token of {org} is read-only; push with a token made without --read-only"
+            ))
+            .into(),
+            Action::Push => ApiError::denied(format!(
+                "push to {name} refused: a token of {org} pushes only to {org}/<repo>"
+            ))
+            .into(),
         })
     }
 
@@ -458,16 +471,18 @@ impl Registry {
             if kind != "repository" || !valid_repository(name) {
                 continue;
             }
+            // The caller's rights on the repository, whatever it asked
+            // for: a client that asked for pull and later pushes (oras
+            // keeps its first token) is not sent back for another.
+            let _ = actions;
             let public = self.store.is_public(name);
-            let granted: Vec<String> = actions
-                .split(',')
-                .filter(|a| match *a {
-                    "pull" => caller.rights(name, public, Action::Pull),
-                    "push" | "delete" | "*" => caller.rights(name, public, Action::Push),
-                    _ => false,
-                })
-                .map(str::to_string)
-                .collect();
+            let mut granted = Vec::new();
+            if caller.rights(name, public, Action::Pull) {
+                granted.push("pull".to_string());
+            }
+            if caller.rights(name, public, Action::Push) {
+                granted.extend(["push".to_string(), "delete".to_string()]);
+            }
             grants.push(Grant {
                 kind: kind.to_string(),
                 name: name.to_string(),
@@ -633,7 +648,14 @@ impl Registry {
                     .and_then(|d| d.as_str())
                     .ok_or_else(|| invalid(format!("a {key} entry has no digest")))?;
                 let d = parse_digest(d)?;
-                if !check(&d) {
+                // Non-distributable (foreign) layers live elsewhere (their
+                // `urls`): a manifest may name them without pushing them.
+                let foreign = key == "layers"
+                    && item
+                        .get("mediaType")
+                        .and_then(|m| m.as_str())
+                        .is_some_and(media::is_foreign_layer);
+                if !foreign && !check(&d) {
                     return Err(ApiError::new(
                         StatusCode::BAD_REQUEST,
                         "MANIFEST_BLOB_UNKNOWN",
@@ -803,17 +825,32 @@ impl Registry {
         q: &[(String, String)],
         req: Request<Incoming>,
     ) -> Handled {
-        if let (Some(mount), Some(from)) = (param(q, "mount"), param(q, "from")) {
+        if let Some(Ok(d)) = param(q, "mount").map(str::parse::<Digest>) {
             // Mount only what the caller could read anyway; otherwise fall
-            // through to a normal upload and reveal nothing.
-            if let Ok(d) = mount.parse::<Digest>() {
-                let readable = valid_repository(from)
+            // through to a normal upload and reveal nothing. A repository
+            // of the caller's own org is readable whatever the bearer
+            // token's scope names (clients rarely ask for `from`'s scope);
+            // without `from`, any repository of the org that has the blob.
+            let own_org = caller.org.as_deref();
+            let readable = |from: &str| {
+                valid_repository(from)
                     && caller.rights(from, self.store.is_public(from), Action::Pull)
-                    && caller.scope_covers(from, Action::Pull);
-                if readable && self.store.has_blob(from, &d) {
-                    self.store.link_blob(name, &d).map_err(ApiError::from)?;
-                    return Ok(self.blob_created(name, &d)?);
-                }
+                    && (caller.scope_covers(from, Action::Pull) || own_org == Some(org_of(from)))
+                    && self.store.has_blob(from, &d)
+            };
+            let source = match param(q, "from") {
+                Some(from) => readable(from).then(|| from.to_string()),
+                None => self
+                    .store
+                    .repos()
+                    .map_err(ApiError::from)?
+                    .into_iter()
+                    .filter(|r| own_org == Some(org_of(r)))
+                    .find(|r| readable(r)),
+            };
+            if source.is_some() {
+                self.store.link_blob(name, &d).map_err(ApiError::from)?;
+                return Ok(self.blob_created(name, &d)?);
             }
         }
         let id = crate::auth::random_hex(16).map_err(ApiError::from)?;
