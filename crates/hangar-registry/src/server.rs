@@ -446,11 +446,11 @@ impl Registry {
         Err(match action {
             Action::Pull => ApiError::name_unknown().into(),
             Action::Push if caller.read_only && org_of(name) == org => ApiError::denied(format!(
-                "push to {name} refused: this token of {org} is read-only; push with a token made without --read-only"
+                "push refused: this token of {org} is read-only; push with a token made without --read-only"
             ))
             .into(),
             Action::Push => ApiError::denied(format!(
-                "push to {name} refused: a token of {org} pushes only to {org}/<repo>"
+                "push refused: a token of {org} pushes only to {org}/<repo>"
             ))
             .into(),
         })

@@ -983,3 +983,207 @@ fn kill_9(pid: u32) {
         .args(["-9", &pid.to_string()])
         .status();
 }
+
+/// A bearer token from `/v2/token` for `scopes`, as `caller` (Basic auth).
+fn bearer(reg: &HangarRegistry, caller: &str, scopes: &[&str]) -> String {
+    let q: Vec<String> = scopes.iter().map(|s| format!("scope={s}")).collect();
+    let r = http(
+        "GET",
+        &reg.host,
+        &format!("/v2/token?service=hangar-registry&{}", q.join("&")),
+        &[("Authorization", caller)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    format!("Bearer {}", r.json()["token"].as_str().unwrap())
+}
+
+fn detail(r: &HttpResponse) -> String {
+    r.json()["errors"][0]["detail"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// What real clients ran into: bearer tokens that outlived their API token,
+/// pull-only tokens that could not push (oras), mounts between an org's own
+/// repositories that fell back to uploads, foreign layers, bare errors.
+#[test]
+fn bearer_tokens_mounts_foreign_layers_and_error_details() {
+    let h = Hangar::new();
+    let reg = HangarRegistry::start(&h, &[]);
+    let acme = token(&h, "acme", &[]);
+    let evil = token(&h, "evil", &[]);
+    let reader = token(&h, "acme", &["--read-only"]);
+    let image = small_image("mounts");
+    skopeo_push(
+        &image,
+        h.dir.path(),
+        &format!("{}/acme/app:1", reg.host),
+        &acme,
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&image.manifest).unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = manifest["config"].clone();
+
+    // A token asked for pull only carries the caller's push right too.
+    let pull_only = bearer(&reg, &basic(&acme), &["repository:acme/app:pull"]);
+    let r = http(
+        "POST",
+        &reg.host,
+        "/v2/acme/app/blobs/uploads/",
+        &[("Authorization", &pull_only)],
+        b"",
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let r = http(
+        "POST",
+        &reg.host,
+        "/v2/acme/app/blobs/uploads/",
+        &[(
+            "Authorization",
+            &bearer(&reg, &basic(&reader), &["repository:acme/app:pull,push"]),
+        )],
+        b"",
+    );
+    assert_eq!(r.status, 403, "a read-only token gets no push");
+    assert!(detail(&r).contains("read-only"), "{}", detail(&r));
+
+    // Mounts between repositories of one org: with a token scoped to the
+    // target only (as clients ask), and with no `from` at all.
+    let target_only = bearer(&reg, &basic(&acme), &["repository:acme/copy:pull,push"]);
+    let r = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/acme/copy/blobs/uploads/?mount={layer}&from=acme/app"),
+        &[("Authorization", &target_only)],
+        b"",
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/acme/third/blobs/uploads/?mount={layer}"),
+        &[("Authorization", &basic(&acme))],
+        b"",
+    );
+    assert_eq!(r.status, 201, "a mount without from finds the org's blob");
+    // Another org: a plain upload, whether or not the blob exists anywhere.
+    for digest in [layer.clone(), format!("sha256:{}", "0".repeat(64))] {
+        let r = http(
+            "POST",
+            &reg.host,
+            &format!("/v2/evil/x/blobs/uploads/?mount={digest}"),
+            &[("Authorization", &basic(&evil))],
+            b"",
+        );
+        assert_eq!(r.status, 202, "{digest}");
+    }
+
+    // A manifest naming a foreign (non-distributable) layer it never pushed.
+    let foreign = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": [
+            manifest["layers"][0],
+            {"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+             "digest": format!("sha256:{}", "ab".repeat(32)), "size": 1234,
+             "urls": ["https://example.invalid/layer.tar.gz"]},
+        ],
+    });
+    let r = http(
+        "PUT",
+        &reg.host,
+        "/v2/acme/app/manifests/foreign",
+        &[
+            ("Authorization", &basic(&acme)),
+            ("Content-Type", "application/vnd.oci.image.manifest.v1+json"),
+        ],
+        foreign.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+
+    // Refusals say what was refused and why, and nothing about existence.
+    let r = http(
+        "POST",
+        &reg.host,
+        "/v2/acme/app/blobs/uploads/",
+        &[("Authorization", &basic(&evil))],
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    assert!(
+        detail(&r).contains("pushes only to evil/"),
+        "{}",
+        detail(&r)
+    );
+    let there = http(
+        "GET",
+        &reg.host,
+        "/v2/acme/app/tags/list",
+        &[("Authorization", &basic(&evil))],
+        b"",
+    );
+    let ghost = http(
+        "GET",
+        &reg.host,
+        "/v2/acme/ghost/tags/list",
+        &[("Authorization", &basic(&evil))],
+        b"",
+    );
+    assert_eq!((there.status, &there.body), (ghost.status, &ghost.body));
+    assert!(!detail(&there).is_empty());
+    let anon = http("GET", &reg.host, "/v2/acme/app/tags/list", &[], b"");
+    assert_eq!(anon.status, 401);
+    assert!(
+        detail(&anon).contains("repository:acme/app:pull"),
+        "{}",
+        detail(&anon)
+    );
+
+    // Revoking an API token ends its bearer tokens within a second.
+    let b = bearer(&reg, &basic(&acme), &["repository:acme/app:pull"]);
+    let tags = |auth: &str| {
+        http(
+            "GET",
+            &reg.host,
+            "/v2/acme/app/tags/list",
+            &[("Authorization", auth)],
+            b"",
+        )
+        .status
+    };
+    assert_eq!(tags(&b), 200);
+    let id = acme
+        .strip_prefix("hgr_")
+        .unwrap()
+        .split('_')
+        .next()
+        .unwrap();
+    h.ok(&["registry", "token", "revoke", id]);
+    let revoked = Instant::now();
+    while tags(&b) != 401 {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(1),
+            "a revoked token's bearer token still works"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And an API token's expiry ends them too.
+    let short = token(&h, "acme", &["--expires", "2s"]);
+    let b = bearer(&reg, &basic(&short), &["repository:acme/app:pull"]);
+    assert_eq!(tags(&b), 200);
+    std::thread::sleep(Duration::from_millis(2000));
+    let expired = Instant::now();
+    while tags(&b) != 401 {
+        assert!(
+            expired.elapsed() < Duration::from_millis(1100),
+            "an expired token's bearer token still works"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
