@@ -413,6 +413,11 @@ impl Store {
     /// Delete every blob not in `live`, and every temp file. The caller holds
     /// the exclusive lock.
     pub fn sweep(&self, live: &HashSet<Digest>) -> Result<GcStats> {
+        self.sweep_or_count(live, false)
+    }
+
+    /// What `sweep` would remove, or (`dry_run` false) removing it.
+    pub fn sweep_or_count(&self, live: &HashSet<Digest>, dry_run: bool) -> Result<GcStats> {
         let mut stats = GcStats::default();
         let blobs = self.root.join("blobs/sha256");
         for entry in fs::read_dir(&blobs).at(&blobs)? {
@@ -424,8 +429,10 @@ impl Store {
                 .is_ok_and(|d| live.contains(&d));
             if !keep {
                 let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                fs::remove_file(entry.path()).at(entry.path())?;
-                let _ = fs::remove_file(self.root.join("sources").join(&*name));
+                if !dry_run {
+                    fs::remove_file(entry.path()).at(entry.path())?;
+                    let _ = fs::remove_file(self.root.join("sources").join(&*name));
+                }
                 stats.blobs += 1;
                 stats.bytes += size;
             }
@@ -434,7 +441,9 @@ impl Store {
         for entry in fs::read_dir(&tmp).at(&tmp)? {
             let entry = entry.at(&tmp)?;
             stats.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(entry.path()).at(entry.path())?;
+            if !dry_run {
+                fs::remove_file(entry.path()).at(entry.path())?;
+            }
         }
         Ok(stats)
     }

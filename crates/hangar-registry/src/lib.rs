@@ -32,13 +32,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 pub use error::{ApiError, Error, Result};
-pub use server::{Config, Registry, MAX_MANIFEST};
+pub use server::{Config, Conn, Registry, MAX_MANIFEST};
 
 /// Serve the distribution API on `listener` until `shutdown` resolves; also
 /// removes abandoned uploads, at start and then every minute.
 pub async fn serve(
     registry: Arc<Registry>,
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let cleaner = {
@@ -54,7 +55,7 @@ pub async fn serve(
     };
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(_) => continue,
@@ -62,11 +63,29 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let registry = registry.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| registry.clone().handle(req));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = Conn {
+                peer,
+                tls: tls.is_some(),
+            };
+            let service = service_fn(move |req| registry.clone().handle(req, conn));
+            match tls {
+                None => {
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+                Some(config) => {
+                    let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+                    else {
+                        return;
+                    };
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     }
     cleaner.abort();

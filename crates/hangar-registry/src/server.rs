@@ -19,9 +19,7 @@ use hangar_oci::Digest;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{
-    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, RANGE,
-};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -43,6 +41,20 @@ pub struct Config {
     pub max_blob_size: u64,
     /// Uploads untouched this long are removed.
     pub upload_timeout: Duration,
+    /// One JSON line per request on stderr (method, repository, digest,
+    /// status, bytes, what it was: upload, mount, manifest, ...).
+    pub access_log: bool,
+    /// Proxies in front of the registry whose `X-Forwarded-Proto` and
+    /// `X-Forwarded-Host` are believed (for the token realm); nobody else's.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+/// How a request reached the registry.
+#[derive(Clone, Copy, Debug)]
+pub struct Conn {
+    pub peer: std::net::SocketAddr,
+    /// Over TLS (the registry's own listener).
+    pub tls: bool,
 }
 
 impl Default for Config {
@@ -50,6 +62,8 @@ impl Default for Config {
         Config {
             max_blob_size: 10 << 30,
             upload_timeout: Duration::from_secs(3600),
+            access_log: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -84,6 +98,17 @@ enum Route {
 }
 
 impl Route {
+    /// The repository and the tag or digest a request names.
+    fn target(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Route::Ping | Route::Token | Route::Catalog => (None, None),
+            Route::Tags(n) | Route::Uploads(n, _) => (Some(n), None),
+            Route::Manifest(n, r) | Route::Blob(n, r) | Route::Referrers(n, r) => {
+                (Some(n), Some(r))
+            }
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             Route::Ping => "ping",
@@ -253,16 +278,29 @@ impl Registry {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        conn: Conn,
     ) -> Result<Response<Body>, Infallible> {
         let method = req.method().clone();
         let route = parse_route(req.uri().path());
         let label = route.as_ref().map_or("other", Route::label);
-        let host = req
+        let realm = self.realm(&req, conn);
+        let started = std::time::Instant::now();
+        let (repo, reference) = route
+            .as_ref()
+            .map(|r| {
+                let (n, r) = r.target();
+                (n.map(str::to_string), r.map(str::to_string))
+            })
+            .unwrap_or_default();
+        let asks_mount = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("mount=")));
+        let request_bytes = req
             .headers()
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost")
-            .to_string();
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
         let result = match route {
             None => Err(Refusal::Api(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -275,8 +313,7 @@ impl Registry {
             Ok(r) => r,
             Err(Refusal::Api(e)) => error_response(&e, None),
             Err(Refusal::Challenge(scope)) => {
-                let mut c =
-                    format!("Bearer realm=\"http://{host}/v2/token\",service=\"hangar-registry\"");
+                let mut c = format!("Bearer realm=\"{realm}\",service=\"hangar-registry\"");
                 let detail = match &scope {
                     Some(s) => {
                         c.push_str(&format!(",scope=\"{s}\""));
@@ -304,7 +341,60 @@ impl Registry {
         }
         self.metrics
             .request(label, method.as_str(), resp.status().as_u16());
+        if self.config.access_log {
+            let status = resp.status().as_u16();
+            let kind = match label {
+                "upload" if method == Method::POST && asks_mount && status == 201 => "mount",
+                other => other,
+            };
+            let response_bytes = resp
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            let digest = resp
+                .headers()
+                .get("Docker-Content-Digest")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .or(reference);
+            let line = serde_json::json!({
+                "method": method.as_str(),
+                "repository": repo,
+                "digest": digest,
+                "status": status,
+                "bytes": if method == Method::GET { response_bytes } else { request_bytes },
+                "kind": kind,
+                "ms": (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0,
+            });
+            eprintln!("{line}");
+        }
         Ok(resp)
+    }
+
+    /// The token endpoint's URL as the client reached the registry: its
+    /// scheme (TLS here, or a trusted proxy's `X-Forwarded-Proto`) and host.
+    fn realm(&self, req: &Request<Incoming>, conn: Conn) -> String {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|h| h.to_str().ok())
+                .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
+        };
+        let trusted = self.config.trusted_proxies.contains(&conn.peer.ip());
+        let forwarded_proto = header("x-forwarded-proto").filter(|p| p == "http" || p == "https");
+        let scheme = match (conn.tls, trusted, forwarded_proto) {
+            (true, _, _) => "https".to_string(),
+            (false, true, Some(p)) => p,
+            _ => "http".to_string(),
+        };
+        let host = trusted
+            .then(|| header("x-forwarded-host"))
+            .flatten()
+            .or_else(|| header("host"))
+            .unwrap_or_else(|| "localhost".into());
+        format!("{scheme}://{host}/v2/token")
     }
 
     async fn route(&self, route: Route, req: Request<Incoming>) -> Handled {
@@ -853,6 +943,8 @@ impl Registry {
                 return Ok(self.blob_created(name, &d)?);
             }
         }
+        // A bad digest is refused before anything is written.
+        let monolithic = param(q, "digest").map(parse_digest).transpose()?;
         let id = crate::auth::random_hex(16).map_err(ApiError::from)?;
         let path = self.store.start_upload(&id).map_err(ApiError::from)?;
         let upload = Arc::new(AsyncMutex::new(Upload {
@@ -860,12 +952,21 @@ impl Registry {
             hasher: Some(Hasher::new()),
         }));
         self.uploads_map().insert(id.clone(), upload.clone());
-        if let Some(digest) = param(q, "digest") {
-            // Monolithic: the blob is this request's body.
-            let digest = parse_digest(digest)?;
+        if let Some(digest) = monolithic {
+            // Monolithic: the blob is this request's body. Refused (too
+            // big, cut short, wrong digest), it leaves nothing behind: no
+            // client can resume an upload it never got the location of.
             let mut u = upload.lock().await;
-            self.append(&path, &mut u, req.into_body(), None).await?;
-            return self.finish_upload(name, &id, &path, &mut u, &digest).await;
+            let result = match self.append(&path, &mut u, req.into_body(), None).await {
+                Ok(_) => self.finish_upload(name, &id, &path, &mut u, &digest).await,
+                Err(e) => Err(e.into()),
+            };
+            if result.is_err() {
+                drop(u);
+                self.uploads_map().remove(&id);
+                let _ = self.store.cancel_upload(&id);
+            }
+            return result;
         }
         Ok(self.upload_accepted(name, &id, 0, StatusCode::ACCEPTED)?)
     }

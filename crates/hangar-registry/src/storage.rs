@@ -26,6 +26,15 @@ use hangar_oci::{Digest, Store};
 
 use crate::error::{Error, Result};
 
+/// What `gc` removed (or, in a dry run, would remove).
+#[derive(Debug, Default)]
+pub struct RegistryGc {
+    pub blobs: hangar_oci::store::GcStats,
+    pub uploads: u64,
+    pub upload_bytes: u64,
+    pub empty_repos: Vec<String>,
+}
+
 /// Handle on the registry's directory.
 #[derive(Clone)]
 pub struct RegistryStore {
@@ -230,15 +239,39 @@ impl RegistryStore {
         Ok(out)
     }
 
-    /// Blobs no linked manifest needs lose their links, then every blob no
-    /// repository links is deleted. Run with the registry stopped.
-    pub fn gc(&self) -> Result<hangar_oci::store::GcStats> {
+    /// With the registry stopped: every upload goes (none can be in
+    /// progress: an interrupted push left it), repositories with no
+    /// manifest and no tag go (an interrupted first push left them; one
+    /// made public stays), blobs no manifest needs lose their links, then
+    /// every blob no repository's manifest needs is deleted. With
+    /// `dry_run`, nothing is removed and the figures say what would be.
+    pub fn gc(&self, dry_run: bool) -> Result<RegistryGc> {
         let Some(_lock) = self.blobs.try_lock_exclusive()? else {
             return Err(Error::Busy);
         };
+        let mut report = RegistryGc::default();
+        let uploads = self.root.join("uploads");
+        for name in read_dir_names(&uploads)? {
+            let path = uploads.join(&name);
+            if !name.ends_with(".json") {
+                report.uploads += 1;
+            }
+            report.upload_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if !dry_run {
+                self.remove(path)?;
+            }
+        }
         let mut live = HashSet::new();
         for name in self.repos()? {
-            for m in self.manifests(&name)? {
+            let manifests = self.manifests(&name)?;
+            if manifests.is_empty() && self.tags(&name)?.is_empty() && !self.is_public(&name) {
+                report.empty_repos.push(name.clone());
+                if !dry_run {
+                    self.remove_repo(&name)?;
+                }
+                continue;
+            }
+            for m in manifests {
                 live.insert(m.clone());
                 let Ok(bytes) = self.blobs.read_blob(&m) else {
                     continue;
@@ -250,16 +283,34 @@ impl RegistryStore {
                 }
             }
         }
-        for name in self.repos()? {
-            for hex in read_dir_names(&self.repo(&name).join("blobs"))? {
-                if let Ok(d) = format!("sha256:{hex}").parse::<Digest>() {
-                    if !live.contains(&d) {
-                        self.unlink_blob(&name, &d)?;
+        if !dry_run {
+            for name in self.repos()? {
+                for hex in read_dir_names(&self.repo(&name).join("blobs"))? {
+                    if let Ok(d) = format!("sha256:{hex}").parse::<Digest>() {
+                        if !live.contains(&d) {
+                            self.unlink_blob(&name, &d)?;
+                        }
                     }
                 }
             }
         }
-        Ok(self.blobs.sweep(&live)?)
+        report.blobs = self.blobs.sweep_or_count(&live, dry_run)?;
+        Ok(report)
+    }
+
+    /// Remove repository `name` and the directories it leaves empty.
+    fn remove_repo(&self, name: &str) -> Result<()> {
+        let dir = self.root.join("repos").join(name);
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        let base = self.root.join("repos");
+        let mut parent = dir.parent();
+        while let Some(p) = parent.filter(|p| *p != base) {
+            if fs::remove_dir(p).is_err() {
+                break;
+            }
+            parent = p.parent();
+        }
+        Ok(())
     }
 
     fn upload_path(&self, id: &str) -> PathBuf {

@@ -31,6 +31,18 @@ enum RegistryCommand {
         /// Remove uploads untouched this long (e.g. 30m, 1h)
         #[arg(long, default_value = "1h")]
         upload_timeout: String,
+        /// Serve HTTPS with this certificate chain (PEM), with --tls-key
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The certificate's private key (PEM)
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+        /// A proxy in front of the registry whose X-Forwarded-Proto/-Host name the token realm (repeatable)
+        #[arg(long, value_name = "IP")]
+        trusted_proxy: Vec<std::net::IpAddr>,
+        /// No access log line per request on stderr
+        #[arg(long)]
+        no_access_log: bool,
     },
     /// Create, list and revoke API tokens
     Token {
@@ -44,8 +56,12 @@ enum RegistryCommand {
         #[arg(long)]
         off: bool,
     },
-    /// Delete blobs no repository's manifests use (stop the registry first)
-    Gc,
+    /// Delete blobs no repository's manifests use, abandoned uploads and empty repositories (stop the registry first)
+    Gc {
+        /// Say what would be removed, and remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,11 +164,29 @@ pub fn run(args: RegistryArgs) -> Result<()> {
             admin_listen,
             max_blob_size,
             upload_timeout,
+            tls_cert,
+            tls_key,
+            trusted_proxy,
+            no_access_log,
         } => {
             let config = Config {
                 max_blob_size,
                 upload_timeout: parse_duration(&upload_timeout)?,
+                access_log: !no_access_log,
+                trusted_proxies: trusted_proxy,
             };
+            // The edge's loader; the registry speaks HTTP/1.1 only.
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => {
+                    let loaded = hangar_edge::server::tls_config(&cert, &key)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let mut config = (*loaded).clone();
+                    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    Some(Arc::new(config))
+                }
+                _ => None,
+            };
+            let scheme = if tls.is_some() { "https" } else { "http" };
             let home = crate::home()?;
             let registry = Arc::new(Registry::open(&home, config)?);
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -164,7 +198,7 @@ pub fn run(args: RegistryArgs) -> Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {listen}; is another registry running there? pick another with --listen"))?;
                 eprintln!(
-                    "hangar registry: serving http://{} (data in {})",
+                    "hangar registry: serving {scheme}://{} (data in {})",
                     listener.local_addr()?,
                     registry.store.root().display()
                 );
@@ -175,7 +209,7 @@ pub fn run(args: RegistryArgs) -> Result<()> {
                     eprintln!("hangar registry: metrics on http://{}/metrics", admin_listener.local_addr()?);
                     tokio::spawn(hangar_registry::serve_admin(registry.clone(), admin_listener));
                 }
-                hangar_registry::serve(registry, listener, crate::shutdown_signal()).await;
+                hangar_registry::serve(registry, listener, tls, crate::shutdown_signal()).await;
                 eprintln!("hangar registry: stopped");
                 Ok::<_, anyhow::Error>(())
             })?;
@@ -189,10 +223,25 @@ pub fn run(args: RegistryArgs) -> Result<()> {
             store.set_public(&name, !off)?;
             println!("{name}: anonymous pull {}", if off { "off" } else { "on" });
         }
-        RegistryCommand::Gc => {
+        RegistryCommand::Gc { dry_run } => {
             let store = RegistryStore::open(&crate::home()?)?;
-            let stats = store.gc()?;
-            println!("removed {} blobs, freed {} bytes", stats.blobs, stats.bytes);
+            let r = store.gc(dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            println!(
+                "{verb} {} blobs ({} bytes), {} abandoned uploads ({} bytes), {} empty repositories{}{}",
+                r.blobs.blobs,
+                r.blobs.bytes,
+                r.uploads,
+                r.upload_bytes,
+                r.empty_repos.len(),
+                if r.empty_repos.is_empty() { "" } else { ": " },
+                r.empty_repos.join(", ")
+            );
+            println!(
+                "{} {} bytes in all",
+                if dry_run { "would free" } else { "freed" },
+                r.blobs.bytes + r.upload_bytes
+            );
         }
     }
     Ok(())

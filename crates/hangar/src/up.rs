@@ -226,7 +226,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 .with_context(|| format!("cannot listen on {} for the registry; use --registry-listen or --no-registry", args.registry_listen))?;
             registry_addr = Some(reg_listener.local_addr()?.to_string());
             eprintln!("hangar up: registry on http://{}", reg_listener.local_addr()?);
-            tokio::spawn(hangar_registry::serve(registry, reg_listener, std::future::pending()));
+            tokio::spawn(hangar_registry::serve(registry, reg_listener, None, std::future::pending()));
         }
 
 

@@ -902,6 +902,25 @@ fn a_killed_registry_serves_only_whole_content_and_gc_reclaims() {
     kill_9(reg.pid());
     reg.kill();
     let _ = push.wait();
+    // gc --dry-run says what the crash left (the abandoned upload, the
+    // repository with no manifest) and removes nothing.
+    let left = fs::read_dir(&uploads).unwrap().count();
+    assert!(left > 0);
+    let dry = h.ok(&["registry", "gc", "--dry-run"]);
+    assert!(dry.starts_with("would remove"), "{dry}");
+    let abandoned: u64 = dry
+        .split(", ")
+        .find(|p| p.ends_with("bytes)") && p.contains("abandoned uploads"))
+        .and_then(|p| p.split('(').nth(1))
+        .and_then(|b| b.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(abandoned >= 1_000_000, "{dry}");
+    assert_eq!(
+        fs::read_dir(&uploads).unwrap().count(),
+        left,
+        "a dry run removed uploads"
+    );
 
     let reg = HangarRegistry::start(&h, &["--upload-timeout", "2s"]);
     let creds = format!("x:{acme}");
@@ -964,9 +983,32 @@ fn a_killed_registry_serves_only_whole_content_and_gc_reclaims() {
     assert!(err.contains("stop"), "{err}");
     skopeo(&["delete", "--tls-verify=false", "--creds", &creds, &dest]);
     drop(reg);
+    let dry = h.ok(&["registry", "gc", "--dry-run"]);
     let out = h.ok(&["registry", "gc"]);
-    let freed: u64 = out.split_whitespace().nth(4).unwrap().parse().unwrap();
-    assert!(freed >= 48_000_000, "{out}");
+    let freed = |out: &str| -> u64 {
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix("freed ")
+                    .or_else(|| l.strip_prefix("would free "))
+            })
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(freed(&out) >= 48_000_000, "{out}");
+    assert_eq!(
+        freed(&dry),
+        freed(&out),
+        "the dry run said what gc freed: {dry} / {out}"
+    );
+    // The deleted image's repository had nothing left: it leaves the catalog.
+    assert!(out.contains("1 empty repositories: acme/big"), "{out}");
+    let again = h.ok(&["registry", "gc"]);
+    assert!(
+        again.starts_with("removed 0 blobs (0 bytes), 0 abandoned uploads (0 bytes), 0 empty"),
+        "{again}"
+    );
     let reg = HangarRegistry::start(&h, &[]);
     let fresh = Hangar::new();
     fresh.ok(&[
@@ -1144,6 +1186,41 @@ fn bearer_tokens_mounts_foreign_layers_and_error_details() {
         "{}",
         detail(&anon)
     );
+    // The realm is http here, and a forwarded scheme from an untrusted
+    // peer does not change it.
+    let forwarded = http(
+        "GET",
+        &reg.host,
+        "/v2/",
+        &[("X-Forwarded-Proto", "https")],
+        b"",
+    );
+    assert_eq!(
+        forwarded.header("www-authenticate").unwrap(),
+        format!(
+            "Bearer realm=\"http://{}/v2/token\",service=\"hangar-registry\"",
+            reg.host
+        )
+    );
+
+    // One access-log line per request: mounts told from uploads.
+    let log = reg.log.lock().unwrap().clone();
+    let entries: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let mounts: Vec<&serde_json::Value> = entries.iter().filter(|e| e["kind"] == "mount").collect();
+    assert_eq!(mounts.len(), 2, "{log:#?}");
+    assert!(mounts.iter().any(|m| m["repository"] == "acme/copy"
+        && m["status"] == 201
+        && m["digest"] == layer.as_str()));
+    assert!(entries
+        .iter()
+        .any(|e| e["kind"] == "upload" && e["repository"] == "evil/x" && e["status"] == 202));
+    assert!(entries.iter().any(|e| e["kind"] == "manifest"
+        && e["method"] == "PUT"
+        && e["status"] == 201
+        && e["bytes"].as_u64() > Some(100)));
 
     // Revoking an API token ends its bearer tokens within a second.
     let b = bearer(&reg, &basic(&acme), &["repository:acme/app:pull"]);
@@ -1186,4 +1263,73 @@ fn bearer_tokens_mounts_foreign_layers_and_error_details() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The registry over TLS: the token realm names https (so clients send
+/// their credentials encrypted), and behind a trusted proxy, its scheme.
+#[test]
+fn tls_and_the_realm_clients_are_sent_to() {
+    let h = Hangar::new();
+    let (cert, key) = self_signed(h.dir.path(), "localhost");
+    let reg = HangarRegistry::start(
+        &h,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(reg.scheme, "https");
+    let acme = token(&h, "acme", &[]);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sk",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &format!("https://{}/v2/", reg.host),
+        ])
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(
+        head.contains(&format!("realm=\"https://{}/v2/token\"", reg.host)),
+        "{head}"
+    );
+    // A real client pushes and reads back over TLS, through the bearer flow.
+    let image = small_image("over tls");
+    skopeo_push(
+        &image,
+        h.dir.path(),
+        &format!("{}/acme/tls:1", reg.host),
+        &acme,
+    );
+    let inspect = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        "--creds",
+        &format!("x:{acme}"),
+        &format!("docker://{}/acme/tls:1", reg.host),
+    ]);
+    assert_eq!(sha256_hex(inspect.as_bytes()), image.manifest_hex());
+    // Plain HTTP behind a trusted proxy: the proxy's scheme and host.
+    let behind = HangarRegistry::start(&h, &["--trusted-proxy", "127.0.0.1"]);
+    let r = http(
+        "GET",
+        &behind.host,
+        "/v2/",
+        &[
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "registry.example"),
+        ],
+        b"",
+    );
+    assert_eq!(
+        r.header("www-authenticate").unwrap(),
+        "Bearer realm=\"https://registry.example/v2/token\",service=\"hangar-registry\""
+    );
 }

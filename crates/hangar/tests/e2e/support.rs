@@ -955,6 +955,10 @@ pub struct HangarRegistry {
     child: Child,
     pub host: String,
     pub admin: String,
+    /// Its scheme: http, or https with --tls-cert.
+    pub scheme: String,
+    /// What it printed on stderr after starting (the access log).
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 impl HangarRegistry {
@@ -977,19 +981,34 @@ impl HangarRegistry {
         let mut lines = BufReader::new(stderr).lines();
         let mut host = String::new();
         let mut admin = String::new();
+        let mut scheme = String::new();
         while host.is_empty() || admin.is_empty() {
             let line = lines
                 .next()
                 .expect("registry exited early")
                 .expect("read stderr");
-            if let Some(rest) = line.strip_prefix("hangar registry: serving http://") {
+            if let Some(rest) = line.strip_prefix("hangar registry: serving ") {
+                let (s, rest) = rest.split_once("://").unwrap_or(("http", rest));
+                scheme = s.to_string();
                 host = rest.split_whitespace().next().unwrap_or("").to_string();
             } else if let Some(rest) = line.strip_prefix("hangar registry: metrics on http://") {
                 admin = rest.trim_end_matches("/metrics").to_string();
             }
         }
-        std::thread::spawn(move || for _ in lines {});
-        HangarRegistry { child, host, admin }
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        HangarRegistry {
+            child,
+            host,
+            admin,
+            scheme,
+            log,
+        }
     }
 
     pub fn kill(&mut self) {
