@@ -327,8 +327,10 @@ impl Session {
         let (bytes, content_type) = self
             .get_document(&url, Some(media::MANIFEST_ACCEPT))
             .await?;
-        let digest = Digest::of(&bytes);
-        if let Ok(want) = target.parse::<Digest>() {
+        let want = target.parse::<Digest>().ok();
+        let alg = want.as_ref().map(Digest::algorithm).unwrap_or_default();
+        let digest = Digest::of_with(alg, &bytes);
+        if let Some(want) = want {
             if want != digest {
                 return Err(Error::Verify {
                     digest: want.to_string(),
@@ -353,7 +355,7 @@ impl Session {
     ) -> Result<(Vec<u8>, StagedBlob)> {
         let url = self.url(&format!("blobs/{digest}"));
         let (bytes, _) = self.get_document(&url, None).await?;
-        let mut w = store.new_blob()?;
+        let mut w = store.new_blob_for(digest.algorithm())?;
         std::io::Write::write_all(&mut w, &bytes).map_err(|e| Error::Io {
             path: store.root().join("tmp"),
             source: e,

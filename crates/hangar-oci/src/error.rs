@@ -11,8 +11,12 @@ pub enum Error {
     #[error("invalid image reference {input:?}: {reason}")]
     InvalidReference { input: String, reason: String },
 
-    /// A string that is not a `sha256:<64 hex>` digest.
-    #[error("invalid digest {input:?}: expected sha256:<64 lowercase hex digits>")]
+    /// A digest of an algorithm Hangar does not support.
+    #[error("unsupported digest algorithm in {input:?}: use sha256 or sha512")]
+    UnsupportedDigest { input: String },
+
+    /// A string that is not a `sha256:<64 hex>` or `sha512:<128 hex>` digest.
+    #[error("invalid digest {input:?}: expected sha256:<64 lowercase hex digits> or sha512:<128>")]
     InvalidDigest { input: String },
 
     /// A platform string that is not `os/arch[/variant]`.

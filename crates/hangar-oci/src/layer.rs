@@ -69,7 +69,7 @@ pub fn ingest_layer<R: Read>(
     want: &Expected,
     source_name: &str,
 ) -> Result<StagedBlob> {
-    let mut writer = store.new_blob()?;
+    let mut writer = store.new_blob_for(want.digest.algorithm())?;
     let mut head = Vec::with_capacity(4);
     let mut reader = reader.take(want.size + 1);
     let mut buf = vec![0u8; 256 * 1024];

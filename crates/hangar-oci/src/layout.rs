@@ -73,7 +73,12 @@ pub fn save(store: &Store, reference: &Reference, path: &Path) -> Result<()> {
             for d in &blobs {
                 let mut f = store.open_blob(d)?;
                 let size = f.metadata().at(store.blob_path(d))?.len();
-                add(&mut tar, &format!("blobs/sha256/{}", d.hex()), size, &mut f)?;
+                add(
+                    &mut tar,
+                    &format!("blobs/{}/{}", d.algorithm().name(), d.hex()),
+                    size,
+                    &mut f,
+                )?;
             }
             add(&mut tar, "index.json", index.len() as u64, &mut &index[..])?;
             let mut w = tar.into_inner().at(&staging)?;
@@ -86,10 +91,11 @@ pub fn save(store: &Store, reference: &Reference, path: &Path) -> Result<()> {
                     path.display()
                 )));
             }
-            let blob_dir = staging.join("blobs/sha256");
-            fs::create_dir_all(&blob_dir).at(&blob_dir)?;
+            fs::create_dir_all(&staging).at(&staging)?;
             fs::write(staging.join("oci-layout"), layout).at(&staging)?;
             for d in &blobs {
+                let blob_dir = staging.join("blobs").join(d.algorithm().name());
+                fs::create_dir_all(&blob_dir).at(&blob_dir)?;
                 let dest = blob_dir.join(d.hex());
                 if fs::hard_link(store.blob_path(d), &dest).is_err() {
                     fs::copy(store.blob_path(d), &dest).at(&dest)?;
@@ -131,12 +137,14 @@ pub fn load(store: &Store, path: &Path, name: Option<&Reference>) -> Result<Vec<
             }
             let rel = entry.path().at(path)?.into_owned();
             let rel = rel.strip_prefix("./").unwrap_or(&rel).to_path_buf();
-            let is_blob = rel.starts_with("blobs/sha256")
+            let is_blob = rel.starts_with("blobs")
                 && rel.components().count() == 3
-                && rel.file_name().is_some_and(|n| {
-                    format!("sha256:{}", n.to_string_lossy())
-                        .parse::<Digest>()
-                        .is_ok()
+                && rel.parent().and_then(Path::file_name).is_some_and(|alg| {
+                    rel.file_name().is_some_and(|n| {
+                        format!("{}:{}", alg.to_string_lossy(), n.to_string_lossy())
+                            .parse::<Digest>()
+                            .is_ok()
+                    })
                 });
             let known = rel == Path::new("index.json") || rel == Path::new("oci-layout") || is_blob;
             if !known {
@@ -161,10 +169,15 @@ pub fn load(store: &Store, path: &Path, name: Option<&Reference>) -> Result<Vec<
     result
 }
 
+/// Where an OCI layout keeps blob `d`: `blobs/<alg>/<hex>`.
+fn blob_in(dir: &Path, d: &Digest) -> std::path::PathBuf {
+    dir.join("blobs").join(d.algorithm().name()).join(d.hex())
+}
+
 fn read_layout_blob(dir: &Path, d: &Descriptor) -> Result<Vec<u8>> {
-    let path = dir.join("blobs/sha256").join(d.digest.hex());
+    let path = blob_in(dir, &d.digest);
     let bytes = fs::read(&path).at(&path)?;
-    if Digest::of(&bytes) != d.digest || bytes.len() as u64 != d.size {
+    if Digest::of_with(d.digest.algorithm(), &bytes) != d.digest || bytes.len() as u64 != d.size {
         return Err(Error::Verify {
             digest: d.digest.to_string(),
             source_name: path.display().to_string(),
@@ -276,7 +289,7 @@ fn load_dir(store: &Store, dir: &Path, name: Option<&Reference>) -> Result<Vec<I
             if store.has_blob(&layer.digest) {
                 continue;
             }
-            let path = dir.join("blobs/sha256").join(layer.digest.hex());
+            let path = blob_in(dir, &layer.digest);
             let file = File::open(&path).at(&path)?;
             let want = Expected {
                 digest: &layer.digest,

@@ -27,7 +27,7 @@ pub mod reference;
 pub mod store;
 pub mod unpack;
 
-pub use digest::Digest;
+pub use digest::{Algorithm, Digest};
 pub use error::{Error, Result};
 pub use manifest::{Descriptor, ImageConfig, Index, Manifest, Platform};
 pub use reference::Reference;

@@ -171,14 +171,17 @@ impl FromStr for Reference {
         if input.is_empty() {
             return Err(invalid(input, "empty reference"));
         }
-        if input.len() > 255 + 72 + 130 {
+        if input.len() > 255 + 136 + 130 {
             return Err(invalid(input, "too long"));
         }
         let (rest, digest) = match input.split_once('@') {
             Some((rest, d)) => (
                 rest,
                 Some(d.parse::<Digest>().map_err(|_| {
-                    invalid(input, format!("{d:?} is not a sha256:<64 hex> digest"))
+                    invalid(
+                        input,
+                        format!("{d:?} is not a sha256:<64 hex> or sha512:<128 hex> digest"),
+                    )
                 })?),
             ),
             None => (input, None),

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! oci/lock                  flock: shared while writing, exclusive for gc
-//! oci/blobs/sha256/<hex>    every blob, stored once, named by its digest
+//! oci/blobs/<alg>/<hex>     every blob, stored once, named by its digest (sha256, sha512)
 //! oci/tmp/                  blobs being written; never read as valid
 //! oci/images/<name>.json    image records: reference -> manifest digest
 //! oci/sources/<hex>         registry repositories a blob is known to be in
@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Document, ImageConfig, Manifest};
 use crate::reference::Reference;
@@ -143,7 +143,7 @@ impl Store {
     /// Open (creating if needed) the store under `home`.
     pub fn open(home: &Path) -> Result<Store> {
         let root = home.join("oci");
-        for dir in ["blobs/sha256", "tmp", "images", "sources"] {
+        for dir in ["blobs/sha256", "blobs/sha512", "tmp", "images", "sources"] {
             let path = root.join(dir);
             fs::create_dir_all(&path).at(&path)?;
         }
@@ -188,7 +188,10 @@ impl Store {
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs/sha256").join(digest.hex())
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
     }
 
     pub fn has_blob(&self, digest: &Digest) -> bool {
@@ -212,7 +215,7 @@ impl Store {
         self.open_blob(digest)?
             .read_to_end(&mut bytes)
             .at(self.blob_path(digest))?;
-        if Digest::of(&bytes) != *digest {
+        if Digest::of_with(digest.algorithm(), &bytes) != *digest {
             return Err(Error::Verify {
                 digest: digest.to_string(),
                 source_name: self.blob_path(digest).display().to_string(),
@@ -222,23 +225,34 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Start writing a new blob into `tmp/`.
+    /// Start writing a new blob into `tmp/`, named by its sha256.
     pub fn new_blob(&self) -> Result<BlobWriter> {
+        self.new_blob_for(Algorithm::Sha256)
+    }
+
+    /// Start writing a new blob hashed with `alg` (the algorithm of the
+    /// digest it will be checked against).
+    pub fn new_blob_for(&self, alg: Algorithm) -> Result<BlobWriter> {
         let path = self.root.join("tmp").join(tmp_name("blob"));
         let file = File::create(&path).at(&path)?;
         Ok(BlobWriter {
             file: io::BufWriter::with_capacity(256 * 1024, file),
             tmp: Some(path),
-            hasher: Hasher::new(),
-            blobs_dir: self.root.join("blobs/sha256"),
+            hasher: Hasher::with(alg),
+            blobs_dir: self.root.join("blobs"),
         })
     }
 
-    /// Store `bytes` as a blob and return its digest.
+    /// Store `bytes` as a blob and return its (sha256) digest.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest> {
-        let digest = Digest::of(bytes);
+        self.put_bytes_with(Algorithm::Sha256, bytes)
+    }
+
+    /// Store `bytes` as a blob named by its `alg` digest.
+    pub fn put_bytes_with(&self, alg: Algorithm, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::of_with(alg, bytes);
         if !self.has_blob(&digest) {
-            let mut w = self.new_blob()?;
+            let mut w = self.new_blob_for(alg)?;
             w.write_all(bytes).at(self.root.join("tmp"))?;
             w.finish(None, "memory")?.commit()?;
         }
@@ -400,7 +414,7 @@ impl Store {
         File::open(path).and_then(|f| f.sync_all()).at(path)?;
         let dest = self.blob_path(digest);
         fs::rename(path, &dest).at(&dest)?;
-        sync_dir(&self.root.join("blobs/sha256"))
+        sync_dir(&self.root.join("blobs").join(digest.algorithm().name()))
     }
 
     /// Remove every blob no image needs, and every leftover temp file.
@@ -419,22 +433,27 @@ impl Store {
     /// What `sweep` would remove, or (`dry_run` false) removing it.
     pub fn sweep_or_count(&self, live: &HashSet<Digest>, dry_run: bool) -> Result<GcStats> {
         let mut stats = GcStats::default();
-        let blobs = self.root.join("blobs/sha256");
-        for entry in fs::read_dir(&blobs).at(&blobs)? {
-            let entry = entry.at(&blobs)?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let keep = format!("sha256:{name}")
-                .parse::<Digest>()
-                .is_ok_and(|d| live.contains(&d));
-            if !keep {
-                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                if !dry_run {
-                    fs::remove_file(entry.path()).at(entry.path())?;
-                    let _ = fs::remove_file(self.root.join("sources").join(&*name));
+        for alg in Algorithm::ALL {
+            let blobs = self.root.join("blobs").join(alg.name());
+            if !blobs.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&blobs).at(&blobs)? {
+                let entry = entry.at(&blobs)?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let keep = format!("{}:{name}", alg.name())
+                    .parse::<Digest>()
+                    .is_ok_and(|d| live.contains(&d));
+                if !keep {
+                    let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    if !dry_run {
+                        fs::remove_file(entry.path()).at(entry.path())?;
+                        let _ = fs::remove_file(self.root.join("sources").join(&*name));
+                    }
+                    stats.blobs += 1;
+                    stats.bytes += size;
                 }
-                stats.blobs += 1;
-                stats.bytes += size;
             }
         }
         let tmp = self.root.join("tmp");
@@ -537,9 +556,10 @@ pub struct StagedBlob {
 impl StagedBlob {
     pub fn commit(mut self) -> Result<Digest> {
         if let Some(tmp) = self.tmp.take() {
-            let dest = self.blobs_dir.join(self.digest.hex());
+            let dir = self.blobs_dir.join(self.digest.algorithm().name());
+            let dest = dir.join(self.digest.hex());
             fs::rename(&tmp, &dest).at(&dest)?;
-            sync_dir(&self.blobs_dir)?;
+            sync_dir(&dir)?;
         }
         Ok(self.digest.clone())
     }

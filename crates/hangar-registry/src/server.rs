@@ -700,9 +700,22 @@ impl Registry {
         if doc.get("schemaVersion").and_then(|v| v.as_u64()) != Some(2) {
             return Err(invalid("schemaVersion must be 2".into()).into());
         }
-        let digest = Digest::of(&bytes);
-        let tag = if reference.contains(':') {
-            if parse_digest(reference)? != digest {
+        // Pushed by digest: hashed with that digest's algorithm (sha512
+        // too); by tag: sha256, as clients expect.
+        let by_digest = if reference.contains(':') {
+            Some(parse_digest(reference)?)
+        } else {
+            None
+        };
+        let digest = Digest::of_with(
+            by_digest
+                .as_ref()
+                .map(Digest::algorithm)
+                .unwrap_or_default(),
+            &bytes,
+        );
+        let tag = if let Some(want) = &by_digest {
+            if *want != digest {
                 return Err(ApiError::digest_invalid(format!(
                     "manifest hashes to {digest}, not {reference}"
                 ))
@@ -763,7 +776,10 @@ impl Registry {
             Some(s) => Some(parse_digest(s)?),
             None => None,
         };
-        self.store.blobs.put_bytes(&bytes).map_err(ApiError::from)?;
+        self.store
+            .blobs
+            .put_bytes_with(digest.algorithm(), &bytes)
+            .map_err(ApiError::from)?;
         self.store
             .link_manifest(name, &digest, &media_type)
             .map_err(ApiError::from)?;
@@ -1128,12 +1144,15 @@ impl Registry {
         u: &mut Upload,
         want: &Digest,
     ) -> Handled {
+        // The running hash is sha256; a blob named by another algorithm
+        // (sha512) is hashed again from the file, as after a restart.
         let got = match u.hasher.take() {
-            Some(h) if h.len() == u.len => h.finish().0,
+            Some(h) if h.len() == u.len && h.algorithm() == want.algorithm() => h.finish().0,
             _ => {
                 let file = File::open(path).map_err(ApiError::internal)?;
                 tokio::task::block_in_place(|| {
-                    HashingReader::new(io::BufReader::with_capacity(CHUNK, file)).finish()
+                    HashingReader::with(want.algorithm(), io::BufReader::with_capacity(CHUNK, file))
+                        .finish()
                 })
                 .map_err(ApiError::internal)?
                 .0
@@ -1204,8 +1223,14 @@ impl Registry {
 }
 
 fn parse_digest(s: &str) -> Result<Digest, ApiError> {
-    s.parse::<Digest>()
-        .map_err(|_| ApiError::digest_invalid(format!("{s:?} is not a sha256:<64 hex> digest")))
+    s.parse::<Digest>().map_err(|e| match e {
+        hangar_oci::Error::UnsupportedDigest { .. } => ApiError::digest_invalid(format!(
+            "{s:?} uses a digest algorithm this registry does not support; use sha256 or sha512"
+        )),
+        _ => ApiError::digest_invalid(format!(
+            "{s:?} is not a digest: sha256:<64 hex> or sha512:<128 hex>"
+        )),
+    })
 }
 
 /// `bytes=a-b`, `bytes=a-` or `bytes=-n` against `size`: inclusive (start, end).

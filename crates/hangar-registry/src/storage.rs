@@ -154,7 +154,7 @@ impl RegistryStore {
     pub fn manifests(&self, name: &str) -> Result<Vec<Digest>> {
         Ok(read_dir_names(&self.repo(name).join("manifests"))?
             .into_iter()
-            .filter_map(|h| format!("sha256:{h}").parse().ok())
+            .filter_map(|h| Digest::from_hex(&h))
             .collect())
     }
 
@@ -194,7 +194,7 @@ impl RegistryStore {
         Ok(
             read_dir_names(&self.repo(name).join("referrers").join(subject.hex()))?
                 .into_iter()
-                .filter_map(|h| format!("sha256:{h}").parse().ok())
+                .filter_map(|h| Digest::from_hex(&h))
                 .collect(),
         )
     }
@@ -286,7 +286,7 @@ impl RegistryStore {
         if !dry_run {
             for name in self.repos()? {
                 for hex in read_dir_names(&self.repo(&name).join("blobs"))? {
-                    if let Ok(d) = format!("sha256:{hex}").parse::<Digest>() {
+                    if let Some(d) = Digest::from_hex(&hex) {
                         if !live.contains(&d) {
                             self.unlink_blob(&name, &d)?;
                         }

@@ -1333,3 +1333,244 @@ fn tls_and_the_realm_clients_are_sent_to() {
         "Bearer realm=\"https://registry.example/v2/token\",service=\"hangar-registry\""
     );
 }
+
+fn sha512_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha512::digest(bytes))
+}
+
+/// sha512 digests (registered in the OCI image spec) wherever a digest
+/// appears: monolithic and chunked uploads, HEAD/GET/Range/DELETE, mounts,
+/// manifests by digest, and `hangar image pull/push`; an unknown algorithm
+/// is the spec's DIGEST_INVALID, never a 5xx.
+#[test]
+fn sha512_digests_everywhere() {
+    let h = Hangar::new();
+    let reg = HangarRegistry::start(&h, &[]);
+    let acme = token(&h, "acme", &[]);
+    let a = basic(&acme);
+    let tar = layer_tar(&[Entry::File("app.txt", 0o644, b"sha512 layer".to_vec())]);
+    let layer = compress(&tar, Compress::Gzip);
+    let layer_digest = format!("sha512:{}", sha512_hex(&layer));
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": host_arch(), "os": "linux",
+        "config": {"Cmd": ["/app"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&tar))]},
+    }))
+    .unwrap();
+    let config_digest = format!("sha512:{}", sha512_hex(&config));
+
+    // The config monolithically, the layer in two chunks.
+    let r = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/acme/s512/blobs/uploads/?digest={config_digest}"),
+        &[
+            ("Authorization", &a),
+            ("Content-Type", "application/octet-stream"),
+        ],
+        &config,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(config_digest.as_str())
+    );
+    let r = http(
+        "POST",
+        &reg.host,
+        "/v2/acme/s512/blobs/uploads/",
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(r.status, 202);
+    let mut location = r.header("location").unwrap().to_string();
+    let half = layer.len() / 2;
+    for (from, part) in [(0, &layer[..half]), (half, &layer[half..])] {
+        let range = format!("{from}-{}", from + part.len() - 1);
+        let r = http(
+            "PATCH",
+            &reg.host,
+            &location,
+            &[
+                ("Authorization", &a),
+                ("Content-Range", &range),
+                ("Content-Type", "application/octet-stream"),
+            ],
+            part,
+        );
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        location = r.header("location").unwrap().to_string();
+    }
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let r = http(
+        "PUT",
+        &reg.host,
+        &format!("{location}{sep}digest={layer_digest}"),
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    // A wrong sha512 is refused as any wrong digest.
+    let wrong = format!("sha512:{}", "0".repeat(128));
+    let r = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/acme/s512/blobs/uploads/?digest={wrong}"),
+        &[("Authorization", &a)],
+        b"not this",
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "DIGEST_INVALID"));
+
+    // HEAD, GET, Range.
+    let r = http(
+        "HEAD",
+        &reg.host,
+        &format!("/v2/acme/s512/blobs/{layer_digest}"),
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-length"),
+        Some(layer.len().to_string().as_str())
+    );
+    let r = http(
+        "GET",
+        &reg.host,
+        &format!("/v2/acme/s512/blobs/{layer_digest}"),
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!((r.status, &r.body), (200, &layer));
+    let r = http(
+        "GET",
+        &reg.host,
+        &format!("/v2/acme/s512/blobs/{layer_digest}"),
+        &[("Authorization", &a), ("Range", "bytes=0-9")],
+        b"",
+    );
+    assert_eq!((r.status, &r.body[..]), (206, &layer[..10]));
+
+    // A manifest naming sha512 blobs, by tag and by its own sha512.
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = format!("sha512:{}", sha512_hex(&manifest));
+    let ct = ("Content-Type", "application/vnd.oci.image.manifest.v1+json");
+    let r = http(
+        "PUT",
+        &reg.host,
+        "/v2/acme/s512/manifests/1",
+        &[("Authorization", &a), ct],
+        &manifest,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = http(
+        "PUT",
+        &reg.host,
+        &format!("/v2/acme/s512/manifests/{manifest_digest}"),
+        &[("Authorization", &a), ct],
+        &manifest,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(manifest_digest.as_str())
+    );
+    let r = http(
+        "GET",
+        &reg.host,
+        &format!("/v2/acme/s512/manifests/{manifest_digest}"),
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!((r.status, &r.body), (200, &manifest));
+
+    // A mount of a sha512 blob into another repository of the org.
+    let r = http(
+        "POST",
+        &reg.host,
+        &format!("/v2/acme/copy/blobs/uploads/?mount={layer_digest}&from=acme/s512"),
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(r.status, 201);
+
+    // hangar image: pull (by tag and by sha512), unpack, push elsewhere.
+    let creds = format!("x:{acme}");
+    let client = Hangar::new();
+    let by_tag = format!("{}/acme/s512:1", reg.host);
+    client.ok(&["image", "pull", &by_tag, "--creds", &creds]);
+    client.ok(&[
+        "image",
+        "pull",
+        &format!("{}/acme/s512@{manifest_digest}", reg.host),
+        "--creds",
+        &creds,
+    ]);
+    let root = client.dir.path().join("root");
+    client.ok(&["image", "unpack", &by_tag, root.to_str().unwrap()]);
+    assert_eq!(fs::read(root.join("app.txt")).unwrap(), b"sha512 layer");
+    client.ok(&[
+        "image",
+        "push",
+        &by_tag,
+        &format!("{}/acme/pushed:1", reg.host),
+        "--creds",
+        &creds,
+    ]);
+    let r = http(
+        "HEAD",
+        &reg.host,
+        &format!("/v2/acme/pushed/blobs/{layer_digest}"),
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "the pushed image keeps its sha512 layer");
+
+    // DELETE, and unknown algorithms: 4xx with the spec's code, never 5xx.
+    let r = http(
+        "DELETE",
+        &reg.host,
+        &format!("/v2/acme/copy/blobs/{layer_digest}"),
+        &[("Authorization", &a)],
+        b"",
+    );
+    assert_eq!(r.status, 202);
+    for bad in [
+        "blake3:abcd",
+        "md5:d41d8cd98f00b204e9800998ecf8427e",
+        "sha512:short",
+    ] {
+        for (method, path) in [
+            ("GET", format!("/v2/acme/s512/blobs/{bad}")),
+            ("HEAD", format!("/v2/acme/s512/blobs/{bad}")),
+            ("GET", format!("/v2/acme/s512/manifests/{bad}")),
+            ("POST", format!("/v2/acme/s512/blobs/uploads/?digest={bad}")),
+            (
+                "POST",
+                format!("/v2/acme/s512/blobs/uploads/?mount={bad}&from=acme/copy"),
+            ),
+        ] {
+            let r = http(method, &reg.host, &path, &[("Authorization", &a)], b"x");
+            if path.contains("mount=") {
+                // A mount that cannot be done is a plain upload (the spec's fallback).
+                assert_eq!(r.status, 202, "{method} {path}");
+                continue;
+            }
+            assert!(
+                (400..500).contains(&r.status),
+                "{method} {path}: {}",
+                r.status
+            );
+            if method == "GET" && path.contains("/blobs/") {
+                assert_eq!(r.code(), "DIGEST_INVALID", "{method} {path}");
+            }
+        }
+    }
+}
