@@ -90,3 +90,34 @@ _apt_keep_installed() {
     echo "setup: installing ${_pkgs[*]} would remove $(tr '\n' ' ' <<<"$removed"); install them by hand" >&2
     return 1
 }
+
+# ensure_python_modules module:package==version ...: Python modules the
+# tests drive (real clients from PyPI), installed with pip when missing,
+# then imported again; one still missing stops the set-up naming it.
+ensure_python_modules() {
+    local need=() pair module pkg log
+    for pair in "$@"; do
+        module=${pair%%:*}
+        python3 -c "import $module" >/dev/null 2>&1 || need+=("${pair#*:}")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        echo "setup: installing ${need[*]} from PyPI" >&2
+        log=$(mktemp)
+        if ! python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "${need[@]}" >"$log" 2>&1; then
+            echo "setup: pip install ${need[*]} failed: $(grep -E 'ERROR' "$log" | head -1)" >&2
+            rm -f "$log"
+            return 1
+        fi
+        rm -f "$log"
+    fi
+    local missing=0
+    for pair in "$@"; do
+        module=${pair%%:*}
+        pkg=${pair#*:}
+        if ! python3 -c "import $module" >/dev/null 2>&1; then
+            echo "setup: Python module $module is still missing after the install: package $pkg; install it by hand (python3 -m pip install $pkg) and run this again" >&2
+            missing=1
+        fi
+    done
+    return $missing
+}

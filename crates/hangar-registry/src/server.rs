@@ -247,6 +247,11 @@ enum Refusal {
     Api(ApiError),
     /// 401 with a bearer challenge for this scope (None: no scope).
     Challenge(Option<String>),
+    /// 403 DENIED for a write, with the challenge for its scope marked
+    /// `insufficient_scope`: clients that renew their token on a 403
+    /// (oras) do so once, are refused again, and stop, instead of
+    /// retrying with backoff for minutes.
+    Denied(ApiError, String),
 }
 
 impl From<ApiError> for Refusal {
@@ -312,6 +317,10 @@ impl Registry {
         let resp = match result {
             Ok(r) => r,
             Err(Refusal::Api(e)) => error_response(&e, None),
+            Err(Refusal::Denied(e, scope)) => {
+                let c = format!("Bearer realm=\"{realm}\",service=\"hangar-registry\",scope=\"{scope}\",error=\"insufficient_scope\"");
+                error_response(&e, Some(c))
+            }
             Err(Refusal::Challenge(scope)) => {
                 let mut c = format!("Bearer realm=\"{realm}\",service=\"hangar-registry\"");
                 let detail = match &scope {
@@ -535,14 +544,18 @@ impl Registry {
         let org = caller.org.as_deref().unwrap_or_default();
         Err(match action {
             Action::Pull => ApiError::name_unknown().into(),
-            Action::Push if caller.read_only && org_of(name) == org => ApiError::denied(format!(
-                "push refused: this token of {org} is read-only; push with a token made without --read-only"
-            ))
-            .into(),
-            Action::Push => ApiError::denied(format!(
-                "push refused: a token of {org} pushes only to {org}/<repo>"
-            ))
-            .into(),
+            Action::Push if caller.read_only && org_of(name) == org => Refusal::Denied(
+                ApiError::denied(format!(
+                    "push refused: this token of {org} is read-only; push with a token made without --read-only"
+                )),
+                scope,
+            ),
+            Action::Push => Refusal::Denied(
+                ApiError::denied(format!(
+                    "push refused: a token of {org} pushes only to {org}/<repo>"
+                )),
+                scope,
+            ),
         })
     }
 
