@@ -367,17 +367,27 @@ impl Node {
         let Ok(machines) = self.state.list() else {
             return;
         };
+        // A machine that does not run holds disk only: its shim gives the
+        // rest back when the app ends; this catches what a killed shim (or
+        // an older node) left.
+        let idle: Vec<&str> = machines
+            .iter()
+            .map(|m| m.id.as_str())
+            .filter(|id| self.runtime.state(id) != ProcState::Running)
+            .collect();
+        let leftovers: Vec<String> = self
+            .runtime
+            .holding_host_resources(&idle)
+            .into_iter()
+            .map(String::from)
+            .collect();
         for m in machines {
             let lock = self.lock(&m.id);
             let Ok(_guard) = lock.try_lock() else {
                 continue;
             };
-            // A machine that does not run holds disk only: its shim gives
-            // the rest back when the app ends; this catches what a killed
-            // shim (or an older node) left.
-            if self.runtime.state(&m.id) != ProcState::Running
-                && self.runtime.holds_host_resources(&m.id)
-            {
+            if leftovers.contains(&m.id) {
+                // Checks again that it does not run, under the lock.
                 self.runtime.release(&m.id);
             }
             // Wanted stopped, with no stop under way (the lock is free), yet
