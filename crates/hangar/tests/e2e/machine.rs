@@ -408,6 +408,22 @@ fn a_stopped_machine_holds_disk_only_and_node_stop_and_destroy_end_everything() 
     assert!(host_traces(&id).is_empty());
     let again = node.h.ok(&["node", "destroy", "--yes"]);
     assert!(again.contains("nothing to destroy"), "{again}");
+    // A HANGAR_HOME that is no Hangar home is never removed.
+    let other = tempfile::tempdir().unwrap();
+    fs::write(other.path().join("thesis.txt"), "years of work").unwrap();
+    let out = node
+        .h
+        .command(&["node", "destroy", "--yes"])
+        .env("HANGAR_HOME", other.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not look like a Hangar home"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(other.path().join("thesis.txt").is_file());
 }
 
 #[test]
