@@ -119,30 +119,36 @@ fn which(tool: &str) -> PathBuf {
         .unwrap()
 }
 
+/// `hangar up` with every listener on a free port.
+const UP_ON_FREE_PORTS: [&str; 9] = [
+    "up",
+    "--listen",
+    "127.0.0.1:0",
+    "--registry-listen",
+    "127.0.0.1:0",
+    "--edge-listen",
+    "127.0.0.1:0",
+    "--edge-admin-listen",
+    "127.0.0.1:0",
+];
+
 /// Start `hangar up` for `h` on free ports, its edge also on TLS (a
 /// self-signed certificate); returns it and the lines it printed up to
 /// announcing its API (the rest are drained).
 fn spawn_up(h: &Hangar) -> (Child, Vec<String>) {
     let (cert, key) = self_signed(h.dir.path(), "hello.localhost");
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let mut args = UP_ON_FREE_PORTS.to_vec();
+    args.extend([
+        "--edge-tls-listen",
+        "127.0.0.1:0",
+        "--edge-tls-cert",
+        &cert,
+        "--edge-tls-key",
+        &key,
+    ]);
     let mut child = h
-        .command(&[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry-listen",
-            "127.0.0.1:0",
-            "--edge-listen",
-            "127.0.0.1:0",
-            "--edge-admin-listen",
-            "127.0.0.1:0",
-            "--edge-tls-listen",
-            "127.0.0.1:0",
-            "--edge-tls-cert",
-            &cert,
-            "--edge-tls-key",
-            &key,
-        ])
+        .command(&args)
         .env("HANGAR_VM_KERNEL", vm_kernel())
         .stderr(Stdio::piped())
         .spawn()
@@ -1409,17 +1415,7 @@ fn a_node_that_cannot_make_sure_nothing_is_forwarded_out_refuses_to_start() {
     fs::set_permissions(bin.join("ip6tables"), fs::Permissions::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let mut child = h
-        .command(&[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry-listen",
-            "127.0.0.1:0",
-            "--edge-listen",
-            "127.0.0.1:0",
-            "--edge-admin-listen",
-            "127.0.0.1:0",
-        ])
+        .command(&UP_ON_FREE_PORTS)
         .env("PATH", path)
         .stderr(Stdio::piped())
         .spawn()
