@@ -543,16 +543,15 @@ impl Runtime {
                 }
             }
         }
-        let _ = runc(&self.runc_root)
-            .args(["delete", "--force", id])
-            .output();
+        release_host(&dir, id, &self.runc_root);
+        // Its files go only once nothing is mounted over them.
         let rootfs = dir.join("rootfs");
         if is_mountpoint(&rootfs) {
-            rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH)
-                .map_err(|e| Error::Host(format!("cannot unmount {}: {e}", rootfs.display())))?;
+            return Err(Error::Host(format!(
+                "cannot unmount {}; machine {id} is kept (run `hangar machine destroy {id} --force` again)",
+                rootfs.display()
+            )));
         }
-        network::detach(id);
-        crate::vm::detach_tap(id);
         if dir.exists() {
             fs::remove_dir_all(&dir).at(&dir)?;
         }
