@@ -1,6 +1,10 @@
 """Measurements for bench/egress.sh: direct vs through each proxy, same run.
 
-Usage: egress.py ORIGIN_PORT NAME=PROXY_PORT...
+Usage: egress.py ORIGIN_PORT RELAY_PORT NAME=PROXY_PORT...
+
+RELAY_PORT is a plain TCP relay to the origin (socat): no proxy protocol,
+one extra hop through user space. It is the floor: what any proxy on this
+machine loses to the extra hop before it does any work of its own.
 
 The origin answers GET /small (2 bytes) and GET /big (1 MiB); the client
 keeps one connection per run. Both ends avoid Python copies (one prebuilt
@@ -65,6 +69,8 @@ class Conn:
         return length
 
 def connect(mode, port, proxy):
+    if mode == "relay":
+        return socket.create_connection(("127.0.0.1", RELAY_PORT)), ""
     if mode == "direct":
         s = socket.create_connection(("127.0.0.1", port))
         return s, ""
@@ -109,11 +115,14 @@ def measure(mode, port, proxy, rounds):
 
 def main():
     origin_port = int(sys.argv[1])
-    proxies = [(a.split("=")[0], int(a.split("=")[1])) for a in sys.argv[2:]]
+    relay_port = int(sys.argv[2])
+    proxies = [(a.split("=")[0], int(a.split("=")[1])) for a in sys.argv[3:]]
+    global RELAY_PORT
+    RELAY_PORT = relay_port
     server = Origin(("127.0.0.1", origin_port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     time.sleep(0.2)
-    modes = [("direct", None, "direct")] + [
+    modes = [("direct", None, "direct"), ("relay", None, "relay")] + [
         (f"{name} {m}", port, m) for name, port in proxies for m in ("http", "connect")
     ]
     for _, port, m in modes:
@@ -128,7 +137,10 @@ def main():
     med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in res.items()}
     d_lat, d_tp = med["direct"]
     print(f"direct:              median {d_lat*1e6:6.0f} us/request   {d_tp/1e6:7.1f} MB/s on 1 MiB responses")
-    for label, _, _ in modes[1:]:
+    r_lat, r_tp = med["relay"]
+    print(f"socat relay (floor):  median {r_lat*1e6:6.0f} us/request   {r_tp/1e6:7.1f} MB/s   "
+          f"added {(r_lat-d_lat)*1e6:5.0f} us   throughput loss {100*(1-r_tp/d_tp):5.1f}% (the extra hop alone)")
+    for label, _, _ in modes[2:]:
         lat, tp = med[label]
         print(f"{label:20} median {lat*1e6:6.0f} us/request   {tp/1e6:7.1f} MB/s   "
               f"added {(lat-d_lat)*1e6:5.0f} us (goal <= 100)   throughput loss {100*(1-tp/d_tp):5.1f}% (goal <= 5%)")
