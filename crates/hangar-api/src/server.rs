@@ -18,9 +18,12 @@ use crate::state::Machine;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
-/// Fetches an image into the local store when a machine names one it lacks.
+/// Makes an image usable by a machine of an org (`None`: the admin), fetching
+/// it into the local store, or says why not. For an org, a refusal reads the
+/// same as a missing image.
 pub type Puller = Arc<
     dyn Fn(
+            Option<String>,
             hangar_oci::Reference,
         )
             -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
@@ -331,6 +334,17 @@ impl Api {
         }
     }
 
+    /// Make `image` usable by the caller's machines: checked on every use
+    /// for an org, fetched when the store lacks it.
+    async fn fetch_image(&self, caller: &Caller, image: &str) -> Result<(), Error> {
+        let image: hangar_oci::Reference = image.parse()?;
+        let org = match caller {
+            Caller::Admin => None,
+            Caller::Org(org) => Some(org.clone()),
+        };
+        (self.pull)(org, image).await.map_err(Error::Invalid)
+    }
+
     /// Whether `caller` may see machine `m` (in lists).
     fn sees(&self, caller: &Caller, m: &Machine) -> bool {
         match caller {
@@ -369,12 +383,7 @@ impl Api {
                 let body: CreateRequest = read_json(req.into_body()).await?;
                 body.config.validate()?;
                 self.org_may_use(caller, &body.config)?;
-                let image: hangar_oci::Reference = body.config.image.parse()?;
-                if node.runtime.store().resolve(&image).is_err() {
-                    (self.pull)(image.clone())
-                        .await
-                        .map_err(|e| Error::Invalid(format!("cannot get image {image}: {e}")))?;
-                }
+                self.fetch_image(caller, &body.config.image).await?;
                 let m = blocking(move || node.create(body.name, body.config)).await?;
                 Ok(json(200, &machine_json(&self.node, &m)))
             }
@@ -385,12 +394,7 @@ impl Api {
                 let body: UpdateRequest = read_json(req.into_body()).await?;
                 body.config.validate()?;
                 self.org_may_use(caller, &body.config)?;
-                let image: hangar_oci::Reference = body.config.image.parse()?;
-                if node.runtime.store().resolve(&image).is_err() {
-                    (self.pull)(image.clone())
-                        .await
-                        .map_err(|e| Error::Invalid(format!("cannot get image {image}: {e}")))?;
-                }
+                self.fetch_image(caller, &body.config.image).await?;
                 let id = id.to_string();
                 let m = blocking(move || node.update(&id, body.config)).await?;
                 Ok(json(200, &machine_json(&self.node, &m)))
@@ -526,12 +530,7 @@ impl Api {
             }
             (Method::POST, ["v1", "apps", app, "deploy"]) => {
                 let body: crate::deploy::DeployRequest = read_json(req.into_body()).await?;
-                let image: hangar_oci::Reference = body.image.parse()?;
-                if node.runtime.store().resolve(&image).is_err() {
-                    (self.pull)(image.clone())
-                        .await
-                        .map_err(|e| Error::Invalid(format!("cannot get image {image}: {e}")))?;
-                }
+                self.fetch_image(caller, &body.image).await?;
                 let app = app.to_string();
                 Ok(progress_response(move |progress| async move {
                     crate::deploy::deploy(node, app, body, progress)

@@ -359,7 +359,7 @@ impl IpPolicy {
 
 /// IPv6 forms that carry an IPv4 address compared as that address (`::`
 /// and `::1` stay themselves).
-fn canonical(ip: IpAddr) -> IpAddr {
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(a) if u128::from(a) > 1 => match embedded_v4(a) {
             Some(v4) => IpAddr::V4(v4),

@@ -7,6 +7,7 @@
 //! digest as it goes (DiffIDs: see [`crate::layer::ingest_layer`]). Nothing is
 //! committed until every blob verified; the image name is written last.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,67 @@ pub struct ClientOptions {
     pub insecure: bool,
     /// Explicit credentials; otherwise Docker's config.json is consulted.
     pub creds: Option<Credentials>,
+    /// Never consult Docker's config.json (a pull on a tenant's behalf must
+    /// not use the operator's credentials).
+    pub no_docker_config: bool,
+    /// Connect only to addresses this accepts: host names resolve through it
+    /// (at connect time, so a name cannot rebind past it) and IP literals in
+    /// every URL (registry, token realm, redirects) are checked against it.
+    pub addresses: Option<AddressFilter>,
+}
+
+/// Which addresses a client may connect to: `Err(why)` refuses one.
+#[derive(Clone)]
+pub struct AddressFilter(pub Arc<dyn Fn(IpAddr) -> std::result::Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for AddressFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AddressFilter")
+    }
+}
+
+impl AddressFilter {
+    /// Whether `url` may be fetched: its host, when an IP literal, must pass
+    /// (names are judged when they resolve).
+    fn check_url(&self, url: &Url) -> std::result::Result<(), String> {
+        match url.host() {
+            Some(url::Host::Ipv4(a)) => (self.0)(IpAddr::V4(a)),
+            Some(url::Host::Ipv6(a)) => (self.0)(IpAddr::V6(a)),
+            Some(url::Host::Domain(_)) => Ok(()),
+            None => Err(format!("{url} names no host")),
+        }
+    }
+}
+
+/// Resolves names with the system resolver and keeps only the addresses
+/// the filter accepts.
+struct FilteredResolver(AddressFilter);
+
+impl reqwest::dns::Resolve for FilteredResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let filter = self.0.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let found: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let kept: Vec<std::net::SocketAddr> = found
+                .into_iter()
+                .filter(|a| match (filter.0)(a.ip()) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refused = Some(why);
+                        false
+                    }
+                })
+                .collect();
+            if kept.is_empty() {
+                let why = refused.unwrap_or_else(|| "no address".into());
+                return Err(format!("{host}: not an allowed address ({why})").into());
+            }
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// Receives transfer progress; the CLI draws bars with it.
@@ -58,6 +120,7 @@ struct Session {
     base: Url,
     reference: Reference,
     creds: Option<Credentials>,
+    addresses: Option<AddressFilter>,
     scopes: Vec<String>,
     auth: Mutex<Option<String>>,
 }
@@ -125,11 +188,27 @@ async fn status_error(url: &Url, resp: Response) -> Error {
     }
 }
 
-fn http_client() -> Result<reqwest::Client> {
-    reqwest::Client::builder()
+fn http_client(addresses: Option<&AddressFilter>) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
         .user_agent(concat!("hangar/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(30))
-        .read_timeout(Duration::from_secs(120))
+        .read_timeout(Duration::from_secs(120));
+    if let Some(filter) = addresses {
+        let redirects = filter.clone();
+        builder = builder
+            .no_proxy()
+            .dns_resolver(Arc::new(FilteredResolver(filter.clone())))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 10 {
+                    return attempt.error("more than 10 redirects");
+                }
+                match redirects.check_url(attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(why) => attempt.error(format!("redirect refused: {why}")),
+                }
+            }));
+    }
+    builder
         .build()
         .map_err(|e| Error::Invalid(format!("cannot build HTTP client: {}", cause_chain(&e))))
 }
@@ -147,12 +226,20 @@ impl Session {
                 reason: format!("registry host is not usable in a URL: {e}"),
             }
         })?;
-        let creds = opts
-            .creds
-            .clone()
-            .or_else(|| Credentials::from_docker_config(&reference.registry));
+        if let Some(filter) = &opts.addresses {
+            filter.check_url(&base).map_err(|why| Error::Transport {
+                url: base.to_string(),
+                cause: format!("not an allowed address ({why})"),
+            })?;
+        }
+        let creds = opts.creds.clone().or_else(|| {
+            (!opts.no_docker_config)
+                .then(|| Credentials::from_docker_config(&reference.registry))
+                .flatten()
+        });
         Ok(Session {
-            http: http_client()?,
+            http: http_client(opts.addresses.as_ref())?,
+            addresses: opts.addresses.clone(),
             base,
             reference: reference.clone(),
             creds,
@@ -227,6 +314,11 @@ impl Session {
                 let mut token_url = Url::parse(realm).map_err(|e| {
                     unauthorized(format!("bearer realm {realm:?} is not a URL: {e}"))
                 })?;
+                if let Some(filter) = &self.addresses {
+                    filter.check_url(&token_url).map_err(|why| {
+                        unauthorized(format!("bearer realm {realm:?} refused: {why}"))
+                    })?;
+                }
                 {
                     let mut q = token_url.query_pairs_mut();
                     if let Some(service) = c.params.get("service") {
@@ -753,11 +845,36 @@ mod tests {
         let opts = ClientOptions {
             insecure,
             creds: Some(Credentials::parse("u:p").unwrap()),
+            ..Default::default()
         };
         Session::new(&reference.parse().unwrap(), &opts, "pull")
             .unwrap()
             .base
             .to_string()
+    }
+
+    #[test]
+    fn an_address_filter_refuses_registry_literals_before_any_connection() {
+        let opts = ClientOptions {
+            addresses: Some(AddressFilter(Arc::new(|ip: IpAddr| {
+                if ip.is_loopback() {
+                    Err("loopback".into())
+                } else {
+                    Ok(())
+                }
+            }))),
+            ..Default::default()
+        };
+        for r in ["127.0.0.1:5000/a/b:1", "[::1]:5000/a/b:1"] {
+            let e = Session::new(&r.parse().unwrap(), &opts, "pull")
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("not an allowed address"), "{e}");
+        }
+        // Names are judged when they resolve, so they pass here.
+        assert!(Session::new(&"localhost:5000/a/b:1".parse().unwrap(), &opts, "pull").is_ok());
+        let url = Url::parse("http://2130706433/").unwrap();
+        assert!(opts.addresses.as_ref().unwrap().check_url(&url).is_err());
     }
 
     #[test]

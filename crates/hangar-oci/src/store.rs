@@ -297,8 +297,13 @@ impl Store {
         }
         if let Some(digest) = &reference.digest {
             for record in self.list_images()? {
-                if (record.digest == *digest || record.index.as_ref() == Some(digest))
-                    && record.reference.starts_with(&reference.name())
+                // The same repository exactly: a digest stored under
+                // another name (another org's) is not this reference's.
+                let same_name = record
+                    .reference
+                    .parse::<Reference>()
+                    .is_ok_and(|r| r.name() == reference.name());
+                if (record.digest == *digest || record.index.as_ref() == Some(digest)) && same_name
                 {
                     return Ok(record);
                 }

@@ -315,6 +315,7 @@ fn build_and_push(m: &Manifest, base_dir: &Path, org: &str, registry: &str) -> R
                 username: "deploy".into(),
                 password: token,
             }),
+            ..Default::default()
         },
         chunk_size: 0,
     };

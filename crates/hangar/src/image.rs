@@ -37,6 +37,7 @@ impl RegistryFlags {
         Ok(ClientOptions {
             insecure: self.insecure,
             creds,
+            ..Default::default()
         })
     }
 }

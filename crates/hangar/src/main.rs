@@ -18,6 +18,7 @@ mod demo;
 mod edge;
 mod egress;
 mod image;
+mod images;
 mod machine;
 mod node;
 mod node_config;

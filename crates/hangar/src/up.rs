@@ -12,7 +12,6 @@ use clap::Args;
 use hangar_api::server::{Api, Puller};
 use hangar_api::{Node, State};
 use hangar_machine::Runtime;
-use hangar_oci::client::{NoProgress, PullOptions};
 
 use crate::node_config::{self, NodeConfig};
 
@@ -52,6 +51,11 @@ pub struct UpArgs {
     /// Apps are served at <app>.<domain>
     #[arg(long, default_value = "localhost")]
     domain: String,
+    /// Let orgs pull from this registry (HOST:PORT as in image references)
+    /// although it is at a private or loopback address, e.g. a local mirror;
+    /// repeat for more. Orgs never reach the node's own services otherwise.
+    #[arg(long = "allow-registry", value_name = "HOST:PORT")]
+    allow_registry: Vec<String>,
 }
 
 /// The static hangar-init this binary carries (built by `build.rs`).
@@ -176,16 +180,6 @@ fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
         .unwrap_or_else(|e| e.into_inner()) = roles;
 }
 
-async fn pull_image(
-    store: hangar_oci::Store,
-    reference: hangar_oci::Reference,
-) -> Result<(), String> {
-    let progress: Arc<dyn hangar_oci::client::Progress> = Arc::new(NoProgress);
-    let opts = PullOptions::default();
-    let result = hangar_oci::client::pull(&store, &reference, &opts, progress).await;
-    result.map(|_| ()).map_err(|e| e.to_string())
-}
-
 /// The node's state and machines on this host, as `hangar up` and
 /// `hangar node stop` open them.
 pub fn open_node(home: &std::path::Path) -> Result<Arc<Node>> {
@@ -219,12 +213,14 @@ pub fn run(args: UpArgs) -> Result<()> {
             Err(_) => random_token()?,
         };
         let mut registry_addr = None;
+        let mut own_registry = None;
         if !args.no_registry {
             let registry = Arc::new(hangar_registry::Registry::open(&home, hangar_registry::Config::default())?);
             let reg_listener = tokio::net::TcpListener::bind(&args.registry_listen)
                 .await
                 .with_context(|| format!("cannot listen on {} for the registry; use --registry-listen or --no-registry", args.registry_listen))?;
             registry_addr = Some(reg_listener.local_addr()?.to_string());
+            own_registry = Some((registry.clone(), reg_listener.local_addr()?));
             eprintln!("hangar up: registry on http://{}", reg_listener.local_addr()?);
             tokio::spawn(hangar_registry::serve(registry, reg_listener, None, std::future::pending()));
         }
@@ -303,8 +299,11 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         tokio::spawn(hangar_api::checks::run(node.clone()));
 
-        let store = node.runtime.store().clone();
-        let pull: Puller = Arc::new(move |reference| Box::pin(pull_image(store.clone(), reference)));
+        let images = Arc::new(crate::images::Images::new(node.runtime.store().clone(), home.clone(), own_registry, args.allow_registry.clone()));
+        let pull: Puller = Arc::new(move |org, reference| {
+            let images = images.clone();
+            Box::pin(async move { images.fetch(org, reference).await })
+        });
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
             let (node, stopping, egress) = (node.clone(), stopping.clone(), egress.clone());

@@ -12,3 +12,4 @@ mod machine;
 mod registry;
 mod setup;
 mod support;
+mod tenants;
