@@ -296,6 +296,13 @@ impl Node {
     pub fn update(&self, id: &str, config: MachineConfig) -> Result<Machine> {
         config.validate()?;
         let m = self.state.get(id)?;
+        // A machine's addresses are in its org's network: it stays there.
+        if self.state.net_for(&config)? != hangar_machine::network::net_of(m.slot) {
+            return Err(Error::Invalid(format!(
+                "machine {} cannot move to an app of another org (its network is its org's); create a machine in that app instead",
+                m.id
+            )));
+        }
         let lock = self.lock(&m.id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         self.stop_locked(&m.id, "SIGTERM", Duration::from_secs(10))?;

@@ -80,6 +80,45 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<(Machine, String)> {
     ))
 }
 
+/// The net of the org whose app `config` names (given one on first use,
+/// kept for good); 0 for a machine of no app.
+fn net_for(db: &Connection, config: &MachineConfig) -> Result<u32> {
+    let Some(app) = config.metadata.get("app") else {
+        return Ok(0);
+    };
+    let org: Option<String> = db
+        .query_row("SELECT org FROM apps WHERE name = ?1", [app], |r| r.get(0))
+        .optional()?;
+    let Some(org) = org else {
+        return Ok(0);
+    };
+    if let Some(net) = db
+        .query_row("SELECT net FROM org_nets WHERE org = ?1", [&org], |r| {
+            r.get(0)
+        })
+        .optional()?
+    {
+        return Ok(net);
+    }
+    let taken: std::collections::HashSet<u32> = db
+        .prepare("SELECT net FROM org_nets")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let net = (1..hangar_machine::network::NETS)
+        .find(|n| !taken.contains(n))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "this node has a network for {} orgs, all taken; org {org} cannot run machines here",
+                hangar_machine::network::NETS - 1
+            ))
+        })?;
+    db.execute(
+        "INSERT INTO org_nets (org, net) VALUES (?1, ?2)",
+        params![org, net],
+    )?;
+    Ok(net)
+}
+
 const COLUMNS: &str = "id, name, state, desired, config, slot, exit_code, oom_killed, restarts, created_at, updated_at";
 
 impl State {
@@ -104,6 +143,8 @@ impl State {
                 app TEXT NOT NULL, version INTEGER NOT NULL, image TEXT NOT NULL, status TEXT NOT NULL,
                 description TEXT NOT NULL, config TEXT NOT NULL, created_at INTEGER NOT NULL,
                 PRIMARY KEY (app, version));
+             CREATE TABLE IF NOT EXISTS org_nets (
+                org TEXT PRIMARY KEY, net INTEGER NOT NULL UNIQUE);
              CREATE TABLE IF NOT EXISTS secrets (
                 app TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL, digest TEXT NOT NULL,
                 created_at INTEGER NOT NULL, PRIMARY KEY (app, name));",
@@ -135,15 +176,30 @@ impl State {
             .collect()
     }
 
-    /// Insert a new machine in state `created`, with the lowest free slot.
+    /// The net of the org of `config`'s app (see [`net_for`]).
+    pub fn net_for(&self, config: &MachineConfig) -> Result<u32> {
+        net_for(&self.db(), config)
+    }
+
+    /// Insert a new machine in state `created`, with the lowest free slot of
+    /// its org's net (see `hangar_machine::network`).
     pub fn insert(&self, id: &str, name: &str, config: &MachineConfig) -> Result<Machine> {
         let db = self.db();
-        let slot: u32 = db.query_row(
-            "SELECT COALESCE(MIN(s.slot + 1), 2) FROM (SELECT 1 AS slot UNION SELECT slot FROM machines WHERE slot > 0) s
-             WHERE s.slot + 1 NOT IN (SELECT slot FROM machines)",
-            [],
-            |r| r.get(0),
-        )?;
+        let net = net_for(&db, config)?;
+        let base = hangar_machine::network::net_base(net);
+        let taken: std::collections::HashSet<u32> = db
+            .prepare("SELECT slot FROM machines WHERE slot >= ?1 AND slot < ?2")?
+            .query_map(params![base, base + 256], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let slot = hangar_machine::network::HOSTS
+            .map(|h| base + h)
+            .find(|s| !taken.contains(s))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "this org's network on this node is full ({} machines); destroy some first",
+                    hangar_machine::network::HOSTS.count()
+                ))
+            })?;
         let t = now();
         let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
         match db.execute(

@@ -1,26 +1,38 @@
-//! The private network: a host bridge (`hangar0`) with a ULA IPv6 prefix and
-//! an IPv4 subnet; each machine gets a network namespace, a veth pair into
-//! the bridge, and addresses derived from its slot number, so they are stable
-//! across restarts. Machines reach each other and the host over the bridge;
-//! the host reaches their ports. Nothing is forwarded out: Hangar never turns
-//! on IP forwarding, and a firewall rule (IPv4 and IPv6) drops traffic
-//! routed from the bridge to anywhere else, should the host have it on (the
-//! egress proxy is the way out). Fail closed: when that rule cannot be
-//! checked or put in place, the bridge is not set up and no machine starts.
+//! The private networks: one per org on this host. Each is a host bridge
+//! (`hangar<net>`) with an IPv4 /24 (`10.213.<net>.0/24`) and an IPv6 /64
+//! (`fdaa:6a6e:6172:<net>::/64`, a ULA prefix like Fly's 6PN); net 0 holds
+//! machines of no org and carries the node's own services (the egress proxy
+//! on `10.213.0.1`). A machine's slot number says its net (`slot >> 8`) and
+//! its host number (`slot & 0xff`), so its addresses name its org's network
+//! and stay the same across restarts. Each machine gets a network namespace
+//! and a veth pair into its net's bridge.
+//!
+//! Machines of one org reach each other over their bridge; machines of two
+//! orgs share no link, and the host routes nothing between them: Hangar never
+//! turns on IP forwarding, and firewall rules (IPv4 and IPv6) drop anything
+//! routed into or out of each bridge, should the host have forwarding on (the
+//! egress proxy is the way out). The host reaches every machine over its
+//! bridge. Fail closed: when those rules cannot be checked or put in place,
+//! the bridge is not set up and no machine starts on it.
 //!
 //! Uses iproute2's `ip` and `iptables`: both are on every Debian host, and
 //! shelling out keeps this code small and obvious.
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Mutex;
 
 use crate::error::{run, Error, Result};
 
-pub const BRIDGE: &str = "hangar0";
-/// `fdaa:6a6e:6172::/64`: a ULA prefix, like Fly's 6PN.
+/// `fdaa:6a6e:6172::/48`: a ULA prefix, like Fly's 6PN; a /64 per net.
 pub const PREFIX6: [u16; 3] = [0xfdaa, 0x6a6e, 0x6172];
 pub const SUBNET4: [u8; 2] = [10, 213];
+/// Nets on one host (each a /24 of `10.213.0.0/16`).
+pub const NETS: u32 = 256;
+/// Host numbers of machines in a net: 2 to 254 (1 is the host).
+pub const HOSTS: std::ops::RangeInclusive<u32> = 2..=254;
 
 /// A machine's addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,20 +45,51 @@ pub struct Addresses {
 /// machine answers under the same MAC, so the host's neighbor cache entry
 /// for the address stays true (a new MAC would leave it stale for seconds).
 pub fn mac(n: u32) -> String {
-    let n = n.clamp(1, 65_000);
+    let n = n.clamp(1, NETS * 256 - 1);
     format!("02:68:61:6e:{:02x}:{:02x}", n >> 8, n & 0xff)
 }
 
-pub fn gateway() -> Addresses {
-    address(1)
+/// The net a slot is in.
+pub fn net_of(slot: u32) -> u32 {
+    (slot >> 8).min(NETS - 1)
 }
 
-/// The addresses of slot `n` (2 and up; 1 is the host).
+/// The first slot of `net` (its host address).
+pub fn net_base(net: u32) -> u32 {
+    net.min(NETS - 1) << 8
+}
+
+/// The bridge of `net`.
+pub fn bridge(net: u32) -> String {
+    format!("hangar{}", net.min(NETS - 1))
+}
+
+/// The host's addresses on net 0, where the node's services listen.
+pub fn gateway() -> Addresses {
+    gateway_of(0)
+}
+
+/// The host's addresses on the net of `slot`: that net's gateway.
+pub fn gateway_of(slot: u32) -> Addresses {
+    address(net_base(net_of(slot)) | 1)
+}
+
+/// The addresses of slot `n`.
 pub fn address(n: u32) -> Addresses {
-    let n = n.clamp(1, 65_000);
+    let n = n.clamp(1, NETS * 256 - 1);
+    let (net, host) = (net_of(n), n & 0xff);
     Addresses {
-        v4: Ipv4Addr::new(SUBNET4[0], SUBNET4[1], (n >> 8) as u8, (n & 0xff) as u8),
-        v6: Ipv6Addr::new(PREFIX6[0], PREFIX6[1], PREFIX6[2], 0, 0, 0, 0, n as u16),
+        v4: Ipv4Addr::new(SUBNET4[0], SUBNET4[1], net as u8, host as u8),
+        v6: Ipv6Addr::new(
+            PREFIX6[0],
+            PREFIX6[1],
+            PREFIX6[2],
+            net as u16,
+            0,
+            0,
+            0,
+            host as u16,
+        ),
     }
 }
 
@@ -98,71 +141,85 @@ pub fn netns_path(id: &str) -> PathBuf {
     PathBuf::from("/var/run/netns").join(netns(id))
 }
 
-/// Create the bridge (once per host boot) and the no-forwarding rule; a
-/// process does the work once.
-pub fn ensure_bridge() -> Result<()> {
-    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    if DONE.get().is_some() {
+/// Create the bridge of `net` (once per host boot) and its no-forwarding
+/// rules; a process does the work once per net.
+pub fn ensure_bridge(net: u32) -> Result<()> {
+    static DONE: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.as_ref().is_some_and(|d| d.contains(&net)) {
         return Ok(());
     }
-    setup_bridge()?;
-    let _ = DONE.set(());
+    setup_bridge(net)?;
+    done.get_or_insert_with(HashSet::new).insert(net);
     Ok(())
 }
 
-fn setup_bridge() -> Result<()> {
+fn setup_bridge(net: u32) -> Result<()> {
     if Command::new("ip").arg("-V").output().is_err() {
         return Err(Error::Host(
             "`ip` (iproute2) is not installed; install iproute2".into(),
         ));
     }
+    let name = bridge(net);
     let exists = Command::new("ip")
-        .args(["link", "show", BRIDGE])
+        .args(["link", "show", &name])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !exists {
-        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["link", "add", &name, "type", "bridge"])?;
     }
-    let gw = gateway();
-    let _ = ip(&["addr", "add", &format!("{}/16", gw.v4), "dev", BRIDGE]);
+    let gw = gateway_of(net_base(net));
+    // Before nets per org, hangar0 had all of 10.213.0.0/16.
+    let _ = ip(&["addr", "del", &format!("{}/16", gw.v4), "dev", &name]);
+    let _ = ip(&["addr", "add", &format!("{}/24", gw.v4), "dev", &name]);
     let _ = ip(&[
         "-6",
         "addr",
         "add",
         &format!("{}/64", gw.v6),
         "dev",
-        BRIDGE,
+        &name,
         "nodad",
     ]);
-    ip(&["link", "set", BRIDGE, "up"])?;
-    // Drop anything routed from the bridge elsewhere, should forwarding be
-    // on. Fail closed: no machine starts unless the rule is known to be in
-    // place, for IPv4 and IPv6 alike.
+    ip(&["link", "set", &name, "up"])?;
+    // Drop anything routed out of the bridge or into it, should forwarding
+    // be on. Fail closed: no machine starts unless the rules are known to be
+    // in place, for IPv4 and IPv6 alike.
     for tool in ["iptables", "ip6tables"] {
-        ensure_drop_rule(tool)?;
+        for rule in drop_rules(&name) {
+            ensure_drop_rule(tool, &rule)?;
+        }
     }
     Ok(())
 }
 
-/// The rule that drops traffic routed from the bridge to anywhere else.
-const DROP_RULE: [&str; 8] = ["FORWARD", "-i", BRIDGE, "!", "-o", BRIDGE, "-j", "DROP"];
+/// The rules that drop traffic routed from `bridge` elsewhere and from
+/// elsewhere into it (traffic within the bridge is bridged, not routed).
+fn drop_rules(bridge: &str) -> [Vec<String>; 2] {
+    let rule = |a: &str, b: &str| {
+        ["FORWARD", a, bridge, "!", b, bridge, "-j", "DROP"]
+            .map(String::from)
+            .to_vec()
+    };
+    [rule("-i", "-o"), rule("-o", "-i")]
+}
 
-/// Make sure `tool` (iptables or ip6tables) has `DROP_RULE`: checked,
-/// inserted when absent, checked again. Anything else is an error that
-/// says machines cannot start, and why.
-fn ensure_drop_rule(tool: &str) -> Result<()> {
+/// Make sure `tool` (iptables or ip6tables) has `rule`: checked, inserted
+/// when absent, checked again. Anything else is an error that says machines
+/// cannot start, and why.
+fn ensure_drop_rule(tool: &str, rule: &[String]) -> Result<()> {
     let refuse = |why: String| {
         Error::Host(format!(
             "cannot make sure nothing is forwarded out of the machine network ({tool}: {why}); \
              machines are not started: install iptables and run as root (`{tool} -I {}` must work)",
-            DROP_RULE.join(" ")
+            rule.join(" ")
         ))
     };
     let check = || -> Result<bool> {
         let out = Command::new(tool)
             .args(["-w", "5", "-C"])
-            .args(DROP_RULE)
+            .args(rule)
             .output()
             .map_err(|e| refuse(e.to_string()))?;
         match out.status.code() {
@@ -179,7 +236,7 @@ fn ensure_drop_rule(tool: &str) -> Result<()> {
     }
     let out = Command::new(tool)
         .args(["-w", "5", "-I"])
-        .args(DROP_RULE)
+        .args(rule)
         .output()
         .map_err(|e| refuse(e.to_string()))?;
     if !out.status.success() {
@@ -195,22 +252,24 @@ fn ensure_drop_rule(tool: &str) -> Result<()> {
 
 /// Give machine `id` its namespace, veth and addresses in slot `slot`.
 pub fn attach(id: &str, slot: u32) -> Result<Addresses> {
-    ensure_bridge()?;
+    let net = net_of(slot);
+    ensure_bridge(net)?;
     if attached(id) {
         detach(id);
     }
     let ns = netns(id);
     let veth = host_veth(id);
     let addr = address(slot);
-    let gw = gateway();
+    let gw = gateway_of(slot);
+    let bridge = bridge(net);
     // Two `ip -batch` runs, host side then inside the namespace: every
     // process started here is time a machine waits for.
     let host = format!(
-        "netns add {ns}\nlink add {veth} type veth peer name eth0 address {} netns {ns}\nlink set {veth} master {BRIDGE} up\n",
+        "netns add {ns}\nlink add {veth} type veth peer name eth0 address {} netns {ns}\nlink set {veth} master {bridge} up\n",
         mac(slot)
     );
     let inside = format!(
-        "link set lo up\naddr add {}/16 dev eth0\naddr add {}/64 dev eth0 nodad\nlink set eth0 up\n\
+        "link set lo up\naddr add {}/24 dev eth0\naddr add {}/64 dev eth0 nodad\nlink set eth0 up\n\
          route add default via {}\nroute add default via {}\n",
         addr.v4, addr.v6, gw.v4, gw.v6
     );
@@ -268,7 +327,14 @@ mod tests {
         assert_eq!(address(2).v4, Ipv4Addr::new(10, 213, 0, 2));
         assert_eq!(address(258).v4, Ipv4Addr::new(10, 213, 1, 2));
         assert_eq!(address(2).v6.to_string(), "fdaa:6a6e:6172::2");
+        assert_eq!(address(258).v6.to_string(), "fdaa:6a6e:6172:1::2");
         assert_eq!(gateway().v4, Ipv4Addr::new(10, 213, 0, 1));
+        assert_eq!(gateway_of(258).v4, Ipv4Addr::new(10, 213, 1, 1));
+        assert_eq!(gateway_of(258).v6.to_string(), "fdaa:6a6e:6172:1::1");
+        assert_eq!(
+            (net_of(258), bridge(net_of(258))),
+            (1, "hangar1".to_string())
+        );
         assert_eq!(mac(258), "02:68:61:6e:01:02");
     }
 }

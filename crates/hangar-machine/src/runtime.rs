@@ -320,7 +320,7 @@ impl Runtime {
         let (base, reused) = crate::vm::base_disk(&self.machines, &top, lowers)?;
         crate::vm::overlay(&dir, &base)?;
         let addresses = network::address(spec.slot);
-        let gw = network::gateway();
+        let gw = network::gateway_of(spec.slot);
         init.hosts
             .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
         init.hosts
@@ -331,7 +331,7 @@ impl Runtime {
                 .map(|m| format!("/hangar/modules/{m}.ko"))
                 .collect(),
             root: "/dev/vda".into(),
-            ipv4: format!("{}/16", addresses.v4),
+            ipv4: format!("{}/24", addresses.v4),
             ipv6: format!("{}/64", addresses.v6),
             gateway4: gw.v4.to_string(),
             gateway6: gw.v6.to_string(),
@@ -344,7 +344,7 @@ impl Runtime {
             &vmm.kernel_dir,
             &config,
         )?;
-        crate::vm::attach_tap(&spec.id)?;
+        crate::vm::attach_tap(&spec.id, spec.slot)?;
         let (accel, _) = vmm.accel();
         let launch = crate::vm::Launch {
             argv: crate::vm::argv(
@@ -410,7 +410,7 @@ impl Runtime {
         let dir = self.dir(id);
         if self.is_vm(id) {
             if !crate::vm::tap_exists(id) {
-                crate::vm::attach_tap(id)?;
+                crate::vm::attach_tap(id, slot)?;
             }
             crate::vm::make_fifo(&dir.join("ctl"))?;
             return self.spawn_shim(id, hangar_exe);

@@ -182,13 +182,14 @@ pub fn tap_name(id: &str) -> String {
 
 /// The machine's tap device on the bridge, with its slot's MAC on the
 /// guest side (set by QEMU).
-pub fn attach_tap(id: &str) -> Result<()> {
-    network::ensure_bridge()?;
+pub fn attach_tap(id: &str, slot: u32) -> Result<()> {
+    let net = network::net_of(slot);
+    network::ensure_bridge(net)?;
     let tap = tap_name(id);
     detach_tap(id);
     let batch = format!(
         "tuntap add dev {tap} mode tap\nlink set {tap} master {} up\n",
-        network::BRIDGE
+        network::bridge(net)
     );
     network::ip_batch(&[], &batch)
 }

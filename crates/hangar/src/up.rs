@@ -227,7 +227,7 @@ pub fn run(args: UpArgs) -> Result<()> {
 
 
         // The egress proxy, on the bridge gateway, where machines find it.
-        hangar_machine::network::ensure_bridge()?;
+        hangar_machine::network::ensure_bridge(0)?;
         let mine: Vec<String> = node.state.list()?.into_iter().map(|m| m.id).collect();
         let strangers = hangar_machine::network::strangers(&mine);
         if !strangers.is_empty() {

@@ -214,3 +214,281 @@ fn an_org_runs_only_images_it_may_pull_and_learns_nothing_of_others() {
     let (code, out) = node.exec(&acme_machine, &["cat", "/secret.txt"]);
     assert_eq!((code, out.as_str()), (0, "acme's secret\n"));
 }
+
+/// Run inside a machine's network namespace (`nsenter --net`): try each
+/// target address over TCP (port 8080, reads what answers), UDP (a datagram
+/// to port 9000 tagged `tag`) and ICMP (busybox ping); prints one JSON line.
+const PROBE: &str = r#"
+import json, socket, subprocess, sys
+tag, targets = sys.argv[1], sys.argv[2:]
+out = {}
+for t in targets:
+    fam = socket.AF_INET6 if ":" in t else socket.AF_INET
+    r = {}
+    try:
+        s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(1.5)
+        s.connect((t, 8080)); s.sendall(b"GET /who HTTP/1.0\r\n\r\n")
+        got = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        r["tcp"] = got.decode(errors="replace").split("\r\n\r\n")[-1].strip()
+    except OSError as e:
+        r["tcp"] = None
+    try:
+        u = socket.socket(fam, socket.SOCK_DGRAM); u.sendto((tag + " " + t).encode(), (t, 9000))
+    except OSError:
+        pass
+    p = subprocess.run(["busybox", "ping", "-c", "1", "-W", "1", t], capture_output=True)
+    r["icmp"] = p.returncode == 0
+    out[t] = r
+print(json.dumps(out))
+"#;
+
+/// Listens for UDP on port 9000 inside a namespace for at most the given
+/// seconds (the test kills it sooner); prints what came, a datagram a line.
+const UDP_SINK: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 9000)); s.settimeout(0.2)
+print("ready", flush=True)
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    try:
+        print(s.recv(512).decode(errors="replace"), flush=True)
+    except socket.timeout:
+        pass
+"#;
+
+fn netns_path(id: &str) -> String {
+    format!("/run/netns/hangar-{}", &id[..12])
+}
+
+fn in_netns(id: &str, script: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new("nsenter");
+    c.arg(format!("--net={}", netns_path(id)))
+        .args(["python3", "-c", script])
+        .args(args);
+    c
+}
+
+/// Restores a sysctl on drop.
+struct Sysctl(&'static str, String);
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = fs::read_to_string(path).unwrap();
+        fs::write(path, value).unwrap();
+        Sysctl(path, old)
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = fs::write(self.0, self.1.trim());
+    }
+}
+
+#[test]
+fn machines_of_two_orgs_reach_nothing_of_each_other() {
+    require("nsenter");
+    let node = Node::start();
+    let (api, _) = node_addresses(&node);
+    let admin = fs::read_to_string(node.h.home().join("config.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("token = ")
+                .map(|t| t.trim_matches('"').to_string())
+        })
+        .unwrap();
+    let call = |method: &str, path: &str, body: &Value| {
+        let auth = format!("Bearer {admin}");
+        http(
+            method,
+            &api,
+            path,
+            &[
+                ("Authorization", auth.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
+    };
+    let image = busybox_image(&node.h);
+    for (app, org) in [("acme-app", "acme"), ("evil-app", "evil")] {
+        let r = call("POST", "/v1/apps", &json!({"name": app, "org": org}));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // Each machine serves its own name at /who on port 8080.
+    let machine = |app: &str, name: &str| -> Value {
+        let r = call(
+            "POST",
+            "/v1/machines",
+            &json!({"name": name, "config": {"image": image, "metadata": {"app": app},
+                "init": {"cmd": ["sh", "-c", "hostname > /www/who; exec httpd -f -p 8080 -h /www"]}}}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    };
+    let a1 = machine("acme-app", "acme-one");
+    let a2 = machine("acme-app", "acme-two");
+    let e = machine("evil-app", "evil-one");
+    let id = |m: &Value| m["id"].as_str().unwrap().to_string();
+    let addrs = |m: &Value| {
+        [
+            m["ipv4"].as_str().unwrap().to_string(),
+            m["private_ip"].as_str().unwrap().to_string(),
+        ]
+    };
+    // The address plan names the org: acme's two share a /24, evil's differs.
+    let net = |m: &Value| {
+        m["ipv4"]
+            .as_str()
+            .unwrap()
+            .rsplit_once('.')
+            .unwrap()
+            .0
+            .to_string()
+    };
+    assert_eq!(net(&a1), net(&a2));
+    assert_ne!(net(&a1), net(&e));
+    // The node reaches every machine, on both addresses.
+    for m in [&a1, &a2, &e] {
+        for a in addrs(m) {
+            let host = if a.contains(':') {
+                format!("[{a}]:8080")
+            } else {
+                format!("{a}:8080")
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let ok = std::net::TcpStream::connect_timeout(
+                    &host.parse().unwrap(),
+                    std::time::Duration::from_secs(1),
+                )
+                .is_ok();
+                if ok {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the node cannot reach {host}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let r = http("GET", &host, "/who", &[], b"");
+            assert_eq!(
+                String::from_utf8_lossy(&r.body).trim(),
+                m["name"].as_str().unwrap()
+            );
+        }
+    }
+
+    let probe = |from: &Value, tag: &str, targets: &[String]| -> Value {
+        let mut args = vec![tag];
+        args.extend(targets.iter().map(String::as_str));
+        let out = in_netns(&id(from), PROBE, &args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Every address of acme's machines and their gateway, tried by evil,
+    // with the host's forwarding off and then on (a host that routes, as
+    // Docker's do, must still route nothing between orgs).
+    let mut acme_targets: Vec<String> = addrs(&a1).into_iter().chain(addrs(&a2)).collect();
+    for round in ["forwarding off", "forwarding on"] {
+        let _forward = (round == "forwarding on").then(|| {
+            (
+                Sysctl::set("/proc/sys/net/ipv4/ip_forward", "1"),
+                Sysctl::set("/proc/sys/net/ipv6/conf/all/forwarding", "1"),
+            )
+        });
+        let mut sink = in_netns(&id(&a1), UDP_SINK, &["120"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(sink.stdout.take().unwrap()));
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        let seen = probe(&e, "evil", &acme_targets);
+        for t in &acme_targets {
+            assert_eq!(
+                seen[t]["tcp"],
+                Value::Null,
+                "{round}: evil reached {t} over TCP: {seen}"
+            );
+            assert_eq!(seen[t]["icmp"], false, "{round}: evil pinged {t}: {seen}");
+        }
+        // The control: acme's other machine reaches acme-one every way.
+        let own = probe(&a2, "acme", &addrs(&a1));
+        for t in addrs(&a1) {
+            assert_eq!(own[&t]["tcp"], "acme-one", "{round}: {own}");
+            assert_eq!(own[&t]["icmp"], true, "{round}: {own}");
+        }
+        // Datagrams in flight have landed by the time the probes' pings
+        // came back; the sink printed each at once.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = sink.kill();
+        let _ = sink.wait();
+        let got: Vec<String> = lines.map_while(Result::ok).collect();
+        assert!(
+            got.iter().all(|l| !l.starts_with("evil")),
+            "{round}: UDP from evil arrived: {got:?}"
+        );
+        for t in addrs(&a1) {
+            assert!(
+                got.contains(&format!("acme {t}")),
+                "{round}: acme's own UDP to {t} was lost: {got:?}"
+            );
+        }
+    }
+
+    // Neighbour spoofing: evil takes acme-one's addresses on its own link
+    // and announces them; acme's machines and the node still reach the real
+    // acme-one, and evil still reaches nothing of acme's.
+    let [a1v4, a1v6] = addrs(&a1);
+    let prefix = net(&a1);
+    let spoof = format!(
+        "ip addr add {a1v4}/24 dev eth0; ip -6 addr add {a1v6}/64 dev eth0 nodad; \
+         busybox arping -c 2 -U -I eth0 -s {a1v4} {a1v4}; busybox arping -c 2 -A -I eth0 -s {a1v4} {prefix}.1; true"
+    );
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(&id(&e))))
+        .args(["sh", "-c", &spoof])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    acme_targets.retain(|t| t != &a1v4 && t != &a1v6);
+    let seen = probe(&e, "evil", &acme_targets);
+    for t in &acme_targets {
+        assert_eq!(seen[t]["tcp"], Value::Null, "after spoofing: {seen}");
+    }
+    for a in addrs(&a1) {
+        let host = if a.contains(':') {
+            format!("[{a}]:8080")
+        } else {
+            format!("{a}:8080")
+        };
+        let r = http("GET", &host, "/who", &[], b"");
+        assert_eq!(
+            String::from_utf8_lossy(&r.body).trim(),
+            "acme-one",
+            "the node reached {host}"
+        );
+    }
+    let own = probe(&a2, "acme", &addrs(&a1));
+    for t in addrs(&a1) {
+        assert_eq!(own[&t]["tcp"], "acme-one", "after spoofing: {own}");
+    }
+}
