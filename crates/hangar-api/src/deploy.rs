@@ -139,15 +139,29 @@ pub fn last_log_lines(node: &Node, id: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Wait until `m` is started and its checks pass; the error says which
-/// check failed (or how it exited) and ends with its last log lines.
+/// How long a machine of no checks must stay started, without a restart,
+/// before a deploy counts it as up.
+pub const UP_GRACE: Duration = Duration::from_secs(2);
+
+/// Wait until `m` is up: started, and its checks pass; with no checks,
+/// started for [`UP_GRACE`] without a restart and its services' ports
+/// accepting connections. With `checks` false (the immediate strategy),
+/// started is enough. A machine that exits, restarts or is OOM-killed
+/// meanwhile is not up. The error says what happened and ends with the
+/// machine's last log lines.
 pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result<()> {
+    // Micro-VMs boot in tens of seconds under emulation.
+    let floor = if m.config.guest.driver == "vm" {
+        120.0
+    } else {
+        10.0
+    };
     let budget = m
         .config
         .checks
         .values()
         .map(|c| c.grace_period + 5.0 * c.interval + c.timeout)
-        .fold(10.0, f64::max)
+        .fold(floor, f64::max)
         .min(300.0);
     let deadline = Instant::now() + Duration::from_secs_f64(budget);
     let failed = |why: String| {
@@ -158,10 +172,57 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
             last_log_lines(node, &m.id, 10)
         ))
     };
+    let mut up_since: Option<Instant> = None;
+    let mut port_trouble: Option<String> = None;
     loop {
         let now = node.state.get(&m.id)?;
+        let code = now
+            .exit_code
+            .map(|c| format!(" with code {c}"))
+            .unwrap_or_default();
+        let oom_text = |killed: bool| {
+            if killed {
+                format!(
+                    " (killed for using more than its {} MB of memory: give it more with [[vm]] memory)",
+                    now.config.guest.memory_mb
+                )
+            } else {
+                String::new()
+            }
+        };
+        let oom = oom_text(now.oom_killed);
+        if now.restarts > m.restarts {
+            // The exit that caused the restart, from the machine's events.
+            let last = node
+                .state
+                .events(&m.id)?
+                .into_iter()
+                .rev()
+                .find(|e| e.kind == "exited");
+            let (code, oom) = last
+                .map(|e| {
+                    let code = e.detail["exit_code"]
+                        .as_i64()
+                        .map(|c| format!(" with code {c}"))
+                        .unwrap_or_default();
+                    (code, oom_text(e.detail["oom_killed"] == true))
+                })
+                .unwrap_or((code, oom));
+            return Err(failed(format!(
+                "exited{code}{oom} and was restarted while the deploy waited for it"
+            )));
+        }
         match now.state.as_str() {
             "started" if !checks => return Ok(()),
+            "started" if now.config.checks.is_empty() => {
+                let since = *up_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= UP_GRACE {
+                    match ports_accept(&now).await {
+                        Ok(()) => return Ok(()),
+                        Err(why) => port_trouble = Some(why),
+                    }
+                }
+            }
             "started" => {
                 if node.checks.passing(&m.id, now.config.checks.len()) {
                     return Ok(());
@@ -179,15 +240,14 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
                 }
             }
             "stopped" | "failed" | "destroyed" => {
-                let code = now
-                    .exit_code
-                    .map(|c| format!(" with code {c}"))
-                    .unwrap_or_default();
-                return Err(failed(format!("exited{code} before passing its checks")));
+                return Err(failed(format!("exited{code}{oom} before it was up")));
             }
-            _ => {}
+            _ => up_since = None,
         }
         if Instant::now() > deadline {
+            if let Some(why) = port_trouble {
+                return Err(failed(why));
+            }
             let pending: Vec<String> = node
                 .checks
                 .status(&m.id)
@@ -195,12 +255,69 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
                 .map(|c| format!("{}: {} {}", c.name, c.status, c.output))
                 .collect();
             return Err(failed(format!(
-                "did not pass its checks within {budget:.0}s ({})",
+                "was not up within {budget:.0}s (state {}; checks: {})",
+                now.state,
                 pending.join("; ")
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Whether every service port of `m` accepts a connection from the host,
+/// on the machine's IPv4 or IPv6 address; if not, why, in words that say
+/// how to fix it.
+async fn ports_accept(m: &Machine) -> std::result::Result<(), String> {
+    let addr = hangar_machine::network::address(m.slot);
+    for service in &m.config.services {
+        let port = service.internal_port;
+        let mut refused = Vec::new();
+        let mut ok = false;
+        for ip in [
+            std::net::IpAddr::from(addr.v4),
+            std::net::IpAddr::from(addr.v6),
+        ] {
+            let target = std::net::SocketAddr::new(ip, port);
+            match tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(target),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {
+                    ok = true;
+                    break;
+                }
+                Ok(Err(e)) => refused.push(format!("{target}: {e}")),
+                Err(_) => refused.push(format!("{target}: no answer in 500 ms")),
+            }
+        }
+        if ok {
+            continue;
+        }
+        let id = m.id.clone();
+        let listening =
+            tokio::task::spawn_blocking(move || hangar_machine::network::listeners(&id))
+                .await
+                .unwrap_or_default();
+        let on_port: Vec<String> = listening
+            .iter()
+            .filter(|a| a.port() == port)
+            .map(|a| a.ip().to_string())
+            .collect();
+        return Err(if on_port.is_empty() {
+            format!(
+                "accepts no connection on its internal_port {port} ({}); nothing listens there: start the app on port {port} or set internal_port to the port it uses",
+                refused.join("; ")
+            )
+        } else {
+            format!(
+                "listens on port {port} only at {} inside the machine, which the edge cannot reach; make the app bind 0.0.0.0 (or ::) instead",
+                on_port.join(" and ")
+            )
+        });
+    }
+    Ok(())
 }
 
 /// Run a deploy to the end; the release records how it ended.

@@ -313,6 +313,57 @@ pub fn strangers(mine: &[String]) -> Vec<String> {
     found
 }
 
+/// The TCP sockets listening inside a container machine's namespace (read
+/// from its `/proc/net/tcp{,6}` through `nsenter`), to explain a port that
+/// refuses the host. Empty when it cannot tell (a micro-VM has no namespace
+/// here).
+pub fn listeners(id: &str) -> Vec<std::net::SocketAddr> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(id).display()))
+        .args(["cat", "/proc/net/tcp", "/proc/net/tcp6"])
+        .output();
+    let Ok(out) = out else {
+        return Vec::new();
+    };
+    parse_listeners(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Listening sockets (`st` 0A) of `/proc/net/tcp` and `tcp6` text.
+fn parse_listeners(text: &str) -> Vec<std::net::SocketAddr> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 4 || cols[3] != "0A" {
+            continue;
+        }
+        let Some((ip, port)) = cols[1].split_once(':') else {
+            continue;
+        };
+        let Ok(port) = u16::from_str_radix(port, 16) else {
+            continue;
+        };
+        // The kernel prints each 32-bit word in host (little-endian) order.
+        let words: Option<Vec<u32>> = (0..ip.len() / 8)
+            .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok())
+            .collect();
+        let Some(words) = words else {
+            continue;
+        };
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let ip = match bytes.len() {
+            4 => std::net::IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            16 => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&bytes);
+                std::net::IpAddr::from(b)
+            }
+            _ => continue,
+        };
+        found.push(std::net::SocketAddr::new(ip, port));
+    }
+    found
+}
+
 /// Whether the machine's namespace exists (for tests of cleanup).
 pub fn attached(id: &str) -> bool {
     netns_path(id).exists()
@@ -321,6 +372,22 @@ pub fn attached(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listeners_are_read_from_proc_net() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0200007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+   1: 00000000000000000000000001000000:0051 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0 100 0 0 10 0
+";
+        let found = parse_listeners(text);
+        let want: Vec<std::net::SocketAddr> = ["127.0.0.1:8080", "[::]:80", "[::1]:81"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(found, want);
+    }
 
     #[test]
     fn addresses_are_stable_per_slot() {

@@ -503,3 +503,79 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
         serde_json::from_str(&ok_in(&node, &dir, &["machine", "list", "--json"])).unwrap();
     assert_eq!(list.as_array().map(Vec::len), Some(0));
 }
+
+/// With no checks in hangar.toml, a release counts as up only when its
+/// machines stay started and their port answers: a release that exits, or
+/// listens where the edge cannot reach it, is rolled back, the deploy exits
+/// non-zero with the reason and the machine's last lines, and the old
+/// release keeps serving.
+#[test]
+fn a_deploy_without_checks_tells_the_truth() {
+    let node = Node::start();
+    let base = busybox_image(&node.h);
+    let dir = example_app(&node, &base);
+    let toml = fs::read_to_string(dir.join("hangar.toml")).unwrap();
+    let cut = toml.find("[[http_service.checks]]").unwrap();
+    let rest = &toml[cut..];
+    let end = rest.find("\n\n").map(|i| cut + i).unwrap_or(toml.len());
+    fs::write(
+        dir.join("hangar.toml"),
+        format!("{}{}", &toml[..cut], &toml[end..]),
+    )
+    .unwrap();
+    assert!(!fs::read_to_string(dir.join("hangar.toml"))
+        .unwrap()
+        .contains("checks"));
+    ok_in(&node, &dir, &["launch"]);
+    let out = ok_in(&node, &dir, &["deploy", "--count", "2"]);
+    assert!(out.contains("release v1 is complete"), "{out}");
+    let v1: Vec<String> = machines(&status_json(&node, &dir))
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(get(&node, "/healthz"), (200, "ok\n".to_string()));
+
+    let hello = dir.join("bin/hello");
+    let original = fs::read_to_string(&hello).unwrap();
+    let broken = [
+        // Exits at once.
+        (
+            "echo about to fail; exit 1\n",
+            vec!["exited with code 1", "about to fail"],
+        ),
+        // Serves, but only on the machine's loopback.
+        (
+            "echo serving on loopback; exec httpd -f -p 127.0.0.1:8080 -h /www\n",
+            vec!["only at 127.0.0.1", "bind 0.0.0.0", "serving on loopback"],
+        ),
+        // Serves nothing on its internal_port.
+        (
+            "echo on the wrong port; exec httpd -f -p 9090 -h /www\n",
+            vec!["nothing listens there", "on the wrong port"],
+        ),
+    ];
+    for (script, wanted) in broken {
+        fs::write(&hello, format!("#!/bin/sh\n{script}")).unwrap();
+        let out = hangar_in(&node, &dir, &["deploy"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{script}: {stdout}");
+        assert!(!stdout.contains("is complete"), "{script}: {stdout}");
+        assert!(stderr.contains("last log lines"), "{script}: {stderr}");
+        for w in wanted {
+            assert!(stderr.contains(w), "{script}: wanted {w:?} in {stderr}");
+        }
+        // The old release is still the app, on the same machines.
+        let v = status_json(&node, &dir);
+        assert_eq!(v["release"]["version"], 1, "{v}");
+        let now: Vec<String> = machines(&v)
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(now, v1, "{v}");
+        assert_eq!(get(&node, "/healthz"), (200, "ok\n".to_string()));
+    }
+    fs::write(&hello, original).unwrap();
+    let out = ok_in(&node, &dir, &["deploy"]);
+    assert!(out.contains("is complete"), "{out}");
+}
