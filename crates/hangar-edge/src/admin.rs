@@ -1,5 +1,5 @@
-//! The admin endpoint: `GET /metrics` (Prometheus text format) and
-//! `POST /purge` (JSON, bearer token):
+//! The admin endpoint, every route behind the bearer token: `GET /metrics`
+//! (Prometheus text format) and `POST /purge` (JSON):
 //! `{"host": "app.localhost", "url": "/a"}`, `{"host": .., "prefix": "/static/"}`,
 //! `{"tag": "post-1"}` (optionally with `host`), or `{"host": ..}` alone for
 //! the whole host; `"soft": true` marks entries stale instead of removing
@@ -78,6 +78,20 @@ async fn handle(
     token: Arc<str>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    // Every route needs the token: the metrics name every app and its
+    // traffic, which no one but the operator may see.
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let given = auth.strip_prefix("Bearer ").unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return Ok(json_error(
+            StatusCode::UNAUTHORIZED,
+            "send Authorization: Bearer <the admin token from the edge config>",
+        ));
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             let store = &edge.cache.store;
@@ -90,18 +104,6 @@ async fn handle(
             Ok(r)
         }
         (&Method::POST, "/purge") => {
-            let auth = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let given = auth.strip_prefix("Bearer ").unwrap_or("");
-            if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                return Ok(json_error(
-                    StatusCode::UNAUTHORIZED,
-                    "send Authorization: Bearer <the admin token from the edge config>",
-                ));
-            }
             let body = match Limited::new(req.into_body(), 64 << 10).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => {

@@ -40,7 +40,7 @@ pub struct Tls {
     pub key: PathBuf,
 }
 
-/// The admin endpoint: `/metrics` (open) and `/purge` (bearer token).
+/// The admin endpoint: `/metrics` and `/purge`, both behind the bearer token.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
