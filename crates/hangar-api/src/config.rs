@@ -149,6 +149,8 @@ impl MachineConfig {
 
     /// Check what the API cannot accept, with a message that says what to fix.
     pub fn validate(&self) -> Result<()> {
+        // Every duration a request can name is bounded, so deadlines made
+        // from them can never overflow.
         if self.image.is_empty() {
             return Err(Error::Invalid("config.image is required".into()));
         }
@@ -161,8 +163,30 @@ impl MachineConfig {
                 self.restart.policy
             )));
         }
-        if self.guest.cpus == 0 || self.guest.cpus > 64 {
-            return Err(Error::Invalid("config.guest.cpus must be 1 to 64".into()));
+        let (host_cpus, host_mb) = host_capacity();
+        if self.guest.cpus == 0 || self.guest.cpus > host_cpus {
+            return Err(Error::Invalid(format!(
+                "config.guest.cpus {} must be 1 to {host_cpus} (the CPUs of this node)",
+                self.guest.cpus
+            )));
+        }
+        if self.guest.memory_mb > host_mb {
+            return Err(Error::Invalid(format!(
+                "config.guest.memory_mb {} is more than this node has ({host_mb} MB); ask for at most that",
+                self.guest.memory_mb
+            )));
+        }
+        if self.kill_timeout.is_some_and(|t| t > MAX_SECONDS) {
+            return Err(Error::Invalid(format!(
+                "config.kill_timeout must be at most {MAX_SECONDS} seconds"
+            )));
+        }
+        for s in &self.services {
+            if s.idle_timeout > MAX_SECONDS {
+                return Err(Error::Invalid(format!(
+                    "config.services idle_timeout must be at most {MAX_SECONDS} seconds"
+                )));
+            }
         }
         if !["container", "vm"].contains(&self.guest.driver.as_str()) {
             return Err(Error::Invalid(format!(
@@ -182,9 +206,15 @@ impl MachineConfig {
             )));
         }
         for (name, c) in &self.checks {
-            if !c.path.starts_with('/') || c.port == 0 || c.interval <= 0.0 || c.timeout <= 0.0 {
+            let seconds = |x: f64| x.is_finite() && x > 0.0 && x <= MAX_SECONDS as f64;
+            if !c.path.starts_with('/')
+                || c.port == 0
+                || !seconds(c.interval)
+                || !seconds(c.timeout)
+                || !(c.grace_period == 0.0 || seconds(c.grace_period))
+            {
                 return Err(Error::Invalid(format!(
-                    "config.checks.{name}: path must start with /, port be set, interval and timeout be above 0"
+                    "config.checks.{name}: path must start with /, port be set, interval and timeout be above 0 and grace_period at least 0, all at most {MAX_SECONDS} seconds"
                 )));
             }
         }
@@ -195,4 +225,24 @@ impl MachineConfig {
         }
         Ok(())
     }
+}
+
+/// The longest duration (seconds) any timeout or interval may name.
+pub const MAX_SECONDS: u64 = 3600;
+
+/// This node's CPUs and memory (MB): what a machine may ask for at most.
+pub fn host_capacity() -> (u32, u64) {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(u64::MAX);
+    (cpus, mb)
 }

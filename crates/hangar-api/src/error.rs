@@ -16,6 +16,12 @@ pub enum Error {
     Oci(#[from] hangar_oci::Error),
     #[error("{0}")]
     Internal(String),
+    /// A request body over the cap.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The caller has too many requests in flight; retry after a second.
+    #[error("{0}")]
+    Busy(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -26,6 +32,8 @@ impl Error {
             Error::NotFound(_) => 404,
             Error::Conflict(_) => 409,
             Error::Invalid(_) => 400,
+            Error::TooLarge(_) => 413,
+            Error::Busy(_) => 429,
             Error::Oci(hangar_oci::Error::InvalidReference { .. }) => 400,
             Error::Oci(hangar_oci::Error::NotFound(_)) => 404,
             _ => 500,

@@ -35,6 +35,30 @@ pub type Puller = Arc<
 /// orgs for images, apps and machines).
 pub type OrgTokens = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
+/// Requests one caller (an org, or the admin) may have in flight at once;
+/// more answer 429, so one tenant's flood never holds the node's workers
+/// that another tenant's requests need.
+pub const IN_FLIGHT_PER_CALLER: usize = 32;
+
+/// The requests in flight per caller.
+#[derive(Default)]
+pub struct InFlight(
+    std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+);
+
+impl InFlight {
+    fn permit(&self, who: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(who.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_PER_CALLER)))
+            .clone();
+        sem.try_acquire_owned().ok()
+    }
+}
+
 pub struct Api {
     pub node: Arc<Node>,
     /// The node's admin token: everything.
@@ -42,6 +66,7 @@ pub struct Api {
     pub pull: Puller,
     /// Org tokens: their org's apps and those apps' machines only.
     pub orgs: Option<OrgTokens>,
+    pub in_flight: InFlight,
 }
 
 /// Who calls.
@@ -116,18 +141,41 @@ fn machine_json(node: &Node, m: &Machine) -> serde_json::Value {
     v
 }
 
+/// The largest request body the API reads; larger ones answer 413 after
+/// reading no more than this.
+pub const MAX_BODY: usize = 1 << 20;
+
 async fn read_json<T: for<'de> Deserialize<'de>>(body: Incoming) -> Result<T, Error> {
-    let bytes = body
+    let bytes = http_body_util::Limited::new(body, MAX_BODY)
         .collect()
         .await
-        .map_err(|e| Error::Invalid(format!("reading the request body: {e}")))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Error::TooLarge(format!(
+                    "the request body is over {} KiB; send less",
+                    MAX_BODY >> 10
+                ))
+            } else {
+                Error::Invalid(format!("reading the request body: {e}"))
+            }
+        })?
         .to_bytes();
     let bytes = if bytes.is_empty() {
         Bytes::from_static(b"{}")
     } else {
         bytes
     };
-    serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("request body: {e}")))
+    // The error names the field (`config.guest.memory_mb: ...`).
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            Error::Invalid(format!("request body: {inner}"))
+        } else {
+            Error::Invalid(format!("request body: {path}: {inner}"))
+        }
+    })
 }
 
 fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
@@ -281,6 +329,19 @@ impl Api {
         if let Err(e) = self.authorize(&caller, &req) {
             return Ok(error(&e));
         }
+        let who = match &caller {
+            Caller::Admin => String::new(),
+            Caller::Org(org) => org.clone(),
+        };
+        // Held until the answer is ready (a streamed answer's work runs on).
+        let Some(_permit) = self.in_flight.permit(&who) else {
+            let mut r = error(&Error::Busy(format!(
+                "more than {IN_FLIGHT_PER_CALLER} requests of this token are in flight; retry after a second"
+            )));
+            r.headers_mut()
+                .insert("Retry-After", hyper::header::HeaderValue::from_static("1"));
+            return Ok(r);
+        };
         Ok(match self.route(req, &caller).await {
             Ok(r) => r,
             Err(e) => error(&e),
@@ -412,6 +473,12 @@ impl Api {
             }
             (Method::POST, ["v1", "machines", id, op @ ("stop" | "restart")]) => {
                 let body: StopRequest = read_json(req.into_body()).await?;
+                if body.timeout > crate::config::MAX_SECONDS {
+                    return Err(Error::Invalid(format!(
+                        "timeout must be at most {} seconds",
+                        crate::config::MAX_SECONDS
+                    )));
+                }
                 let (id, op) = (id.to_string(), op.to_string());
                 let timeout = Duration::from_secs(body.timeout);
                 let m = blocking(move || {
@@ -454,9 +521,19 @@ impl Api {
                         "state must be started, stopped or destroyed".into(),
                     ));
                 }
-                let timeout = param(&q, "timeout")
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(60u64);
+                let timeout = match param(&q, "timeout") {
+                    None => 60,
+                    Some(t) => t
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|t| *t <= crate::config::MAX_SECONDS)
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "timeout {t:?} must be whole seconds, at most {}",
+                                crate::config::MAX_SECONDS
+                            ))
+                        })?,
+                };
                 let deadline = Instant::now() + Duration::from_secs(timeout);
                 loop {
                     let m = node.state.get(id)?;

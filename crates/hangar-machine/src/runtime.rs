@@ -521,7 +521,7 @@ impl Runtime {
             cmd.arg("--env").arg(e);
         }
         cmd.arg(id).args(argv);
-        cmd.output().map_err(|e| Error::Command {
+        output_capped(&mut cmd, EXEC_OUTPUT_CAP).map_err(|e| Error::Command {
             command: "runc exec".into(),
             detail: e.to_string(),
         })
@@ -984,5 +984,75 @@ fn watch_oom(id: &str, oom: &AtomicBool, done: &AtomicBool) {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// The most of each of stdout and stderr an exec keeps; the rest is read
+/// and dropped (so the command never blocks on a full pipe), and counted.
+pub const EXEC_OUTPUT_CAP: usize = 1 << 20;
+
+/// `cmd`'s output like `Command::output`, keeping at most `cap` bytes of each
+/// stream. Bytes past the cap are counted in the returned `Output`'s place:
+/// the text `[... N more bytes not shown]` ends a stream that was cut.
+pub fn output_capped(cmd: &mut Command, cap: usize) -> std::io::Result<std::process::Output> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    fn keep(mut r: impl Read, cap: usize) -> Vec<u8> {
+        let mut kept = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut dropped: u64 = 0;
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = cap.saturating_sub(kept.len()).min(n);
+                    kept.extend_from_slice(&buf[..room]);
+                    dropped += (n - room) as u64;
+                }
+            }
+        }
+        if dropped > 0 {
+            kept.extend_from_slice(format!("\n[... {dropped} more bytes not shown]\n").as_bytes());
+        }
+        kept
+    }
+    let out = child
+        .stdout
+        .take()
+        .map(|r| std::thread::spawn(move || keep(r, cap)));
+    let err = child
+        .stderr
+        .take()
+        .map(|r| std::thread::spawn(move || keep(r, cap)));
+    let status = child.wait()?;
+    let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+        h.and_then(|h| h.join().ok()).unwrap_or_default()
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: join(out),
+        stderr: join(err),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_output_is_capped_and_says_how_much_was_cut() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "head -c 300000 /dev/zero; echo err >&2"]);
+        let out = output_capped(&mut cmd, 1000).unwrap();
+        assert!(out.status.success());
+        assert_eq!(&out.stdout[..1000], &[0u8; 1000][..]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout[1000..]).contains("299000 more bytes not shown")
+        );
+        assert_eq!(out.stderr, b"err\n");
     }
 }

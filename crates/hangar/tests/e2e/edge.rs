@@ -192,7 +192,13 @@ impl Edge {
         // Anyone else is refused: the metrics name every app.
         assert_eq!(http("GET", &self.admin, "/metrics", &[], b"").status, 401);
         let auth = format!("Bearer {TOKEN}");
-        let r = http("GET", &self.admin, "/metrics", &[("Authorization", &auth)], b"");
+        let r = http(
+            "GET",
+            &self.admin,
+            "/metrics",
+            &[("Authorization", &auth)],
+            b"",
+        );
         assert_eq!(r.status, 200);
         String::from_utf8(r.body).unwrap()
     }

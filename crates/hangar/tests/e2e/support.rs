@@ -924,8 +924,11 @@ pub fn http(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).expect("send");
-    stream.write_all(body).expect("send body");
+    // One write: a server that answers before reading the body (a refusal)
+    // then finds nothing unread, and the answer is not reset away.
+    let mut all = req.into_bytes();
+    all.extend_from_slice(body);
+    stream.write_all(&all).expect("send");
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read");
     let split = raw

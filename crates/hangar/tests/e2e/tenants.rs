@@ -492,3 +492,247 @@ fn machines_of_two_orgs_reach_nothing_of_each_other() {
         assert_eq!(own[&t]["tcp"], "acme-one", "after spoofing: {own}");
     }
 }
+
+/// The node's resident memory, MB.
+fn node_rss_mb(node: &Node) -> u64 {
+    let pid = fs::read_to_string(node.h.home().join("node.pid")).unwrap();
+    let status = fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn limits_hold_against_a_hostile_org() {
+    let node = Node::start();
+    let (api, registry) = node_addresses(&node);
+    let acme = Org::new(&node, "acme");
+    let evil = Org::new(&node, "evil");
+    for (org, app) in [(&acme, "acme-app"), (&evil, "evil-app")] {
+        let r = org.call("POST", "/v1/apps", &json!({"name": app}));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let base = busybox_image(&node.h);
+    let run = |org: &Org, app: &str, cmd: &str| -> String {
+        let image = format!("{registry}/{}/base:v1", org.name);
+        node.h.ok(&[
+            "image",
+            "push",
+            &base,
+            &image,
+            "--creds",
+            &format!("{}:{}", org.name, org.token),
+        ]);
+        let r = org.call(
+            "POST",
+            "/v1/machines",
+            &json!({"config": {"image": image, "metadata": {"app": app},
+                    "init": {"cmd": ["sh", "-c", cmd]}}}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        let r = org.call(
+            "GET",
+            &format!("/v1/machines/{id}/wait?state=started"),
+            &json!({}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        // Until its app runs, `runc exec` finds no container.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while node.exec(&id, &["true"]).0 != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "machine {id} never ran"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        id
+    };
+    let acme_m = run(&acme, "acme-app", "sleep 3600");
+    // evil's machine ignores SIGTERM, so each stop waits out its timeout.
+    let evil_m = run(
+        &evil,
+        "evil-app",
+        "trap '' TERM; while true; do sleep 1; done",
+    );
+    let rss_before = node_rss_mb(&node);
+
+    // A 500 MB body: refused with 413 after at most the cap is read.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&api).unwrap();
+        let head = format!(
+            "POST /v1/machines HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 524288000\r\n\r\n",
+            evil.token
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let chunk = vec![b' '; 1 << 20];
+        let mut sent = 0;
+        while sent < 64 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = s.read(&mut answer).unwrap_or(0);
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("send less"), "{answer}");
+    }
+
+    // exec output: 100 MB of zeros come back cut, and say so (the probe
+    // of the issue used `head -c`, which this image lacks).
+    let r = evil.call(
+        "POST",
+        &format!("/v1/machines/{evil_m}/exec"),
+        &json!({"cmd": ["dd", "if=/dev/zero", "bs=1000000", "count=100"]}),
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.len() < 8 << 20,
+        "{} bytes of exec output",
+        r.body.len()
+    );
+    let stdout = r.json()["stdout"].as_str().unwrap().to_string();
+    assert!(
+        stdout.contains("more bytes not shown"),
+        "{} bytes of stdout, stderr {}, exit {}",
+        stdout.len(),
+        r.json()["stderr"],
+        r.json()["exit_code"]
+    );
+    let rss_after = node_rss_mb(&node);
+    assert!(
+        rss_after < rss_before + 100,
+        "the node grew from {rss_before} MB to {rss_after} MB"
+    );
+
+    // Numbers out of range: each a 400 that names the field, never a 5xx
+    // or a dropped connection.
+    let create = |config: Value| {
+        let mut config = config;
+        config["image"] = json!(format!("{registry}/evil/base:v1"));
+        config["metadata"] = json!({"app": "evil-app"});
+        evil.call("POST", "/v1/machines", &json!({ "config": config }))
+    };
+    for (config, field) in [
+        (
+            json!({"guest": {"memory_mb": 17592186044416u64}}),
+            "memory_mb",
+        ),
+        (json!({"guest": {"memory_mb": u64::MAX}}), "memory_mb"),
+        (json!({"guest": {"cpus": 100000}}), "cpus"),
+        (json!({"guest": {"cpus": 0}}), "cpus"),
+        (json!({"kill_timeout": u64::MAX}), "kill_timeout"),
+        (
+            json!({"checks": {"c": {"port": 8080, "path": "/", "interval": 1e300, "timeout": 1}}}),
+            "checks",
+        ),
+        (
+            json!({"checks": {"c": {"port": 8080, "path": "/", "interval": 1, "timeout": 1, "grace_period": -5}}}),
+            "checks",
+        ),
+        (
+            json!({"services": [{"internal_port": 8080, "idle_timeout": u64::MAX}]}),
+            "idle_timeout",
+        ),
+        (json!({"guest": {"memory_mb": -1}}), "memory_mb"),
+        (json!({"guest": {"cpus": 1.5}}), "cpus"),
+        (json!({"restart": {"max_retries": 1e20}}), "max_retries"),
+    ] {
+        let r = create(config.clone());
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 400, "{config}: {text}");
+        assert!(text.contains(field), "{config}: {text}");
+    }
+    for (method, path, body) in [
+        (
+            "GET",
+            format!("/v1/machines/{evil_m}/wait?timeout=18446744073709551615"),
+            json!({}),
+        ),
+        (
+            "GET",
+            format!("/v1/machines/{evil_m}/wait?timeout=-1"),
+            json!({}),
+        ),
+        (
+            "GET",
+            format!("/v1/machines/{evil_m}/wait?timeout=abc"),
+            json!({}),
+        ),
+        (
+            "POST",
+            format!("/v1/machines/{evil_m}/stop"),
+            json!({"timeout": u64::MAX}),
+        ),
+        (
+            "POST",
+            format!("/v1/machines/{evil_m}/stop"),
+            json!({"timeout": -1}),
+        ),
+        (
+            "POST",
+            "/v1/apps/evil-app/scale".to_string(),
+            json!({"count": 1e30}),
+        ),
+    ] {
+        let r = evil.call(method, &path, &body);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 400, "{method} {path} {body}: {text}");
+    }
+
+    // A flood of stops on its own machine: evil gets 429s with
+    // Retry-After, and acme's exec answers as fast as ever meanwhile.
+    let flood: Vec<_> = (0..600)
+        .map(|_| {
+            let (api, token, id) = (api.clone(), evil.token.clone(), evil_m.clone());
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {token}");
+                http(
+                    "POST",
+                    &api,
+                    &format!("/v1/machines/{id}/stop"),
+                    &[
+                        ("Authorization", auth.as_str()),
+                        ("Content-Type", "application/json"),
+                    ],
+                    br#"{"timeout": 8}"#,
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let r = acme.call(
+            "POST",
+            &format!("/v1/machines/{acme_m}/exec"),
+            &json!({"cmd": ["true"]}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        // Unloaded this is well under a second; before per-org limits it
+        // took 52 s under such a flood.
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "acme's exec took {:?}",
+            t.elapsed()
+        );
+    }
+    let answers: Vec<HttpResponse> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+    let busy: Vec<&HttpResponse> = answers.iter().filter(|r| r.status == 429).collect();
+    assert!(!busy.is_empty(), "no 429 among {} stops", answers.len());
+    assert!(busy.iter().all(|r| r.header("retry-after") == Some("1")));
+    assert!(
+        answers.iter().all(|r| r.status < 500),
+        "a stop answered 5xx"
+    );
+    // The node is alive and well.
+    assert_eq!(acme.call("GET", "/v1/apps", &json!({})).status, 200);
+}
