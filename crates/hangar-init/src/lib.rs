@@ -38,6 +38,13 @@ pub struct ImageProcess {
     pub user: String,
 }
 
+/// `/etc/resolv.conf` of a machine with no resolver of its own.
+pub const NO_RESOLVER: &str = "# Written by Hangar: this machine has no DNS resolver of its own (yet).
+# Names still work through the egress proxy: HTTP_PROXY and HTTPS_PROXY are
+# set, and the proxy resolves them.
+options timeout:1 attempts:1
+";
+
 /// Everything init needs, written by the host.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -214,10 +221,14 @@ impl InitConfig {
         out
     }
 
-    /// The contents of `/etc/resolv.conf`, or `None` to leave it alone.
-    pub fn resolv_conf(&self) -> Option<String> {
+    /// The contents of `/etc/resolv.conf`. With no nameservers it names
+    /// none, and says why: the image's own file (often the build host's)
+    /// names resolvers a machine cannot reach, so every lookup would hang
+    /// until it timed out; with none, lookups fail at once (the C
+    /// libraries then ask 127.0.0.1, where nothing listens).
+    pub fn resolv_conf(&self) -> String {
         if self.nameservers.is_empty() {
-            return None;
+            return NO_RESOLVER.to_string();
         }
         let mut out = String::new();
         for ns in &self.nameservers {
@@ -226,7 +237,7 @@ impl InitConfig {
         if !self.search.is_empty() {
             out.push_str(&format!("search {}\n", self.search.join(" ")));
         }
-        Some(out)
+        out
     }
 }
 
@@ -354,6 +365,19 @@ mod tests {
         c.hostname = "m1".into();
         let env = c.environment("/root");
         assert_eq!(env, ["PATH=/bin", "A=2", "HOME=/root", "HOSTNAME=m1"]);
+    }
+
+    #[test]
+    fn resolv_conf_names_no_unreachable_resolver() {
+        let none = InitConfig::default().resolv_conf();
+        assert!(!none.contains("nameserver"), "{none}");
+        assert!(none.contains("egress proxy"), "{none}");
+        let some = InitConfig {
+            nameservers: vec!["10.213.0.1".into()],
+            search: vec!["internal".into()],
+            ..Default::default()
+        };
+        assert_eq!(some.resolv_conf(), "nameserver 10.213.0.1\nsearch internal\n");
     }
 
     #[test]

@@ -183,9 +183,7 @@ fn run(in_vm: bool) -> u8 {
     }
     ensure_mounts();
     set_hostname(&config.hostname);
-    if let Some(resolv) = config.resolv_conf() {
-        let _ = std::fs::write("/etc/resolv.conf", resolv);
-    }
+    let _ = std::fs::write("/etc/resolv.conf", config.resolv_conf());
     if !config.hosts.is_empty() {
         let _ = std::fs::write("/etc/hosts", config.hosts_file());
     }
