@@ -61,6 +61,9 @@ pub struct Manifest {
     pub deploy: Option<Deploy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartPolicy>,
+    /// fly.toml's process groups: read only to say they are not supported.
+    #[serde(default, skip_serializing)]
+    pub processes: Option<toml::Value>,
 }
 
 /// Where the image comes from: `image`, or a directory to build.
@@ -87,8 +90,8 @@ pub struct HttpService {
     pub internal_port: u16,
     #[serde(default)]
     pub force_https: bool,
-    /// `off` or `stop`.
-    #[serde(default = "off")]
+    /// `off` or `stop` (fly.toml's `true`/`false` mean `stop`/`off`).
+    #[serde(default = "off", deserialize_with = "stop_mode")]
     pub auto_stop_machines: String,
     #[serde(default)]
     pub auto_start_machines: bool,
@@ -155,9 +158,13 @@ pub struct Vm {
     /// MB, or text like "512mb" / "1gb".
     #[serde(default = "memory_default", deserialize_with = "megabytes")]
     pub memory: u64,
-    /// `container` (`vm` arrives with the micro-VM driver).
+    /// `container` or `vm`.
     #[serde(default = "container")]
     pub driver: String,
+    /// fly.toml's `shared` or `performance`: accepted, and the same here
+    /// (a machine's `cpus` are a quota of the node's CPUs either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_kind: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -264,6 +271,21 @@ fn seconds_f<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     parse_seconds(NumOrText::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
+/// `auto_stop_machines`: `"off"`/`"stop"`, or fly.toml's booleans.
+fn stop_mode<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Bool(bool),
+        Text(String),
+    }
+    Ok(match Mode::deserialize(d)? {
+        Mode::Bool(true) => "stop".into(),
+        Mode::Bool(false) => "off".into(),
+        Mode::Text(t) => t,
+    })
+}
+
 fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     seconds_f(d).map(|s| s.round() as u64)
 }
@@ -334,7 +356,17 @@ impl Manifest {
         if self.build.image.is_some() == self.build.dir.is_some() {
             return Err("[build] needs exactly one of image = \"...\" or dir = \"...\"".into());
         }
+        if self.processes.is_some() {
+            return Err("[processes] (process groups) is not supported: an app here runs one process; give its command as [build] cmd, or make each group its own app".into());
+        }
         if let Some(vm) = self.vm.first() {
+            if let Some(kind) = &vm.cpu_kind {
+                if !["shared", "performance"].contains(&kind.as_str()) {
+                    return Err(format!(
+                        "[[vm]] cpu_kind {kind:?} must be \"shared\" or \"performance\" (both mean the same here)"
+                    ));
+                }
+            }
             if !["container", "vm"].contains(&vm.driver.as_str()) {
                 return Err(format!(
                     "[[vm]] driver {:?} must be \"container\" or \"vm\"",
@@ -343,9 +375,12 @@ impl Manifest {
             }
         }
         if let Some(s) = &self.http_service {
+            if s.auto_stop_machines == "suspend" {
+                return Err("[http_service] auto_stop_machines = \"suspend\" is not supported (machines cannot be suspended here); use \"stop\" (or true)".into());
+            }
             if !["off", "stop"].contains(&s.auto_stop_machines.as_str()) {
                 return Err(format!(
-                    "[http_service] auto_stop_machines {:?} must be \"off\" or \"stop\"",
+                    "[http_service] auto_stop_machines {:?} must be \"off\", \"stop\", true or false",
                     s.auto_stop_machines
                 ));
             }
@@ -464,6 +499,36 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fly_toml_forms_are_read_where_they_mean_the_same() {
+        let base = "app = \"a\"\n[build]\nimage = \"x/y\"\n";
+        let with = |extra: &str| {
+            Manifest::parse(&format!("{base}{extra}"))
+                .map_err(|e| e.1)
+                .and_then(|m| m.validate().map(|()| m))
+        };
+        let stop = |v: &str| {
+            with(&format!(
+                "[http_service]\ninternal_port = 80\nauto_stop_machines = {v}\n"
+            ))
+            .map(|m| m.http_service.unwrap().auto_stop_machines)
+        };
+        assert_eq!(stop("true").unwrap(), "stop");
+        assert_eq!(stop("false").unwrap(), "off");
+        assert_eq!(stop("\"stop\"").unwrap(), "stop");
+        let e = stop("\"suspend\"").unwrap_err();
+        assert!(e.contains("suspend") && e.contains("use \"stop\""), "{e}");
+        let vm = with("[[vm]]\ncpu_kind = \"shared\"\ncpus = 1\n").unwrap();
+        assert_eq!(vm.vm[0].cpu_kind.as_deref(), Some("shared"));
+        let e = with("[[vm]]\ncpu_kind = \"gpu\"\n").unwrap_err();
+        assert!(e.contains("cpu_kind") && e.contains("performance"), "{e}");
+        let e = with("[processes]\napp = \"run\"\nworker = \"work\"\n").unwrap_err();
+        assert!(
+            e.contains("[processes]") && e.contains("[build] cmd"),
+            "{e}"
+        );
+    }
 
     const FULL: &str = r#"
 app = "hello"

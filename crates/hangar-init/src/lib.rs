@@ -39,7 +39,8 @@ pub struct ImageProcess {
 }
 
 /// `/etc/resolv.conf` of a machine with no resolver of its own.
-pub const NO_RESOLVER: &str = "# Written by Hangar: this machine has no DNS resolver of its own (yet).
+pub const NO_RESOLVER: &str =
+    "# Written by Hangar: this machine has no DNS resolver of its own (yet).
 # Names still work through the egress proxy: HTTP_PROXY and HTTPS_PROXY are
 # set, and the proxy resolves them.
 options timeout:1 attempts:1
@@ -377,7 +378,10 @@ mod tests {
             search: vec!["internal".into()],
             ..Default::default()
         };
-        assert_eq!(some.resolv_conf(), "nameserver 10.213.0.1\nsearch internal\n");
+        assert_eq!(
+            some.resolv_conf(),
+            "nameserver 10.213.0.1\nsearch internal\n"
+        );
     }
 
     #[test]

@@ -348,7 +348,10 @@ fn machines_of_two_orgs_reach_nothing_of_each_other() {
     // the file says why.
     let (code, resolv) = node.exec(&id(&a1), &["cat", "/etc/resolv.conf"]);
     assert_eq!(code, 0);
-    assert!(!resolv.contains("nameserver") && resolv.contains("egress proxy"), "{resolv}");
+    assert!(
+        !resolv.contains("nameserver") && resolv.contains("egress proxy"),
+        "{resolv}"
+    );
     // The address plan names the org: acme's two share a /24, evil's differs.
     let net = |m: &Value| {
         m["ipv4"]
