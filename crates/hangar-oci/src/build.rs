@@ -74,7 +74,13 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
-fn append_tree<W: Write>(tar: &mut tar::Builder<W>, root: &Path, epoch: u64) -> Result<()> {
+/// Append the tree at `root`; returns the paths left out (sockets).
+fn append_tree<W: Write>(
+    tar: &mut tar::Builder<W>,
+    root: &Path,
+    epoch: u64,
+) -> Result<Vec<PathBuf>> {
+    let mut skipped = Vec::new();
     let mut seen: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -128,17 +134,30 @@ fn append_tree<W: Write>(tar: &mut tar::Builder<W>, root: &Path, epoch: u64) -> 
                 h.set_entry_type(tar::EntryType::Fifo);
                 h.set_size(0);
                 tar.append_data(&mut h, &rel, io::empty()).map_err(io_err)?;
+            } else if ft.is_char_device() || ft.is_block_device() {
+                // As the tar format allows: the node itself, by number. (A
+                // debootstrap root has them under dev/.)
+                h.set_entry_type(if ft.is_char_device() {
+                    tar::EntryType::Char
+                } else {
+                    tar::EntryType::Block
+                });
+                h.set_size(0);
+                let rdev = meta.rdev();
+                let major = ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff);
+                let minor = ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff);
+                h.set_device_major(major as u32).map_err(io_err)?;
+                h.set_device_minor(minor as u32).map_err(io_err)?;
+                tar.append_data(&mut h, &rel, io::empty()).map_err(io_err)?;
             } else {
-                return Err(Error::Invalid(format!(
-                    "{}: sockets and device nodes cannot go into an image layer; remove it from the build directory",
-                    full.display()
-                )));
+                // Sockets mean nothing in an image: left out, counted.
+                skipped.push(rel);
             }
         }
         // Depth-first in name order: push in reverse so the first pops first.
         stack.extend(subdirs.into_iter().rev());
     }
-    Ok(())
+    Ok(skipped)
 }
 
 /// Build an image from `dir` and store it under `tag`.
@@ -165,7 +184,16 @@ pub fn build(
             inner: gz,
         });
         tar.mode(tar::HeaderMode::Deterministic);
-        append_tree(&mut tar, dir, opts.epoch)?;
+        let skipped = append_tree(&mut tar, dir, opts.epoch)?;
+        if let Some(first) = skipped.first() {
+            // One line for all of them: a socket is never image content.
+            eprintln!(
+                "build: left out {} socket(s) of {} (first: {}); sockets cannot go into an image",
+                skipped.len(),
+                dir.display(),
+                first.display()
+            );
+        }
         let tmp = store.root().join("tmp");
         let tee = tar.into_inner().at(&tmp)?;
         tee.inner.finish().at(&tmp)?;
@@ -313,6 +341,34 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn device_nodes_go_in_and_sockets_are_left_out() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: making device nodes needs root (CI runs as root)");
+            return;
+        }
+        let src = tempfile::tempdir().unwrap();
+        fs::create_dir(src.path().join("dev")).unwrap();
+        let null = src.path().join("dev/null");
+        let ok = std::process::Command::new("mknod")
+            .args([null.to_str().unwrap(), "c", "1", "3"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let _socket = std::os::unix::net::UnixListener::bind(src.path().join("app.sock")).unwrap();
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let tag: Reference = "localhost/dev:1".parse().unwrap();
+        build(&store, src.path(), &tag, &BuildOptions::default()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("root");
+        crate::unpack::unpack_image(&store, &store.image(&tag).unwrap(), &dest).unwrap();
+        let meta = fs::symlink_metadata(dest.join("dev/null")).unwrap();
+        assert!(meta.file_type().is_char_device());
+        assert_eq!(meta.rdev(), fs::symlink_metadata(&null).unwrap().rdev());
+        assert!(!dest.join("app.sock").exists());
     }
 
     #[test]
