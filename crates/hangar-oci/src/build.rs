@@ -74,12 +74,39 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
-/// Append the tree at `root`; returns the paths left out (sockets).
+/// The files of the build directory that stay out of the image:
+/// `.hangarignore`, else `.dockerignore`, in `.gitignore` syntax (`!`
+/// re-includes; a matched directory leaves out all it holds).
+fn ignore_rules(root: &Path) -> Result<Option<ignore::gitignore::Gitignore>> {
+    for name in [".hangarignore", ".dockerignore"] {
+        let path = root.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        let mut builder = ignore::gitignore::GitignoreBuilder::new(root);
+        if let Some(e) = builder.add(&path) {
+            return Err(Error::Invalid(format!(
+                "{}: {e}; fix the pattern",
+                path.display()
+            )));
+        }
+        let rules = builder
+            .build()
+            .map_err(|e| Error::Invalid(format!("{}: {e}; fix the pattern", path.display())))?;
+        return Ok(Some(rules));
+    }
+    Ok(None)
+}
+
+/// Append the tree at `root`, leaving out what its ignore file names;
+/// returns the paths left out because they cannot be image content
+/// (sockets).
 fn append_tree<W: Write>(
     tar: &mut tar::Builder<W>,
     root: &Path,
     epoch: u64,
 ) -> Result<Vec<PathBuf>> {
+    let ignored = ignore_rules(root)?;
     let mut skipped = Vec::new();
     let mut seen: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut stack = vec![PathBuf::new()];
@@ -96,6 +123,12 @@ fn append_tree<W: Write>(
             let rel = rel.join(&name);
             let full = root.join(&rel);
             let meta = fs::symlink_metadata(&full).at(&full)?;
+            if ignored
+                .as_ref()
+                .is_some_and(|g| g.matched(&rel, meta.is_dir()).is_ignore())
+            {
+                continue;
+            }
             let mut h = tar::Header::new_gnu();
             h.set_mode(meta.mode() & 0o7777);
             h.set_uid(0);
@@ -369,6 +402,46 @@ mod tests {
         assert!(meta.file_type().is_char_device());
         assert_eq!(meta.rdev(), fs::symlink_metadata(&null).unwrap().rdev());
         assert!(!dest.join("app.sock").exists());
+    }
+
+    #[test]
+    fn the_ignore_file_keeps_files_out() {
+        let src = tempfile::tempdir().unwrap();
+        for f in [
+            "hangar.toml",
+            "app.py",
+            "notes.log",
+            "keep.log",
+            "target/big",
+            "src/x.log",
+        ] {
+            let p = src.path().join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"x").unwrap();
+        }
+        // .dockerignore counts only without a .hangarignore.
+        fs::write(src.path().join(".dockerignore"), "app.py\n").unwrap();
+        fs::write(
+            src.path().join(".hangarignore"),
+            "hangar.toml\n*.log\n!keep.log\ntarget/\n",
+        )
+        .unwrap();
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let tag: Reference = "localhost/ign:1".parse().unwrap();
+        build(&store, src.path(), &tag, &BuildOptions::default()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("root");
+        crate::unpack::unpack_image(&store, &store.image(&tag).unwrap(), &dest).unwrap();
+        for kept in ["app.py", "keep.log", ".hangarignore", "src"] {
+            assert!(dest.join(kept).exists(), "{kept} should be in the image");
+        }
+        for gone in ["hangar.toml", "notes.log", "target", "src/x.log"] {
+            assert!(!dest.join(gone).exists(), "{gone} should be left out");
+        }
+        fs::write(src.path().join(".hangarignore"), "[z-a]\n").unwrap();
+        let e = build(&store, src.path(), &tag, &BuildOptions::default()).unwrap_err();
+        assert!(e.to_string().contains(".hangarignore"), "{e}");
     }
 
     #[test]
