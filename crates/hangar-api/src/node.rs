@@ -342,7 +342,7 @@ impl Node {
         self.state.get(&m.id)
     }
 
-    pub fn exec(&self, id: &str, cmd: &[String]) -> Result<ExecOutput> {
+    pub fn exec(&self, id: &str, cmd: &[String], user: Option<&str>) -> Result<ExecOutput> {
         let m = self.state.get(id)?;
         if cmd.is_empty() {
             return Err(Error::Invalid("exec needs a command".into()));
@@ -361,7 +361,14 @@ impl Node {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let out = self.runtime.exec(&m.id, cmd, &env)?;
+        let user = user
+            .map(|spec| {
+                self.runtime
+                    .user(&m.id, spec)
+                    .map_err(|e| Error::Invalid(format!("exec user {spec:?}: {e}")))
+            })
+            .transpose()?;
+        let out = self.runtime.exec(&m.id, cmd, &env, user.as_ref())?;
         Ok(ExecOutput {
             exit_code: out.status.code().unwrap_or(128),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -289,6 +289,8 @@ struct SignalRequest {
 #[serde(default, deny_unknown_fields)]
 struct ExecRequest {
     cmd: Vec<String>,
+    /// A user of the machine's image; default root.
+    user: Option<String>,
 }
 
 /// Run a blocking node operation off the async threads.
@@ -504,7 +506,7 @@ impl Api {
             (Method::POST, ["v1", "machines", id, "exec"]) => {
                 let body: ExecRequest = read_json(req.into_body()).await?;
                 let id = id.to_string();
-                let out = blocking(move || node.exec(&id, &body.cmd)).await?;
+                let out = blocking(move || node.exec(&id, &body.cmd, body.user.as_deref())).await?;
                 Ok(json(200, &serde_json::to_value(out).unwrap_or_default()))
             }
             (Method::GET, ["v1", "machines", id, "events"]) => {

@@ -39,6 +39,10 @@ pub struct Manifest {
     pub primary_region: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_signal: Option<String>,
+    /// The user the app runs as (`name`, `uid`, `name:group`, `uid:gid`),
+    /// looked up in the image; default: the image's, else root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -428,6 +432,7 @@ impl Manifest {
         }
         c.kill_signal = self.kill_signal.clone();
         c.kill_timeout = self.kill_timeout;
+        c.init.user = self.user.clone();
         if let Some(s) = &self.http_service {
             c.services.push(Service {
                 internal_port: s.internal_port,
@@ -519,6 +524,8 @@ mod tests {
         assert_eq!(stop("\"stop\"").unwrap(), "stop");
         let e = stop("\"suspend\"").unwrap_err();
         assert!(e.contains("suspend") && e.contains("use \"stop\""), "{e}");
+        let user = Manifest::parse(&format!("user = \"app\"\n{base}")).unwrap();
+        assert_eq!(user.machine_config("x/y").init.user.as_deref(), Some("app"));
         let vm = with("[[vm]]\ncpu_kind = \"shared\"\ncpus = 1\n").unwrap();
         assert_eq!(vm.vm[0].cpu_kind.as_deref(), Some("shared"));
         let e = with("[[vm]]\ncpu_kind = \"gpu\"\n").unwrap_err();

@@ -511,12 +511,30 @@ impl Runtime {
     }
 
     /// Run a command inside the running machine; its output and status back.
-    pub fn exec(&self, id: &str, argv: &[String], env: &[String]) -> Result<Output> {
+    pub fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        env: &[String],
+        user: Option<&hangar_init::RunAs>,
+    ) -> Result<Output> {
         if self.is_vm(id) {
+            if user.is_some() {
+                return Err(Error::Host(
+                    "exec --user is for containers; in a micro-VM run `su` or `setpriv` from the command".into(),
+                ));
+            }
             return crate::vm::exec(&self.dir(id), argv, env);
         }
         let mut cmd = runc(&self.runc_root);
         cmd.args(["exec"]);
+        if let Some(who) = user {
+            cmd.arg("--user").arg(format!("{}:{}", who.uid, who.gid));
+            for g in &who.groups {
+                cmd.arg("--additional-gids").arg(g.to_string());
+            }
+            cmd.arg("--env").arg(format!("HOME={}", who.home));
+        }
         for e in env {
             cmd.arg("--env").arg(e);
         }
@@ -525,6 +543,12 @@ impl Runtime {
             command: "runc exec".into(),
             detail: e.to_string(),
         })
+    }
+
+    /// `spec` (`name`, `uid`, `name:group`, `uid:gid`) as a user of the
+    /// machine's own passwd and group files.
+    pub fn user(&self, id: &str, spec: &str) -> std::result::Result<hangar_init::RunAs, String> {
+        hangar_init::resolve_user(spec, &self.dir(id).join("rootfs"))
     }
 
     /// Remove every trace of the machine: process, container state, mount,

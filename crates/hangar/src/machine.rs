@@ -112,6 +112,9 @@ enum MachineCommand {
     /// Run a command inside a running machine; exits with its exit code
     Exec {
         id: String,
+        /// Run as this user of the image (name, uid, name:group or uid:gid); default root
+        #[arg(long, short = 'u')]
+        user: Option<String>,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -355,12 +358,12 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                 out.flush()?;
             }
         }
-        MachineCommand::Exec { id, cmd } => {
+        MachineCommand::Exec { id, user, cmd } => {
             let r = client
                 .call(
                     Method::POST,
                     &format!("/v1/machines/{id}/exec"),
-                    Some(json!({"cmd": cmd})),
+                    Some(json!({"cmd": cmd, "user": user})),
                 )
                 .await?;
             print!("{}", r["stdout"].as_str().unwrap_or(""));

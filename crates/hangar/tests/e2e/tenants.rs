@@ -615,6 +615,21 @@ fn limits_hold_against_a_hostile_org() {
         r.json()["stderr"],
         r.json()["exit_code"]
     );
+    // exec as a user of the image, by name; an unknown one is a 400.
+    let out = node
+        .h
+        .ok(&["machine", "exec", &evil_m, "--user", "app", "--", "id"]);
+    assert!(
+        out.contains("uid=1000") && out.contains("gid=1000"),
+        "{out}"
+    );
+    let r = evil.call(
+        "POST",
+        &format!("/v1/machines/{evil_m}/exec"),
+        &json!({"cmd": ["id"], "user": "nobody-here"}),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("nobody-here"));
     let rss_after = node_rss_mb(&node);
     assert!(
         rss_after < rss_before + 100,
