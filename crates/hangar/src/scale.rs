@@ -33,6 +33,10 @@ pub struct Router {
     pub domain: String,
     runtime: tokio::runtime::Handle,
     one_at_a_time: Mutex<()>,
+    /// When each machine the waker started was first ready to serve (unix
+    /// seconds): its idle time counts from then, not from its start, so a
+    /// slow boot is not idle time.
+    ready_at: Mutex<HashMap<String, u64>>,
 }
 
 impl Router {
@@ -45,6 +49,7 @@ impl Router {
             domain,
             runtime: tokio::runtime::Handle::current(),
             one_at_a_time: Mutex::new(()),
+            ready_at: Mutex::default(),
         });
         let weak = Arc::downgrade(&router);
         node.on_leaving_service(move |m| {
@@ -136,8 +141,19 @@ pub fn edge_hosts(
 /// Stop machines of apps with `autostop` that had no request for their
 /// `idle_timeout`, keeping `min_machines_running` started. Stops run in the
 /// background; a machine already stopping is left alone.
-pub fn stop_idle(node: &Arc<Node>, edge: &hangar_edge::Edge, machines: &[Machine], domain: &str) {
+pub fn stop_idle(router: &Router, machines: &[Machine]) {
+    let (node, edge, domain) = (&router.node, &router.edge, &router.domain);
     let now = hangar_api::state::now();
+    let ready_at = {
+        let mut map = router.ready_at.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget machines that are gone.
+        map.retain(|id, _| {
+            machines
+                .iter()
+                .any(|m| &m.id == id && m.state != "destroyed")
+        });
+        map.clone()
+    };
     let mut by_app: HashMap<String, Vec<&Machine>> = HashMap::new();
     for m in machines
         .iter()
@@ -162,10 +178,14 @@ pub fn stop_idle(node: &Arc<Node>, edge: &hangar_edge::Edge, machines: &[Machine
             .unwrap_or(0);
         let keep = service.min_machines_running as usize;
         let idle_timeout = service.idle_timeout.max(1);
-        // Newest first go; a machine's own start counts as activity.
+        // Newest first go; a machine's own start (or, when woken, the
+        // moment it was first ready) counts as activity.
         let mut candidates: Vec<&&Machine> = started
             .iter()
-            .filter(|m| now.saturating_sub(last_request.max(m.updated_at)) >= idle_timeout)
+            .filter(|m| {
+                let woke = ready_at.get(&m.id).copied().unwrap_or(0);
+                now.saturating_sub(last_request.max(m.updated_at).max(woke)) >= idle_timeout
+            })
             .collect();
         candidates.sort_by_key(|m| std::cmp::Reverse(m.created_at));
         let excess = started.len().saturating_sub(keep);
@@ -259,7 +279,13 @@ pub fn waker(router: Arc<Router>) -> hangar_edge::proxy::Waker {
                 .map_err(|e| e.to_string())?;
             let started = node.state.get(&m.id).map_err(|e| e.to_string())?;
             let service = &started.config.services[0];
-            let deadline = Instant::now() + Duration::from_secs(30);
+            // Micro-VMs boot in tens of seconds under emulation.
+            let limit = if started.config.guest.driver == "vm" {
+                180
+            } else {
+                30
+            };
+            let deadline = Instant::now() + Duration::from_secs(limit);
             // Ready when every check passes; with none, when the port answers.
             loop {
                 let mut ok = true;
@@ -283,14 +309,20 @@ pub fn waker(router: Arc<Router>) -> hangar_edge::proxy::Waker {
                 }
                 if Instant::now() > deadline {
                     return Err(format!(
-                        "machine {} did not become ready within 30s",
-                        started.id
+                        "machine {} did not become ready within {limit}s; its last log lines:\n{}",
+                        started.id,
+                        hangar_api::deploy::last_log_lines(node, &started.id, 10)
                     ));
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             node.checks
                 .mark_passing(&started.id, started.config.checks.keys());
+            router
+                .ready_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(started.id.clone(), hangar_api::state::now());
             router.refresh();
             Ok(())
         })

@@ -313,7 +313,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                     update_egress(&node, &egress);
                     if let (Some(router), Ok(machines)) = (&edge, node.state.list()) {
                         // Idle stops first: the hosts then leave them out.
-                        crate::scale::stop_idle(&node, &router.edge, &machines, &router.domain);
+                        crate::scale::stop_idle(router, &machines);
                         router.refresh();
                     }
                     std::thread::sleep(Duration::from_millis(100));
