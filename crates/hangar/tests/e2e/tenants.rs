@@ -70,6 +70,23 @@ impl Org {
     }
 }
 
+/// Orgs `acme` and `evil`, each with a token and an app (`acme-app`,
+/// `evil-app`).
+fn two_orgs(node: &Node) -> (Org, Org) {
+    let (acme, evil) = (Org::new(node, "acme"), Org::new(node, "evil"));
+    for (org, app) in [(&acme, "acme-app"), (&evil, "evil-app")] {
+        let r = org.call("POST", "/v1/apps", &json!({"name": app}));
+        assert_eq!(
+            r.status,
+            200,
+            "{}: {}",
+            org.name,
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    (acme, evil)
+}
+
 /// An error body with the image reference taken out, to compare refusals.
 fn refusal(r: &HttpResponse, image: &str) -> (u16, String) {
     let text = r.json()["error"]
@@ -83,18 +100,7 @@ fn refusal(r: &HttpResponse, image: &str) -> (u16, String) {
 fn an_org_runs_only_images_it_may_pull_and_learns_nothing_of_others() {
     let node = Node::start();
     let (api, registry) = node_addresses(&node);
-    let acme = Org::new(&node, "acme");
-    let evil = Org::new(&node, "evil");
-    for (org, app) in [(&acme, "acme-app"), (&evil, "evil-app")] {
-        let r = org.call("POST", "/v1/apps", &json!({"name": app}));
-        assert_eq!(
-            r.status,
-            200,
-            "{}: {}",
-            org.name,
-            String::from_utf8_lossy(&r.body)
-        );
-    }
+    let (acme, evil) = two_orgs(&node);
 
     // acme's private image carries a secret; acme pushes it, and a second
     // image it makes public; evil pushes its own.
@@ -517,12 +523,7 @@ fn node_rss_mb(node: &Node) -> u64 {
 fn limits_hold_against_a_hostile_org() {
     let node = Node::start();
     let (api, registry) = node_addresses(&node);
-    let acme = Org::new(&node, "acme");
-    let evil = Org::new(&node, "evil");
-    for (org, app) in [(&acme, "acme-app"), (&evil, "evil-app")] {
-        let r = org.call("POST", "/v1/apps", &json!({"name": app}));
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    }
+    let (acme, evil) = two_orgs(&node);
     let base = busybox_image(&node.h);
     let run = |org: &Org, app: &str, cmd: &str| -> String {
         let image = format!("{registry}/{}/base:v1", org.name);
