@@ -16,7 +16,8 @@
 
 # The commands a node needs to run machines (containers and micro-VMs).
 MACHINE_COMMANDS=(busybox:busybox-static runc:runc ip:iproute2 iptables:iptables
-    qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mkfs.ext4:e2fsprogs)
+    qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mkfs.ext4:e2fsprogs mount:mount
+    losetup:mount)
 
 ensure_commands() {
     local need=() pair cmd pkg

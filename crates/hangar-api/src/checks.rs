@@ -92,7 +92,7 @@ impl Checks {
 
 /// One check, once: `Ok` or why it failed.
 pub async fn probe(addr: SocketAddr, check: &Check) -> Result<(), String> {
-    let timeout = Duration::from_secs_f64(check.timeout);
+    let timeout = check.timeout();
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
@@ -158,9 +158,7 @@ pub async fn run(node: Arc<Node>) {
                     },
                     ..Item::default()
                 });
-                let due = item
-                    .last_run
-                    .is_none_or(|t| now >= t + Duration::from_secs_f64(check.interval));
+                let due = item.last_run.is_none_or(|t| now >= t + check.interval());
                 if item.running || !due {
                     continue;
                 }
@@ -191,8 +189,7 @@ pub async fn run(node: Arc<Node>) {
                             item.status.output = "OK".into();
                         }
                         Err(why) => {
-                            let in_grace =
-                                since.elapsed() < Duration::from_secs_f64(check.grace_period);
+                            let in_grace = since.elapsed() < check.grace_period();
                             if !in_grace {
                                 item.failures += 1;
                             }

@@ -13,6 +13,8 @@ pub struct MachineConfig {
     pub env: BTreeMap<String, String>,
     pub init: Init,
     pub guest: Guest,
+    /// The root filesystem (Fly's `rootfs`).
+    pub rootfs: Rootfs,
     pub restart: Restart,
     pub services: Vec<Service>,
     pub metadata: BTreeMap<String, String>,
@@ -39,6 +41,20 @@ pub struct Check {
     pub timeout: f64,
     /// Failures before this long after the start do not count.
     pub grace_period: f64,
+}
+
+impl Check {
+    /// How often, how long one may take, and how long after a start
+    /// failures do not count (`validate` bounds all three).
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.interval)
+    }
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.timeout)
+    }
+    pub fn grace_period(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.grace_period)
+    }
 }
 
 impl Default for Check {
@@ -100,6 +116,26 @@ impl Default for Guest {
     }
 }
 
+/// The size of a machine's root filesystem: what the image does not hold
+/// and the app writes must fit in it, and a machine that fills it sees
+/// "No space left on device" (the host's disk is not touched).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rootfs {
+    pub size_gb: u64,
+}
+
+/// Fly's default root filesystem size.
+pub const DEFAULT_ROOTFS_GB: u64 = 8;
+
+impl Default for Rootfs {
+    fn default() -> Self {
+        Rootfs {
+            size_gb: DEFAULT_ROOTFS_GB,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Restart {
@@ -147,6 +183,16 @@ impl MachineConfig {
         )
     }
 
+    /// What the machine's host gets: its cgroup and disk limits.
+    pub fn limits(&self) -> hangar_machine::bundle::Limits {
+        hangar_machine::bundle::Limits {
+            cpus: self.guest.cpus,
+            memory_mb: self.guest.memory_mb,
+            pids: 4096,
+            disk_mb: self.rootfs.size_gb.saturating_mul(1024),
+        }
+    }
+
     /// Check what the API cannot accept, with a message that says what to fix.
     pub fn validate(&self) -> Result<()> {
         // Every duration a request can name is bounded, so deadlines made
@@ -174,6 +220,12 @@ impl MachineConfig {
             return Err(Error::Invalid(format!(
                 "config.guest.memory_mb {} is more than this node has ({host_mb} MB); ask for at most that",
                 self.guest.memory_mb
+            )));
+        }
+        if self.rootfs.size_gb == 0 || self.rootfs.size_gb > MAX_ROOTFS_GB {
+            return Err(Error::Invalid(format!(
+                "config.rootfs.size_gb {} must be 1 to {MAX_ROOTFS_GB}",
+                self.rootfs.size_gb
             )));
         }
         if self.kill_timeout.is_some_and(|t| t > MAX_SECONDS) {
@@ -226,6 +278,10 @@ impl MachineConfig {
         Ok(())
     }
 }
+
+/// The largest root filesystem a machine may ask for (GB); the node also
+/// checks it against the disk that holds its machines.
+pub const MAX_ROOTFS_GB: u64 = 16 * 1024;
 
 /// The longest duration (seconds) any timeout or interval may name.
 pub const MAX_SECONDS: u64 = 3600;

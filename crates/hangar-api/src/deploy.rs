@@ -46,6 +46,36 @@ fn rolling() -> String {
     "rolling".into()
 }
 
+/// How long a deploy waits for a new machine to be up: long enough for
+/// its checks to pass a few times, at most 5 minutes.
+pub(crate) fn wait_budget(config: &MachineConfig) -> Duration {
+    // Micro-VMs boot in tens of seconds under emulation.
+    let floor = if config.guest.driver == "vm" {
+        120.0
+    } else {
+        10.0
+    };
+    let budget = config
+        .checks
+        .values()
+        .map(|c| c.grace_period + 5.0 * c.interval + c.timeout)
+        .fold(floor, f64::max)
+        .min(300.0);
+    Duration::from_secs_f64(budget)
+}
+
+/// The most machines an app can have on this node: its org's network
+/// holds that many.
+pub fn check_count(count: u32) -> Result<()> {
+    let most = hangar_machine::network::HOSTS.count();
+    if count as usize > most {
+        return Err(Error::Invalid(format!(
+            "count {count} is more than an org's network on this node holds ({most} machines)"
+        )));
+    }
+    Ok(())
+}
+
 /// Progress lines (JSON) for the caller, as the deploy goes.
 #[derive(Clone)]
 pub struct Progress(pub UnboundedSender<serde_json::Value>);
@@ -150,20 +180,8 @@ pub const UP_GRACE: Duration = Duration::from_secs(2);
 /// meanwhile is not up. The error says what happened and ends with the
 /// machine's last log lines.
 pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result<()> {
-    // Micro-VMs boot in tens of seconds under emulation.
-    let floor = if m.config.guest.driver == "vm" {
-        120.0
-    } else {
-        10.0
-    };
-    let budget = m
-        .config
-        .checks
-        .values()
-        .map(|c| c.grace_period + 5.0 * c.interval + c.timeout)
-        .fold(floor, f64::max)
-        .min(300.0);
-    let deadline = Instant::now() + Duration::from_secs_f64(budget);
+    let budget = wait_budget(&m.config).as_secs();
+    let deadline = Instant::now() + wait_budget(&m.config);
     let failed = |why: String| {
         Error::Conflict(format!(
             "machine {} ({}) {why}; its last log lines:\n{}",
@@ -255,7 +273,7 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
                 .map(|c| format!("{}: {} {}", c.name, c.status, c.output))
                 .collect();
             return Err(failed(format!(
-                "was not up within {budget:.0}s (state {}; checks: {})",
+                "was not up within {budget}s (state {}; checks: {})",
                 now.state,
                 pending.join("; ")
             )));
@@ -335,10 +353,13 @@ pub async fn deploy(
             req.strategy
         )));
     }
+    if let Some(count) = req.count {
+        check_count(count)?;
+    }
     let mut config = req.config;
     config.image = req.image.clone();
     config.metadata.insert("app".into(), app.clone());
-    config.validate()?;
+    node.check_config(&config)?;
     let old = app_machines(&node, &app)?;
     let count = req.count.map(|c| c as usize).unwrap_or(old.len().max(1));
     let replaces: Vec<String> = old.iter().map(|m| m.id.clone()).collect();
@@ -504,6 +525,7 @@ pub async fn scale_count(
     count: u32,
     progress: Progress,
 ) -> Result<()> {
+    check_count(count)?;
     let _one_at_a_time = AppLock::take(&node, &app)?;
     let release = node.state.current_release(&app)?.ok_or_else(|| {
         Error::Conflict(format!(

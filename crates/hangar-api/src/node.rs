@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hangar_init::InitConfig;
-use hangar_machine::bundle::Limits;
 use hangar_machine::{MachineSpec, ProcState, Runtime};
 use hangar_oci::Reference;
 
@@ -152,19 +151,29 @@ impl Node {
                 env,
                 ..InitConfig::default()
             },
-            limits: Limits {
-                cpus: c.guest.cpus,
-                memory_mb: c.guest.memory_mb,
-                pids: 4096,
-            },
+            limits: c.limits(),
             slot: m.slot,
             vm: c.guest.driver == "vm",
         })
     }
 
+    /// `config.validate()`, and what this node can give: its root
+    /// filesystem must fit on the disk that holds the machines.
+    pub fn check_config(&self, config: &MachineConfig) -> Result<()> {
+        config.validate()?;
+        let disk_gb = self.runtime.disk_capacity_mb() / 1024;
+        if config.rootfs.size_gb > disk_gb {
+            return Err(Error::Invalid(format!(
+                "config.rootfs.size_gb {} is more than the disk that holds this node's machines ({disk_gb} GB); ask for at most that",
+                config.rootfs.size_gb
+            )));
+        }
+        Ok(())
+    }
+
     /// Create a machine from `config` (its image already in the store) and start it.
     pub fn create(&self, name: Option<String>, config: MachineConfig) -> Result<Machine> {
-        config.validate()?;
+        self.check_config(&config)?;
         let id = random_id()?;
         let name = name.unwrap_or_else(|| id.clone());
         if name.is_empty()
@@ -294,7 +303,7 @@ impl Node {
 
     /// New config, then a restart onto it (a new root filesystem from the new image).
     pub fn update(&self, id: &str, config: MachineConfig) -> Result<Machine> {
-        config.validate()?;
+        self.check_config(&config)?;
         let m = self.state.get(id)?;
         // A machine's addresses are in its org's network: it stays there.
         if self.state.net_for(&config)? != hangar_machine::network::net_of(m.slot) {

@@ -160,13 +160,14 @@ async fn read_json<T: for<'de> Deserialize<'de>>(body: Incoming) -> Result<T, Er
             }
         })?
         .to_bytes();
-    let bytes = if bytes.is_empty() {
-        Bytes::from_static(b"{}")
-    } else {
-        bytes
-    };
-    // The error names the field (`config.guest.memory_mb: ...`).
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    parse_json(&bytes)
+}
+
+/// A request body as `T` (an empty body is `{}`); the error names the
+/// field (`config.guest.memory_mb: ...`).
+fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
+    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -270,6 +271,36 @@ struct StopRequest {
     timeout: u64,
 }
 
+impl StopRequest {
+    fn timeout(&self) -> Result<Duration, Error> {
+        if self.timeout > crate::config::MAX_SECONDS {
+            return Err(Error::Invalid(format!(
+                "timeout must be at most {} seconds",
+                crate::config::MAX_SECONDS
+            )));
+        }
+        Ok(Duration::from_secs(self.timeout))
+    }
+}
+
+/// `wait`'s `timeout` parameter: whole seconds, 60 when not given.
+fn wait_timeout(given: Option<&str>) -> Result<Duration, Error> {
+    let seconds = match given {
+        None => 60,
+        Some(t) => t
+            .parse::<u64>()
+            .ok()
+            .filter(|t| *t <= crate::config::MAX_SECONDS)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "timeout {t:?} must be whole seconds, at most {}",
+                    crate::config::MAX_SECONDS
+                ))
+            })?,
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
 impl Default for StopRequest {
     fn default() -> Self {
         StopRequest {
@@ -338,7 +369,8 @@ impl Api {
         // Held until the answer is ready (a streamed answer's work runs on).
         let Some(_permit) = self.in_flight.permit(&who) else {
             let mut r = error(&Error::Busy(format!(
-                "more than {IN_FLIGHT_PER_CALLER} requests of this token are in flight; retry after a second"
+                "more than {IN_FLIGHT_PER_CALLER} requests of {} are in flight; retry after a second",
+                if who.is_empty() { "the admin" } else { "this org" }
             )));
             r.headers_mut()
                 .insert("Retry-After", hyper::header::HeaderValue::from_static("1"));
@@ -444,7 +476,7 @@ impl Api {
             }
             (Method::POST, ["v1", "machines"]) => {
                 let body: CreateRequest = read_json(req.into_body()).await?;
-                body.config.validate()?;
+                node.check_config(&body.config)?;
                 self.org_may_use(caller, &body.config)?;
                 self.fetch_image(caller, &body.config.image).await?;
                 let m = blocking(move || node.create(body.name, body.config)).await?;
@@ -455,7 +487,7 @@ impl Api {
             }
             (Method::POST, ["v1", "machines", id]) => {
                 let body: UpdateRequest = read_json(req.into_body()).await?;
-                body.config.validate()?;
+                node.check_config(&body.config)?;
                 self.org_may_use(caller, &body.config)?;
                 self.fetch_image(caller, &body.config.image).await?;
                 let id = id.to_string();
@@ -475,14 +507,8 @@ impl Api {
             }
             (Method::POST, ["v1", "machines", id, op @ ("stop" | "restart")]) => {
                 let body: StopRequest = read_json(req.into_body()).await?;
-                if body.timeout > crate::config::MAX_SECONDS {
-                    return Err(Error::Invalid(format!(
-                        "timeout must be at most {} seconds",
-                        crate::config::MAX_SECONDS
-                    )));
-                }
+                let timeout = body.timeout()?;
                 let (id, op) = (id.to_string(), op.to_string());
-                let timeout = Duration::from_secs(body.timeout);
                 let m = blocking(move || {
                     if op == "stop" {
                         node.stop(&id, &body.signal, timeout)
@@ -523,20 +549,8 @@ impl Api {
                         "state must be started, stopped or destroyed".into(),
                     ));
                 }
-                let timeout = match param(&q, "timeout") {
-                    None => 60,
-                    Some(t) => t
-                        .parse::<u64>()
-                        .ok()
-                        .filter(|t| *t <= crate::config::MAX_SECONDS)
-                        .ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "timeout {t:?} must be whole seconds, at most {}",
-                                crate::config::MAX_SECONDS
-                            ))
-                        })?,
-                };
-                let deadline = Instant::now() + Duration::from_secs(timeout);
+                let timeout = wait_timeout(param(&q, "timeout"))?;
+                let deadline = Instant::now() + timeout;
                 loop {
                     let m = node.state.get(id)?;
                     if m.state == want {
@@ -545,7 +559,7 @@ impl Api {
                     if Instant::now() > deadline {
                         return Ok(json(
                             408,
-                            &serde_json::json!({"error": format!("machine {} is {}, not {want}, after {timeout}s", m.id, m.state)}),
+                            &serde_json::json!({"error": format!("machine {} is {}, not {want}, after {}s", m.id, m.state, timeout.as_secs())}),
                         ));
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -169,6 +169,12 @@ pub struct Vm {
     /// (a machine's `cpus` are a quota of the node's CPUs either way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_kind: Option<String>,
+    /// fly.toml's other spelling of `memory` (MB); it wins when both are given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// The root filesystem's size (the machines' `rootfs.size_gb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_size_gb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -420,9 +426,12 @@ impl Manifest {
         if let Some(vm) = self.vm.first() {
             c.guest = Guest {
                 cpus: vm.cpus,
-                memory_mb: vm.memory,
+                memory_mb: vm.memory_mb.unwrap_or(vm.memory),
                 driver: vm.driver.clone(),
             };
+            if let Some(gb) = vm.rootfs_size_gb {
+                c.rootfs.size_gb = gb;
+            }
         }
         if let Some(r) = &self.restart {
             c.restart = Restart {
@@ -528,6 +537,10 @@ mod tests {
         assert_eq!(user.machine_config("x/y").init.user.as_deref(), Some("app"));
         let vm = with("[[vm]]\ncpu_kind = \"shared\"\ncpus = 1\n").unwrap();
         assert_eq!(vm.vm[0].cpu_kind.as_deref(), Some("shared"));
+        let sized =
+            with("[[vm]]\nmemory = \"1gb\"\nmemory_mb = 512\nrootfs_size_gb = 2\n").unwrap();
+        let c = sized.machine_config("x/y");
+        assert_eq!((c.guest.memory_mb, c.rootfs.size_gb), (512, 2));
         let e = with("[[vm]]\ncpu_kind = \"gpu\"\n").unwrap_err();
         assert!(e.contains("cpu_kind") && e.contains("performance"), "{e}");
         let e = with("[processes]\napp = \"run\"\nworker = \"work\"\n").unwrap_err();

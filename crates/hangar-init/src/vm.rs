@@ -78,6 +78,11 @@ pub fn boot(setup: &VmSetup) -> Result<(), String> {
     wait_for(&setup.root, Duration::from_secs(60))?;
     network(setup)?;
     mount(&setup.root, "/newroot", "ext4", 0)?;
+    // The image's filesystem is as small as the image; the machine's disk
+    // is its root filesystem's size. A failure leaves the image's size.
+    if let Err(e) = grow(&setup.root, "/newroot") {
+        eprintln!("hangar-init: the root filesystem keeps the image's size: {e}");
+    }
     // /dev goes along; /proc and /sys are mounted again in the new root.
     let _ = std::fs::create_dir_all("/newroot/dev");
     mount("/dev", "/newroot/dev", "", libc::MS_MOVE)?;
@@ -94,6 +99,42 @@ pub fn boot(setup: &VmSetup) -> Result<(), String> {
         return Err(format!("chroot: {}", std::io::Error::last_os_error()));
     }
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+/// Grow the ext4 filesystem mounted at `mountpoint` to fill `device`
+/// (online, as resize2fs does: the kernel's EXT4_IOC_RESIZE_FS).
+fn grow(device: &str, mountpoint: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+    let dev = std::fs::File::open(device).map_err(|e| format!("{device}: {e}"))?;
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), BLKGETSIZE64, &mut bytes) } != 0 {
+        return Err(format!(
+            "size of {device}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let root = std::fs::File::open(mountpoint).map_err(|e| format!("{mountpoint}: {e}"))?;
+    // SAFETY: an all-zero statvfs is valid; fstatvfs fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a pointer to a statvfs.
+    if unsafe { libc::fstatvfs(root.as_raw_fd(), &mut st) } != 0 || st.f_bsize == 0 {
+        return Err(format!(
+            "statvfs {mountpoint}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let blocks: u64 = bytes / st.f_bsize;
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 (the new block count).
+    if unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_RESIZE_FS, &blocks) } != 0 {
+        return Err(format!(
+            "resize to {blocks} blocks: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 struct Socket(libc::c_int);

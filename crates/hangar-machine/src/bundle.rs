@@ -81,6 +81,9 @@ pub struct Limits {
     pub cpus: u32,
     pub memory_mb: u64,
     pub pids: i64,
+    /// The root filesystem's size: the machine's writable layer lives on a
+    /// filesystem of this size (a container's own ext4 image, a VM's disk).
+    pub disk_mb: u64,
 }
 
 /// The `config.json` for machine `id`.

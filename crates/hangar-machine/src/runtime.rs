@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! bundle/config.json   what runc runs (see bundle.rs)
-//! rootfs/              overlay: snapshots below, upper/ on top
-//! upper/ work/         the machine's own writable layer
+//! rootfs/              overlay: snapshots below, disk/upper on top
+//! disk.ext4            the machine's own filesystem (sparse, its size is
+//!                      the root filesystem's size), loop-mounted on disk/
+//! disk/upper disk/work the machine's own writable layer
 //! init.json            hangar-init's config, bind-mounted read-only
 //! lease                ChainIDs of the snapshots it uses
 //! machine.log[.1]      stdout and stderr, rotated by size
@@ -125,10 +127,12 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 /// What the container driver runs on the host, and the Debian package of each.
-const HOST_COMMANDS: [(&str, &str); 3] = [
+const HOST_COMMANDS: [(&str, &str); 5] = [
     ("runc", "runc"),
     ("ip", "iproute2"),
     ("iptables", "iptables"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mount", "mount"),
 ];
 
 /// Whether `command` is an executable file on `$PATH`.
@@ -243,7 +247,7 @@ impl Runtime {
         let image = self.store.image(&spec.image)?;
         let (lowers, unpacked) = self.snapshots.prepare(&self.store, &image)?;
         let dir = self.dir(&spec.id);
-        for sub in ["upper", "work", "rootfs", "bundle"] {
+        for sub in ["rootfs", "bundle"] {
             fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
         }
         let lease: Vec<String> = chain_ids(&image.config.rootfs.diff_ids)
@@ -295,6 +299,7 @@ impl Runtime {
             serde_json::to_vec_pretty(&config).unwrap_or_default(),
         )
         .at(&bundle_path)?;
+        make_disk(&dir, spec.limits.disk_mb)?;
         self.mount(&spec.id, &lowers)?;
         Ok(Created {
             addresses,
@@ -318,7 +323,7 @@ impl Runtime {
             .map(|d| d.to_string().replace(':', "-"))
             .unwrap_or_default();
         let (base, reused) = crate::vm::base_disk(&self.machines, &top, lowers)?;
-        crate::vm::overlay(&dir, &base)?;
+        crate::vm::overlay(&dir, &base, spec.limits.disk_mb)?;
         let addresses = network::address(spec.slot);
         let gw = network::gateway_of(spec.slot);
         init.hosts
@@ -378,6 +383,7 @@ impl Runtime {
         if is_mountpoint(&rootfs) {
             return Ok(());
         }
+        let layer = mount_disk(&dir, id)?;
         let lower: Vec<String> = lowers
             .iter()
             .rev()
@@ -386,8 +392,8 @@ impl Runtime {
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.join(":"),
-            dir.join("upper").display(),
-            dir.join("work").display()
+            layer.join("upper").display(),
+            layer.join("work").display()
         );
         let options = std::ffi::CString::new(options).map_err(|e| Error::Host(e.to_string()))?;
         rustix::mount::mount(
@@ -569,12 +575,13 @@ impl Runtime {
         }
         release_host(&dir, id, &self.runc_root);
         // Its files go only once nothing is mounted over them.
-        let rootfs = dir.join("rootfs");
-        if is_mountpoint(&rootfs) {
-            return Err(Error::Host(format!(
-                "cannot unmount {}; machine {id} is kept (run `hangar machine destroy {id} --force` again)",
-                rootfs.display()
-            )));
+        for mounted in [dir.join("rootfs"), dir.join("disk")] {
+            if is_mountpoint(&mounted) {
+                return Err(Error::Host(format!(
+                    "cannot unmount {}; machine {id} is kept (run `hangar machine destroy {id} --force` again)",
+                    mounted.display()
+                )));
+            }
         }
         if dir.exists() {
             fs::remove_dir_all(&dir).at(&dir)?;
@@ -609,9 +616,19 @@ impl Runtime {
                 network::attached(id)
                     || crate::vm::tap_exists(id)
                     || self.runc_root.join(id).exists()
-                    || mounted.contains(self.dir(id).join("rootfs").to_string_lossy().as_ref())
+                    || ["rootfs", "disk"]
+                        .iter()
+                        .any(|m| mounted.contains(self.dir(id).join(m).to_string_lossy().as_ref()))
             })
             .collect()
+    }
+
+    /// The size (MB) of the filesystem that holds the machines: no
+    /// machine's root filesystem can be larger.
+    pub fn disk_capacity_mb(&self) -> u64 {
+        rustix::fs::statvfs(&self.machines)
+            .map(|s| s.f_blocks.saturating_mul(s.f_frsize) >> 20)
+            .unwrap_or(u64::MAX)
     }
 
     /// Remove snapshots no machine leases and no stored image needs.
@@ -626,9 +643,12 @@ fn release_host(dir: &Path, id: &str, runc_root: &Path) {
     if runc_root.join(id).exists() {
         let _ = runc(runc_root).args(["delete", "--force", id]).output();
     }
-    let rootfs = dir.join("rootfs");
-    if is_mountpoint(&rootfs) {
-        let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
+    // The overlay first, then the filesystem its upper layer is on (the
+    // loop device goes with the last unmount: `mount` set it to autoclear).
+    for mounted in [dir.join("rootfs"), dir.join("disk")] {
+        if is_mountpoint(&mounted) {
+            let _ = rustix::mount::unmount(&mounted, rustix::mount::UnmountFlags::DETACH);
+        }
     }
     if network::attached(id) {
         network::detach(id);
@@ -636,6 +656,64 @@ fn release_host(dir: &Path, id: &str, runc_root: &Path) {
     if crate::vm::tap_exists(id) {
         crate::vm::detach_tap(id);
     }
+}
+
+/// The smallest root filesystem a machine can have (ext4's own structures
+/// and a small app fit).
+pub const MIN_DISK_MB: u64 = 256;
+
+/// Make the machine's own filesystem: a sparse ext4 image of `mb` MB (only
+/// what is written takes host disk; the kernel says "No space left on
+/// device" inside the machine when it is full). Made under a temp name and
+/// renamed, so a crash leaves none half-made.
+fn make_disk(dir: &Path, mb: u64) -> Result<()> {
+    let image = dir.join("disk.ext4");
+    if image.is_file() {
+        return Ok(());
+    }
+    let tmp = dir.join(".disk.ext4.tmp");
+    let file = File::create(&tmp).at(&tmp)?;
+    let bytes = mb.max(MIN_DISK_MB).saturating_mul(1 << 20);
+    file.set_len(bytes).at(&tmp)?;
+    drop(file);
+    // No reserved blocks (the machine's root is its only user), a small
+    // journal, and nothing written up front that the kernel can do lazily.
+    let made = run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-J", "size=4", "-L", "machine"])
+        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+        .arg(&tmp));
+    if let Err(e) = made {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, &image).at(&image)
+}
+
+/// Mount the machine's filesystem (when it has one) and return the
+/// directory its writable layer is in: `disk/`, or the machine's own
+/// directory for machines made before disks had a size.
+fn mount_disk(dir: &Path, id: &str) -> Result<PathBuf> {
+    let image = dir.join("disk.ext4");
+    if !image.is_file() {
+        for sub in ["upper", "work"] {
+            fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
+        }
+        return Ok(dir.to_path_buf());
+    }
+    let disk = dir.join("disk");
+    if !is_mountpoint(&disk) {
+        fs::create_dir_all(&disk).at(&disk)?;
+        // `discard` gives the host back what the machine deletes.
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,discard,nodev,nosuid"])
+            .arg(&image)
+            .arg(&disk))
+        .map_err(|e| Error::Host(format!("cannot mount the disk of machine {id}: {e}")))?;
+    }
+    for sub in ["upper", "work"] {
+        fs::create_dir_all(disk.join(sub)).at(disk.join(sub))?;
+    }
+    Ok(disk)
 }
 
 fn is_mountpoint(path: &Path) -> bool {

@@ -296,12 +296,16 @@ fn tree_bytes(root: &Path) -> u64 {
 }
 
 /// A copy-on-write overlay of the base disk for one machine.
-pub fn overlay(dir: &Path, base: &Path) -> Result<PathBuf> {
+pub fn overlay(dir: &Path, base: &Path, size_mb: u64) -> Result<PathBuf> {
     let disk = dir.join("disk.qcow2");
+    // The guest grows the image's filesystem to the disk's size at boot
+    // (hangar-init), so the disk's size is the root filesystem's.
+    let base_mb = fs::metadata(base).at(base)?.len().div_ceil(1 << 20);
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
         .arg(&disk)
+        .arg(format!("{}M", size_mb.max(base_mb)))
         .output()
         .map_err(|e| Error::Host(format!("qemu-img: {e}")))?;
     if !out.status.success() {

@@ -43,6 +43,9 @@ enum MachineCommand {
         /// Memory limit in MB
         #[arg(long, default_value_t = 256)]
         memory: u64,
+        /// Root filesystem size in GB (what the app may write)
+        #[arg(long = "rootfs-size", value_name = "GB", default_value_t = hangar_api::config::DEFAULT_ROOTFS_GB)]
+        rootfs_size: u64,
         /// no, on-failure or always
         #[arg(long, default_value = "on-failure")]
         restart: String,
@@ -213,6 +216,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             cpus,
             driver,
             memory,
+            rootfs_size,
             restart,
             max_retries,
             ports,
@@ -247,6 +251,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                 "config": {
                     "image": image, "env": envs, "init": init,
                     "guest": {"cpus": cpus, "memory_mb": memory, "driver": driver},
+                    "rootfs": {"size_gb": rootfs_size},
                     "restart": {"policy": restart, "max_retries": max_retries},
                     "services": services, "auto_destroy": rm,
                 },

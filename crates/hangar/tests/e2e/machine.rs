@@ -75,7 +75,7 @@ pub(crate) fn busybox_image(h: &Hangar) -> String {
     fs::copy(which("busybox"), dir.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "ps", "hostname", "sleep", "id", "env", "ls", "pwd", "wget", "httpd",
-        "dd", "trap", "kill", "grep", "true", "false", "nc", "printf", "date",
+        "dd", "trap", "kill", "grep", "true", "false", "nc", "printf", "date", "df", "rm", "sync",
     ] {
         let _ = symlink("busybox", dir.join("bin").join(applet));
     }
@@ -336,6 +336,14 @@ fn host_traces(id: &str) -> Vec<String> {
             .lines()
             .filter(|l| l.contains(&format!("hv{short}")) || l.contains(&format!("ht{short}")))
             .map(|l| format!("link {l}")),
+    );
+    let loops =
+        String::from_utf8(Command::new("losetup").arg("-a").output().unwrap().stdout).unwrap();
+    found.extend(
+        loops
+            .lines()
+            .filter(|l| l.contains(id))
+            .map(|l| format!("loop {l}")),
     );
     for controller in ["memory", "pids", "cpu", "unified", ""] {
         let dir = Path::new("/sys/fs/cgroup")
@@ -1167,6 +1175,87 @@ fn machines_go_out_only_through_the_egress_proxy() {
 /// few of them): served through the edge, talking with a container, exit
 /// codes, stop with SIGTERM then SIGKILL, the base disk built once, and
 /// nothing left after destroy.
+/// The size of machine `id`'s root filesystem, as `df` inside it says.
+fn root_size_mb(node: &Node, id: &str) -> u64 {
+    let (code, out) = node.exec(id, &["df", "-k", "/"]);
+    assert_eq!(code, 0, "{out}");
+    let kb: u64 = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("df: {out}"));
+    kb / 1024
+}
+
+#[test]
+fn a_machine_that_fills_its_disk_finds_it_full_and_the_host_does_not() {
+    let node = Node::start();
+    let image = busybox_image(&node.h);
+    let id = node.run(&[&image, "--rootfs-size", "1", "--", "sleep", "3600"]);
+    node.wait_for(&id, "start", |s| s["state"] == "started");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.exec(&id, &["true"]).0 != 0 {
+        assert!(Instant::now() < deadline, "machine {id} never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The root filesystem is the size asked for (less ext4's own blocks).
+    let size = root_size_mb(&node, &id);
+    assert!((900..=1024).contains(&size), "{size} MB");
+    // 1.2 GB into a 1 GB root: the machine sees a full disk...
+    let out = node.h.run(&[
+        "machine",
+        "exec",
+        &id,
+        "--",
+        "dd",
+        "if=/dev/zero",
+        "of=/fill",
+        "bs=1000000",
+        "count=1200",
+    ]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "dd filled 1.2 GB: {said}");
+    assert!(said.contains("No space left on device"), "{said}");
+    // ...and the host holds no more than the machine's disk.
+    let disk = node.h.home().join("machines").join(&id).join("disk.ext4");
+    let held = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&disk).unwrap()) * 512;
+    assert!(held <= 1 << 30, "the host holds {held} bytes for it");
+    // What the machine deletes, the host gets back (discard).
+    assert_eq!(node.exec(&id, &["rm", "/fill"]).0, 0);
+    assert_eq!(node.exec(&id, &["sync"]).0, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&disk).unwrap()) * 512;
+        if held < 200 << 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host still holds {held} bytes after the delete"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The files survive a stop and start (the disk is mounted again); a
+    // stopped machine holds no mount and no loop device.
+    assert_eq!(node.exec(&id, &["sh", "-c", "echo kept > /note"]).0, 0);
+    node.h.ok(&["machine", "stop", &id]);
+    node.wait_for(&id, "stop", |s| s["state"] == "stopped");
+    assert_eq!(host_traces(&id), Vec::<String>::new());
+    node.h.ok(&["machine", "start", &id]);
+    node.wait_for(&id, "start", |s| s["state"] == "started");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.exec(&id, &["true"]).0 != 0 {
+        assert!(Instant::now() < deadline, "machine {id} never ran again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(node.exec(&id, &["cat", "/note"]), (0, "kept\n".to_string()));
+    node.h.ok(&["machine", "destroy", &id, "--force"]);
+    assert_eq!(host_traces(&id), Vec::<String>::new());
+    assert!(!disk.exists());
+}
+
 #[test]
 fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
     require("qemu-system-x86_64");
@@ -1175,8 +1264,22 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
     let node = Node::start();
     let image = busybox_image(&node.h);
     let vm = node.run(&[
-        &image, "--name", "vmweb", "--driver", "vm", "--port", "8080", "--", "httpd", "-f", "-p",
-        "8080", "-h", "/www",
+        &image,
+        "--name",
+        "vmweb",
+        "--driver",
+        "vm",
+        "--rootfs-size",
+        "2",
+        "--port",
+        "8080",
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
     ]);
     let s = node.wait_for(&vm, "start", |s| s["state"] == "started");
     let vm_ip = s["ipv4"].as_str().unwrap().to_string();
@@ -1209,6 +1312,13 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
     );
     // exec into the VM, as into a container.
     let (code, out) = node.exec(&vm, &["sh", "-c", "hostname; cat /www/index.html"]);
+    // The image's small filesystem was grown to the disk's 2 GB at boot.
+    assert_eq!(
+        root_size_mb(&node, &vm) / 100,
+        19,
+        "{}",
+        node.exec(&vm, &["df", "-k", "/"]).1
+    );
     assert_eq!((code, out.as_str()), (0, "vmweb\nhello from a machine\n"));
     assert_eq!(node.exec(&vm, &["sh", "-c", "exit 3"]).0, 3);
 
