@@ -18,7 +18,10 @@ use crate::upstream::{self, Pool};
 const SLOW_MIN_SAMPLES: u64 = 20;
 
 pub struct Backend {
+    /// The backend's address (its name in metrics and pages)...
     pub addr: SocketAddr,
+    /// ...first of the addresses a connection tries (see `Host::alternates`).
+    pub addrs: Arc<[SocketAddr]>,
     outstanding: AtomicU32,
     pub pool: Arc<Pool>,
     health: Mutex<HealthState>,
@@ -66,9 +69,12 @@ struct HealthState {
 }
 
 impl Backend {
-    fn new(addr: SocketAddr, slots: Arc<Slots>) -> Backend {
+    fn new(addr: SocketAddr, alternates: &[SocketAddr], slots: Arc<Slots>) -> Backend {
         Backend {
             addr,
+            addrs: std::iter::once(addr)
+                .chain(alternates.iter().copied())
+                .collect(),
             slots,
             outstanding: AtomicU32::new(0),
             pool: Arc::new(Pool::default()),
@@ -339,9 +345,15 @@ impl Routes {
                 .backends
                 .iter()
                 .map(|addr| {
+                    let alternates = host.alternates.get(addr).map(Vec::as_slice).unwrap_or(&[]);
                     previous
-                        .and_then(|s| s.backends.iter().find(|b| b.addr == *addr).cloned())
-                        .unwrap_or_else(|| Arc::new(Backend::new(*addr, slots.clone())))
+                        .and_then(|s| {
+                            s.backends
+                                .iter()
+                                .find(|b| b.addr == *addr && b.addrs[1..] == *alternates)
+                                .cloned()
+                        })
+                        .unwrap_or_else(|| Arc::new(Backend::new(*addr, alternates, slots.clone())))
                 })
                 .collect();
             let metrics = previous.map(|s| s.metrics.clone()).unwrap_or_default();
@@ -421,7 +433,7 @@ async fn check(b: &Backend, path: &str, host: &str, timeout: Duration) -> Result
         .header(hyper::header::USER_AGENT, "hangar-edge-health")
         .body(upstream::empty())
         .map_err(|e| e.to_string())?;
-    let conn = upstream::checkout(&b.pool, b.addr, timeout)
+    let conn = upstream::checkout(&b.pool, &b.addrs, timeout)
         .await
         .map_err(|e| e.to_string())?;
     let resp = conn
@@ -453,6 +465,7 @@ mod tests {
                 .map(|i| {
                     Arc::new(Backend::new(
                         SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                        &[],
                         Default::default(),
                     ))
                 })

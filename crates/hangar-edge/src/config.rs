@@ -115,6 +115,9 @@ impl Default for CacheConfig {
 pub struct Host {
     pub name: String,
     pub backends: Vec<SocketAddr>,
+    /// Other addresses of a backend (a machine's IPv6 address beside its
+    /// IPv4 one), tried in order when it refuses a connection.
+    pub alternates: std::collections::BTreeMap<SocketAddr, Vec<SocketAddr>>,
     pub health: Health,
     pub cache: HostCache,
     /// When no backend is started, ask the node to start one (scale to
@@ -137,6 +140,7 @@ impl Default for Host {
         Host {
             name: String::new(),
             backends: Vec::new(),
+            alternates: Default::default(),
             health: Health::default(),
             cache: HostCache::default(),
             autostart: false,

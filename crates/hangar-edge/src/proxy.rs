@@ -361,21 +361,24 @@ impl Edge {
             let guard = backend.begin();
             site.metrics.origin_fetches.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let conn =
-                match upstream::checkout(&backend.pool, backend.addr, self.limits.connect_timeout)
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        site.record_failure(&backend, &e.to_string());
-                        last = e.to_string();
-                        // Nothing was sent: another backend may take it.
-                        if tried.len() < 3 && tried.len() < site.backends.len() {
-                            continue;
-                        }
-                        return Err((StatusCode::BAD_GATEWAY, e.to_string()));
+            let conn = match upstream::checkout(
+                &backend.pool,
+                &backend.addrs,
+                self.limits.connect_timeout,
+            )
+            .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    site.record_failure(&backend, &e.to_string());
+                    last = e.to_string();
+                    // Nothing was sent: another backend may take it.
+                    if tried.len() < 3 && tried.len() < site.backends.len() {
+                        continue;
                     }
-                };
+                    return Err((StatusCode::BAD_GATEWAY, e.to_string()));
+                }
+            };
             let req = Request::from_parts(
                 clone_parts(&parts),
                 body.take().unwrap_or_else(upstream::empty),
@@ -818,7 +821,8 @@ impl Edge {
             );
         };
         let guard = backend.begin();
-        let mut sender = match upstream::connect(backend.addr, self.limits.connect_timeout).await {
+        let mut sender = match upstream::connect(&backend.addrs, self.limits.connect_timeout).await
+        {
             Ok(s) => s,
             Err(e) => return page(StatusCode::BAD_GATEWAY, host, &e.to_string()),
         };

@@ -67,20 +67,41 @@ impl Pool {
 }
 
 /// Open a fresh HTTP/1.1 connection (used for upgrades, which take the
-/// connection over, and by the pool).
+/// connection over, and by the pool) to the first of `addrs` (a backend's
+/// addresses) that does not refuse it: an app that listens on only one of
+/// a machine's IPv4 and IPv6 addresses is still reached.
 pub async fn connect(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     timeout: Duration,
 ) -> Result<SendRequest<UpBody>, UpstreamError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(UpstreamError::Connect(addr, e.to_string())),
-        Err(_) => {
-            return Err(UpstreamError::Connect(
-                addr,
-                format!("timed out after {timeout:?}"),
-            ))
+    let Some(&addr) = addrs.first() else {
+        return Err(UpstreamError::Connect(
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            "the backend has no address".into(),
+        ));
+    };
+    let mut refused = Vec::new();
+    let mut stream = None;
+    for &a in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                stream = Some(s);
+                break;
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused.push(format!("{a}: {e}"));
+            }
+            Ok(Err(e)) => return Err(UpstreamError::Connect(a, e.to_string())),
+            Err(_) => {
+                return Err(UpstreamError::Connect(
+                    a,
+                    format!("timed out after {timeout:?}"),
+                ))
+            }
         }
+    }
+    let Some(stream) = stream else {
+        return Err(UpstreamError::Connect(addr, refused.join("; ")));
     };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
@@ -96,25 +117,26 @@ pub struct Conn {
     sender: SendRequest<UpBody>,
     pooled: bool,
     pool: Arc<Pool>,
-    addr: SocketAddr,
+    addrs: Arc<[SocketAddr]>,
 }
 
-/// A connection to `addr`: an idle pooled one, else a new one. Failing
-/// here sends nothing, so the caller may try another backend.
+/// A connection to a backend at `addrs` (see [`connect`]): an idle pooled
+/// one, else a new one. Failing here sends nothing, so the caller may try
+/// another backend.
 pub async fn checkout(
     pool: &Arc<Pool>,
-    addr: SocketAddr,
+    addrs: &Arc<[SocketAddr]>,
     connect_timeout: Duration,
 ) -> Result<Conn, UpstreamError> {
     let (sender, pooled) = match pool.take() {
         Some(s) => (s, true),
-        None => (connect(addr, connect_timeout).await?, false),
+        None => (connect(addrs, connect_timeout).await?, false),
     };
     Ok(Conn {
         sender,
         pooled,
         pool: pool.clone(),
-        addr,
+        addrs: addrs.clone(),
     })
 }
 
@@ -129,7 +151,7 @@ impl Conn {
         connect_timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
         use hyper::body::Body as _;
-        let addr = self.addr;
+        let addr = self.addrs[0];
         let retry = req.body().is_end_stream().then(|| head_of(&req));
         let mut req = req;
         loop {
@@ -152,7 +174,7 @@ impl Conn {
                     {
                         if let Some(head) = &retry {
                             req = head_of(head).map(|()| empty());
-                            self.sender = connect(addr, connect_timeout).await?;
+                            self.sender = connect(&self.addrs, connect_timeout).await?;
                             self.pooled = false;
                             continue;
                         }

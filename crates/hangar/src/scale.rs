@@ -132,7 +132,14 @@ pub fn edge_hosts(
             && m.desired == "started"
             && node.checks.passing(&m.id, m.config.checks.len())
         {
-            host.backends.push(address(m, service.internal_port));
+            let addr = address(m, service.internal_port);
+            host.backends.push(addr);
+            // An app that listens on IPv6 only is reached there.
+            let v6 = hangar_machine::network::address(m.slot).v6;
+            host.alternates.insert(
+                addr,
+                vec![std::net::SocketAddr::new(v6.into(), service.internal_port)],
+            );
         }
     }
     hosts.into_values().collect()

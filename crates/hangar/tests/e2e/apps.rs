@@ -575,6 +575,21 @@ fn a_deploy_without_checks_tells_the_truth() {
         assert_eq!(now, v1, "{v}");
         assert_eq!(get(&node, "/healthz"), (200, "ok\n".to_string()));
     }
+    // Serving on the machine's IPv6 address only is up, and the edge
+    // reaches it there.
+    fs::write(
+        &hello,
+        "#!/bin/sh\nline=$(grep -m1 fdaa /etc/hosts)\necho serving on ${line%%\t*} only\nexec httpd -f -p \"[${line%%\t*}]:8080\" -h /www\n",
+    )
+    .unwrap();
+    let out = ok_in(&node, &dir, &["deploy"]);
+    assert!(out.contains("release v5 is complete"), "{out}");
+    // (A URL not asked for before: the edge's cache cannot answer it.)
+    assert_eq!(get(&node, "/healthz?v6"), (200, "ok\n".to_string()));
+    let v2 = machines(&status_json(&node, &dir));
+    let id = v2[0]["id"].as_str().unwrap();
+    let logs = node.h.ok(&["machine", "logs", id]);
+    assert!(logs.contains("serving on fdaa:"), "{logs}");
     fs::write(&hello, original).unwrap();
     let out = ok_in(&node, &dir, &["deploy"]);
     assert!(out.contains("is complete"), "{out}");
