@@ -351,7 +351,13 @@ impl Node {
         self.state.get(&m.id)
     }
 
-    pub fn exec(&self, id: &str, cmd: &[String], user: Option<&str>) -> Result<ExecOutput> {
+    pub fn exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        user: Option<&str>,
+        stdin: &str,
+    ) -> Result<ExecOutput> {
         let m = self.state.get(id)?;
         if cmd.is_empty() {
             return Err(Error::Invalid("exec needs a command".into()));
@@ -377,7 +383,9 @@ impl Node {
                     .map_err(|e| Error::Invalid(format!("exec user {spec:?}: {e}")))
             })
             .transpose()?;
-        let out = self.runtime.exec(&m.id, cmd, &env, user.as_ref())?;
+        let out = self
+            .runtime
+            .exec(&m.id, cmd, &env, user.as_ref(), stdin.as_bytes())?;
         Ok(ExecOutput {
             exit_code: out.status.code().unwrap_or(128),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -322,6 +322,8 @@ struct ExecRequest {
     cmd: Vec<String>,
     /// A user of the machine's image; default root.
     user: Option<String>,
+    /// The command's standard input (as Fly's exec takes it).
+    stdin: String,
 }
 
 /// Run a blocking node operation off the async threads.
@@ -532,7 +534,9 @@ impl Api {
             (Method::POST, ["v1", "machines", id, "exec"]) => {
                 let body: ExecRequest = read_json(req.into_body()).await?;
                 let id = id.to_string();
-                let out = blocking(move || node.exec(&id, &body.cmd, body.user.as_deref())).await?;
+                let out =
+                    blocking(move || node.exec(&id, &body.cmd, body.user.as_deref(), &body.stdin))
+                        .await?;
                 Ok(json(200, &serde_json::to_value(out).unwrap_or_default()))
             }
             (Method::GET, ["v1", "machines", id, "events"]) => {
@@ -809,7 +813,7 @@ mod tests {
                 "strategy": "bluegreen", "max_unavailable": 1, "description": "v2"}),
             json!({"signal": "SIGTERM", "timeout": 10}),
             json!({"count": 3}),
-            json!({"cmd": ["true"], "user": "app"}),
+            json!({"cmd": ["true"], "user": "app", "stdin": "input"}),
             json!({"values": {"A": "b"}}),
             json!({"names": ["A"]}),
         ]

@@ -105,6 +105,9 @@ pub const EXEC_RESULT_MARKER: &str = "hangar-exec-result:";
 pub struct ExecRequest {
     pub argv: Vec<String>,
     pub env: Vec<String>,
+    /// Given to the command as its standard input.
+    #[serde(default)]
+    pub stdin: String,
 }
 
 /// How it went: exit code and output (each cut at 64 KiB).

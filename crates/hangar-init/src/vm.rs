@@ -313,6 +313,30 @@ pub fn oom_kills() -> u64 {
         .unwrap_or(0)
 }
 
+/// `cmd`'s output, with `input` as its standard input (written beside the
+/// readers, so neither side waits on the other).
+fn run_with_input(
+    cmd: &mut std::process::Command,
+    input: &[u8],
+) -> std::io::Result<std::process::Output> {
+    use std::process::Stdio;
+    if input.is_empty() {
+        return cmd.stdin(Stdio::null()).output();
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut w) = child.stdin.take() {
+        let bytes = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut w, &bytes);
+        });
+    }
+    child.wait_with_output()
+}
+
 /// Run a command the host asked for (`<n>:<hex json>`) in the background
 /// and print its result on the console for the host's shim.
 fn exec(request: &str) {
@@ -326,14 +350,12 @@ fn exec(request: &str) {
         let result = match req {
             Some(req) if !req.argv.is_empty() => {
                 let mut cmd = std::process::Command::new(&req.argv[0]);
-                cmd.args(&req.argv[1..])
-                    .env_clear()
-                    .stdin(std::process::Stdio::null());
+                cmd.args(&req.argv[1..]).env_clear();
                 for kv in &req.env {
                     let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
                     cmd.env(k, v);
                 }
-                match cmd.output() {
+                match run_with_input(&mut cmd, req.stdin.as_bytes()) {
                     Ok(out) => hangar_init::ExecResult {
                         code: out.status.code().unwrap_or_else(|| {
                             128 + std::os::unix::process::ExitStatusExt::signal(&out.status)

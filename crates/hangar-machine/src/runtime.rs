@@ -523,6 +523,7 @@ impl Runtime {
         argv: &[String],
         env: &[String],
         user: Option<&hangar_init::RunAs>,
+        stdin: &[u8],
     ) -> Result<Output> {
         if self.is_vm(id) {
             if user.is_some() {
@@ -530,7 +531,7 @@ impl Runtime {
                     "exec --user is for containers; in a micro-VM run `su` or `setpriv` from the command".into(),
                 ));
             }
-            return crate::vm::exec(&self.dir(id), argv, env);
+            return crate::vm::exec(&self.dir(id), argv, env, stdin);
         }
         let mut cmd = runc(&self.runc_root);
         cmd.args(["exec"]);
@@ -545,7 +546,7 @@ impl Runtime {
             cmd.arg("--env").arg(e);
         }
         cmd.arg(id).args(argv);
-        output_capped(&mut cmd, EXEC_OUTPUT_CAP).map_err(|e| Error::Command {
+        output_capped(&mut cmd, stdin, EXEC_OUTPUT_CAP).map_err(|e| Error::Command {
             command: "runc exec".into(),
             detail: e.to_string(),
         })
@@ -1096,10 +1097,18 @@ pub const EXEC_OUTPUT_CAP: usize = 1 << 20;
 /// `cmd`'s output like `Command::output`, keeping at most `cap` bytes of each
 /// stream. Bytes past the cap are counted in the returned `Output`'s place:
 /// the text `[... N more bytes not shown]` ends a stream that was cut.
-pub fn output_capped(cmd: &mut Command, cap: usize) -> std::io::Result<std::process::Output> {
+pub fn output_capped(
+    cmd: &mut Command,
+    stdin: &[u8],
+    cap: usize,
+) -> std::io::Result<std::process::Output> {
     use std::io::Read;
     let mut child = cmd
-        .stdin(std::process::Stdio::null())
+        .stdin(if stdin.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -1122,6 +1131,15 @@ pub fn output_capped(cmd: &mut Command, cap: usize) -> std::io::Result<std::proc
         }
         kept
     }
+    // Written beside the readers, so a command that answers before it has
+    // read everything cannot deadlock; a command that never reads it ends
+    // the writing with EPIPE when it exits.
+    let input = child.stdin.take().map(|mut w| {
+        let bytes = stdin.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&bytes);
+        })
+    });
     let out = child
         .stdout
         .take()
@@ -1131,6 +1149,9 @@ pub fn output_capped(cmd: &mut Command, cap: usize) -> std::io::Result<std::proc
         .take()
         .map(|r| std::thread::spawn(move || keep(r, cap)));
     let status = child.wait()?;
+    // Not joined: a process the command left behind may hold the pipe
+    // open; the writer ends when it does.
+    drop(input);
     let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
         h.and_then(|h| h.join().ok()).unwrap_or_default()
     };
@@ -1149,7 +1170,7 @@ mod tests {
     fn exec_output_is_capped_and_says_how_much_was_cut() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "head -c 300000 /dev/zero; echo err >&2"]);
-        let out = output_capped(&mut cmd, 1000).unwrap();
+        let out = output_capped(&mut cmd, &[], 1000).unwrap();
         assert!(out.status.success());
         assert_eq!(&out.stdout[..1000], &[0u8; 1000][..]);
         assert!(

@@ -503,7 +503,12 @@ fn console_line(dir: &Path, line: &str) -> Result<()> {
 
 /// Run a command inside the VM: init runs it and prints the result on the
 /// console, where the shim files it as `exec-<n>.json`.
-pub fn exec(dir: &Path, argv: &[String], env: &[String]) -> Result<std::process::Output> {
+pub fn exec(
+    dir: &Path,
+    argv: &[String],
+    env: &[String],
+    stdin: &[u8],
+) -> Result<std::process::Output> {
     use std::os::unix::process::ExitStatusExt;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = format!(
@@ -514,6 +519,9 @@ pub fn exec(dir: &Path, argv: &[String], env: &[String]) -> Result<std::process:
     let req = hangar_init::ExecRequest {
         argv: argv.to_vec(),
         env: env.to_vec(),
+        stdin: String::from_utf8(stdin.to_vec()).map_err(|_| {
+            Error::Host("a VM's exec takes text as its standard input, not bytes".into())
+        })?,
     };
     let json = serde_json::to_vec(&req).map_err(|e| Error::Host(e.to_string()))?;
     // The console reads lines of at most 4 KiB.
@@ -524,7 +532,8 @@ pub fn exec(dir: &Path, argv: &[String], env: &[String]) -> Result<std::process:
     );
     if line.len() > 4000 {
         return Err(Error::Host(
-            "the command and its environment are too long for a VM's console (4 KiB)".into(),
+            "the command, its environment and its input are too long for a VM's console (4 KiB)"
+                .into(),
         ));
     }
     console_line(dir, &line)?;

@@ -118,6 +118,10 @@ enum MachineCommand {
         /// Run as this user of the image (name, uid, name:group or uid:gid); default root
         #[arg(long, short = 'u')]
         user: Option<String>,
+        /// Give the command this command's standard input (read to its end
+        /// first; text, at most 512 KiB), as `docker exec -i` does
+        #[arg(long, short = 'i')]
+        interactive: bool,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -137,6 +141,10 @@ enum MachineCommand {
         runc_root: PathBuf,
     },
 }
+
+/// The most `exec -i` sends: it goes in the request's JSON, which the API
+/// caps at 1 MiB (escaping may double it).
+const STDIN_CAP: u64 = 512 << 10;
 
 /// A small client of the node's Machines API.
 fn parse_words(flag: &str, s: &str) -> Result<Vec<String>> {
@@ -363,12 +371,28 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                 out.flush()?;
             }
         }
-        MachineCommand::Exec { id, user, cmd } => {
+        MachineCommand::Exec {
+            id,
+            user,
+            interactive,
+            cmd,
+        } => {
+            let mut stdin = String::new();
+            if interactive {
+                use std::io::Read;
+                std::io::stdin()
+                    .take(STDIN_CAP + 1)
+                    .read_to_string(&mut stdin)
+                    .context("exec -i: standard input must be text (UTF-8)")?;
+                if stdin.len() as u64 > STDIN_CAP {
+                    bail!("exec -i: standard input is over {} KiB; copy big files into the machine another way (e.g. from an image layer)", STDIN_CAP >> 10);
+                }
+            }
             let r = client
                 .call(
                     Method::POST,
                     &format!("/v1/machines/{id}/exec"),
-                    Some(json!({"cmd": cmd, "user": user})),
+                    Some(json!({"cmd": cmd, "user": user, "stdin": stdin})),
                 )
                 .await?;
             print!("{}", r["stdout"].as_str().unwrap_or(""));

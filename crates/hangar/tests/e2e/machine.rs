@@ -76,6 +76,7 @@ pub(crate) fn busybox_image(h: &Hangar) -> String {
     for applet in [
         "sh", "echo", "cat", "ps", "hostname", "sleep", "id", "env", "ls", "pwd", "wget", "httpd",
         "dd", "trap", "kill", "grep", "true", "false", "nc", "printf", "date", "df", "rm", "sync",
+        "wc",
     ] {
         let _ = symlink("busybox", dir.join("bin").join(applet));
     }
@@ -683,6 +684,46 @@ fn restart_policies_logs_and_exec() {
     node.wait_for(&long, "start", |s| s["state"] == "started");
     let (code, out) = node.exec(&long, &["/bin/sh", "-c", "echo inside; exit 7"]);
     assert_eq!((code, out.as_str()), (7, "inside\n"));
+    // exec -i: the command reads what the CLI read from its stdin (here
+    // 300 KB, more than a pipe holds, and a first line it answers).
+    let input = format!("first line\n{}", "x".repeat(300_000));
+    let out = exec_with_input(
+        &node,
+        &long,
+        &input,
+        &["sh", "-c", "read l; echo \"got $l\"; wc -c"],
+    );
+    assert_eq!(out, format!("got first line\n{}\n", 300_000));
+    // Without -i, a command that reads stdin gets its end at once.
+    let (code, out) = node.exec(&long, &["sh", "-c", "read l || echo no input"]);
+    assert_eq!((code, out.as_str()), (0, "no input\n"));
+}
+
+/// `hangar machine exec -i` with `input` on its stdin; its stdout.
+fn exec_with_input(node: &Node, id: &str, input: &str, cmd: &[&str]) -> String {
+    let mut args = vec!["machine", "exec", "-i", id, "--"];
+    args.extend_from_slice(cmd);
+    let mut child = node
+        .h
+        .command(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "exec -i {cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `GET /` (with a Host header when `host` is not empty) at `addr` until
@@ -1321,6 +1362,10 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
     );
     assert_eq!((code, out.as_str()), (0, "vmweb\nhello from a machine\n"));
     assert_eq!(node.exec(&vm, &["sh", "-c", "exit 3"]).0, 3);
+    assert_eq!(
+        exec_with_input(&node, &vm, "to the guest\n", &["cat"]),
+        "to the guest\n"
+    );
 
     // Container -> VM, and VM -> container (the VM's log says what it got).
     let ctr = node.run(&[
