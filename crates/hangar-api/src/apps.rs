@@ -256,6 +256,67 @@ impl State {
         Ok(())
     }
 
+    /// An org's login to another registry (the password sealed): what the
+    /// node pulls that org's images from there with.
+    pub fn set_registry_login(
+        &self,
+        sealer: &Sealer,
+        org: &str,
+        registry: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<()> {
+        self.db().execute(
+            "INSERT OR REPLACE INTO registry_logins (org, registry, username, sealed, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![org, registry, username, sealer.seal(password.as_bytes())?, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Whether the org had a login there (now gone).
+    pub fn remove_registry_login(&self, org: &str, registry: &str) -> Result<bool> {
+        Ok(self.db().execute(
+            "DELETE FROM registry_logins WHERE org = ?1 AND registry = ?2",
+            params![org, registry],
+        )? > 0)
+    }
+
+    /// The registries an org has logins for, with their user names.
+    pub fn registry_logins(&self, org: &str) -> Result<Vec<(String, String)>> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT registry, username FROM registry_logins WHERE org = ?1 ORDER BY registry",
+        )?;
+        let rows = stmt
+            .query_map(params![org], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// The org's login to `registry`, opened: for the node's pulls only.
+    pub fn open_registry_login(
+        &self,
+        sealer: &Sealer,
+        org: &str,
+        registry: &str,
+    ) -> Result<Option<(String, String)>> {
+        let db = self.db();
+        let row: Option<(String, Vec<u8>)> = db
+            .query_row(
+                "SELECT username, sealed FROM registry_logins WHERE org = ?1 AND registry = ?2",
+                params![org, registry],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(user, sealed)| {
+            let password = sealer.open(&sealed).map_err(|e| {
+                Error::Internal(format!("registry login of {org} for {registry}: {e}"))
+            })?;
+            Ok((user, String::from_utf8_lossy(&password).into_owned()))
+        })
+        .transpose()
+    }
+
     /// Remove secrets; returns the names that existed.
     pub fn unset_secrets(&self, app: &str, names: &[String]) -> Result<Vec<String>> {
         let db = self.db();

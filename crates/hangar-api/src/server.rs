@@ -25,11 +25,15 @@ pub type Puller = Arc<
     dyn Fn(
             Option<String>,
             hangar_oci::Reference,
+            Option<RegistryLogin>,
         )
             -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
         + Send
         + Sync,
 >;
+
+/// An org's user name and password at another registry.
+pub type RegistryLogin = (String, String);
 
 /// Maps an org's API token to its org (the registry's tokens: one set of
 /// orgs for images, apps and machines).
@@ -200,6 +204,39 @@ fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
 struct CreateApp {
     name: String,
     org: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RegistryLoginRequest {
+    username: String,
+    password: String,
+}
+
+/// Registry logins are an org's: the admin pulls with the operator's own.
+fn login_org(caller: &Caller) -> Result<&str, Error> {
+    match caller {
+        Caller::Org(org) => Ok(org),
+        Caller::Admin => Err(Error::Invalid(
+            "registry logins belong to an org (use an org token); the admin pulls with the operator's ~/.docker/config.json".into(),
+        )),
+    }
+}
+
+/// A registry as image references name it: `host` or `host:port`.
+fn valid_registry(registry: &str) -> Result<(), Error> {
+    let ok = !registry.is_empty()
+        && registry.len() <= 255
+        && registry
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "registry {registry:?} must be a host or host:port, as image references name it"
+        )))
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -395,7 +432,7 @@ impl Api {
         let node = &self.node;
         let app_of_org = |app: &str| node.state.app(app).ok().is_some_and(|a| &a.org == org);
         match parts.as_slice() {
-            ["v1", "apps"] | ["v1", "machines"] => Ok(()),
+            ["v1", "apps"] | ["v1", "machines"] | ["v1", "registry-logins", ..] => Ok(()),
             ["v1", "apps", app, ..] if app_of_org(app) => Ok(()),
             ["v1", "apps", app, ..] => Err(Error::NotFound(format!("no app {app:?}; create it with `hangar launch` or list them with `hangar apps list`"))),
             ["v1", "machines", id, ..] => {
@@ -439,7 +476,15 @@ impl Api {
             Caller::Admin => None,
             Caller::Org(org) => Some(org.clone()),
         };
-        (self.pull)(org, image).await.map_err(Error::Invalid)
+        let login = match &org {
+            Some(org) => {
+                self.node
+                    .state
+                    .open_registry_login(&self.node.sealer, org, &image.registry)?
+            }
+            None => None,
+        };
+        (self.pull)(org, image, login).await.map_err(Error::Invalid)
     }
 
     /// Whether `caller` may see machine `m` (in lists).
@@ -644,6 +689,46 @@ impl Api {
                         .await
                         .map(|()| serde_json::json!({}))
                 }))
+            }
+            (Method::GET, ["v1", "registry-logins"]) => {
+                let org = login_org(caller)?;
+                let list: Vec<serde_json::Value> = node
+                    .state
+                    .registry_logins(org)?
+                    .into_iter()
+                    .map(|(registry, username)| serde_json::json!({"registry": registry, "username": username}))
+                    .collect();
+                Ok(json(200, &serde_json::Value::Array(list)))
+            }
+            (Method::PUT, ["v1", "registry-logins", registry]) => {
+                let org = login_org(caller)?;
+                let body: RegistryLoginRequest = read_json(req.into_body()).await?;
+                valid_registry(registry)?;
+                if body.username.is_empty() || body.password.is_empty() {
+                    return Err(Error::Invalid(
+                        "a registry login needs a username and a password".into(),
+                    ));
+                }
+                node.state.set_registry_login(
+                    &node.sealer,
+                    org,
+                    registry,
+                    &body.username,
+                    &body.password,
+                )?;
+                Ok(json(
+                    200,
+                    &serde_json::json!({"registry": registry, "username": body.username}),
+                ))
+            }
+            (Method::DELETE, ["v1", "registry-logins", registry]) => {
+                let org = login_org(caller)?;
+                if !node.state.remove_registry_login(org, registry)? {
+                    return Err(Error::NotFound(format!(
+                        "org {org} has no login for {registry}"
+                    )));
+                }
+                Ok(json(200, &serde_json::json!({"removed": registry})))
             }
             (Method::GET, ["v1", "apps", app, "secrets"]) => {
                 node.state.app(app)?;
@@ -1015,6 +1100,7 @@ mod tests {
             parse_json::<SignalRequest>(body).err(),
             parse_json::<SetSecrets>(body).err(),
             parse_json::<UnsetSecrets>(body).err(),
+            parse_json::<RegistryLoginRequest>(body).err(),
         ]
         .into_iter()
         .flatten()

@@ -145,6 +145,9 @@ impl State {
                 PRIMARY KEY (app, version));
              CREATE TABLE IF NOT EXISTS org_nets (
                 org TEXT PRIMARY KEY, net INTEGER NOT NULL UNIQUE);
+             CREATE TABLE IF NOT EXISTS registry_logins (
+                org TEXT NOT NULL, registry TEXT NOT NULL, username TEXT NOT NULL,
+                sealed BLOB NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (org, registry));
              CREATE TABLE IF NOT EXISTS secrets (
                 app TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL, digest TEXT NOT NULL,
                 created_at INTEGER NOT NULL, PRIMARY KEY (app, name));",

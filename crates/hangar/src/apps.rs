@@ -696,3 +696,51 @@ pub fn open(flag: AppFlag) -> Result<()> {
         .spawn();
     Ok(())
 }
+
+/// `hangar auth registry-login`: the org's login to another registry.
+pub fn registry_login(registry: &str, username: &str, password_stdin: bool) -> Result<()> {
+    let password = if password_stdin {
+        let mut p = String::new();
+        std::io::stdin()
+            .read_line(&mut p)
+            .context("reading the password from standard input")?;
+        p.trim_end_matches(['\r', '\n']).to_string()
+    } else {
+        std::env::var("HANGAR_REGISTRY_PASSWORD").map_err(|_| {
+            anyhow::anyhow!("give the password on standard input with --password-stdin, or in $HANGAR_REGISTRY_PASSWORD")
+        })?
+    };
+    let client = Client::new()?;
+    runtime()?.block_on(client.call(
+        reqwest::Method::PUT,
+        &format!("/v1/registry-logins/{registry}"),
+        Some(serde_json::json!({"username": username, "password": password})),
+    ))?;
+    println!("the org's images from {registry} are pulled as {username}");
+    Ok(())
+}
+
+pub fn registry_logins() -> Result<()> {
+    let client = Client::new()?;
+    let v = runtime()?.block_on(client.call(reqwest::Method::GET, "/v1/registry-logins", None))?;
+    println!("{:<32} USERNAME", "REGISTRY");
+    for l in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<32} {}",
+            l["registry"].as_str().unwrap_or(""),
+            l["username"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub fn registry_logout(registry: &str) -> Result<()> {
+    let client = Client::new()?;
+    runtime()?.block_on(client.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/registry-logins/{registry}"),
+        None,
+    ))?;
+    println!("logged out of {registry}");
+    Ok(())
+}

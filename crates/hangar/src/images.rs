@@ -6,7 +6,8 @@
 //! every use, never from what happens to be in the shared store:
 //! - from the node's own registry, by the registry's own rules (its own
 //!   repositories, or public ones), pulling with a read-only token of the org;
-//! - from any other registry, anonymously (never with the operator's
+//! - from any other registry, with the org's own login there if it has one
+//!   (`/v1/registry-logins`), else anonymously (never with the operator's
 //!   credentials), and never at the node's own or private addresses (loopback,
 //!   the machine network, the host's interfaces) unless the operator allows
 //!   that registry with `hangar up --allow-registry`.
@@ -50,7 +51,12 @@ impl Images {
 
     /// Make `reference` usable by a machine of `org` (`None`: the admin), or
     /// say why not (for an org: the same words whatever the reason).
-    pub async fn fetch(&self, org: Option<String>, reference: Reference) -> Result<(), String> {
+    pub async fn fetch(
+        &self,
+        org: Option<String>,
+        reference: Reference,
+        login: Option<(String, String)>,
+    ) -> Result<(), String> {
         let Some(org) = org else {
             if self.store.resolve(&reference).is_ok() {
                 return Ok(());
@@ -59,7 +65,7 @@ impl Images {
                 .await
                 .map_err(|e| format!("cannot get image {reference}: {e:#}"));
         };
-        match self.fetch_for(&org, &reference).await {
+        match self.fetch_for(&org, &reference, login).await {
             Ok(()) => Ok(()),
             Err(Refusal::Quiet(why)) => {
                 eprintln!("hangar up: image {reference} refused for org {org}: {why:#}");
@@ -69,7 +75,12 @@ impl Images {
         }
     }
 
-    async fn fetch_for(&self, org: &str, reference: &Reference) -> Result<(), Refusal> {
+    async fn fetch_for(
+        &self,
+        org: &str,
+        reference: &Reference,
+        login: Option<(String, String)>,
+    ) -> Result<(), Refusal> {
         if let Some((registry, addr)) = &self.registry {
             if names_own_registry(&reference.registry, *addr) {
                 let token = pull_token(registry, &self.home, org).map_err(Refusal::Quiet)?;
@@ -86,7 +97,11 @@ impl Images {
                     .map_err(Refusal::Quiet);
             }
         }
+        // The org's own login there, if it has one (`hangar registry
+        // login --org`), checked by that registry on every use.
         let mut opts = ClientOptions {
+            creds: login
+                .map(|(username, password)| hangar_oci::auth::Credentials { username, password }),
             no_docker_config: true,
             ..Default::default()
         };

@@ -110,6 +110,20 @@ enum AuthCommand {
         #[command(subcommand)]
         command: registry::TokenCommand,
     },
+    /// Log the org in to another registry: the node pulls the org's images from there with it (an org token's call)
+    RegistryLogin {
+        /// The registry, as image references name it (host or host:port)
+        registry: String,
+        #[arg(long, short = 'u')]
+        username: String,
+        /// Read the password from standard input (else $HANGAR_REGISTRY_PASSWORD)
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List the org's registry logins (registries and user names)
+    RegistryLogins,
+    /// Forget the org's login to a registry
+    RegistryLogout { registry: String },
 }
 
 /// `$HANGAR_HOME`, or `~/.hangar`.
@@ -166,6 +180,20 @@ fn main() -> ExitCode {
         Command::Auth {
             command: AuthCommand::Token { command },
         } => registry::token(command),
+        Command::Auth {
+            command:
+                AuthCommand::RegistryLogin {
+                    registry,
+                    username,
+                    password_stdin,
+                },
+        } => apps::registry_login(&registry, &username, password_stdin),
+        Command::Auth {
+            command: AuthCommand::RegistryLogins,
+        } => apps::registry_logins(),
+        Command::Auth {
+            command: AuthCommand::RegistryLogout { registry },
+        } => apps::registry_logout(&registry),
         Command::Edge(args) => edge::run(args),
         Command::Egress(args) => egress::run(args),
         Command::Machine(args) => machine::run(args),

@@ -300,9 +300,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         tokio::spawn(hangar_api::checks::run(node.clone()));
 
         let images = Arc::new(crate::images::Images::new(node.runtime.store().clone(), home.clone(), own_registry, args.allow_registry.clone()));
-        let pull: Puller = Arc::new(move |org, reference| {
+        let pull: Puller = Arc::new(move |org, reference, login| {
             let images = images.clone();
-            Box::pin(async move { images.fetch(org, reference).await })
+            Box::pin(async move { images.fetch(org, reference, login).await })
         });
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {

@@ -136,10 +136,11 @@ const UP_ON_FREE_PORTS: [&str; 9] = [
 /// Start `hangar up` for `h` on free ports, its edge also on TLS (a
 /// self-signed certificate); returns it and the lines it printed up to
 /// announcing its API (the rest are drained).
-fn spawn_up(h: &Hangar) -> (Child, Vec<String>) {
+fn spawn_up(h: &Hangar, extra: &[String]) -> (Child, Vec<String>) {
     let (cert, key) = self_signed(h.dir.path(), "hello.localhost");
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let mut args = UP_ON_FREE_PORTS.to_vec();
+    args.extend(extra.iter().map(String::as_str));
     args.extend([
         "--edge-tls-listen",
         "127.0.0.1:0",
@@ -183,16 +184,23 @@ pub(crate) struct Node {
     /// Where the node's edge proxy listens, and its TLS listener.
     pub(crate) edge: String,
     pub(crate) edge_tls: String,
+    /// More flags for `hangar up`.
+    up_args: Vec<String>,
     _lock: HostLock,
 }
 
 impl Node {
     pub(crate) fn start() -> Node {
-        Node::start_in(None)
+        Node::start_in(None, &[])
+    }
+
+    /// A node whose `hangar up` gets these flags too.
+    pub(crate) fn start_with(up_args: &[&str]) -> Node {
+        Node::start_in(None, up_args)
     }
 
     /// A node whose every process runs inside network namespace `netns`.
-    fn start_in(netns: Option<String>) -> Node {
+    fn start_in(netns: Option<String>, up_args: &[&str]) -> Node {
         require_root();
         let lock = host_lock();
         let mut h = Hangar::new();
@@ -202,6 +210,7 @@ impl Node {
             child: None,
             edge: String::new(),
             edge_tls: String::new(),
+            up_args: up_args.iter().map(|a| a.to_string()).collect(),
             _lock: lock,
         };
         node.up();
@@ -209,7 +218,7 @@ impl Node {
     }
 
     pub(crate) fn up(&mut self) {
-        let (child, lines) = spawn_up(&self.h);
+        let (child, lines) = spawn_up(&self.h, &self.up_args);
         let after = |marker: &str| {
             lines
                 .iter()
@@ -899,7 +908,7 @@ fn a_killed_node_adopts_its_machines_and_destroy_leaves_nothing() {
     // A node of another home started meanwhile warns that the keeper is
     // on the bridge without being its machine.
     let other = Hangar::new();
-    let (mut stranger, lines) = spawn_up(&other);
+    let (mut stranger, lines) = spawn_up(&other, &[]);
     let _ = stranger.kill();
     let _ = stranger.wait();
     assert!(
@@ -1115,7 +1124,7 @@ impl Drop for Sandbox {
 fn machines_go_out_only_through_the_egress_proxy() {
     let www = tempfile::tempdir().unwrap();
     let sandbox = Sandbox::start(www.path());
-    let node = Node::start_in(Some(sandbox.node_ns.clone()));
+    let node = Node::start_in(Some(sandbox.node_ns.clone()), &[]);
     let image = busybox_image(&node.h);
     let app = node.run(&[&image, "--name", "fetcher", "--", "sleep", "1000"]);
     node.wait_for(&app, "start", |s| s["state"] == "started");

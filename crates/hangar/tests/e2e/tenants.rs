@@ -760,3 +760,110 @@ fn limits_hold_against_a_hostile_org() {
     // The node is alive and well.
     assert_eq!(acme.call("GET", "/v1/apps", &json!({})).status, 200);
 }
+
+#[test]
+fn an_org_pulls_from_a_private_registry_with_its_own_login_only() {
+    // A private registry (Debian's docker-registry, htpasswd) that the
+    // operator allows at its loopback address.
+    let private = Registry::start(RegistryAuth::Basic("acme-robot", "acme-pw-7f3e9"));
+    let host = private.host();
+    let node = Node::start_with(&["--allow-registry", &host]);
+    let (acme, evil) = two_orgs(&node);
+    let base = busybox_image(&node.h);
+    let image = format!("{host}/acme/app:v1");
+    node.h.ok(&[
+        "image",
+        "push",
+        &base,
+        &image,
+        "--creds",
+        "acme-robot:acme-pw-7f3e9",
+    ]);
+    let create = |org: &Org, app: &str| {
+        org.call(
+            "POST",
+            "/v1/machines",
+            &json!({"config": {"image": image, "metadata": {"app": app},
+                    "init": {"cmd": ["sleep", "3600"]}}}),
+        )
+    };
+    let logins = |org: &Org| org.call("GET", "/v1/registry-logins", &json!({})).json();
+    let login_path = format!("/v1/registry-logins/{host}");
+
+    // Without a login the registry refuses acme, as any org (the
+    // operator's own credentials are never used).
+    let r = create(&acme, "acme-app");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("was not found, or org acme may not pull it"));
+
+    // acme logs in (through the CLI, the password on stdin) and runs it.
+    let mut login = node
+        .h
+        .command(&[
+            "auth",
+            "registry-login",
+            &host,
+            "-u",
+            "acme-robot",
+            "--password-stdin",
+        ])
+        .env("HANGAR_API_TOKEN", &acme.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut login.stdin.take().unwrap(), b"acme-pw-7f3e9\n").unwrap();
+    let out = login.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = create(&acme, "acme-app");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let listed = logins(&acme);
+    assert_eq!(
+        listed,
+        json!([{"registry": host, "username": "acme-robot"}])
+    );
+    assert!(!listed.to_string().contains("acme-pw"), "{listed}");
+
+    // evil sees no login of acme's, cannot remove it, and cannot use it:
+    // the image is in the node's store now, and still refused.
+    assert_eq!(logins(&evil), json!([]));
+    let r = evil.call("DELETE", &login_path, &json!({}));
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    let r = create(&evil, "evil-app");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("org evil may not pull it"));
+    // A wrong password of its own does not help either.
+    let r = evil.call(
+        "PUT",
+        &login_path,
+        &json!({"username": "acme-robot", "password": "guess"}),
+    );
+    assert_eq!(r.status, 200);
+    let r = create(&evil, "evil-app");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+
+    // Logins are an org's: the admin (the CLI with the node's token) has none.
+    let out = node
+        .h
+        .command(&["auth", "registry-login", &host, "-u", "u"])
+        .env("HANGAR_REGISTRY_PASSWORD", "p")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("use an org token"),
+        "{said}"
+    );
+
+    // Every use asks the registry again: once acme logs out, its next
+    // machine of the image is refused although the node has it stored.
+    let r = acme.call("DELETE", &login_path, &json!({}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = create(&acme, "acme-app");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+}
