@@ -387,7 +387,10 @@ fn a_stopped_machine_holds_disk_only_and_node_stop_and_destroy_end_everything() 
     let traces = host_traces(&id);
     assert!(traces.is_empty(), "a stopped machine holds {traces:?}");
     assert!(
-        node.h.home().join(format!("machines/{id}/upper")).is_dir(),
+        node.h
+            .home()
+            .join(format!("machines/{id}/disk.ext4"))
+            .is_file(),
         "its disk stays"
     );
     // Started again: the same addresses, serving.
