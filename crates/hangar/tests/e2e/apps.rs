@@ -594,3 +594,48 @@ fn a_deploy_without_checks_tells_the_truth() {
     let out = ok_in(&node, &dir, &["deploy"]);
     assert!(out.contains("is complete"), "{out}");
 }
+
+#[test]
+fn a_woken_micro_vm_serves_and_its_idle_time_counts_from_when_it_was_ready() {
+    let node = Node::start();
+    let base = busybox_image(&node.h);
+    let dir = example_app(&node, &base);
+    // A micro-VM boots for longer than its idle timeout here (software
+    // emulation): idle time counted from the wake would stop it as soon as
+    // it had served.
+    let toml = fs::read_to_string(dir.join("hangar.toml"))
+        .unwrap()
+        .replace(
+            "auto_stop_machines = \"off\"",
+            "auto_stop_machines = \"stop\"\nidle_timeout = \"4s\"",
+        )
+        .replace("min_machines_running = 1", "min_machines_running = 0")
+        + "\n[[vm]]\ndriver = \"vm\"\nmemory = \"256mb\"\n";
+    fs::write(dir.join("hangar.toml"), toml).unwrap();
+    ok_in(&node, &dir, &["launch"]);
+    ok_in(&node, &dir, &["deploy", "--count", "1"]);
+    wait_until("the idle VM stops", 120, || {
+        machines(&status_json(&node, &dir))
+            .iter()
+            .all(|m| m["state"] == "stopped")
+    });
+    let woken = Instant::now();
+    let (code, body) = get(&node, "/healthz?wake");
+    let boot = woken.elapsed();
+    assert_eq!((code, body.as_str()), (200, "ok\n"), "woken after {boot:?}");
+    // Served; still started a while later, although the boot alone may
+    // have taken longer than the idle timeout.
+    std::thread::sleep(Duration::from_secs(2));
+    let v = status_json(&node, &dir);
+    assert!(
+        machines(&v).iter().any(|m| m["state"] == "started"),
+        "stopped {:?} after a wake of {boot:?}: {v}",
+        woken.elapsed()
+    );
+    // And it does stop once idle.
+    wait_until("the woken VM stops when idle", 60, || {
+        machines(&status_json(&node, &dir))
+            .iter()
+            .all(|m| m["state"] == "stopped")
+    });
+}
