@@ -183,8 +183,9 @@ pub const UP_GRACE: Duration = Duration::from_secs(2);
 /// meanwhile is not up. The error says what happened and ends with the
 /// machine's last log lines.
 pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result<()> {
-    let budget = wait_budget(&m.config).as_secs();
-    let deadline = Instant::now() + wait_budget(&m.config);
+    let budget = wait_budget(&m.config);
+    let deadline = Instant::now() + budget;
+    let budget = budget.as_secs();
     let failed = |why: String| {
         Error::Conflict(format!(
             "machine {} ({}) {why}; its last log lines:\n{}",

@@ -680,7 +680,14 @@ fn make_disk(machines: &Path, dir: &Path, mb: u64) -> Result<()> {
     let template = templates.join(format!("{mb}.ext4"));
     if !template.is_file() {
         fs::create_dir_all(&templates).at(&templates)?;
-        let tmp = templates.join(format!(".{mb}.ext4.tmp-{}", std::process::id()));
+        // Unique per call: two creates of one size may race here (the
+        // loser's rename replaces an equal template).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = templates.join(format!(
+            ".{mb}.ext4.tmp-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let file = File::create(&tmp).at(&tmp)?;
         file.set_len(mb.saturating_mul(1 << 20)).at(&tmp)?;
         drop(file);

@@ -80,6 +80,12 @@ fn status_json(node: &Node, dir: &Path) -> Value {
     serde_json::from_str(&ok_in(node, dir, &["status", "--json"])).unwrap()
 }
 
+fn all_stopped(node: &Node, dir: &Path) -> bool {
+    machines(&status_json(node, dir))
+        .iter()
+        .all(|m| m["state"] == "stopped")
+}
+
 fn machines(v: &Value) -> Vec<Value> {
     v["machines"].as_array().cloned().unwrap_or_default()
 }
@@ -288,11 +294,7 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
         .replace("min_machines_running = 1", "min_machines_running = 0");
     fs::write(dir.join("hangar.toml"), toml).unwrap();
     ok_in(&node, &dir, &["deploy", "--count", "1"]);
-    wait_until("the idle machine stops", 30, || {
-        machines(&status_json(&node, &dir))
-            .iter()
-            .all(|m| m["state"] == "stopped")
-    });
+    wait_until("the idle machine stops", 30, || all_stopped(&node, &dir));
     let started = Instant::now();
     let (code, body) = get(&node, "/healthz?wake");
     assert_eq!(
@@ -614,11 +616,7 @@ fn a_woken_micro_vm_serves_and_its_idle_time_counts_from_when_it_was_ready() {
     fs::write(dir.join("hangar.toml"), toml).unwrap();
     ok_in(&node, &dir, &["launch"]);
     ok_in(&node, &dir, &["deploy", "--count", "1"]);
-    wait_until("the idle VM stops", 120, || {
-        machines(&status_json(&node, &dir))
-            .iter()
-            .all(|m| m["state"] == "stopped")
-    });
+    wait_until("the idle VM stops", 120, || all_stopped(&node, &dir));
     let woken = Instant::now();
     let (code, body) = get(&node, "/healthz?wake");
     let boot = woken.elapsed();
@@ -634,8 +632,6 @@ fn a_woken_micro_vm_serves_and_its_idle_time_counts_from_when_it_was_ready() {
     );
     // And it does stop once idle.
     wait_until("the woken VM stops when idle", 60, || {
-        machines(&status_json(&node, &dir))
-            .iter()
-            .all(|m| m["state"] == "stopped")
+        all_stopped(&node, &dir)
     });
 }
