@@ -1,6 +1,6 @@
 //! Apps, their releases and their secrets, in the state store.
 //!
-//! An app owns the machines whose `app` metadata names it. A release is one
+//! An app owns the machines whose `app` names it. A release is one
 //! deploy: the image and the machine config template, and how it ended.
 //! Secrets are sealed at rest with a key in `$HANGAR_HOME/secrets.key`
 //! (HMAC-SHA256 as the keystream and as the tag, encrypt-then-MAC) and are
@@ -30,12 +30,38 @@ pub struct Release {
     pub app: String,
     pub version: u32,
     pub image: String,
-    /// `running`, `complete`, `failed` or `interrupted`.
-    pub status: String,
+    pub status: ReleaseStatus,
     pub description: String,
     pub config: MachineConfig,
     pub created_at: u64,
 }
+
+/// How a release's deploy went.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum ReleaseStatus {
+    /// Under way.
+    Running,
+    /// Its machines replaced the old ones: what the app runs.
+    Complete,
+    /// It failed and was rolled back.
+    Failed,
+    /// The node stopped during it (rolled back when the node starts).
+    Interrupted,
+}
+crate::state::sql_text!(ReleaseStatus);
 
 /// A deploy the node's stop cut short: what [`crate::deploy::recover`] undoes.
 #[derive(Clone, Debug)]
@@ -157,7 +183,7 @@ impl State {
         &self,
         app: &str,
         version: u32,
-        status: &str,
+        status: ReleaseStatus,
         description: &str,
     ) -> Result<()> {
         self.db().execute(
@@ -544,11 +570,14 @@ mod tests {
             .unwrap();
         assert_eq!((r1.version, r2.version), (1, 2));
         state
-            .set_release_status("hello", 1, "complete", "ok")
+            .set_release_status("hello", 1, ReleaseStatus::Complete, "ok")
             .unwrap();
         assert_eq!(state.current_release("hello").unwrap().unwrap().version, 1);
         let cut = state.interrupt_releases().unwrap();
-        assert_eq!(state.release("hello", 2).unwrap().status, "interrupted");
+        assert_eq!(
+            state.release("hello", 2).unwrap().status,
+            ReleaseStatus::Interrupted
+        );
         assert_eq!(cut.len(), 1);
         assert_eq!((cut[0].version, cut[0].replaces.len()), (2, 2));
         assert!(state.interrupt_releases().unwrap().is_empty());

@@ -14,15 +14,29 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Check;
 use crate::node::Node;
+use crate::state::MachineState;
 
 /// Consecutive failures after the grace period that make a check critical.
 pub const FAILURES_TO_CRITICAL: u32 = 2;
 
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+/// A check's verdict.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, strum::Display,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum CheckState {
+    /// No verdict yet.
+    #[default]
+    Pending,
+    Passing,
+    Critical,
+}
+
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct CheckStatus {
     pub name: String,
-    /// `pending` (no verdict yet), `passing` or `critical`.
-    pub status: String,
+    pub status: CheckState,
     pub output: String,
 }
 
@@ -63,7 +77,10 @@ impl Checks {
             return true;
         }
         self.lock().get(id).is_some_and(|m| {
-            m.items.len() == defined && m.items.values().all(|i| i.status.status == "passing")
+            m.items.len() == defined
+                && m.items
+                    .values()
+                    .all(|i| i.status.status == CheckState::Passing)
         })
     }
 
@@ -81,12 +98,67 @@ impl Checks {
             let item = entry.items.entry(name.clone()).or_default();
             item.status = CheckStatus {
                 name: name.clone(),
-                status: "passing".into(),
+                status: CheckState::Passing,
                 output: "OK".into(),
             };
             item.failures = 0;
             item.last_run = Some(Instant::now());
         }
+    }
+}
+
+impl Item {
+    /// Count one probe's result: a pass clears the failures; a failure
+    /// after the grace period counts, and [`FAILURES_TO_CRITICAL`] in a row
+    /// make the check critical (one does not: a blip is not a verdict).
+    fn count(&mut self, result: Result<(), String>, in_grace: bool) {
+        self.running = false;
+        match result {
+            Ok(()) => {
+                self.failures = 0;
+                self.status.status = CheckState::Passing;
+                self.status.output = "OK".into();
+            }
+            Err(why) => {
+                if !in_grace {
+                    self.failures += 1;
+                }
+                if self.failures >= FAILURES_TO_CRITICAL {
+                    self.status.status = CheckState::Critical;
+                }
+                self.status.output = why;
+            }
+        }
+    }
+}
+
+impl Checks {
+    /// Record one probe of check `name` of machine `id` (ignored when the
+    /// machine's checks are no longer tracked: it stopped meanwhile).
+    pub fn record(&self, id: &str, name: &str, result: Result<(), String>, in_grace: bool) {
+        let mut table = self.lock();
+        if let Some(item) = table.get_mut(id).and_then(|m| m.items.get_mut(name)) {
+            item.count(result, in_grace);
+        }
+    }
+
+    /// Start tracking check `name` of a started machine `id` (pending).
+    pub fn track(&self, id: &str, name: &str) {
+        let mut table = self.lock();
+        let entry = table
+            .entry(id.to_string())
+            .or_insert_with(|| MachineChecks {
+                since: Instant::now(),
+                items: BTreeMap::new(),
+            });
+        entry.items.entry(name.to_string()).or_insert_with(|| Item {
+            status: CheckStatus {
+                name: name.to_string(),
+                status: CheckState::Pending,
+                output: String::new(),
+            },
+            ..Item::default()
+        });
     }
 }
 
@@ -140,10 +212,14 @@ pub async fn run(node: Arc<Node>) {
         };
         let now = Instant::now();
         let mut table = node.checks.lock();
-        table.retain(|id, _| machines.iter().any(|m| &m.id == id && m.state == "started"));
+        table.retain(|id, _| {
+            machines
+                .iter()
+                .any(|m| &m.id == id && m.state == MachineState::Started)
+        });
         for m in machines
             .iter()
-            .filter(|m| m.state == "started" && !m.config.checks.is_empty())
+            .filter(|m| m.state == MachineState::Started && !m.config.checks.is_empty())
         {
             let entry = table.entry(m.id.clone()).or_insert_with(|| MachineChecks {
                 since: now,
@@ -153,7 +229,7 @@ pub async fn run(node: Arc<Node>) {
                 let item = entry.items.entry(name.clone()).or_insert_with(|| Item {
                     status: CheckStatus {
                         name: name.clone(),
-                        status: "pending".into(),
+                        status: CheckState::Pending,
                         output: String::new(),
                     },
                     ..Item::default()
@@ -177,30 +253,68 @@ pub async fn run(node: Arc<Node>) {
                 );
                 tokio::spawn(async move {
                     let result = probe(addr, &check).await;
-                    let mut table = node.checks.lock();
-                    let Some(item) = table.get_mut(&id).and_then(|m| m.items.get_mut(&name)) else {
-                        return;
-                    };
-                    item.running = false;
-                    match result {
-                        Ok(()) => {
-                            item.failures = 0;
-                            item.status.status = "passing".into();
-                            item.status.output = "OK".into();
-                        }
-                        Err(why) => {
-                            let in_grace = since.elapsed() < check.grace_period();
-                            if !in_grace {
-                                item.failures += 1;
-                            }
-                            if item.failures >= FAILURES_TO_CRITICAL {
-                                item.status.status = "critical".into();
-                            }
-                            item.status.output = why;
-                        }
-                    }
+                    let in_grace = since.elapsed() < check.grace_period();
+                    node.checks.record(&id, &name, result, in_grace);
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_opens_on_a_pass_and_closes_on_failures_after_the_grace_period() {
+        // (probes as (passed, in grace), the verdict after them)
+        let table: &[(&[(bool, bool)], CheckState)] = &[
+            (&[], CheckState::Pending),
+            (&[(true, true)], CheckState::Passing),
+            (
+                &[(false, true), (false, true), (false, true)],
+                CheckState::Pending,
+            ),
+            (&[(false, false)], CheckState::Pending),
+            (&[(false, false), (false, false)], CheckState::Critical),
+            (&[(true, false), (false, false)], CheckState::Passing),
+            (
+                &[(true, false), (false, false), (false, false)],
+                CheckState::Critical,
+            ),
+            (
+                &[(false, false), (false, false), (true, false)],
+                CheckState::Passing,
+            ),
+            (
+                &[(false, false), (true, false), (false, false)],
+                CheckState::Passing,
+            ),
+        ];
+        for (probes, verdict) in table {
+            let checks = Checks::default();
+            checks.track("m", "http");
+            assert!(!checks.passing("m", 1));
+            for (passed, in_grace) in probes.iter() {
+                let result = if *passed {
+                    Ok(())
+                } else {
+                    Err("GET / answered 500".into())
+                };
+                checks.record("m", "http", result, *in_grace);
+            }
+            let status = &checks.status("m")[0];
+            assert_eq!(status.status, *verdict, "after {probes:?}");
+            assert_eq!(checks.passing("m", 1), *verdict == CheckState::Passing);
+            if probes.last().is_some_and(|p| !p.0) {
+                assert_eq!(status.output, "GET / answered 500");
+            }
+        }
+        // Checks of a machine not tracked are ignored; no checks pass.
+        let checks = Checks::default();
+        checks.record("gone", "http", Ok(()), false);
+        assert!(checks.status("gone").is_empty());
+        assert!(checks.passing("gone", 0));
+        assert!(!checks.passing("gone", 1));
     }
 }

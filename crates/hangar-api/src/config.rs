@@ -6,6 +6,83 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// How a machine is isolated.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum DriverKind {
+    /// A runc container.
+    #[default]
+    Container,
+    /// A QEMU micro-VM with hangar-init as its init.
+    Vm,
+}
+
+/// What happens when a machine's app exits on its own.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// It stays stopped.
+    No,
+    /// Started again after a non-zero exit, up to `max_retries` times.
+    #[default]
+    OnFailure,
+    /// Started again after every exit.
+    Always,
+}
+
+/// What the egress proxy does with a machine's requests to hosts outside
+/// its `allowed_domains` (Smokescreen's actions).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
+pub enum EgressAction {
+    /// Allowed.
+    #[default]
+    Open,
+    /// Allowed, and logged as a would-be denial.
+    Report,
+    /// Denied.
+    Enforce,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MachineConfig {
@@ -17,6 +94,7 @@ pub struct MachineConfig {
     pub rootfs: Rootfs,
     pub restart: Restart,
     pub services: Vec<Service>,
+    /// The user's own labels; the node reads none of them.
     pub metadata: BTreeMap<String, String>,
     pub auto_destroy: bool,
     /// What the node's egress proxy lets this machine reach.
@@ -28,6 +106,17 @@ pub struct MachineConfig {
     /// timeout (seconds).
     pub kill_signal: Option<String>,
     pub kill_timeout: Option<u64>,
+    /// Where the app serves Prometheus metrics (fly.toml's `[metrics]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+}
+
+/// An app's Prometheus endpoint inside its machines.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub port: u16,
+    pub path: String,
 }
 
 /// An HTTP health check: `GET path` on the machine's `port`, 2xx or 3xx
@@ -74,15 +163,14 @@ impl Default for Check {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Egress {
-    /// `open`, `report` or `enforce`.
-    pub action: String,
+    pub action: EgressAction,
     pub allowed_domains: Vec<String>,
 }
 
 impl Default for Egress {
     fn default() -> Self {
         Egress {
-            action: "open".into(),
+            action: EgressAction::Open,
             allowed_domains: Vec::new(),
         }
     }
@@ -102,8 +190,7 @@ pub struct Init {
 pub struct Guest {
     pub cpus: u32,
     pub memory_mb: u64,
-    /// `container` or `vm` (a micro-VM).
-    pub driver: String,
+    pub driver: DriverKind,
 }
 
 impl Default for Guest {
@@ -111,7 +198,7 @@ impl Default for Guest {
         Guest {
             cpus: 1,
             memory_mb: 256,
-            driver: "container".into(),
+            driver: DriverKind::Container,
         }
     }
 }
@@ -139,15 +226,14 @@ impl Default for Rootfs {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Restart {
-    /// `no`, `on-failure` or `always`.
-    pub policy: String,
+    pub policy: RestartPolicy,
     pub max_retries: u32,
 }
 
 impl Default for Restart {
     fn default() -> Self {
         Restart {
-            policy: "on-failure".into(),
+            policy: RestartPolicy::OnFailure,
             max_retries: 3,
         }
     }
@@ -170,6 +256,23 @@ pub struct Service {
     pub soft_limit: u32,
     /// Requests in flight a machine takes at most (0: no limit).
     pub hard_limit: u32,
+    /// The edge answers plain HTTP with a redirect to HTTPS.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub force_https: bool,
+    /// The edge's cache for this app's host (default: on, with the edge's
+    /// default TTL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<EdgeCache>,
+}
+
+/// The edge's cache policy for an app's host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeCache {
+    pub enabled: bool,
+    /// Seconds a response without freshness headers stays fresh.
+    #[serde(default)]
+    pub default_ttl: u64,
 }
 
 impl MachineConfig {
@@ -203,12 +306,6 @@ impl MachineConfig {
         self.image
             .parse::<hangar_oci::Reference>()
             .map_err(|e| Error::Invalid(format!("config.image: {e}")))?;
-        if !["no", "on-failure", "always"].contains(&self.restart.policy.as_str()) {
-            return Err(Error::Invalid(format!(
-                "config.restart.policy {:?} must be no, on-failure or always",
-                self.restart.policy
-            )));
-        }
         let (host_cpus, host_mb) = host_capacity();
         if self.guest.cpus == 0 || self.guest.cpus > host_cpus {
             return Err(Error::Invalid(format!(
@@ -234,28 +331,21 @@ impl MachineConfig {
             )));
         }
         for s in &self.services {
+            if s.cache.as_ref().is_some_and(|c| c.default_ttl > MAX_TTL) {
+                return Err(Error::Invalid(format!(
+                    "config.services cache.default_ttl must be at most {MAX_TTL} seconds (a year)"
+                )));
+            }
             if s.idle_timeout > MAX_SECONDS {
                 return Err(Error::Invalid(format!(
                     "config.services idle_timeout must be at most {MAX_SECONDS} seconds"
                 )));
             }
         }
-        if !["container", "vm"].contains(&self.guest.driver.as_str()) {
-            return Err(Error::Invalid(format!(
-                "config.guest.driver {:?} must be container or vm",
-                self.guest.driver
-            )));
-        }
         if self.guest.memory_mb < 16 {
             return Err(Error::Invalid(
                 "config.guest.memory_mb must be at least 16".into(),
             ));
-        }
-        if !["open", "report", "enforce"].contains(&self.egress.action.as_str()) {
-            return Err(Error::Invalid(format!(
-                "config.egress.action {:?} must be open, report or enforce",
-                self.egress.action
-            )));
         }
         for (name, c) in &self.checks {
             let seconds = |x: f64| x.is_finite() && x > 0.0 && x <= MAX_SECONDS as f64;
@@ -282,6 +372,9 @@ impl MachineConfig {
 /// The largest root filesystem a machine may ask for (GB); the node also
 /// checks it against the disk that holds its machines.
 pub const MAX_ROOTFS_GB: u64 = 16 * 1024;
+
+/// The longest default TTL (seconds) an app's edge cache may have.
+pub const MAX_TTL: u64 = 365 * 24 * 3600;
 
 /// The longest duration (seconds) any timeout or interval may name.
 pub const MAX_SECONDS: u64 = 3600;

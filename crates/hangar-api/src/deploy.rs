@@ -19,11 +19,34 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::apps::Release;
-use crate::config::MachineConfig;
+use crate::apps::{Release, ReleaseStatus};
+use crate::config::{DriverKind, MachineConfig};
 use crate::error::{Error, Result};
 use crate::node::Node;
-use crate::state::Machine;
+use crate::state::{Machine, MachineState, Placement};
+
+/// How a deploy replaces an app's machines (see the module's doc).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    Rolling,
+    Bluegreen,
+    Immediate,
+}
 
 #[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -34,23 +57,19 @@ pub struct DeployRequest {
     /// How many machines; default: as many as now, at least one.
     #[serde(default)]
     pub count: Option<u32>,
-    #[serde(default = "rolling")]
-    pub strategy: String,
+    #[serde(default)]
+    pub strategy: Strategy,
     #[serde(default)]
     pub max_unavailable: u32,
     #[serde(default)]
     pub description: String,
 }
 
-fn rolling() -> String {
-    "rolling".into()
-}
-
 /// How long a deploy waits for a new machine to be up: long enough for
 /// its checks to pass a few times, at most 5 minutes.
 pub(crate) fn wait_budget(config: &MachineConfig) -> Duration {
     // Micro-VMs boot in tens of seconds under emulation.
-    let floor = if config.guest.driver == "vm" {
+    let floor = if config.guest.driver == DriverKind::Vm {
         120.0
     } else {
         10.0
@@ -125,12 +144,7 @@ impl Drop for AppLock<'_> {
 
 /// The app's machines that are not destroyed, oldest first.
 pub fn app_machines(node: &Node, app: &str) -> Result<Vec<Machine>> {
-    Ok(node
-        .state
-        .list()?
-        .into_iter()
-        .filter(|m| m.config.metadata.get("app").map(String::as_str) == Some(app))
-        .collect())
+    node.state.app_machines(app)
 }
 
 fn suffix() -> String {
@@ -144,9 +158,25 @@ fn suffix() -> String {
     )
 }
 
-async fn create(node: &Arc<Node>, app: &str, config: &MachineConfig) -> Result<Machine> {
+async fn create(
+    node: &Arc<Node>,
+    app: &str,
+    release: Option<u32>,
+    config: &MachineConfig,
+) -> Result<Machine> {
     let (node, config, name) = (node.clone(), config.clone(), format!("{app}-{}", suffix()));
-    blocking(move || node.create(Some(name), config)).await
+    let place = Placement {
+        app: Some(app.to_string()),
+        release,
+    };
+    blocking(move || node.create(Some(name), place, config)).await
+}
+
+/// `v3`, or `v?` for a machine of no release.
+fn version(m: &Machine) -> String {
+    m.release
+        .map(|r| format!("v{r}"))
+        .unwrap_or_else(|| "v?".into())
 }
 
 /// Stop (with the machine's kill signal and timeout) and destroy.
@@ -163,7 +193,7 @@ async fn retire(node: &Arc<Node>, m: &Machine) -> Result<()> {
 
 /// The last `n` lines of a machine's log.
 pub fn last_log_lines(node: &Node, id: &str, n: usize) -> String {
-    let text = std::fs::read(node.runtime.log_path(id)).unwrap_or_default();
+    let text = std::fs::read(node.driver.log_path(id)).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     if lines.is_empty() {
@@ -234,9 +264,9 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
                 "exited{code}{oom} and was restarted while the deploy waited for it"
             )));
         }
-        match now.state.as_str() {
-            "started" if !checks => return Ok(()),
-            "started" if now.config.checks.is_empty() => {
+        match now.state {
+            MachineState::Started if !checks => return Ok(()),
+            MachineState::Started if now.config.checks.is_empty() => {
                 let since = *up_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= UP_GRACE {
                     match ports_accept(&now).await {
@@ -245,7 +275,7 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
                     }
                 }
             }
-            "started" => {
+            MachineState::Started => {
                 if node.checks.passing(&m.id, now.config.checks.len()) {
                     return Ok(());
                 }
@@ -253,12 +283,12 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
                 // seconds under emulation): its checks fail until then,
                 // which says nothing of the release; it has until the
                 // deadline to pass them.
-                let booting = now.config.guest.driver == "vm";
+                let booting = now.config.guest.driver == DriverKind::Vm;
                 if let Some(c) = node
                     .checks
                     .status(&m.id)
                     .into_iter()
-                    .find(|c| c.status == "critical")
+                    .find(|c| c.status == crate::checks::CheckState::Critical)
                     .filter(|_| !booting)
                 {
                     return Err(failed(format!(
@@ -267,7 +297,7 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
                     )));
                 }
             }
-            "stopped" | "failed" | "destroyed" => {
+            MachineState::Stopped | MachineState::Failed | MachineState::Destroyed => {
                 return Err(failed(format!("exited{code}{oom} before it was up")));
             }
             _ => up_since = None,
@@ -357,18 +387,11 @@ pub async fn deploy(
 ) -> Result<Release> {
     node.state.app(&app)?;
     let _one_at_a_time = AppLock::take(&node, &app)?;
-    if !["rolling", "bluegreen", "immediate"].contains(&req.strategy.as_str()) {
-        return Err(Error::Invalid(format!(
-            "strategy {:?} must be rolling, bluegreen or immediate",
-            req.strategy
-        )));
-    }
     if let Some(count) = req.count {
         check_count(count)?;
     }
     let mut config = req.config;
     config.image = req.image.clone();
-    config.metadata.insert("app".into(), app.clone());
     node.check_config(&config)?;
     let old = app_machines(&node, &app)?;
     let count = req.count.map(|c| c as usize).unwrap_or(old.len().max(1));
@@ -376,9 +399,7 @@ pub async fn deploy(
     let release = node
         .state
         .add_release(&app, &req.image, &req.description, &config, &replaces)?;
-    config
-        .metadata
-        .insert("release".into(), release.version.to_string());
+    let v = Some(release.version);
     progress.say(format!(
         "release v{} of {app}: {} machine(s), {} strategy, image {}",
         release.version, count, req.strategy, req.image
@@ -387,15 +408,15 @@ pub async fn deploy(
     let mut created: Vec<Machine> = Vec::new();
     let mut retired: Vec<Machine> = Vec::new();
     let outcome: Result<()> = async {
-        match req.strategy.as_str() {
-            "rolling" => {
+        match req.strategy {
+            Strategy::Rolling => {
                 let batch = req.max_unavailable.max(1) as usize;
                 let mut remaining_old = old.clone();
                 while created.len() < count {
                     let n = batch.min(count - created.len());
                     let mut fresh = Vec::new();
                     for _ in 0..n {
-                        let m = create(&node, &app, &config).await?;
+                        let m = create(&node, &app, v, &config).await?;
                         progress.say(format!("machine {} started, waiting for its checks", m.id));
                         created.push(m.clone());
                         fresh.push(m);
@@ -411,13 +432,9 @@ pub async fn deploy(
                         let o = remaining_old.remove(0);
                         retire(&node, &o).await?;
                         progress.say(format!(
-                            "machine {} (v{}) stopped and destroyed",
+                            "machine {} ({}) stopped and destroyed",
                             o.id,
-                            o.config
-                                .metadata
-                                .get("release")
-                                .map(String::as_str)
-                                .unwrap_or("?")
+                            version(&o)
                         ));
                         retired.push(o);
                     }
@@ -433,16 +450,16 @@ pub async fn deploy(
             }
             strategy => {
                 for _ in 0..count {
-                    let m = create(&node, &app, &config).await?;
+                    let m = create(&node, &app, v, &config).await?;
                     progress.say(format!("machine {} started", m.id));
                     created.push(m);
                 }
                 for m in &created {
-                    wait_healthy(&node, m, strategy == "bluegreen").await?;
+                    wait_healthy(&node, m, strategy == Strategy::Bluegreen).await?;
                     progress.say(format!(
                         "machine {} is {}",
                         m.id,
-                        if strategy == "bluegreen" {
+                        if strategy == Strategy::Bluegreen {
                             "healthy"
                         } else {
                             "started"
@@ -464,7 +481,7 @@ pub async fn deploy(
         Ok(()) => {
             let note = format!("deployed {} machine(s)", created.len());
             node.state
-                .set_release_status(&app, release.version, "complete", &note)?;
+                .set_release_status(&app, release.version, ReleaseStatus::Complete, &note)?;
             progress.say(format!("release v{} is complete", release.version));
         }
         Err(e) => {
@@ -474,23 +491,19 @@ pub async fn deploy(
             }
             for o in &retired {
                 // The old release comes back as it was.
-                match create(&node, &app, &o.config).await {
-                    Ok(m) => progress.say(format!(
-                        "machine {} restored (v{})",
-                        m.id,
-                        o.config
-                            .metadata
-                            .get("release")
-                            .map(String::as_str)
-                            .unwrap_or("?")
-                    )),
+                match create(&node, &app, o.release, &o.config).await {
+                    Ok(m) => progress.say(format!("machine {} restored ({})", m.id, version(o))),
                     Err(e) => progress.say(format!(
                         "could not restore a machine of the old release: {e}"
                     )),
                 }
             }
-            node.state
-                .set_release_status(&app, release.version, "failed", &e.to_string())?;
+            node.state.set_release_status(
+                &app,
+                release.version,
+                ReleaseStatus::Failed,
+                &e.to_string(),
+            )?;
             progress.say(format!(
                 "release v{} failed and was rolled back",
                 release.version
@@ -509,20 +522,19 @@ pub async fn recover(node: Arc<Node>, cut: crate::apps::Interrupted) -> Result<(
     let _one_at_a_time = AppLock::take(&node, &cut.app)?;
     for id in &cut.replaces {
         let old = node.state.get(id)?;
-        if old.state == "destroyed" {
-            create(&node, &cut.app, &old.config).await?;
+        if old.state == MachineState::Destroyed {
+            create(&node, &cut.app, old.release, &old.config).await?;
         }
     }
-    let version = cut.version.to_string();
     for m in app_machines(&node, &cut.app)? {
-        if m.config.metadata.get("release") == Some(&version) {
+        if m.release == Some(cut.version) {
             retire(&node, &m).await?;
         }
     }
     node.state.set_release_status(
         &cut.app,
         cut.version,
-        "failed",
+        ReleaseStatus::Failed,
         "the node stopped during this deploy; it was rolled back when the node started again",
     )
 }
@@ -542,15 +554,13 @@ pub async fn scale_count(
             "app {app} has no complete release yet; run `hangar deploy` first"
         ))
     })?;
-    let mut config = release.config.clone();
-    config
-        .metadata
-        .insert("release".into(), release.version.to_string());
+    let config = release.config.clone();
+    let v = Some(release.version);
     let machines = app_machines(&node, &app)?;
     let count = count as usize;
     if count > machines.len() {
         for _ in machines.len()..count {
-            let m = create(&node, &app, &config).await?;
+            let m = create(&node, &app, v, &config).await?;
             progress.say(format!("machine {} started, waiting for its checks", m.id));
             if let Err(e) = wait_healthy(&node, &m, true).await {
                 let _ = retire(&node, &m).await;
@@ -566,3 +576,6 @@ pub async fn scale_count(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

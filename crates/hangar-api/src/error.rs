@@ -36,6 +36,7 @@ impl Error {
             Error::Busy(_) => 429,
             Error::Oci(hangar_oci::Error::InvalidReference { .. }) => 400,
             Error::Oci(hangar_oci::Error::NotFound(_)) => 404,
+            Error::Machine(hangar_machine::Error::Invalid(_)) => 400,
             _ => 500,
         }
     }

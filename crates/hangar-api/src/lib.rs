@@ -15,11 +15,13 @@
 //! This crate drives `hangar-machine` and must not touch namespaces, mounts
 //! or cgroups itself.
 
+pub mod app_toml;
 pub mod apps;
 pub mod checks;
 pub mod config;
 pub mod deploy;
 pub mod error;
+mod migrations;
 pub mod node;
 pub mod server;
 pub mod state;
@@ -27,4 +29,4 @@ pub mod state;
 pub use config::MachineConfig;
 pub use error::{Error, Result};
 pub use node::Node;
-pub use state::{Machine, State};
+pub use state::{Desired, Machine, MachineState, Placement, State};

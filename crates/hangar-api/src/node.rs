@@ -3,31 +3,32 @@
 //! adoption after a restart of `hangar up`, exits and OOM kills recorded).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hangar_init::InitConfig;
-use hangar_machine::{MachineSpec, ProcState, Runtime};
+use hangar_machine::{Driver, MachineSpec, ProcState};
 use hangar_oci::Reference;
 
 use crate::config::MachineConfig;
+use crate::config::{DriverKind, RestartPolicy};
 use crate::error::{Error, Result};
-use crate::state::{Machine, State};
+use crate::state::{Desired, Machine, MachineState, Placement, State};
 
 /// The port of the node's egress proxy on the bridge gateway.
 pub const EGRESS_PORT: u16 = 4750;
 
 pub struct Node {
     pub state: State,
-    pub runtime: Runtime,
+    /// Whatever runs the machines on the host (see `hangar_machine::Driver`).
+    pub driver: Arc<dyn Driver>,
+    /// The node's image store: what machines' images resolve to.
+    pub images: hangar_oci::Store,
     pub checks: crate::checks::Checks,
     /// Opens app secrets for machines' environments.
     pub sealer: crate::apps::Sealer,
     /// Apps with a deploy or scale under way (one at a time per app).
     pub(crate) busy_apps: Mutex<std::collections::HashSet<String>>,
-    hangar_exe: PathBuf,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// See [`Node::on_leaving_service`].
     leaving: std::sync::RwLock<Option<LeavingHook>>,
@@ -52,28 +53,82 @@ fn random_id() -> Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Reap a shim in the background when it exits (the machine state is in
-/// its files; this only keeps zombies away).
-fn reap(mut child: Child) {
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
+/// What the reconcile loop does with one machine, from its row and what
+/// the host says of its process.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    Nothing,
+    /// Wanted stopped, no stop under way, yet it runs: a stop the node did
+    /// not finish (killed in the middle). Stop it, in the background.
+    FinishStop,
+    /// Wanted stopped and no longer running, but not recorded so: record
+    /// how it ended, and that it is stopped.
+    RecordStopped,
+    /// It runs: record that it started (after an adoption).
+    MarkStarted,
+    /// Its app ended on its own: record how, then start it again or leave
+    /// it stopped (and destroyed, for `auto_destroy`) as its policy says.
+    Exited {
+        exit: hangar_machine::Exit,
+        restart: bool,
+        destroy: bool,
+    },
+    /// Should run, and nothing runs or says how it ended (a host reboot, a
+    /// killed shim): start it again.
+    Adopt,
+}
+
+/// The reconcile decision for one machine whose lock is free (no
+/// operation under way on it).
+pub fn reconcile_step(m: &Machine, host: ProcState) -> Step {
+    use MachineState as S;
+    if m.desired == Desired::Stopped && matches!(m.state, S::Started | S::Stopping) {
+        return match host {
+            ProcState::Running => Step::FinishStop,
+            _ => Step::RecordStopped,
+        };
+    }
+    if m.desired != Desired::Started || m.state == S::Failed {
+        return Step::Nothing;
+    }
+    match host {
+        ProcState::Running if m.state != S::Started => Step::MarkStarted,
+        ProcState::Running => Step::Nothing,
+        // An exit seen before the start was recorded is the last run's.
+        ProcState::Exited(_) if m.state != S::Started => Step::Nothing,
+        ProcState::Exited(exit) => Step::Exited {
+            restart: restarts_after(&m.config.restart, exit.code, m.restarts),
+            destroy: m.config.auto_destroy,
+            exit,
+        },
+        ProcState::NotRunning => Step::Adopt,
+    }
+}
+
+/// Whether a machine whose app exited with `code`, restarted `restarts`
+/// times so far, is started again.
+pub fn restarts_after(restart: &crate::config::Restart, code: i32, restarts: u32) -> bool {
+    match restart.policy {
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure => code != 0 && restarts < restart.max_retries,
+        RestartPolicy::No => false,
+    }
 }
 
 impl Node {
     pub fn new(
         state: State,
-        runtime: Runtime,
-        hangar_exe: PathBuf,
+        driver: Arc<dyn Driver>,
+        images: hangar_oci::Store,
         sealer: crate::apps::Sealer,
     ) -> Node {
         Node {
             state,
-            runtime,
+            driver,
+            images,
             checks: Default::default(),
             sealer,
             busy_apps: Default::default(),
-            hangar_exe,
             locks: Mutex::new(HashMap::new()),
             leaving: Default::default(),
         }
@@ -115,7 +170,7 @@ impl Node {
         // what the app sees), then the node's egress proxy unless either
         // says otherwise.
         let mut env = c.env.clone();
-        if let Some(app) = c.metadata.get("app") {
+        if let Some(app) = &m.app {
             env.extend(self.state.open_secrets(&self.sealer, app)?);
         }
         let proxy = format!(
@@ -153,7 +208,7 @@ impl Node {
             },
             limits: c.limits(),
             slot: m.slot,
-            vm: c.guest.driver == "vm",
+            vm: c.guest.driver == DriverKind::Vm,
         })
     }
 
@@ -161,7 +216,7 @@ impl Node {
     /// filesystem must fit on the disk that holds the machines.
     pub fn check_config(&self, config: &MachineConfig) -> Result<()> {
         config.validate()?;
-        let disk_gb = self.runtime.disk_capacity_mb() / 1024;
+        let disk_gb = self.driver.disk_capacity_mb() / 1024;
         if config.rootfs.size_gb > disk_gb {
             return Err(Error::Invalid(format!(
                 "config.rootfs.size_gb {} is more than the disk that holds this node's machines ({disk_gb} GB); ask for at most that",
@@ -171,8 +226,14 @@ impl Node {
         Ok(())
     }
 
-    /// Create a machine from `config` (its image already in the store) and start it.
-    pub fn create(&self, name: Option<String>, config: MachineConfig) -> Result<Machine> {
+    /// Create a machine of `place` from `config` (its image already in the
+    /// store) and start it.
+    pub fn create(
+        &self,
+        name: Option<String>,
+        place: Placement,
+        config: MachineConfig,
+    ) -> Result<Machine> {
         self.check_config(&config)?;
         let id = random_id()?;
         let name = name.unwrap_or_else(|| id.clone());
@@ -184,17 +245,17 @@ impl Node {
                 "machine name {name:?} must be 1-63 letters, digits or '-'"
             )));
         }
-        let m = self.state.insert(&id, &name, &config)?;
+        let m = self.state.insert(&id, &name, &place, &config)?;
         let lock = self.lock(&id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         let created = self
             .spec(&m)
-            .and_then(|spec| Ok(self.runtime.create(&spec)?));
+            .and_then(|spec| Ok(self.driver.create(&spec)?));
         match created {
             Ok(c) => self.state.event(&id, "created", serde_json::json!({"ipv4": c.addresses.v4.to_string(), "ipv6": c.addresses.v6.to_string(), "unpacked": c.unpacked}))?,
             Err(e) => {
-                let _ = self.runtime.destroy(&id);
-                self.state.set_state(&id, "failed")?;
+                let _ = self.driver.destroy(&id);
+                self.state.set_state(&id, MachineState::Failed)?;
                 self.state.event(&id, "failed", serde_json::json!({"error": e.to_string()}))?;
                 return Err(e);
             }
@@ -205,19 +266,17 @@ impl Node {
 
     fn start_locked(&self, id: &str) -> Result<()> {
         let m = self.state.get(id)?;
-        self.state.set_desired(id, "started")?;
-        self.state.set_state(id, "starting")?;
+        self.state.set_desired(id, Desired::Started)?;
+        self.state.set_state(id, MachineState::Starting)?;
         self.state.set_exit(id, None, false)?;
-        let child = self.runtime.start(id, m.slot, &self.hangar_exe);
-        match child {
-            Ok(child) => {
-                reap(child);
-                self.state.set_state(id, "started")?;
+        match self.driver.start(id, m.slot) {
+            Ok(()) => {
+                self.state.set_state(id, MachineState::Started)?;
                 self.state.event(id, "started", serde_json::json!({}))?;
                 Ok(())
             }
             Err(e) => {
-                self.state.set_state(id, "failed")?;
+                self.state.set_state(id, MachineState::Failed)?;
                 self.state
                     .event(id, "failed", serde_json::json!({"error": e.to_string()}))?;
                 Err(e.into())
@@ -229,7 +288,7 @@ impl Node {
         let m = self.state.get(id)?;
         let lock = self.lock(&m.id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.runtime.state(&m.id) == ProcState::Running {
+        if self.driver.state(&m.id) == ProcState::Running {
             return Err(Error::Conflict(format!(
                 "machine {} is already running",
                 m.id
@@ -240,30 +299,30 @@ impl Node {
     }
 
     fn stop_locked(&self, id: &str, signal: &str, timeout: Duration) -> Result<()> {
-        self.state.set_desired(id, "stopped")?;
-        if self.runtime.state(id) == ProcState::Running {
+        self.state.set_desired(id, Desired::Stopped)?;
+        if self.driver.state(id) == ProcState::Running {
             self.leaving_service(id);
-            self.state.set_state(id, "stopping")?;
-            let _ = self.runtime.signal(id, signal);
+            self.state.set_state(id, MachineState::Stopping)?;
+            let _ = self.driver.signal(id, signal);
             let deadline = Instant::now() + timeout;
-            while self.runtime.state(id) == ProcState::Running && Instant::now() < deadline {
+            while self.driver.state(id) == ProcState::Running && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            if self.runtime.state(id) == ProcState::Running {
-                let _ = self.runtime.signal(id, "SIGKILL");
+            if self.driver.state(id) == ProcState::Running {
+                let _ = self.driver.signal(id, "SIGKILL");
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while self.runtime.state(id) == ProcState::Running && Instant::now() < deadline {
+                while self.driver.state(id) == ProcState::Running && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
         }
         self.record_exit(id)?;
-        self.state.set_state(id, "stopped")?;
+        self.state.set_state(id, MachineState::Stopped)?;
         Ok(())
     }
 
     fn record_exit(&self, id: &str) -> Result<()> {
-        if let ProcState::Exited(exit) = self.runtime.state(id) {
+        if let ProcState::Exited(exit) = self.driver.state(id) {
             self.state.set_exit(id, Some(exit.code), exit.oom)?;
             self.state.event(
                 id,
@@ -295,18 +354,19 @@ impl Node {
 
     pub fn signal(&self, id: &str, signal: &str) -> Result<()> {
         let m = self.state.get(id)?;
-        if self.runtime.state(&m.id) != ProcState::Running {
+        if self.driver.state(&m.id) != ProcState::Running {
             return Err(Error::Conflict(format!("machine {} is not running", m.id)));
         }
-        Ok(self.runtime.signal(&m.id, signal)?)
+        Ok(self.driver.signal(&m.id, signal)?)
     }
 
-    /// New config, then a restart onto it (a new root filesystem from the new image).
-    pub fn update(&self, id: &str, config: MachineConfig) -> Result<Machine> {
+    /// New config (and app and release), then a restart onto it (a new
+    /// root filesystem from the new image).
+    pub fn update(&self, id: &str, place: Placement, config: MachineConfig) -> Result<Machine> {
         self.check_config(&config)?;
         let m = self.state.get(id)?;
         // A machine's addresses are in its org's network: it stays there.
-        if self.state.net_for(&config)? != hangar_machine::network::net_of(m.slot) {
+        if self.state.net_for(place.app.as_deref())? != hangar_machine::network::net_of(m.slot) {
             return Err(Error::Invalid(format!(
                 "machine {} cannot move to an app of another org (its network is its org's); create a machine in that app instead",
                 m.id
@@ -315,10 +375,10 @@ impl Node {
         let lock = self.lock(&m.id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         self.stop_locked(&m.id, "SIGTERM", Duration::from_secs(10))?;
-        self.runtime.destroy(&m.id)?;
-        self.state.set_config(&m.id, &config)?;
+        self.driver.destroy(&m.id)?;
+        self.state.set_config(&m.id, &place, &config)?;
         let m = self.state.get(&m.id)?;
-        self.runtime.create(&self.spec(&m)?)?;
+        self.driver.create(&self.spec(&m)?)?;
         self.state
             .event(&m.id, "updated", serde_json::json!({"image": config.image}))?;
         self.start_locked(&m.id)?;
@@ -329,25 +389,27 @@ impl Node {
         let m = self.state.get(id)?;
         let lock = self.lock(&m.id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.runtime.state(&m.id) == ProcState::Running {
+        if self.driver.state(&m.id) == ProcState::Running {
             if !force {
                 return Err(Error::Conflict(format!(
                     "machine {} is running; stop it first, or destroy with force (`hangar machine destroy --force`)",
                     m.id
                 )));
             }
-            self.state.set_desired(&m.id, "destroyed")?;
+            self.state.set_desired(&m.id, Desired::Destroyed)?;
             self.leaving_service(&m.id);
-            let _ = self.runtime.signal(&m.id, "SIGKILL");
+            let _ = self.driver.signal(&m.id, "SIGKILL");
         }
-        self.state.set_desired(&m.id, "destroyed")?;
-        self.state.set_state(&m.id, "destroying")?;
-        self.runtime.destroy(&m.id)?;
+        self.state.set_desired(&m.id, Desired::Destroyed)?;
+        self.state.set_state(&m.id, MachineState::Destroying)?;
+        self.driver.destroy(&m.id)?;
         self.state.mark_destroyed(&m.id)?;
         self.state
             .event(&m.id, "destroyed", serde_json::json!({}))?;
         // Its snapshots go once neither a machine nor a stored image needs them.
-        let _ = self.runtime.gc_snapshots();
+        if let Err(e) = self.driver.gc() {
+            tracing::warn!("collecting snapshots after destroying {}: {e}", m.id);
+        }
         self.state.get(&m.id)
     }
 
@@ -362,7 +424,7 @@ impl Node {
         if cmd.is_empty() {
             return Err(Error::Invalid("exec needs a command".into()));
         }
-        if self.runtime.state(&m.id) != ProcState::Running {
+        if self.driver.state(&m.id) != ProcState::Running {
             return Err(Error::Conflict(format!(
                 "machine {} is not running; start it first",
                 m.id
@@ -376,16 +438,15 @@ impl Node {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let user = user
-            .map(|spec| {
-                self.runtime
-                    .user(&m.id, spec)
-                    .map_err(|e| Error::Invalid(format!("exec user {spec:?}: {e}")))
-            })
-            .transpose()?;
-        let out = self
-            .runtime
-            .exec(&m.id, cmd, &env, user.as_ref(), stdin.as_bytes())?;
+        let out = self.driver.exec(
+            &m.id,
+            &hangar_machine::Exec {
+                argv: cmd,
+                env: &env,
+                user,
+                stdin: stdin.as_bytes(),
+            },
+        )?;
         Ok(ExecOutput {
             exit_code: out.status.code().unwrap_or(128),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -404,95 +465,83 @@ impl Node {
         let idle: Vec<&str> = machines
             .iter()
             .map(|m| m.id.as_str())
-            .filter(|id| self.runtime.state(id) != ProcState::Running)
+            .filter(|id| self.driver.state(id) != ProcState::Running)
             .collect();
-        let leftovers: Vec<String> = self
-            .runtime
-            .holding_host_resources(&idle)
-            .into_iter()
-            .map(String::from)
-            .collect();
+        let leftovers = self.driver.holding_host_resources(&idle);
         for m in machines {
             let lock = self.lock(&m.id);
-            let Ok(_guard) = lock.try_lock() else {
+            let Ok(guard) = lock.try_lock() else {
                 continue;
             };
             if leftovers.contains(&m.id) {
                 // Checks again that it does not run, under the lock.
-                self.runtime.release(&m.id);
+                self.driver.release(&m.id);
             }
-            // Wanted stopped, with no stop under way (the lock is free), yet
-            // not recorded as stopped: a stop the node did not finish (it
-            // was killed in the middle). Finish it: in the background if
-            // the machine still runs, else by recording how it ended.
-            if m.desired == "stopped" && ["started", "stopping"].contains(&m.state.as_str()) {
-                if self.runtime.state(&m.id) == ProcState::Running {
-                    let (node, id) = (self.clone(), m.id.clone());
-                    let (signal, timeout) = m.config.kill();
-                    std::thread::spawn(move || {
-                        let _ = node.stop(&id, &signal, timeout);
-                    });
-                } else {
-                    let _ = self.record_exit(&m.id);
-                    let _ = self.state.set_state(&m.id, "stopped");
-                }
-                continue;
-            }
-            if m.desired != "started" || m.state == "failed" {
-                continue;
-            }
-            match self.runtime.state(&m.id) {
-                ProcState::Running => {
-                    if m.state != "started" {
-                        let _ = self.state.set_state(&m.id, "started");
-                    }
-                }
-                ProcState::Exited(exit) => {
-                    if m.state != "started" {
-                        continue;
-                    }
-                    let _ = self.state.set_exit(&m.id, Some(exit.code), exit.oom);
-                    let _ = self.state.event(
-                        &m.id,
-                        "exited",
-                        serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}),
-                    );
-                    let policy = m.config.restart.policy.as_str();
-                    let again = policy == "always"
-                        || (policy == "on-failure"
-                            && exit.code != 0
-                            && m.restarts < m.config.restart.max_retries);
-                    if again {
-                        let _ = self.state.set_restarts(&m.id, m.restarts + 1);
-                        if self.start_locked(&m.id).is_ok() {
-                            let _ = self.state.event(
-                                &m.id,
-                                "restarted",
-                                serde_json::json!({"by": "policy", "count": m.restarts + 1}),
-                            );
-                        }
-                    } else {
-                        let _ = self.state.set_desired(&m.id, "stopped");
-                        let _ = self.state.set_state(&m.id, "stopped");
-                        if m.config.auto_destroy {
-                            drop(_guard);
-                            let _ = self.destroy(&m.id, true);
-                        }
-                    }
-                }
-                ProcState::NotRunning => {
-                    // Should run, and nothing runs or says how it ended
-                    // (a host reboot, a killed shim): start it again.
-                    if self.start_locked(&m.id).is_ok() {
-                        let _ = self.state.event(
-                            &m.id,
-                            "restarted",
-                            serde_json::json!({"by": "adoption"}),
-                        );
-                    }
-                }
+            if let Err(e) = self.apply(&m, reconcile_step(&m, self.driver.state(&m.id)), guard) {
+                tracing::warn!(machine = %m.id, "reconcile: {e}");
             }
         }
+    }
+
+    /// Carry out one reconcile step for `m`, holding its lock.
+    fn apply(
+        self: &Arc<Self>,
+        m: &Machine,
+        step: Step,
+        guard: std::sync::MutexGuard<'_, ()>,
+    ) -> Result<()> {
+        match step {
+            Step::Nothing => {}
+            Step::FinishStop => {
+                let (node, id) = (self.clone(), m.id.clone());
+                let (signal, timeout) = m.config.kill();
+                drop(guard);
+                std::thread::spawn(move || {
+                    if let Err(e) = node.stop(&id, &signal, timeout) {
+                        tracing::warn!(machine = %id, "finishing a stop: {e}");
+                    }
+                });
+            }
+            Step::RecordStopped => {
+                self.record_exit(&m.id)?;
+                self.state.set_state(&m.id, MachineState::Stopped)?;
+            }
+            Step::MarkStarted => self.state.set_state(&m.id, MachineState::Started)?,
+            Step::Exited {
+                exit,
+                restart,
+                destroy,
+            } => {
+                self.state.set_exit(&m.id, Some(exit.code), exit.oom)?;
+                self.state.event(
+                    &m.id,
+                    "exited",
+                    serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}),
+                )?;
+                if restart {
+                    self.state.set_restarts(&m.id, m.restarts + 1)?;
+                    self.start_locked(&m.id)?;
+                    self.state.event(
+                        &m.id,
+                        "restarted",
+                        serde_json::json!({"by": "policy", "count": m.restarts + 1}),
+                    )?;
+                } else {
+                    self.state.set_desired(&m.id, Desired::Stopped)?;
+                    self.state.set_state(&m.id, MachineState::Stopped)?;
+                    if destroy {
+                        drop(guard);
+                        self.destroy(&m.id, true)?;
+                    }
+                }
+            }
+            Step::Adopt => {
+                self.start_locked(&m.id)?;
+                self.state
+                    .event(&m.id, "restarted", serde_json::json!({"by": "adoption"}))?;
+            }
+        }
+        Ok(())
     }
 
     /// Stop every machine (for `hangar up --stop-machines`, `hangar node stop`).
@@ -500,7 +549,7 @@ impl Node {
     pub fn stop_all(&self) -> usize {
         let mut stopped = 0;
         for m in self.state.list().unwrap_or_default() {
-            if self.runtime.state(&m.id) == ProcState::Running {
+            if self.driver.state(&m.id) == ProcState::Running {
                 let (signal, timeout) = m.config.kill();
                 let _ = self.stop(&m.id, &signal, timeout);
                 stopped += 1;
@@ -509,3 +558,6 @@ impl Node {
         stopped
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -9,12 +9,12 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::MachineConfig;
 use crate::error::Error;
 use crate::node::Node;
-use crate::state::Machine;
+use crate::state::{Machine, MachineState, Placement};
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -107,42 +107,94 @@ fn error(e: &Error) -> Response<Body> {
 }
 
 fn machine_json(node: &Node, m: &Machine) -> serde_json::Value {
-    let addr = hangar_machine::network::address(m.slot);
-    let mut v = serde_json::json!({
-        "id": m.id, "name": m.name, "state": m.state, "config": m.config,
-        "private_ip": addr.v6.to_string(), "ipv4": addr.v4.to_string(),
-        "restarts": m.restarts, "created_at": m.created_at, "updated_at": m.updated_at,
-    });
-    if m.state == "destroyed" {
-        v.as_object_mut().map(|o| o.remove("ipv4"));
-        v.as_object_mut().map(|o| o.remove("private_ip"));
-    }
-    if let Some(vm) = node.runtime.vm_info(&m.id) {
-        v["vmm"] = serde_json::to_value(vm).unwrap_or_default();
-    }
-    if !m.config.checks.is_empty() {
-        let mut checks = node.checks.status(&m.id);
-        for name in m.config.checks.keys() {
-            if !checks.iter().any(|c| &c.name == name) {
-                checks.push(crate::checks::CheckStatus {
-                    name: name.clone(),
-                    status: "pending".into(),
-                    output: String::new(),
-                });
+    serde_json::to_value(MachineView::of(node, m)).unwrap_or_default()
+}
+
+/// A machine as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MachineView {
+    pub id: String,
+    pub name: String,
+    pub state: MachineState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u32>,
+    pub config: MachineConfig,
+    /// Its IPv6 address (Fly's name for it); none once destroyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    pub restarts: u32,
+    pub created_at: u64,
+    pub updated_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<hangar_machine::runtime::VmInfo>,
+    /// Every check of its config, `pending` until the first verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Vec<crate::checks::CheckStatus>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_killed: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<ImageRef>,
+}
+
+/// The image a machine's reference names, as the node's store has it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub reference: String,
+    pub digest: String,
+}
+
+impl MachineView {
+    pub fn of(node: &Node, m: &Machine) -> MachineView {
+        let addr = hangar_machine::network::address(m.slot);
+        let live = m.state != MachineState::Destroyed;
+        let checks = (!m.config.checks.is_empty()).then(|| {
+            let mut checks = node.checks.status(&m.id);
+            for name in m.config.checks.keys() {
+                if !checks.iter().any(|c| &c.name == name) {
+                    checks.push(crate::checks::CheckStatus {
+                        name: name.clone(),
+                        status: crate::checks::CheckState::Pending,
+                        output: String::new(),
+                    });
+                }
             }
+            checks
+        });
+        let image_ref = m
+            .config
+            .image
+            .parse::<hangar_oci::Reference>()
+            .ok()
+            .and_then(|image| node.images.resolve(&image).ok())
+            .map(|record| ImageRef {
+                reference: record.reference.to_string(),
+                digest: record.digest.to_string(),
+            });
+        MachineView {
+            id: m.id.clone(),
+            name: m.name.clone(),
+            state: m.state,
+            app: m.app.clone(),
+            release: m.release,
+            config: m.config.clone(),
+            private_ip: live.then(|| addr.v6.to_string()),
+            ipv4: live.then(|| addr.v4.to_string()),
+            restarts: m.restarts,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+            vmm: node.driver.vm_info(&m.id),
+            checks,
+            exit_code: m.exit_code,
+            oom_killed: m.exit_code.map(|_| m.oom_killed),
+            image_ref,
         }
-        v["checks"] = serde_json::to_value(checks).unwrap_or_default();
     }
-    if let Some(code) = m.exit_code {
-        v["exit_code"] = code.into();
-        v["oom_killed"] = m.oom_killed.into();
-    }
-    if let Ok(image) = m.config.image.parse::<hangar_oci::Reference>() {
-        if let Ok(record) = node.runtime.store().resolve(&image) {
-            v["image_ref"] = serde_json::json!({"reference": record.reference, "digest": record.digest.to_string()});
-        }
-    }
-    v
 }
 
 /// The largest request body the API reads; larger ones answer 413 after
@@ -291,13 +343,31 @@ where
 #[serde(default, deny_unknown_fields)]
 struct CreateRequest {
     name: Option<String>,
+    /// The app the machine belongs to (or `config.metadata.app`, as
+    /// earlier clients name it).
+    app: Option<String>,
     config: MachineConfig,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 struct UpdateRequest {
+    /// Its app, when it changes (or `config.metadata.app`).
+    app: Option<String>,
     config: MachineConfig,
+}
+
+/// The app a create or update names: `app`, or `config.metadata.app` as
+/// earlier clients send it (taken out of the metadata, which the node
+/// does not read).
+fn app_named(app: Option<String>, config: &mut MachineConfig) -> Result<Option<String>, Error> {
+    let legacy = config.metadata.remove("app");
+    match (app, legacy) {
+        (Some(a), Some(b)) if a != b => Err(Error::Invalid(format!(
+            "app {a:?} and config.metadata.app {b:?} disagree; give one"
+        ))),
+        (a, b) => Ok(a.or(b)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -440,7 +510,7 @@ impl Api {
                     .state
                     .get(id)
                     .ok()
-                    .and_then(|m| m.config.metadata.get("app").cloned())
+                    .and_then(|m| m.app)
                     .is_some_and(|app| app_of_org(&app));
                 if visible {
                     Ok(())
@@ -453,18 +523,15 @@ impl Api {
     }
 
     /// An org token's machines belong to its org's apps.
-    fn org_may_use(&self, caller: &Caller, config: &MachineConfig) -> Result<(), Error> {
+    fn org_may_use(&self, caller: &Caller, app: Option<&str>) -> Result<(), Error> {
         let Caller::Org(org) = caller else {
             return Ok(());
         };
-        let app = config
-            .metadata
-            .get("app")
-            .and_then(|a| self.node.state.app(a).ok());
+        let app = app.and_then(|a| self.node.state.app(a).ok());
         if app.is_some_and(|a| &a.org == org) {
             Ok(())
         } else {
-            Err(Error::Invalid(format!("an org token runs machines of its org's apps only: set config.metadata.app to an app of {org}")))
+            Err(Error::Invalid(format!("an org token runs machines of its org's apps only: set app (or config.metadata.app) to an app of {org}")))
         }
     }
 
@@ -492,9 +559,8 @@ impl Api {
         match caller {
             Caller::Admin => true,
             Caller::Org(org) => m
-                .config
-                .metadata
-                .get("app")
+                .app
+                .as_ref()
                 .and_then(|a| self.node.state.app(a).ok())
                 .is_some_and(|a| &a.org == org),
         }
@@ -522,23 +588,31 @@ impl Api {
                 Ok(json(200, &serde_json::Value::Array(list)))
             }
             (Method::POST, ["v1", "machines"]) => {
-                let body: CreateRequest = read_json(req.into_body()).await?;
+                let mut body: CreateRequest = read_json(req.into_body()).await?;
+                let app = app_named(body.app, &mut body.config)?;
                 node.check_config(&body.config)?;
-                self.org_may_use(caller, &body.config)?;
+                self.org_may_use(caller, app.as_deref())?;
                 self.fetch_image(caller, &body.config.image).await?;
-                let m = blocking(move || node.create(body.name, body.config)).await?;
+                let place = Placement { app, release: None };
+                let m = blocking(move || node.create(body.name, place, body.config)).await?;
                 Ok(json(200, &machine_json(&self.node, &m)))
             }
             (Method::GET, ["v1", "machines", id]) => {
                 Ok(json(200, &machine_json(&node, &node.state.get(id)?)))
             }
             (Method::POST, ["v1", "machines", id]) => {
-                let body: UpdateRequest = read_json(req.into_body()).await?;
+                let mut body: UpdateRequest = read_json(req.into_body()).await?;
+                let current = node.state.get(id)?;
+                // Its app (and release) stay unless the update names
+                // another app.
+                let app = app_named(body.app, &mut body.config)?.or(current.app.clone());
+                let release = current.release.filter(|_| app == current.app);
                 node.check_config(&body.config)?;
-                self.org_may_use(caller, &body.config)?;
+                self.org_may_use(caller, app.as_deref())?;
                 self.fetch_image(caller, &body.config.image).await?;
                 let id = id.to_string();
-                let m = blocking(move || node.update(&id, body.config)).await?;
+                let place = Placement { app, release };
+                let m = blocking(move || node.update(&id, place, body.config)).await?;
                 Ok(json(200, &machine_json(&self.node, &m)))
             }
             (Method::DELETE, ["v1", "machines", id]) => {
@@ -592,12 +666,16 @@ impl Api {
                 ))
             }
             (Method::GET, ["v1", "machines", id, "wait"]) => {
-                let want = param(&q, "state").unwrap_or("started").to_string();
-                if !["started", "stopped", "destroyed"].contains(&want.as_str()) {
-                    return Err(Error::Invalid(
-                        "state must be started, stopped or destroyed".into(),
-                    ));
-                }
+                let want = match param(&q, "state").unwrap_or("started") {
+                    "started" => MachineState::Started,
+                    "stopped" => MachineState::Stopped,
+                    "destroyed" => MachineState::Destroyed,
+                    _ => {
+                        return Err(Error::Invalid(
+                            "state must be started, stopped or destroyed".into(),
+                        ))
+                    }
+                };
                 let timeout = wait_timeout(param(&q, "timeout"))?;
                 let deadline = Instant::now() + timeout;
                 loop {
@@ -774,7 +852,7 @@ impl Api {
 /// The machine's log; with `follow`, keeps streaming as it grows, across
 /// restarts and rotations, until the machine is destroyed.
 fn logs_response(node: Arc<Node>, id: String, follow: bool) -> Response<Body> {
-    let path = node.runtime.log_path(&id);
+    let path = node.driver.log_path(&id);
     let rotated = path.with_extension("log.1");
     let mut initial = std::fs::read(&rotated).unwrap_or_default();
     initial.extend(std::fs::read(&path).unwrap_or_default());
@@ -819,7 +897,7 @@ fn logs_response(node: Arc<Node>, id: String, follow: bool) -> Response<Body> {
                 .node
                 .state
                 .get(&c.id)
-                .map(|m| m.state == "destroyed")
+                .map(|m| m.state == MachineState::Destroyed)
                 .unwrap_or(true);
             if gone {
                 return None;

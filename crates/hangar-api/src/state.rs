@@ -10,26 +10,86 @@ use serde::{Deserialize, Serialize};
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
 
-/// Lifecycle states, as Fly names them.
-pub const STATES: [&str; 8] = [
-    "created",
-    "starting",
-    "started",
-    "stopping",
-    "stopped",
-    "destroying",
-    "destroyed",
-    "failed",
-];
+/// A machine's lifecycle state, as Fly names them.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum MachineState {
+    Created,
+    Starting,
+    Started,
+    Stopping,
+    Stopped,
+    Destroying,
+    Destroyed,
+    Failed,
+}
+
+/// What a machine should be doing: the reconcile loop works towards it.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum Desired {
+    Started,
+    Stopped,
+    Destroyed,
+}
+
+macro_rules! sql_text {
+    ($($t:ty),*) => {$(
+        impl rusqlite::types::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(<&'static str>::from(*self).into())
+            }
+        }
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                v.as_str()?
+                    .parse()
+                    .map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
+            }
+        }
+    )*};
+}
+pub(crate) use sql_text;
+sql_text!(MachineState, Desired);
 
 /// One machine row.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub id: String,
     pub name: String,
-    pub state: String,
-    /// What it should be: started, stopped or destroyed.
-    pub desired: String,
+    pub state: MachineState,
+    pub desired: Desired,
+    /// The app it belongs to: its org's network, its host at the edge, its
+    /// secrets. `None`: a machine of its own (the admin's).
+    pub app: Option<String>,
+    /// The release of its app it runs.
+    pub release: Option<u32>,
     pub config: MachineConfig,
     pub slot: u32,
     pub exit_code: Option<i32>,
@@ -47,6 +107,28 @@ pub struct Event {
     pub kind: String,
     pub detail: serde_json::Value,
     pub at: u64,
+}
+
+/// Where a machine belongs: its app and the app's release.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Placement {
+    pub app: Option<String>,
+    pub release: Option<u32>,
+}
+
+impl Machine {
+    pub fn placement(&self) -> Placement {
+        Placement {
+            app: self.app.clone(),
+            release: self.release,
+        }
+    }
+
+    /// Started, wanted started (not on its way to a stop): what may serve,
+    /// once its checks pass.
+    pub fn running_as_wanted(&self) -> bool {
+        self.state == MachineState::Started && self.desired == Desired::Started
+    }
 }
 
 pub struct State {
@@ -68,6 +150,8 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<(Machine, String)> {
             name: r.get(1)?,
             state: r.get(2)?,
             desired: r.get(3)?,
+            app: r.get(11)?,
+            release: r.get(12)?,
             config: MachineConfig::default(),
             slot: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
             exit_code: r.get(6)?,
@@ -80,10 +164,10 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<(Machine, String)> {
     ))
 }
 
-/// The net of the org whose app `config` names (given one on first use,
-/// kept for good); 0 for a machine of no app.
-fn net_for(db: &Connection, config: &MachineConfig) -> Result<u32> {
-    let Some(app) = config.metadata.get("app") else {
+/// The net of the org of `app` (given one on first use, kept for good); 0
+/// for a machine of no app.
+fn net_for(db: &Connection, app: Option<&str>) -> Result<u32> {
+    let Some(app) = app else {
         return Ok(0);
     };
     let org: Option<String> = db
@@ -119,49 +203,24 @@ fn net_for(db: &Connection, config: &MachineConfig) -> Result<u32> {
     Ok(net)
 }
 
-const COLUMNS: &str = "id, name, state, desired, config, slot, exit_code, oom_killed, restarts, created_at, updated_at";
+const COLUMNS: &str = "id, name, state, desired, config, slot, exit_code, oom_killed, restarts, created_at, updated_at, app, release";
 
 impl State {
     pub fn open(home: &Path) -> Result<State> {
         std::fs::create_dir_all(home)
             .map_err(|e| Error::Internal(format!("{}: {e}", home.display())))?;
-        let db = Connection::open(home.join("state.db"))?;
+        let mut db = Connection::open(home.join("state.db"))?;
         db.execute_batch(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=NORMAL;
-             PRAGMA busy_timeout=5000;
-             CREATE TABLE IF NOT EXISTS machines (
-                id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, state TEXT NOT NULL, desired TEXT NOT NULL,
-                config TEXT NOT NULL, slot INTEGER NOT NULL UNIQUE, exit_code INTEGER, oom_killed INTEGER NOT NULL DEFAULT 0,
-                restarts INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS events (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT, machine_id TEXT NOT NULL, type TEXT NOT NULL,
-                detail TEXT NOT NULL, at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS apps (
-                name TEXT PRIMARY KEY, org TEXT NOT NULL, created_at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS releases (
-                app TEXT NOT NULL, version INTEGER NOT NULL, image TEXT NOT NULL, status TEXT NOT NULL,
-                description TEXT NOT NULL, config TEXT NOT NULL, created_at INTEGER NOT NULL,
-                PRIMARY KEY (app, version));
-             CREATE TABLE IF NOT EXISTS org_nets (
-                org TEXT PRIMARY KEY, net INTEGER NOT NULL UNIQUE);
-             CREATE TABLE IF NOT EXISTS registry_logins (
-                org TEXT NOT NULL, registry TEXT NOT NULL, username TEXT NOT NULL,
-                sealed BLOB NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (org, registry));
-             CREATE TABLE IF NOT EXISTS secrets (
-                app TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL, digest TEXT NOT NULL,
-                created_at INTEGER NOT NULL, PRIMARY KEY (app, name));",
+             PRAGMA busy_timeout=5000;",
         )?;
-        // Added after the first release: the machines a deploy replaces
-        // (what comes back if the node stops in the middle of it).
-        let has_replaces = db
-            .prepare("SELECT 1 FROM pragma_table_info('releases') WHERE name = 'replaces'")?
-            .exists([])?;
-        if !has_replaces {
-            db.execute_batch(
-                "ALTER TABLE releases ADD COLUMN replaces TEXT NOT NULL DEFAULT '[]'",
-            )?;
-        }
+        crate::migrations::migrate(&mut db).map_err(|e| {
+            Error::Internal(format!(
+                "{}: cannot bring the state store up to date: {e}",
+                home.join("state.db").display()
+            ))
+        })?;
         Ok(State { db: Mutex::new(db) })
     }
 
@@ -179,16 +238,22 @@ impl State {
             .collect()
     }
 
-    /// The net of the org of `config`'s app (see [`net_for`]).
-    pub fn net_for(&self, config: &MachineConfig) -> Result<u32> {
-        net_for(&self.db(), config)
+    /// The net of the org of `app` (see [`net_for`]).
+    pub fn net_for(&self, app: Option<&str>) -> Result<u32> {
+        net_for(&self.db(), app)
     }
 
     /// Insert a new machine in state `created`, with the lowest free slot of
     /// its org's net (see `hangar_machine::network`).
-    pub fn insert(&self, id: &str, name: &str, config: &MachineConfig) -> Result<Machine> {
+    pub fn insert(
+        &self,
+        id: &str,
+        name: &str,
+        place: &Placement,
+        config: &MachineConfig,
+    ) -> Result<Machine> {
         let db = self.db();
-        let net = net_for(&db, config)?;
+        let net = net_for(&db, place.app.as_deref())?;
         let base = hangar_machine::network::net_base(net);
         let taken: std::collections::HashSet<u32> = db
             .prepare("SELECT slot FROM machines WHERE slot >= ?1 AND slot < ?2")?
@@ -206,8 +271,8 @@ impl State {
         let t = now();
         let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
         match db.execute(
-            &format!("INSERT INTO machines ({COLUMNS}) VALUES (?1, ?2, 'created', 'started', ?3, ?4, NULL, 0, 0, ?5, ?5)"),
-            params![id, name, json, slot, t],
+            &format!("INSERT INTO machines ({COLUMNS}) VALUES (?1, ?2, 'created', 'started', ?3, ?4, NULL, 0, 0, ?5, ?5, ?6, ?7)"),
+            params![id, name, json, slot, t, place.app, place.release],
         ) {
             Ok(_) => {}
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -250,7 +315,22 @@ impl State {
         self.finish(rows)
     }
 
-    pub fn set_state(&self, id: &str, state: &str) -> Result<()> {
+    /// The app's machines that are not destroyed, oldest first.
+    pub fn app_machines(&self, app: &str) -> Result<Vec<Machine>> {
+        let rows = {
+            let db = self.db();
+            let mut stmt = db.prepare(&format!(
+                "SELECT {COLUMNS} FROM machines WHERE app = ?1 AND state != 'destroyed' ORDER BY created_at, id"
+            ))?;
+            let r = stmt
+                .query_map([app], row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            r
+        };
+        self.finish(rows)
+    }
+
+    pub fn set_state(&self, id: &str, state: MachineState) -> Result<()> {
         self.db().execute(
             "UPDATE machines SET state = ?2, updated_at = ?3 WHERE id = ?1",
             params![id, state, now()],
@@ -258,7 +338,7 @@ impl State {
         Ok(())
     }
 
-    pub fn set_desired(&self, id: &str, desired: &str) -> Result<()> {
+    pub fn set_desired(&self, id: &str, desired: Desired) -> Result<()> {
         self.db().execute(
             "UPDATE machines SET desired = ?2, updated_at = ?3 WHERE id = ?1",
             params![id, desired, now()],
@@ -266,11 +346,12 @@ impl State {
         Ok(())
     }
 
-    pub fn set_config(&self, id: &str, config: &MachineConfig) -> Result<()> {
+    /// A new config (and app and release) for a machine.
+    pub fn set_config(&self, id: &str, place: &Placement, config: &MachineConfig) -> Result<()> {
         let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
         self.db().execute(
-            "UPDATE machines SET config = ?2, updated_at = ?3 WHERE id = ?1",
-            params![id, json, now()],
+            "UPDATE machines SET config = ?2, app = ?4, release = ?5, updated_at = ?3 WHERE id = ?1",
+            params![id, json, now(), place.app, place.release],
         )?;
         Ok(())
     }

@@ -23,6 +23,10 @@ pub enum Error {
 
     #[error("no machine {0:?} on this node")]
     NoMachine(String),
+
+    /// A request the caller can fix (named in the message).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

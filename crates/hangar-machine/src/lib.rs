@@ -16,11 +16,13 @@
 //! reconcile loop) and knows nothing of HTTP.
 
 pub mod bundle;
+pub mod driver;
 pub mod error;
 pub mod network;
 pub mod runtime;
 pub mod snapshot;
 pub mod vm;
 
+pub use driver::{Driver, Exec};
 pub use error::{Error, Result};
-pub use runtime::{check_host, Exit, MachineSpec, ProcState, Runtime};
+pub use runtime::{check_host, Created, Exit, MachineSpec, ProcState, Runtime, VmInfo};

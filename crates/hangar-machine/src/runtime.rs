@@ -35,6 +35,7 @@ use hangar_oci::{Digest, Reference, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{self, Limits};
+use crate::driver::{Driver, Exec};
 use crate::error::{run, Error, IoContext, Result};
 use crate::network::{self, Addresses};
 use crate::snapshot::{chain_ids, Snapshots};
@@ -88,12 +89,15 @@ pub struct Runtime {
     store: Store,
     snapshots: Snapshots,
     init_bin: PathBuf,
+    /// The `hangar` binary whose hidden `machine shim` command supervises
+    /// each machine.
+    shim_exe: PathBuf,
     /// The micro-VM driver, where a guest kernel was found.
     vmm: Option<crate::vm::Vmm>,
 }
 
 /// What the host sees of a VM machine (for status).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct VmInfo {
     pub accel: String,
     pub base_disk_reused: bool,
@@ -172,7 +176,9 @@ pub fn check_host() -> Result<()> {
 
 impl Runtime {
     /// `init_bin` is the static hangar-init binary to put in every machine.
-    pub fn open(home: &Path, init_bin: PathBuf) -> Result<Runtime> {
+    /// The driver for machines under `home`, putting `init_bin` in each and
+    /// supervising each with `shim_exe machine shim`.
+    pub fn open(home: &Path, init_bin: PathBuf, shim_exe: PathBuf) -> Result<Runtime> {
         let machines = home.join("machines");
         let runc_root = machines.join("runc");
         fs::create_dir_all(&runc_root).at(&runc_root)?;
@@ -188,6 +194,7 @@ impl Runtime {
             machines,
             runc_root,
             init_bin,
+            shim_exe,
             vmm: None,
         })
     }
@@ -211,101 +218,12 @@ impl Runtime {
         self.dir(id).join("vm.json").is_file()
     }
 
-    /// How a VM machine runs (None for containers).
-    pub fn vm_info(&self, id: &str) -> Option<VmInfo> {
-        let launch: crate::vm::Launch =
-            serde_json::from_slice(&fs::read(self.dir(id).join("vm.json")).ok()?).ok()?;
-        let overhead_kib = fs::read_to_string(self.dir(id).join("qemu.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .filter(|p| pid_alive(*p))
-            .and_then(|p| crate::vm::overhead_kib(p, launch.memory_mb));
-        Some(VmInfo {
-            accel: launch.accel.describe().into(),
-            base_disk_reused: launch.base_disk_reused,
-            overhead_kib,
-        })
-    }
-
     pub fn store(&self) -> &Store {
         &self.store
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {
         self.machines.join(id)
-    }
-
-    pub fn log_path(&self, id: &str) -> PathBuf {
-        self.dir(id).join("machine.log")
-    }
-
-    /// Build everything a machine needs short of starting it: snapshots,
-    /// its own layer, the overlay mount, its network, the bundle.
-    pub fn create(&self, spec: &MachineSpec) -> Result<Created> {
-        if spec.vm {
-            self.vmm()?;
-        }
-        let image = self.store.image(&spec.image)?;
-        let (lowers, unpacked) = self.snapshots.prepare(&self.store, &image)?;
-        let dir = self.dir(&spec.id);
-        for sub in ["rootfs", "bundle"] {
-            fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
-        }
-        let lease: Vec<String> = chain_ids(&image.config.rootfs.diff_ids)
-            .iter()
-            .map(|d| d.to_string())
-            .collect();
-        fs::write(dir.join("lease"), lease.join("\n")).at(dir.join("lease"))?;
-
-        let run = image.config.config.clone().unwrap_or_default();
-        let mut init = spec.init.clone();
-        init.hostname = spec.hostname.clone();
-        init.image = hangar_init::ImageProcess {
-            entrypoint: run.entrypoint.unwrap_or_default(),
-            cmd: run.cmd.unwrap_or_default(),
-            env: run.env.unwrap_or_default(),
-            workdir: run.working_dir.unwrap_or_default(),
-            user: run.user.unwrap_or_default(),
-        };
-        if spec.vm {
-            return self.create_vm(
-                spec,
-                init,
-                &lowers,
-                unpacked,
-                &chain_ids(&image.config.rootfs.diff_ids),
-            );
-        }
-        let addresses = network::attach(&spec.id, spec.slot)?;
-        init.hosts
-            .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
-        init.hosts
-            .push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
-        let init_path = dir.join("init.json");
-        let bytes = serde_json::to_vec_pretty(&init).map_err(|e| Error::Host(e.to_string()))?;
-        fs::write(&init_path, bytes).at(&init_path)?;
-
-        let config = bundle::config(
-            &spec.id,
-            &spec.hostname,
-            &dir.join("rootfs"),
-            &self.init_bin,
-            &init_path,
-            &network::netns_path(&spec.id),
-            spec.limits,
-        );
-        let bundle_path = dir.join("bundle/config.json");
-        fs::write(
-            &bundle_path,
-            serde_json::to_vec_pretty(&config).unwrap_or_default(),
-        )
-        .at(&bundle_path)?;
-        make_disk(&self.machines, &dir, spec.limits.disk_mb)?;
-        self.mount(&spec.id, &lowers)?;
-        Ok(Created {
-            addresses,
-            unpacked,
-        })
     }
 
     /// A VM's disk overlay, initramfs, tap and launch line.
@@ -413,7 +331,8 @@ impl Runtime {
 
     /// Start the machine's shim (which runs runc). The returned child is the
     /// shim: the caller reaps it; the machine outlives the caller.
-    pub fn start(&self, id: &str, slot: u32, hangar_exe: &Path) -> Result<Child> {
+    fn spawn_machine(&self, id: &str, slot: u32) -> Result<Child> {
+        let hangar_exe = &self.shim_exe;
         let dir = self.dir(id);
         if self.is_vm(id) {
             if !crate::vm::tap_exists(id) {
@@ -479,46 +398,8 @@ impl Runtime {
         Ok(child)
     }
 
-    pub fn state(&self, id: &str) -> ProcState {
-        let dir = self.dir(id);
-        if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
-            if pid.trim().parse().is_ok_and(pid_alive) {
-                return ProcState::Running;
-            }
-        }
-        match fs::read(dir.join("exit.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-        {
-            Some(exit) => ProcState::Exited(exit),
-            None => ProcState::NotRunning,
-        }
-    }
-
-    /// Send `signal` (a name like `SIGTERM` or a number) to the machine's init.
-    pub fn signal(&self, id: &str, signal: &str) -> Result<()> {
-        if self.is_vm(id) {
-            let number = signal_number(signal)
-                .ok_or_else(|| Error::Host(format!("unknown signal {signal:?}")))?;
-            if number == libc::SIGKILL {
-                // Nothing inside can refuse it: the VM goes, as a killed
-                // process would.
-                if let Some(pid) = fs::read_to_string(self.dir(id).join("qemu.pid"))
-                    .ok()
-                    .and_then(|p| p.trim().parse::<i32>().ok())
-                {
-                    // SAFETY: kill(2) of the machine's QEMU process.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                return Ok(());
-            }
-            return crate::vm::signal(&self.dir(id), number);
-        }
-        run(runc(&self.runc_root).args(["kill", id, signal])).map(|_| ())
-    }
-
     /// Run a command inside the running machine; its output and status back.
-    pub fn exec(
+    fn exec_as(
         &self,
         id: &str,
         argv: &[String],
@@ -559,9 +440,159 @@ impl Runtime {
         hangar_init::resolve_user(spec, &self.dir(id).join("rootfs"))
     }
 
+    /// Which of `ids` hold anything `release` gives back (the mount table
+    /// is read once for all of them).
+    fn holding<'a>(&self, ids: &[&'a str]) -> Vec<&'a str> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mounted: std::collections::HashSet<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .collect();
+        ids.iter()
+            .copied()
+            .filter(|id| {
+                network::attached(id)
+                    || crate::vm::tap_exists(id)
+                    || self.runc_root.join(id).exists()
+                    || ["rootfs", "disk"]
+                        .iter()
+                        .any(|m| mounted.contains(self.dir(id).join(m).to_string_lossy().as_ref()))
+            })
+            .collect()
+    }
+}
+
+impl Driver for Runtime {
+    /// How a VM machine runs (None for containers).
+    fn vm_info(&self, id: &str) -> Option<VmInfo> {
+        let launch: crate::vm::Launch =
+            serde_json::from_slice(&fs::read(self.dir(id).join("vm.json")).ok()?).ok()?;
+        let overhead_kib = fs::read_to_string(self.dir(id).join("qemu.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .filter(|p| pid_alive(*p))
+            .and_then(|p| crate::vm::overhead_kib(p, launch.memory_mb));
+        Some(VmInfo {
+            accel: launch.accel.describe().into(),
+            base_disk_reused: launch.base_disk_reused,
+            overhead_kib,
+        })
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.dir(id).join("machine.log")
+    }
+
+    /// Build everything a machine needs short of starting it: snapshots,
+    /// its own layer, the overlay mount, its network, the bundle.
+    fn create(&self, spec: &MachineSpec) -> Result<Created> {
+        if spec.vm {
+            self.vmm()?;
+        }
+        let image = self.store.image(&spec.image)?;
+        let (lowers, unpacked) = self.snapshots.prepare(&self.store, &image)?;
+        let dir = self.dir(&spec.id);
+        for sub in ["rootfs", "bundle"] {
+            fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
+        }
+        let lease: Vec<String> = chain_ids(&image.config.rootfs.diff_ids)
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        fs::write(dir.join("lease"), lease.join("\n")).at(dir.join("lease"))?;
+
+        let run = image.config.config.clone().unwrap_or_default();
+        let mut init = spec.init.clone();
+        init.hostname = spec.hostname.clone();
+        init.image = hangar_init::ImageProcess {
+            entrypoint: run.entrypoint.unwrap_or_default(),
+            cmd: run.cmd.unwrap_or_default(),
+            env: run.env.unwrap_or_default(),
+            workdir: run.working_dir.unwrap_or_default(),
+            user: run.user.unwrap_or_default(),
+        };
+        if spec.vm {
+            return self.create_vm(
+                spec,
+                init,
+                &lowers,
+                unpacked,
+                &chain_ids(&image.config.rootfs.diff_ids),
+            );
+        }
+        let addresses = network::attach(&spec.id, spec.slot)?;
+        init.hosts
+            .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
+        init.hosts
+            .push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
+        let init_path = dir.join("init.json");
+        let bytes = serde_json::to_vec_pretty(&init).map_err(|e| Error::Host(e.to_string()))?;
+        fs::write(&init_path, bytes).at(&init_path)?;
+
+        let config = bundle::config(
+            &spec.id,
+            &spec.hostname,
+            &dir.join("rootfs"),
+            &self.init_bin,
+            &init_path,
+            &network::netns_path(&spec.id),
+            spec.limits,
+        );
+        let bundle_path = dir.join("bundle/config.json");
+        fs::write(
+            &bundle_path,
+            serde_json::to_vec_pretty(&config).unwrap_or_default(),
+        )
+        .at(&bundle_path)?;
+        make_disk(&self.machines, &dir, spec.limits.disk_mb)?;
+        self.mount(&spec.id, &lowers)?;
+        Ok(Created {
+            addresses,
+            unpacked,
+        })
+    }
+
+    fn state(&self, id: &str) -> ProcState {
+        let dir = self.dir(id);
+        if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
+            if pid.trim().parse().is_ok_and(pid_alive) {
+                return ProcState::Running;
+            }
+        }
+        match fs::read(dir.join("exit.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            Some(exit) => ProcState::Exited(exit),
+            None => ProcState::NotRunning,
+        }
+    }
+
+    /// Send `signal` (a name like `SIGTERM` or a number) to the machine's init.
+    fn signal(&self, id: &str, signal: &str) -> Result<()> {
+        if self.is_vm(id) {
+            let number = signal_number(signal)
+                .ok_or_else(|| Error::Host(format!("unknown signal {signal:?}")))?;
+            if number == libc::SIGKILL {
+                // Nothing inside can refuse it: the VM goes, as a killed
+                // process would.
+                if let Some(pid) = fs::read_to_string(self.dir(id).join("qemu.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: kill(2) of the machine's QEMU process.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                return Ok(());
+            }
+            return crate::vm::signal(&self.dir(id), number);
+        }
+        run(runc(&self.runc_root).args(["kill", id, signal])).map(|_| ())
+    }
+
     /// Remove every trace of the machine: process, container state, mount,
     /// network namespace, cgroup, files. Idempotent.
-    pub fn destroy(&self, id: &str) -> Result<()> {
+    fn destroy(&self, id: &str) -> Result<()> {
         let dir = self.dir(id);
         if self.is_vm(id) {
             let _ = self.signal(id, "SIGKILL");
@@ -598,45 +629,48 @@ impl Runtime {
     /// the node calls it for machines found stopped that still hold any of
     /// it (a shim killed, an older node). Idempotent; a running machine is
     /// left alone.
-    pub fn release(&self, id: &str) {
+    fn release(&self, id: &str) {
         if self.state(id) != ProcState::Running {
             release_host(&self.dir(id), id, &self.runc_root);
         }
     }
 
-    /// Which of `ids` hold anything `release` gives back (the mount table
-    /// is read once for all of them).
-    pub fn holding_host_resources<'a>(&self, ids: &[&'a str]) -> Vec<&'a str> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mounted: std::collections::HashSet<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .collect();
-        ids.iter()
-            .copied()
-            .filter(|id| {
-                network::attached(id)
-                    || crate::vm::tap_exists(id)
-                    || self.runc_root.join(id).exists()
-                    || ["rootfs", "disk"]
-                        .iter()
-                        .any(|m| mounted.contains(self.dir(id).join(m).to_string_lossy().as_ref()))
-            })
-            .collect()
-    }
-
     /// The size (MB) of the filesystem that holds the machines: no
     /// machine's root filesystem can be larger.
-    pub fn disk_capacity_mb(&self) -> u64 {
+    fn disk_capacity_mb(&self) -> u64 {
         rustix::fs::statvfs(&self.machines)
             .map(|s| s.f_blocks.saturating_mul(s.f_frsize) >> 20)
             .unwrap_or(u64::MAX)
     }
 
     /// Remove snapshots no machine leases and no stored image needs.
-    pub fn gc_snapshots(&self) -> Result<usize> {
+    fn gc(&self) -> Result<usize> {
         let home = self.machines.parent().unwrap_or(Path::new("/"));
         crate::snapshot::gc(home, &self.store)
+    }
+
+    fn start(&self, id: &str, slot: u32) -> Result<()> {
+        let mut shim = self.spawn_machine(id, slot)?;
+        // The machine's state is in its files; this only keeps zombies away.
+        std::thread::spawn(move || {
+            let _ = shim.wait();
+        });
+        Ok(())
+    }
+
+    fn exec(&self, id: &str, exec: &Exec<'_>) -> Result<Output> {
+        let user = exec
+            .user
+            .map(|spec| {
+                self.user(id, spec)
+                    .map_err(|e| Error::Invalid(format!("exec user {spec:?}: {e}")))
+            })
+            .transpose()?;
+        self.exec_as(id, exec.argv, exec.env, user.as_ref(), exec.stdin)
+    }
+
+    fn holding_host_resources(&self, ids: &[&str]) -> Vec<String> {
+        self.holding(ids).into_iter().map(String::from).collect()
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
-use hangar_app::Manifest;
+use hangar_api::app_toml::AppToml;
 use serde_json::{json, Value};
 
 use crate::client::Client;
@@ -125,9 +125,9 @@ fn app_name(flag: &AppFlag) -> Result<String> {
     if let Some(a) = &flag.app {
         return Ok(a.clone());
     }
-    let path = Path::new(hangar_app::FILE);
+    let path = Path::new(hangar_api::app_toml::FILE);
     if path.exists() {
-        return Ok(Manifest::load(path)?.app);
+        return Ok(AppToml::load(path)?.app);
     }
     bail!("which app? pass -a APP, or run this where a hangar.toml is (`hangar launch` writes one)")
 }
@@ -185,11 +185,11 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
         .path
         .canonicalize()
         .with_context(|| format!("{} is not a directory", args.path.display()))?;
-    let toml_path = dir.join(hangar_app::FILE);
+    let toml_path = dir.join(hangar_api::app_toml::FILE);
     let client = Client::new()?;
     if toml_path.exists() {
         // An app that comes with its hangar.toml: create the app it names.
-        let m = Manifest::load(&toml_path)?;
+        let m = AppToml::load(&toml_path)?;
         runtime()?.block_on(client.call(
             reqwest::Method::POST,
             "/v1/apps",
@@ -213,7 +213,7 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
             .ok_or_else(|| anyhow!("cannot name the app after {}; pass --name", dir.display()))?,
     };
     hangar_api::apps::valid_name(&name).map_err(|e| anyhow!("{e}; pass --name"))?;
-    let mut m = Manifest {
+    let mut m = AppToml {
         app: name.clone(),
         ..Default::default()
     };
@@ -227,15 +227,15 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
                 .map(|c| c.split_whitespace().map(str::to_string).collect());
         }
     }
-    m.http_service = Some(hangar_app::HttpService {
+    m.http_service = Some(hangar_api::app_toml::HttpService {
         internal_port: args.port,
         force_https: false,
-        auto_stop_machines: "off".into(),
+        auto_stop_machines: hangar_api::app_toml::AutoStop::Off,
         auto_start_machines: true,
         min_machines_running: 0,
         idle_timeout: 300,
         concurrency: None,
-        checks: vec![hangar_app::HttpCheck {
+        checks: vec![hangar_api::app_toml::HttpCheck {
             path: "/".into(),
             interval: 10.0,
             timeout: 2.0,
@@ -262,7 +262,7 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
 
 /// Build `[build] dir` into the local store, tagged for the built-in
 /// registry, and push it there under the app's org.
-fn build_and_push(m: &Manifest, base_dir: &Path, org: &str, registry: &str) -> Result<String> {
+fn build_and_push(m: &AppToml, base_dir: &Path, org: &str, registry: &str) -> Result<String> {
     let home = crate::home()?;
     let store = hangar_oci::Store::open(&home)?;
     let dir = base_dir.join(m.build.dir.as_deref().unwrap_or("."));
@@ -345,9 +345,11 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
     let path = args
         .config
         .clone()
-        .unwrap_or_else(|| PathBuf::from(hangar_app::FILE));
-    let m = Manifest::load(&path).map_err(|e| match e {
-        hangar_app::Error::Read { .. } => anyhow!("{e}; run `hangar launch` to write one"),
+        .unwrap_or_else(|| PathBuf::from(hangar_api::app_toml::FILE));
+    let m = AppToml::load(&path).map_err(|e| match e {
+        hangar_api::app_toml::Error::Read { .. } => {
+            anyhow!("{e}; run `hangar launch` to write one")
+        }
         _ => anyhow!("{e}; fix the file (the README lists every key of hangar.toml)"),
     })?;
     if let Some(a) = &args.app.app {
@@ -434,8 +436,8 @@ pub fn status(flag: AppFlag) -> Result<()> {
             "{:<16} {:<10} {:<8} {:<10} {:<14} {}",
             m["id"].as_str().unwrap_or(""),
             m["state"].as_str().unwrap_or(""),
-            m["config"]["metadata"]["release"]
-                .as_str()
+            m["release"]
+                .as_u64()
                 .map(|r| format!("v{r}"))
                 .unwrap_or_default(),
             health,
@@ -541,9 +543,6 @@ fn redeploy(client: &Client, app: &str, why: &str, change: impl FnOnce(&mut Valu
         bail!("app {app} has no complete release to redeploy; run `hangar deploy`");
     };
     let mut config = current["config"].clone();
-    if let Some(meta) = config["metadata"].as_object_mut() {
-        meta.remove("release");
-    }
     change(&mut config);
     let body = json!({"image": current["image"], "config": config, "description": why});
     let done = rt.block_on(follow(

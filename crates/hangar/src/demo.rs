@@ -237,7 +237,7 @@ fn tour(home: &Path, count: u32) -> Result<()> {
     drop(rt);
     println!("\n4. hangar deploy (build, push to the node's registry, roll out {count} machines)");
     crate::apps::deploy(crate::apps::DeployArgs::for_file(
-        dir.join(hangar_app::FILE),
+        dir.join(hangar_api::app_toml::FILE),
         count,
     ))?;
     let url = crate::node_config::load(home)?.app_url("hello");

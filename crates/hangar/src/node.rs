@@ -104,10 +104,10 @@ fn stop(home: &Path) -> Result<()> {
     if !home.join("state.db").is_file() {
         return Ok(());
     }
-    let node = crate::up::open_node(home)?;
+    let (node, _) = crate::up::open_node(home)?;
     let stopped = node.stop_all();
     for m in node.state.list()? {
-        node.runtime.release(&m.id);
+        node.driver.release(&m.id);
     }
     println!(
         "stopped {stopped} machine(s); nothing of {} runs or is mounted (remove it with `hangar node destroy --yes`)",
@@ -152,7 +152,7 @@ fn destroy(home: &Path, yes: bool) -> Result<()> {
     let machines = home.join("machines");
     if home.join("state.db").is_file() || machines.is_dir() {
         stop(home)?;
-        let node = crate::up::open_node(home)?;
+        let (node, _) = crate::up::open_node(home)?;
         let mut ids: Vec<String> = node.state.list()?.into_iter().map(|m| m.id).collect();
         // Machines on disk that the state store does not know (a crash
         // between the two) go as well.
@@ -163,7 +163,7 @@ fn destroy(home: &Path, yes: bool) -> Result<()> {
             }
         }
         for id in &ids {
-            node.runtime
+            node.driver
                 .destroy(id)
                 .with_context(|| format!("cannot destroy machine {id}"))?;
         }

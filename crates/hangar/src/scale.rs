@@ -9,14 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hangar_api::state::Machine;
-use hangar_api::Node;
+use hangar_api::{Desired, MachineState, Node};
 
 fn app_of(m: &Machine) -> String {
-    m.config
-        .metadata
-        .get("app")
-        .cloned()
-        .unwrap_or_else(|| m.name.clone())
+    m.app.clone().unwrap_or_else(|| m.name.clone())
 }
 
 fn address(m: &Machine, port: u16) -> std::net::SocketAddr {
@@ -111,27 +107,16 @@ pub fn edge_hosts(
                 ..Default::default()
             });
         host.autostart |= service.autostart;
-        host.force_https |= m
-            .config
-            .metadata
-            .get("force_https")
-            .is_some_and(|v| v == "true");
-        match m.config.metadata.get("edge_cache").map(String::as_str) {
-            Some("off") => host.cache.enabled = false,
-            Some(ttl) => {
-                if let Some(secs) = ttl.strip_prefix("ttl=").and_then(|s| s.parse().ok()) {
-                    host.cache.default_ttl = Duration::from_secs(secs);
-                }
-            }
+        host.force_https |= service.force_https;
+        match &service.cache {
+            Some(c) if !c.enabled => host.cache.enabled = false,
+            Some(c) => host.cache.default_ttl = Duration::from_secs(c.default_ttl),
             None => {}
         }
         host.soft_limit = host.soft_limit.max(service.soft_limit);
         host.hard_limit = host.hard_limit.max(service.hard_limit);
         // Started, wanted started (not on its way to an idle stop), healthy.
-        if m.state == "started"
-            && m.desired == "started"
-            && node.checks.passing(&m.id, m.config.checks.len())
-        {
+        if m.running_as_wanted() && node.checks.passing(&m.id, m.config.checks.len()) {
             let addr = address(m, service.internal_port);
             host.backends.push(addr);
             // An app that listens on IPv6 only is reached there.
@@ -157,7 +142,7 @@ pub fn stop_idle(router: &Router, machines: &[Machine]) {
         map.retain(|id, _| {
             machines
                 .iter()
-                .any(|m| &m.id == id && m.state != "destroyed")
+                .any(|m| &m.id == id && m.state != MachineState::Destroyed)
         });
         map.clone()
     };
@@ -166,11 +151,7 @@ pub fn stop_idle(router: &Router, machines: &[Machine]) {
         .iter()
         // Only machines in service count: one still coming up (a deploy's
         // new machine) is starting, not idle.
-        .filter(|m| {
-            m.state == "started"
-                && m.desired == "started"
-                && node.checks.passing(&m.id, m.config.checks.len())
-        })
+        .filter(|m| m.running_as_wanted() && node.checks.passing(&m.id, m.config.checks.len()))
     {
         if m.config.services.first().is_some_and(|s| s.autostop) {
             by_app.entry(app_of(m)).or_default().push(m);
@@ -200,7 +181,7 @@ pub fn stop_idle(router: &Router, machines: &[Machine]) {
             let (node, id) = (node.clone(), m.id.clone());
             let (signal, timeout) = m.config.kill();
             // Wanted stopped from now: the next tick leaves it alone.
-            let _ = node.state.set_desired(&id, "stopped");
+            let _ = node.state.set_desired(&id, Desired::Stopped);
             std::thread::spawn(move || {
                 let _ = node.stop(&id, &signal, timeout);
             });
@@ -237,9 +218,7 @@ pub fn waker(router: Arc<Router>) -> hangar_edge::proxy::Waker {
             // Someone else's start may have landed while this one waited:
             // a healthy machine whose backend has room is enough.
             let ready = |m: &Machine| {
-                m.state == "started"
-                    && m.desired == "started"
-                    && node.checks.passing(&m.id, m.config.checks.len())
+                m.running_as_wanted() && node.checks.passing(&m.id, m.config.checks.len())
             };
             let ready_addrs: Vec<std::net::SocketAddr> = mine
                 .iter()
@@ -257,7 +236,8 @@ pub fn waker(router: Arc<Router>) -> hangar_edge::proxy::Waker {
             // A stopped machine, or one on its way to an idle stop (it is
             // started again once the stop is done).
             let stopped = |m: &&&Machine| {
-                m.config.services[0].autostart && (m.state == "stopped" || m.desired == "stopped")
+                m.config.services[0].autostart
+                    && (m.state == MachineState::Stopped || m.desired == Desired::Stopped)
             };
             let Some(m) = mine.iter().find(stopped) else {
                 if mine.iter().any(|m| ready(m)) {
@@ -270,7 +250,7 @@ pub fn waker(router: Arc<Router>) -> hangar_edge::proxy::Waker {
             while node
                 .state
                 .get(&m.id)
-                .map(|m| m.state != "stopped")
+                .map(|m| m.state != MachineState::Stopped)
                 .unwrap_or(false)
             {
                 if Instant::now() > stop_deadline {
@@ -287,7 +267,7 @@ pub fn waker(router: Arc<Router>) -> hangar_edge::proxy::Waker {
             let started = node.state.get(&m.id).map_err(|e| e.to_string())?;
             let service = &started.config.services[0];
             // Micro-VMs boot in tens of seconds under emulation.
-            let limit = if started.config.guest.driver == "vm" {
+            let limit = if started.config.guest.driver == hangar_api::config::DriverKind::Vm {
                 180
             } else {
                 30

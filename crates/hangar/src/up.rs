@@ -131,8 +131,9 @@ fn random_token() -> Result<String> {
 }
 
 /// Hand the egress proxy the machines' roles (by source address) and rules.
-/// A machine's role is its `app` metadata, else its name.
+/// A machine's role is its app, else its name.
 fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
+    use hangar_api::config::EgressAction;
     use hangar_egress::acl::{Action, Rule};
     let Ok(machines) = node.state.list() else {
         return;
@@ -140,22 +141,17 @@ fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
     let mut roles = std::collections::HashMap::new();
     let mut rules: Vec<Rule> = Vec::new();
     for m in &machines {
-        let role = m
-            .config
-            .metadata
-            .get("app")
-            .cloned()
-            .unwrap_or_else(|| m.name.clone());
+        let role = m.app.clone().unwrap_or_else(|| m.name.clone());
         let addr = hangar_machine::network::address(m.slot);
         roles.insert(std::net::IpAddr::V4(addr.v4), role.clone());
         roles.insert(std::net::IpAddr::V6(addr.v6), role.clone());
         if rules.iter().any(|r| r.name == role) {
             continue;
         }
-        let action = match m.config.egress.action.as_str() {
-            "enforce" => Action::Enforce,
-            "report" => Action::Report,
-            _ => Action::Open,
+        let action = match m.config.egress.action {
+            EgressAction::Enforce => Action::Enforce,
+            EgressAction::Report => Action::Report,
+            EgressAction::Open => Action::Open,
         };
         rules.push(Rule {
             name: role.clone(),
@@ -182,22 +178,26 @@ fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
 
 /// The node's state and machines on this host, as `hangar up` and
 /// `hangar node stop` open them.
-pub fn open_node(home: &std::path::Path) -> Result<Arc<Node>> {
+/// Also returns the driver, for what only the real one has (the VMM).
+pub fn open_node(home: &std::path::Path) -> Result<(Arc<Node>, Arc<Runtime>)> {
     hangar_machine::check_host()?;
     let init = init_binary(home)?;
-    let mut runtime = Runtime::open(home, init)?;
+    let exe = std::env::current_exe().context("cannot find the hangar binary")?;
+    let mut runtime = Runtime::open(home, init, exe)?;
     if let Some(kernel) = vm_kernel_dir(home) {
         runtime = runtime.with_vms(kernel);
     }
+    let runtime = Arc::new(runtime);
     let state = State::open(home)?;
-    let exe = std::env::current_exe().context("cannot find the hangar binary")?;
     let sealer = hangar_api::apps::Sealer::open_or_create(home)?;
-    Ok(Arc::new(Node::new(state, runtime, exe, sealer)))
+    let images = runtime.store().clone();
+    let node = Node::new(state, runtime.clone(), images, sealer);
+    Ok((Arc::new(node), runtime))
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
     let home = crate::home()?;
-    let node = open_node(&home)?;
+    let (node, runtime) = open_node(&home)?;
     let _pid_file = crate::node::PidFile::create(&home)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -273,11 +273,11 @@ pub fn run(args: UpArgs) -> Result<()> {
         node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url })?;
         eprintln!("hangar up: Machines API on http://{addr} (token in {})", node_config::path(&home).display());
         // Which accelerator micro-VMs get, probed in the background.
-        match node.runtime.vmm() {
+        match runtime.vmm() {
             Ok(_) => {
-                let node = node.clone();
+                let runtime = runtime.clone();
                 std::thread::spawn(move || {
-                    if let Ok(vmm) = node.runtime.vmm() {
+                    if let Ok(vmm) = runtime.vmm() {
                         let (accel, why) = vmm.accel();
                         eprintln!("hangar up: micro-VMs run under {} ({why})", accel.describe());
                     }
@@ -299,7 +299,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         tokio::spawn(hangar_api::checks::run(node.clone()));
 
-        let images = Arc::new(crate::images::Images::new(node.runtime.store().clone(), home.clone(), own_registry, args.allow_registry.clone()));
+        let images = Arc::new(crate::images::Images::new(node.images.clone(), home.clone(), own_registry, args.allow_registry.clone()));
         let pull: Puller = Arc::new(move |org, reference, login| {
             let images = images.clone();
             Box::pin(async move { images.fetch(org, reference, login).await })

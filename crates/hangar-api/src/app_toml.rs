@@ -1,4 +1,4 @@
-//! `hangar-app`: the `hangar.toml` an app is described by (in the spirit of
+//! `hangar.toml`, the file an app is described by (in the spirit of
 //! fly.toml), read strictly (unknown keys are errors with file and line),
 //! and turned into the node's deploy request: the machine config template,
 //! the count and the strategy.
@@ -9,10 +9,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use hangar_api::config::{Check, Guest, Restart, Service};
-use hangar_api::deploy::DeployRequest;
-use hangar_api::MachineConfig;
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::config::{
+    Check, DriverKind, EdgeCache, Guest, MachineConfig, Restart, RestartPolicy, Service,
+};
+use crate::deploy::{DeployRequest, Strategy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,7 +35,7 @@ pub enum Error {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct Manifest {
+pub struct AppToml {
     pub app: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_region: Option<String>,
@@ -64,7 +66,7 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<Deploy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restart: Option<RestartPolicy>,
+    pub restart: Option<RestartSection>,
     /// fly.toml's process groups: read only to say they are not supported.
     #[serde(default, skip_serializing)]
     pub processes: Option<toml::Value>,
@@ -94,9 +96,9 @@ pub struct HttpService {
     pub internal_port: u16,
     #[serde(default)]
     pub force_https: bool,
-    /// `off` or `stop` (fly.toml's `true`/`false` mean `stop`/`off`).
-    #[serde(default = "off", deserialize_with = "stop_mode")]
-    pub auto_stop_machines: String,
+    /// fly.toml's `true`/`false` mean `stop`/`off`.
+    #[serde(default, deserialize_with = "stop_mode")]
+    pub auto_stop_machines: AutoStop,
     #[serde(default)]
     pub auto_start_machines: bool,
     #[serde(default)]
@@ -162,9 +164,8 @@ pub struct Vm {
     /// MB, or text like "512mb" / "1gb".
     #[serde(default = "memory_default", deserialize_with = "megabytes")]
     pub memory: u64,
-    /// `container` or `vm`.
-    #[serde(default = "container")]
-    pub driver: String,
+    #[serde(default)]
+    pub driver: DriverKind,
     /// fly.toml's `shared` or `performance`: accepted, and the same here
     /// (a machine's `cpus` are a quota of the node's CPUs either way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,23 +181,44 @@ pub struct Vm {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Deploy {
-    #[serde(default = "rolling")]
-    pub strategy: String,
+    #[serde(default)]
+    pub strategy: Strategy,
     #[serde(default)]
     pub max_unavailable: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct RestartPolicy {
-    /// `no`, `on-failure` or `always`.
-    pub policy: String,
+pub struct RestartSection {
+    pub policy: RestartPolicy,
     #[serde(default = "three")]
     pub retries: u32,
 }
 
-fn off() -> String {
-    "off".into()
+/// What happens to an app's machines with no requests for `idle_timeout`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum AutoStop {
+    /// They keep running.
+    #[default]
+    Off,
+    /// They stop (and start again on a request, with `auto_start_machines`).
+    Stop,
+    /// fly.toml's suspend: refused with a way out, as machines cannot be
+    /// suspended here.
+    Suspend,
 }
 fn requests() -> String {
     "requests".into()
@@ -206,12 +228,6 @@ fn slash() -> String {
 }
 fn get() -> String {
     "GET".into()
-}
-fn rolling() -> String {
-    "rolling".into()
-}
-fn container() -> String {
-    "container".into()
 }
 fn metrics_path() -> String {
     "/metrics".into()
@@ -282,18 +298,22 @@ fn seconds_f<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 }
 
 /// `auto_stop_machines`: `"off"`/`"stop"`, or fly.toml's booleans.
-fn stop_mode<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+fn stop_mode<'de, D: Deserializer<'de>>(d: D) -> Result<AutoStop, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Mode {
         Bool(bool),
         Text(String),
     }
-    Ok(match Mode::deserialize(d)? {
-        Mode::Bool(true) => "stop".into(),
-        Mode::Bool(false) => "off".into(),
-        Mode::Text(t) => t,
-    })
+    match Mode::deserialize(d)? {
+        Mode::Bool(true) => Ok(AutoStop::Stop),
+        Mode::Bool(false) => Ok(AutoStop::Off),
+        Mode::Text(t) => t.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "auto_stop_machines {t:?} must be \"off\", \"stop\", true or false"
+            ))
+        }),
+    }
 }
 
 fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -332,13 +352,13 @@ fn megabytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 /// The name of the file, in the app's directory.
 pub const FILE: &str = "hangar.toml";
 
-impl Manifest {
-    pub fn load(path: &Path) -> Result<Manifest, Error> {
+impl AppToml {
+    pub fn load(path: &Path) -> Result<AppToml, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
             path: path.into(),
             source,
         })?;
-        let m = Manifest::parse(&text).map_err(|(line, message)| Error::Parse {
+        let m = AppToml::parse(&text).map_err(|(line, message)| Error::Parse {
             path: path.into(),
             line,
             message,
@@ -351,8 +371,8 @@ impl Manifest {
     }
 
     /// Parse TOML; an error is (line, message).
-    pub fn parse(text: &str) -> Result<Manifest, (usize, String)> {
-        toml::from_str::<Manifest>(text).map_err(|e| {
+    pub fn parse(text: &str) -> Result<AppToml, (usize, String)> {
+        toml::from_str::<AppToml>(text).map_err(|e| {
             let line = e
                 .span()
                 .map(|s| text[..s.start].matches('\n').count() + 1)
@@ -362,7 +382,7 @@ impl Manifest {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        hangar_api::apps::valid_name(&self.app).map_err(|e| e.to_string())?;
+        crate::apps::valid_name(&self.app).map_err(|e| e.to_string())?;
         if self.build.image.is_some() == self.build.dir.is_some() {
             return Err("[build] needs exactly one of image = \"...\" or dir = \"...\"".into());
         }
@@ -377,35 +397,15 @@ impl Manifest {
                     ));
                 }
             }
-            if !["container", "vm"].contains(&vm.driver.as_str()) {
-                return Err(format!(
-                    "[[vm]] driver {:?} must be \"container\" or \"vm\"",
-                    vm.driver
-                ));
-            }
         }
         if let Some(s) = &self.http_service {
-            if s.auto_stop_machines == "suspend" {
+            if s.auto_stop_machines == AutoStop::Suspend {
                 return Err("[http_service] auto_stop_machines = \"suspend\" is not supported (machines cannot be suspended here); use \"stop\" (or true)".into());
-            }
-            if !["off", "stop"].contains(&s.auto_stop_machines.as_str()) {
-                return Err(format!(
-                    "[http_service] auto_stop_machines {:?} must be \"off\", \"stop\", true or false",
-                    s.auto_stop_machines
-                ));
             }
             for c in &s.checks {
                 if c.method != "GET" || !c.path.starts_with('/') {
                     return Err(format!("[[http_service.checks]] path {:?}: checks are GET requests to a path starting with /", c.path));
                 }
-            }
-        }
-        if let Some(d) = &self.deploy {
-            if !["rolling", "bluegreen", "immediate"].contains(&d.strategy.as_str()) {
-                return Err(format!(
-                    "[deploy] strategy {:?} must be rolling, bluegreen or immediate",
-                    d.strategy
-                ));
             }
         }
         Ok(())
@@ -427,7 +427,7 @@ impl Manifest {
             c.guest = Guest {
                 cpus: vm.cpus,
                 memory_mb: vm.memory_mb.unwrap_or(vm.memory),
-                driver: vm.driver.clone(),
+                driver: vm.driver,
             };
             if let Some(gb) = vm.rootfs_size_gb {
                 c.rootfs.size_gb = gb;
@@ -435,7 +435,7 @@ impl Manifest {
         }
         if let Some(r) = &self.restart {
             c.restart = Restart {
-                policy: r.policy.clone(),
+                policy: r.policy,
                 max_retries: r.retries,
             };
         }
@@ -446,12 +446,17 @@ impl Manifest {
             c.services.push(Service {
                 internal_port: s.internal_port,
                 protocol: "tcp".into(),
-                autostop: s.auto_stop_machines == "stop",
+                autostop: s.auto_stop_machines == AutoStop::Stop,
                 autostart: s.auto_start_machines,
                 min_machines_running: s.min_machines_running,
                 idle_timeout: s.idle_timeout,
                 soft_limit: s.concurrency.as_ref().map(|c| c.soft_limit).unwrap_or(0),
                 hard_limit: s.concurrency.as_ref().map(|c| c.hard_limit).unwrap_or(0),
+                force_https: s.force_https,
+                cache: self.cache.as_ref().map(|c| EdgeCache {
+                    enabled: c.enabled,
+                    default_ttl: c.default_ttl,
+                }),
             });
             for (i, check) in s.checks.iter().enumerate() {
                 c.checks.insert(
@@ -469,22 +474,10 @@ impl Manifest {
         if let Some(region) = &self.primary_region {
             c.metadata.insert("region".into(), region.clone());
         }
-        // The edge's policy for this app's host: `off`, or the default TTL.
-        if let Some(cache) = &self.cache {
-            let policy = if cache.enabled {
-                format!("ttl={}", cache.default_ttl)
-            } else {
-                "off".into()
-            };
-            c.metadata.insert("edge_cache".into(), policy);
-        }
-        if self.http_service.as_ref().is_some_and(|s| s.force_https) {
-            c.metadata.insert("force_https".into(), "true".into());
-        }
-        if let Some(m) = &self.metrics {
-            c.metadata
-                .insert("metrics".into(), format!("{}{}", m.port, m.path));
-        }
+        c.metrics = self.metrics.as_ref().map(|m| crate::config::Metrics {
+            port: m.port,
+            path: m.path.clone(),
+        });
         c
     }
 
@@ -496,7 +489,7 @@ impl Manifest {
         description: &str,
     ) -> DeployRequest {
         let d = self.deploy.clone().unwrap_or(Deploy {
-            strategy: rolling(),
+            strategy: Strategy::Rolling,
             max_unavailable: 0,
         });
         DeployRequest {
@@ -518,7 +511,7 @@ mod tests {
     fn fly_toml_forms_are_read_where_they_mean_the_same() {
         let base = "app = \"a\"\n[build]\nimage = \"x/y\"\n";
         let with = |extra: &str| {
-            Manifest::parse(&format!("{base}{extra}"))
+            AppToml::parse(&format!("{base}{extra}"))
                 .map_err(|e| e.1)
                 .and_then(|m| m.validate().map(|()| m))
         };
@@ -528,12 +521,12 @@ mod tests {
             ))
             .map(|m| m.http_service.unwrap().auto_stop_machines)
         };
-        assert_eq!(stop("true").unwrap(), "stop");
-        assert_eq!(stop("false").unwrap(), "off");
-        assert_eq!(stop("\"stop\"").unwrap(), "stop");
+        assert_eq!(stop("true").unwrap(), AutoStop::Stop);
+        assert_eq!(stop("false").unwrap(), AutoStop::Off);
+        assert_eq!(stop("\"stop\"").unwrap(), AutoStop::Stop);
         let e = stop("\"suspend\"").unwrap_err();
         assert!(e.contains("suspend") && e.contains("use \"stop\""), "{e}");
-        let user = Manifest::parse(&format!("user = \"app\"\n{base}")).unwrap();
+        let user = AppToml::parse(&format!("user = \"app\"\n{base}")).unwrap();
         assert_eq!(user.machine_config("x/y").init.user.as_deref(), Some("app"));
         let vm = with("[[vm]]\ncpu_kind = \"shared\"\ncpus = 1\n").unwrap();
         assert_eq!(vm.vm[0].cpu_kind.as_deref(), Some("shared"));
@@ -598,7 +591,7 @@ policy = "always"
 
     #[test]
     fn a_full_file_becomes_a_machine_config() {
-        let m = Manifest::parse(FULL).unwrap();
+        let m = AppToml::parse(FULL).unwrap();
         m.validate().unwrap();
         let c = m.machine_config("localhost:5000/personal/hello:1");
         assert_eq!(c.guest.memory_mb, 1024);
@@ -610,34 +603,64 @@ policy = "always"
         assert_eq!(c.checks["http-0"].interval, 0.5);
         assert_eq!(c.checks["http-0"].path, "/healthz");
         assert_eq!(c.env["GREETING"], "hi");
-        assert_eq!(c.restart.policy, "always");
-        assert_eq!(c.metadata["edge_cache"], "ttl=30");
+        assert_eq!(c.restart.policy, RestartPolicy::Always);
+        assert_eq!(
+            c.services[0].cache,
+            Some(EdgeCache {
+                enabled: true,
+                default_ttl: 30
+            })
+        );
+        assert_eq!(c.metrics.as_ref().map(|m| m.port), Some(9091));
         c.validate().unwrap();
-        assert_eq!(m.deploy_request("x", None, "").strategy, "bluegreen");
+        assert_eq!(
+            m.deploy_request("x", None, "").strategy,
+            Strategy::Bluegreen
+        );
         // What launch writes reads back the same.
-        assert_eq!(Manifest::parse(&m.to_toml()).unwrap(), m);
+        assert_eq!(AppToml::parse(&m.to_toml()).unwrap(), m);
     }
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
-        let (line, msg) = Manifest::parse("app = \"a\"\n[build]\nimage = \"x\"\n[http_service]\ninternal_port = 80\nauto_stop = \"stop\"\n").unwrap_err();
+        let (line, msg) = AppToml::parse("app = \"a\"\n[build]\nimage = \"x\"\n[http_service]\ninternal_port = 80\nauto_stop = \"stop\"\n").unwrap_err();
         assert_eq!(line, 6, "{msg}");
         assert!(msg.contains("auto_stop"), "{msg}");
-        let (line, msg) =
-            Manifest::parse("app = \"a\"\n\n[[vm]]\nmemory = \"lots\"\n").unwrap_err();
+        let (line, msg) = AppToml::parse("app = \"a\"\n\n[[vm]]\nmemory = \"lots\"\n").unwrap_err();
         assert_eq!(line, 4);
         assert!(msg.contains("memory size"), "{msg}");
-        let m = Manifest::parse(
+        let (line, msg) = AppToml::parse(
             "app = \"a\"\n[build]\nimage = \"x\"\n[[vm]]\ndriver = \"firecracker\"\n",
         )
-        .unwrap();
-        assert!(m
-            .validate()
-            .unwrap_err()
-            .contains("\"container\" or \"vm\""));
-        let m = Manifest::parse("app = \"Bad App\"\n[build]\nimage = \"x\"\n").unwrap();
+        .unwrap_err();
+        assert_eq!(line, 5);
+        assert!(msg.contains("`container` or `vm`"), "{msg}");
+        for (key, value, options) in [
+            (
+                "[deploy]\nstrategy",
+                "canary",
+                "`rolling`, `bluegreen`, `immediate`",
+            ),
+            (
+                "[restart]\npolicy",
+                "sometimes",
+                "`no`, `on-failure`, `always`",
+            ),
+            (
+                "[http_service]\ninternal_port = 80\nauto_stop_machines",
+                "nap",
+                "\"off\", \"stop\"",
+            ),
+        ] {
+            let (_, msg) = AppToml::parse(&format!(
+                "app = \"a\"\n[build]\nimage = \"x\"\n{key} = \"{value}\"\n"
+            ))
+            .unwrap_err();
+            assert!(msg.contains(value) && msg.contains(options), "{key}: {msg}");
+        }
+        let m = AppToml::parse("app = \"Bad App\"\n[build]\nimage = \"x\"\n").unwrap();
         assert!(m.validate().is_err());
-        let m = Manifest::parse("app = \"a\"\n").unwrap();
+        let m = AppToml::parse("app = \"a\"\n").unwrap();
         assert!(m.validate().unwrap_err().contains("[build]"));
     }
 }

@@ -1,0 +1,180 @@
+//! The state store's schema, as numbered migrations (`PRAGMA user_version`
+//! holds how many ran). A store from any earlier version opens and is
+//! brought up to date in one transaction per step; a new step is appended,
+//! never edited.
+
+use rusqlite::{params, Connection, Transaction};
+use rusqlite_migration::{HookResult, Migrations, M};
+use serde_json::Value;
+
+/// Version 1: the schema as it was before migrations were numbered.
+/// Stores made then have every table already (`IF NOT EXISTS` keeps them)
+/// and maybe not `releases.replaces`, which came later.
+fn v1(tx: &Transaction) -> HookResult {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS machines (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, state TEXT NOT NULL, desired TEXT NOT NULL,
+            config TEXT NOT NULL, slot INTEGER NOT NULL UNIQUE, exit_code INTEGER, oom_killed INTEGER NOT NULL DEFAULT 0,
+            restarts INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, machine_id TEXT NOT NULL, type TEXT NOT NULL,
+            detail TEXT NOT NULL, at INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS apps (
+            name TEXT PRIMARY KEY, org TEXT NOT NULL, created_at INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS releases (
+            app TEXT NOT NULL, version INTEGER NOT NULL, image TEXT NOT NULL, status TEXT NOT NULL,
+            description TEXT NOT NULL, config TEXT NOT NULL, created_at INTEGER NOT NULL,
+            PRIMARY KEY (app, version));
+         CREATE TABLE IF NOT EXISTS org_nets (
+            org TEXT PRIMARY KEY, net INTEGER NOT NULL UNIQUE);
+         CREATE TABLE IF NOT EXISTS registry_logins (
+            org TEXT NOT NULL, registry TEXT NOT NULL, username TEXT NOT NULL,
+            sealed BLOB NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (org, registry));
+         CREATE TABLE IF NOT EXISTS secrets (
+            app TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL, digest TEXT NOT NULL,
+            created_at INTEGER NOT NULL, PRIMARY KEY (app, name));",
+    )?;
+    let has_replaces = tx
+        .prepare("SELECT 1 FROM pragma_table_info('releases') WHERE name = 'replaces'")?
+        .exists([])?;
+    if !has_replaces {
+        tx.execute_batch("ALTER TABLE releases ADD COLUMN replaces TEXT NOT NULL DEFAULT '[]'")?;
+    }
+    Ok(())
+}
+
+/// What earlier versions kept in a config's `metadata` map, moved to where
+/// it is typed now: returns the app and release it named.
+fn lift_metadata(config: &mut Value) -> (Option<String>, Option<u32>) {
+    let Some(meta) = config.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return (None, None);
+    };
+    let mut take = |k: &str| meta.remove(k).and_then(|v| v.as_str().map(String::from));
+    let app = take("app");
+    let release = take("release").and_then(|r| r.parse().ok());
+    let cache = take("edge_cache");
+    let force_https = take("force_https").is_some_and(|v| v == "true");
+    let metrics = take("metrics");
+    if let Some(service) = config
+        .get_mut("services")
+        .and_then(Value::as_array_mut)
+        .and_then(|s| s.first_mut())
+        .and_then(Value::as_object_mut)
+    {
+        if force_https {
+            service.insert("force_https".into(), true.into());
+        }
+        match cache.as_deref() {
+            Some("off") => {
+                service.insert("cache".into(), serde_json::json!({"enabled": false}));
+            }
+            Some(ttl) => {
+                if let Some(secs) = ttl.strip_prefix("ttl=").and_then(|s| s.parse::<u64>().ok()) {
+                    service.insert(
+                        "cache".into(),
+                        serde_json::json!({"enabled": true, "default_ttl": secs}),
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+    // "9091/metrics": the port, then the path.
+    if let Some((port, path)) = metrics.as_deref().and_then(|m| {
+        let split = m.find('/')?;
+        Some((m[..split].parse::<u16>().ok()?, m[split..].to_string()))
+    }) {
+        if let Some(c) = config.as_object_mut() {
+            c.insert(
+                "metrics".into(),
+                serde_json::json!({"port": port, "path": path}),
+            );
+        }
+    }
+    (app, release)
+}
+
+/// Version 2: a machine's app and release are columns, and the edge's
+/// policy and the metrics endpoint typed fields of the config, instead of
+/// strings in its `metadata`.
+fn v2(tx: &Transaction) -> HookResult {
+    tx.execute_batch(
+        "ALTER TABLE machines ADD COLUMN app TEXT;
+         ALTER TABLE machines ADD COLUMN release INTEGER;",
+    )?;
+    let rows: Vec<(String, String)> = tx
+        .prepare("SELECT id, config FROM machines")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, config) in rows {
+        let Ok(mut v) = serde_json::from_str::<Value>(&config) else {
+            continue;
+        };
+        let (app, release) = lift_metadata(&mut v);
+        tx.execute(
+            "UPDATE machines SET config = ?2, app = ?3, release = ?4 WHERE id = ?1",
+            params![id, v.to_string(), app, release],
+        )?;
+    }
+    let rows: Vec<(String, u32, String)> = tx
+        .prepare("SELECT app, version, config FROM releases")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (app, version, config) in rows {
+        let Ok(mut v) = serde_json::from_str::<Value>(&config) else {
+            continue;
+        };
+        lift_metadata(&mut v);
+        tx.execute(
+            "UPDATE releases SET config = ?3 WHERE app = ?1 AND version = ?2",
+            params![app, version, v.to_string()],
+        )?;
+    }
+    tx.execute_batch("CREATE INDEX machines_by_app ON machines (app);")?;
+    Ok(())
+}
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up_with_hook("", v1), M::up_with_hook("", v2)])
+}
+
+/// Bring the store up to the schema this build uses.
+pub fn migrate(db: &mut Connection) -> Result<(), rusqlite_migration::Error> {
+    migrations().to_latest(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_migrations_are_valid() {
+        assert!(migrations().validate().is_ok());
+    }
+
+    #[test]
+    fn metadata_of_earlier_versions_moves_to_typed_fields() {
+        let mut v = serde_json::json!({
+            "image": "x",
+            "services": [{"internal_port": 8080}],
+            "metadata": {"app": "web", "release": "3", "edge_cache": "ttl=30",
+                "force_https": "true", "metrics": "9091/metrics", "region": "ams"}
+        });
+        assert_eq!(lift_metadata(&mut v), (Some("web".into()), Some(3)));
+        assert_eq!(v["metadata"], serde_json::json!({"region": "ams"}));
+        assert_eq!(
+            v["services"][0]["cache"],
+            serde_json::json!({"enabled": true, "default_ttl": 30})
+        );
+        assert_eq!(v["services"][0]["force_https"], true);
+        assert_eq!(
+            v["metrics"],
+            serde_json::json!({"port": 9091, "path": "/metrics"})
+        );
+        let c: crate::MachineConfig = serde_json::from_value(v).unwrap();
+        assert!(c.services[0].force_https);
+        let mut off = serde_json::json!({"services": [{}], "metadata": {"edge_cache": "off"}});
+        lift_metadata(&mut off);
+        assert_eq!(off["services"][0]["cache"]["enabled"], false);
+    }
+}

@@ -1,0 +1,452 @@
+//! The lifecycle and the reconcile loop against the recording fake driver:
+//! no root, no runc.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hangar_machine::driver::fake::{Call, FakeDriver};
+use hangar_machine::{Exit, ProcState};
+
+use super::*;
+use crate::config::Restart;
+
+pub(crate) struct TestNode {
+    pub node: Arc<Node>,
+    pub fake: Arc<FakeDriver>,
+    _dir: tempfile::TempDir,
+}
+
+pub(crate) fn test_node() -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeDriver::new(dir.path()));
+    let node = Node::new(
+        State::open(dir.path()).unwrap(),
+        fake.clone(),
+        hangar_oci::Store::open(dir.path()).unwrap(),
+        crate::apps::Sealer::open_or_create(dir.path()).unwrap(),
+    );
+    TestNode {
+        node: Arc::new(node),
+        fake,
+        _dir: dir,
+    }
+}
+
+pub(crate) fn config() -> MachineConfig {
+    MachineConfig {
+        image: "registry.test/app:1".into(),
+        kill_timeout: Some(0),
+        ..Default::default()
+    }
+}
+
+fn machine(state: MachineState, desired: Desired, policy: RestartPolicy, restarts: u32) -> Machine {
+    let mut config = config();
+    config.restart = Restart {
+        policy,
+        max_retries: 2,
+    };
+    Machine {
+        id: "m".into(),
+        name: "m".into(),
+        state,
+        desired,
+        app: None,
+        release: None,
+        config,
+        slot: 2,
+        exit_code: None,
+        oom_killed: false,
+        restarts,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+fn exited(code: i32) -> ProcState {
+    ProcState::Exited(Exit {
+        code,
+        oom: false,
+        at: 0,
+    })
+}
+
+#[test]
+fn restart_policies_decide_by_exit_code_and_count() {
+    use RestartPolicy::*;
+    // (policy, exit code, restarts so far, max 2) -> started again
+    let table = [
+        (No, 0, 0, false),
+        (No, 1, 0, false),
+        (OnFailure, 0, 0, false),
+        (OnFailure, 1, 0, true),
+        (OnFailure, 137, 1, true),
+        (OnFailure, 1, 2, false),
+        (Always, 0, 0, true),
+        (Always, 1, 99, true),
+    ];
+    for (policy, code, restarts, again) in table {
+        let r = Restart {
+            policy,
+            max_retries: 2,
+        };
+        assert_eq!(
+            restarts_after(&r, code, restarts),
+            again,
+            "{policy} exit {code} after {restarts} restarts"
+        );
+    }
+}
+
+#[test]
+fn reconcile_steps_follow_the_row_and_the_host() {
+    use Desired as D;
+    use MachineState as S;
+    use RestartPolicy::*;
+    let table = [
+        // A stop the node did not finish.
+        (
+            S::Started,
+            D::Stopped,
+            OnFailure,
+            ProcState::Running,
+            Step::FinishStop,
+        ),
+        (
+            S::Stopping,
+            D::Stopped,
+            OnFailure,
+            ProcState::Running,
+            Step::FinishStop,
+        ),
+        (
+            S::Stopping,
+            D::Stopped,
+            OnFailure,
+            exited(0),
+            Step::RecordStopped,
+        ),
+        (
+            S::Started,
+            D::Stopped,
+            OnFailure,
+            ProcState::NotRunning,
+            Step::RecordStopped,
+        ),
+        // Stopped as wanted, destroyed, failed: nothing.
+        (S::Stopped, D::Stopped, Always, exited(1), Step::Nothing),
+        (
+            S::Destroying,
+            D::Destroyed,
+            Always,
+            ProcState::Running,
+            Step::Nothing,
+        ),
+        (
+            S::Failed,
+            D::Started,
+            Always,
+            ProcState::NotRunning,
+            Step::Nothing,
+        ),
+        // Runs as wanted; adopted after a restart of the node.
+        (
+            S::Started,
+            D::Started,
+            No,
+            ProcState::Running,
+            Step::Nothing,
+        ),
+        (
+            S::Starting,
+            D::Started,
+            No,
+            ProcState::Running,
+            Step::MarkStarted,
+        ),
+        // Should run, and nothing does: started again.
+        (
+            S::Started,
+            D::Started,
+            No,
+            ProcState::NotRunning,
+            Step::Adopt,
+        ),
+        (
+            S::Stopped,
+            D::Started,
+            No,
+            ProcState::NotRunning,
+            Step::Adopt,
+        ),
+        // An exit of the run before this one is not this run's.
+        (S::Starting, D::Started, Always, exited(1), Step::Nothing),
+        // Exits, by policy.
+        (
+            S::Started,
+            D::Started,
+            OnFailure,
+            exited(3),
+            Step::Exited {
+                exit: Exit {
+                    code: 3,
+                    oom: false,
+                    at: 0,
+                },
+                restart: true,
+                destroy: false,
+            },
+        ),
+        (
+            S::Started,
+            D::Started,
+            No,
+            exited(3),
+            Step::Exited {
+                exit: Exit {
+                    code: 3,
+                    oom: false,
+                    at: 0,
+                },
+                restart: false,
+                destroy: false,
+            },
+        ),
+    ];
+    for (state, desired, policy, host, step) in table {
+        let m = machine(state, desired, policy, 0);
+        assert_eq!(
+            reconcile_step(&m, host.clone()),
+            step,
+            "{state} wanted {desired}, {policy}, host {host:?}"
+        );
+    }
+    let mut m = machine(
+        MachineState::Started,
+        Desired::Started,
+        RestartPolicy::No,
+        0,
+    );
+    m.config.auto_destroy = true;
+    assert!(matches!(
+        reconcile_step(&m, exited(0)),
+        Step::Exited {
+            restart: false,
+            destroy: true,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn create_starts_and_a_failed_create_leaves_a_failed_row_and_nothing_on_the_host() {
+    let t = test_node();
+    let m = t
+        .node
+        .create(Some("web".into()), Placement::default(), config())
+        .unwrap();
+    assert_eq!(
+        (m.state, m.desired),
+        (MachineState::Started, Desired::Started)
+    );
+    assert_eq!(
+        t.fake.calls(),
+        [Call::Create(m.id.clone()), Call::Start(m.id.clone())]
+    );
+    let e = t
+        .node
+        .create(Some("web".into()), Placement::default(), config())
+        .unwrap_err();
+    assert!(e.to_string().contains("exists already"), "{e}");
+    t.fake.clear_calls();
+    t.fake.fail_next_create("the disk is full");
+    let e = t
+        .node
+        .create(Some("other".into()), Placement::default(), config())
+        .unwrap_err();
+    assert!(e.to_string().contains("the disk is full"), "{e}");
+    let failed = t.node.state.get("other").unwrap();
+    assert_eq!(failed.state, MachineState::Failed);
+    assert_eq!(
+        t.fake.calls(),
+        [
+            Call::Create(failed.id.clone()),
+            Call::Destroy(failed.id.clone())
+        ]
+    );
+    // A failed machine is left alone by the reconcile loop.
+    t.fake.clear_calls();
+    t.node.reconcile();
+    assert!(t.fake.calls().is_empty(), "{:?}", t.fake.calls());
+}
+
+#[test]
+fn an_app_that_exits_is_restarted_by_policy_until_its_retries_run_out() {
+    let t = test_node();
+    let mut c = config();
+    c.restart.max_retries = 2;
+    let m = t.node.create(None, Placement::default(), c).unwrap();
+    for n in 1..=2 {
+        t.fake.exit(&m.id, 1, false);
+        t.node.reconcile();
+        let now = t.node.state.get(&m.id).unwrap();
+        assert_eq!((now.state, now.restarts), (MachineState::Started, n));
+        assert_eq!(t.fake.state(&m.id), ProcState::Running);
+    }
+    t.fake.exit(&m.id, 1, true);
+    t.node.reconcile();
+    let now = t.node.state.get(&m.id).unwrap();
+    assert_eq!(
+        (now.state, now.desired),
+        (MachineState::Stopped, Desired::Stopped)
+    );
+    assert_eq!(
+        (now.exit_code, now.oom_killed, now.restarts),
+        (Some(1), true, 2)
+    );
+    let kinds: Vec<String> = t
+        .node
+        .state
+        .events(&m.id)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "started",
+            "exited",
+            "started",
+            "restarted",
+            "exited",
+            "started",
+            "restarted",
+            "exited"
+        ]
+    );
+    // Stopped as wanted: later ticks do nothing.
+    t.fake.clear_calls();
+    t.node.reconcile();
+    assert!(t.fake.calls().is_empty());
+}
+
+#[test]
+fn an_auto_destroy_machine_goes_when_its_app_ends() {
+    let t = test_node();
+    let mut c = config();
+    c.auto_destroy = true;
+    c.restart.policy = RestartPolicy::No;
+    let m = t.node.create(None, Placement::default(), c).unwrap();
+    t.fake.exit(&m.id, 0, false);
+    t.node.reconcile();
+    assert_eq!(
+        t.node.state.get(&m.id).unwrap().state,
+        MachineState::Destroyed
+    );
+    assert!(t.fake.machines().is_empty());
+    assert!(t.node.state.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_machine_the_host_lost_is_adopted_and_started_again() {
+    let t = test_node();
+    let m = t.node.create(None, Placement::default(), config()).unwrap();
+    // A reboot: the shim and its files are gone.
+    t.fake.set_state(&m.id, ProcState::NotRunning);
+    t.fake.clear_calls();
+    t.node.reconcile();
+    assert_eq!(t.fake.calls(), [Call::Start(m.id.clone())]);
+    let last = t.node.state.events(&m.id).unwrap().pop().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), &last.detail["by"]),
+        ("restarted", &serde_json::json!("adoption"))
+    );
+}
+
+#[test]
+fn a_stop_drains_first_then_signals_then_kills_what_ignores_the_signal() {
+    let t = test_node();
+    let m = t.node.create(None, Placement::default(), config()).unwrap();
+    type Seen = Vec<(Desired, Vec<Call>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let (fake, s) = (t.fake.clone(), seen.clone());
+    t.node.on_leaving_service(move |left| {
+        s.lock().unwrap().push((left.desired, fake.calls()));
+    });
+    t.fake.stubborn(&m.id);
+    t.fake.clear_calls();
+    let stopped = t
+        .node
+        .stop(&m.id, "SIGINT", Duration::from_millis(30))
+        .unwrap();
+    assert_eq!(stopped.state, MachineState::Stopped);
+    assert_eq!(stopped.exit_code, Some(137));
+    // The hook ran once, wanted stopped, before any signal.
+    assert_eq!(*seen.lock().unwrap(), [(Desired::Stopped, Vec::new())]);
+    assert_eq!(
+        t.fake.calls(),
+        [
+            Call::Signal(m.id.clone(), "SIGINT".into()),
+            Call::Signal(m.id.clone(), "SIGKILL".into())
+        ]
+    );
+    // A start after a stop; a destroy of a running machine needs force.
+    t.node.start(&m.id).unwrap();
+    assert!(matches!(
+        t.node.destroy(&m.id, false),
+        Err(Error::Conflict(_))
+    ));
+    seen.lock().unwrap().clear();
+    t.fake.clear_calls();
+    let gone = t.node.destroy(&m.id, true).unwrap();
+    assert_eq!(gone.state, MachineState::Destroyed);
+    assert!(t.fake.machines().is_empty());
+    // Drained before the kill here too.
+    assert_eq!(*seen.lock().unwrap(), [(Desired::Destroyed, Vec::new())]);
+}
+
+#[test]
+fn a_stop_cut_short_by_the_node_is_finished_by_the_reconcile_loop() {
+    let t = test_node();
+    let m = t.node.create(None, Placement::default(), config()).unwrap();
+    // The node was killed after recording the wish, before the signal.
+    t.node.state.set_desired(&m.id, Desired::Stopped).unwrap();
+    t.node.reconcile();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.node.state.get(&m.id).unwrap().state != MachineState::Stopped {
+        assert!(std::time::Instant::now() < deadline, "not stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(t
+        .fake
+        .calls()
+        .contains(&Call::Signal(m.id.clone(), "SIGTERM".into())));
+}
+
+#[test]
+fn exec_and_signal_need_a_running_machine() {
+    let t = test_node();
+    let m = t.node.create(None, Placement::default(), config()).unwrap();
+    let out = t
+        .node
+        .exec(&m.id, &["echo".into(), "hi".into()], None, "")
+        .unwrap();
+    assert_eq!((out.exit_code, out.stdout.as_str()), (0, "echo hi"));
+    assert!(matches!(
+        t.node.exec(&m.id, &[], None, ""),
+        Err(Error::Invalid(_))
+    ));
+    t.node
+        .stop(&m.id, "SIGTERM", Duration::from_secs(1))
+        .unwrap();
+    assert!(matches!(
+        t.node.exec(&m.id, &["true".into()], None, ""),
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        t.node.signal(&m.id, "SIGUSR1"),
+        Err(Error::Conflict(_))
+    ));
+}
