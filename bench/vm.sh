@@ -24,7 +24,7 @@ busybox_tree "$work/img" sh echo sleep
 first=$("$hangar" machine run localhost/bench:vm --driver vm --restart no -- sh -c 'echo up')
 for _ in $(seq 600); do "$hangar" machine logs "$first" | grep -q up && break; sleep 0.1; done
 for _ in $(seq 100); do grep -q "micro-VMs run under" "$work/up.log" && break; sleep 0.1; done
-grep "micro-VMs run under" "$work/up.log" | sed 's/^hangar up: /mode: /'
+grep "micro-VMs run under" "$work/up.log" | sed 's/.*micro-VMs run under/mode: micro-VMs run under/'
 
 # start DRIVER -> ms from the create call to the app's first output line
 start() {

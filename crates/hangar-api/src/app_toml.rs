@@ -264,32 +264,18 @@ enum NumOrText {
     Text(String),
 }
 
-/// Seconds from `10`, `"10s"`, `"500ms"`, `"5m"`, `"1h"`.
+/// Seconds from `10`, `"10s"`, `"500ms"`, `"1.5s"`, `"5m"`, `"1h"`: the
+/// grammar of every duration in Hangar (the `fundu` crate's).
 fn parse_seconds(v: NumOrText) -> Result<f64, String> {
     match v {
-        NumOrText::Num(n) if n >= 0.0 => Ok(n),
-        NumOrText::Num(n) => Err(format!("{n} is negative")),
-        NumOrText::Text(t) => {
-            let t = t.trim();
-            let split = t
-                .find(|c: char| !c.is_ascii_digit() && c != '.')
-                .unwrap_or(t.len());
-            let (n, unit) = t.split_at(split);
-            let n: f64 = n.parse().map_err(|_| {
-                format!("{t:?} is not a duration (e.g. \"10s\", \"500ms\", \"5m\")")
-            })?;
-            Ok(match unit {
-                "ms" => n / 1000.0,
-                "" | "s" => n,
-                "m" => n * 60.0,
-                "h" => n * 3600.0,
-                _ => {
-                    return Err(format!(
-                        "{t:?} is not a duration (e.g. \"10s\", \"500ms\", \"5m\")"
-                    ))
-                }
-            })
-        }
+        NumOrText::Num(n) if n >= 0.0 && n.is_finite() => Ok(n),
+        NumOrText::Num(n) => Err(format!("{n} is not a duration of 0 seconds or more")),
+        NumOrText::Text(t) => fundu::DurationParser::new()
+            .parse(t.trim())
+            .ok()
+            .and_then(|d| std::time::Duration::try_from(d).ok())
+            .map(|d| d.as_secs_f64())
+            .ok_or_else(|| format!("{t:?} is not a duration (e.g. \"10s\", \"500ms\", \"5m\")")),
     }
 }
 
@@ -324,28 +310,21 @@ fn opt_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
     seconds(d).map(Some)
 }
 
+/// MB from `512`, or a size: `"512mb"`, `"1gb"`, `"1GiB"` (binary, as
+/// every size in Hangar; see `parse-size`).
 fn megabytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match NumOrText::deserialize(d)? {
-        NumOrText::Num(n) => Ok(n as u64),
-        NumOrText::Text(t) => {
-            let lower = t.trim().to_ascii_lowercase();
-            let split = lower
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(lower.len());
-            let (n, unit) = lower.split_at(split);
-            let n: u64 = n.parse().map_err(|_| {
+        NumOrText::Num(n) if n >= 0.0 => Ok(n as u64),
+        NumOrText::Num(n) => Err(serde::de::Error::custom(format!("memory {n} is negative"))),
+        NumOrText::Text(t) => parse_size::Config::new()
+            .with_binary()
+            .parse_size(t.trim())
+            .map(|bytes| bytes >> 20)
+            .map_err(|_| {
                 serde::de::Error::custom(format!(
                     "{t:?} is not a memory size (e.g. 512, \"512mb\", \"1gb\")"
                 ))
-            })?;
-            match unit.trim() {
-                "" | "mb" | "m" => Ok(n),
-                "gb" | "g" => Ok(n * 1024),
-                _ => Err(serde::de::Error::custom(format!(
-                    "{t:?} is not a memory size (e.g. 512, \"512mb\", \"1gb\")"
-                ))),
-            }
-        }
+            }),
     }
 }
 
@@ -534,6 +513,34 @@ mod tests {
             with("[[vm]]\nmemory = \"1gb\"\nmemory_mb = 512\nrootfs_size_gb = 2\n").unwrap();
         let c = sized.machine_config("x/y");
         assert_eq!((c.guest.memory_mb, c.rootfs.size_gb), (512, 2));
+        for (text, mb) in [
+            ("512", 512),
+            ("\"512mb\"", 512),
+            ("\"512m\"", 512),
+            ("\"2GiB\"", 2048),
+            ("\"1gb\"", 1024),
+        ] {
+            let c = with(&format!("[[vm]]\nmemory = {text}\n"))
+                .unwrap()
+                .machine_config("x/y");
+            assert_eq!(c.guest.memory_mb, mb, "{text}");
+        }
+        for (text, seconds) in [
+            ("\"1.5s\"", 1.5),
+            ("\"500ms\"", 0.5),
+            ("\"2m\"", 120.0),
+            ("3", 3.0),
+        ] {
+            let m = with(&format!(
+                "[http_service]\ninternal_port = 80\n[[http_service.checks]]\ninterval = {text}\n"
+            ))
+            .unwrap();
+            assert_eq!(
+                m.http_service.unwrap().checks[0].interval,
+                seconds,
+                "{text}"
+            );
+        }
         let e = with("[[vm]]\ncpu_kind = \"gpu\"\n").unwrap_err();
         assert!(e.contains("cpu_kind") && e.contains("performance"), "{e}");
         let e = with("[processes]\napp = \"run\"\nworker = \"work\"\n").unwrap_err();

@@ -3,7 +3,7 @@
 //! An app owns the machines whose `app` names it. A release is one
 //! deploy: the image and the machine config template, and how it ended.
 //! Secrets are sealed at rest with a key in `$HANGAR_HOME/secrets.key`
-//! (HMAC-SHA256 as the keystream and as the tag, encrypt-then-MAC) and are
+//! (ChaCha20-Poly1305 from ring, with a format byte; see [`Sealer`]) and are
 //! only ever opened to go into a machine's environment.
 
 use std::collections::BTreeMap;
@@ -406,11 +406,18 @@ fn hex(b: &[u8]) -> String {
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Seals secrets with a node key: a random 16-byte nonce, the value XORed
-/// with HMAC(k_enc, nonce || counter) blocks, and HMAC(k_mac, nonce || ct).
+/// The first byte of a value sealed with ChaCha20-Poly1305 (format 1).
+const SEALED_V1: u8 = 1;
+
+/// Seals secrets with a node key, as `SEALED_V1 || nonce (12) ||
+/// ChaCha20-Poly1305(ciphertext || tag)` (ring's AEAD), the AEAD key
+/// derived from the node key. Values sealed before format 1 (a 16-byte
+/// nonce, an HMAC-SHA256 keystream and an HMAC tag) still open.
 pub struct Sealer {
-    enc: [u8; 32],
-    mac: [u8; 32],
+    aead: ring::aead::LessSafeKey,
+    /// The halves of the node key, for values of the earlier format.
+    legacy_enc: [u8; 32],
+    legacy_mac: [u8; 32],
 }
 
 impl Sealer {
@@ -433,64 +440,88 @@ impl Sealer {
             }
             Err(e) => return Err(err(e)),
         };
+        // A key of its own for the AEAD, so no key serves two constructions.
+        let mut derive = <HmacSha256 as Mac>::new_from_slice(&key).expect("any key length");
+        derive.update(b"hangar secrets, format 1: chacha20-poly1305");
+        let aead_key = derive.finalize().into_bytes();
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &aead_key)
+            .map_err(|_| Error::Internal("the secrets key cannot be used".into()))?;
         let mut s = Sealer {
-            enc: [0; 32],
-            mac: [0; 32],
+            aead: ring::aead::LessSafeKey::new(unbound),
+            legacy_enc: [0; 32],
+            legacy_mac: [0; 32],
         };
-        s.enc.copy_from_slice(&key[..32]);
-        s.mac.copy_from_slice(&key[32..]);
+        s.legacy_enc.copy_from_slice(&key[..32]);
+        s.legacy_mac.copy_from_slice(&key[32..]);
         Ok(s)
     }
 
-    fn keystream_xor(&self, nonce: &[u8], data: &mut [u8]) {
-        for (i, chunk) in data.chunks_mut(32).enumerate() {
-            let mut m = <HmacSha256 as Mac>::new_from_slice(&self.enc).expect("any key length");
-            m.update(nonce);
-            m.update(&(i as u64).to_be_bytes());
-            let block = m.finalize().into_bytes();
-            for (d, k) in chunk.iter_mut().zip(block.iter()) {
-                *d ^= k;
-            }
-        }
-    }
-
-    fn tag(&self, nonce_and_ct: &[u8]) -> [u8; 32] {
-        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.mac).expect("any key length");
-        m.update(nonce_and_ct);
-        m.finalize().into_bytes().into()
-    }
-
     pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>> {
-        let mut out = random_bytes(16)?;
-        let mut ct = plain.to_vec();
-        self.keystream_xor(&out[..16], &mut ct);
-        out.extend_from_slice(&ct);
-        let tag = self.tag(&out);
-        out.extend_from_slice(&tag);
+        let nonce_bytes: [u8; 12] = random_bytes(12)?
+            .try_into()
+            .map_err(|_| Error::Internal("nonce".into()))?;
+        let mut data = plain.to_vec();
+        self.aead
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce_bytes),
+                ring::aead::Aad::from([SEALED_V1]),
+                &mut data,
+            )
+            .map_err(|_| Error::Internal("sealing a secret failed".into()))?;
+        let mut out = Vec::with_capacity(1 + 12 + data.len());
+        out.push(SEALED_V1);
+        out.extend_from_slice(&nonce_bytes);
+        out.extend_from_slice(&data);
         Ok(out)
     }
 
     pub fn open(&self, sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
+        if sealed.first() == Some(&SEALED_V1) && sealed.len() >= 1 + 12 + 16 {
+            let nonce: [u8; 12] = sealed[1..13].try_into().map_err(|_| "bad nonce")?;
+            let mut data = sealed[13..].to_vec();
+            if let Ok(plain) = self.aead.open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from([SEALED_V1]),
+                &mut data,
+            ) {
+                return Ok(plain.to_vec());
+            }
+            // An earlier value whose random nonce began with that byte.
+        }
+        self.open_legacy(sealed)
+    }
+
+    /// A value of the format before 1 (see the type's doc).
+    fn open_legacy(&self, sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
         if sealed.len() < 48 {
             return Err("sealed value too short");
         }
         let (body, tag) = sealed.split_at(sealed.len() - 32);
-        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.mac).map_err(|_| "bad key")?;
+        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.legacy_mac).map_err(|_| "bad key")?;
         m.update(body);
         m.verify_slice(tag)
             .map_err(|_| "the sealed value does not match the node key")?;
-        let mut plain = body[16..].to_vec();
-        self.keystream_xor(&body[..16], &mut plain);
+        let (nonce, ct) = body.split_at(16);
+        let mut plain = ct.to_vec();
+        for (i, chunk) in plain.chunks_mut(32).enumerate() {
+            let mut k =
+                <HmacSha256 as Mac>::new_from_slice(&self.legacy_enc).map_err(|_| "bad key")?;
+            k.update(nonce);
+            k.update(&(i as u64).to_be_bytes());
+            let block = k.finalize().into_bytes();
+            for (d, b) in chunk.iter_mut().zip(block.iter()) {
+                *d ^= b;
+            }
+        }
         Ok(plain)
     }
 }
 
-fn random_bytes(n: usize) -> Result<Vec<u8>> {
-    use std::io::Read;
+/// `n` bytes from the kernel's random source.
+pub(crate) fn random_bytes(n: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; n];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| Error::Internal(format!("/dev/urandom: {e}")))?;
+    getrandom::getrandom(&mut buf)
+        .map_err(|e| Error::Internal(format!("no random bytes from the kernel: {e}")))?;
     Ok(buf)
 }
 
@@ -521,6 +552,46 @@ mod tests {
         assert!(again.open(&sealed).is_ok());
         let other = Sealer::open_or_create(tempfile::tempdir().unwrap().path()).unwrap();
         assert!(other.open(&sealed).is_err());
+        assert_eq!(sealed[0], SEALED_V1);
+        assert!(s.open(&sealed[..20]).is_err());
+    }
+
+    #[test]
+    fn a_value_sealed_before_format_1_still_opens() {
+        // Sealed by the earlier construction with this key (all 7s).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secrets.key"), [7u8; 64]).unwrap();
+        let s = Sealer::open_or_create(dir.path()).unwrap();
+        let legacy = |nonce: [u8; 16], plain: &[u8]| {
+            let mut out = nonce.to_vec();
+            let mut ct = plain.to_vec();
+            for (i, chunk) in ct.chunks_mut(32).enumerate() {
+                let mut k = <HmacSha256 as Mac>::new_from_slice(&[7u8; 32]).unwrap();
+                k.update(&nonce);
+                k.update(&(i as u64).to_be_bytes());
+                let block = k.finalize().into_bytes();
+                chunk
+                    .iter_mut()
+                    .zip(block.iter())
+                    .for_each(|(d, b)| *d ^= b);
+            }
+            out.extend_from_slice(&ct);
+            let mut m = <HmacSha256 as Mac>::new_from_slice(&[7u8; 32]).unwrap();
+            m.update(&out);
+            out.extend_from_slice(&m.finalize().into_bytes());
+            out
+        };
+        let text = b"a secret from before, longer than one 32-byte block";
+        // Even one whose nonce begins like a format-1 value.
+        for first in [0u8, SEALED_V1, 0xff] {
+            let old = legacy([first; 16], text);
+            assert_eq!(s.open(&old).unwrap(), text);
+            let mut bad = old.clone();
+            bad[30] ^= 1;
+            assert!(s.open(&bad).is_err());
+        }
+        // What it seals now is format 1.
+        assert_eq!(s.seal(b"x").unwrap()[0], SEALED_V1);
     }
 
     #[test]

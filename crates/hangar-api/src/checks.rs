@@ -207,8 +207,12 @@ pub async fn run(node: Arc<Node>) {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tick.tick().await;
-        let Ok(machines) = node.state.list() else {
-            continue;
+        let machines = match node.state.list() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("checks: {e}");
+                continue;
+            }
         };
         let now = Instant::now();
         let mut table = node.checks.lock();

@@ -487,7 +487,10 @@ pub async fn deploy(
         Err(e) => {
             progress.say(format!("deploy failed, rolling back: {e}"));
             for m in &created {
-                let _ = retire(&node, m).await;
+                if let Err(e) = retire(&node, m).await {
+                    progress.say(format!("could not remove new machine {}: {e}", m.id));
+                    tracing::warn!(machine = %m.id, "rollback: {e}");
+                }
             }
             for o in &retired {
                 // The old release comes back as it was.
@@ -563,7 +566,9 @@ pub async fn scale_count(
             let m = create(&node, &app, v, &config).await?;
             progress.say(format!("machine {} started, waiting for its checks", m.id));
             if let Err(e) = wait_healthy(&node, &m, true).await {
-                let _ = retire(&node, &m).await;
+                if let Err(e) = retire(&node, &m).await {
+                    tracing::warn!(machine = %m.id, "scale: removing a machine that failed: {e}");
+                }
                 return Err(e);
             }
             progress.say(format!("machine {} is healthy", m.id));

@@ -1,28 +1,38 @@
-//! `hangar-api`: the control plane of a node.
+//! `hangar-api`: the control plane of a node, assembled as a library.
 //!
-//! It owns the state store ([`state::State`], SQLite under `$HANGAR_HOME`;
-//! apps, releases and sealed secrets in [`apps`]), the Machines and Apps
-//! API ([`server`], HTTP+JSON shaped like Fly's, behind the node's token or
-//! an org's), health checks ([`checks`]), deploys and scaling ([`deploy`]),
-//! and the reconcile loop ([`node::Node::reconcile`]) that makes the host
-//! match the store: it records exits and OOM kills, applies restart
-//! policies, and adopts machines after `hangar up` restarts.
+//! It owns the state store ([`state::State`], SQLite under `$HANGAR_HOME`,
+//! its schema in numbered migrations; apps, releases and sealed secrets in
+//! [`apps`]), the typed domain ([`config`]: the Fly-shaped machine config,
+//! every closed set an enum), the Machines and Apps API ([`server`], behind
+//! the node's token or an org's), health checks ([`checks`]), deploys and
+//! scaling ([`deploy`]), the edge's routes and scale to zero ([`routing`]),
+//! the egress proxy's policy ([`egress`]), `hangar.toml` ([`app_toml`]),
+//! and the node's loop ([`node::Node::tick`]: reconcile, egress, idle
+//! stops, routes) that makes the host match the store.
+//!
+//! Its seams: the host is a [`hangar_machine::Driver`] (runc and QEMU in
+//! production, a recording fake in the tests of [`node`] and [`deploy`],
+//! which need no root); the edge is a [`routing::Ingress`] and the egress
+//! proxy an [`egress::EgressControl`], both implemented by the binary.
 //!
 //! Key design decision: the state store is the source of truth and the
 //! host's files are the evidence; `hangar up` keeps nothing in memory that a
 //! `kill -9` would lose, so restarting it is always safe.
 //!
-//! This crate drives `hangar-machine` and must not touch namespaces, mounts
-//! or cgroups itself.
+//! This crate drives `hangar-machine` through the driver and must not touch
+//! namespaces, mounts or cgroups itself; it knows the edge and the egress
+//! proxy only through its traits (no dependency on either crate).
 
 pub mod app_toml;
 pub mod apps;
 pub mod checks;
 pub mod config;
 pub mod deploy;
+pub mod egress;
 pub mod error;
 mod migrations;
 pub mod node;
+pub mod routing;
 pub mod server;
 pub mod state;
 

@@ -30,11 +30,11 @@ pub struct Node {
     /// Apps with a deploy or scale under way (one at a time per app).
     pub(crate) busy_apps: Mutex<std::collections::HashSet<String>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// See [`Node::on_leaving_service`].
-    leaving: std::sync::RwLock<Option<LeavingHook>>,
+    /// The edge's routes, where the node has an edge (see [`crate::routing`]).
+    pub(crate) routing: Option<crate::routing::Routing>,
+    /// The egress proxy's policy, where the node has one.
+    egress: Option<Arc<dyn crate::egress::EgressControl>>,
 }
-
-type LeavingHook = Arc<dyn Fn(&Machine) + Send + Sync>;
 
 /// Output of `exec`.
 #[derive(Debug, serde::Serialize)]
@@ -45,12 +45,10 @@ pub struct ExecOutput {
 }
 
 fn random_id() -> Result<String> {
-    use std::io::Read;
-    let mut buf = [0u8; 7];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| Error::Internal(format!("/dev/urandom: {e}")))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::apps::random_bytes(7)?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// What the reconcile loop does with one machine, from its row and what
@@ -130,27 +128,51 @@ impl Node {
             sealer,
             busy_apps: Default::default(),
             locks: Mutex::new(HashMap::new()),
-            leaving: Default::default(),
+            routing: None,
+            egress: None,
         }
     }
 
-    /// Run `hook` whenever a running machine is taken out of service
-    /// (wanted stopped or destroyed), after the state store says so and
-    /// before the machine gets its signal: the edge drains it first (no new
-    /// requests; those in flight may finish), so no request meets a machine
-    /// on its way down.
-    pub fn on_leaving_service(&self, hook: impl Fn(&Machine) + Send + Sync + 'static) {
-        *self.leaving.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(hook));
+    /// Serve apps through an edge: every tick gives it each app's machines
+    /// in service, and a machine leaves its routes before it is signalled.
+    pub fn with_routing(mut self, routing: crate::routing::Routing) -> Node {
+        self.routing = Some(routing);
+        self
     }
 
+    /// Keep an egress proxy's roles and rules in line with the machines.
+    pub fn with_egress(mut self, egress: Arc<dyn crate::egress::EgressControl>) -> Node {
+        self.egress = Some(egress);
+        self
+    }
+
+    /// One round of the node's loop: reconcile, the egress policy, idle
+    /// stops, then the routes (which leave the idle stops out).
+    pub fn tick(self: &Arc<Self>) {
+        self.reconcile();
+        let machines = match self.state.list() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("tick: {e}");
+                return;
+            }
+        };
+        if let Some(egress) = &self.egress {
+            egress.apply(crate::egress::egress_policy(&machines));
+        }
+        if self.routing.is_some() {
+            self.stop_idle(&machines);
+            self.refresh_routes();
+        }
+    }
+
+    /// A running machine is taken out of service (wanted stopped or
+    /// destroyed, already in the store): the edge drains it first (no new
+    /// requests; those in flight may finish), so no request meets a machine
+    /// on its way down.
     fn leaving_service(&self, id: &str) {
-        let hook = self
-            .leaving
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let (Some(hook), Ok(m)) = (hook, self.state.get(id)) {
-            hook(&m);
+        if let Ok(m) = self.state.get(id) {
+            self.drain(&m);
         }
     }
 
@@ -303,7 +325,9 @@ impl Node {
         if self.driver.state(id) == ProcState::Running {
             self.leaving_service(id);
             self.state.set_state(id, MachineState::Stopping)?;
-            let _ = self.driver.signal(id, signal);
+            if let Err(e) = self.driver.signal(id, signal) {
+                tracing::warn!(machine = %id, "{signal}: {e}");
+            }
             let deadline = Instant::now() + timeout;
             while self.driver.state(id) == ProcState::Running && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
@@ -456,8 +480,12 @@ impl Node {
 
     /// Bring the host in line with the state store, once.
     pub fn reconcile(self: &Arc<Self>) {
-        let Ok(machines) = self.state.list() else {
-            return;
+        let machines = match self.state.list() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("reconcile: {e}");
+                return;
+            }
         };
         // A machine that does not run holds disk only: its shim gives the
         // rest back when the app ends; this catches what a killed shim (or
@@ -551,7 +579,9 @@ impl Node {
         for m in self.state.list().unwrap_or_default() {
             if self.driver.state(&m.id) == ProcState::Running {
                 let (signal, timeout) = m.config.kill();
-                let _ = self.stop(&m.id, &signal, timeout);
+                if let Err(e) = self.stop(&m.id, &signal, timeout) {
+                    tracing::warn!(machine = %m.id, "stopping: {e}");
+                }
                 stopped += 1;
             }
         }

@@ -291,39 +291,24 @@ impl Config {
     }
 }
 
-/// `"5s"`, `"250ms"`, `"2m"`, `"1h"`, or a number of seconds.
+/// `"5s"`, `"250ms"`, `"1.5s"`, `"2m"`, `"1h"`, `"1d"`, or a number of
+/// seconds: the grammar of every duration in Hangar (the `fundu` crate's).
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: f64 = n.parse().ok()?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(secs).ok()
+    fundu::DurationParser::new()
+        .parse(s.trim())
+        .ok()?
+        .try_into()
+        .ok()
 }
 
-/// `"256MiB"`, `"1GiB"`, `"64KiB"`, `"512B"`, or a number of bytes.
+/// `"256MiB"`, `"1GiB"`, `"1gb"`, `"64K"`, `"512B"`, or a number of bytes:
+/// every size in Hangar is binary (K = 1024, as nginx and Docker read
+/// them), case aside (the `parse-size` crate's).
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "KB" => 1 << 10,
-        "MiB" | "M" | "MB" => 1 << 20,
-        "GiB" | "G" | "GB" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult)
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .ok()
 }
 
 #[derive(Deserialize)]
@@ -392,5 +377,11 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Some(65536));
         assert_eq!(parse_size("1GiB"), Some(1 << 30));
         assert_eq!(parse_size("99999999999999999999GiB"), None);
+        // One meaning for each: the same as hangar.toml's.
+        assert_eq!(parse_size("1gb"), Some(1 << 30));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("-1s"), None);
     }
 }

@@ -38,12 +38,14 @@ pub struct Running {
 
 /// Start everything `config` asks for: the HTTP listener, the TLS one and
 /// the admin endpoint. Returns once all listeners are bound; serving goes
-/// on in background tasks until `shutdown` resolves.
+/// on in background tasks until `shutdown` resolves. With `wakes`, hosts
+/// with `autostart` ask there for a backend when none is started.
 pub async fn start(
     config: &Config,
+    wakes: Option<proxy::Wakes>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, String> {
-    let edge = Arc::new(Edge::new(config).map_err(|e| e.to_string())?);
+    let edge = Arc::new(Edge::new(config, wakes).map_err(|e| e.to_string())?);
     let (tx, rx) = tokio::sync::watch::channel(false);
     match listen(config, &edge, rx).await {
         Ok(running) => {

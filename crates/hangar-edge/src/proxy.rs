@@ -28,34 +28,42 @@ use crate::upstream::{self, BoxError, UpBody, UpstreamError};
 /// Response bodies (and bodies sent upstream).
 pub type Body = UpBody;
 
-/// Starts a backend for a host: see [`Edge::set_waker`].
-pub type Waker = Arc<
-    dyn Fn(
-            String,
-        )
-            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
-        + Send
-        + Sync,
->;
+/// A request to start a stopped backend of `host` (scale to zero), sent
+/// to whoever runs the machines: it answers on `done` once a backend is in
+/// the routing table and passes its checks, or says why not. Requests for
+/// one host may come several at once; the answerer should share one start.
+pub struct Wake {
+    pub host: String,
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Where the edge sends its [`Wake`]s (given to [`crate::start`]).
+pub type Wakes = tokio::sync::mpsc::Sender<Wake>;
+
+/// A count of the requests in flight to some backends, which goes on
+/// counting after they leave the routing table (see [`Edge::in_flight_at`]).
+pub type InFlightGauge = Box<dyn Fn() -> usize + Send + Sync>;
 
 /// The edge: its routing table, cache and limits.
 pub struct Edge {
-    pub routes: Routes,
-    pub cache: Cache,
-    pub limits: Limits,
+    pub(crate) routes: Routes,
+    pub(crate) cache: Cache,
+    pub(crate) limits: Limits,
     next_id: AtomicU64,
     id_prefix: String,
     /// The TLS listener's port, for `force_https` redirects (set once bound).
-    pub https_port: std::sync::OnceLock<u16>,
-    /// Starts a stopped backend of a host (set by the node: scale to zero).
-    waker: std::sync::RwLock<Option<Waker>>,
+    pub(crate) https_port: std::sync::OnceLock<u16>,
+    /// Starts a stopped backend of a host (the node's: scale to zero).
+    wakes: Option<Wakes>,
     /// Keyed per process: credentials never appear in fill keys as such.
     credential_hasher: std::collections::hash_map::RandomState,
 }
 
 impl Edge {
-    /// Must run inside a Tokio runtime (health checks start).
-    pub fn new(config: &Config) -> Result<Edge, cache::store::DiskError> {
+    /// Must run inside a Tokio runtime (health checks start). With
+    /// `wakes`, a host with `autostart` and no started backend asks there
+    /// for one.
+    pub fn new(config: &Config, wakes: Option<Wakes>) -> Result<Edge, cache::store::DiskError> {
         let routes = Routes::default();
         routes.set(&config.hosts);
         let nanos = SystemTime::now()
@@ -69,7 +77,7 @@ impl Edge {
             next_id: AtomicU64::new(0),
             credential_hasher: Default::default(),
             https_port: Default::default(),
-            waker: Default::default(),
+            wakes,
             id_prefix: format!(
                 "{:08x}",
                 (nanos as u64 ^ u64::from(std::process::id())) as u32
@@ -77,20 +85,62 @@ impl Edge {
         })
     }
 
-    /// Set what starts a host's stopped backends. It resolves once a
-    /// backend is in the routing table and passes its checks, or says why
-    /// not; concurrent calls for one host should share one start.
-    pub fn set_waker(&self, waker: Waker) {
-        *self.waker.write().unwrap_or_else(|e| e.into_inner()) = Some(waker);
-    }
-
-    fn waker(&self) -> Option<Waker> {
-        self.waker.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// Ask for a started backend of `host` and wait for the answer; `None`
+    /// when nothing starts backends here.
+    fn wake(
+        &self,
+        host: &str,
+    ) -> Option<impl std::future::Future<Output = Result<(), String>> + Send + 'static> {
+        let wakes = self.wakes.clone()?;
+        let host = host.to_string();
+        Some(async move {
+            let (done, answer) = tokio::sync::oneshot::channel();
+            wakes
+                .send(Wake { host, done })
+                .await
+                .map_err(|_| "the node is not running".to_string())?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the node gave no answer".into()))
+        })
     }
 
     /// Replace the hosts (live; open connections are kept).
     pub fn set_hosts(&self, hosts: &[crate::config::Host]) {
         self.routes.set(hosts);
+    }
+
+    /// When `host` last had a request (unix seconds; 0: never, or no such
+    /// host).
+    pub fn last_request(&self, host: &str) -> u64 {
+        self.routes
+            .get(host)
+            .map(|s| s.metrics.last_request())
+            .unwrap_or(0)
+    }
+
+    /// A gauge of the requests in flight to the backends at `ip` now, in
+    /// any host; it keeps counting them after they leave the routing table
+    /// (to drain a backend: take it out, then wait for the gauge to reach 0).
+    pub fn in_flight_at(&self, ip: std::net::IpAddr) -> InFlightGauge {
+        let mine: Vec<Arc<crate::backend::Backend>> = self
+            .routes
+            .all()
+            .values()
+            .flat_map(|site| site.backends.iter().filter(|b| b.addr.ip() == ip).cloned())
+            .collect();
+        Box::new(move || mine.iter().map(|b| b.outstanding() as usize).sum())
+    }
+
+    /// Whether one of `addrs`, backends of `host`, is available and below
+    /// the host's soft limit (1 when it has none).
+    pub fn has_room(&self, host: &str, addrs: &[SocketAddr]) -> bool {
+        self.routes.get(host).is_some_and(|site| {
+            let room = site.config.soft_limit.max(1);
+            site.backends
+                .iter()
+                .any(|b| addrs.contains(&b.addr) && b.available() && b.outstanding() < room)
+        })
     }
 
     pub async fn handle(
@@ -278,9 +328,9 @@ impl Edge {
             // Nothing started (or nothing that answers): wake the app
             // (once), then route again.
             if picked.is_none() && !woken && site.config.autostart {
-                if let Some(wake) = self.waker() {
+                if let Some(wake) = self.wake(&site.config.name) {
                     woken = true;
-                    if let Err(why) = wake(site.config.name.clone()).await {
+                    if let Err(why) = wake.await {
                         return Err((
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!("the app could not be started: {why}"),
@@ -295,13 +345,15 @@ impl Edge {
                 }
             }
             // Busy past the soft limit: start another machine meanwhile.
-            if let (Some(b), Some(wake)) = (&picked, self.waker()) {
+            if let Some(b) = &picked {
                 let limit = site.config.soft_limit;
                 if site.config.autostart && limit > 0 && b.outstanding() >= limit {
-                    let name = site.config.name.clone();
-                    tokio::spawn(async move {
-                        let _ = wake(name).await;
-                    });
+                    if let Some(wake) = self.wake(&site.config.name) {
+                        tokio::spawn(async move {
+                            // Best effort: the request goes on meanwhile.
+                            let _ = wake.await;
+                        });
+                    }
                 }
             }
             let Some(backend) = picked else {

@@ -31,12 +31,11 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Everything a running proxy decides with.
 pub struct Proxy {
-    pub acl: RwLock<Acl>,
+    /// Swapped whole: a request decides by one ACL and one set of roles.
+    policy: RwLock<Arc<Policy>>,
     pub ip: IpPolicy,
     /// `password` or `user:password` -> role, for `Proxy-Authorization: Basic`.
     pub roles: Vec<(String, String)>,
-    /// Source address -> role (machines inside `hangar up`).
-    pub source_roles: RwLock<HashMap<IpAddr, String>>,
     pub connect_timeout: Duration,
     pub dns_timeout: Duration,
     /// A DNS server to ask instead of the system resolver.
@@ -204,13 +203,22 @@ impl Log {
     }
 }
 
+/// What the proxy decides by: the ACL, and the roles of source addresses
+/// (machines inside `hangar up`).
+struct Policy {
+    acl: Acl,
+    source_roles: HashMap<IpAddr, String>,
+}
+
 impl Proxy {
     pub fn new(acl: Acl, ip: IpPolicy) -> Proxy {
         Proxy {
-            acl: RwLock::new(acl),
+            policy: RwLock::new(Arc::new(Policy {
+                acl,
+                source_roles: HashMap::new(),
+            })),
             ip,
             roles: Vec::new(),
-            source_roles: RwLock::new(HashMap::new()),
             connect_timeout: Duration::from_secs(10),
             dns_timeout: Duration::from_secs(5),
             resolver: None,
@@ -222,13 +230,30 @@ impl Proxy {
         }
     }
 
-    /// Replace the ACL (SIGHUP); open tunnels are not touched.
+    fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replace the ACL (SIGHUP), keeping the source roles; open tunnels are
+    /// not touched.
     pub fn reload(&self, acl: Acl) {
-        *self.acl.write().unwrap_or_else(|e| e.into_inner()) = acl;
+        let source_roles = self.policy().source_roles.clone();
+        self.update(acl, source_roles);
+    }
+
+    /// Replace the ACL and the roles of source addresses together: no
+    /// request sees the new roles with the old ACL or the other way round.
+    pub fn update(&self, acl: Acl, source_roles: HashMap<IpAddr, String>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Policy { acl, source_roles });
     }
 
     fn role(
         &self,
+        policy: &Policy,
         req: &Request<Incoming>,
         peer: SocketAddr,
         cert_role: Option<&str>,
@@ -260,11 +285,7 @@ impl Proxy {
         if let Some(cn) = cert_role {
             return Some(cn.to_string());
         }
-        self.source_roles
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&peer.ip())
-            .cloned()
+        policy.source_roles.get(&peer.ip()).cloned()
     }
 
     /// Answer one proxied request.
@@ -288,7 +309,8 @@ impl Proxy {
             },
             None => None,
         };
-        let role = self.role(&req, peer, cert_role.as_deref());
+        let policy = self.policy();
+        let role = self.role(&policy, &req, peer, cert_role.as_deref());
         let (host, port) =
             match target(&req).and_then(|(raw, port)| Ok((crate::dns::parse_host(&raw)?, port))) {
                 Ok(t) => t,
@@ -313,11 +335,7 @@ impl Proxy {
             enforce_would_deny: false,
             started: Instant::now(),
         };
-        let decision = self
-            .acl
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .decide(role.as_deref(), &host.to_string());
+        let decision = policy.acl.decide(role.as_deref(), &host.to_string());
         log.project = decision.project.clone();
         log.enforce_would_deny = decision.enforce_would_deny;
         if !decision.allow {

@@ -11,7 +11,7 @@
 //! tokens, and by nobody else.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -39,12 +39,10 @@ pub fn now() -> u64 {
 /// `n` random bytes, hex-encoded.
 pub fn random_hex(n: usize) -> Result<String> {
     let mut buf = vec![0u8; n];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|source| Error::Io {
-            path: PathBuf::from("/dev/urandom"),
-            source,
-        })?;
+    getrandom::getrandom(&mut buf).map_err(|e| Error::Io {
+        path: PathBuf::from("/dev/urandom"),
+        source: io::Error::other(e.to_string()),
+    })?;
     Ok(hex::encode(buf))
 }
 

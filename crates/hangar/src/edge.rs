@@ -41,21 +41,21 @@ pub fn run(args: EdgeArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let running = hangar_edge::start(&config, async move {
+        let running = hangar_edge::start(&config, None, async move {
             let _ = stop_rx.await;
         })
         .await
         .map_err(|e| anyhow!(e))?;
         let edge = running.edge;
-        eprintln!("hangar edge: serving on http://{}", running.http);
+        tracing::info!("serving on http://{}", running.http);
         for h in &config.hosts {
-            eprintln!("hangar edge:   {} -> {} backend(s)", h.name, h.backends.len());
+            tracing::info!("  {} -> {} backend(s)", h.name, h.backends.len());
         }
         if let Some(t) = running.tls {
-            eprintln!("hangar edge: TLS on https://{t}");
+            tracing::info!("TLS on https://{t}");
         }
         if let Some(a) = running.admin {
-            eprintln!("hangar edge: admin (metrics, purge) on http://{a}");
+            tracing::info!("admin (metrics, purge) on http://{a}");
         }
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot watch SIGHUP")?;
@@ -67,14 +67,14 @@ pub fn run(args: EdgeArgs) -> Result<()> {
                 _ = hup.recv() => match Config::load(&args.config) {
                     Ok(new) => {
                         edge.set_hosts(&new.hosts);
-                        eprintln!("hangar edge: reloaded {} host(s) from {}", new.hosts.len(), args.config.display());
+                        tracing::info!("reloaded {} host(s) from {}", new.hosts.len(), args.config.display());
                     }
-                    Err(e) => eprintln!("hangar edge: not reloaded, the old hosts stay: {e}"),
+                    Err(e) => tracing::warn!("not reloaded, the old hosts stay: {e}"),
                 },
             }
         }
         let _ = stop_tx.send(());
-        eprintln!("hangar edge: stopped");
+        tracing::info!("stopped");
         Ok(())
     })
 }

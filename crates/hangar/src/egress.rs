@@ -74,12 +74,14 @@ struct ServeArgs {
     roles: Vec<String>,
 }
 
+/// A duration flag: `10s`, `500ms`, `1m`, or seconds (the grammar of every
+/// duration in Hangar, the `fundu` crate's).
 fn seconds(flag: &str, s: &str) -> Result<Duration> {
-    let n = s.strip_suffix('s').unwrap_or(s);
-    let secs: f64 = n
-        .parse()
-        .with_context(|| format!("--{flag} {s:?}: expected seconds like 10s"))?;
-    Ok(Duration::from_secs_f64(secs))
+    fundu::DurationParser::new()
+        .parse(s.trim())
+        .ok()
+        .and_then(|d| Duration::try_from(d).ok())
+        .with_context(|| format!("--{flag} {s:?}: expected a duration like 10s or 500ms"))
 }
 
 fn parse_all<T: std::str::FromStr<Err = String>>(flag: &str, values: &[String]) -> Result<Vec<T>> {
@@ -154,13 +156,13 @@ pub fn run(args: EgressArgs) -> Result<()> {
             .with_context(|| {
                 format!("cannot listen on {listen}; pick another with --listen-ip/--listen-port")
             })?;
-        eprintln!("hangar egress: listening on {}", listener.local_addr()?);
+        tracing::info!("listening on {}", listener.local_addr()?);
         if a.expose_prometheus_metrics {
             let addr = format!("{}:{}", a.prometheus_listen_ip, a.prometheus_port);
             let metrics = tokio::net::TcpListener::bind(&addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} for metrics; see --prometheus-listen-ip/--prometheus-port"))?;
-            eprintln!("hangar egress: metrics on http://{}{}", metrics.local_addr()?, a.prometheus_endpoint);
+            tracing::info!("metrics on http://{}{}", metrics.local_addr()?, a.prometheus_endpoint);
             tokio::spawn(hangar_egress::proxy::serve_metrics(proxy.clone(), metrics, a.prometheus_endpoint.clone()));
         }
         // SIGHUP reloads the ACL; a bad file keeps the old one.
@@ -176,9 +178,9 @@ pub fn run(args: EgressArgs) -> Result<()> {
                     match load(&path) {
                         Ok(acl) => {
                             proxy.reload(acl);
-                            eprintln!("hangar egress: ACL reloaded");
+                            tracing::info!("ACL reloaded");
                         }
-                        Err(e) => eprintln!("hangar egress: keeping the old ACL: {e:#}"),
+                        Err(e) => tracing::warn!("keeping the old ACL: {e:#}"),
                     }
                 }
             });

@@ -68,7 +68,7 @@ impl Images {
         match self.fetch_for(&org, &reference, login).await {
             Ok(()) => Ok(()),
             Err(Refusal::Quiet(why)) => {
-                eprintln!("hangar up: image {reference} refused for org {org}: {why:#}");
+                tracing::warn!("image {reference} refused for org {org}: {why:#}");
                 Err(not_found(&org, &reference, None))
             }
             Err(Refusal::Remote(why)) => Err(not_found(&org, &reference, Some(why))),

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod apps;
+mod bridges;
 mod client;
 mod demo;
 mod edge;
@@ -24,7 +25,6 @@ mod node;
 mod node_config;
 mod progress;
 mod registry;
-mod scale;
 mod up;
 
 /// Hangar: run OCI images as isolated machines on your own servers.
@@ -153,8 +153,37 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// How the long-running commands log, to stderr.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// Logs go to stderr at the level `$HANGAR_LOG` names (`debug`,
+/// `hangar_api=debug,info`, ...; default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(match &cli.command {
+        Command::Up(args) => args.log_format,
+        _ => LogFormat::Text,
+    });
     // A command that prints and ends stops quietly when its reader goes
     // away (`hangar status --json | grep -q ...`), as Unix tools do. Not
     // the long-running ones: they write to sockets and pipes of their own.

@@ -86,20 +86,16 @@ pub enum TokenCommand {
     Revoke { id: String },
 }
 
-/// `30d`, `12h`, `45m`, `90s`.
+/// `30d`, `12h`, `45m`, `90s`, `1.5h`: the grammar of every duration in
+/// Hangar (the `fundu` crate's).
 fn parse_duration(s: &str) -> Result<Duration> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().with_context(|| {
-        format!("duration {s:?}: expected a number and a unit, like 30d, 12h, 45m or 90s")
-    })?;
-    let secs = match unit {
-        "d" => n * 86_400,
-        "h" => n * 3600,
-        "m" => n * 60,
-        "s" | "" => n,
-        _ => bail!("duration {s:?}: unit must be d, h, m or s"),
-    };
-    Ok(Duration::from_secs(secs))
+    fundu::DurationParser::new()
+        .parse(s.trim())
+        .ok()
+        .and_then(|d| Duration::try_from(d).ok())
+        .with_context(|| {
+            format!("duration {s:?}: expected a number and a unit, like 30d, 12h, 45m or 90s")
+        })
 }
 
 /// `hangar registry token ...` and `hangar auth token ...`: one set of
@@ -197,8 +193,8 @@ pub fn run(args: RegistryArgs) -> Result<()> {
                 let listener = tokio::net::TcpListener::bind(&listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}; is another registry running there? pick another with --listen"))?;
-                eprintln!(
-                    "hangar registry: serving {scheme}://{} (data in {})",
+                tracing::info!(
+                    "registry serving {scheme}://{} (data in {})",
                     listener.local_addr()?,
                     registry.store.root().display()
                 );
@@ -206,11 +202,11 @@ pub fn run(args: RegistryArgs) -> Result<()> {
                     let admin_listener = tokio::net::TcpListener::bind(&admin)
                         .await
                         .with_context(|| format!("cannot listen on {admin} for metrics"))?;
-                    eprintln!("hangar registry: metrics on http://{}/metrics", admin_listener.local_addr()?);
+                    tracing::info!("registry metrics on http://{}/metrics", admin_listener.local_addr()?);
                     tokio::spawn(hangar_registry::serve_admin(registry.clone(), admin_listener));
                 }
                 hangar_registry::serve(registry, listener, tls, crate::shutdown_signal()).await;
-                eprintln!("hangar registry: stopped");
+                tracing::info!("stopped");
                 Ok::<_, anyhow::Error>(())
             })?;
         }

@@ -56,6 +56,9 @@ pub struct UpArgs {
     /// repeat for more. Orgs never reach the node's own services otherwise.
     #[arg(long = "allow-registry", value_name = "HOST:PORT")]
     allow_registry: Vec<String>,
+    /// How the node logs (to stderr; the level from $HANGAR_LOG, default info)
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: crate::LogFormat,
 }
 
 /// The static hangar-init this binary carries (built by `build.rs`).
@@ -121,65 +124,19 @@ fn vm_kernel_dir(home: &std::path::Path) -> Option<PathBuf> {
 }
 
 fn random_token() -> Result<String> {
-    use std::io::Read;
     let mut buf = [0u8; 24];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    getrandom::getrandom(&mut buf)
+        .map_err(|e| anyhow::anyhow!("no random bytes from the kernel: {e}"))?;
     Ok(format!(
         "hgn_{}",
         buf.iter().map(|b| format!("{b:02x}")).collect::<String>()
     ))
 }
 
-/// Hand the egress proxy the machines' roles (by source address) and rules.
-/// A machine's role is its app, else its name.
-fn update_egress(node: &Node, egress: &hangar_egress::Proxy) {
-    use hangar_api::config::EgressAction;
-    use hangar_egress::acl::{Action, Rule};
-    let Ok(machines) = node.state.list() else {
-        return;
-    };
-    let mut roles = std::collections::HashMap::new();
-    let mut rules: Vec<Rule> = Vec::new();
-    for m in &machines {
-        let role = m.app.clone().unwrap_or_else(|| m.name.clone());
-        let addr = hangar_machine::network::address(m.slot);
-        roles.insert(std::net::IpAddr::V4(addr.v4), role.clone());
-        roles.insert(std::net::IpAddr::V6(addr.v6), role.clone());
-        if rules.iter().any(|r| r.name == role) {
-            continue;
-        }
-        let action = match m.config.egress.action {
-            EgressAction::Enforce => Action::Enforce,
-            EgressAction::Report => Action::Report,
-            EgressAction::Open => Action::Open,
-        };
-        rules.push(Rule {
-            name: role.clone(),
-            project: role,
-            action,
-            allowed_domains: m.config.egress.allowed_domains.clone(),
-        });
-    }
-    let default = Rule {
-        name: String::new(),
-        project: "unknown".into(),
-        action: Action::Enforce,
-        allowed_domains: Vec::new(),
-    };
-    match hangar_egress::Acl::from_rules(rules, Some(default)) {
-        Ok(acl) => egress.reload(acl),
-        Err(e) => eprintln!("hangar up: egress rules not updated: {e}"),
-    }
-    *egress
-        .source_roles
-        .write()
-        .unwrap_or_else(|e| e.into_inner()) = roles;
-}
-
 /// The node's state and machines on this host, as `hangar up` and
 /// `hangar node stop` open them.
 /// Also returns the driver, for what only the real one has (the VMM).
-pub fn open_node(home: &std::path::Path) -> Result<(Arc<Node>, Arc<Runtime>)> {
+pub fn open_node(home: &std::path::Path) -> Result<(Node, Arc<Runtime>)> {
     hangar_machine::check_host()?;
     let init = init_binary(home)?;
     let exe = std::env::current_exe().context("cannot find the hangar binary")?;
@@ -192,12 +149,12 @@ pub fn open_node(home: &std::path::Path) -> Result<(Arc<Node>, Arc<Runtime>)> {
     let sealer = hangar_api::apps::Sealer::open_or_create(home)?;
     let images = runtime.store().clone();
     let node = Node::new(state, runtime.clone(), images, sealer);
-    Ok((Arc::new(node), runtime))
+    Ok((node, runtime))
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
     let home = crate::home()?;
-    let (node, runtime) = open_node(&home)?;
+    let (mut node, runtime) = open_node(&home)?;
     let _pid_file = crate::node::PidFile::create(&home)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -221,7 +178,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 .with_context(|| format!("cannot listen on {} for the registry; use --registry-listen or --no-registry", args.registry_listen))?;
             registry_addr = Some(reg_listener.local_addr()?.to_string());
             own_registry = Some((registry.clone(), reg_listener.local_addr()?));
-            eprintln!("hangar up: registry on http://{}", reg_listener.local_addr()?);
+            tracing::info!("registry on http://{}", reg_listener.local_addr()?);
             tokio::spawn(hangar_registry::serve(registry, reg_listener, None, std::future::pending()));
         }
 
@@ -231,8 +188,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let mine: Vec<String> = node.state.list()?.into_iter().map(|m| m.id).collect();
         let strangers = hangar_machine::network::strangers(&mine);
         if !strangers.is_empty() {
-            eprintln!(
-                "hangar up: warning: machines this node does not know are running on the bridge ({}), left by a node with another HANGAR_HOME; their addresses may collide with this node's machines: stop them with that HANGAR_HOME (`hangar machine destroy --force`) or with `ip netns del hangar-<id>`",
+            tracing::warn!("machines this node does not know are running on the bridge ({}), left by a node with another HANGAR_HOME; their addresses may collide with this node's machines: stop them with that HANGAR_HOME (`hangar machine destroy --force`) or with `ip netns del hangar-<id>`",
                 strangers.join(", ")
             );
         }
@@ -242,13 +198,14 @@ pub fn run(args: UpArgs) -> Result<()> {
         let egress_listener = tokio::net::TcpListener::bind(egress_addr)
             .await
             .with_context(|| format!("cannot listen on {egress_addr} for the egress proxy; is another node running?"))?;
-        eprintln!("hangar up: egress proxy on http://{egress_addr}");
+        tracing::info!("egress proxy on http://{egress_addr}");
         tokio::spawn(hangar_egress::proxy::serve(egress.clone(), egress_listener, None, std::future::pending()));
+        node = node.with_egress(Arc::new(crate::bridges::EgressProxy(egress)));
 
         let mut edge_url = None;
-        let edge = if args.no_edge {
-            None
-        } else {
+        // The edge asks the node for a started machine through this channel.
+        let (wakes, mut wake_requests) = tokio::sync::mpsc::channel::<hangar_edge::proxy::Wake>(64);
+        if !args.no_edge {
             let config = hangar_edge::Config {
                 listen: args.edge_listen,
                 admin: Some(hangar_edge::config::Admin { listen: args.edge_admin_listen, token: token.clone() }),
@@ -259,19 +216,30 @@ pub fn run(args: UpArgs) -> Result<()> {
                 },
                 ..Default::default()
             };
-            let running = hangar_edge::start(&config, std::future::pending()).await.map_err(|e| anyhow::anyhow!("{e}; use --edge-listen or --no-edge"))?;
+            let running = hangar_edge::start(&config, Some(wakes), std::future::pending()).await.map_err(|e| anyhow::anyhow!("{e}; use --edge-listen or --no-edge"))?;
             let admin = running.admin.map(|a| a.to_string()).unwrap_or_default();
-            eprintln!("hangar up: edge on http://{} (apps at http://<app>.{}:{}), admin on http://{admin}", running.http, args.domain, running.http.port());
+            tracing::info!("edge on http://{} (apps at http://<app>.{}:{}), admin on http://{admin}", running.http, args.domain, running.http.port());
             if let Some(tls) = running.tls {
-                eprintln!("hangar up: edge TLS on https://{tls} (apps at https://<app>.{}:{})", args.domain, tls.port());
+                tracing::info!("edge TLS on https://{tls} (apps at https://<app>.{}:{})", args.domain, tls.port());
             }
             edge_url = Some(format!("http://<app>.{}:{}", args.domain, running.http.port()));
-            let router = crate::scale::Router::new(node.clone(), running.edge.clone(), args.domain.clone());
-            running.edge.set_waker(crate::scale::waker(router.clone()));
-            Some(router)
-        };
+            let ingress = crate::bridges::EdgeIngress { edge: running.edge.clone(), runtime: tokio::runtime::Handle::current() };
+            node = node.with_routing(hangar_api::routing::Routing::new(Arc::new(ingress), &args.domain));
+        }
+        let node = Arc::new(node);
+        {
+            let node = node.clone();
+            tokio::spawn(async move {
+                while let Some(wake) = wake_requests.recv().await {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        let _ = wake.done.send(node.wake(&wake.host).await);
+                    });
+                }
+            });
+        }
         node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url })?;
-        eprintln!("hangar up: Machines API on http://{addr} (token in {})", node_config::path(&home).display());
+        tracing::info!("Machines API on http://{addr} (token in {})", node_config::path(&home).display());
         // Which accelerator micro-VMs get, probed in the background.
         match runtime.vmm() {
             Ok(_) => {
@@ -279,21 +247,21 @@ pub fn run(args: UpArgs) -> Result<()> {
                 std::thread::spawn(move || {
                     if let Ok(vmm) = runtime.vmm() {
                         let (accel, why) = vmm.accel();
-                        eprintln!("hangar up: micro-VMs run under {} ({why})", accel.describe());
+                        tracing::info!("micro-VMs run under {} ({why})", accel.describe());
                     }
                 });
             }
-            Err(e) => eprintln!("hangar up: micro-VMs are off: {e}"),
+            Err(e) => tracing::warn!("micro-VMs are off: {e}"),
         }
         // Deploys a stop of the node cut short are rolled back.
         for cut in node.state.interrupt_releases()? {
             let node = node.clone();
             tokio::spawn(async move {
                 let (app, version) = (cut.app.clone(), cut.version);
-                eprintln!("hangar up: release v{version} of {app} was cut short by the node's stop; rolling it back");
+                tracing::info!("release v{version} of {app} was cut short by the node's stop; rolling it back");
                 match hangar_api::deploy::recover(node, cut).await {
-                    Ok(()) => eprintln!("hangar up: release v{version} of {app} rolled back"),
-                    Err(e) => eprintln!("hangar up: could not roll back release v{version} of {app}: {e}; check `hangar status -a {app}` and deploy again"),
+                    Ok(()) => tracing::info!("release v{version} of {app} rolled back"),
+                    Err(e) => tracing::error!("could not roll back release v{version} of {app}: {e}; check `hangar status -a {app}` and deploy again"),
                 }
             });
         }
@@ -306,16 +274,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         });
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
-            let (node, stopping, egress) = (node.clone(), stopping.clone(), egress.clone());
+            let (node, stopping) = (node.clone(), stopping.clone());
             std::thread::spawn(move || {
                 while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                    node.reconcile();
-                    update_egress(&node, &egress);
-                    if let (Some(router), Ok(machines)) = (&edge, node.state.list()) {
-                        // Idle stops first: the hosts then leave them out.
-                        crate::scale::stop_idle(router, &machines);
-                        router.refresh();
-                    }
+                    node.tick();
                     std::thread::sleep(Duration::from_millis(100));
                 }
             });
@@ -324,7 +286,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let orgs: Option<hangar_api::server::OrgTokens> = match crate::registry::auth() {
             Ok(auth) => Some(Arc::new(move |t: &str| auth.verify_api_token(t).filter(|r| !r.read_only).map(|r| r.org))),
             Err(e) => {
-                eprintln!("hangar up: org tokens are off: {e:#}");
+                tracing::warn!("org tokens are off: {e:#}");
                 None
             }
         };
@@ -332,11 +294,11 @@ pub fn run(args: UpArgs) -> Result<()> {
         hangar_api::server::serve(api, listener, crate::shutdown_signal()).await;
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         if args.stop_machines {
-            eprintln!("hangar up: stopping machines");
+            tracing::info!("stopping machines");
             let node = node.clone();
             tokio::task::spawn_blocking(move || node.stop_all()).await?;
         }
-        eprintln!("hangar up: stopped");
+        tracing::info!("stopped");
         Ok::<_, anyhow::Error>(())
     })
 }

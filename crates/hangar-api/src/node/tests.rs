@@ -365,46 +365,97 @@ fn a_machine_the_host_lost_is_adopted_and_started_again() {
     );
 }
 
+/// An edge that records the hosts it is given, with the driver's calls at
+/// that moment.
+struct FakeIngress {
+    fake: Arc<FakeDriver>,
+    seen: Mutex<Vec<(Vec<crate::routing::HostSpec>, Vec<Call>)>>,
+}
+
+impl crate::routing::Ingress for FakeIngress {
+    fn set_hosts(&self, hosts: &[crate::routing::HostSpec]) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((hosts.to_vec(), self.fake.calls()));
+    }
+    fn last_request(&self, _host: &str) -> u64 {
+        0
+    }
+    fn in_flight_at(&self, _ip: std::net::IpAddr) -> crate::routing::InFlightGauge {
+        Box::new(|| 0)
+    }
+    fn has_room(&self, _host: &str, _addrs: &[std::net::SocketAddr]) -> bool {
+        false
+    }
+}
+
 #[test]
 fn a_stop_drains_first_then_signals_then_kills_what_ignores_the_signal() {
-    let t = test_node();
-    let m = t.node.create(None, Placement::default(), config()).unwrap();
-    type Seen = Vec<(Desired, Vec<Call>)>;
-    let seen: Arc<Mutex<Seen>> = Arc::default();
-    let (fake, s) = (t.fake.clone(), seen.clone());
-    t.node.on_leaving_service(move |left| {
-        s.lock().unwrap().push((left.desired, fake.calls()));
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeDriver::new(dir.path()));
+    let ingress = Arc::new(FakeIngress {
+        fake: fake.clone(),
+        seen: Mutex::default(),
     });
-    t.fake.stubborn(&m.id);
-    t.fake.clear_calls();
-    let stopped = t
-        .node
+    let node = Node::new(
+        State::open(dir.path()).unwrap(),
+        fake.clone(),
+        hangar_oci::Store::open(dir.path()).unwrap(),
+        crate::apps::Sealer::open_or_create(dir.path()).unwrap(),
+    )
+    .with_routing(crate::routing::Routing::new(ingress.clone(), "test"));
+    let node = Arc::new(node);
+    let mut c = config();
+    c.services.push(crate::config::Service {
+        internal_port: 8080,
+        ..Default::default()
+    });
+    let m = node
+        .create(Some("web".into()), Placement::default(), c)
+        .unwrap();
+    node.refresh_routes();
+    let backends = |hosts: &[crate::routing::HostSpec]| -> usize {
+        hosts.iter().map(|h| h.backends.len()).sum()
+    };
+    assert_eq!(backends(&ingress.seen.lock().unwrap()[0].0), 1);
+    ingress.seen.lock().unwrap().clear();
+    fake.stubborn(&m.id);
+    fake.clear_calls();
+    let stopped = node
         .stop(&m.id, "SIGINT", Duration::from_millis(30))
         .unwrap();
     assert_eq!(stopped.state, MachineState::Stopped);
     assert_eq!(stopped.exit_code, Some(137));
-    // The hook ran once, wanted stopped, before any signal.
-    assert_eq!(*seen.lock().unwrap(), [(Desired::Stopped, Vec::new())]);
+    // The routes lost it before any signal.
+    {
+        let seen = ingress.seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(backends(&seen[0].0), 0);
+        assert!(seen[0].1.is_empty(), "{:?}", seen[0].1);
+    }
     assert_eq!(
-        t.fake.calls(),
+        fake.calls(),
         [
             Call::Signal(m.id.clone(), "SIGINT".into()),
             Call::Signal(m.id.clone(), "SIGKILL".into())
         ]
     );
-    // A start after a stop; a destroy of a running machine needs force.
-    t.node.start(&m.id).unwrap();
+    // A start after a stop; a destroy of a running machine needs force,
+    // and drains first too.
+    node.start(&m.id).unwrap();
     assert!(matches!(
-        t.node.destroy(&m.id, false),
+        node.destroy(&m.id, false),
         Err(Error::Conflict(_))
     ));
-    seen.lock().unwrap().clear();
-    t.fake.clear_calls();
-    let gone = t.node.destroy(&m.id, true).unwrap();
+    ingress.seen.lock().unwrap().clear();
+    fake.clear_calls();
+    let gone = node.destroy(&m.id, true).unwrap();
     assert_eq!(gone.state, MachineState::Destroyed);
-    assert!(t.fake.machines().is_empty());
-    // Drained before the kill here too.
-    assert_eq!(*seen.lock().unwrap(), [(Desired::Destroyed, Vec::new())]);
+    assert!(fake.machines().is_empty());
+    let seen = ingress.seen.lock().unwrap();
+    assert_eq!(backends(&seen[0].0), 0);
+    assert!(seen[0].1.is_empty(), "{:?}", seen[0].1);
 }
 
 #[test]

@@ -990,11 +990,11 @@ impl HangarRegistry {
                 .next()
                 .expect("registry exited early")
                 .expect("read stderr");
-            if let Some(rest) = line.strip_prefix("hangar registry: serving ") {
+            if let Some((_, rest)) = line.split_once("registry serving ") {
                 let (s, rest) = rest.split_once("://").unwrap_or(("http", rest));
                 scheme = s.to_string();
                 host = rest.split_whitespace().next().unwrap_or("").to_string();
-            } else if let Some(rest) = line.strip_prefix("hangar registry: metrics on http://") {
+            } else if let Some((_, rest)) = line.split_once("registry metrics on http://") {
                 admin = rest.trim_end_matches("/metrics").to_string();
             }
         }

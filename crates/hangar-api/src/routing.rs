@@ -1,0 +1,479 @@
+//! The node's side of the edge: each app's host and backends from the
+//! machines (started, wanted started, checks passing), scale to zero (stop
+//! machines idle past their `idle_timeout`, keeping `min_machines_running`),
+//! waking a stopped machine when a request finds none started, and draining
+//! a machine out of the routes before it is signalled.
+//!
+//! The edge is behind [`Ingress`]: this module says what the routes should
+//! be and asks what the edge saw; it does not know how the edge routes.
+//! The node owns its [`Routing`]; the edge reaches the node only through
+//! the wake requests the binary hands over (no callback from the edge into
+//! the node, so no cycle of owners).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{DriverKind, EdgeCache};
+use crate::node::Node;
+use crate::state::{Desired, Machine, MachineState};
+
+/// One app's host, as the node wants the edge to serve it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostSpec {
+    /// `<app>.<domain>`.
+    pub name: String,
+    /// Each backend's address, with its other addresses (the machine's
+    /// IPv6 one) to try when it refuses a connection.
+    pub backends: Vec<(SocketAddr, Vec<SocketAddr>)>,
+    /// Ask the node for a backend when none is started (scale to zero).
+    pub autostart: bool,
+    pub force_https: bool,
+    /// `None`: the edge's default policy.
+    pub cache: Option<EdgeCache>,
+    pub soft_limit: u32,
+    pub hard_limit: u32,
+}
+
+/// A count of requests in flight that goes on counting after its backends
+/// leave the routes.
+pub type InFlightGauge = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// What the node needs of the edge.
+pub trait Ingress: Send + Sync {
+    /// Replace every host (live; requests in flight finish).
+    fn set_hosts(&self, hosts: &[HostSpec]);
+    /// When `host` last had a request (unix seconds; 0: never).
+    fn last_request(&self, host: &str) -> u64;
+    /// The requests in flight to the backends at `ip` now (see
+    /// [`InFlightGauge`]).
+    fn in_flight_at(&self, ip: IpAddr) -> InFlightGauge;
+    /// Whether one of `addrs`, backends of `host`, is available and below
+    /// the host's soft limit.
+    fn has_room(&self, host: &str, addrs: &[SocketAddr]) -> bool;
+}
+
+/// The node's routing state (see the module's doc).
+pub struct Routing {
+    ingress: Arc<dyn Ingress>,
+    domain: String,
+    /// Every update of the routes goes through one lock, so a table
+    /// computed from an older listing never replaces one computed from a
+    /// newer listing (the tick, the waker and drains all refresh).
+    one_at_a_time: Mutex<()>,
+    /// When each machine the waker started was first ready to serve (unix
+    /// seconds): its idle time counts from then, not from its start, so a
+    /// slow boot is not idle time.
+    ready_at: Mutex<HashMap<String, u64>>,
+    /// One wake per app at a time; callers that arrive meanwhile wait.
+    waking: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Routing {
+    /// Apps are served at `<app>.<domain>` through `ingress`.
+    pub fn new(ingress: Arc<dyn Ingress>, domain: &str) -> Routing {
+        Routing {
+            ingress,
+            domain: domain.to_string(),
+            one_at_a_time: Mutex::new(()),
+            ready_at: Mutex::default(),
+            waking: Mutex::default(),
+        }
+    }
+
+    fn host_of(&self, app: &str) -> String {
+        format!("{app}.{}", self.domain)
+    }
+}
+
+/// The app a machine is served as: its app, else its name.
+pub fn app_of(m: &Machine) -> String {
+    m.app.clone().unwrap_or_else(|| m.name.clone())
+}
+
+/// The address of `m`'s `port` (IPv4, the edge's first try).
+fn address(m: &Machine, port: u16) -> SocketAddr {
+    SocketAddr::new(hangar_machine::network::address(m.slot).v4.into(), port)
+}
+
+/// The edge's hosts: `<app>.<domain>` for each app with a service; its
+/// machines that are `in_service` are the backends.
+pub fn edge_hosts(
+    machines: &[Machine],
+    in_service: impl Fn(&Machine) -> bool,
+    domain: &str,
+) -> Vec<HostSpec> {
+    let mut hosts: BTreeMap<String, HostSpec> = BTreeMap::new();
+    for m in machines {
+        let Some(service) = m.config.services.first() else {
+            continue;
+        };
+        let name = format!("{}.{domain}", app_of(m));
+        let host = hosts.entry(name.clone()).or_insert_with(|| HostSpec {
+            name,
+            ..Default::default()
+        });
+        host.autostart |= service.autostart;
+        host.force_https |= service.force_https;
+        if service.cache.is_some() {
+            host.cache = service.cache.clone();
+        }
+        host.soft_limit = host.soft_limit.max(service.soft_limit);
+        host.hard_limit = host.hard_limit.max(service.hard_limit);
+        if in_service(m) {
+            // An app that listens on IPv6 only is reached there.
+            let v6 = hangar_machine::network::address(m.slot).v6;
+            host.backends.push((
+                address(m, service.internal_port),
+                vec![SocketAddr::new(v6.into(), service.internal_port)],
+            ));
+        }
+    }
+    hosts.into_values().collect()
+}
+
+/// Of the machines in service of one app (all with `autostop`), those to
+/// stop for idleness now, newest first: each idle for `idle_timeout` since
+/// the app's last request, its own last change and the moment it was woken
+/// (`ready_at`), keeping `min_machines_running`.
+pub fn idle_stops<'a>(
+    in_service: &[&'a Machine],
+    last_request: u64,
+    ready_at: &HashMap<String, u64>,
+    now: u64,
+) -> Vec<&'a Machine> {
+    let Some(service) = in_service.first().and_then(|m| m.config.services.first()) else {
+        return Vec::new();
+    };
+    let keep = service.min_machines_running as usize;
+    let idle_timeout = service.idle_timeout.max(1);
+    let mut idle: Vec<&Machine> = in_service
+        .iter()
+        .copied()
+        .filter(|m| {
+            let woke = ready_at.get(&m.id).copied().unwrap_or(0);
+            now.saturating_sub(last_request.max(m.updated_at).max(woke)) >= idle_timeout
+        })
+        .collect();
+    idle.sort_by_key(|m| std::cmp::Reverse(m.created_at));
+    idle.truncate(in_service.len().saturating_sub(keep));
+    idle
+}
+
+impl Node {
+    /// Whether `m` may take requests: started, wanted started (not on its
+    /// way to a stop) and its checks pass.
+    pub fn in_service(&self, m: &Machine) -> bool {
+        m.running_as_wanted() && self.checks.passing(&m.id, m.config.checks.len())
+    }
+
+    /// Recompute every host's backends from the machines now.
+    pub fn refresh_routes(&self) {
+        let Some(routing) = &self.routing else {
+            return;
+        };
+        let _one = routing
+            .one_at_a_time
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match self.state.list() {
+            Ok(machines) => routing.ingress.set_hosts(&edge_hosts(
+                &machines,
+                |m| self.in_service(m),
+                &routing.domain,
+            )),
+            Err(e) => tracing::warn!("routes not refreshed: {e}"),
+        }
+    }
+
+    /// Take a machine wanted stopped or destroyed out of the routes, then
+    /// wait (up to its kill timeout) until the requests in flight to it have
+    /// finished.
+    pub(crate) fn drain(&self, m: &Machine) {
+        let Some(routing) = &self.routing else {
+            return;
+        };
+        let ip = IpAddr::from(hangar_machine::network::address(m.slot).v4);
+        let in_flight = routing.ingress.in_flight_at(ip);
+        self.refresh_routes();
+        let deadline = Instant::now() + m.config.kill().1;
+        while in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stop machines of apps with `autostop` that had no request for their
+    /// `idle_timeout` (see [`idle_stops`]). Stops run in the background; a
+    /// machine already stopping is left alone.
+    pub fn stop_idle(self: &Arc<Self>, machines: &[Machine]) {
+        let Some(routing) = &self.routing else {
+            return;
+        };
+        let now = crate::state::now();
+        let ready_at = {
+            let mut map = routing.ready_at.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|id, _| machines.iter().any(|m| &m.id == id));
+            map.clone()
+        };
+        let mut by_app: HashMap<String, Vec<&Machine>> = HashMap::new();
+        // Only machines in service count: one still coming up (a deploy's
+        // new machine) is starting, not idle.
+        for m in machines.iter().filter(|m| self.in_service(m)) {
+            if m.config.services.first().is_some_and(|s| s.autostop) {
+                by_app.entry(app_of(m)).or_default().push(m);
+            }
+        }
+        for (app, in_service) in by_app {
+            let last = routing.ingress.last_request(&routing.host_of(&app));
+            for m in idle_stops(&in_service, last, &ready_at, now) {
+                // Wanted stopped from now: the next tick leaves it alone.
+                if let Err(e) = self.state.set_desired(&m.id, Desired::Stopped) {
+                    tracing::warn!(machine = %m.id, "idle stop: {e}");
+                    continue;
+                }
+                let (node, id) = (self.clone(), m.id.clone());
+                let (signal, timeout) = m.config.kill();
+                std::thread::spawn(move || {
+                    if let Err(e) = node.stop(&id, &signal, timeout) {
+                        tracing::warn!(machine = %id, "idle stop: {e}");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Answer the edge's request for a started machine of `host`'s app:
+    /// start a stopped one that allows it, wait until it is started and
+    /// answers its checks (probed directly, every 5 ms), and put it in the
+    /// routes. One start per app at a time; callers that arrive meanwhile
+    /// wait for it, and return at once if it left a machine with room.
+    pub async fn wake(self: &Arc<Self>, host: &str) -> Result<(), String> {
+        let Some(routing) = &self.routing else {
+            return Err("this node does not route requests".into());
+        };
+        let app = host
+            .strip_suffix(&format!(".{}", routing.domain))
+            .unwrap_or(host)
+            .to_string();
+        let lock = routing
+            .waking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(app.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock.lock().await;
+        let machines = self.state.list().map_err(|e| e.to_string())?;
+        let mine: Vec<&Machine> = machines
+            .iter()
+            .filter(|m| app_of(m) == app && !m.config.services.is_empty())
+            .collect();
+        // Someone else's start may have landed while this one waited: a
+        // machine in service whose backend has room is enough.
+        let ready: Vec<SocketAddr> = mine
+            .iter()
+            .filter(|m| self.in_service(m))
+            .filter_map(|m| Some(address(m, m.config.services.first()?.internal_port)))
+            .collect();
+        if routing.ingress.has_room(host, &ready) {
+            return Ok(());
+        }
+        // A stopped machine, or one on its way to an idle stop (it is
+        // started again once the stop is done).
+        let stopped = |m: &&&Machine| {
+            m.config.services.first().is_some_and(|s| s.autostart)
+                && (m.state == MachineState::Stopped || m.desired == Desired::Stopped)
+        };
+        let Some(m) = mine.iter().find(stopped) else {
+            if !ready.is_empty() {
+                return Ok(());
+            }
+            return Err(format!("app {app} has no stopped machine to start"));
+        };
+        let stop_deadline =
+            Instant::now() + Duration::from_secs(m.config.kill_timeout.unwrap_or(5) + 15);
+        while self
+            .state
+            .get(&m.id)
+            .map(|m| m.state != MachineState::Stopped)
+            .unwrap_or(false)
+        {
+            if Instant::now() > stop_deadline {
+                return Err(format!("machine {} did not finish stopping", m.id));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (node, id) = (self.clone(), m.id.clone());
+        tokio::task::spawn_blocking(move || node.start(&id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let started = self.state.get(&m.id).map_err(|e| e.to_string())?;
+        let port = started
+            .config
+            .services
+            .first()
+            .map(|s| s.internal_port)
+            .ok_or_else(|| format!("machine {} has no service any more", started.id))?;
+        // Micro-VMs boot in tens of seconds under emulation.
+        let limit = if started.config.guest.driver == DriverKind::Vm {
+            180
+        } else {
+            30
+        };
+        let deadline = Instant::now() + Duration::from_secs(limit);
+        // Ready when every check passes; with none, when the port answers.
+        loop {
+            let mut ok = true;
+            if started.config.checks.is_empty() {
+                ok = tokio::net::TcpStream::connect(address(&started, port))
+                    .await
+                    .is_ok();
+            } else {
+                for check in started.config.checks.values() {
+                    if crate::checks::probe(address(&started, check.port), check)
+                        .await
+                        .is_err()
+                    {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "machine {} did not become ready within {limit}s; its last log lines:\n{}",
+                    started.id,
+                    crate::deploy::last_log_lines(self, &started.id, 10)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.checks
+            .mark_passing(&started.id, started.config.checks.keys());
+        routing
+            .ready_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(started.id.clone(), crate::state::now());
+        self.refresh_routes();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Service;
+
+    fn machine(id: &str, app: &str, created_at: u64, updated_at: u64, service: Service) -> Machine {
+        Machine {
+            id: id.into(),
+            name: id.into(),
+            state: MachineState::Started,
+            desired: Desired::Started,
+            app: Some(app.into()),
+            release: Some(1),
+            config: crate::MachineConfig {
+                services: vec![service],
+                ..Default::default()
+            },
+            slot: 258 + created_at as u32,
+            exit_code: None,
+            oom_killed: false,
+            restarts: 0,
+            created_at,
+            updated_at,
+        }
+    }
+
+    fn web(min: u32, idle: u64) -> Service {
+        Service {
+            internal_port: 8080,
+            autostop: true,
+            autostart: true,
+            min_machines_running: min,
+            idle_timeout: idle,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hosts_carry_the_apps_policy_and_only_machines_in_service() {
+        let mut a = machine("a", "web", 1, 0, web(0, 60));
+        a.config.services[0].force_https = true;
+        a.config.services[0].soft_limit = 5;
+        a.config.services[0].cache = Some(EdgeCache {
+            enabled: true,
+            default_ttl: 30,
+        });
+        let mut b = machine("b", "web", 2, 0, web(0, 60));
+        b.config.services[0].hard_limit = 9;
+        let mut lone = machine("c", "x", 3, 0, web(0, 60));
+        lone.app = None;
+        let mut quiet = machine("d", "svc", 4, 0, web(0, 60));
+        quiet.config.services.clear();
+        let hosts = edge_hosts(
+            &[a.clone(), b.clone(), lone, quiet],
+            |m| m.id != "b",
+            "example.test",
+        );
+        let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["c.example.test", "web.example.test"]);
+        let host = &hosts[1];
+        assert!(host.force_https && host.autostart);
+        assert_eq!((host.soft_limit, host.hard_limit), (5, 9));
+        assert_eq!(host.cache.as_ref().map(|c| c.default_ttl), Some(30));
+        // b is not in service: one backend, with its IPv6 address to try.
+        assert_eq!(host.backends.len(), 1);
+        let (v4, others) = &host.backends[0];
+        assert_eq!(*v4, address(&a, 8080));
+        assert!(others[0].is_ipv6() && others[0].port() == 8080);
+    }
+
+    #[test]
+    fn idle_stops_take_the_newest_idle_machines_above_the_minimum() {
+        let now = 1_000;
+        let ms = [
+            machine("old", "web", 1, 100, web(1, 60)),
+            machine("mid", "web", 2, 100, web(1, 60)),
+            machine("new", "web", 3, 100, web(1, 60)),
+        ];
+        let all: Vec<&Machine> = ms.iter().collect();
+        let ids = |v: Vec<&Machine>| v.into_iter().map(|m| m.id.clone()).collect::<Vec<_>>();
+        let none = HashMap::new();
+        // (last request, woken at) -> stopped
+        assert_eq!(ids(idle_stops(&all, 0, &none, now)), ["new", "mid"]);
+        assert_eq!(
+            ids(idle_stops(&all, now - 59, &none, now)),
+            Vec::<String>::new()
+        );
+        assert_eq!(ids(idle_stops(&all, now - 60, &none, now)), ["new", "mid"]);
+        // A machine woken recently is not idle, whatever its start.
+        let woke = HashMap::from([("new".to_string(), now - 5)]);
+        assert_eq!(ids(idle_stops(&all, 0, &woke, now)), ["mid", "old"]);
+        // A change of the machine (its start) counts as activity.
+        let mut fresh = ms.clone();
+        fresh[1].updated_at = now - 10;
+        let all: Vec<&Machine> = fresh.iter().collect();
+        assert_eq!(ids(idle_stops(&all, 0, &none, now)), ["new", "old"]);
+        // The minimum is kept; a timeout of 0 counts as 1 s.
+        let keep_all: Vec<Machine> = ms
+            .iter()
+            .map(|m| machine(&m.id, "web", m.created_at, 100, web(3, 0)))
+            .collect();
+        let all: Vec<&Machine> = keep_all.iter().collect();
+        assert!(idle_stops(&all, 0, &none, now).is_empty());
+        let zero: Vec<Machine> = ms
+            .iter()
+            .map(|m| machine(&m.id, "web", m.created_at, now - 1, web(0, 0)))
+            .collect();
+        let all: Vec<&Machine> = zero.iter().collect();
+        assert_eq!(idle_stops(&all, 0, &none, now).len(), 3);
+        assert!(idle_stops(&[], 0, &none, now).is_empty());
+    }
+}

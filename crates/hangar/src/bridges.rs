@@ -1,0 +1,93 @@
+//! The node's seams to the data planes, implemented over the real ones:
+//! [`hangar_api::routing::Ingress`] over the edge and
+//! [`hangar_api::egress::EgressControl`] over the egress proxy. Types
+//! change hands here and nothing is decided.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_api::egress::{EgressControl, EgressPolicy};
+use hangar_api::routing::{HostSpec, InFlightGauge, Ingress};
+
+/// The edge as the node's ingress.
+pub struct EdgeIngress {
+    pub edge: Arc<hangar_edge::Edge>,
+    /// The edge starts a host's health checks on its runtime.
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl Ingress for EdgeIngress {
+    fn set_hosts(&self, hosts: &[HostSpec]) {
+        let hosts: Vec<hangar_edge::config::Host> = hosts
+            .iter()
+            .map(|h| {
+                let mut host = hangar_edge::config::Host {
+                    name: h.name.clone(),
+                    backends: h.backends.iter().map(|(addr, _)| *addr).collect(),
+                    alternates: h.backends.iter().cloned().collect(),
+                    autostart: h.autostart,
+                    force_https: h.force_https,
+                    soft_limit: h.soft_limit,
+                    hard_limit: h.hard_limit,
+                    ..Default::default()
+                };
+                if let Some(cache) = &h.cache {
+                    host.cache.enabled = cache.enabled;
+                    if cache.enabled {
+                        host.cache.default_ttl = Duration::from_secs(cache.default_ttl);
+                    }
+                }
+                host
+            })
+            .collect();
+        let _entered = self.runtime.enter();
+        self.edge.set_hosts(&hosts);
+    }
+
+    fn last_request(&self, host: &str) -> u64 {
+        self.edge.last_request(host)
+    }
+
+    fn in_flight_at(&self, ip: std::net::IpAddr) -> InFlightGauge {
+        self.edge.in_flight_at(ip)
+    }
+
+    fn has_room(&self, host: &str, addrs: &[std::net::SocketAddr]) -> bool {
+        self.edge.has_room(host, addrs)
+    }
+}
+
+/// The egress proxy as the node's egress control.
+pub struct EgressProxy(pub Arc<hangar_egress::Proxy>);
+
+impl EgressControl for EgressProxy {
+    fn apply(&self, policy: EgressPolicy) {
+        use hangar_api::config::EgressAction;
+        use hangar_egress::acl::{Action, Rule};
+        let rules: Vec<Rule> = policy
+            .rules
+            .into_iter()
+            .map(|r| Rule {
+                name: r.role.clone(),
+                project: r.role,
+                action: match r.action {
+                    EgressAction::Enforce => Action::Enforce,
+                    EgressAction::Report => Action::Report,
+                    EgressAction::Open => Action::Open,
+                },
+                allowed_domains: r.allowed_domains,
+            })
+            .collect();
+        // A source the node does not know reaches nothing outside.
+        let unknown = Rule {
+            name: String::new(),
+            project: "unknown".into(),
+            action: Action::Enforce,
+            allowed_domains: Vec::new(),
+        };
+        match hangar_egress::Acl::from_rules(rules, Some(unknown)) {
+            Ok(acl) => self.0.update(acl, policy.roles),
+            Err(e) => tracing::warn!("egress rules not updated: {e}"),
+        }
+    }
+}
