@@ -195,30 +195,19 @@ pub struct RestartSection {
     pub retries: u32,
 }
 
-/// What happens to an app's machines with no requests for `idle_timeout`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum AutoStop {
-    /// They keep running.
-    #[default]
-    Off,
-    /// They stop (and start again on a request, with `auto_start_machines`).
-    Stop,
-    /// fly.toml's suspend: refused with a way out, as machines cannot be
-    /// suspended here.
-    Suspend,
+crate::closed_set! {
+    /// What happens to an app's machines with no requests for `idle_timeout`.
+    #[derive(Default)]
+    pub enum AutoStop {
+        /// They keep running.
+        #[default]
+        Off,
+        /// They stop (and start again on a request, with `auto_start_machines`).
+        Stop,
+        /// fly.toml's suspend: refused with a way out, as machines cannot be
+        /// suspended here.
+        Suspend,
+    }
 }
 fn requests() -> String {
     "requests".into()

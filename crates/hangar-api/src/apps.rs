@@ -36,30 +36,18 @@ pub struct Release {
     pub created_at: u64,
 }
 
-/// How a release's deploy went.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum ReleaseStatus {
-    /// Under way.
-    Running,
-    /// Its machines replaced the old ones: what the app runs.
-    Complete,
-    /// It failed and was rolled back.
-    Failed,
-    /// The node stopped during it (rolled back when the node starts).
-    Interrupted,
+crate::closed_set! {
+    /// How a release's deploy went.
+    pub enum ReleaseStatus {
+        /// Under way.
+        Running,
+        /// Its machines replaced the old ones: what the app runs.
+        Complete,
+        /// It failed and was rolled back.
+        Failed,
+        /// The node stopped during it (rolled back when the node starts).
+        Interrupted,
+    }
 }
 crate::state::sql_text!(ReleaseStatus);
 

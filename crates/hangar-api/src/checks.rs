@@ -19,18 +19,16 @@ use crate::state::MachineState;
 /// Consecutive failures after the grace period that make a check critical.
 pub const FAILURES_TO_CRITICAL: u32 = 2;
 
-/// A check's verdict.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, strum::Display,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum CheckState {
-    /// No verdict yet.
-    #[default]
-    Pending,
-    Passing,
-    Critical,
+crate::closed_set! {
+    /// A check's verdict.
+    #[derive(Default)]
+    pub enum CheckState {
+        /// No verdict yet.
+        #[default]
+        Pending,
+        Passing,
+        Critical,
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
@@ -88,12 +86,7 @@ impl Checks {
     /// machine woken for a waiting request).
     pub fn mark_passing<'a>(&self, id: &str, names: impl Iterator<Item = &'a String>) {
         let mut table = self.lock();
-        let entry = table
-            .entry(id.to_string())
-            .or_insert_with(|| MachineChecks {
-                since: Instant::now(),
-                items: BTreeMap::new(),
-            });
+        let entry = tracked(&mut table, id);
         for name in names {
             let item = entry.items.entry(name.clone()).or_default();
             item.status = CheckStatus {
@@ -145,12 +138,7 @@ impl Checks {
     /// Start tracking check `name` of a started machine `id` (pending).
     pub fn track(&self, id: &str, name: &str) {
         let mut table = self.lock();
-        let entry = table
-            .entry(id.to_string())
-            .or_insert_with(|| MachineChecks {
-                since: Instant::now(),
-                items: BTreeMap::new(),
-            });
+        let entry = tracked(&mut table, id);
         entry.items.entry(name.to_string()).or_insert_with(|| Item {
             status: CheckStatus {
                 name: name.to_string(),
@@ -160,6 +148,16 @@ impl Checks {
             ..Item::default()
         });
     }
+}
+
+/// The checks of machine `id`, tracked from now if they were not.
+fn tracked<'a>(table: &'a mut HashMap<String, MachineChecks>, id: &str) -> &'a mut MachineChecks {
+    table
+        .entry(id.to_string())
+        .or_insert_with(|| MachineChecks {
+            since: Instant::now(),
+            items: BTreeMap::new(),
+        })
 }
 
 /// One check, once: `Ok` or why it failed.

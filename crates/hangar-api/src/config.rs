@@ -6,81 +6,45 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// How a machine is isolated.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum DriverKind {
-    /// A runc container.
-    #[default]
-    Container,
-    /// A QEMU micro-VM with hangar-init as its init.
-    Vm,
+crate::closed_set! {
+    /// How a machine is isolated.
+    #[derive(Default)]
+    pub enum DriverKind {
+        /// A runc container.
+        #[default]
+        Container,
+        /// A QEMU micro-VM with hangar-init as its init.
+        Vm,
+    }
 }
 
-/// What happens when a machine's app exits on its own.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// It stays stopped.
-    No,
-    /// Started again after a non-zero exit, up to `max_retries` times.
-    #[default]
-    OnFailure,
-    /// Started again after every exit.
-    Always,
+crate::closed_set! {
+    /// What happens when a machine's app exits on its own.
+    #[derive(Default)]
+    pub enum RestartPolicy {
+        /// It stays stopped.
+        No,
+        /// Started again after a non-zero exit, up to `max_retries` times.
+        #[default]
+        OnFailure,
+        /// Started again after every exit.
+        Always,
+    }
 }
 
-/// What the egress proxy does with a machine's requests to hosts outside
-/// its `allowed_domains` (Smokescreen's actions).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum EgressAction {
-    /// Allowed.
-    #[default]
-    Open,
-    /// Allowed, and logged as a would-be denial.
-    Report,
-    /// Denied.
-    Enforce,
+crate::closed_set! {
+    /// What the egress proxy does with a machine's requests to hosts outside
+    /// its `allowed_domains` (Smokescreen's actions).
+    #[derive(Default)]
+    pub enum EgressAction {
+        /// Allowed.
+        #[default]
+        Open,
+        /// Allowed, and logged as a would-be denial.
+        Report,
+        /// Denied.
+        Enforce,
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -25,27 +25,15 @@ use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::state::{Machine, MachineState, Placement};
 
-/// How a deploy replaces an app's machines (see the module's doc).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum Strategy {
-    #[default]
-    Rolling,
-    Bluegreen,
-    Immediate,
+crate::closed_set! {
+    /// How a deploy replaces an app's machines (see the module's doc).
+    #[derive(Default)]
+    pub enum Strategy {
+        #[default]
+        Rolling,
+        Bluegreen,
+        Immediate,
+    }
 }
 
 #[derive(Debug, Deserialize, serde::Serialize)]

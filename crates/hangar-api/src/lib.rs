@@ -23,6 +23,27 @@
 //! namespaces, mounts or cgroups itself; it knows the edge and the egress
 //! proxy only through its traits (no dependency on either crate).
 
+#![forbid(unsafe_code)]
+
+/// A closed set of names (a machine state, a driver, a strategy, ...): an
+/// enum that reads and writes its variants as kebab-case names in JSON,
+/// TOML and text (`Display`, `FromStr`, `&'static str`), so a bad value is
+/// refused naming the choices.
+#[macro_export]
+macro_rules! closed_set {
+    ($(#[$meta:meta])* pub enum $name:ident { $($body:tt)* }) => {
+        $(#[$meta])*
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, Hash,
+            serde::Serialize, serde::Deserialize,
+            strum::Display, strum::EnumString, strum::IntoStaticStr,
+        )]
+        #[serde(rename_all = "kebab-case")]
+        #[strum(serialize_all = "kebab-case")]
+        pub enum $name { $($body)* }
+    };
+}
+
 pub mod app_toml;
 pub mod apps;
 pub mod checks;

@@ -10,53 +10,27 @@ use serde::{Deserialize, Serialize};
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
 
-/// A machine's lifecycle state, as Fly names them.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum MachineState {
-    Created,
-    Starting,
-    Started,
-    Stopping,
-    Stopped,
-    Destroying,
-    Destroyed,
-    Failed,
+crate::closed_set! {
+    /// A machine's lifecycle state, as Fly names them.
+    pub enum MachineState {
+        Created,
+        Starting,
+        Started,
+        Stopping,
+        Stopped,
+        Destroying,
+        Destroyed,
+        Failed,
+    }
 }
 
-/// What a machine should be doing: the reconcile loop works towards it.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum Desired {
-    Started,
-    Stopped,
-    Destroyed,
+crate::closed_set! {
+    /// What a machine should be doing: the reconcile loop works towards it.
+    pub enum Desired {
+        Started,
+        Stopped,
+        Destroyed,
+    }
 }
 
 macro_rules! sql_text {
@@ -302,28 +276,22 @@ impl State {
 
     /// Machines that are not destroyed, oldest first.
     pub fn list(&self) -> Result<Vec<Machine>> {
-        let rows = {
-            let db = self.db();
-            let mut stmt = db.prepare(&format!(
-                "SELECT {COLUMNS} FROM machines WHERE state != 'destroyed' ORDER BY created_at, id"
-            ))?;
-            let r = stmt
-                .query_map([], row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            r
-        };
-        self.finish(rows)
+        self.live_where("", [])
     }
 
     /// The app's machines that are not destroyed, oldest first.
     pub fn app_machines(&self, app: &str) -> Result<Vec<Machine>> {
+        self.live_where("AND app = ?1", [app])
+    }
+
+    fn live_where(&self, filter: &str, args: impl rusqlite::Params) -> Result<Vec<Machine>> {
         let rows = {
             let db = self.db();
             let mut stmt = db.prepare(&format!(
-                "SELECT {COLUMNS} FROM machines WHERE app = ?1 AND state != 'destroyed' ORDER BY created_at, id"
+                "SELECT {COLUMNS} FROM machines WHERE state != 'destroyed' {filter} ORDER BY created_at, id"
             ))?;
             let r = stmt
-                .query_map([app], row)?
+                .query_map(args, row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             r
         };

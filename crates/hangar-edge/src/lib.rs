@@ -14,6 +14,8 @@
 //! A data plane: it is handed hosts and backends and knows nothing of
 //! machines, apps or the state store (`hangar up` translates those).
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod backend;
 pub mod cache;

@@ -15,6 +15,8 @@
 //! A data plane: it is handed an ACL, an IP policy and roles, and knows
 //! nothing of the control plane.
 
+#![forbid(unsafe_code)]
+
 pub mod acl;
 pub mod dns;
 pub mod ip;

@@ -1,7 +1,9 @@
 //! `hangar-machine`: everything about machines that touches the host.
 //!
 //! It owns layer [`snapshot`]s (each layer unpacked once, keyed by ChainID),
-//! the drivers behind one [`runtime::Runtime`] (containers: runc bundles;
+//! the [`Driver`] trait the control plane calls (with a recording fake in
+//! [`driver::fake`] for tests without root), and the drivers behind one
+//! [`runtime::Runtime`] that implements it (containers: runc bundles;
 //! micro-VMs: QEMU microvm, see [`vm`]), one shim per machine (logs, exit
 //! codes, OOM kills), and the private [`network`] (bridge, namespaces or
 //! taps, addresses).
@@ -20,6 +22,7 @@ pub mod driver;
 pub mod error;
 pub mod network;
 pub mod runtime;
+pub mod shim;
 pub mod snapshot;
 pub mod vm;
 

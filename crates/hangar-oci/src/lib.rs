@@ -15,6 +15,8 @@
 //! never runs image content and never writes outside the directories it is
 //! given.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod build;
 pub mod client;

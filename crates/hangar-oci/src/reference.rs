@@ -47,15 +47,6 @@ impl Reference {
         format!("{}/{}", self.registry, self.repository)
     }
 
-    /// The same repository with another tag and no digest.
-    pub fn with_tag(&self, tag: &str) -> Reference {
-        Reference {
-            tag: Some(tag.to_string()),
-            digest: None,
-            ..self.clone()
-        }
-    }
-
     /// Whether plain HTTP is acceptable without `--insecure`.
     pub fn is_loopback(&self) -> bool {
         let host = match self.registry.rsplit_once(':') {

@@ -16,6 +16,8 @@
 //! This crate must not run images or know about machines; it only stores and
 //! serves them.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod error;
 pub mod metrics;

@@ -203,7 +203,7 @@ fn print_machine(m: &Value) {
 
 pub fn run(args: MachineArgs) -> Result<()> {
     if let MachineCommand::Shim { dir, id, runc_root } = &args.command {
-        let code = hangar_machine::runtime::run_shim(dir, id, runc_root);
+        let code = hangar_machine::shim::run_shim(dir, id, runc_root);
         std::process::exit(code.clamp(0, 255));
     }
     let rt = tokio::runtime::Builder::new_current_thread()

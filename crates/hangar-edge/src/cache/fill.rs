@@ -408,10 +408,6 @@ impl Fills {
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
     }
-
-    pub fn in_flight(&self) -> usize {
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 #[cfg(test)]

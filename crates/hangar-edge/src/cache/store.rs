@@ -261,11 +261,6 @@ impl Store {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The request headers stored responses for `primary` vary on.
-    pub fn vary_of(&self, primary: &str) -> Vec<String> {
-        self.lock().vary.get(primary).cloned().unwrap_or_default()
-    }
-
     pub fn len(&self) -> usize {
         self.lock().entries.len()
     }

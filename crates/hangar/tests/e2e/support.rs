@@ -267,8 +267,6 @@ pub fn skopeo(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A token endpoint for the registry's bearer flow: checks basic auth for
-/// one user, then signs an RS256 JWT (with openssl) granting what was asked.
 /// A self-signed certificate for `name` (CN and DNS name) and its key,
 /// written by openssl into `dir`: (cert.pem, key.pem).
 pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
@@ -294,6 +292,8 @@ pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A token endpoint for the registry's bearer flow: checks basic auth for
+/// one user, then signs an RS256 JWT (with openssl) granting what was asked.
 pub struct TokenServer {
     pub port: u16,
     pub cert: PathBuf,
