@@ -22,6 +22,12 @@ pub enum Error {
     /// The caller has too many requests in flight; retry after a second.
     #[error("{0}")]
     Busy(String),
+    /// A path the API has, with a method it does not.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// A wait that ran out of time.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -34,6 +40,8 @@ impl Error {
             Error::Invalid(_) => 400,
             Error::TooLarge(_) => 413,
             Error::Busy(_) => 429,
+            Error::NotAllowed(_) => 405,
+            Error::Timeout(_) => 408,
             Error::Oci(hangar_oci::Error::InvalidReference { .. }) => 400,
             Error::Oci(hangar_oci::Error::NotFound(_)) => 404,
             Error::Machine(hangar_machine::Error::Invalid(_)) => 400,

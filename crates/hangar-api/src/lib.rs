@@ -47,6 +47,7 @@ macro_rules! closed_set {
 pub mod app_toml;
 pub mod apps;
 pub mod checks;
+pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod egress;
@@ -56,6 +57,7 @@ pub mod node;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod wire;
 
 pub use config::MachineConfig;
 pub use error::{Error, Result};

@@ -37,7 +37,7 @@ pub struct Node {
 }
 
 /// Output of `exec`.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ExecOutput {
     pub exit_code: i32,
     pub stdout: String,

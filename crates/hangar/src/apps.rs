@@ -10,9 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use hangar_api::app_toml::AppToml;
-use serde_json::{json, Value};
 
-use crate::client::Client;
+use crate::client::{connect, Client};
 
 #[derive(Args)]
 pub struct AppFlag {
@@ -139,45 +138,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Print a node operation's JSON progress lines; the last says how it ended.
-async fn follow(client: &Client, path: &str, body: Value, json_out: bool) -> Result<Value> {
-    let resp = client.send(reqwest::Method::POST, path, Some(body)).await?;
-    if !resp.status().is_success() {
-        let v: Value =
-            serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or(Value::Null);
-        bail!(
-            "{}",
-            v["error"]
-                .as_str()
-                .unwrap_or("the node refused the request")
-        );
-    }
-    let mut stream = resp.bytes_stream();
-    let mut buf = Vec::new();
-    let mut last = Value::Null;
-    while let Some(chunk) = stream.next().await {
-        buf.extend_from_slice(&chunk.context("the node's answer broke off")?);
-        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            let v: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
-            if let Some(m) = v["message"].as_str() {
-                if !json_out {
-                    println!("  {m}");
-                }
-            } else {
-                last = v;
-            }
+/// Prints a streamed operation's progress messages (unless `quiet`).
+fn say(quiet: bool) -> impl FnMut(&str) {
+    move |m| {
+        if !quiet {
+            println!("  {m}");
         }
     }
-    if last["ok"] != true {
-        bail!(
-            "{}",
-            last["error"]
-                .as_str()
-                .unwrap_or("the operation ended without an answer")
-        );
-    }
-    Ok(last)
 }
 
 pub fn launch(args: LaunchArgs) -> Result<()> {
@@ -186,15 +153,11 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("{} is not a directory", args.path.display()))?;
     let toml_path = dir.join(hangar_api::app_toml::FILE);
-    let client = Client::new()?;
+    let client = connect()?;
     if toml_path.exists() {
         // An app that comes with its hangar.toml: create the app it names.
         let m = AppToml::load(&toml_path)?;
-        runtime()?.block_on(client.call(
-            reqwest::Method::POST,
-            "/v1/apps",
-            Some(json!({"name": m.app, "org": args.org})),
-        ))?;
+        runtime()?.block_on(client.create_app(&m.app, &args.org))?;
         println!(
             "Created app {} (org {}) from {}",
             m.app,
@@ -244,11 +207,7 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
         }],
     });
     m.validate().map_err(|e| anyhow!(e))?;
-    runtime()?.block_on(client.call(
-        reqwest::Method::POST,
-        "/v1/apps",
-        Some(json!({"name": name, "org": args.org})),
-    ))?;
+    runtime()?.block_on(client.create_app(&name, &args.org))?;
     std::fs::write(&toml_path, m.to_toml())
         .with_context(|| format!("cannot write {}", toml_path.display()))?;
     println!(
@@ -357,12 +316,9 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
             bail!("{} is for app {}, not {a}", path.display(), m.app);
         }
     }
-    let client = Client::new()?;
+    let client = connect()?;
     let rt = runtime()?;
-    let app = rt
-        .block_on(client.call(reqwest::Method::GET, &format!("/v1/apps/{}", m.app), None))
-        .map_err(|e| anyhow!("{e}"))?;
-    let org = app["org"].as_str().unwrap_or("personal").to_string();
+    let org = rt.block_on(client.app(&m.app))?.org;
     let image = match (&args.image, &m.build.image) {
         (Some(i), _) | (None, Some(i)) => i.clone(),
         (None, None) => {
@@ -377,56 +333,39 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
         }
     };
     let req = m.deploy_request(&image, args.count, &format!("deploy of {image}"));
-    let body = serde_json::to_value(&req)?;
     println!("Deploying {} ({})", m.app, req.strategy);
-    let done = rt.block_on(follow(
-        &client,
-        &format!("/v1/apps/{}/deploy", m.app),
-        body,
-        args.app.json,
-    ))?;
+    let release = rt.block_on(client.deploy(&m.app, &req, say(args.app.json)))?;
     if args.app.json {
-        println!("{}", done["release"]);
+        println!("{}", serde_json::to_string(&release)?);
     } else {
         let url = crate::node_config::load(&crate::home()?)?.app_url(&m.app);
-        println!(
-            "Release v{} of {} is live: {url}",
-            done["release"]["version"], m.app
-        );
+        println!("Release v{} of {} is live: {url}", release.version, m.app);
     }
     Ok(())
 }
 
 pub fn status(flag: AppFlag) -> Result<()> {
     let app = app_name(&flag)?;
-    let client = Client::new()?;
-    let v =
-        runtime()?.block_on(client.call(reqwest::Method::GET, &format!("/v1/apps/{app}"), None))?;
+    let v = runtime()?.block_on(connect()?.app(&app))?;
     if flag.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!(
-        "App     {} (org {})",
-        v["name"].as_str().unwrap_or(""),
-        v["org"].as_str().unwrap_or("")
-    );
-    match v["release"].as_object() {
-        Some(r) => println!(
-            "Release v{} {} {}",
-            r["version"],
-            r["status"].as_str().unwrap_or(""),
-            r["image"].as_str().unwrap_or("")
-        ),
+    println!("App     {} (org {})", v.name, v.org);
+    match &v.release {
+        Some(r) => println!("Release v{} {} {}", r.version, r.status, r.image),
         None => println!("Release none yet: run `hangar deploy`"),
     }
     println!(
         "\n{:<16} {:<10} {:<8} {:<10} {:<14} IMAGE",
         "ID", "STATE", "RELEASE", "HEALTH", "ADDRESS"
     );
-    for m in v["machines"].as_array().into_iter().flatten() {
-        let checks = m["checks"].as_array().cloned().unwrap_or_default();
-        let passing = checks.iter().filter(|c| c["status"] == "passing").count();
+    for m in &v.machines {
+        let checks = m.checks.as_deref().unwrap_or_default();
+        let passing = checks
+            .iter()
+            .filter(|c| c.status == hangar_api::checks::CheckState::Passing)
+            .count();
         let health = if checks.is_empty() {
             "-".to_string()
         } else {
@@ -434,15 +373,12 @@ pub fn status(flag: AppFlag) -> Result<()> {
         };
         println!(
             "{:<16} {:<10} {:<8} {:<10} {:<14} {}",
-            m["id"].as_str().unwrap_or(""),
-            m["state"].as_str().unwrap_or(""),
-            m["release"]
-                .as_u64()
-                .map(|r| format!("v{r}"))
-                .unwrap_or_default(),
+            m.id,
+            m.state.to_string(),
+            m.release.map(|r| format!("v{r}")).unwrap_or_default(),
             health,
-            m["ipv4"].as_str().unwrap_or(""),
-            m["config"]["image"].as_str().unwrap_or("")
+            m.ipv4.as_deref().unwrap_or(""),
+            m.config.image
         );
     }
     Ok(())
@@ -450,12 +386,7 @@ pub fn status(flag: AppFlag) -> Result<()> {
 
 pub fn releases(flag: AppFlag) -> Result<()> {
     let app = app_name(&flag)?;
-    let client = Client::new()?;
-    let v = runtime()?.block_on(client.call(
-        reqwest::Method::GET,
-        &format!("/v1/apps/{app}/releases"),
-        None,
-    ))?;
+    let v = runtime()?.block_on(connect()?.releases(&app))?;
     if flag.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -464,18 +395,13 @@ pub fn releases(flag: AppFlag) -> Result<()> {
         "{:<8} {:<12} {:<44} DESCRIPTION",
         "VERSION", "STATUS", "IMAGE"
     );
-    for r in v.as_array().into_iter().flatten() {
-        let description = r["description"]
-            .as_str()
-            .unwrap_or("")
-            .lines()
-            .next()
-            .unwrap_or("");
+    for r in &v {
+        let description = r.description.lines().next().unwrap_or("");
         println!(
             "v{:<7} {:<12} {:<44} {description}",
-            r["version"],
-            r["status"].as_str().unwrap_or(""),
-            r["image"].as_str().unwrap_or("")
+            r.version,
+            r.status.to_string(),
+            r.image
         );
     }
     Ok(())
@@ -483,14 +409,13 @@ pub fn releases(flag: AppFlag) -> Result<()> {
 
 pub fn logs(flag: AppFlag, follow_logs: bool) -> Result<()> {
     let app = app_name(&flag)?;
-    let client = Client::new()?;
+    let client = connect()?;
     let rt = runtime()?;
-    let v = rt.block_on(client.call(reqwest::Method::GET, &format!("/v1/apps/{app}"), None))?;
-    let ids: Vec<String> = v["machines"]
-        .as_array()
+    let ids: Vec<String> = rt
+        .block_on(client.app(&app))?
+        .machines
         .into_iter()
-        .flatten()
-        .filter_map(|m| m["id"].as_str().map(str::to_string))
+        .map(|m| m.id)
         .collect();
     if ids.is_empty() {
         bail!("app {app} has no machines; deploy it with `hangar deploy`");
@@ -499,12 +424,7 @@ pub fn logs(flag: AppFlag, follow_logs: bool) -> Result<()> {
         let streams = ids.iter().map(|id| {
             let client = &client;
             async move {
-                let path = format!(
-                    "/v1/machines/{id}/logs{}",
-                    if follow_logs { "?follow=true" } else { "" }
-                );
-                let resp = client.send(reqwest::Method::GET, &path, None).await?;
-                let mut stream = resp.bytes_stream();
+                let mut stream = std::pin::pin!(client.logs(id, follow_logs).await?);
                 let mut buf = Vec::new();
                 while let Some(chunk) = stream.next().await {
                     buf.extend_from_slice(&chunk?);
@@ -528,50 +448,35 @@ pub fn logs(flag: AppFlag, follow_logs: bool) -> Result<()> {
 
 /// Redeploy the current release with `change` applied (scale memory,
 /// secrets): a new release, rolled out like any deploy.
-fn redeploy(client: &Client, app: &str, why: &str, change: impl FnOnce(&mut Value)) -> Result<()> {
+fn redeploy(
+    client: &Client,
+    app: &str,
+    why: &str,
+    change: impl FnOnce(&mut hangar_api::MachineConfig),
+) -> Result<()> {
     let rt = runtime()?;
-    let releases = rt.block_on(client.call(
-        reqwest::Method::GET,
-        &format!("/v1/apps/{app}/releases"),
-        None,
-    ))?;
-    let Some(current) = releases
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["status"] == "complete"))
-        .cloned()
-    else {
+    let Some(current) = rt.block_on(client.current_release(app))? else {
         bail!("app {app} has no complete release to redeploy; run `hangar deploy`");
     };
-    let mut config = current["config"].clone();
-    change(&mut config);
-    let body = json!({"image": current["image"], "config": config, "description": why});
-    let done = rt.block_on(follow(
-        client,
-        &format!("/v1/apps/{app}/deploy"),
-        body,
-        false,
-    ))?;
-    println!("Release v{} of {app} is live", done["release"]["version"]);
+    let mut req = hangar_api::client::changed(&current, change);
+    req.description = why.to_string();
+    let release = rt.block_on(client.deploy(app, &req, say(false)))?;
+    println!("Release v{} of {app} is live", release.version);
     Ok(())
 }
 
 pub fn scale(flag: AppFlag, command: ScaleCommand) -> Result<()> {
     let app = app_name(&flag)?;
-    let client = Client::new()?;
+    let client = connect()?;
     match command {
         ScaleCommand::Count { count } => {
-            runtime()?.block_on(follow(
-                &client,
-                &format!("/v1/apps/{app}/scale"),
-                json!({"count": count}),
-                flag.json,
-            ))?;
+            runtime()?.block_on(client.scale(&app, count, say(flag.json)))?;
             println!("{app} runs {count} machine(s)");
             Ok(())
         }
         ScaleCommand::Memory { mb } => {
             redeploy(&client, &app, &format!("scale memory {mb} MB"), |c| {
-                c["guest"]["memory_mb"] = mb.into()
+                c.guest.memory_mb = mb
             })
         }
     }
@@ -579,43 +484,31 @@ pub fn scale(flag: AppFlag, command: ScaleCommand) -> Result<()> {
 
 pub fn secrets(flag: AppFlag, command: SecretsCommand) -> Result<()> {
     let app = app_name(&flag)?;
-    let client = Client::new()?;
+    let client = connect()?;
     let rt = runtime()?;
     match command {
         SecretsCommand::List => {
-            let v = rt.block_on(client.call(
-                reqwest::Method::GET,
-                &format!("/v1/apps/{app}/secrets"),
-                None,
-            ))?;
+            let v = rt.block_on(client.secrets(&app))?;
             if flag.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             println!("{:<24} DIGEST", "NAME");
-            for s in v.as_array().into_iter().flatten() {
-                println!(
-                    "{:<24} {}",
-                    s["name"].as_str().unwrap_or(""),
-                    s["digest"].as_str().unwrap_or("")
-                );
+            for s in &v {
+                println!("{:<24} {}", s.name, s.digest);
             }
             Ok(())
         }
         SecretsCommand::Set { pairs, stage } => {
-            let mut values = serde_json::Map::new();
+            let mut values = std::collections::BTreeMap::new();
             for p in &pairs {
                 let Some((k, v)) = p.split_once('=').filter(|(k, _)| !k.is_empty()) else {
                     bail!("{:?} is not KEY=VALUE", p.split('=').next().unwrap_or(""));
                 };
-                values.insert(k.to_string(), v.into());
+                values.insert(k.to_string(), v.to_string());
             }
             let names: Vec<String> = values.keys().cloned().collect();
-            rt.block_on(client.call(
-                reqwest::Method::POST,
-                &format!("/v1/apps/{app}/secrets"),
-                Some(json!({"values": values})),
-            ))?;
+            rt.block_on(client.set_secrets(&app, values))?;
             println!("Set {} on {app}", names.join(", "));
             if stage {
                 println!("Staged: machines get them at the next deploy");
@@ -630,12 +523,8 @@ pub fn secrets(flag: AppFlag, command: SecretsCommand) -> Result<()> {
             )
         }
         SecretsCommand::Unset { names, stage } => {
-            let v = rt.block_on(client.call(
-                reqwest::Method::POST,
-                &format!("/v1/apps/{app}/secrets/unset"),
-                Some(json!({"names": names})),
-            ))?;
-            println!("Unset {}", v["unset"]);
+            let unset = rt.block_on(client.unset_secrets(&app, &names))?;
+            println!("Unset {}", serde_json::to_string(&unset)?);
             if stage {
                 return Ok(());
             }
@@ -651,32 +540,27 @@ pub fn secrets(flag: AppFlag, command: SecretsCommand) -> Result<()> {
 }
 
 pub fn apps(json_out: bool, command: AppsCommand) -> Result<()> {
-    let client = Client::new()?;
+    let client = connect()?;
     let rt = runtime()?;
     match command {
         AppsCommand::List => {
-            let v = rt.block_on(client.call(reqwest::Method::GET, "/v1/apps", None))?;
+            let v = rt.block_on(client.apps())?;
             if json_out {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             println!("{:<24} {:<16} {:<9} RELEASE", "NAME", "ORG", "MACHINES");
-            for a in v.as_array().into_iter().flatten() {
-                let release = a["release"]
-                    .as_u64()
+            for a in &v {
+                let release = a
+                    .release
                     .map(|r| format!("v{r}"))
                     .unwrap_or_else(|| "-".into());
-                println!(
-                    "{:<24} {:<16} {:<9} {release}",
-                    a["name"].as_str().unwrap_or(""),
-                    a["org"].as_str().unwrap_or(""),
-                    a["machines"]
-                );
+                println!("{:<24} {:<16} {:<9} {release}", a.name, a.org, a.machines);
             }
             Ok(())
         }
         AppsCommand::Destroy { name, .. } => {
-            rt.block_on(client.call(reqwest::Method::DELETE, &format!("/v1/apps/{name}"), None))?;
+            rt.block_on(client.destroy_app(&name))?;
             println!("Destroyed app {name} and its machines");
             Ok(())
         }
@@ -709,37 +593,22 @@ pub fn registry_login(registry: &str, username: &str, password_stdin: bool) -> R
             anyhow::anyhow!("give the password on standard input with --password-stdin, or in $HANGAR_REGISTRY_PASSWORD")
         })?
     };
-    let client = Client::new()?;
-    runtime()?.block_on(client.call(
-        reqwest::Method::PUT,
-        &format!("/v1/registry-logins/{registry}"),
-        Some(serde_json::json!({"username": username, "password": password})),
-    ))?;
+    runtime()?.block_on(connect()?.set_registry_login(registry, username, &password))?;
     println!("the org's images from {registry} are pulled as {username}");
     Ok(())
 }
 
 pub fn registry_logins() -> Result<()> {
-    let client = Client::new()?;
-    let v = runtime()?.block_on(client.call(reqwest::Method::GET, "/v1/registry-logins", None))?;
+    let v = runtime()?.block_on(connect()?.registry_logins())?;
     println!("{:<32} USERNAME", "REGISTRY");
-    for l in v.as_array().into_iter().flatten() {
-        println!(
-            "{:<32} {}",
-            l["registry"].as_str().unwrap_or(""),
-            l["username"].as_str().unwrap_or("")
-        );
+    for l in &v {
+        println!("{:<32} {}", l.registry, l.username);
     }
     Ok(())
 }
 
 pub fn registry_logout(registry: &str) -> Result<()> {
-    let client = Client::new()?;
-    runtime()?.block_on(client.call(
-        reqwest::Method::DELETE,
-        &format!("/v1/registry-logins/{registry}"),
-        None,
-    ))?;
+    runtime()?.block_on(connect()?.remove_registry_login(registry))?;
     println!("logged out of {registry}");
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::client::Client;
+use crate::client::connect;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -87,7 +87,7 @@ fn build_base(home: &Path) -> Result<()> {
 }
 
 fn node_answers() -> bool {
-    let Ok(client) = Client::new() else {
+    let Ok(client) = connect() else {
         return false;
     };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -96,14 +96,8 @@ fn node_answers() -> bool {
     else {
         return false;
     };
-    rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            client.call(reqwest::Method::GET, "/v1/apps", None),
-        )
-        .await
-    })
-    .is_ok_and(|r| r.is_ok())
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), client.apps()).await })
+        .is_ok_and(|r| r.is_ok())
 }
 
 /// `hangar up --stop-machines` in the background (its log in
@@ -219,20 +213,16 @@ fn tour(home: &Path, count: u32) -> Result<()> {
         "\n3. The example app: {} (hangar.toml, bin/hello, www/)",
         dir.display()
     );
-    let client = Client::new()?;
+    let client = connect()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    match rt.block_on(client.call(
-        reqwest::Method::POST,
-        "/v1/apps",
-        Some(serde_json::json!({"name": "hello", "org": "personal"})),
-    )) {
+    match rt.block_on(client.create_app("hello", "personal")) {
         Ok(_) => println!("   created app hello"),
         Err(e) if e.to_string().contains("exists already") => {
             println!("   app hello exists: deploying a new release")
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     }
     drop(rt);
     println!("\n4. hangar deploy (build, push to the node's registry, roll out {count} machines)");

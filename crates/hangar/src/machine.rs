@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use hangar_api::config::{DriverKind, RestartPolicy};
+use hangar_api::wire::{CreateMachine, ExecRequest, MachineView, StopMachine};
 
-use crate::client::Client;
+use crate::client::connect;
 
 #[derive(Args)]
 pub struct MachineArgs {
@@ -38,8 +39,8 @@ enum MachineCommand {
         #[arg(long, default_value_t = 1)]
         cpus: u32,
         /// container, or vm (a micro-VM: QEMU microvm with hangar-init as PID 1)
-        #[arg(long, default_value = "container")]
-        driver: String,
+        #[arg(long, default_value = "container", value_parser = closed::<DriverKind>)]
+        driver: DriverKind,
         /// Memory limit in MB
         #[arg(long, default_value_t = 256)]
         memory: u64,
@@ -47,8 +48,8 @@ enum MachineCommand {
         #[arg(long = "rootfs-size", value_name = "GB", default_value_t = hangar_api::config::DEFAULT_ROOTFS_GB)]
         rootfs_size: u64,
         /// no, on-failure or always
-        #[arg(long, default_value = "on-failure")]
-        restart: String,
+        #[arg(long, default_value = "on-failure", value_parser = closed::<RestartPolicy>)]
+        restart: RestartPolicy,
         #[arg(long, default_value_t = 3)]
         max_retries: u32,
         /// Internal port the app listens on (repeatable)
@@ -155,50 +156,45 @@ fn parse_words(flag: &str, s: &str) -> Result<Vec<String>> {
     Ok(s.split_whitespace().map(str::to_string).collect())
 }
 
-/// `<id> <state>`, the answer of lifecycle commands.
-fn print_state(m: &Value) {
-    println!(
-        "{} {}",
-        m["id"].as_str().unwrap_or(""),
-        m["state"].as_str().unwrap_or("")
-    );
+/// A value of a closed set (`--driver`, `--restart`), refused naming the
+/// choices.
+fn closed<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
 }
 
-fn print_machine(m: &Value) {
-    let field = |k: &str| m[k].as_str().unwrap_or("-").to_string();
-    println!("ID:        {}", field("id"));
-    println!("Name:      {}", field("name"));
-    println!("State:     {}", field("state"));
-    println!(
-        "Image:     {}",
-        m["config"]["image"].as_str().unwrap_or("-")
-    );
-    if let Some(d) = m["image_ref"]["digest"].as_str() {
-        println!("Digest:    {d}");
+/// `<id> <state>`, the answer of lifecycle commands.
+fn print_state(m: &MachineView) {
+    println!("{} {}", m.id, m.state);
+}
+
+fn print_machine(m: &MachineView) {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!("ID:        {}", m.id);
+    println!("Name:      {}", m.name);
+    println!("State:     {}", m.state);
+    println!("Image:     {}", m.config.image);
+    if let Some(r) = &m.image_ref {
+        println!("Digest:    {}", r.digest);
     }
-    println!("Addresses: {} {}", field("private_ip"), field("ipv4"));
-    if let Some(vmm) = m["vmm"].as_object() {
+    println!("Addresses: {} {}", or_dash(&m.private_ip), or_dash(&m.ipv4));
+    if let Some(vmm) = &m.vmm {
         let overhead = vmm
-            .get("overhead_kib")
-            .and_then(|v| v.as_u64())
+            .overhead_kib
             .map(|k| format!(", VMM overhead {:.1} MiB", k as f64 / 1024.0))
             .unwrap_or_default();
-        println!(
-            "Driver:    micro-VM under {}{overhead}",
-            vmm.get("accel").and_then(|v| v.as_str()).unwrap_or("?")
-        );
+        println!("Driver:    micro-VM under {}{overhead}", vmm.accel);
     }
-    if let Some(code) = m["exit_code"].as_i64() {
+    if let Some(code) = m.exit_code {
         println!(
             "Exit code: {code}{}",
-            if m["oom_killed"].as_bool() == Some(true) {
+            if m.oom_killed == Some(true) {
                 " (OOM killed)"
             } else {
                 ""
             }
         );
     }
-    println!("Restarts:  {}", m["restarts"]);
+    println!("Restarts:  {}", m.restarts);
 }
 
 pub fn run(args: MachineArgs) -> Result<()> {
@@ -214,8 +210,7 @@ pub fn run(args: MachineArgs) -> Result<()> {
 }
 
 async fn run_async(args: MachineArgs) -> Result<()> {
-    use reqwest::Method;
-    let client = Client::new()?;
+    let client = connect()?;
     match args.command {
         MachineCommand::Run {
             image,
@@ -240,37 +235,44 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                     .with_context(|| format!("-e {kv:?} must be KEY=VALUE"))?;
                 envs.insert(k.to_string(), v.to_string());
             }
-            let mut init = json!({});
+            let mut config = hangar_api::MachineConfig {
+                image,
+                env: envs,
+                auto_destroy: rm,
+                ..Default::default()
+            };
             if !cmd.is_empty() {
-                init["cmd"] = json!(cmd);
+                config.init.cmd = Some(cmd);
             }
             if let Some(ep) = entrypoint {
-                init["entrypoint"] = json!(parse_words("entrypoint", &ep)?);
+                config.init.entrypoint = Some(parse_words("entrypoint", &ep)?);
             }
-            if let Some(u) = user {
-                init["user"] = json!(u);
-            }
-            let services: Vec<Value> = ports
+            config.init.user = user;
+            config.guest.cpus = cpus;
+            config.guest.memory_mb = memory;
+            config.guest.driver = driver;
+            config.rootfs.size_gb = rootfs_size;
+            config.restart.policy = restart;
+            config.restart.max_retries = max_retries;
+            config.services = ports
                 .iter()
-                .map(|p| json!({"internal_port": p, "protocol": "tcp"}))
+                .map(|p| hangar_api::config::Service {
+                    internal_port: *p,
+                    protocol: "tcp".into(),
+                    ..Default::default()
+                })
                 .collect();
-            let body = json!({
-                "name": name,
-                "config": {
-                    "image": image, "env": envs, "init": init,
-                    "guest": {"cpus": cpus, "memory_mb": memory, "driver": driver},
-                    "rootfs": {"size_gb": rootfs_size},
-                    "restart": {"policy": restart, "max_retries": max_retries},
-                    "services": services, "auto_destroy": rm,
-                },
-            });
             let m = client
-                .call(Method::POST, "/v1/machines", Some(body))
+                .create_machine(&CreateMachine {
+                    name,
+                    app: None,
+                    config,
+                })
                 .await?;
-            println!("{}", m["id"].as_str().unwrap_or(""));
+            println!("{}", m.id);
         }
         MachineCommand::List { json } => {
-            let list = client.call(Method::GET, "/v1/machines", None).await?;
+            let list = client.machines().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -278,22 +280,20 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                     "{:<16} {:<20} {:<10} {:<24} IMAGE",
                     "ID", "NAME", "STATE", "ADDRESS"
                 );
-                for m in list.as_array().into_iter().flatten() {
+                for m in &list {
                     println!(
                         "{:<16} {:<20} {:<10} {:<24} {}",
-                        m["id"].as_str().unwrap_or(""),
-                        m["name"].as_str().unwrap_or(""),
-                        m["state"].as_str().unwrap_or(""),
-                        m["private_ip"].as_str().unwrap_or(""),
-                        m["config"]["image"].as_str().unwrap_or("")
+                        m.id,
+                        m.name,
+                        m.state.to_string(),
+                        m.private_ip.as_deref().unwrap_or(""),
+                        m.config.image
                     );
                 }
             }
         }
         MachineCommand::Status { id, json } => {
-            let m = client
-                .call(Method::GET, &format!("/v1/machines/{id}"), None)
-                .await?;
+            let m = client.machine(&id).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
@@ -301,9 +301,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             }
         }
         MachineCommand::Start { id } => {
-            let m = client
-                .call(Method::POST, &format!("/v1/machines/{id}/start"), None)
-                .await?;
+            let m = client.start_machine(&id).await?;
             print_state(&m);
         }
         MachineCommand::Stop {
@@ -311,9 +309,8 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             signal,
             timeout,
         } => {
-            let body = json!({"signal": signal, "timeout": timeout});
             let m = client
-                .call(Method::POST, &format!("/v1/machines/{id}/stop"), Some(body))
+                .stop_machine(&id, &StopMachine { signal, timeout })
                 .await?;
             print_state(&m);
         }
@@ -322,49 +319,20 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             signal,
             timeout,
         } => {
-            let body = json!({"signal": signal, "timeout": timeout});
             let m = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/machines/{id}/restart"),
-                    Some(body),
-                )
+                .restart_machine(&id, &StopMachine { signal, timeout })
                 .await?;
             print_state(&m);
         }
         MachineCommand::Signal { id, signal } => {
-            client
-                .call(
-                    Method::POST,
-                    &format!("/v1/machines/{id}/signal"),
-                    Some(json!({"signal": signal})),
-                )
-                .await?;
+            client.signal_machine(&id, &signal).await?;
         }
         MachineCommand::Destroy { id, force } => {
-            let m = client
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/machines/{id}?force={force}"),
-                    None,
-                )
-                .await?;
-            println!("{} destroyed", m["id"].as_str().unwrap_or(""));
+            let m = client.destroy_machine(&id, force).await?;
+            println!("{} destroyed", m.id);
         }
         MachineCommand::Logs { id, follow } => {
-            let resp = client
-                .send(
-                    Method::GET,
-                    &format!("/v1/machines/{id}/logs?follow={follow}"),
-                    None,
-                )
-                .await?;
-            if !resp.status().is_success() {
-                let v: Value = serde_json::from_str(&resp.text().await.unwrap_or_default())
-                    .unwrap_or_default();
-                bail!("{}", v["error"].as_str().unwrap_or("cannot read logs"));
-            }
-            let mut stream = resp.bytes_stream();
+            let mut stream = std::pin::pin!(client.logs(&id, follow).await?);
             let mut out = std::io::stdout();
             while let Some(chunk) = stream.next().await {
                 out.write_all(&chunk.context("log stream broke")?)?;
@@ -388,26 +356,13 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                     bail!("exec -i: standard input is over {} KiB; copy big files into the machine another way (e.g. from an image layer)", STDIN_CAP >> 10);
                 }
             }
-            let r = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/machines/{id}/exec"),
-                    Some(json!({"cmd": cmd, "user": user, "stdin": stdin})),
-                )
-                .await?;
-            print!("{}", r["stdout"].as_str().unwrap_or(""));
-            eprint!("{}", r["stderr"].as_str().unwrap_or(""));
-            let code = r["exit_code"].as_i64().unwrap_or(1);
-            std::process::exit(code.clamp(0, 255) as i32);
+            let r = client.exec(&id, &ExecRequest { cmd, user, stdin }).await?;
+            print!("{}", r.stdout);
+            eprint!("{}", r.stderr);
+            std::process::exit(r.exit_code.clamp(0, 255));
         }
         MachineCommand::Wait { id, state, timeout } => {
-            let m = client
-                .call(
-                    Method::GET,
-                    &format!("/v1/machines/{id}/wait?state={state}&timeout={timeout}"),
-                    None,
-                )
-                .await?;
+            let m = client.wait(&id, &state, timeout).await?;
             print_state(&m);
         }
         MachineCommand::Shim { .. } => unreachable!("handled before the runtime starts"),

@@ -1,0 +1,421 @@
+//! A typed client of the Machines and Apps API: one method per route of
+//! [`crate::server::router`], reading and writing the types of
+//! [`crate::wire`]. The CLI calls the node through it, and the API's tests
+//! and the benches do too.
+//!
+//! It owns no configuration: the caller gives the base URL and the token.
+
+use futures_util::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::apps::{App, Release};
+use crate::config::MachineConfig;
+use crate::wire::*;
+
+/// What a call can end in besides its answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the node at {base}; is `hangar up` running?")]
+    Unreachable {
+        base: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The node refused: its status and its message (which names the way
+    /// out).
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    /// A streamed operation (a deploy) ran and failed: why.
+    #[error("{0}")]
+    Failed(String),
+    /// The answer broke off, or is not what this client reads (a node of
+    /// another version?).
+    #[error("the node's answer to {what}: {detail}")]
+    Answer { what: String, detail: String },
+}
+
+impl ClientError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A connection to one node's API as one caller (the admin or an org).
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+/// No body.
+const NONE: Option<&()> = None;
+
+impl Client {
+    /// `base` is the API's URL (`http://127.0.0.1:4280`), `token` the admin
+    /// token or an org's.
+    pub fn new(base: &str, token: &str) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Send a request; a refusal becomes [`ClientError::Api`].
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<reqwest::Response> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            let bytes = serde_json::to_vec(b).map_err(|e| ClientError::Answer {
+                what: path.to_string(),
+                detail: format!("the request does not encode: {e}"),
+            })?;
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(bytes);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                base: self.base.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| {
+                if text.trim().is_empty() {
+                    format!("the node answered {status}")
+                } else {
+                    text
+                }
+            });
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
+        let resp = self.send(method, path, body).await?;
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Answer {
+            what: path.to_string(),
+            detail: format!("it broke off: {e}"),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Answer {
+            what: path.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(reqwest::Method::GET, path, NONE).await
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    // Machines.
+
+    pub async fn machines(&self) -> Result<Vec<MachineView>> {
+        self.get("/v1/machines").await
+    }
+
+    pub async fn machine(&self, id: &str) -> Result<MachineView> {
+        self.get(&format!("/v1/machines/{id}")).await
+    }
+
+    pub async fn create_machine(&self, req: &CreateMachine) -> Result<MachineView> {
+        self.post("/v1/machines", req).await
+    }
+
+    pub async fn update_machine(&self, id: &str, req: &UpdateMachine) -> Result<MachineView> {
+        self.post(&format!("/v1/machines/{id}"), req).await
+    }
+
+    pub async fn destroy_machine(&self, id: &str, force: bool) -> Result<MachineView> {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/machines/{id}?force={force}"),
+            NONE,
+        )
+        .await
+    }
+
+    pub async fn start_machine(&self, id: &str) -> Result<MachineView> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/machines/{id}/start"),
+            NONE,
+        )
+        .await
+    }
+
+    pub async fn stop_machine(&self, id: &str, req: &StopMachine) -> Result<MachineView> {
+        self.post(&format!("/v1/machines/{id}/stop"), req).await
+    }
+
+    pub async fn restart_machine(&self, id: &str, req: &StopMachine) -> Result<MachineView> {
+        self.post(&format!("/v1/machines/{id}/restart"), req).await
+    }
+
+    pub async fn signal_machine(&self, id: &str, signal: &str) -> Result<()> {
+        let _: Done = self
+            .post(
+                &format!("/v1/machines/{id}/signal"),
+                &SignalMachine {
+                    signal: signal.into(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecOutput> {
+        self.post(&format!("/v1/machines/{id}/exec"), req).await
+    }
+
+    pub async fn events(&self, id: &str) -> Result<Vec<Event>> {
+        self.get(&format!("/v1/machines/{id}/events")).await
+    }
+
+    /// Wait until the machine is in `state` (started, stopped or
+    /// destroyed), at most `timeout_secs`.
+    pub async fn wait(&self, id: &str, state: &str, timeout_secs: u64) -> Result<MachineView> {
+        self.get(&format!(
+            "/v1/machines/{id}/wait?state={state}&timeout={timeout_secs}"
+        ))
+        .await
+    }
+
+    /// The machine's log as it comes; with `follow`, until the machine is
+    /// destroyed.
+    pub async fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<bytes::Bytes>>> {
+        let resp = self
+            .send(
+                reqwest::Method::GET,
+                &format!("/v1/machines/{id}/logs?follow={follow}"),
+                NONE,
+            )
+            .await?;
+        let what = format!("the log of {id}");
+        Ok(resp.bytes_stream().map(move |chunk| {
+            chunk.map_err(|e| ClientError::Answer {
+                what: what.clone(),
+                detail: format!("it broke off: {e}"),
+            })
+        }))
+    }
+
+    // Apps.
+
+    pub async fn apps(&self) -> Result<Vec<AppSummary>> {
+        self.get("/v1/apps").await
+    }
+
+    pub async fn create_app(&self, name: &str, org: &str) -> Result<App> {
+        self.post(
+            "/v1/apps",
+            &CreateApp {
+                name: name.into(),
+                org: org.into(),
+            },
+        )
+        .await
+    }
+
+    pub async fn app(&self, name: &str) -> Result<AppView> {
+        self.get(&format!("/v1/apps/{name}")).await
+    }
+
+    pub async fn destroy_app(&self, name: &str) -> Result<()> {
+        let _: Done = self
+            .call(reqwest::Method::DELETE, &format!("/v1/apps/{name}"), NONE)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn releases(&self, app: &str) -> Result<Vec<Release>> {
+        self.get(&format!("/v1/apps/{app}/releases")).await
+    }
+
+    /// Deploy a release; `say` hears each progress message as it comes.
+    pub async fn deploy(
+        &self,
+        app: &str,
+        req: &DeployRequest,
+        say: impl FnMut(&str),
+    ) -> Result<Release> {
+        let path = format!("/v1/apps/{app}/deploy");
+        self.follow(&path, req, say)
+            .await?
+            .release
+            .ok_or_else(|| ClientError::Answer {
+                what: path,
+                detail: "the deploy ended without its release".into(),
+            })
+    }
+
+    /// Scale the app's current release to `count` machines.
+    pub async fn scale(&self, app: &str, count: u32, say: impl FnMut(&str)) -> Result<()> {
+        let path = format!("/v1/apps/{app}/scale");
+        self.follow(&path, &ScaleRequest { count }, say).await?;
+        Ok(())
+    }
+
+    /// A streamed operation's lines: messages to `say`, the last line
+    /// returned (or its error).
+    async fn follow(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        mut say: impl FnMut(&str),
+    ) -> Result<ProgressLine> {
+        let resp = self.send(reqwest::Method::POST, path, Some(body)).await?;
+        let broke = |detail: String| ClientError::Answer {
+            what: path.to_string(),
+            detail,
+        };
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        let mut last = None;
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.map_err(|e| broke(format!("it broke off: {e}")))?);
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                let line: ProgressLine =
+                    serde_json::from_slice(&line).map_err(|e| broke(e.to_string()))?;
+                match &line.message {
+                    Some(m) => say(m),
+                    None => last = Some(line),
+                }
+            }
+        }
+        let last = last.ok_or_else(|| broke("the operation ended without an answer".into()))?;
+        match last.ok {
+            Some(true) => Ok(last),
+            _ => Err(ClientError::Failed(last.error.unwrap_or_else(|| {
+                "the operation failed without saying why".into()
+            }))),
+        }
+    }
+
+    /// The current release's config and image, to deploy again with a
+    /// change (memory, secrets): `None` when no release is complete.
+    pub async fn current_release(&self, app: &str) -> Result<Option<Release>> {
+        Ok(self
+            .releases(app)
+            .await?
+            .into_iter()
+            .find(|r| r.status == crate::apps::ReleaseStatus::Complete))
+    }
+
+    pub async fn secrets(&self, app: &str) -> Result<Vec<SecretInfo>> {
+        self.get(&format!("/v1/apps/{app}/secrets")).await
+    }
+
+    pub async fn set_secrets(
+        &self,
+        app: &str,
+        values: std::collections::BTreeMap<String, String>,
+    ) -> Result<Vec<SecretInfo>> {
+        self.post(&format!("/v1/apps/{app}/secrets"), &SetSecrets { values })
+            .await
+    }
+
+    /// Unset secrets; the names that were set.
+    pub async fn unset_secrets(&self, app: &str, names: &[String]) -> Result<Vec<String>> {
+        let r: Unset = self
+            .post(
+                &format!("/v1/apps/{app}/secrets/unset"),
+                &UnsetSecrets {
+                    names: names.to_vec(),
+                },
+            )
+            .await?;
+        Ok(r.unset)
+    }
+
+    // An org's logins to other registries.
+
+    pub async fn registry_logins(&self) -> Result<Vec<RegistryLogin>> {
+        self.get("/v1/registry-logins").await
+    }
+
+    pub async fn set_registry_login(
+        &self,
+        registry: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<RegistryLogin> {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/registry-logins/{registry}"),
+            Some(&RegistryLoginRequest {
+                username: username.into(),
+                password: password.into(),
+            }),
+        )
+        .await
+    }
+
+    pub async fn remove_registry_login(&self, registry: &str) -> Result<()> {
+        let _: Removed = self
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/v1/registry-logins/{registry}"),
+                NONE,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// A machine config for a deploy of `release` with `change` applied.
+pub fn changed(release: &Release, change: impl FnOnce(&mut MachineConfig)) -> DeployRequest {
+    let mut config = release.config.clone();
+    change(&mut config);
+    DeployRequest {
+        image: release.image.clone(),
+        config,
+        count: None,
+        strategy: Default::default(),
+        max_unavailable: 0,
+        description: String::new(),
+    }
+}

@@ -1,0 +1,326 @@
+//! The Machines API's handlers: `/v1/machines/...`.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use super::{blocking, ApiState, Caller, Json, OwnMachine, Query};
+use crate::config::{MachineConfig, MAX_SECONDS};
+use crate::error::Error;
+use crate::node::Node;
+use crate::state::{Machine, MachineState, Placement};
+use crate::wire::{
+    CreateMachine, Done, Event, ExecOutput, ExecRequest, FlagQuery, ImageRef, MachineView,
+    SignalMachine, StopMachine, UpdateMachine, WaitQuery,
+};
+
+type Answer<T> = Result<axum::Json<T>, Error>;
+
+/// A machine as the API shows it: its addresses, checks and image digest
+/// as the node has them now.
+pub fn view(node: &Node, m: &Machine) -> MachineView {
+    let addr = hangar_machine::network::address(m.slot);
+    let live = m.state != MachineState::Destroyed;
+    let checks = (!m.config.checks.is_empty()).then(|| {
+        let mut checks = node.checks.status(&m.id);
+        for name in m.config.checks.keys() {
+            if !checks.iter().any(|c| &c.name == name) {
+                checks.push(crate::checks::CheckStatus {
+                    name: name.clone(),
+                    status: crate::checks::CheckState::Pending,
+                    output: String::new(),
+                });
+            }
+        }
+        checks
+    });
+    let image_ref = m
+        .config
+        .image
+        .parse::<hangar_oci::Reference>()
+        .ok()
+        .and_then(|image| node.images.resolve(&image).ok())
+        .map(|record| ImageRef {
+            reference: record.reference.to_string(),
+            digest: record.digest.to_string(),
+        });
+    MachineView {
+        id: m.id.clone(),
+        name: m.name.clone(),
+        state: m.state,
+        app: m.app.clone(),
+        release: m.release,
+        config: m.config.clone(),
+        private_ip: live.then(|| addr.v6.to_string()),
+        ipv4: live.then(|| addr.v4.to_string()),
+        restarts: m.restarts,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+        vmm: node.driver.vm_info(&m.id),
+        checks,
+        exit_code: m.exit_code,
+        oom_killed: m.exit_code.map(|_| m.oom_killed),
+        image_ref,
+    }
+}
+
+/// The app a create or update names: `app`, or `config.metadata.app` as
+/// earlier clients send it (taken out of the metadata, which the node
+/// does not read).
+fn app_named(app: Option<String>, config: &mut MachineConfig) -> Result<Option<String>, Error> {
+    let legacy = config.metadata.remove("app");
+    match (app, legacy) {
+        (Some(a), Some(b)) if a != b => Err(Error::Invalid(format!(
+            "app {a:?} and config.metadata.app {b:?} disagree; give one"
+        ))),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// A stop's or restart's timeout, within the bounds of every duration.
+pub(super) fn stop_timeout(r: &StopMachine) -> Result<Duration, Error> {
+    if r.timeout > MAX_SECONDS {
+        return Err(Error::Invalid(format!(
+            "timeout must be at most {MAX_SECONDS} seconds"
+        )));
+    }
+    Ok(Duration::from_secs(r.timeout))
+}
+
+/// `wait`'s `timeout` parameter: whole seconds, 60 when not given.
+pub(super) fn wait_timeout(given: Option<&str>) -> Result<Duration, Error> {
+    let seconds = match given {
+        None => 60,
+        Some(t) => t
+            .parse::<u64>()
+            .ok()
+            .filter(|t| *t <= MAX_SECONDS)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "timeout {t:?} must be whole seconds, at most {MAX_SECONDS}"
+                ))
+            })?,
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+pub(super) async fn list(State(api): ApiState, caller: Caller) -> Answer<Vec<MachineView>> {
+    let node = &api.node;
+    Ok(axum::Json(
+        node.state
+            .list()?
+            .iter()
+            .filter(|m| api.sees(&caller, m))
+            .map(|m| view(node, m))
+            .collect(),
+    ))
+}
+
+pub(super) async fn create(
+    State(api): ApiState,
+    caller: Caller,
+    Json(mut body): Json<CreateMachine>,
+) -> Answer<MachineView> {
+    let app = app_named(body.app, &mut body.config)?;
+    api.node.check_config(&body.config)?;
+    api.org_may_use(&caller, app.as_deref())?;
+    api.fetch_image(&caller, &body.config.image).await?;
+    let node = api.node.clone();
+    let place = Placement { app, release: None };
+    let m = blocking(move || node.create(body.name, place, body.config)).await?;
+    Ok(axum::Json(view(&api.node, &m)))
+}
+
+pub(super) async fn show(State(api): ApiState, OwnMachine(m): OwnMachine) -> Answer<MachineView> {
+    Ok(axum::Json(view(&api.node, &m)))
+}
+
+pub(super) async fn update(
+    State(api): ApiState,
+    caller: Caller,
+    OwnMachine(current): OwnMachine,
+    Json(mut body): Json<UpdateMachine>,
+) -> Answer<MachineView> {
+    // Its app (and release) stay unless the update names another app.
+    let app = app_named(body.app, &mut body.config)?.or(current.app.clone());
+    let release = current.release.filter(|_| app == current.app);
+    api.node.check_config(&body.config)?;
+    api.org_may_use(&caller, app.as_deref())?;
+    api.fetch_image(&caller, &body.config.image).await?;
+    let node = api.node.clone();
+    let place = Placement { app, release };
+    let m = blocking(move || node.update(&current.id, place, body.config)).await?;
+    Ok(axum::Json(view(&api.node, &m)))
+}
+
+pub(super) async fn destroy(
+    State(api): ApiState,
+    OwnMachine(m): OwnMachine,
+    Query(q): Query<FlagQuery>,
+) -> Answer<MachineView> {
+    let node = api.node.clone();
+    let m = blocking(move || node.destroy(&m.id, q.force())).await?;
+    Ok(axum::Json(view(&api.node, &m)))
+}
+
+pub(super) async fn start(State(api): ApiState, OwnMachine(m): OwnMachine) -> Answer<MachineView> {
+    let node = api.node.clone();
+    let m = blocking(move || node.start(&m.id)).await?;
+    Ok(axum::Json(view(&api.node, &m)))
+}
+
+pub(super) async fn stop(
+    State(api): ApiState,
+    OwnMachine(m): OwnMachine,
+    Json(body): Json<StopMachine>,
+) -> Answer<MachineView> {
+    let timeout = stop_timeout(&body)?;
+    let node = api.node.clone();
+    let m = blocking(move || node.stop(&m.id, &body.signal, timeout)).await?;
+    Ok(axum::Json(view(&api.node, &m)))
+}
+
+pub(super) async fn restart(
+    State(api): ApiState,
+    OwnMachine(m): OwnMachine,
+    Json(body): Json<StopMachine>,
+) -> Answer<MachineView> {
+    let timeout = stop_timeout(&body)?;
+    let node = api.node.clone();
+    let m = blocking(move || node.restart(&m.id, &body.signal, timeout)).await?;
+    Ok(axum::Json(view(&api.node, &m)))
+}
+
+pub(super) async fn signal(
+    State(api): ApiState,
+    OwnMachine(m): OwnMachine,
+    Json(body): Json<SignalMachine>,
+) -> Answer<Done> {
+    if body.signal.is_empty() {
+        return Err(Error::Invalid(
+            "signal is required, e.g. {\"signal\": \"SIGUSR1\"}".into(),
+        ));
+    }
+    api.node.signal(&m.id, &body.signal)?;
+    Ok(axum::Json(Done { ok: true }))
+}
+
+pub(super) async fn exec(
+    State(api): ApiState,
+    OwnMachine(m): OwnMachine,
+    Json(body): Json<ExecRequest>,
+) -> Answer<ExecOutput> {
+    let node = api.node.clone();
+    let out =
+        blocking(move || node.exec(&m.id, &body.cmd, body.user.as_deref(), &body.stdin)).await?;
+    Ok(axum::Json(out))
+}
+
+pub(super) async fn events(State(api): ApiState, OwnMachine(m): OwnMachine) -> Answer<Vec<Event>> {
+    Ok(axum::Json(api.node.state.events(&m.id)?))
+}
+
+pub(super) async fn wait(
+    State(api): ApiState,
+    OwnMachine(m): OwnMachine,
+    Query(q): Query<WaitQuery>,
+) -> Answer<MachineView> {
+    let want = match q.state.as_deref().unwrap_or("started") {
+        "started" => MachineState::Started,
+        "stopped" => MachineState::Stopped,
+        "destroyed" => MachineState::Destroyed,
+        _ => {
+            return Err(Error::Invalid(
+                "state must be started, stopped or destroyed".into(),
+            ))
+        }
+    };
+    let timeout = wait_timeout(q.timeout.as_deref())?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = api.node.state.get(&m.id)?;
+        if m.state == want {
+            return Ok(axum::Json(view(&api.node, &m)));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout(format!(
+                "machine {} is {}, not {want}, after {}s",
+                m.id,
+                m.state,
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The machine's log; with `follow`, keeps streaming as it grows, across
+/// restarts and rotations, until the machine is destroyed.
+pub(super) async fn logs(
+    State(api): ApiState,
+    OwnMachine(m): OwnMachine,
+    Query(q): Query<FlagQuery>,
+) -> Response {
+    let node = api.node.clone();
+    let path = node.driver.log_path(&m.id);
+    let rotated = path.with_extension("log.1");
+    let mut initial = std::fs::read(&rotated).unwrap_or_default();
+    initial.extend(std::fs::read(&path).unwrap_or_default());
+    let text = [(header::CONTENT_TYPE, "text/plain")];
+    if !q.follow() {
+        return (text, initial).into_response();
+    }
+    struct Cursor {
+        node: std::sync::Arc<Node>,
+        id: String,
+        path: std::path::PathBuf,
+        offset: u64,
+        first: Option<Vec<u8>>,
+    }
+    let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let cursor = Cursor {
+        node,
+        id: m.id,
+        path,
+        offset,
+        first: Some(initial),
+    };
+    let stream = futures_util::stream::unfold(cursor, |mut c| async move {
+        if let Some(first) = c.first.take() {
+            return Some((Ok::<_, std::io::Error>(bytes::Bytes::from(first)), c));
+        }
+        loop {
+            let len = std::fs::metadata(&c.path).map(|m| m.len()).unwrap_or(0);
+            if len < c.offset {
+                c.offset = 0; // rotated or recreated: start the new file
+            }
+            if len > c.offset {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut buf = Vec::new();
+                let read = std::fs::File::open(&c.path).and_then(|mut f| {
+                    f.seek(SeekFrom::Start(c.offset))?;
+                    f.take(1 << 20).read_to_end(&mut buf)
+                });
+                if let Err(e) = read {
+                    tracing::debug!(machine = %c.id, "reading the log: {e}");
+                }
+                c.offset += buf.len() as u64;
+                return Some((Ok(bytes::Bytes::from(buf)), c));
+            }
+            let gone = c
+                .node
+                .state
+                .get(&c.id)
+                .map(|m| m.state == MachineState::Destroyed)
+                .unwrap_or(true);
+            if gone {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (text, Body::from_stream(stream)).into_response()
+}
