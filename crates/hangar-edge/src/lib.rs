@@ -8,7 +8,8 @@
 //! - [`upstream`]: pooled HTTP/1.1 connections to backends.
 //! - [`cache`]: RFC 9111 decisions, memory and disk tiers with S3-FIFO
 //!   eviction, request coalescing, purges.
-//! - [`proxy`]: one request through all of the above.
+//! - [`proxy`]: one request through all of the above; [`error`]: its one
+//!   error type, mapped to a status and an error page in one place.
 //! - [`server`] and [`admin`]: the listeners; metrics and purge.
 //!
 //! A data plane: it is handed hosts and backends and knows nothing of
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod error;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

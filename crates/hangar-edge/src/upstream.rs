@@ -28,11 +28,14 @@ pub enum UpstreamError {
     Connect(SocketAddr, String),
     #[error("{0} did not answer within {1:?}")]
     Timeout(SocketAddr, Duration),
+    /// The request failed on its way; the source says why (a client's
+    /// body that tripped a limit among them).
     #[error("{0}: {1}")]
-    Request(SocketAddr, String),
+    Request(SocketAddr, #[source] BoxError),
 }
 
 impl UpstreamError {
+    /// Whether nothing reached the backend.
     pub fn before_send(&self) -> bool {
         matches!(self, UpstreamError::Connect(..))
     }
@@ -179,7 +182,7 @@ impl Conn {
                             continue;
                         }
                     }
-                    return Err(UpstreamError::Request(addr, e.to_string()));
+                    return Err(UpstreamError::Request(addr, Box::new(e)));
                 }
             }
         }

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::error::{Kind, ProxyError};
 use bytes::Bytes;
 use hyper::body::Frame;
 use hyper::header::HeaderMap;
@@ -39,7 +40,7 @@ enum Outcome {
     Pending,
     Shared(Arc<Head>),
     Pass,
-    Failed(StatusCode, Arc<str>),
+    Failed(ProxyError),
 }
 
 /// How far a streaming fill may read ahead of its slowest reader.
@@ -95,7 +96,7 @@ pub enum Waited {
     Pass,
     /// The fill failed before a head arrived: the status an error page
     /// should have, and why.
-    Failed(StatusCode, Arc<str>),
+    Failed(ProxyError),
     /// The lock timeout passed.
     TimedOut,
 }
@@ -135,11 +136,11 @@ impl Fill {
         self.update(|s| s.outcome = Outcome::Pass);
     }
 
-    pub fn fail(&self, status: StatusCode, why: &str) {
-        let why: Arc<str> = Arc::from(why);
+    pub fn fail(&self, e: ProxyError) {
+        let why = e.cause.clone();
         self.update(|s| {
             if matches!(s.outcome, Outcome::Pending) {
-                s.outcome = Outcome::Failed(status, why.clone());
+                s.outcome = Outcome::Failed(e.clone());
             }
             if !s.done {
                 s.error = Some(why);
@@ -199,7 +200,7 @@ impl Fill {
                 Outcome::Pending => {}
                 Outcome::Shared(h) => return Waited::Shared(h),
                 Outcome::Pass => return Waited::Pass,
-                Outcome::Failed(st, why) => return Waited::Failed(st, why),
+                Outcome::Failed(e) => return Waited::Failed(e),
             }
             let changed = rx.changed();
             let result = match deadline {
@@ -210,10 +211,10 @@ impl Fill {
                 None => changed.await,
             };
             if result.is_err() {
-                return Waited::Failed(
-                    StatusCode::BAD_GATEWAY,
-                    Arc::from("the origin request ended"),
-                );
+                return Waited::Failed(ProxyError::new(
+                    Kind::FillEnded,
+                    "the origin request ended",
+                ));
             }
         }
     }
@@ -359,8 +360,10 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.unlist();
-        self.fill
-            .fail(StatusCode::BAD_GATEWAY, "the origin request was cancelled");
+        self.fill.fail(ProxyError::new(
+            Kind::FillEnded,
+            "the origin request was cancelled",
+        ));
     }
 }
 
