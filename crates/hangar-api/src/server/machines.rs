@@ -177,10 +177,7 @@ pub(super) async fn stop(
     OwnMachine(m): OwnMachine,
     Json(body): Json<StopMachine>,
 ) -> Answer<MachineView> {
-    let timeout = stop_timeout(&body)?;
-    let node = api.node.clone();
-    let m = blocking(move || node.stop(&m.id, &body.signal, timeout)).await?;
-    Ok(axum::Json(view(&api.node, &m)))
+    stop_or_restart(api, m, body, false).await
 }
 
 pub(super) async fn restart(
@@ -188,9 +185,27 @@ pub(super) async fn restart(
     OwnMachine(m): OwnMachine,
     Json(body): Json<StopMachine>,
 ) -> Answer<MachineView> {
+    stop_or_restart(api, m, body, true).await
+}
+
+/// A stop (the signal, SIGKILL after the timeout), then a start when
+/// `restart`.
+async fn stop_or_restart(
+    api: std::sync::Arc<super::Api>,
+    m: Machine,
+    body: StopMachine,
+    restart: bool,
+) -> Answer<MachineView> {
     let timeout = stop_timeout(&body)?;
     let node = api.node.clone();
-    let m = blocking(move || node.restart(&m.id, &body.signal, timeout)).await?;
+    let m = blocking(move || {
+        if restart {
+            node.restart(&m.id, &body.signal, timeout)
+        } else {
+            node.stop(&m.id, &body.signal, timeout)
+        }
+    })
+    .await?;
     Ok(axum::Json(view(&api.node, &m)))
 }
 

@@ -133,36 +133,23 @@ impl Edge {
             let guard = backend.begin();
             site.metrics.origin_fetches.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let conn = match upstream::checkout(
-                &backend.pool,
-                &backend.addrs,
-                self.limits.connect_timeout,
-            )
-            .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    site.record_failure(&backend, &e.to_string());
-                    let e = ProxyError::upstream(&e, replayable);
-                    if elsewhere(&e, &tried, &site) {
-                        last = Some(e);
-                        continue;
-                    }
-                    return Err(e);
-                }
-            };
-            let req = Request::from_parts(
-                clone_parts(&parts),
-                body.take().unwrap_or_else(upstream::empty),
-            );
-            return match conn
-                .send(
+            // A failed checkout has sent nothing; a failed send may have.
+            let attempt = async {
+                let conn =
+                    upstream::checkout(&backend.pool, &backend.addrs, self.limits.connect_timeout)
+                        .await?;
+                let req = Request::from_parts(
+                    clone_parts(&parts),
+                    body.take().unwrap_or_else(upstream::empty),
+                );
+                conn.send(
                     req,
                     self.limits.upstream_timeout,
                     self.limits.connect_timeout,
                 )
                 .await
-            {
+            };
+            return match attempt.await {
                 Ok(resp) => {
                     site.record_success(&backend, started.elapsed());
                     Ok((resp, guard))

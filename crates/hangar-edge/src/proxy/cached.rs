@@ -92,7 +92,7 @@ impl Edge {
         } else {
             "fwd=miss"
         };
-        let (fill, wait) = match self.cache.fills.join(&fill_key) {
+        let (fill, waited, note) = match self.cache.fills.join(&fill_key) {
             Join::Bypass => {
                 m.passes.fetch_add(1, Ordering::Relaxed);
                 return self
@@ -101,7 +101,8 @@ impl Edge {
             }
             Join::Wait(fill) => {
                 m.coalesced.fetch_add(1, Ordering::Relaxed);
-                (fill, Some(self.cache.config.lock_timeout))
+                let waited = fill.wait(Some(self.cache.config.lock_timeout)).await;
+                (fill, waited, "fwd=miss; collapsed")
             }
             Join::Lead(fill, reg) => {
                 m.misses.fetch_add(1, Ordering::Relaxed);
@@ -120,6 +121,7 @@ impl Edge {
                 let f = fill.clone();
                 tokio::spawn(async move { edge.run_fill(job, f, reg, Some(tx)).await });
                 match fill.wait(None).await {
+                    // Not storable: the fill hands its response over.
                     Waited::Pass => {
                         return match rx.await {
                             Ok((resp, note)) => with_status(resp, &format!("{fwd}; detail={note}")),
@@ -127,23 +129,10 @@ impl Edge {
                                 .respond(host),
                         }
                     }
-                    waited => {
-                        return self
-                            .answer(
-                                waited,
-                                fill,
-                                &parts,
-                                (site, host, client),
-                                stored.as_ref(),
-                                stale_if_error,
-                                fwd,
-                            )
-                            .await
-                    }
+                    waited => (fill, waited, fwd),
                 }
             }
         };
-        let waited = fill.wait(wait).await;
         self.answer(
             waited,
             fill,
@@ -151,7 +140,7 @@ impl Edge {
             (site, host, client),
             stored.as_ref(),
             stale_if_error,
-            "fwd=miss; collapsed",
+            note,
         )
         .await
     }
