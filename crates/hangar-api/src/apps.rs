@@ -1,4 +1,5 @@
-//! Apps, their releases and their secrets, in the state store.
+//! Apps, their releases and their secrets: the types, as the store keeps
+//! them (see [`crate::store::Store`]), and the sealing of secrets.
 //!
 //! An app owns the machines whose `app` names it. A release is one
 //! deploy: the image and the machine config template, and how it ended.
@@ -6,17 +7,14 @@
 //! (ChaCha20-Poly1305 from ring, with a format byte; see [`Sealer`]) and are
 //! only ever opened to go into a machine's environment.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
-use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
-use crate::state::{now, State};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct App {
@@ -49,7 +47,6 @@ crate::closed_set! {
         Interrupted,
     }
 }
-crate::state::sql_text!(ReleaseStatus);
 
 /// A deploy the node's stop cut short: what [`crate::deploy::recover`] undoes.
 #[derive(Clone, Debug)]
@@ -87,303 +84,8 @@ pub fn valid_name(name: &str) -> Result<()> {
     }
 }
 
-impl State {
-    pub fn create_app(&self, name: &str, org: &str) -> Result<App> {
-        valid_name(name)?;
-        let done = self.db().execute(
-            "INSERT OR IGNORE INTO apps (name, org, created_at) VALUES (?1, ?2, ?3)",
-            params![name, org, now()],
-        )?;
-        if done == 0 {
-            return Err(Error::Conflict(format!(
-                "app {name} exists already; deploy to it, or pick another name"
-            )));
-        }
-        self.app(name)
-    }
-
-    pub fn app(&self, name: &str) -> Result<App> {
-        self.db()
-            .query_row("SELECT name, org, created_at FROM apps WHERE name = ?1", params![name], |r| {
-                Ok(App { name: r.get(0)?, org: r.get(1)?, created_at: r.get(2)? })
-            })
-            .optional()?
-            .ok_or_else(|| Error::NotFound(format!("no app {name:?}; create it with `hangar launch` or list them with `hangar apps list`")))
-    }
-
-    pub fn apps(&self) -> Result<Vec<App>> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT name, org, created_at FROM apps ORDER BY name")?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(App {
-                    name: r.get(0)?,
-                    org: r.get(1)?,
-                    created_at: r.get(2)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
-    }
-
-    /// Forget an app, its releases and secrets (its machines are the
-    /// caller's to destroy first).
-    pub fn delete_app(&self, name: &str) -> Result<()> {
-        let db = self.db();
-        for table in ["secrets", "releases"] {
-            db.execute(
-                &format!("DELETE FROM {table} WHERE app = ?1"),
-                params![name],
-            )?;
-        }
-        db.execute("DELETE FROM apps WHERE name = ?1", params![name])?;
-        Ok(())
-    }
-
-    /// Record a new release (status `running`) that replaces the machines
-    /// `replaces`; returns it with its version.
-    pub fn add_release(
-        &self,
-        app: &str,
-        image: &str,
-        description: &str,
-        config: &MachineConfig,
-        replaces: &[String],
-    ) -> Result<Release> {
-        let json = serde_json::to_string(config).map_err(|e| Error::Internal(e.to_string()))?;
-        let replaces =
-            serde_json::to_string(replaces).map_err(|e| Error::Internal(e.to_string()))?;
-        let db = self.db();
-        let version: u32 = db.query_row(
-            "SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1",
-            params![app],
-            |r| r.get(0),
-        )?;
-        db.execute(
-            "INSERT INTO releases (app, version, image, status, description, config, created_at, replaces) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7)",
-            params![app, version, image, description, json, now(), replaces],
-        )?;
-        drop(db);
-        self.release(app, version)
-    }
-
-    pub fn set_release_status(
-        &self,
-        app: &str,
-        version: u32,
-        status: ReleaseStatus,
-        description: &str,
-    ) -> Result<()> {
-        self.db().execute(
-            "UPDATE releases SET status = ?3, description = ?4 WHERE app = ?1 AND version = ?2",
-            params![app, version, status, description],
-        )?;
-        Ok(())
-    }
-
-    /// Releases still `running` when the node starts were cut short: mark
-    /// them `interrupted` and return them.
-    pub fn interrupt_releases(&self) -> Result<Vec<Interrupted>> {
-        let db = self.db();
-        let cut = db
-            .prepare("SELECT app, version, replaces FROM releases WHERE status = 'running'")?
-            .query_map([], |r| {
-                let replaces: String = r.get(2)?;
-                Ok(Interrupted {
-                    app: r.get(0)?,
-                    version: r.get(1)?,
-                    replaces: serde_json::from_str(&replaces).unwrap_or_default(),
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        db.execute(
-            "UPDATE releases SET status = 'interrupted', description = description || ' (the node stopped during the deploy)' WHERE status = 'running'",
-            [],
-        )?;
-        Ok(cut)
-    }
-
-    pub fn release(&self, app: &str, version: u32) -> Result<Release> {
-        self.releases_where("app = ?1 AND version = ?2", params![app, version])?
-            .pop()
-            .ok_or_else(|| Error::NotFound(format!("app {app} has no release v{version}")))
-    }
-
-    /// Newest first.
-    pub fn releases(&self, app: &str) -> Result<Vec<Release>> {
-        self.releases_where("app = ?1", params![app])
-    }
-
-    /// The newest release that completed: what machines should run.
-    pub fn current_release(&self, app: &str) -> Result<Option<Release>> {
-        Ok(self
-            .releases_where("app = ?1 AND status = 'complete'", params![app])?
-            .into_iter()
-            .next())
-    }
-
-    fn releases_where(&self, filter: &str, args: impl rusqlite::Params) -> Result<Vec<Release>> {
-        let db = self.db();
-        let mut stmt = db.prepare(&format!(
-            "SELECT app, version, image, status, description, config, created_at FROM releases WHERE {filter} ORDER BY version DESC"
-        ))?;
-        let rows = stmt
-            .query_map(args, |r| {
-                let config: String = r.get(5)?;
-                Ok((
-                    Release {
-                        app: r.get(0)?,
-                        version: r.get(1)?,
-                        image: r.get(2)?,
-                        status: r.get(3)?,
-                        description: r.get(4)?,
-                        config: MachineConfig::default(),
-                        created_at: r.get(6)?,
-                    },
-                    config,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.into_iter()
-            .map(|(mut rel, config)| {
-                rel.config = serde_json::from_str(&config)
-                    .map_err(|e| Error::Internal(format!("stored release config: {e}")))?;
-                Ok(rel)
-            })
-            .collect()
-    }
-
-    pub fn set_secrets(
-        &self,
-        sealer: &Sealer,
-        app: &str,
-        values: &BTreeMap<String, String>,
-    ) -> Result<()> {
-        let db = self.db();
-        for (name, value) in values {
-            let digest = short_digest(value);
-            db.execute(
-                "INSERT OR REPLACE INTO secrets (app, name, sealed, digest, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![app, name, sealer.seal(value.as_bytes())?, digest, now()],
-            )?;
-        }
-        Ok(())
-    }
-
-    /// An org's login to another registry (the password sealed): what the
-    /// node pulls that org's images from there with.
-    pub fn set_registry_login(
-        &self,
-        sealer: &Sealer,
-        org: &str,
-        registry: &str,
-        username: &str,
-        password: &str,
-    ) -> Result<()> {
-        self.db().execute(
-            "INSERT OR REPLACE INTO registry_logins (org, registry, username, sealed, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![org, registry, username, sealer.seal(password.as_bytes())?, now()],
-        )?;
-        Ok(())
-    }
-
-    /// Whether the org had a login there (now gone).
-    pub fn remove_registry_login(&self, org: &str, registry: &str) -> Result<bool> {
-        Ok(self.db().execute(
-            "DELETE FROM registry_logins WHERE org = ?1 AND registry = ?2",
-            params![org, registry],
-        )? > 0)
-    }
-
-    /// The registries an org has logins for, with their user names.
-    pub fn registry_logins(&self, org: &str) -> Result<Vec<(String, String)>> {
-        let db = self.db();
-        let mut stmt = db.prepare(
-            "SELECT registry, username FROM registry_logins WHERE org = ?1 ORDER BY registry",
-        )?;
-        let rows = stmt
-            .query_map(params![org], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
-    }
-
-    /// The org's login to `registry`, opened: for the node's pulls only.
-    pub fn open_registry_login(
-        &self,
-        sealer: &Sealer,
-        org: &str,
-        registry: &str,
-    ) -> Result<Option<(String, String)>> {
-        let db = self.db();
-        let row: Option<(String, Vec<u8>)> = db
-            .query_row(
-                "SELECT username, sealed FROM registry_logins WHERE org = ?1 AND registry = ?2",
-                params![org, registry],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        row.map(|(user, sealed)| {
-            let password = sealer.open(&sealed).map_err(|e| {
-                Error::Internal(format!("registry login of {org} for {registry}: {e}"))
-            })?;
-            Ok((user, String::from_utf8_lossy(&password).into_owned()))
-        })
-        .transpose()
-    }
-
-    /// Remove secrets; returns the names that existed.
-    pub fn unset_secrets(&self, app: &str, names: &[String]) -> Result<Vec<String>> {
-        let db = self.db();
-        let mut gone = Vec::new();
-        for name in names {
-            if db.execute(
-                "DELETE FROM secrets WHERE app = ?1 AND name = ?2",
-                params![app, name],
-            )? > 0
-            {
-                gone.push(name.clone());
-            }
-        }
-        Ok(gone)
-    }
-
-    pub fn secret_infos(&self, app: &str) -> Result<Vec<SecretInfo>> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare("SELECT name, digest, created_at FROM secrets WHERE app = ?1 ORDER BY name")?;
-        let rows = stmt
-            .query_map(params![app], |r| {
-                Ok(SecretInfo {
-                    name: r.get(0)?,
-                    digest: r.get(1)?,
-                    created_at: r.get(2)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
-    }
-
-    /// The app's secrets, opened: for a machine's environment only.
-    pub fn open_secrets(&self, sealer: &Sealer, app: &str) -> Result<BTreeMap<String, String>> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT name, sealed FROM secrets WHERE app = ?1")?;
-        let rows = stmt
-            .query_map(params![app], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.into_iter()
-            .map(|(name, sealed)| {
-                let plain = sealer
-                    .open(&sealed)
-                    .map_err(|e| Error::Internal(format!("secret {name} of {app}: {e}")))?;
-                Ok((name, String::from_utf8_lossy(&plain).into_owned()))
-            })
-            .collect()
-    }
-}
-
-fn short_digest(value: &str) -> String {
+/// The first hex digits of SHA-256 over a secret's value.
+pub(crate) fn short_digest(value: &str) -> String {
     use sha2::Digest;
     hex(&Sha256::digest(value.as_bytes())[..6])
 }
@@ -580,85 +282,5 @@ mod tests {
         }
         // What it seals now is format 1.
         assert_eq!(s.seal(b"x").unwrap()[0], SEALED_V1);
-    }
-
-    #[test]
-    fn a_store_from_before_replaces_opens_and_keeps_its_releases() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
-        db.execute_batch(
-            "CREATE TABLE releases (
-                app TEXT NOT NULL, version INTEGER NOT NULL, image TEXT NOT NULL, status TEXT NOT NULL,
-                description TEXT NOT NULL, config TEXT NOT NULL, created_at INTEGER NOT NULL,
-                PRIMARY KEY (app, version));
-             INSERT INTO releases VALUES ('hello', 1, 'img:1', 'running', 'old', '{}', 0);",
-        )
-        .unwrap();
-        drop(db);
-        let state = State::open(dir.path()).unwrap();
-        let cut = state.interrupt_releases().unwrap();
-        assert_eq!((cut[0].app.as_str(), cut[0].version), ("hello", 1));
-        assert!(cut[0].replaces.is_empty());
-        drop(state);
-        // Opening again finds the column there.
-        assert!(State::open(dir.path()).is_ok());
-    }
-
-    #[test]
-    fn apps_releases_and_secrets_in_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(dir.path()).unwrap();
-        let sealer = Sealer::open_or_create(dir.path()).unwrap();
-        assert!(state.create_app("Bad_Name", "o").is_err());
-        state.create_app("hello", "personal").unwrap();
-        assert!(matches!(
-            state.create_app("hello", "personal"),
-            Err(Error::Conflict(_))
-        ));
-        let r1 = state
-            .add_release("hello", "img:1", "first", &MachineConfig::default(), &[])
-            .unwrap();
-        let r2 = state
-            .add_release(
-                "hello",
-                "img:2",
-                "second",
-                &MachineConfig::default(),
-                &["m1".to_string(), "m2".to_string()],
-            )
-            .unwrap();
-        assert_eq!((r1.version, r2.version), (1, 2));
-        state
-            .set_release_status("hello", 1, ReleaseStatus::Complete, "ok")
-            .unwrap();
-        assert_eq!(state.current_release("hello").unwrap().unwrap().version, 1);
-        let cut = state.interrupt_releases().unwrap();
-        assert_eq!(
-            state.release("hello", 2).unwrap().status,
-            ReleaseStatus::Interrupted
-        );
-        assert_eq!(cut.len(), 1);
-        assert_eq!((cut[0].version, cut[0].replaces.len()), (2, 2));
-        assert!(state.interrupt_releases().unwrap().is_empty());
-        let mut v = BTreeMap::new();
-        v.insert("DB".to_string(), "secret-value".to_string());
-        state.set_secrets(&sealer, "hello", &v).unwrap();
-        assert_eq!(state.open_secrets(&sealer, "hello").unwrap(), v);
-        assert_eq!(state.secret_infos("hello").unwrap()[0].name, "DB");
-        for file in ["state.db", "state.db-wal"] {
-            let raw = std::fs::read(dir.path().join(file)).unwrap_or_default();
-            assert!(
-                !raw.windows(12).any(|w| w == b"secret-value"),
-                "not in {file}"
-            );
-        }
-        assert_eq!(
-            state
-                .unset_secrets("hello", &["DB".into(), "NOPE".into()])
-                .unwrap(),
-            vec!["DB"]
-        );
-        state.delete_app("hello").unwrap();
-        assert!(state.app("hello").is_err());
     }
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Check;
 use crate::node::Node;
-use crate::state::MachineState;
+use crate::store::MachineState;
 
 /// Consecutive failures after the grace period that make a check critical.
 pub const FAILURES_TO_CRITICAL: u32 = 2;

@@ -23,7 +23,7 @@ use crate::apps::{Release, ReleaseStatus};
 use crate::config::{DriverKind, MachineConfig};
 use crate::error::{Error, Result};
 use crate::node::Node;
-use crate::state::{Machine, MachineState, Placement};
+use crate::store::{Machine, MachineState, Placement};
 
 crate::closed_set! {
     /// How a deploy replaces an app's machines (see the module's doc).

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use crate::config::EgressAction;
 use crate::routing::app_of;
-use crate::state::Machine;
+use crate::store::Machine;
 
 /// One role's rule (Smokescreen's fields).
 #[derive(Clone, Debug, PartialEq)]
@@ -56,7 +56,7 @@ pub fn egress_policy(machines: &[Machine]) -> EgressPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Desired, MachineState};
+    use crate::store::{Desired, MachineState};
 
     #[test]
     fn a_role_per_app_or_lone_machine_at_both_its_addresses() {
@@ -80,6 +80,7 @@ mod tests {
             restarts: 0,
             created_at: 0,
             updated_at: 0,
+            revision: 0,
         };
         let policy = egress_policy(&[
             m("a", Some("web"), 258, EgressAction::Enforce),

@@ -1,19 +1,23 @@
 //! `hangar-api`: the control plane of a node, assembled as a library.
 //!
-//! It owns the state store ([`state::State`], SQLite under `$HANGAR_HOME`,
-//! its schema in numbered migrations; apps, releases and sealed secrets in
-//! [`apps`]), the typed domain ([`config`]: the Fly-shaped machine config,
-//! every closed set an enum), the Machines and Apps API ([`server`], behind
-//! the node's token or an org's), health checks ([`checks`]), deploys and
-//! scaling ([`deploy`]), the edge's routes and scale to zero ([`routing`]),
-//! the egress proxy's policy ([`egress`]), `hangar.toml` ([`app_toml`]),
-//! and the node's loop ([`node::Node::tick`]: reconcile, egress, idle
-//! stops, routes) that makes the host match the store.
+//! It owns the state store ([`store::Store`]: revisions, compare-and-set
+//! and a change feed; [`store::SqliteStore`] keeps it in SQLite under
+//! `$HANGAR_HOME`, its schema in numbered migrations; the types of apps,
+//! releases and secrets, and the sealing, in [`apps`]), the typed domain
+//! ([`config`]: the Fly-shaped machine config, every closed set an enum),
+//! the Machines and Apps API ([`server`], behind the node's token or an
+//! org's), health checks ([`checks`]), deploys and scaling ([`deploy`]),
+//! the edge's routes and scale to zero ([`routing`]), the egress proxy's
+//! policy ([`egress`]), `hangar.toml` ([`app_toml`]), and the node's loop
+//! ([`node::Node::tick`]: reconcile, egress, idle stops, routes) that makes
+//! the host match the store.
 //!
-//! Its seams: the host is a [`hangar_machine::Driver`] (runc and QEMU in
-//! production, a recording fake in the tests of [`node`] and [`deploy`],
-//! which need no root); the edge is a [`routing::Ingress`] and the egress
-//! proxy an [`egress::EgressControl`], both implemented by the binary.
+//! Its seams: the store is a [`store::Store`] (SQLite for one node; an
+//! etcd store for many follows its shape); the host is a
+//! [`hangar_machine::Driver`] (runc and QEMU in production, a recording
+//! fake in the tests of [`node`] and [`deploy`], which need no root); the
+//! edge is a [`routing::Ingress`] and the egress proxy an
+//! [`egress::EgressControl`], both implemented by the binary.
 //!
 //! Key design decision: the state store is the source of truth and the
 //! host's files are the evidence; `hangar up` keeps nothing in memory that a
@@ -52,14 +56,13 @@ pub mod config;
 pub mod deploy;
 pub mod egress;
 pub mod error;
-mod migrations;
 pub mod node;
 pub mod routing;
 pub mod server;
-pub mod state;
+pub mod store;
 pub mod wire;
 
 pub use config::MachineConfig;
 pub use error::{Error, Result};
 pub use node::Node;
-pub use state::{Desired, Machine, MachineState, Placement, State};
+pub use store::{Desired, Machine, MachineState, Placement, SqliteStore, Store};

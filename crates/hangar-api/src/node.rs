@@ -13,13 +13,14 @@ use hangar_oci::Reference;
 use crate::config::MachineConfig;
 use crate::config::{DriverKind, RestartPolicy};
 use crate::error::{Error, Result};
-use crate::state::{Desired, Machine, MachineState, Placement, State};
+use crate::store::{Desired, Expect, Machine, MachineChange, MachineState, Placement, Store};
 
 /// The port of the node's egress proxy on the bridge gateway.
 pub const EGRESS_PORT: u16 = 4750;
 
 pub struct Node {
-    pub state: State,
+    /// The state store: the source of truth (see [`crate::store`]).
+    pub state: Arc<dyn Store>,
     /// Whatever runs the machines on the host (see `hangar_machine::Driver`).
     pub driver: Arc<dyn Driver>,
     /// The node's image store: what machines' images resolve to.
@@ -115,7 +116,7 @@ pub fn restarts_after(restart: &crate::config::Restart, code: i32, restarts: u32
 
 impl Node {
     pub fn new(
-        state: State,
+        state: Arc<dyn Store>,
         driver: Arc<dyn Driver>,
         images: hangar_oci::Store,
         sealer: crate::apps::Sealer,
@@ -267,7 +268,7 @@ impl Node {
                 "machine name {name:?} must be 1-63 letters, digits or '-'"
             )));
         }
-        let m = self.state.insert(&id, &name, &place, &config)?;
+        let m = self.state.insert_machine(&id, &name, &place, &config)?;
         let lock = self.lock(&id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         let created = self
@@ -505,8 +506,10 @@ impl Node {
                 // Checks again that it does not run, under the lock.
                 self.driver.release(&m.id);
             }
-            if let Err(e) = self.apply(&m, reconcile_step(&m, self.driver.state(&m.id)), guard) {
-                tracing::warn!(machine = %m.id, "reconcile: {e}");
+            match self.apply(&m, reconcile_step(&m, self.driver.state(&m.id)), guard) {
+                Ok(()) => {}
+                Err(Error::Conflict(e)) => tracing::debug!(machine = %m.id, "reconcile: {e}"),
+                Err(e) => tracing::warn!(machine = %m.id, "reconcile: {e}"),
             }
         }
     }
@@ -534,20 +537,33 @@ impl Node {
                 self.record_exit(&m.id)?;
                 self.state.set_state(&m.id, MachineState::Stopped)?;
             }
-            Step::MarkStarted => self.state.set_state(&m.id, MachineState::Started)?,
+            // The first write of a step is a compare-and-set against the row
+            // it was decided on: if an operation changed the machine since
+            // (a stop asked for meanwhile), the next tick decides again.
+            Step::MarkStarted => {
+                let started = MachineChange::State(MachineState::Started);
+                self.state
+                    .update_machine(&m.id, Expect::Revision(m.revision), started)?;
+            }
             Step::Exited {
                 exit,
                 restart,
                 destroy,
             } => {
-                self.state.set_exit(&m.id, Some(exit.code), exit.oom)?;
+                let ended = MachineChange::Exit {
+                    code: Some(exit.code),
+                    oom: exit.oom,
+                };
+                self.state
+                    .update_machine(&m.id, Expect::Revision(m.revision), ended)?;
                 self.state.event(
                     &m.id,
                     "exited",
                     serde_json::json!({"exit_code": exit.code, "oom_killed": exit.oom}),
                 )?;
                 if restart {
-                    self.state.set_restarts(&m.id, m.restarts + 1)?;
+                    let count = MachineChange::Restarts(m.restarts + 1);
+                    self.state.update_machine(&m.id, Expect::Any, count)?;
                     self.start_locked(&m.id)?;
                     self.state.event(
                         &m.id,

@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{DriverKind, EdgeCache};
+use crate::error::Error;
 use crate::node::Node;
-use crate::state::{Desired, Machine, MachineState};
+use crate::store::{Desired, Expect, Machine, MachineChange, MachineState};
 
 /// One app's host, as the node wants the edge to serve it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -210,7 +211,7 @@ impl Node {
         let Some(routing) = &self.routing else {
             return;
         };
-        let now = crate::state::now();
+        let now = crate::store::now();
         let ready_at = {
             let mut map = routing.ready_at.lock().unwrap_or_else(|e| e.into_inner());
             map.retain(|id, _| machines.iter().any(|m| &m.id == id));
@@ -227,10 +228,23 @@ impl Node {
         for (app, in_service) in by_app {
             let last = routing.ingress.last_request(&routing.host_of(&app));
             for m in idle_stops(&in_service, last, &ready_at, now) {
-                // Wanted stopped from now: the next tick leaves it alone.
-                if let Err(e) = self.state.set_desired(&m.id, Desired::Stopped) {
-                    tracing::warn!(machine = %m.id, "idle stop: {e}");
-                    continue;
+                // Wanted stopped from now: the next tick leaves it alone. Only
+                // if nothing changed it since it was found idle (a wake, a
+                // deploy): then it is not idle, or the next tick decides.
+                let stop = MachineChange::Desired(Desired::Stopped);
+                match self
+                    .state
+                    .update_machine(&m.id, Expect::Revision(m.revision), stop)
+                {
+                    Ok(_) => {}
+                    Err(Error::Conflict(e)) => {
+                        tracing::debug!(machine = %m.id, "idle stop: {e}");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(machine = %m.id, "idle stop: {e}");
+                        continue;
+                    }
                 }
                 let (node, id) = (self.clone(), m.id.clone());
                 let (signal, timeout) = m.config.kill();
@@ -359,7 +373,7 @@ impl Node {
             .ready_at
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(started.id.clone(), crate::state::now());
+            .insert(started.id.clone(), crate::store::now());
         self.refresh_routes();
         Ok(())
     }
@@ -388,6 +402,7 @@ mod tests {
             restarts: 0,
             created_at,
             updated_at,
+            revision: 0,
         }
     }
 

@@ -11,13 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::apps::Release;
 use crate::config::MachineConfig;
-use crate::state::MachineState;
+use crate::store::MachineState;
 
 pub use crate::apps::{App, SecretInfo};
 pub use crate::checks::CheckStatus;
 pub use crate::deploy::DeployRequest;
 pub use crate::node::ExecOutput;
-pub use crate::state::Event;
+pub use crate::store::Event;
 
 /// `POST /v1/machines`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hangar_api::server::{Api, Puller};
-use hangar_api::{Node, State};
+use hangar_api::{Node, SqliteStore};
 use hangar_machine::Runtime;
 
 use crate::node_config::{self, NodeConfig};
@@ -145,7 +145,7 @@ pub fn open_node(home: &std::path::Path) -> Result<(Node, Arc<Runtime>)> {
         runtime = runtime.with_vms(kernel);
     }
     let runtime = Arc::new(runtime);
-    let state = State::open(home)?;
+    let state = Arc::new(SqliteStore::open(home)?);
     let sealer = hangar_api::apps::Sealer::open_or_create(home)?;
     let images = runtime.store().clone();
     let node = Node::new(state, runtime.clone(), images, sealer);

@@ -106,7 +106,7 @@ fn story(
 
 /// Every machine ever made, with its release.
 fn releases_of(t: &TestNode) -> std::collections::HashMap<String, u32> {
-    let db = t.node.state.db();
+    let db = t.store.db();
     let mut stmt = db
         .prepare("SELECT id, COALESCE(release, 0) FROM machines")
         .unwrap();

@@ -9,18 +9,22 @@ use hangar_machine::{Exit, ProcState};
 
 use super::*;
 use crate::config::Restart;
+use crate::store::SqliteStore;
 
 pub(crate) struct TestNode {
     pub node: Arc<Node>,
     pub fake: Arc<FakeDriver>,
+    /// The node's store, as itself: for reading rows the trait does not show.
+    pub store: Arc<SqliteStore>,
     _dir: tempfile::TempDir,
 }
 
 pub(crate) fn test_node() -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let fake = Arc::new(FakeDriver::new(dir.path()));
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
     let node = Node::new(
-        State::open(dir.path()).unwrap(),
+        store.clone(),
         fake.clone(),
         hangar_oci::Store::open(dir.path()).unwrap(),
         crate::apps::Sealer::open_or_create(dir.path()).unwrap(),
@@ -28,6 +32,7 @@ pub(crate) fn test_node() -> TestNode {
     TestNode {
         node: Arc::new(node),
         fake,
+        store,
         _dir: dir,
     }
 }
@@ -60,6 +65,7 @@ fn machine(state: MachineState, desired: Desired, policy: RestartPolicy, restart
         restarts,
         created_at: 0,
         updated_at: 0,
+        revision: 0,
     }
 }
 
@@ -281,6 +287,37 @@ fn create_starts_and_a_failed_create_leaves_a_failed_row_and_nothing_on_the_host
 }
 
 #[test]
+fn a_restart_decided_on_a_row_that_changed_meanwhile_does_not_happen() {
+    let t = test_node();
+    let m = t.node.create(None, Placement::default(), config()).unwrap();
+    t.fake.exit(&m.id, 1, false);
+    // The loop read the row and decided on a restart; before it acted, the
+    // machine was asked to stop.
+    let read = t.node.state.get(&m.id).unwrap();
+    let step = reconcile_step(&read, t.fake.state(&m.id));
+    assert!(
+        matches!(step, Step::Exited { restart: true, .. }),
+        "{step:?}"
+    );
+    t.node.state.set_desired(&m.id, Desired::Stopped).unwrap();
+    t.fake.clear_calls();
+    let lock = t.node.lock(&m.id);
+    let e = t.node.apply(&read, step, lock.lock().unwrap()).unwrap_err();
+    assert!(matches!(e, Error::Conflict(_)), "{e}");
+    assert!(t.fake.calls().is_empty(), "{:?}", t.fake.calls());
+    assert_eq!(t.node.state.get(&m.id).unwrap().restarts, 0);
+    // The next pass decides on the row as it is: wanted stopped, so it is
+    // recorded stopped, not started again.
+    t.node.reconcile();
+    let now = t.node.state.get(&m.id).unwrap();
+    assert_eq!(
+        (now.state, now.desired, now.restarts),
+        (MachineState::Stopped, Desired::Stopped, 0)
+    );
+    assert!(!t.fake.calls().contains(&Call::Start(m.id.clone())));
+}
+
+#[test]
 fn an_app_that_exits_is_restarted_by_policy_until_its_retries_run_out() {
     let t = test_node();
     let mut c = config();
@@ -399,7 +436,7 @@ fn a_stop_drains_first_then_signals_then_kills_what_ignores_the_signal() {
         seen: Mutex::default(),
     });
     let node = Node::new(
-        State::open(dir.path()).unwrap(),
+        Arc::new(SqliteStore::open(dir.path()).unwrap()),
         fake.clone(),
         hangar_oci::Store::open(dir.path()).unwrap(),
         crate::apps::Sealer::open_or_create(dir.path()).unwrap(),

@@ -8,7 +8,7 @@ use super::*;
 use crate::client::{Client, ClientError};
 use crate::config::MachineConfig;
 use crate::node::tests::{config, test_node, TestNode};
-use crate::state::MachineState;
+use crate::store::MachineState;
 use crate::wire::{CreateMachine, DeployRequest, ExecRequest, StopMachine};
 
 struct TestApi {

@@ -11,7 +11,7 @@ use super::{blocking, ApiState, Caller, Json, OwnMachine, Query};
 use crate::config::{MachineConfig, MAX_SECONDS};
 use crate::error::Error;
 use crate::node::Node;
-use crate::state::{Machine, MachineState, Placement};
+use crate::store::{Machine, MachineState, Placement};
 use crate::wire::{
     CreateMachine, Done, Event, ExecOutput, ExecRequest, FlagQuery, ImageRef, MachineView,
     SignalMachine, StopMachine, UpdateMachine, WaitQuery,

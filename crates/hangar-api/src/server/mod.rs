@@ -30,7 +30,7 @@ use serde::Deserialize;
 
 use crate::error::Error;
 use crate::node::Node;
-use crate::state::Machine;
+use crate::store::Machine;
 use crate::wire::ErrorBody;
 
 /// Makes an image usable by a machine of an org (`None`: the admin), fetching

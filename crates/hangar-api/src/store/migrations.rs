@@ -134,8 +134,79 @@ fn v2(tx: &Transaction) -> HookResult {
     Ok(())
 }
 
+/// How many changes the feed keeps (older ones are compacted away, a
+/// thousand at a time; a reader that far behind reloads).
+pub(super) const KEEP_CHANGES: u64 = 10_000;
+
+/// Version 3: revisions and the change feed. Every write to a table is an
+/// entry of `changes` (its key, whether it was a delete), made by triggers,
+/// and a machine row carries the revision of its last change (for
+/// compare-and-set).
+fn v3(tx: &Transaction) -> HookResult {
+    let mut sql = format!(
+        "CREATE TABLE changes (
+            revision INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL,
+            deleted INTEGER NOT NULL DEFAULT 0);
+         ALTER TABLE machines ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+         CREATE TRIGGER changes_compact AFTER INSERT ON changes WHEN NEW.revision % 1000 = 0 BEGIN
+            DELETE FROM changes WHERE revision <= NEW.revision - {KEEP_CHANGES};
+         END;
+         CREATE TRIGGER machines_put AFTER INSERT ON machines BEGIN
+            INSERT INTO changes (kind, key) VALUES ('machine', NEW.id);
+            UPDATE machines SET revision = last_insert_rowid() WHERE id = NEW.id;
+         END;
+         -- The revision's own update leaves it changed, so it does not fire this again.
+         CREATE TRIGGER machines_set AFTER UPDATE ON machines WHEN NEW.revision = OLD.revision BEGIN
+            INSERT INTO changes (kind, key) VALUES ('machine', NEW.id);
+            UPDATE machines SET revision = last_insert_rowid() WHERE id = NEW.id;
+         END;
+         CREATE TRIGGER machines_del AFTER DELETE ON machines BEGIN
+            INSERT INTO changes (kind, key, deleted) VALUES ('machine', OLD.id, 1);
+         END;"
+    );
+    for (table, kind, key) in [
+        ("apps", "app", "name"),
+        ("releases", "release", "app || '/' || {}.version"),
+        ("secrets", "secret", "app || '/' || {}.name"),
+        (
+            "registry_logins",
+            "registry-login",
+            "org || '/' || {}.registry",
+        ),
+        ("org_nets", "org-net", "org"),
+    ] {
+        for (when, row, deleted) in [
+            ("INSERT", "NEW", 0),
+            ("UPDATE", "NEW", 0),
+            ("DELETE", "OLD", 1),
+        ] {
+            let key = format!("{row}.{}", key.replace("{}", row));
+            sql.push_str(&format!(
+                "CREATE TRIGGER {table}_{when} AFTER {when} ON {table} BEGIN
+                    INSERT INTO changes (kind, key, deleted) VALUES ('{kind}', {key}, {deleted});
+                 END;"
+            ));
+        }
+    }
+    tx.execute_batch(&sql)?;
+    Ok(())
+}
+
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up_with_hook("", v1), M::up_with_hook("", v2)])
+    Migrations::new(vec![
+        M::up_with_hook("", v1),
+        M::up_with_hook("", v2),
+        M::up_with_hook("", v3),
+    ])
+}
+
+/// Bring a store to an earlier schema: for tests of stores made then.
+#[cfg(test)]
+pub(super) fn migrate_to(
+    db: &mut Connection,
+    version: usize,
+) -> Result<(), rusqlite_migration::Error> {
+    migrations().to_version(db, version)
 }
 
 /// Bring the store up to the schema this build uses.

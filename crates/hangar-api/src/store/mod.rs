@@ -1,0 +1,446 @@
+//! The state store: the source of truth for what machines, apps, releases,
+//! secrets and registry logins exist and what machines should be doing,
+//! behind the [`Store`] trait.
+//!
+//! [`SqliteStore`] keeps it in SQLite under `$HANGAR_HOME/state.db`, its
+//! schema in numbered migrations ([`migrations`]). The trait is shaped for a
+//! store that is shared by many nodes (etcd) as well:
+//!
+//! - Every write gets a *revision*, one counter for the whole store, as
+//!   etcd's are; a machine carries the revision of its last change, and
+//!   [`Store::update_machine`] with [`Expect::Revision`] is a compare-and-set
+//!   (a `Conflict` when someone else changed it since it was read).
+//! - [`Store::changes`] is the change feed: which keys changed after a
+//!   revision, for a read model to follow (etcd's watch from a revision);
+//!   old entries are compacted, and a reader that fell behind reloads.
+//! - Unique allocations (names, addresses) are decided inside the store.
+//!
+//! Secrets and logins are sealed by the caller ([`crate::apps::Sealer`]):
+//! the store holds and returns sealed bytes only.
+//!
+//! This module must not know the host or the API: it stores rows.
+
+mod migrations;
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::apps::{App, Interrupted, Release, ReleaseStatus, Sealer, SecretInfo};
+use crate::config::MachineConfig;
+use crate::error::{Error, Result};
+
+pub use sqlite::SqliteStore;
+
+crate::closed_set! {
+    /// A machine's lifecycle state, as Fly names them.
+    pub enum MachineState {
+        Created,
+        Starting,
+        Started,
+        Stopping,
+        Stopped,
+        Destroying,
+        Destroyed,
+        Failed,
+    }
+}
+
+crate::closed_set! {
+    /// What a machine should be doing: the reconcile loop works towards it.
+    pub enum Desired {
+        Started,
+        Stopped,
+        Destroyed,
+    }
+}
+
+/// One machine row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub id: String,
+    pub name: String,
+    pub state: MachineState,
+    pub desired: Desired,
+    /// The app it belongs to: its org's network, its host at the edge, its
+    /// secrets. `None`: a machine of its own (the admin's).
+    pub app: Option<String>,
+    /// The release of its app it runs.
+    pub release: Option<u32>,
+    pub config: MachineConfig,
+    pub slot: u32,
+    pub exit_code: Option<i32>,
+    pub oom_killed: bool,
+    pub restarts: u32,
+    pub created_at: u64,
+    pub updated_at: u64,
+    /// The store's revision at its last change: what a compare-and-set
+    /// names ([`Expect::Revision`]).
+    pub revision: u64,
+}
+
+/// One event of a machine's life.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Event {
+    pub machine_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub detail: serde_json::Value,
+    pub at: u64,
+}
+
+/// Where a machine belongs: its app and the app's release.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Placement {
+    pub app: Option<String>,
+    pub release: Option<u32>,
+}
+
+impl Machine {
+    pub fn placement(&self) -> Placement {
+        Placement {
+            app: self.app.clone(),
+            release: self.release,
+        }
+    }
+
+    /// Started, wanted started (not on its way to a stop): what may serve,
+    /// once its checks pass.
+    pub fn running_as_wanted(&self) -> bool {
+        self.state == MachineState::Started && self.desired == Desired::Started
+    }
+}
+
+/// What a write to a machine expects of it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Expect {
+    /// Whatever it is now.
+    Any,
+    /// Unchanged since it was read at this revision; a `Conflict` otherwise.
+    Revision(u64),
+}
+
+/// One change to a machine row.
+#[derive(Clone, Copy, Debug)]
+pub enum MachineChange<'a> {
+    State(MachineState),
+    Desired(Desired),
+    /// A new config, and the app and release it belongs to.
+    Config(&'a Placement, &'a MachineConfig),
+    /// How its app ended.
+    Exit {
+        code: Option<i32>,
+        oom: bool,
+    },
+    Restarts(u32),
+    /// Destroyed: its name and address are free again; the row stays.
+    Destroyed,
+}
+
+crate::closed_set! {
+    /// What kind of thing a change feed entry is about.
+    pub enum Kind {
+        Machine,
+        App,
+        Release,
+        Secret,
+        RegistryLogin,
+        OrgNet,
+    }
+}
+
+/// One entry of the change feed: a key was written (or deleted) at a
+/// revision. Keys are `id` (machine), `name` (app), `app/version`,
+/// `app/name` (secret), `org/registry` and `org`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub revision: u64,
+    pub kind: Kind,
+    pub key: String,
+    pub deleted: bool,
+}
+
+/// What [`Store::changes`] answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Changes {
+    /// The changes after the revision asked for, oldest first, and the
+    /// store's revision they bring the reader to.
+    Since { revision: u64, changes: Vec<Change> },
+    /// The feed no longer reaches back there: read everything again (as of
+    /// `revision`) and follow from it.
+    Compacted { revision: u64 },
+}
+
+/// A secret as stored: its value sealed.
+#[derive(Clone, Debug)]
+pub struct SealedSecret {
+    pub name: String,
+    pub sealed: Vec<u8>,
+    /// The first hex digits of SHA-256 over the value (see [`SecretInfo`]).
+    pub digest: String,
+    pub created_at: u64,
+}
+
+/// An org's login to another registry, its password sealed.
+#[derive(Clone, Debug)]
+pub struct SealedLogin {
+    pub registry: String,
+    pub username: String,
+    pub sealed: Vec<u8>,
+}
+
+/// The state store (see the module doc). The required methods are what a
+/// store implements; the provided ones are conveniences over them.
+pub trait Store: Send + Sync {
+    /// Insert a new machine in state `created`, wanted started, with the
+    /// lowest free slot of its org's net (see `hangar_machine::network`); a
+    /// name in use is a `Conflict`.
+    fn insert_machine(
+        &self,
+        id: &str,
+        name: &str,
+        place: &Placement,
+        config: &MachineConfig,
+    ) -> Result<Machine>;
+
+    /// A machine by id or name, destroyed ones included.
+    fn get(&self, id_or_name: &str) -> Result<Machine>;
+
+    /// Machines that are not destroyed (of one app, when given), oldest
+    /// first.
+    fn machines(&self, app: Option<&str>) -> Result<Vec<Machine>>;
+
+    /// Change one machine; returns the revision of the change. A machine
+    /// that is not there is `NotFound`, one changed since the expected
+    /// revision a `Conflict` (and nothing is written).
+    fn update_machine(&self, id: &str, expect: Expect, change: MachineChange) -> Result<u64>;
+
+    /// The net of the org of `app` (given one on first use, kept for good);
+    /// 0 for a machine of no app.
+    fn net_for(&self, app: Option<&str>) -> Result<u32>;
+
+    fn event(&self, id: &str, kind: &str, detail: serde_json::Value) -> Result<()>;
+
+    /// A machine's events, oldest first.
+    fn events(&self, id: &str) -> Result<Vec<Event>>;
+
+    /// A new app of `org`; a taken name is a `Conflict`.
+    fn create_app(&self, name: &str, org: &str) -> Result<App>;
+
+    fn app(&self, name: &str) -> Result<App>;
+
+    /// Every app, by name.
+    fn apps(&self) -> Result<Vec<App>>;
+
+    /// Forget an app, its releases and secrets (its machines are the
+    /// caller's to destroy first).
+    fn delete_app(&self, name: &str) -> Result<()>;
+
+    /// Record a new release (status `running`) that replaces the machines
+    /// `replaces`; returns it with its version, the app's next.
+    fn add_release(
+        &self,
+        app: &str,
+        image: &str,
+        description: &str,
+        config: &MachineConfig,
+        replaces: &[String],
+    ) -> Result<Release>;
+
+    fn set_release_status(
+        &self,
+        app: &str,
+        version: u32,
+        status: ReleaseStatus,
+        description: &str,
+    ) -> Result<()>;
+
+    /// Releases still `running` when the node starts were cut short: mark
+    /// them `interrupted` and return them.
+    fn interrupt_releases(&self) -> Result<Vec<Interrupted>>;
+
+    /// The app's releases, newest first.
+    fn releases(&self, app: &str) -> Result<Vec<Release>>;
+
+    /// Add or replace the app's secrets of these names.
+    fn put_secrets(&self, app: &str, secrets: &[SealedSecret]) -> Result<()>;
+
+    /// Remove secrets; returns the names that existed.
+    fn unset_secrets(&self, app: &str, names: &[String]) -> Result<Vec<String>>;
+
+    /// The app's secrets, by name.
+    fn sealed_secrets(&self, app: &str) -> Result<Vec<SealedSecret>>;
+
+    fn put_registry_login(&self, org: &str, login: &SealedLogin) -> Result<()>;
+
+    /// Whether the org had a login there (now gone).
+    fn remove_registry_login(&self, org: &str, registry: &str) -> Result<bool>;
+
+    /// The org's logins, by registry.
+    fn sealed_logins(&self, org: &str) -> Result<Vec<SealedLogin>>;
+
+    /// The store's revision now: the last write's.
+    fn revision(&self) -> Result<u64>;
+
+    /// What changed after `since` (see [`Changes`]).
+    fn changes(&self, since: u64) -> Result<Changes>;
+
+    /// Machines that are not destroyed, oldest first.
+    fn list(&self) -> Result<Vec<Machine>> {
+        self.machines(None)
+    }
+
+    /// The app's machines that are not destroyed, oldest first.
+    fn app_machines(&self, app: &str) -> Result<Vec<Machine>> {
+        self.machines(Some(app))
+    }
+
+    fn set_state(&self, id: &str, state: MachineState) -> Result<()> {
+        self.update_machine(id, Expect::Any, MachineChange::State(state))
+            .map(drop)
+    }
+
+    fn set_desired(&self, id: &str, desired: Desired) -> Result<()> {
+        self.update_machine(id, Expect::Any, MachineChange::Desired(desired))
+            .map(drop)
+    }
+
+    /// A new config (and app and release) for a machine.
+    fn set_config(&self, id: &str, place: &Placement, config: &MachineConfig) -> Result<()> {
+        self.update_machine(id, Expect::Any, MachineChange::Config(place, config))
+            .map(drop)
+    }
+
+    /// Record how the app ended.
+    fn set_exit(&self, id: &str, code: Option<i32>, oom: bool) -> Result<()> {
+        self.update_machine(id, Expect::Any, MachineChange::Exit { code, oom })
+            .map(drop)
+    }
+
+    /// Free the name and slot of a destroyed machine, keeping its row.
+    fn mark_destroyed(&self, id: &str) -> Result<()> {
+        self.update_machine(id, Expect::Any, MachineChange::Destroyed)
+            .map(drop)
+    }
+
+    fn release(&self, app: &str, version: u32) -> Result<Release> {
+        self.releases(app)?
+            .into_iter()
+            .find(|r| r.version == version)
+            .ok_or_else(|| Error::NotFound(format!("app {app} has no release v{version}")))
+    }
+
+    /// The newest release that completed: what machines should run.
+    fn current_release(&self, app: &str) -> Result<Option<Release>> {
+        Ok(self
+            .releases(app)?
+            .into_iter()
+            .find(|r| r.status == ReleaseStatus::Complete))
+    }
+
+    /// Seal and store secrets.
+    fn set_secrets(
+        &self,
+        sealer: &Sealer,
+        app: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let secrets = values
+            .iter()
+            .map(|(name, value)| {
+                Ok(SealedSecret {
+                    name: name.clone(),
+                    sealed: sealer.seal(value.as_bytes())?,
+                    digest: crate::apps::short_digest(value),
+                    created_at: now(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.put_secrets(app, &secrets)
+    }
+
+    /// The app's secrets as the API shows them: never their values.
+    fn secret_infos(&self, app: &str) -> Result<Vec<SecretInfo>> {
+        Ok(self
+            .sealed_secrets(app)?
+            .into_iter()
+            .map(|s| SecretInfo {
+                name: s.name,
+                digest: s.digest,
+                created_at: s.created_at,
+            })
+            .collect())
+    }
+
+    /// The app's secrets, opened: for a machine's environment only.
+    fn open_secrets(&self, sealer: &Sealer, app: &str) -> Result<BTreeMap<String, String>> {
+        self.sealed_secrets(app)?
+            .into_iter()
+            .map(|s| {
+                let plain = sealer
+                    .open(&s.sealed)
+                    .map_err(|e| Error::Internal(format!("secret {} of {app}: {e}", s.name)))?;
+                Ok((s.name, String::from_utf8_lossy(&plain).into_owned()))
+            })
+            .collect()
+    }
+
+    /// An org's login to another registry (the password sealed): what the
+    /// node pulls that org's images from there with.
+    fn set_registry_login(
+        &self,
+        sealer: &Sealer,
+        org: &str,
+        registry: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<()> {
+        let login = SealedLogin {
+            registry: registry.into(),
+            username: username.into(),
+            sealed: sealer.seal(password.as_bytes())?,
+        };
+        self.put_registry_login(org, &login)
+    }
+
+    /// The registries an org has logins for, with their user names.
+    fn registry_logins(&self, org: &str) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .sealed_logins(org)?
+            .into_iter()
+            .map(|l| (l.registry, l.username))
+            .collect())
+    }
+
+    /// The org's login to `registry`, opened: for the node's pulls only.
+    fn open_registry_login(
+        &self,
+        sealer: &Sealer,
+        org: &str,
+        registry: &str,
+    ) -> Result<Option<(String, String)>> {
+        let Some(login) = self
+            .sealed_logins(org)?
+            .into_iter()
+            .find(|l| l.registry == registry)
+        else {
+            return Ok(None);
+        };
+        let password = sealer
+            .open(&login.sealed)
+            .map_err(|e| Error::Internal(format!("registry login of {org} for {registry}: {e}")))?;
+        Ok(Some((
+            login.username,
+            String::from_utf8_lossy(&password).into_owned(),
+        )))
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
