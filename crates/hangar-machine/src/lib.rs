@@ -18,6 +18,8 @@
 //! reconcile loop) and knows nothing of HTTP.
 
 pub mod bundle;
+mod container;
+pub mod dir;
 pub mod driver;
 pub mod error;
 pub mod network;

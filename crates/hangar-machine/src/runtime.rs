@@ -1,39 +1,23 @@
-//! `Runtime`, the real [`crate::Driver`]: the common front of the drivers
-//! (it dispatches on a machine's `vm.json` to the micro-VM half in
-//! `vm.rs`) and the container driver (runc bundles), one shim each.
-//!
-//! Layout of a machine under `$HANGAR_HOME/machines/<id>/`:
-//!
-//! ```text
-//! bundle/config.json   what runc runs (see bundle.rs)
-//! rootfs/              overlay: snapshots below, disk/upper on top
-//! disk.ext4            the machine's own filesystem (sparse, its size is
-//!                      the root filesystem's size; a copy of an empty one
-//!                      in machines/disks/), loop-mounted on disk/
-//! disk/upper disk/work the machine's own writable layer
-//! init.json            hangar-init's config, bind-mounted read-only
-//! lease                ChainIDs of the snapshots it uses
-//! machine.log[.1]      stdout and stderr, rotated by size
-//! shim.pid, exit.json  the shim while it runs; how the app ended
-//! ```
-//!
-//! The shim (`shim.rs`) supervises each machine and leaves these files;
-//! everything the control plane needs to know survives in them, so a
-//! restarted node adopts running machines.
+//! `Runtime`, the real [`crate::Driver`]: the common front of the drivers.
+//! It dispatches on a machine's directory ([`crate::dir::MachineDir`]: a
+//! `vm.json` marks a micro-VM) to the container driver (`container.rs`:
+//! runc bundles) or the micro-VM driver (`vm.rs`: QEMU), and starts one
+//! shim per machine (`shim.rs`), which supervises it and leaves the files
+//! a restarted node adopts running machines from.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hangar_init::InitConfig;
 use hangar_oci::{Digest, Reference, Store};
 use serde::{Deserialize, Serialize};
 
-use crate::bundle::{self, Limits};
+use crate::bundle::Limits;
+use crate::dir::MachineDir;
 use crate::driver::{Driver, Exec};
 use crate::error::{run, Error, IoContext, Result};
 use crate::network::{self, Addresses};
@@ -83,16 +67,16 @@ pub struct Created {
 }
 
 pub struct Runtime {
-    machines: PathBuf,
-    runc_root: PathBuf,
-    store: Store,
-    snapshots: Snapshots,
-    init_bin: PathBuf,
+    pub(crate) machines: PathBuf,
+    pub(crate) runc_root: PathBuf,
+    pub(crate) store: Store,
+    pub(crate) snapshots: Snapshots,
+    pub(crate) init_bin: PathBuf,
     /// The `hangar` binary whose hidden `machine shim` command supervises
     /// each machine.
-    shim_exe: PathBuf,
+    pub(crate) shim_exe: PathBuf,
     /// The micro-VM driver, where a guest kernel was found.
-    vmm: Option<crate::vm::Vmm>,
+    pub(crate) vmm: Option<crate::vm::Vmm>,
 }
 
 /// What the host sees of a VM machine (for status).
@@ -214,118 +198,15 @@ impl Runtime {
     }
 
     fn is_vm(&self, id: &str) -> bool {
-        self.dir(id).join("vm.json").is_file()
+        self.dir(id).is_vm()
     }
 
     pub fn store(&self) -> &Store {
         &self.store
     }
 
-    pub fn dir(&self, id: &str) -> PathBuf {
-        self.machines.join(id)
-    }
-
-    /// A VM's disk overlay, initramfs, tap and launch line.
-    fn create_vm(
-        &self,
-        spec: &MachineSpec,
-        mut init: InitConfig,
-        lowers: &[PathBuf],
-        unpacked: bool,
-        chain: &[Digest],
-    ) -> Result<Created> {
-        let vmm = self.vmm()?;
-        let dir = self.dir(&spec.id);
-        let top = chain
-            .last()
-            .map(|d| d.to_string().replace(':', "-"))
-            .unwrap_or_default();
-        let (base, reused) = crate::vm::base_disk(&self.machines, &top, lowers)?;
-        crate::vm::overlay(&dir, &base, spec.limits.disk_mb)?;
-        let addresses = network::address(spec.slot);
-        let gw = network::gateway_of(spec.slot);
-        init.hosts
-            .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
-        init.hosts
-            .push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
-        init.vm = Some(hangar_init::VmSetup {
-            modules: crate::vm::MODULES
-                .iter()
-                .map(|m| format!("/hangar/modules/{m}.ko"))
-                .collect(),
-            root: "/dev/vda".into(),
-            ipv4: format!("{}/24", addresses.v4),
-            ipv6: format!("{}/64", addresses.v6),
-            gateway4: gw.v4.to_string(),
-            gateway6: gw.v6.to_string(),
-            mtu: 1500,
-        });
-        let config = serde_json::to_vec(&init).map_err(|e| Error::Host(e.to_string()))?;
-        crate::vm::initramfs(
-            &dir.join("initrd"),
-            &self.init_bin,
-            &vmm.kernel_dir,
-            &config,
-        )?;
-        crate::vm::attach_tap(&spec.id, spec.slot)?;
-        let (accel, _) = vmm.accel();
-        let launch = crate::vm::Launch {
-            argv: crate::vm::argv(
-                &vmm.kernel_dir,
-                &accel,
-                &dir,
-                &spec.id,
-                spec.slot,
-                spec.limits.cpus,
-                spec.limits.memory_mb,
-            ),
-            accel,
-            memory_mb: spec.limits.memory_mb,
-            base_disk_reused: reused,
-        };
-        let path = dir.join("vm.json");
-        fs::write(
-            &path,
-            serde_json::to_vec_pretty(&launch).unwrap_or_default(),
-        )
-        .at(&path)?;
-        Ok(Created {
-            addresses,
-            unpacked: unpacked || !reused,
-        })
-    }
-
-    fn mount(&self, id: &str, lowers: &[PathBuf]) -> Result<()> {
-        let dir = self.dir(id);
-        let rootfs = dir.join("rootfs");
-        if is_mountpoint(&rootfs) {
-            return Ok(());
-        }
-        let layer = mount_disk(&dir, id)?;
-        let lower: Vec<String> = lowers
-            .iter()
-            .rev()
-            .map(|p| p.display().to_string())
-            .collect();
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.join(":"),
-            layer.join("upper").display(),
-            layer.join("work").display()
-        );
-        let options = std::ffi::CString::new(options).map_err(|e| Error::Host(e.to_string()))?;
-        rustix::mount::mount(
-            "overlay",
-            &rootfs,
-            "overlay",
-            rustix::mount::MountFlags::empty(),
-            Some(options.as_c_str()),
-        )
-        .map_err(|e| {
-            Error::Host(format!(
-                "cannot mount the overlay for machine {id}: {e} (machines need root)"
-            ))
-        })
+    pub fn dir(&self, id: &str) -> MachineDir {
+        MachineDir::new(self.machines.join(id))
     }
 
     /// Start the machine's shim (which runs runc). The returned child is the
@@ -337,10 +218,10 @@ impl Runtime {
             if !crate::vm::tap_exists(id) {
                 crate::vm::attach_tap(id, slot)?;
             }
-            crate::vm::make_fifo(&dir.join("ctl"))?;
+            crate::vm::make_fifo(&dir.ctl())?;
             return self.spawn_shim(id, hangar_exe);
         }
-        if !dir.join("bundle/config.json").is_file() {
+        if !dir.bundle_config().is_file() {
             return Err(Error::NoMachine(id.to_string()));
         }
         // A stopped machine holds no namespace (see `release`): it gets
@@ -349,16 +230,16 @@ impl Runtime {
         if !network::attached(id) {
             network::attach(id, slot)?;
         }
-        if !is_mountpoint(&dir.join("rootfs")) {
-            let lease = fs::read_to_string(dir.join("lease")).unwrap_or_default();
+        if !crate::container::is_mountpoint(&dir.rootfs()) {
+            let lease = fs::read_to_string(dir.lease()).unwrap_or_default();
             let lowers: Vec<PathBuf> = lease
                 .lines()
                 .filter_map(|l| l.parse::<Digest>().ok())
                 .map(|d| self.snapshots.path(&d))
                 .collect();
-            self.mount(id, &lowers)?;
+            crate::container::mount_rootfs(&dir, id, &lowers)?;
         }
-        let _ = fs::remove_file(dir.join("exit.json"));
+        let _ = fs::remove_file(dir.exit());
         // A container of that id left by a crash would make `runc run` fail.
         let _ = runc(&self.runc_root)
             .args(["delete", "--force", id])
@@ -368,10 +249,10 @@ impl Runtime {
 
     fn spawn_shim(&self, id: &str, hangar_exe: &Path) -> Result<Child> {
         let dir = self.dir(id);
-        let _ = fs::remove_file(dir.join("exit.json"));
+        let _ = fs::remove_file(dir.exit());
         let mut cmd = Command::new(hangar_exe);
         cmd.args(["machine", "shim"])
-            .arg(&dir)
+            .arg(dir.path())
             .arg(id)
             .arg(&self.runc_root);
         cmd.stdin(Stdio::null())
@@ -388,10 +269,7 @@ impl Runtime {
         let child = cmd.spawn().at(hangar_exe)?;
         // Wait until the shim has said it runs, so state() is right at once.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !dir.join("shim.pid").exists()
-            && !dir.join("exit.json").exists()
-            && Instant::now() < deadline
-        {
+        while !dir.shim_pid().exists() && !dir.exit().exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
         Ok(child)
@@ -414,29 +292,13 @@ impl Runtime {
             }
             return crate::vm::exec(&self.dir(id), argv, env, stdin);
         }
-        let mut cmd = runc(&self.runc_root);
-        cmd.args(["exec"]);
-        if let Some(who) = user {
-            cmd.arg("--user").arg(format!("{}:{}", who.uid, who.gid));
-            for g in &who.groups {
-                cmd.arg("--additional-gids").arg(g.to_string());
-            }
-            cmd.arg("--env").arg(format!("HOME={}", who.home));
-        }
-        for e in env {
-            cmd.arg("--env").arg(e);
-        }
-        cmd.arg(id).args(argv);
-        output_capped(&mut cmd, stdin, EXEC_OUTPUT_CAP).map_err(|e| Error::Command {
-            command: "runc exec".into(),
-            detail: e.to_string(),
-        })
+        crate::container::exec(&self.runc_root, id, argv, env, user, stdin)
     }
 
     /// `spec` (`name`, `uid`, `name:group`, `uid:gid`) as a user of the
     /// machine's own passwd and group files.
     pub fn user(&self, id: &str, spec: &str) -> std::result::Result<hangar_init::RunAs, String> {
-        hangar_init::resolve_user(spec, &self.dir(id).join("rootfs"))
+        hangar_init::resolve_user(spec, &self.dir(id).rootfs())
     }
 
     /// Which of `ids` hold anything `release` gives back (the mount table
@@ -453,9 +315,11 @@ impl Runtime {
                 network::attached(id)
                     || crate::vm::tap_exists(id)
                     || self.runc_root.join(id).exists()
-                    || ["rootfs", "disk"]
+                    || self
+                        .dir(id)
+                        .mounts()
                         .iter()
-                        .any(|m| mounted.contains(self.dir(id).join(m).to_string_lossy().as_ref()))
+                        .any(|m| mounted.contains(m.to_string_lossy().as_ref()))
             })
             .collect()
     }
@@ -465,8 +329,8 @@ impl Driver for Runtime {
     /// How a VM machine runs (None for containers).
     fn vm_info(&self, id: &str) -> Option<VmInfo> {
         let launch: crate::vm::Launch =
-            serde_json::from_slice(&fs::read(self.dir(id).join("vm.json")).ok()?).ok()?;
-        let overhead_kib = fs::read_to_string(self.dir(id).join("qemu.pid"))
+            serde_json::from_slice(&fs::read(self.dir(id).vm_launch()).ok()?).ok()?;
+        let overhead_kib = fs::read_to_string(self.dir(id).qemu_pid())
             .ok()
             .and_then(|p| p.trim().parse().ok())
             .filter(|p| pid_alive(*p))
@@ -479,7 +343,7 @@ impl Driver for Runtime {
     }
 
     fn log_path(&self, id: &str) -> PathBuf {
-        self.dir(id).join("machine.log")
+        self.dir(id).log()
     }
 
     /// Build everything a machine needs short of starting it: snapshots,
@@ -491,14 +355,14 @@ impl Driver for Runtime {
         let image = self.store.image(&spec.image)?;
         let (lowers, unpacked) = self.snapshots.prepare(&self.store, &image)?;
         let dir = self.dir(&spec.id);
-        for sub in ["rootfs", "bundle"] {
-            fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
+        for sub in [dir.rootfs(), dir.bundle()] {
+            fs::create_dir_all(&sub).at(&sub)?;
         }
         let lease: Vec<String> = chain_ids(&image.config.rootfs.diff_ids)
             .iter()
             .map(|d| d.to_string())
             .collect();
-        fs::write(dir.join("lease"), lease.join("\n")).at(dir.join("lease"))?;
+        fs::write(dir.lease(), lease.join("\n")).at(dir.lease())?;
 
         let run = image.config.config.clone().unwrap_or_default();
         let mut init = spec.init.clone();
@@ -519,46 +383,17 @@ impl Driver for Runtime {
                 &chain_ids(&image.config.rootfs.diff_ids),
             );
         }
-        let addresses = network::attach(&spec.id, spec.slot)?;
-        init.hosts
-            .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
-        init.hosts
-            .push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
-        let init_path = dir.join("init.json");
-        let bytes = serde_json::to_vec_pretty(&init).map_err(|e| Error::Host(e.to_string()))?;
-        fs::write(&init_path, bytes).at(&init_path)?;
-
-        let config = bundle::config(
-            &spec.id,
-            &spec.hostname,
-            &dir.join("rootfs"),
-            &self.init_bin,
-            &init_path,
-            &network::netns_path(&spec.id),
-            spec.limits,
-        );
-        let bundle_path = dir.join("bundle/config.json");
-        fs::write(
-            &bundle_path,
-            serde_json::to_vec_pretty(&config).unwrap_or_default(),
-        )
-        .at(&bundle_path)?;
-        make_disk(&self.machines, &dir, spec.limits.disk_mb)?;
-        self.mount(&spec.id, &lowers)?;
-        Ok(Created {
-            addresses,
-            unpacked,
-        })
+        self.create_container(spec, init, &lowers, unpacked)
     }
 
     fn state(&self, id: &str) -> ProcState {
         let dir = self.dir(id);
-        if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
+        if let Ok(pid) = fs::read_to_string(dir.shim_pid()) {
             if pid.trim().parse().is_ok_and(pid_alive) {
                 return ProcState::Running;
             }
         }
-        match fs::read(dir.join("exit.json"))
+        match fs::read(dir.exit())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
         {
@@ -575,7 +410,7 @@ impl Driver for Runtime {
             if number == libc::SIGKILL {
                 // Nothing inside can refuse it: the VM goes, as a killed
                 // process would.
-                if let Some(pid) = fs::read_to_string(self.dir(id).join("qemu.pid"))
+                if let Some(pid) = fs::read_to_string(self.dir(id).qemu_pid())
                     .ok()
                     .and_then(|p| p.trim().parse::<i32>().ok())
                 {
@@ -597,7 +432,7 @@ impl Driver for Runtime {
             let _ = self.signal(id, "SIGKILL");
         }
         let _ = runc(&self.runc_root).args(["kill", id, "SIGKILL"]).output();
-        if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
+        if let Ok(pid) = fs::read_to_string(dir.shim_pid()) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while pid_alive(pid) && Instant::now() < deadline {
@@ -607,8 +442,8 @@ impl Driver for Runtime {
         }
         release_host(&dir, id, &self.runc_root);
         // Its files go only once nothing is mounted over them.
-        for mounted in [dir.join("rootfs"), dir.join("disk")] {
-            if is_mountpoint(&mounted) {
+        for mounted in dir.mounts() {
+            if crate::container::is_mountpoint(&mounted) {
                 return Err(Error::Host(format!(
                     "cannot unmount {}; machine {id} is kept (run `hangar machine destroy {id} --force` again)",
                     mounted.display()
@@ -616,7 +451,7 @@ impl Driver for Runtime {
             }
         }
         if dir.exists() {
-            fs::remove_dir_all(&dir).at(&dir)?;
+            fs::remove_dir_all(&dir).at(dir.path())?;
         }
         Ok(())
     }
@@ -674,14 +509,14 @@ impl Driver for Runtime {
 }
 
 /// See `Runtime::release`.
-pub(crate) fn release_host(dir: &Path, id: &str, runc_root: &Path) {
+pub(crate) fn release_host(dir: &MachineDir, id: &str, runc_root: &Path) {
     if runc_root.join(id).exists() {
         let _ = runc(runc_root).args(["delete", "--force", id]).output();
     }
     // The overlay first, then the filesystem its upper layer is on (the
     // loop device goes with the last unmount: `mount` set it to autoclear).
-    for mounted in [dir.join("rootfs"), dir.join("disk")] {
-        if is_mountpoint(&mounted) {
+    for mounted in dir.mounts() {
+        if crate::container::is_mountpoint(&mounted) {
             let _ = rustix::mount::unmount(&mounted, rustix::mount::UnmountFlags::DETACH);
         }
     }
@@ -691,122 +526,6 @@ pub(crate) fn release_host(dir: &Path, id: &str, runc_root: &Path) {
     if crate::vm::tap_exists(id) {
         crate::vm::detach_tap(id);
     }
-}
-
-/// The smallest root filesystem a machine can have (ext4's own structures
-/// and a small app fit).
-pub const MIN_DISK_MB: u64 = 256;
-
-/// Make the machine's own filesystem: a sparse ext4 image of `mb` MB (only
-/// what is written takes host disk; the kernel says "No space left on
-/// device" inside the machine when it is full). It is a copy of an empty
-/// filesystem of that size made once (`machines/disks/<mb>.ext4`), which
-/// is faster than `mkfs` for every machine. Made under temp names and
-/// renamed, so a crash leaves none half-made.
-fn make_disk(machines: &Path, dir: &Path, mb: u64) -> Result<()> {
-    let image = dir.join("disk.ext4");
-    if image.is_file() {
-        return Ok(());
-    }
-    let mb = mb.max(MIN_DISK_MB);
-    let templates = machines.join("disks");
-    let template = templates.join(format!("{mb}.ext4"));
-    if !template.is_file() {
-        fs::create_dir_all(&templates).at(&templates)?;
-        // Unique per call: two creates of one size may race here (the
-        // loser's rename replaces an equal template).
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let tmp = templates.join(format!(
-            ".{mb}.ext4.tmp-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = File::create(&tmp).at(&tmp)?;
-        file.set_len(mb.saturating_mul(1 << 20)).at(&tmp)?;
-        drop(file);
-        // No reserved blocks (the machine's root is its only user), a small
-        // journal, and nothing written up front that the kernel can do lazily.
-        let made = run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0", "-J", "size=4", "-L", "machine"])
-            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
-            .arg(&tmp));
-        if let Err(e) = made {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        fs::rename(&tmp, &template).at(&template)?;
-    }
-    let tmp = dir.join(".disk.ext4.tmp");
-    if let Err(e) = copy_sparse(&template, &tmp) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    fs::rename(&tmp, &image).at(&image)
-}
-
-/// Copy `from` to `to` leaving its holes holes (a plain copy would write
-/// every zero of a mostly empty filesystem).
-fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
-    use rustix::fs::SeekFrom;
-    use std::os::unix::fs::FileExt;
-    let src = File::open(from).at(from)?;
-    let dst = File::create(to).at(to)?;
-    let len = src.metadata().at(from)?.len();
-    dst.set_len(len).at(to)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < len {
-        // ENXIO: no data after `at`.
-        let Ok(data) = rustix::fs::seek(&src, SeekFrom::Data(at)) else {
-            break;
-        };
-        let hole = rustix::fs::seek(&src, SeekFrom::Hole(data))
-            .map_err(|e| Error::Host(format!("{}: {e}", from.display())))?;
-        let mut pos = data;
-        while pos < hole {
-            let n = buf.len().min((hole - pos) as usize);
-            src.read_exact_at(&mut buf[..n], pos).at(from)?;
-            dst.write_all_at(&buf[..n], pos).at(to)?;
-            pos += n as u64;
-        }
-        at = hole;
-    }
-    Ok(())
-}
-
-/// Mount the machine's filesystem (when it has one) and return the
-/// directory its writable layer is in: `disk/`, or the machine's own
-/// directory for machines made before disks had a size.
-fn mount_disk(dir: &Path, id: &str) -> Result<PathBuf> {
-    let image = dir.join("disk.ext4");
-    if !image.is_file() {
-        for sub in ["upper", "work"] {
-            fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
-        }
-        return Ok(dir.to_path_buf());
-    }
-    let disk = dir.join("disk");
-    if !is_mountpoint(&disk) {
-        fs::create_dir_all(&disk).at(&disk)?;
-        // `discard` gives the host back what the machine deletes.
-        run(Command::new("mount")
-            .args(["-t", "ext4", "-o", "loop,discard,nodev,nosuid"])
-            .arg(&image)
-            .arg(&disk))
-        .map_err(|e| Error::Host(format!("cannot mount the disk of machine {id}: {e}")))?;
-    }
-    for sub in ["upper", "work"] {
-        fs::create_dir_all(disk.join(sub)).at(disk.join(sub))?;
-    }
-    Ok(disk)
-}
-
-fn is_mountpoint(path: &Path) -> bool {
-    let target = path.display().to_string();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
 }
 
 /// The most of each of stdout and stderr an exec keeps; the rest is read

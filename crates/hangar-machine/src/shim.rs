@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::dir::MachineDir;
 use crate::runtime::{now_secs, release_host, runc, Exit, LOG_ROTATE_BYTES};
 
 /// Appends lines to the machine log, rotating it by size.
@@ -51,22 +52,39 @@ impl LogWriter {
 /// The body of `hangar machine shim DIR ID RUNC_ROOT`: run the container in
 /// the foreground, log its output, record how it ended. Returns the app's
 /// exit code.
-pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
-    let pid_path = dir.join("shim.pid");
-    let _ = fs::write(dir.join(".shim.pid.tmp"), std::process::id().to_string());
-    let _ = fs::rename(dir.join(".shim.pid.tmp"), &pid_path);
-    let log = match LogWriter::open(dir.join("machine.log")) {
+pub fn run_shim(dir: &MachineDir, id: &str, runc_root: &Path) -> i32 {
+    let pid_path = dir.shim_pid();
+    let log = match LogWriter::open(dir.log()) {
         Ok(l) => Arc::new(Mutex::new(l)),
-        Err(_) => return 125,
+        Err(_) => {
+            write_exit(dir, 125, false);
+            return 125;
+        }
     };
-    if dir.join("vm.json").is_file() {
+    // Without its pid on file the node would take the machine for gone and
+    // start it again: refuse to run instead, and say why.
+    let tmp = dir.tmp(&pid_path);
+    let recorded =
+        fs::write(&tmp, std::process::id().to_string()).and_then(|()| fs::rename(&tmp, &pid_path));
+    if let Err(e) = recorded {
+        let line = format!(
+            "hangar: cannot record the shim's pid in {}: {e}\n",
+            pid_path.display()
+        );
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(line.as_bytes());
+        write_exit(dir, 125, false);
+        return 125;
+    }
+    if dir.is_vm() {
         let code = run_vm(dir, id, &log);
         let _ = fs::remove_file(&pid_path);
         return code;
     }
     let mut child = match runc(runc_root)
         .args(["run", "--bundle"])
-        .arg(dir.join("bundle"))
+        .arg(dir.bundle())
         .arg(id)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -138,13 +156,13 @@ pub fn run_shim(dir: &Path, id: &str, runc_root: &Path) -> i32 {
 /// The VM's half of the shim: QEMU in the foreground, its console into
 /// the log (less init's exit line, which gives the exit code), the control
 /// FIFO's lines into the console.
-fn run_vm(dir: &Path, id: &str, log: &Arc<Mutex<LogWriter>>) -> i32 {
+fn run_vm(dir: &MachineDir, id: &str, log: &Arc<Mutex<LogWriter>>) -> i32 {
     let say = |msg: String| {
         if let Ok(mut l) = log.lock() {
             l.write(msg.as_bytes());
         }
     };
-    let launch: crate::vm::Launch = match fs::read(dir.join("vm.json"))
+    let launch: crate::vm::Launch = match fs::read(dir.vm_launch())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
     {
@@ -171,10 +189,14 @@ fn run_vm(dir: &Path, id: &str, log: &Arc<Mutex<LogWriter>>) -> i32 {
             return 125;
         }
     };
-    let _ = fs::write(dir.join("qemu.pid"), child.id().to_string());
+    if let Err(e) = fs::write(dir.qemu_pid(), child.id().to_string()) {
+        say(format!(
+            "hangar: cannot record QEMU's pid ({e}): a kill of this machine will not reach it\n"
+        ));
+    }
     // Control: lines written to the FIFO go to the guest's console.
     if let Some(mut stdin) = child.stdin.take() {
-        let ctl = dir.join("ctl");
+        let ctl = dir.ctl();
         std::thread::spawn(move || {
             // Read-write, so the FIFO never reports end-of-file between writers.
             let Ok(fifo) = OpenOptions::new().read(true).write(true).open(&ctl) else {
@@ -198,7 +220,7 @@ fn run_vm(dir: &Path, id: &str, log: &Arc<Mutex<LogWriter>>) -> i32 {
     let mut copiers = Vec::new();
     let streams = output_streams(&mut child);
     for stream in streams {
-        let (log, reported, dir) = (log.clone(), reported.clone(), dir.to_path_buf());
+        let (log, reported, dir) = (log.clone(), reported.clone(), dir.clone());
         copiers.push(std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
@@ -260,7 +282,7 @@ fn run_vm(dir: &Path, id: &str, log: &Arc<Mutex<LogWriter>>) -> i32 {
             (125, false)
         }
     };
-    let _ = fs::remove_file(dir.join("qemu.pid"));
+    let _ = fs::remove_file(dir.qemu_pid());
     crate::vm::detach_tap(id);
     write_exit(dir, code, oom);
     code
@@ -302,15 +324,15 @@ fn output_streams(child: &mut Child) -> Vec<Box<dyn Read + Send>> {
     out.into_iter().chain(err).collect()
 }
 
-fn write_exit(dir: &Path, code: i32, oom: bool) {
+fn write_exit(dir: &MachineDir, code: i32, oom: bool) {
     let exit = Exit {
         code,
         oom,
         at: now_secs(),
     };
-    let tmp = dir.join(".exit.json.tmp");
+    let tmp = dir.tmp(&dir.exit());
     if fs::write(&tmp, serde_json::to_vec(&exit).unwrap_or_default()).is_ok() {
-        let _ = fs::rename(&tmp, dir.join("exit.json"));
+        let _ = fs::rename(&tmp, dir.exit());
     }
 }
 
@@ -378,5 +400,24 @@ fn watch_oom(id: &str, oom: &AtomicBool, done: &AtomicBool) {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shim_that_cannot_record_its_pid_refuses_to_run_and_says_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = MachineDir::new(tmp.path());
+        // Nothing can be renamed onto a directory that is not empty.
+        fs::create_dir_all(dir.shim_pid().join("x")).unwrap();
+        let code = run_shim(&dir, "m1", Path::new("/nonexistent-runc-root"));
+        assert_eq!(code, 125);
+        let exit: Exit = serde_json::from_slice(&fs::read(dir.exit()).unwrap()).unwrap();
+        assert_eq!((exit.code, exit.oom), (125, false));
+        let log = fs::read_to_string(dir.log()).unwrap();
+        assert!(log.contains("cannot record the shim's pid"), "{log}");
     }
 }

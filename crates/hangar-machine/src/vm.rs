@@ -18,8 +18,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dir::MachineDir;
 use crate::error::{Error, IoContext, Result};
 use crate::network;
+use crate::runtime::{Created, MachineSpec};
+use hangar_init::InitConfig;
+use hangar_oci::Digest;
 
 /// Loaded in this order (init retries any whose dependencies come later).
 pub const MODULES: [&str; 7] = [
@@ -296,8 +300,8 @@ fn tree_bytes(root: &Path) -> u64 {
 }
 
 /// A copy-on-write overlay of the base disk for one machine.
-pub fn overlay(dir: &Path, base: &Path, size_mb: u64) -> Result<PathBuf> {
-    let disk = dir.join("disk.qcow2");
+pub fn overlay(dir: &MachineDir, base: &Path, size_mb: u64) -> Result<PathBuf> {
+    let disk = dir.vm_disk();
     // The guest grows the image's filesystem to the disk's size at boot
     // (hangar-init), so the disk's size is the root filesystem's.
     let base_mb = fs::metadata(base).at(base)?.len().div_ceil(1 << 20);
@@ -399,7 +403,7 @@ impl Cpio {
 pub fn argv(
     kernel_dir: &Path,
     accel: &Accel,
-    dir: &Path,
+    dir: &MachineDir,
     id: &str,
     slot: u32,
     cpus: u32,
@@ -422,7 +426,7 @@ pub fn argv(
         "-kernel".into(),
         s(&kernel_dir.join("vmlinuz")),
         "-initrd".into(),
-        s(&dir.join("initrd")),
+        s(&dir.initrd()),
     ]);
     // Under emulation the kernel's timer calibration depends on the host's
     // load: on a busy host it can fail to calibrate the TSC and hang before
@@ -434,10 +438,7 @@ pub fn argv(
     a.extend(["-append".into(), cmdline]);
     a.extend([
         "-drive".into(),
-        format!(
-            "id=root,file={},format=qcow2,if=none",
-            s(&dir.join("disk.qcow2"))
-        ),
+        format!("id=root,file={},format=qcow2,if=none", s(&dir.vm_disk())),
     ]);
     a.extend(["-device".into(), "virtio-blk-device,drive=root".into()]);
     a.extend([
@@ -480,14 +481,14 @@ pub fn overhead_kib(qemu_pid: i32, memory_mb: u64) -> Option<u64> {
 }
 
 /// Send a signal (by number) to the guest's init over the console.
-pub fn signal(dir: &Path, number: i32) -> Result<()> {
+pub fn signal(dir: &MachineDir, number: i32) -> Result<()> {
     console_line(dir, &format!("{}{number}\n", hangar_init::SIGNAL_MARKER))
 }
 
 /// Write one line into the guest's console (through the shim's FIFO).
-fn console_line(dir: &Path, line: &str) -> Result<()> {
+fn console_line(dir: &MachineDir, line: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let ctl = dir.join("ctl");
+    let ctl = dir.ctl();
     let mut f = fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -504,7 +505,7 @@ fn console_line(dir: &Path, line: &str) -> Result<()> {
 /// Run a command inside the VM: init runs it and prints the result on the
 /// console, where the shim files it as `exec-<n>.json`.
 pub fn exec(
-    dir: &Path,
+    dir: &MachineDir,
     argv: &[String],
     env: &[String],
     stdin: &[u8],
@@ -537,7 +538,7 @@ pub fn exec(
         ));
     }
     console_line(dir, &line)?;
-    let result = dir.join(format!("exec-{n}.json"));
+    let result = dir.exec_result(n);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !result.is_file() {
         if Instant::now() > deadline {
@@ -559,7 +560,7 @@ pub fn exec(
 }
 
 /// File an exec result line (`<n>:<hex json>`) the guest printed.
-pub fn file_exec_result(dir: &Path, rest: &str) {
+pub fn file_exec_result(dir: &MachineDir, rest: &str) {
     let Some((n, hex)) = rest.trim().split_once(':') else {
         return;
     };
@@ -569,9 +570,9 @@ pub fn file_exec_result(dir: &Path, rest: &str) {
     let Some(json) = hangar_init::hex_decode(hex) else {
         return;
     };
-    let tmp = dir.join(format!(".exec-{n}.json"));
+    let tmp = dir.tmp(&dir.exec_result(n));
     if fs::write(&tmp, json).is_ok() {
-        let _ = fs::rename(&tmp, dir.join(format!("exec-{n}.json")));
+        let _ = fs::rename(&tmp, dir.exec_result(n));
     }
 }
 
@@ -589,6 +590,73 @@ pub fn make_fifo(path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+impl crate::runtime::Runtime {
+    /// A VM's disk overlay, initramfs, tap and launch line.
+    pub(crate) fn create_vm(
+        &self,
+        spec: &MachineSpec,
+        mut init: InitConfig,
+        lowers: &[PathBuf],
+        unpacked: bool,
+        chain: &[Digest],
+    ) -> Result<Created> {
+        let vmm = self.vmm()?;
+        let dir = self.dir(&spec.id);
+        let top = chain
+            .last()
+            .map(|d| d.to_string().replace(':', "-"))
+            .unwrap_or_default();
+        let (base, reused) = crate::vm::base_disk(&self.machines, &top, lowers)?;
+        crate::vm::overlay(&dir, &base, spec.limits.disk_mb)?;
+        let addresses = network::address(spec.slot);
+        let gw = network::gateway_of(spec.slot);
+        init.hosts
+            .push((addresses.v4.to_string(), vec![spec.hostname.clone()]));
+        init.hosts
+            .push((addresses.v6.to_string(), vec![spec.hostname.clone()]));
+        init.vm = Some(hangar_init::VmSetup {
+            modules: crate::vm::MODULES
+                .iter()
+                .map(|m| format!("/hangar/modules/{m}.ko"))
+                .collect(),
+            root: "/dev/vda".into(),
+            ipv4: format!("{}/24", addresses.v4),
+            ipv6: format!("{}/64", addresses.v6),
+            gateway4: gw.v4.to_string(),
+            gateway6: gw.v6.to_string(),
+            mtu: 1500,
+        });
+        let config = serde_json::to_vec(&init).map_err(|e| Error::Host(e.to_string()))?;
+        crate::vm::initramfs(&dir.initrd(), &self.init_bin, &vmm.kernel_dir, &config)?;
+        crate::vm::attach_tap(&spec.id, spec.slot)?;
+        let (accel, _) = vmm.accel();
+        let launch = crate::vm::Launch {
+            argv: crate::vm::argv(
+                &vmm.kernel_dir,
+                &accel,
+                &dir,
+                &spec.id,
+                spec.slot,
+                spec.limits.cpus,
+                spec.limits.memory_mb,
+            ),
+            accel,
+            memory_mb: spec.limits.memory_mb,
+            base_disk_reused: reused,
+        };
+        let path = dir.vm_launch();
+        fs::write(
+            &path,
+            serde_json::to_vec_pretty(&launch).unwrap_or_default(),
+        )
+        .at(&path)?;
+        Ok(Created {
+            addresses,
+            unpacked: unpacked || !reused,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -617,7 +685,7 @@ mod tests {
         let a = argv(
             Path::new("/k"),
             &Accel::Tcg,
-            Path::new("/m/x"),
+            &MachineDir::new("/m/x"),
             "0123456789abcdef",
             258,
             2,

@@ -199,7 +199,8 @@ fn print_machine(m: &MachineView) {
 
 pub fn run(args: MachineArgs) -> Result<()> {
     if let MachineCommand::Shim { dir, id, runc_root } = &args.command {
-        let code = hangar_machine::shim::run_shim(dir, id, runc_root);
+        let dir = hangar_machine::dir::MachineDir::new(dir);
+        let code = hangar_machine::shim::run_shim(&dir, id, runc_root);
         std::process::exit(code.clamp(0, 255));
     }
     let rt = tokio::runtime::Builder::new_current_thread()

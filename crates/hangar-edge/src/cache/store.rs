@@ -373,7 +373,14 @@ impl Store {
 
     fn write_disk(&self, dir: &Path, key: Arc<str>, meta: Arc<Meta>, body: &[u8]) {
         let path = object_path(dir, &key);
-        let written = write_object(dir, &path, &meta, body).is_ok();
+        let written = match write_object(dir, &path, &meta, body) {
+            Ok(()) => true,
+            Err(e) => {
+                // Still served from memory; only the disk tier misses it.
+                tracing::warn!("disk cache: {}: {e}", path.display());
+                false
+            }
+        };
         let mut inner = self.lock();
         if let Some(e) = inner.entries.get_mut(&key) {
             if Arc::ptr_eq(&e.meta, &meta) {
@@ -487,10 +494,20 @@ impl Store {
         if let Some(dir) = &self.dir {
             for (key, soft) in files {
                 let path = object_path(dir, &key);
-                if soft {
-                    let _ = mark_invalidated(&path);
+                // Gone from memory either way; on disk, a file that stays
+                // fresh would be served again after a restart.
+                let done = if soft {
+                    mark_invalidated(&path)
                 } else {
-                    let _ = std::fs::remove_file(path);
+                    std::fs::remove_file(&path)
+                };
+                match done {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(
+                        "purge: {}: {e}; it may be served again after a restart",
+                        path.display()
+                    ),
                 }
             }
         }
