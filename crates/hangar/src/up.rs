@@ -251,7 +251,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                     }
                 });
             }
-            Err(e) => tracing::warn!("micro-VMs are off: {e}"),
+            Err(e) => tracing::warn!("{e}"),
         }
         // Deploys a stop of the node cut short are rolled back.
         for cut in node.state.interrupt_releases()? {

@@ -271,18 +271,9 @@ impl FromRequestParts<Arc<Api>> for OwnApp {
         let Path(name) = Path::<String>::from_request_parts(parts, api)
             .await
             .map_err(|e| Error::Invalid(e.body_text()))?;
-        let missing = || {
-            Error::NotFound(format!(
-                "no app {name:?}; create it with `hangar launch` or list them with `hangar apps list`"
-            ))
-        };
-        let app = match api.node.state.app(&name) {
-            Ok(app) => app,
-            Err(Error::NotFound(_)) => return Err(missing()),
-            Err(e) => return Err(e),
-        };
+        let app = api.node.state.app(&name)?;
         match caller.org() {
-            Some(org) if org != app.org => Err(missing()),
+            Some(org) if org != app.org => Err(crate::store::no_app(&name)),
             _ => Ok(OwnApp(app)),
         }
     }
@@ -301,20 +292,11 @@ impl FromRequestParts<Arc<Api>> for OwnMachine {
         let Path(id) = Path::<String>::from_request_parts(parts, api)
             .await
             .map_err(|e| Error::Invalid(e.body_text()))?;
-        let missing = || {
-            Error::NotFound(format!(
-                "no machine {id:?}; list them with `hangar machine list`"
-            ))
-        };
-        let m = match api.node.state.get(&id) {
-            Ok(m) => m,
-            Err(Error::NotFound(_)) => return Err(missing()),
-            Err(e) => return Err(e),
-        };
+        let m = api.node.state.get(&id)?;
         if api.sees(&caller, &m) {
             Ok(OwnMachine(m))
         } else {
-            Err(missing())
+            Err(crate::store::no_machine(&id))
         }
     }
 }

@@ -437,6 +437,21 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// What a missing machine answers. The API answers the same for another
+/// org's, so the two must not differ: both come from here.
+pub fn no_machine(id: &str) -> Error {
+    Error::NotFound(format!(
+        "no machine {id:?}; list them with `hangar machine list`"
+    ))
+}
+
+/// What a missing app answers (and, through the API, another org's).
+pub fn no_app(name: &str) -> Error {
+    Error::NotFound(format!(
+        "no app {name:?}; create it with `hangar launch` or list them with `hangar apps list`"
+    ))
+}
+
 /// Seconds since the epoch.
 pub fn now() -> u64 {
     std::time::SystemTime::now()

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    now, Change, Changes, Desired, Event, Expect, Machine, MachineChange, MachineState, Placement,
-    SealedLogin, SealedSecret, Store,
+    no_app, no_machine, now, Change, Changes, Desired, Event, Expect, Machine, MachineChange,
+    MachineState, Placement, SealedLogin, SealedSecret, Store,
 };
 use crate::apps::{valid_name, App, Interrupted, Release, ReleaseStatus};
 use crate::config::MachineConfig;
@@ -77,12 +77,6 @@ fn json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()))
 }
 
-fn no_machine(id: &str) -> Error {
-    Error::NotFound(format!(
-        "no machine {id:?}; list them with `hangar machine list`"
-    ))
-}
-
 /// See [`Store::net_for`].
 fn net_for(db: &Connection, app: Option<&str>) -> Result<u32> {
     let Some(app) = app else {
@@ -142,37 +136,6 @@ impl SqliteStore {
 
     pub(crate) fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn releases_where(&self, filter: &str, args: impl rusqlite::Params) -> Result<Vec<Release>> {
-        let db = self.db();
-        let mut stmt = db.prepare(&format!(
-            "SELECT app, version, image, status, description, config, created_at FROM releases WHERE {filter} ORDER BY version DESC"
-        ))?;
-        let rows = stmt
-            .query_map(args, |r| {
-                let config: String = r.get(5)?;
-                Ok((
-                    Release {
-                        app: r.get(0)?,
-                        version: r.get(1)?,
-                        image: r.get(2)?,
-                        status: r.get(3)?,
-                        description: r.get(4)?,
-                        config: MachineConfig::default(),
-                        created_at: r.get(6)?,
-                    },
-                    config,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.into_iter()
-            .map(|(mut rel, config)| {
-                rel.config = serde_json::from_str(&config)
-                    .map_err(|e| Error::Internal(format!("stored release config: {e}")))?;
-                Ok(rel)
-            })
-            .collect()
     }
 }
 
@@ -352,11 +315,19 @@ impl Store for SqliteStore {
 
     fn app(&self, name: &str) -> Result<App> {
         self.db()
-            .query_row("SELECT name, org, created_at FROM apps WHERE name = ?1", params![name], |r| {
-                Ok(App { name: r.get(0)?, org: r.get(1)?, created_at: r.get(2)? })
-            })
+            .query_row(
+                "SELECT name, org, created_at FROM apps WHERE name = ?1",
+                params![name],
+                |r| {
+                    Ok(App {
+                        name: r.get(0)?,
+                        org: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                },
+            )
             .optional()?
-            .ok_or_else(|| Error::NotFound(format!("no app {name:?}; create it with `hangar launch` or list them with `hangar apps list`")))
+            .ok_or_else(|| no_app(name))
     }
 
     fn apps(&self) -> Result<Vec<App>> {
@@ -449,20 +420,34 @@ impl Store for SqliteStore {
     }
 
     fn releases(&self, app: &str) -> Result<Vec<Release>> {
-        self.releases_where("app = ?1", params![app])
-    }
-
-    fn release(&self, app: &str, version: u32) -> Result<Release> {
-        self.releases_where("app = ?1 AND version = ?2", params![app, version])?
-            .pop()
-            .ok_or_else(|| Error::NotFound(format!("app {app} has no release v{version}")))
-    }
-
-    fn current_release(&self, app: &str) -> Result<Option<Release>> {
-        Ok(self
-            .releases_where("app = ?1 AND status = 'complete'", params![app])?
-            .into_iter()
-            .next())
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT app, version, image, status, description, config, created_at FROM releases WHERE app = ?1 ORDER BY version DESC",
+        )?;
+        let rows = stmt
+            .query_map([app], |r| {
+                let config: String = r.get(5)?;
+                Ok((
+                    Release {
+                        app: r.get(0)?,
+                        version: r.get(1)?,
+                        image: r.get(2)?,
+                        status: r.get(3)?,
+                        description: r.get(4)?,
+                        config: MachineConfig::default(),
+                        created_at: r.get(6)?,
+                    },
+                    config,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(mut rel, config)| {
+                rel.config = serde_json::from_str(&config)
+                    .map_err(|e| Error::Internal(format!("stored release config: {e}")))?;
+                Ok(rel)
+            })
+            .collect()
     }
 
     fn put_secrets(&self, app: &str, secrets: &[SealedSecret]) -> Result<()> {
