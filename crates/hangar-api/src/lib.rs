@@ -12,8 +12,8 @@
 //! ([`node::Node::tick`]: reconcile, egress, idle stops, routes) that makes
 //! the host match the store.
 //!
-//! Its seams: the store is a [`store::Store`] (SQLite for one node; an
-//! etcd store for many follows its shape); the host is a
+//! Its seams: the store is a [`store::Store`] ([`store::SqliteStore`] for
+//! one node, [`store::EtcdStore`] for a cluster's shared state); the host is a
 //! [`hangar_machine::Driver`] (runc and QEMU in production, a recording
 //! fake in the tests of [`node`] and [`deploy`], which need no root); the
 //! edge is a [`routing::Ingress`] and the egress proxy an

@@ -538,3 +538,56 @@ fn exec_and_signal_need_a_running_machine() {
         Err(Error::Conflict(_))
     ));
 }
+
+/// The node's loop on the cluster's store: a restart by policy, and the
+/// stale-restart race decided by etcd's compare-and-set.
+#[test]
+fn the_reconcile_loop_works_the_same_on_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let members = hangar_cluster::members::Members::start(&dir.path().join("etcd"), 1).unwrap();
+    let fake = Arc::new(FakeDriver::new(dir.path()));
+    let node = Arc::new(Node::new(
+        Arc::new(crate::store::EtcdStore::open(&members.endpoints()).unwrap()),
+        fake.clone(),
+        hangar_oci::Store::open(dir.path()).unwrap(),
+        crate::apps::Sealer::open_or_create(dir.path()).unwrap(),
+    ));
+    let m = node.create(None, Placement::default(), config()).unwrap();
+    assert_eq!(node.state.get(&m.id).unwrap().state, MachineState::Started);
+    fake.exit(&m.id, 1, false);
+    node.reconcile();
+    let now = node.state.get(&m.id).unwrap();
+    assert_eq!((now.state, now.restarts), (MachineState::Started, 1));
+    // Decided on a row that changed before it acted: not restarted.
+    fake.exit(&m.id, 1, false);
+    let read = node.state.get(&m.id).unwrap();
+    let step = reconcile_step(&read, fake.state(&m.id));
+    node.state.set_desired(&m.id, Desired::Stopped).unwrap();
+    let lock = node.lock(&m.id);
+    let e = node.apply(&read, step, lock.lock().unwrap()).unwrap_err();
+    assert!(matches!(e, Error::Conflict(_)), "{e}");
+    node.reconcile();
+    let now = node.state.get(&m.id).unwrap();
+    assert_eq!(
+        (now.state, now.desired, now.restarts),
+        (MachineState::Stopped, Desired::Stopped, 1)
+    );
+    let kinds: Vec<String> = node
+        .state
+        .events(&m.id)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "started",
+            "exited",
+            "started",
+            "restarted",
+            "exited"
+        ]
+    );
+}

@@ -3,8 +3,8 @@
 //! behind the [`Store`] trait.
 //!
 //! [`SqliteStore`] keeps it in SQLite under `$HANGAR_HOME/state.db`, its
-//! schema in numbered migrations ([`migrations`]). The trait is shaped for a
-//! store that is shared by many nodes (etcd) as well:
+//! schema in numbered migrations ([`migrations`]); [`EtcdStore`] keeps a
+//! cluster's in etcd, shared by its nodes. The trait fits both:
 //!
 //! - Every write gets a *revision*, one counter for the whole store, as
 //!   etcd's are; a machine carries the revision of its last change, and
@@ -20,6 +20,9 @@
 //!
 //! This module must not know the host or the API: it stores rows.
 
+#[cfg(test)]
+mod contract;
+mod etcd;
 mod migrations;
 mod sqlite;
 
@@ -31,6 +34,7 @@ use crate::apps::{App, Interrupted, Release, ReleaseStatus, Sealer, SecretInfo};
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
 
+pub use etcd::EtcdStore;
 pub use sqlite::SqliteStore;
 
 crate::closed_set! {
@@ -173,7 +177,7 @@ pub enum Changes {
 }
 
 /// A secret as stored: its value sealed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SealedSecret {
     pub name: String,
     pub sealed: Vec<u8>,
@@ -183,7 +187,7 @@ pub struct SealedSecret {
 }
 
 /// An org's login to another registry, its password sealed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SealedLogin {
     pub registry: String,
     pub username: String,
