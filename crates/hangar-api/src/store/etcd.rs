@@ -23,7 +23,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use hangar_cluster::etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, TxnResponse, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchOptions,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -206,9 +207,17 @@ impl EtcdStore {
         ))
     }
 
-    /// Run a transaction; when it wrote, wait until the read model has it.
-    /// Returns whether it succeeded and the revision it saw.
-    fn txn(&self, txn: Txn) -> Result<(bool, i64)> {
+    /// Run a transaction whose compares are on the keys `compared`, and
+    /// wait until the read model has what it saw: the write, when it
+    /// succeeded; the compared keys as they are now, when it failed (so a
+    /// retry decides on them). Returns whether it succeeded and its revision.
+    fn txn(&self, txn: Txn, compared: &[&str]) -> Result<(bool, i64)> {
+        let txn = txn.or_else(
+            compared
+                .iter()
+                .map(|key| TxnOp::get(k(key), None))
+                .collect::<Vec<_>>(),
+        );
         let mut client = self.client.clone();
         let resp: TxnResponse = match self.run(async move {
             Ok(tokio::time::timeout(TIMEOUT, client.txn(txn)).await)
@@ -224,8 +233,22 @@ impl EtcdStore {
             }
         };
         let revision = resp.header().map_or(0, |h| h.revision());
-        // A failed compare: the model may be behind what was compared.
-        self.model.reach(revision)?;
+        if resp.succeeded() {
+            self.model.reach(revision)?;
+        } else {
+            // Not the header's revision: that may be of a write outside
+            // Hangar's keys, which the watch never brings.
+            let seen = resp
+                .op_responses()
+                .iter()
+                .filter_map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().iter().map(|kv| kv.mod_revision()).max(),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            self.model.reach(seen)?;
+        }
         Ok((resp.succeeded(), revision))
     }
 
@@ -447,7 +470,7 @@ impl Store for EtcdStore {
                     put(&slots, json(id)?),
                     put(&machines, json(&m)?),
                 ]);
-            if self.txn(txn)?.0 {
+            if self.txn(txn, &[&names, &slots, &machines])?.0 {
                 return self.get(id);
             }
             let view = self.model.view();
@@ -539,7 +562,7 @@ impl Store for EtcdStore {
                     now_row.revision as i64,
                 )])
                 .and_then(ops);
-            let (done, revision) = self.txn(txn)?;
+            let (done, revision) = self.txn(txn, &[&key])?;
             if done {
                 return Ok(revision as u64);
             }
@@ -579,7 +602,7 @@ impl Store for EtcdStore {
             let txn = Txn::new()
                 .when([absent(&nets), absent(&owners)])
                 .and_then([put(&nets, json(&net)?), put(&owners, json(&org)?)]);
-            if self.txn(txn)?.0 {
+            if self.txn(txn, &[&nets, &owners])?.0 {
                 return Ok(net);
             }
         }
@@ -597,7 +620,7 @@ impl Store for EtcdStore {
         };
         let seq = hex::encode(crate::apps::random_bytes(8)?);
         let key = format!("events/{id}/{seq}");
-        self.txn(Txn::new().and_then([put(&key, json(&event)?)]))?;
+        self.txn(Txn::new().and_then([put(&key, json(&event)?)]), &[])?;
         Ok(())
     }
 
@@ -618,7 +641,7 @@ impl Store for EtcdStore {
         let txn = Txn::new()
             .when([absent(&key)])
             .and_then([put(&key, json(&app)?)]);
-        if !self.txn(txn)?.0 {
+        if !self.txn(txn, &[&key])?.0 {
             return Err(Error::Conflict(format!(
                 "app {name} exists already; deploy to it, or pick another name"
             )));
@@ -652,7 +675,7 @@ impl Store for EtcdStore {
                 Some(hangar_cluster::etcd_client::DeleteOptions::new().with_prefix()),
             ),
         ]);
-        self.txn(txn)?;
+        self.txn(txn, &[])?;
         Ok(())
     }
 
@@ -683,7 +706,7 @@ impl Store for EtcdStore {
             let txn = Txn::new()
                 .when([absent(&key)])
                 .and_then([put(&key, json(&stored)?)]);
-            if self.txn(txn)?.0 {
+            if self.txn(txn, &[&key])?.0 {
                 return Ok(release);
             }
         }
@@ -714,7 +737,7 @@ impl Store for EtcdStore {
                     kv.mod_revision,
                 )])
                 .and_then([put(&key, json(&stored)?)]);
-            if self.txn(txn)?.0 {
+            if self.txn(txn, &[&key])?.0 {
                 return Ok(());
             }
         }
@@ -743,7 +766,7 @@ impl Store for EtcdStore {
                 )])
                 .and_then([put(&key, json(&now_stored)?)]);
             // Lost to another writer: that one decided its fate.
-            if self.txn(txn)?.0 {
+            if self.txn(txn, &[&key])?.0 {
                 cut.push(Interrupted {
                     app: now_stored.release.app,
                     version: now_stored.release.version,
@@ -769,7 +792,7 @@ impl Store for EtcdStore {
             .iter()
             .map(|s| Ok(put(&format!("secrets/{app}/{}", s.name), json(s)?)))
             .collect::<Result<Vec<_>>>()?;
-        self.txn(Txn::new().and_then(ops))?;
+        self.txn(Txn::new().and_then(ops), &[])?;
         Ok(())
     }
 
@@ -787,7 +810,7 @@ impl Store for EtcdStore {
                 .iter()
                 .map(|n| delete(&format!("secrets/{app}/{n}")))
                 .collect();
-            self.txn(Txn::new().and_then(ops))?;
+            self.txn(Txn::new().and_then(ops), &[])?;
         }
         Ok(there)
     }
@@ -802,7 +825,7 @@ impl Store for EtcdStore {
 
     fn put_registry_login(&self, org: &str, login: &SealedLogin) -> Result<()> {
         let key = format!("logins/{org}/{}", login.registry);
-        self.txn(Txn::new().and_then([put(&key, json(login)?)]))?;
+        self.txn(Txn::new().and_then([put(&key, json(login)?)]), &[])?;
         Ok(())
     }
 
@@ -811,7 +834,7 @@ impl Store for EtcdStore {
         let txn = Txn::new()
             .when([Compare::create_revision(k(&key), CompareOp::Greater, 0)])
             .and_then([delete(&key)]);
-        Ok(self.txn(txn)?.0)
+        Ok(self.txn(txn, &[&key])?.0)
     }
 
     fn sealed_logins(&self, org: &str) -> Result<Vec<SealedLogin>> {

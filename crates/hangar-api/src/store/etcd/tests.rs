@@ -147,3 +147,30 @@ fn a_read_model_behind_a_compaction_reloads_and_tells_the_feed_readers() {
         store.changes(before)
     );
 }
+
+#[test]
+fn writes_of_others_outside_hangars_keys_do_not_hold_up_a_refused_write() {
+    let (_dir, members) = cluster();
+    let store = EtcdStore::open(&members.endpoints()).unwrap();
+    store.create_app("web", "acme").unwrap();
+    // Someone else's key in the same etcd: its revision is one the watch of
+    // Hangar's keys never brings.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c =
+            hangar_cluster::connect(&members.endpoints(), std::time::Duration::from_secs(2))
+                .await
+                .unwrap();
+        c.put("/elsewhere/x", "1", None).await.unwrap();
+    });
+    let t = std::time::Instant::now();
+    assert!(matches!(
+        store.create_app("web", "acme"),
+        Err(Error::Conflict(_))
+    ));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+}
