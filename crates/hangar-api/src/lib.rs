@@ -65,4 +65,4 @@ pub mod wire;
 pub use config::MachineConfig;
 pub use error::{Error, Result};
 pub use node::Node;
-pub use store::{Desired, Machine, MachineState, Placement, SqliteStore, Store};
+pub use store::{Desired, EtcdStore, Machine, MachineState, Placement, SqliteStore, Store};

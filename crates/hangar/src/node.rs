@@ -101,10 +101,11 @@ fn stop(home: &Path) -> Result<()> {
     } else {
         println!("no node runs on {}", home.display());
     }
-    if !home.join("state.db").is_file() {
+    let at = crate::node_config::StateAt::of_home(home);
+    if at.etcd.is_none() && !home.join("state.db").is_file() {
         return Ok(());
     }
-    let (node, _) = crate::up::open_node(home)?;
+    let (node, _) = crate::up::open_node(home, &at)?;
     let stopped = node.stop_all();
     for m in node.state.list()? {
         node.driver.release(&m.id);
@@ -152,7 +153,8 @@ fn destroy(home: &Path, yes: bool) -> Result<()> {
     let machines = home.join("machines");
     if home.join("state.db").is_file() || machines.is_dir() {
         stop(home)?;
-        let (node, _) = crate::up::open_node(home)?;
+        let at = crate::node_config::StateAt::of_home(home);
+        let (node, _) = crate::up::open_node(home, &at)?;
         let mut ids: Vec<String> = node.state.list()?.into_iter().map(|m| m.id).collect();
         // Machines on disk that the state store does not know (a crash
         // between the two) go as well.

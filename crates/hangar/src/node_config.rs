@@ -18,6 +18,44 @@ pub struct NodeConfig {
     /// Where the node's edge serves apps: `http://<app>.<domain>:<port>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge: Option<String>,
+    /// The etcd cluster that keeps the node's state (`--etcd`); none: the
+    /// node's own SQLite store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<String>,
+    /// The node's name in that cluster (`--node`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// Where a node keeps its state: its own SQLite store, or an etcd cluster
+/// under a node name.
+#[derive(Clone, Debug, Default)]
+pub struct StateAt {
+    pub etcd: Option<String>,
+    pub node: Option<String>,
+}
+
+impl StateAt {
+    /// What `config.toml` says (for `hangar node stop` and `destroy`).
+    pub fn of_home(home: &Path) -> StateAt {
+        load(home)
+            .map(|c| StateAt {
+                etcd: c.etcd,
+                node: c.node,
+            })
+            .unwrap_or_default()
+    }
+
+    /// The node's name: as given, else the host's name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "node".into())
+        })
+    }
 }
 
 impl NodeConfig {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hangar_api::server::{Api, Puller};
-use hangar_api::{Node, SqliteStore};
+use hangar_api::{EtcdStore, Node, SqliteStore, Store};
 use hangar_machine::Runtime;
 
 use crate::node_config::{self, NodeConfig};
@@ -56,6 +56,13 @@ pub struct UpArgs {
     /// repeat for more. Orgs never reach the node's own services otherwise.
     #[arg(long = "allow-registry", value_name = "HOST:PORT")]
     allow_registry: Vec<String>,
+    /// Keep the node's state in this etcd cluster (http://HOST:PORT, comma
+    /// separated) instead of $HANGAR_HOME/state.db; remembered in config.toml
+    #[arg(long, env = "HANGAR_ETCD", value_name = "URL[,URL...]")]
+    etcd: Option<String>,
+    /// The node's name in the etcd cluster (default: the host's name)
+    #[arg(long, requires = "etcd")]
+    node: Option<String>,
     /// How the node logs (to stderr; the level from $HANGAR_LOG, default info)
     #[arg(long, value_enum, default_value_t)]
     pub log_format: crate::LogFormat,
@@ -136,7 +143,10 @@ fn random_token() -> Result<String> {
 /// The node's state and machines on this host, as `hangar up` and
 /// `hangar node stop` open them.
 /// Also returns the driver, for what only the real one has (the VMM).
-pub fn open_node(home: &std::path::Path) -> Result<(Node, Arc<Runtime>)> {
+pub fn open_node(
+    home: &std::path::Path,
+    at: &node_config::StateAt,
+) -> Result<(Node, Arc<Runtime>)> {
     hangar_machine::check_host()?;
     let init = init_binary(home)?;
     let exe = std::env::current_exe().context("cannot find the hangar binary")?;
@@ -145,7 +155,14 @@ pub fn open_node(home: &std::path::Path) -> Result<(Node, Arc<Runtime>)> {
         runtime = runtime.with_vms(kernel);
     }
     let runtime = Arc::new(runtime);
-    let state = Arc::new(SqliteStore::open(home)?);
+    let state: Arc<dyn Store> = match &at.etcd {
+        None => Arc::new(SqliteStore::open(home)?),
+        Some(endpoints) => {
+            let store = EtcdStore::open(endpoints)?;
+            store.claim_single_node(&at.node_name())?;
+            Arc::new(store)
+        }
+    };
     let sealer = hangar_api::apps::Sealer::open_or_create(home)?;
     let images = runtime.store().clone();
     let node = Node::new(state, runtime.clone(), images, sealer);
@@ -154,7 +171,15 @@ pub fn open_node(home: &std::path::Path) -> Result<(Node, Arc<Runtime>)> {
 
 pub fn run(args: UpArgs) -> Result<()> {
     let home = crate::home()?;
-    let (mut node, runtime) = open_node(&home)?;
+    let earlier = node_config::StateAt::of_home(&home);
+    let at = node_config::StateAt {
+        etcd: args.etcd.clone().or(earlier.etcd),
+        node: args.node.clone().or(earlier.node),
+    };
+    let (mut node, runtime) = open_node(&home, &at)?;
+    if let Some(etcd) = &at.etcd {
+        tracing::info!("state in etcd at {etcd}, as node {}", at.node_name());
+    }
     let _pid_file = crate::node::PidFile::create(&home)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -238,7 +263,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 }
             });
         }
-        node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url })?;
+        node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url, etcd: at.etcd.clone(), node: at.etcd.as_ref().map(|_| at.node_name()) })?;
         tracing::info!("Machines API on http://{addr} (token in {})", node_config::path(&home).display());
         // Which accelerator micro-VMs get, probed in the background.
         match runtime.vmm() {

@@ -190,6 +190,33 @@ impl EtcdStore {
         })
     }
 
+    /// Take the cluster for node `node`, or find it taken by that node
+    /// already (a restart). The node's loop runs every machine the store
+    /// holds, so until nodes have membership and machines an owner, one
+    /// cluster has one node: another is refused, saying so.
+    pub fn claim_single_node(&self, node: &str) -> Result<()> {
+        let key = "cluster/node";
+        let txn = Txn::new()
+            .when([absent(key)])
+            .and_then([put(key, json(node)?)]);
+        if self.txn(txn, &[key])?.0 {
+            return Ok(());
+        }
+        match self.read::<String>(key)? {
+            Some((holder, _)) if holder == node => Ok(()),
+            Some((holder, _)) => Err(Error::Conflict(format!(
+                "etcd at {} keeps the state of node {holder:?}; one cluster has one node for now \
+                 (nodes with their own machines come with cluster membership): start this node \
+                 with an etcd of its own, or as --node {holder} where that node ran",
+                self.endpoints
+            ))),
+            None => Err(Error::Internal(format!(
+                "etcd at {}: the cluster's node claim vanished; start the node again",
+                self.endpoints
+            ))),
+        }
+    }
+
     fn run<T: Send + 'static>(
         &self,
         f: impl Future<Output = Result<T>> + Send + 'static,

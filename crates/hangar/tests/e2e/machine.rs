@@ -1613,3 +1613,55 @@ fn a_node_that_cannot_make_sure_nothing_is_forwarded_out_refuses_to_start() {
     );
     assert!(!stderr.contains("Machines API on"), "{stderr}");
 }
+
+/// `hangar up --etcd`: the node's state lives in etcd (Debian's, on
+/// loopback), not in its home; a `kill -9` of the node and a start again
+/// adopt the running machine from there; a second node on the same
+/// cluster is refused, saying why, until nodes have membership.
+#[test]
+fn a_node_on_etcd_keeps_its_state_there_and_a_second_node_is_refused() {
+    let etcd_dir = tempfile::tempdir().unwrap();
+    let members = hangar_cluster::members::Members::start(etcd_dir.path(), 1).unwrap();
+    let endpoints = members.endpoints();
+    let mut node = Node::start_with(&["--etcd", &endpoints, "--node", "n1"]);
+    let image = busybox_image(&node.h);
+    let id = node.run(&[&image, "--", "/bin/sh", "-c", "echo up; sleep 1000"]);
+    node.wait_for(&id, "start", |s| s["state"] == "started");
+    assert!(
+        !node.h.home().join("state.db").exists(),
+        "the state went to SQLite"
+    );
+    let config = fs::read_to_string(node.h.home().join("config.toml")).unwrap();
+    assert!(
+        config.contains(&endpoints) && config.contains("\"n1\""),
+        "{config}"
+    );
+    node.kill9();
+    node.up();
+    let s = node.wait_for(&id, "adoption", |s| s["state"] == "started");
+    assert_eq!(s["restarts"], 0, "adopted from etcd's state, not restarted");
+    assert_eq!(node.exec(&id, &["true"]).0, 0);
+
+    let other = Hangar::new();
+    let mut args = UP_ON_FREE_PORTS.to_vec();
+    args.extend(["--etcd", &endpoints, "--node", "n2"]);
+    let mut child = other.command(&args).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a second node started on the first one's cluster");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("keeps the state of node \"n1\"") && err.contains("one cluster has one node"),
+        "{err}"
+    );
+}
