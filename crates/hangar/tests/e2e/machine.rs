@@ -1581,30 +1581,13 @@ fn a_node_that_cannot_make_sure_nothing_is_forwarded_out_refuses_to_start() {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(bin.join("ip6tables"), fs::Permissions::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-    let mut child = h
+    let child = h
         .command(&UP_ON_FREE_PORTS)
         .env("PATH", path)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("hangar up started although it cannot check its forward rule");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = refused(child, "it cannot check its forward rule");
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("cannot make sure nothing is forwarded out")
@@ -1645,7 +1628,18 @@ fn a_node_on_etcd_keeps_its_state_there_and_a_second_node_is_refused() {
     let other = Hangar::new();
     let mut args = UP_ON_FREE_PORTS.to_vec();
     args.extend(["--etcd", &endpoints, "--node", "n2"]);
-    let mut child = other.command(&args).stderr(Stdio::piped()).spawn().unwrap();
+    let child = other.command(&args).stderr(Stdio::piped()).spawn().unwrap();
+    let (status, err) = refused(child, "it is a second node on the first one's cluster");
+    assert!(!status.success());
+    assert!(
+        err.contains("keeps the state of node \"n1\"") && err.contains("one cluster has one node"),
+        "{err}"
+    );
+}
+
+/// Wait (30 s at most) for a `hangar up` that must refuse to start; its
+/// exit status and what it said. One that keeps running fails the test.
+fn refused(mut child: Child, why: &str) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -1653,15 +1647,16 @@ fn a_node_on_etcd_keeps_its_state_there_and_a_second_node_is_refused() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("a second node started on the first one's cluster");
+            panic!("hangar up started although {why}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
-    assert!(
-        err.contains("keeps the state of node \"n1\"") && err.contains("one cluster has one node"),
-        "{err}"
-    );
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
 }
