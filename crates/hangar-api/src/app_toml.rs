@@ -467,6 +467,7 @@ impl AppToml {
             strategy: d.strategy,
             max_unavailable: d.max_unavailable,
             description: description.to_string(),
+            primary_region: self.primary_region.clone(),
         }
     }
 }

@@ -113,6 +113,11 @@ pub struct Sealer {
 impl Sealer {
     /// The node's key from `home/secrets.key`, made (mode 0600) if missing.
     pub fn open_or_create(home: &Path) -> Result<Sealer> {
+        Sealer::from_key(&Sealer::key_of(home)?)
+    }
+
+    /// The bytes of the node's key (`home/secrets.key`), made if missing.
+    pub fn key_of(home: &Path) -> Result<Vec<u8>> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let path = home.join("secrets.key");
@@ -130,8 +135,17 @@ impl Sealer {
             }
             Err(e) => return Err(err(e)),
         };
+        Ok(key)
+    }
+
+    /// The sealer of a 64-byte key (in a cluster, the cluster's: every
+    /// node opens every app's secrets).
+    pub fn from_key(key: &[u8]) -> Result<Sealer> {
+        if key.len() != 64 {
+            return Err(Error::Internal("a secrets key is 64 bytes".into()));
+        }
         // A key of its own for the AEAD, so no key serves two constructions.
-        let mut derive = <HmacSha256 as Mac>::new_from_slice(&key).expect("any key length");
+        let mut derive = <HmacSha256 as Mac>::new_from_slice(key).expect("any key length");
         derive.update(b"hangar secrets, format 1: chacha20-poly1305");
         let aead_key = derive.finalize().into_bytes();
         let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &aead_key)

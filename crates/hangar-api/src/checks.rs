@@ -205,7 +205,7 @@ pub async fn run(node: Arc<Node>) {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tick.tick().await;
-        let machines = match node.state.list() {
+        let machines = match node.own_machines() {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!("checks: {e}");

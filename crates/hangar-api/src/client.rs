@@ -53,6 +53,7 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    headers: reqwest::header::HeaderMap,
 }
 
 /// No body.
@@ -62,11 +63,26 @@ impl Client {
     /// `base` is the API's URL (`http://127.0.0.1:4280`), `token` the admin
     /// token or an org's.
     pub fn new(base: &str, token: &str) -> Client {
+        Client::with_http(reqwest::Client::new(), base, token)
+    }
+
+    /// The same, over an HTTP client the caller keeps (and its pool).
+    pub fn with_http(http: reqwest::Client, base: &str, token: &str) -> Client {
         Client {
-            http: reqwest::Client::new(),
+            http,
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
+            headers: Default::default(),
         }
+    }
+
+    /// Send this header with every request too (a node of a cluster says
+    /// so to another; see [`crate::cluster`]).
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Client {
+        if let Ok(v) = reqwest::header::HeaderValue::from_str(value) {
+            self.headers.insert(name, v);
+        }
+        self
     }
 
     /// The base URL.
@@ -84,7 +100,8 @@ impl Client {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+            .bearer_auth(&self.token)
+            .headers(self.headers.clone());
         if let Some(b) = body {
             let bytes = serde_json::to_vec(b).map_err(|e| ClientError::Answer {
                 what: path.to_string(),
@@ -292,9 +309,19 @@ impl Client {
     }
 
     /// Scale the app's current release to `count` machines.
-    pub async fn scale(&self, app: &str, count: u32, say: impl FnMut(&str)) -> Result<()> {
+    /// `count` machines in each of `regions` (none: each region the app
+    /// has machines in).
+    pub async fn scale(
+        &self,
+        app: &str,
+        count: u32,
+        regions: &[String],
+        say: impl FnMut(&str),
+    ) -> Result<()> {
         let path = format!("/v1/apps/{app}/scale");
-        self.follow(&path, &ScaleRequest { count }, say).await?;
+        let regions = regions.to_vec();
+        self.follow(&path, &ScaleRequest { count, regions }, say)
+            .await?;
         Ok(())
     }
 
@@ -417,5 +444,6 @@ pub fn changed(release: &Release, change: impl FnOnce(&mut MachineConfig)) -> De
         strategy: Default::default(),
         max_unavailable: 0,
         description: String::new(),
+        primary_region: release.config.metadata.get("region").cloned(),
     }
 }

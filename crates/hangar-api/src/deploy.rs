@@ -51,6 +51,11 @@ pub struct DeployRequest {
     pub max_unavailable: u32,
     #[serde(default)]
     pub description: String,
+    /// Where the app's first machines go (`primary_region` of hangar.toml);
+    /// a deploy replaces each machine in its own region. Default: the
+    /// node's region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
 }
 
 /// How long a deploy waits for a new machine to be up: long enough for
@@ -91,12 +96,6 @@ impl Progress {
     fn say(&self, message: String) {
         let _ = self.0.send(serde_json::json!({ "message": message }));
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("operation failed: {e}")))?
 }
 
 /// Holds an app for one deploy or scale; released on drop.
@@ -146,18 +145,33 @@ fn suffix() -> String {
     )
 }
 
+/// A new machine of the app's release, placed in `region` (see
+/// [`Node::create_placed`]).
 async fn create(
     node: &Arc<Node>,
     app: &str,
     release: Option<u32>,
     config: &MachineConfig,
+    region: Option<&str>,
 ) -> Result<Machine> {
-    let (node, config, name) = (node.clone(), config.clone(), format!("{app}-{}", suffix()));
     let place = Placement {
         app: Some(app.to_string()),
         release,
     };
-    blocking(move || node.create(Some(name), place, config)).await
+    let name = format!("{app}-{}", suffix());
+    let org = node.state.app(app).ok().map(|a| a.org);
+    node.create_placed(Some(name), place, config.clone(), region, org.as_deref())
+        .await
+}
+
+/// The region of `m`: its own, or (a machine from before regions) its
+/// node's.
+fn region_of<'a>(node: &'a Node, m: &'a Machine) -> &'a str {
+    if m.region.is_empty() {
+        &node.site.region
+    } else {
+        &m.region
+    }
 }
 
 /// `v3`, or `v?` for a machine of no release.
@@ -167,16 +181,10 @@ fn version(m: &Machine) -> String {
         .unwrap_or_else(|| "v?".into())
 }
 
-/// Stop (with the machine's kill signal and timeout) and destroy.
+/// Stop (with the machine's kill signal and timeout) and destroy,
+/// wherever it runs.
 async fn retire(node: &Arc<Node>, m: &Machine) -> Result<()> {
-    let node = node.clone();
-    let id = m.id.clone();
-    let (signal, timeout) = m.config.kill();
-    blocking(move || {
-        node.stop(&id, &signal, timeout)?;
-        node.destroy(&id, true).map(|_| ())
-    })
-    .await
+    node.retire(m).await
 }
 
 /// The last `n` lines of a machine's log.
@@ -285,7 +293,10 @@ pub async fn wait_healthy(node: &Arc<Node>, m: &Machine, checks: bool) -> Result
                     )));
                 }
             }
-            MachineState::Stopped | MachineState::Failed | MachineState::Destroyed => {
+            MachineState::Stopped
+            | MachineState::Failed
+            | MachineState::Destroyed
+            | MachineState::Lost => {
                 return Err(failed(format!("exited{code}{oom} before it was up")));
             }
             _ => up_since = None,
@@ -383,6 +394,15 @@ pub async fn deploy(
     node.check_config(&config)?;
     let old = app_machines(&node, &app)?;
     let count = req.count.map(|c| c as usize).unwrap_or(old.len().max(1));
+    // The i-th new machine goes where the i-th old one is, the rest to the
+    // primary region.
+    let regions: Vec<Option<String>> = (0..count)
+        .map(|i| {
+            old.get(i)
+                .map(|m| region_of(&node, m).to_string())
+                .or(req.primary_region.clone())
+        })
+        .collect();
     let replaces: Vec<String> = old.iter().map(|m| m.id.clone()).collect();
     let release = node
         .state
@@ -404,13 +424,14 @@ pub async fn deploy(
                     let n = batch.min(count - created.len());
                     let mut fresh = Vec::new();
                     for _ in 0..n {
-                        let m = create(&node, &app, v, &config).await?;
+                        let region = regions[created.len()].as_deref();
+                        let m = create(&node, &app, v, &config, region).await?;
                         progress.say(format!("machine {} started, waiting for its checks", m.id));
                         created.push(m.clone());
                         fresh.push(m);
                     }
                     for m in &fresh {
-                        wait_healthy(&node, m, true).await?;
+                        node.wait_up(m, true).await?;
                         progress.say(format!("machine {} is healthy", m.id));
                     }
                     for _ in 0..n {
@@ -437,13 +458,13 @@ pub async fn deploy(
                 }
             }
             strategy => {
-                for _ in 0..count {
-                    let m = create(&node, &app, v, &config).await?;
+                for region in &regions {
+                    let m = create(&node, &app, v, &config, region.as_deref()).await?;
                     progress.say(format!("machine {} started", m.id));
                     created.push(m);
                 }
                 for m in &created {
-                    wait_healthy(&node, m, strategy == Strategy::Bluegreen).await?;
+                    node.wait_up(m, strategy == Strategy::Bluegreen).await?;
                     progress.say(format!(
                         "machine {} is {}",
                         m.id,
@@ -482,7 +503,8 @@ pub async fn deploy(
             }
             for o in &retired {
                 // The old release comes back as it was.
-                match create(&node, &app, o.release, &o.config).await {
+                let region = region_of(&node, o).to_string();
+                match create(&node, &app, o.release, &o.config, Some(&region)).await {
                     Ok(m) => progress.say(format!("machine {} restored ({})", m.id, version(o))),
                     Err(e) => progress.say(format!(
                         "could not restore a machine of the old release: {e}"
@@ -514,7 +536,8 @@ pub async fn recover(node: Arc<Node>, cut: crate::apps::Interrupted) -> Result<(
     for id in &cut.replaces {
         let old = node.state.get(id)?;
         if old.state == MachineState::Destroyed {
-            create(&node, &cut.app, old.release, &old.config).await?;
+            let region = region_of(&node, &old).to_string();
+            create(&node, &cut.app, old.release, &old.config, Some(&region)).await?;
         }
     }
     for m in app_machines(&node, &cut.app)? {
@@ -530,12 +553,15 @@ pub async fn recover(node: Arc<Node>, cut: crate::apps::Interrupted) -> Result<(
     )
 }
 
-/// Set the number of machines of an app's current release: new ones must
+/// Set the number of machines of an app's current release in each of
+/// `regions` (none given: each region the app has machines in, or the
+/// node's own), as `fly scale count N --region a,b` does: new ones must
 /// pass their checks; extra ones go, newest first.
 pub async fn scale_count(
     node: Arc<Node>,
     app: String,
     count: u32,
+    regions: Vec<String>,
     progress: Progress,
 ) -> Result<()> {
     check_count(count)?;
@@ -548,12 +574,28 @@ pub async fn scale_count(
     let config = release.config.clone();
     let v = Some(release.version);
     let machines = app_machines(&node, &app)?;
+    let mut regions = regions;
+    if regions.is_empty() {
+        regions = machines
+            .iter()
+            .map(|m| region_of(&node, m).to_string())
+            .collect();
+        regions.sort();
+        regions.dedup();
+    }
+    if regions.is_empty() {
+        regions.push(node.site.region.clone());
+    }
     let count = count as usize;
-    if count > machines.len() {
-        for _ in machines.len()..count {
-            let m = create(&node, &app, v, &config).await?;
+    for region in &regions {
+        let here: Vec<&Machine> = machines
+            .iter()
+            .filter(|m| region_of(&node, m) == region)
+            .collect();
+        for _ in here.len()..count {
+            let m = create(&node, &app, v, &config, Some(region)).await?;
             progress.say(format!("machine {} started, waiting for its checks", m.id));
-            if let Err(e) = wait_healthy(&node, &m, true).await {
+            if let Err(e) = node.wait_up(&m, true).await {
                 if let Err(e) = retire(&node, &m).await {
                     tracing::warn!(machine = %m.id, "scale: removing a machine that failed: {e}");
                 }
@@ -561,8 +603,7 @@ pub async fn scale_count(
             }
             progress.say(format!("machine {} is healthy", m.id));
         }
-    } else {
-        for m in machines.iter().rev().take(machines.len() - count) {
+        for m in here.iter().rev().take(here.len().saturating_sub(count)) {
             retire(&node, m).await?;
             progress.say(format!("machine {} stopped and destroyed", m.id));
         }

@@ -75,6 +75,8 @@ mod tests {
                 ..Default::default()
             },
             slot,
+            node: String::new(),
+            region: String::new(),
             exit_code: None,
             oom_killed: false,
             restarts: 0,

@@ -28,6 +28,10 @@ pub enum Error {
     /// A wait that ran out of time.
     #[error("{0}")]
     Timeout(String),
+    /// What the call needs cannot be reached now: the cluster's state
+    /// store without quorum, or the node a machine runs on.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -42,10 +46,29 @@ impl Error {
             Error::Busy(_) => 429,
             Error::NotAllowed(_) => 405,
             Error::Timeout(_) => 408,
+            Error::Unavailable(_) => 503,
             Error::Oci(hangar_oci::Error::InvalidReference { .. }) => 400,
             Error::Oci(hangar_oci::Error::NotFound(_)) => 404,
             Error::Machine(hangar_machine::Error::Invalid(_)) => 400,
             _ => 500,
+        }
+    }
+}
+
+impl From<crate::client::ClientError> for Error {
+    /// Another node's refusal, as this node answers it (the same status).
+    fn from(e: crate::client::ClientError) -> Error {
+        let text = e.to_string();
+        match e.status() {
+            Some(404) => Error::NotFound(text),
+            Some(409) => Error::Conflict(text),
+            Some(400) => Error::Invalid(text),
+            Some(413) => Error::TooLarge(text),
+            Some(429) => Error::Busy(text),
+            Some(405) => Error::NotAllowed(text),
+            Some(408) => Error::Timeout(text),
+            Some(503) | None => Error::Unavailable(text),
+            Some(_) => Error::Internal(text),
         }
     }
 }

@@ -52,6 +52,7 @@ pub mod app_toml;
 pub mod apps;
 pub mod checks;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod deploy;
 pub mod egress;

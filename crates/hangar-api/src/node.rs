@@ -13,7 +13,9 @@ use hangar_oci::Reference;
 use crate::config::MachineConfig;
 use crate::config::{DriverKind, RestartPolicy};
 use crate::error::{Error, Result};
-use crate::store::{Desired, Expect, Machine, MachineChange, MachineState, Placement, Store};
+use crate::store::{
+    Desired, Expect, Machine, MachineChange, MachineState, Placement, Site, Store,
+};
 
 /// The port of the node's egress proxy on the bridge gateway.
 pub const EGRESS_PORT: u16 = 4750;
@@ -35,6 +37,10 @@ pub struct Node {
     pub(crate) routing: Option<crate::routing::Routing>,
     /// The egress proxy's policy, where the node has one.
     egress: Option<Arc<dyn crate::egress::EgressControl>>,
+    /// This node's name and region: where the machines it creates run.
+    pub site: Site,
+    /// The cluster it is a member of, if any (see [`crate::cluster`]).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Output of `exec`.
@@ -43,6 +49,15 @@ pub struct ExecOutput {
     pub exit_code: i32,
     pub stdout: String,
     pub stderr: String,
+}
+
+/// Run a blocking node operation off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("operation failed: {e}")))?
 }
 
 fn random_id() -> Result<String> {
@@ -93,6 +108,8 @@ pub fn reconcile_step(m: &Machine, host: ProcState) -> Step {
     match host {
         ProcState::Running if m.state != S::Started => Step::MarkStarted,
         ProcState::Running => Step::Nothing,
+        // Lost with its node, which is back: its app ended meanwhile.
+        ProcState::Exited(_) if m.state == S::Lost => Step::Adopt,
         // An exit seen before the start was recorded is the last run's.
         ProcState::Exited(_) if m.state != S::Started => Step::Nothing,
         ProcState::Exited(exit) => Step::Exited {
@@ -131,7 +148,36 @@ impl Node {
             locks: Mutex::new(HashMap::new()),
             routing: None,
             egress: None,
+            site: Site::default(),
+            cluster: None,
         }
+    }
+
+    /// Name the node and its region: what its machines record.
+    pub fn with_site(mut self, site: Site) -> Node {
+        self.site = site;
+        self
+    }
+
+    /// Make the node a member of a cluster: it runs only its own machines,
+    /// and carries calls about the others' to them.
+    pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Node {
+        self.site = cluster.site();
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Whether `m` runs here: its node is this one (a node alone has no
+    /// name, nor have the machines of its store).
+    pub fn owns(&self, m: &Machine) -> bool {
+        m.node == self.site.node || m.node.is_empty()
+    }
+
+    /// The machines that run here (not destroyed), oldest first.
+    pub fn own_machines(&self) -> Result<Vec<Machine>> {
+        let mut all = self.state.list()?;
+        all.retain(|m| self.owns(m));
+        Ok(all)
     }
 
     /// Serve apps through an edge: every tick gives it each app's machines
@@ -151,7 +197,7 @@ impl Node {
     /// stops, then the routes (which leave the idle stops out).
     pub fn tick(self: &Arc<Self>) {
         self.reconcile();
-        let machines = match self.state.list() {
+        let machines = match self.own_machines() {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!("tick: {e}");
@@ -268,7 +314,9 @@ impl Node {
                 "machine name {name:?} must be 1-63 letters, digits or '-'"
             )));
         }
-        let m = self.state.insert_machine(&id, &name, &place, &config)?;
+        let m = self
+            .state
+            .insert_machine(&id, &name, &self.site, &place, &config)?;
         let lock = self.lock(&id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         let created = self
@@ -412,6 +460,18 @@ impl Node {
 
     pub fn destroy(&self, id: &str, force: bool) -> Result<Machine> {
         let m = self.state.get(id)?;
+        if !self.owns(&m) {
+            // Its node is gone (a live one destroys its own): forget it;
+            // the node removes it from its host should it come back.
+            self.state.set_desired(&m.id, Desired::Destroyed)?;
+            self.state.mark_destroyed(&m.id)?;
+            self.state.event(
+                &m.id,
+                "destroyed",
+                serde_json::json!({"by": self.site.node, "node_gone": m.node}),
+            )?;
+            return self.state.get(&m.id);
+        }
         let lock = self.lock(&m.id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.driver.state(&m.id) == ProcState::Running {
@@ -481,7 +541,7 @@ impl Node {
 
     /// Bring the host in line with the state store, once.
     pub fn reconcile(self: &Arc<Self>) {
-        let machines = match self.state.list() {
+        let machines = match self.own_machines() {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!("reconcile: {e}");
@@ -497,6 +557,7 @@ impl Node {
             .filter(|id| self.driver.state(id) != ProcState::Running)
             .collect();
         let leftovers = self.driver.holding_host_resources(&idle);
+        self.remove_strays(&machines);
         for m in machines {
             let lock = self.lock(&m.id);
             let Ok(guard) = lock.try_lock() else {
@@ -510,6 +571,35 @@ impl Node {
                 Ok(()) => {}
                 Err(Error::Conflict(e)) => tracing::debug!(machine = %m.id, "reconcile: {e}"),
                 Err(e) => tracing::warn!(machine = %m.id, "reconcile: {e}"),
+            }
+        }
+    }
+
+    /// Remove from the host the machines the store says are destroyed (or
+    /// does not know): in a cluster, those replaced while this node was
+    /// away.
+    fn remove_strays(&self, own: &[Machine]) {
+        for id in self.driver.machines() {
+            if own.iter().any(|m| m.id == id) {
+                continue;
+            }
+            let gone = match self.state.get(&id) {
+                Ok(m) => m.state == MachineState::Destroyed,
+                Err(Error::NotFound(_)) => true,
+                Err(_) => false,
+            };
+            let lock = self.lock(&id);
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            if gone {
+                if self.driver.state(&id) == ProcState::Running {
+                    let _ = self.driver.signal(&id, "SIGKILL");
+                }
+                match self.driver.destroy(&id) {
+                    Ok(()) => tracing::info!(machine = %id, "removed from this host: it was destroyed (or replaced) while this node was away"),
+                    Err(e) => tracing::warn!(machine = %id, "removing a destroyed machine: {e}"),
+                }
             }
         }
     }
@@ -592,7 +682,7 @@ impl Node {
     /// Each with its own kill signal and timeout; returns how many ran.
     pub fn stop_all(&self) -> usize {
         let mut stopped = 0;
-        for m in self.state.list().unwrap_or_default() {
+        for m in self.own_machines().unwrap_or_default() {
             if self.driver.state(&m.id) == ProcState::Running {
                 let (signal, timeout) = m.config.kill();
                 if let Err(e) = self.stop(&m.id, &signal, timeout) {

@@ -178,7 +178,7 @@ impl Node {
             .one_at_a_time
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match self.state.list() {
+        match self.own_machines() {
             Ok(machines) => routing.ingress.set_hosts(&edge_hosts(
                 &machines,
                 |m| self.in_service(m),
@@ -278,7 +278,7 @@ impl Node {
             .or_default()
             .clone();
         let _one_at_a_time = lock.lock().await;
-        let machines = self.state.list().map_err(|e| e.to_string())?;
+        let machines = self.own_machines().map_err(|e| e.to_string())?;
         let mine: Vec<&Machine> = machines
             .iter()
             .filter(|m| app_of(m) == app && !m.config.services.is_empty())
@@ -397,6 +397,8 @@ mod tests {
                 ..Default::default()
             },
             slot: 258 + created_at as u32,
+            node: String::new(),
+            region: String::new(),
             exit_code: None,
             oom_killed: false,
             restarts: 0,

@@ -30,6 +30,13 @@ pub struct CreateMachine {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub app: Option<String>,
     pub config: MachineConfig,
+    /// The region to run it in (a cluster's; default: the node's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The release of its app it belongs to: set by the nodes of a cluster
+    /// for a deploy's machines (the admin's only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u32>,
 }
 
 /// `POST /v1/machines/{id}`: a new config (the machine is replaced).
@@ -181,7 +188,11 @@ pub struct AppView {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScaleRequest {
+    /// Machines per region.
     pub count: u32,
+    /// The regions to scale in; none: each the app has machines in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
 }
 
 /// `POST /v1/apps/{app}/secrets`.

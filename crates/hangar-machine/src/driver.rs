@@ -39,6 +39,8 @@ pub trait Driver: Send + Sync {
     fn gc(&self) -> Result<usize>;
     /// What a micro-VM machine's VMM says (none for a container).
     fn vm_info(&self, id: &str) -> Option<VmInfo>;
+    /// The ids of the machines the host has (created, not destroyed).
+    fn machines(&self) -> Vec<String>;
 }
 
 /// A command for [`Driver::exec`].
@@ -147,12 +149,6 @@ pub mod fake {
             self.inner().fail_create = Some(why.to_string());
         }
 
-        /// Ids of the machines that exist (created, not destroyed).
-        pub fn machines(&self) -> Vec<String> {
-            let mut ids: Vec<String> = self.inner().states.keys().cloned().collect();
-            ids.sort();
-            ids
-        }
     }
 
     impl Driver for FakeDriver {
@@ -257,6 +253,12 @@ pub mod fake {
 
         fn gc(&self) -> Result<usize> {
             Ok(0)
+        }
+
+        fn machines(&self) -> Vec<String> {
+            let mut ids: Vec<String> = self.inner().states.keys().cloned().collect();
+            ids.sort();
+            ids
         }
 
         fn vm_info(&self, _id: &str) -> Option<VmInfo> {

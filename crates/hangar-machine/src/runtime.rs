@@ -506,6 +506,20 @@ impl Driver for Runtime {
     fn holding_host_resources(&self, ids: &[&str]) -> Vec<String> {
         self.holding(ids).into_iter().map(String::from).collect()
     }
+
+    /// The directories below `machines/` with a snapshot lease: a machine
+    /// is one from its create to its destroy.
+    fn machines(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(&self.machines)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|id| self.dir(id).lease().exists())
+            .collect();
+        ids.sort();
+        ids
+    }
 }
 
 /// See `Runtime::release`.

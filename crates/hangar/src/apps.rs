@@ -80,8 +80,14 @@ impl DeployArgs {
 
 #[derive(Subcommand)]
 pub enum ScaleCommand {
-    /// Set the number of machines
-    Count { count: u32 },
+    /// Set the number of machines (in each region)
+    Count {
+        count: u32,
+        /// The regions to scale in, comma separated (default: each region
+        /// the app has machines in)
+        #[arg(long, short = 'r', value_delimiter = ',')]
+        region: Vec<String>,
+    },
     /// Set each machine's memory (a new release)
     Memory { mb: u64 },
 }
@@ -469,9 +475,13 @@ pub fn scale(flag: AppFlag, command: ScaleCommand) -> Result<()> {
     let app = app_name(&flag)?;
     let client = connect()?;
     match command {
-        ScaleCommand::Count { count } => {
-            runtime()?.block_on(client.scale(&app, count, say(flag.json)))?;
-            println!("{app} runs {count} machine(s)");
+        ScaleCommand::Count { count, region } => {
+            runtime()?.block_on(client.scale(&app, count, &region, say(flag.json)))?;
+            if region.is_empty() {
+                println!("{app} runs {count} machine(s)");
+            } else {
+                println!("{app} runs {count} machine(s) in each of {}", region.join(", "));
+            }
             Ok(())
         }
         ScaleCommand::Memory { mb } => {

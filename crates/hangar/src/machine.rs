@@ -64,6 +64,9 @@ enum MachineCommand {
         /// Destroy the machine when it exits for good
         #[arg(long)]
         rm: bool,
+        /// The region to run it in (a cluster's; default: the node's)
+        #[arg(long)]
+        region: Option<String>,
         /// The command (replaces the image's Cmd)
         #[arg(last = true)]
         cmd: Vec<String>,
@@ -227,6 +230,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             user,
             entrypoint,
             rm,
+            region,
             cmd,
         } => {
             let mut envs = BTreeMap::new();
@@ -268,6 +272,8 @@ async fn run_async(args: MachineArgs) -> Result<()> {
                     name,
                     app: None,
                     config,
+                    region,
+                    release: None,
                 })
                 .await?;
             println!("{}", m.id);

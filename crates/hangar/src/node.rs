@@ -105,9 +105,9 @@ fn stop(home: &Path) -> Result<()> {
     if at.etcd.is_none() && !home.join("state.db").is_file() {
         return Ok(());
     }
-    let (node, _) = crate::up::open_node(home, &at)?;
+    let node = crate::up::open_node(home, &at)?.node;
     let stopped = node.stop_all();
-    for m in node.state.list()? {
+    for m in node.own_machines()? {
         node.driver.release(&m.id);
     }
     println!(
@@ -154,14 +154,13 @@ fn destroy(home: &Path, yes: bool) -> Result<()> {
     if home.join("state.db").is_file() || machines.is_dir() {
         stop(home)?;
         let at = crate::node_config::StateAt::of_home(home);
-        let (node, _) = crate::up::open_node(home, &at)?;
-        let mut ids: Vec<String> = node.state.list()?.into_iter().map(|m| m.id).collect();
+        let node = crate::up::open_node(home, &at)?.node;
+        let mut ids: Vec<String> = node.own_machines()?.into_iter().map(|m| m.id).collect();
         // Machines on disk that the state store does not know (a crash
         // between the two) go as well.
-        for entry in std::fs::read_dir(&machines).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.path().join("lease").exists() && !ids.contains(&name) {
-                ids.push(name);
+        for id in node.driver.machines() {
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
         for id in &ids {

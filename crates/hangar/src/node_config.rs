@@ -25,6 +25,9 @@ pub struct NodeConfig {
     /// The node's name in that cluster (`--node`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The node's region (`--region`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Where a node keeps its state: its own SQLite store, or an etcd cluster
@@ -33,6 +36,7 @@ pub struct NodeConfig {
 pub struct StateAt {
     pub etcd: Option<String>,
     pub node: Option<String>,
+    pub region: Option<String>,
 }
 
 impl StateAt {
@@ -42,8 +46,22 @@ impl StateAt {
             .map(|c| StateAt {
                 etcd: c.etcd,
                 node: c.node,
+                region: c.region,
             })
             .unwrap_or_default()
+    }
+
+    /// Where the node's machines run: its name (in a cluster; a node alone
+    /// has none) and its region (`local` unless given).
+    pub fn site(&self) -> hangar_api::store::Site {
+        hangar_api::store::Site {
+            node: if self.etcd.is_some() {
+                self.node_name()
+            } else {
+                String::new()
+            },
+            region: self.region.clone().unwrap_or_else(|| "local".into()),
+        }
     }
 
     /// The node's name: as given, else the host's name.

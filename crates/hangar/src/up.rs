@@ -63,6 +63,18 @@ pub struct UpArgs {
     /// The node's name in the etcd cluster (default: the host's name)
     #[arg(long, requires = "etcd")]
     node: Option<String>,
+    /// The node's region (default: as before, else `local`); machines are
+    /// placed by region (`primary_region`, `hangar scale count --region`)
+    #[arg(long, env = "HANGAR_REGION")]
+    region: Option<String>,
+    /// The URL the other nodes of the cluster reach this node's API at
+    /// (default: http://<the --listen address>)
+    #[arg(long, requires = "etcd", value_name = "URL")]
+    advertise: Option<String>,
+    /// The memory this node's machines may have in all, in MB (default:
+    /// the host's)
+    #[arg(long, value_name = "MB")]
+    memory_mb: Option<u64>,
     /// How the node logs (to stderr; the level from $HANGAR_LOG, default info)
     #[arg(long, value_enum, default_value_t)]
     pub log_format: crate::LogFormat,
@@ -140,13 +152,16 @@ fn random_token() -> Result<String> {
     ))
 }
 
-/// The node's state and machines on this host, as `hangar up` and
-/// `hangar node stop` open them.
-/// Also returns the driver, for what only the real one has (the VMM).
-pub fn open_node(
-    home: &std::path::Path,
-    at: &node_config::StateAt,
-) -> Result<(Node, Arc<Runtime>)> {
+/// A node as `hangar up`, `hangar node stop` and `destroy` open it: its
+/// state store and machines on this host, and the driver (for what only
+/// the real one has, the VMM), and the cluster's store when it is in one.
+pub struct Opened {
+    pub node: Node,
+    pub runtime: Arc<Runtime>,
+    pub etcd: Option<Arc<EtcdStore>>,
+}
+
+pub fn open_node(home: &std::path::Path, at: &node_config::StateAt) -> Result<Opened> {
     hangar_machine::check_host()?;
     let init = init_binary(home)?;
     let exe = std::env::current_exe().context("cannot find the hangar binary")?;
@@ -155,18 +170,61 @@ pub fn open_node(
         runtime = runtime.with_vms(kernel);
     }
     let runtime = Arc::new(runtime);
-    let state: Arc<dyn Store> = match &at.etcd {
-        None => Arc::new(SqliteStore::open(home)?),
+    let (state, etcd, sealer): (Arc<dyn Store>, _, _) = match &at.etcd {
+        None => (
+            Arc::new(SqliteStore::open(home)?),
+            None,
+            hangar_api::apps::Sealer::open_or_create(home)?,
+        ),
         Some(endpoints) => {
-            let store = EtcdStore::open(endpoints)?;
-            store.claim_single_node(&at.node_name())?;
-            Arc::new(store)
+            let store = Arc::new(EtcdStore::open(endpoints)?);
+            // Every node opens every app's secrets: the key is the
+            // cluster's (the first node's).
+            let local = hangar_api::apps::Sealer::key_of(home)?;
+            let key = store.cluster_value("secrets-key", &local)?;
+            (store.clone(), Some(store), hangar_api::apps::Sealer::from_key(&key)?)
         }
     };
-    let sealer = hangar_api::apps::Sealer::open_or_create(home)?;
     let images = runtime.store().clone();
-    let node = Node::new(state, runtime.clone(), images, sealer);
-    Ok((node, runtime))
+    let node = Node::new(state, runtime.clone(), images, sealer).with_site(at.site());
+    Ok(Opened { node, runtime, etcd })
+}
+
+/// The host's memory in MB (from /proc/meminfo).
+fn host_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(1024, |kb| kb / 1024)
+}
+
+/// Join the cluster of `etcd` as this node, announcing its API at `api`;
+/// the lease is kept in `home` so that a restart takes over its own
+/// membership at once.
+fn join_cluster(
+    home: &std::path::Path,
+    etcd: Arc<EtcdStore>,
+    me: hangar_api::store::Member,
+    token: String,
+) -> Result<Arc<hangar_api::cluster::Cluster>> {
+    let lease_file = home.join("cluster.lease");
+    let earlier = std::fs::read_to_string(&lease_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<i64>().ok());
+    let lease = etcd.join(&me, hangar_api::store::LEASE_TTL, earlier)?;
+    std::fs::write(&lease_file, lease.to_string())
+        .with_context(|| format!("cannot write {}", lease_file.display()))?;
+    Ok(Arc::new(hangar_api::cluster::Cluster {
+        me,
+        store: etcd,
+        token,
+        http: reqwest::Client::new(),
+    }))
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -175,8 +233,9 @@ pub fn run(args: UpArgs) -> Result<()> {
     let at = node_config::StateAt {
         etcd: args.etcd.clone().or(earlier.etcd),
         node: args.node.clone().or(earlier.node),
+        region: args.region.clone().or(earlier.region),
     };
-    let (mut node, runtime) = open_node(&home, &at)?;
+    let Opened { mut node, runtime, etcd } = open_node(&home, &at)?;
     if let Some(etcd) = &at.etcd {
         tracing::info!("state in etcd at {etcd}, as node {}", at.node_name());
     }
@@ -190,10 +249,16 @@ pub fn run(args: UpArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}; is another node running? pick another with --listen", args.listen))?;
         let addr = listener.local_addr()?;
-        let token = match node_config::load(&home) {
+        let mut token = match node_config::load(&home) {
             Ok(c) => c.token,
             Err(_) => random_token()?,
         };
+        // The nodes of a cluster share one admin token (the first node's):
+        // the CLI works against any of them, and they call each other with it.
+        if let Some(etcd) = &etcd {
+            let shared = etcd.cluster_value("admin-token", token.as_bytes())?;
+            token = String::from_utf8(shared).context("the cluster's admin token in etcd is not text")?;
+        }
         let mut registry_addr = None;
         let mut own_registry = None;
         if !args.no_registry {
@@ -210,7 +275,7 @@ pub fn run(args: UpArgs) -> Result<()> {
 
         // The egress proxy, on the bridge gateway, where machines find it.
         hangar_machine::network::ensure_bridge(0)?;
-        let mine: Vec<String> = node.state.list()?.into_iter().map(|m| m.id).collect();
+        let mine: Vec<String> = node.own_machines()?.into_iter().map(|m| m.id).collect();
         let strangers = hangar_machine::network::strangers(&mine);
         if !strangers.is_empty() {
             tracing::warn!("machines this node does not know are running on the bridge ({}), left by a node with another HANGAR_HOME; their addresses may collide with this node's machines: stop them with that HANGAR_HOME (`hangar machine destroy --force`) or with `ip netns del hangar-<id>`",
@@ -251,7 +316,21 @@ pub fn run(args: UpArgs) -> Result<()> {
             let ingress = crate::bridges::EdgeIngress { edge: running.edge.clone(), runtime: tokio::runtime::Handle::current() };
             node = node.with_routing(hangar_api::routing::Routing::new(Arc::new(ingress), &args.domain));
         }
+        if let Some(etcd) = etcd.clone() {
+            let me = hangar_api::store::Member {
+                name: at.node_name(),
+                region: node.site.region.clone(),
+                api: args.advertise.clone().unwrap_or_else(|| format!("http://{addr}")),
+                registry: registry_addr.clone(),
+                memory_mb: args.memory_mb.unwrap_or_else(host_memory_mb),
+                cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            };
+            let cluster = join_cluster(&home, etcd, me, token.clone())?;
+            tracing::info!("a member of the cluster as node {} in region {}", cluster.me.name, cluster.me.region);
+            node = node.with_cluster(cluster);
+        }
         let node = Arc::new(node);
+        tokio::spawn(hangar_api::cluster::lead(node.clone()));
         {
             let node = node.clone();
             tokio::spawn(async move {
@@ -263,7 +342,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 }
             });
         }
-        node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url, etcd: at.etcd.clone(), node: at.etcd.as_ref().map(|_| at.node_name()) })?;
+        node_config::save(&home, &NodeConfig { api: format!("http://{addr}"), token: token.clone(), registry: registry_addr, edge: edge_url, etcd: at.etcd.clone(), node: at.etcd.as_ref().map(|_| at.node_name()), region: at.region.clone() })?;
         tracing::info!("Machines API on http://{addr} (token in {})", node_config::path(&home).display());
         // Which accelerator micro-VMs get, probed in the background.
         match runtime.vmm() {

@@ -66,6 +66,7 @@ fn request(image: &str, count: u32, strategy: Strategy) -> DeployRequest {
         strategy,
         max_unavailable: 0,
         description: String::new(),
+        primary_region: None,
     }
 }
 
@@ -389,14 +390,14 @@ async fn a_deploy_cut_short_by_the_node_is_undone_when_it_starts_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_adds_healthy_machines_and_removes_the_newest() {
     let (t, _) = with_v1(Strategy::Rolling, 1).await;
-    scale_count(t.node.clone(), "web".into(), 3, progress().0)
+    scale_count(t.node.clone(), "web".into(), 3, vec![], progress().0)
         .await
         .unwrap();
     let ms = app_machines(&t.node, "web").unwrap();
     assert_eq!(ms.len(), 3);
     assert!(ms.iter().all(|m| m.release == Some(1)));
     let oldest = ms[0].id.clone();
-    scale_count(t.node.clone(), "web".into(), 1, progress().0)
+    scale_count(t.node.clone(), "web".into(), 1, vec![], progress().0)
         .await
         .unwrap();
     let ms = app_machines(&t.node, "web").unwrap();

@@ -60,6 +60,8 @@ fn machine(state: MachineState, desired: Desired, policy: RestartPolicy, restart
         release: None,
         config,
         slot: 2,
+        node: String::new(),
+        region: String::new(),
         exit_code: None,
         oom_killed: false,
         restarts,

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::*;
+use hangar_machine::Driver as _;
 use crate::client::{Client, ClientError};
 use crate::config::MachineConfig;
 use crate::node::tests::{config, test_node, TestNode};
@@ -61,6 +62,7 @@ fn of_app(app: &str, config: MachineConfig) -> CreateMachine {
         name: None,
         app: Some(app.into()),
         config,
+        ..Default::default()
     }
 }
 
@@ -131,6 +133,7 @@ async fn the_client_deploys_and_streams_the_progress() {
         strategy: Default::default(),
         max_unavailable: 0,
         description: "first".into(),
+        primary_region: None,
     };
     let release = acme
         .deploy("web", &req, |m| said.push(m.to_string()))
@@ -144,7 +147,7 @@ async fn the_client_deploys_and_streams_the_progress() {
     assert!(app.machines.iter().all(|m| m.release == Some(1)));
     assert_eq!(app.release.map(|r| r.version), Some(1));
 
-    acme.scale("web", 1, |_| {}).await.unwrap();
+    acme.scale("web", 1, &[], |_| {}).await.unwrap();
     let summary = acme.apps().await.unwrap();
     assert_eq!(summary.len(), 1, "acme sees only its app: {summary:?}");
     assert_eq!((summary[0].machines, summary[0].release), (1, Some(1)));
@@ -217,7 +220,7 @@ async fn a_second_org_reaches_nothing_of_the_first() {
         status(evil.unset_secrets("web", &["KEY".into()]).await).0,
         404
     );
-    assert_eq!(status(evil.scale("web", 0, |_| {}).await).0, 404);
+    assert_eq!(status(evil.scale("web", 0, &[], |_| {}).await).0, 404);
     let deploy = DeployRequest {
         image: "registry.test/evil:1".into(),
         config: config(),
@@ -225,6 +228,7 @@ async fn a_second_org_reaches_nothing_of_the_first() {
         strategy: Default::default(),
         max_unavailable: 0,
         description: String::new(),
+        primary_region: None,
     };
     assert_eq!(status(evil.deploy("web", &deploy, |_| {}).await).0, 404);
     assert_eq!(status(evil.destroy_app("web").await).0, 404);

@@ -103,7 +103,7 @@ pub(super) async fn scale(
 ) -> Result<Response, Error> {
     let node = api.node.clone();
     Ok(progress(move |progress| async move {
-        crate::deploy::scale_count(node, app.name, body.count, progress).await?;
+        crate::deploy::scale_count(node, app.name, body.count, body.regions, progress).await?;
         Ok(None)
     }))
 }

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::{blocking, ApiState, Caller, Json, OwnMachine, Query};
+use super::{blocking, ApiState, Caller, Carried, Json, OwnMachine, Query};
 use crate::config::{MachineConfig, MAX_SECONDS};
 use crate::error::Error;
 use crate::node::Node;
@@ -122,14 +122,37 @@ pub(super) async fn list(State(api): ApiState, caller: Caller) -> Answer<Vec<Mac
 pub(super) async fn create(
     State(api): ApiState,
     caller: Caller,
+    carried: Carried,
     Json(mut body): Json<CreateMachine>,
 ) -> Answer<MachineView> {
-    let app = app_named(body.app, &mut body.config)?;
+    let app = app_named(body.app.take(), &mut body.config)?;
     api.node.check_config(&body.config)?;
     api.org_may_use(&caller, app.as_deref())?;
+    if body.release.is_some() && caller != Caller::Admin && carried.0.is_none() {
+        return Err(Error::Invalid(
+            "release is set by deploys; leave it out".into(),
+        ));
+    }
+    // A create another node placed here is made here; any other is placed.
+    if carried.0.is_none() {
+        let region = body.region.as_deref();
+        if let Some((cluster, member)) = api.node.place_new(app.as_deref(), &body.config, region)? {
+            body.app = app;
+            body.region = None;
+            let made = cluster
+                .client(&member, caller.org())
+                .create_machine(&body)
+                .await?;
+            api.node.seen(&made.id).await?;
+            return Ok(axum::Json(made));
+        }
+    }
     api.fetch_image(&caller, &body.config.image).await?;
     let node = api.node.clone();
-    let place = Placement { app, release: None };
+    let place = Placement {
+        app,
+        release: body.release,
+    };
     let m = blocking(move || node.create(body.name, place, body.config)).await?;
     Ok(axum::Json(view(&api.node, &m)))
 }
@@ -243,17 +266,37 @@ pub(super) async fn wait(
     OwnMachine(m): OwnMachine,
     Query(q): Query<WaitQuery>,
 ) -> Answer<MachineView> {
+    let timeout = wait_timeout(q.timeout.as_deref())?;
     let want = match q.state.as_deref().unwrap_or("started") {
         "started" => MachineState::Started,
         "stopped" => MachineState::Stopped,
         "destroyed" => MachineState::Destroyed,
+        // Up as a deploy counts it: started, its checks passing (or, with
+        // none, its ports accepting connections).
+        "healthy" => {
+            return match tokio::time::timeout(
+                timeout,
+                crate::deploy::wait_healthy(&api.node, &m, true),
+            )
+            .await
+            {
+                Ok(r) => {
+                    r?;
+                    Ok(axum::Json(view(&api.node, &api.node.state.get(&m.id)?)))
+                }
+                Err(_) => Err(Error::Timeout(format!(
+                    "machine {} was not healthy after {}s",
+                    m.id,
+                    timeout.as_secs()
+                ))),
+            }
+        }
         _ => {
             return Err(Error::Invalid(
-                "state must be started, stopped or destroyed".into(),
+                "state must be started, stopped, destroyed or healthy".into(),
             ))
         }
     };
-    let timeout = wait_timeout(q.timeout.as_deref())?;
     let deadline = Instant::now() + timeout;
     loop {
         let m = api.node.state.get(&m.id)?;

@@ -12,6 +12,7 @@
 #[cfg(test)]
 mod api_tests;
 mod apps;
+mod carry;
 mod machines;
 #[cfg(test)]
 mod tests;
@@ -29,7 +30,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::error::Error;
-use crate::node::Node;
+use crate::node::{blocking, Node};
 use crate::store::Machine;
 use crate::wire::ErrorBody;
 
@@ -96,8 +97,8 @@ type ApiState = State<Arc<Api>>;
 
 /// The API's routes.
 pub fn router(api: Arc<Api>) -> Router {
-    Router::new()
-        .route("/v1/machines", get(machines::list).post(machines::create))
+    // Calls about a machine go to the node that runs it.
+    let machine = Router::new()
         .route(
             "/v1/machines/{id}",
             get(machines::show)
@@ -112,6 +113,13 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/machines/{id}/events", get(machines::events))
         .route("/v1/machines/{id}/wait", get(machines::wait))
         .route("/v1/machines/{id}/logs", get(machines::logs))
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            carry::carry,
+        ));
+    Router::new()
+        .route("/v1/machines", get(machines::list).post(machines::create))
+        .merge(machine)
         .route("/v1/apps", get(apps::list).post(apps::create))
         .route("/v1/apps/{app}", get(apps::show).delete(apps::destroy))
         .route("/v1/apps/{app}/releases", get(apps::releases))
@@ -213,8 +221,17 @@ async fn authenticate(State(api): ApiState, mut req: Request, next: Next) -> Res
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .unwrap_or_default();
+    let via = header_text(&req, crate::cluster::VIA);
+    let for_org = header_text(&req, crate::cluster::FOR_ORG);
+    // Another node of the cluster, with the cluster's token: for the org
+    // it names, if any.
+    let mut carried = Carried(None);
     let caller = if !given.is_empty() && given == api.token {
-        Some(Caller::Admin)
+        carried = Carried(via);
+        match for_org {
+            Some(org) if carried.0.is_some() => Some(Caller::Org(org)),
+            _ => Some(Caller::Admin),
+        }
     } else {
         api.orgs
             .as_ref()
@@ -244,7 +261,33 @@ async fn authenticate(State(api): ApiState, mut req: Request, next: Next) -> Res
         .into_response();
     };
     req.extensions_mut().insert(caller);
+    req.extensions_mut().insert(carried);
     next.run(req).await
+}
+
+fn header_text(req: &Request, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The node that carried a call here from another (see
+/// [`crate::cluster`]): it bore the cluster's token, and it is carried
+/// no further.
+#[derive(Clone, Debug)]
+pub struct Carried(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Carried {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Error> {
+        Ok(parts
+            .extensions
+            .get::<Carried>()
+            .cloned()
+            .unwrap_or(Carried(None)))
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
@@ -395,11 +438,3 @@ impl Api {
     }
 }
 
-/// Run a blocking node operation off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("operation failed: {e}")))?
-}

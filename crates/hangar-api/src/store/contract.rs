@@ -6,13 +6,24 @@ use std::path::Path;
 
 use crate::apps::{ReleaseStatus, Sealer};
 use crate::error::Error;
-use crate::store::{Changes, Desired, Expect, Kind, MachineChange, MachineState, Placement, Store};
+use crate::store::{Changes, Desired, Expect, Kind, MachineChange, MachineState, Placement, Site, Store};
 use crate::MachineConfig;
 
+/// Where the contract's machines run.
+pub(crate) fn site() -> Site {
+    Site {
+        node: "n1".into(),
+        region: "ams".into(),
+    }
+}
+
+/// A new machine of no app, on [`site`]: it keeps its site.
 pub(crate) fn machine(store: &dyn Store, name: &str) -> crate::Machine {
-    store
-        .insert_machine(name, name, &Placement::default(), &MachineConfig::default())
-        .unwrap()
+    let m = store
+        .insert_machine(name, name, &site(), &Placement::default(), &MachineConfig::default())
+        .unwrap();
+    assert_eq!((m.node.as_str(), m.region.as_str()), ("n1", "ams"));
+    m
 }
 
 pub(crate) fn apps_releases_and_secrets(state: &dyn Store, dir: &Path) {
@@ -107,6 +118,7 @@ pub(crate) fn the_feed_names_every_write_in_order(store: &dyn Store, dir: &Path)
         .insert_machine(
             "m1",
             "m1",
+            &site(),
             &Placement {
                 app: Some("web".into()),
                 release: None,

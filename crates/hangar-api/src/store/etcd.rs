@@ -26,11 +26,14 @@ use hangar_cluster::etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
     WatchOptions,
 };
+
+mod cluster;
+pub use cluster::LEASE_TTL;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{
     no_app, no_machine, now, Change, Changes, Desired, Event, Expect, Kind, Machine, MachineChange,
-    MachineState, Placement, SealedLogin, SealedSecret, Store,
+    MachineState, Placement, SealedLogin, SealedSecret, Site, Store,
 };
 use crate::apps::{valid_name, App, Interrupted, Release, ReleaseStatus};
 use crate::config::MachineConfig;
@@ -50,6 +53,8 @@ struct Kv {
     value: Vec<u8>,
     mod_revision: i64,
     create_revision: i64,
+    /// The lease it lives under (0: none).
+    lease: i64,
 }
 
 #[derive(Default)]
@@ -150,13 +155,65 @@ struct StoredRelease {
     replaces: Vec<String>,
 }
 
-pub struct EtcdStore {
+/// A transaction in the making: what it compares, and what it does when
+/// the compares hold (see [`EtcdStore::txn`]).
+#[derive(Default)]
+struct Write {
+    when: Vec<Compare>,
+    then: Vec<TxnOp>,
+}
+
+impl Write {
+    fn new() -> Write {
+        Write::default()
+    }
+
+    fn when(mut self, compares: impl IntoIterator<Item = Compare>) -> Write {
+        self.when.extend(compares);
+        self
+    }
+
+    fn and_then(mut self, ops: impl IntoIterator<Item = TxnOp>) -> Write {
+        self.then.extend(ops);
+        self
+    }
+}
+
+/// What a node's store shares with its leader's handle.
+pub struct Shared {
     client: Client,
     model: Arc<Model>,
     /// Runs the client and the watch; the store's calls wait on it from
     /// any thread (a node's API handlers, its loop).
     rt: Option<tokio::runtime::Runtime>,
     endpoints: String,
+    /// This node as a member of the cluster, once it joined.
+    joined: Mutex<Option<cluster::Joined>>,
+    /// Its key in the leader election while it leads.
+    leading: Mutex<Option<Fence>>,
+}
+
+/// The leader's election key and its create revision: every write made
+/// as the leader compares it, so a node that lost the lead (its lease
+/// expired while it was paused) writes nothing.
+#[derive(Clone, Debug, PartialEq)]
+struct Fence {
+    key: String,
+    rev: i64,
+}
+
+pub struct EtcdStore {
+    shared: Arc<Shared>,
+    /// Set on the leader's handle ([`EtcdStore::as_leader`]).
+    fence: Option<Fence>,
+}
+
+impl std::ops::Deref for EtcdStore {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 impl EtcdStore {
@@ -183,38 +240,16 @@ impl EtcdStore {
         let revision = run(&rt, load(client.clone(), model.clone()))?;
         rt.spawn(follow(client.clone(), model.clone(), revision));
         Ok(EtcdStore {
-            client,
-            model,
-            rt: Some(rt),
-            endpoints: endpoints.to_string(),
+            shared: Arc::new(Shared {
+                client,
+                model,
+                rt: Some(rt),
+                endpoints: endpoints.to_string(),
+                joined: Mutex::new(None),
+                leading: Mutex::new(None),
+            }),
+            fence: None,
         })
-    }
-
-    /// Take the cluster for node `node`, or find it taken by that node
-    /// already (a restart). The node's loop runs every machine the store
-    /// holds, so until nodes have membership and machines an owner, one
-    /// cluster has one node: another is refused, saying so.
-    pub fn claim_single_node(&self, node: &str) -> Result<()> {
-        let key = "cluster/node";
-        let txn = Txn::new()
-            .when([absent(key)])
-            .and_then([put(key, json(node)?)]);
-        if self.txn(txn, &[key])?.0 {
-            return Ok(());
-        }
-        match self.read::<String>(key)? {
-            Some((holder, _)) if holder == node => Ok(()),
-            Some((holder, _)) => Err(Error::Conflict(format!(
-                "etcd at {} keeps the state of node {holder:?}; one cluster has one node for now \
-                 (nodes with their own machines come with cluster membership): start this node \
-                 with an etcd of its own, or as --node {holder} where that node ran",
-                self.endpoints
-            ))),
-            None => Err(Error::Internal(format!(
-                "etcd at {}: the cluster's node claim vanished; start the node again",
-                self.endpoints
-            ))),
-        }
     }
 
     fn run<T: Send + 'static>(
@@ -228,7 +263,7 @@ impl EtcdStore {
     }
 
     fn etcd(&self, e: hangar_cluster::etcd_client::Error) -> Error {
-        Error::Internal(format!(
+        Error::Unavailable(format!(
             "etcd at {}: {e} (with no quorum, writes fail until it is back; the outcome of this one is unknown)",
             self.endpoints
         ))
@@ -238,13 +273,23 @@ impl EtcdStore {
     /// wait until the read model has what it saw: the write, when it
     /// succeeded; the compared keys as they are now, when it failed (so a
     /// retry decides on them). Returns whether it succeeded and its revision.
-    fn txn(&self, txn: Txn, compared: &[&str]) -> Result<(bool, i64)> {
-        let txn = txn.or_else(
-            compared
-                .iter()
-                .map(|key| TxnOp::get(k(key), None))
-                .collect::<Vec<_>>(),
-        );
+    /// On the leader's handle it also compares the leader's election key:
+    /// a leader that lost the lead is refused, whatever else holds.
+    fn txn(&self, write: Write, compared: &[&str]) -> Result<(bool, i64)> {
+        let mut when = write.when;
+        let mut reads: Vec<TxnOp> = compared
+            .iter()
+            .map(|key| TxnOp::get(k(key), None))
+            .collect();
+        if let Some(fence) = &self.fence {
+            when.push(Compare::create_revision(
+                fence.key.clone(),
+                CompareOp::Equal,
+                fence.rev,
+            ));
+            reads.push(TxnOp::get(fence.key.clone(), None));
+        }
+        let txn = Txn::new().when(when).and_then(write.then).or_else(reads);
         let mut client = self.client.clone();
         let resp: TxnResponse = match self.run(async move {
             Ok(tokio::time::timeout(TIMEOUT, client.txn(txn)).await)
@@ -252,7 +297,7 @@ impl EtcdStore {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(self.etcd(e)),
             Err(_) => {
-                return Err(Error::Internal(format!(
+                return Err(Error::Unavailable(format!(
                     "etcd at {}: no answer within {}s (no quorum?); the outcome of this write is unknown",
                     self.endpoints,
                     TIMEOUT.as_secs()
@@ -262,21 +307,40 @@ impl EtcdStore {
         let revision = resp.header().map_or(0, |h| h.revision());
         if resp.succeeded() {
             self.model.reach(revision)?;
-        } else {
-            // Not the header's revision: that may be of a write outside
-            // Hangar's keys, which the watch never brings.
-            let seen = resp
-                .op_responses()
-                .iter()
-                .filter_map(|r| match r {
-                    TxnOpResponse::Get(g) => g.kvs().iter().map(|kv| kv.mod_revision()).max(),
-                    _ => None,
-                })
-                .max()
-                .unwrap_or(0);
-            self.model.reach(seen)?;
+            return Ok((true, revision));
         }
-        Ok((resp.succeeded(), revision))
+        let gets: Vec<_> = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g),
+                _ => None,
+            })
+            .collect();
+        if let Some(fence) = &self.fence {
+            let still = gets
+                .last()
+                .and_then(|g| g.kvs().first())
+                .is_some_and(|kv| kv.create_revision() == fence.rev);
+            if !still {
+                let mut leading = self.leading.lock().unwrap_or_else(|e| e.into_inner());
+                if leading.as_ref() == Some(fence) {
+                    *leading = None;
+                }
+                return Err(Error::Conflict(
+                    "this node no longer leads the cluster (its election key is gone); the new leader carries on".into(),
+                ));
+            }
+        }
+        // Not the header's revision: that may be of a write outside
+        // Hangar's keys, which the watch never brings.
+        let seen = gets
+            .iter()
+            .filter_map(|g| g.kvs().iter().map(|kv| kv.mod_revision()).max())
+            .max()
+            .unwrap_or(0);
+        self.model.reach(seen)?;
+        Ok((false, revision))
     }
 
     fn read<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, Kv)>> {
@@ -307,7 +371,7 @@ impl EtcdStore {
     }
 }
 
-impl Drop for EtcdStore {
+impl Drop for Shared {
     fn drop(&mut self) {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
@@ -347,6 +411,7 @@ async fn load(mut client: Client, model: Arc<Model>) -> Result<i64> {
                 value: kv.value().to_vec(),
                 mod_revision: kv.mod_revision(),
                 create_revision: kv.create_revision(),
+                lease: kv.lease(),
             },
         );
     }
@@ -411,6 +476,7 @@ async fn follow(client: Client, model: Arc<Model>, mut from: i64) {
                                     value: kv.value().to_vec(),
                                     mod_revision: kv.mod_revision(),
                                     create_revision: kv.create_revision(),
+                                    lease: kv.lease(),
                                 },
                             );
                         }
@@ -450,6 +516,7 @@ impl Store for EtcdStore {
         &self,
         id: &str,
         name: &str,
+        site: &Site,
         place: &Placement,
         config: &MachineConfig,
     ) -> Result<Machine> {
@@ -478,6 +545,8 @@ impl Store for EtcdStore {
                 release: place.release,
                 config: config.clone(),
                 slot,
+                node: site.node.clone(),
+                region: site.region.clone(),
                 exit_code: None,
                 oom_killed: false,
                 restarts: 0,
@@ -490,7 +559,7 @@ impl Store for EtcdStore {
                 format!("slots/{slot}"),
                 format!("machines/{id}"),
             );
-            let txn = Txn::new()
+            let txn = Write::new()
                 .when([absent(&names), absent(&slots), absent(&machines)])
                 .and_then([
                     put(&names, json(id)?),
@@ -582,7 +651,7 @@ impl Store for EtcdStore {
             let key = format!("machines/{id}");
             let mut ops = vec![put(&key, json(&m)?)];
             ops.extend(extra);
-            let txn = Txn::new()
+            let txn = Write::new()
                 .when([Compare::mod_revision(
                     k(&key),
                     CompareOp::Equal,
@@ -626,7 +695,7 @@ impl Store for EtcdStore {
                 )));
             };
             let (nets, owners) = (format!("nets/{org}"), format!("net-owners/{net}"));
-            let txn = Txn::new()
+            let txn = Write::new()
                 .when([absent(&nets), absent(&owners)])
                 .and_then([put(&nets, json(&net)?), put(&owners, json(&org)?)]);
             if self.txn(txn, &[&nets, &owners])?.0 {
@@ -647,7 +716,7 @@ impl Store for EtcdStore {
         };
         let seq = hex::encode(crate::apps::random_bytes(8)?);
         let key = format!("events/{id}/{seq}");
-        self.txn(Txn::new().and_then([put(&key, json(&event)?)]), &[])?;
+        self.txn(Write::new().and_then([put(&key, json(&event)?)]), &[])?;
         Ok(())
     }
 
@@ -665,7 +734,7 @@ impl Store for EtcdStore {
             created_at: now(),
         };
         let key = format!("apps/{name}");
-        let txn = Txn::new()
+        let txn = Write::new()
             .when([absent(&key)])
             .and_then([put(&key, json(&app)?)]);
         if !self.txn(txn, &[&key])?.0 {
@@ -691,7 +760,7 @@ impl Store for EtcdStore {
     }
 
     fn delete_app(&self, name: &str) -> Result<()> {
-        let txn = Txn::new().and_then([
+        let txn = Write::new().and_then([
             delete(&format!("apps/{name}")),
             TxnOp::delete(
                 k(&format!("releases/{name}/")),
@@ -730,7 +799,7 @@ impl Store for EtcdStore {
                 release: release.clone(),
                 replaces: replaces.to_vec(),
             };
-            let txn = Txn::new()
+            let txn = Write::new()
                 .when([absent(&key)])
                 .and_then([put(&key, json(&stored)?)]);
             if self.txn(txn, &[&key])?.0 {
@@ -757,7 +826,7 @@ impl Store for EtcdStore {
             };
             stored.release.status = status;
             stored.release.description = description.into();
-            let txn = Txn::new()
+            let txn = Write::new()
                 .when([Compare::mod_revision(
                     k(&key),
                     CompareOp::Equal,
@@ -785,7 +854,7 @@ impl Store for EtcdStore {
                 .release
                 .description
                 .push_str(" (the node stopped during the deploy)");
-            let txn = Txn::new()
+            let txn = Write::new()
                 .when([Compare::mod_revision(
                     k(&key),
                     CompareOp::Equal,
@@ -819,7 +888,7 @@ impl Store for EtcdStore {
             .iter()
             .map(|s| Ok(put(&format!("secrets/{app}/{}", s.name), json(s)?)))
             .collect::<Result<Vec<_>>>()?;
-        self.txn(Txn::new().and_then(ops), &[])?;
+        self.txn(Write::new().and_then(ops), &[])?;
         Ok(())
     }
 
@@ -837,7 +906,7 @@ impl Store for EtcdStore {
                 .iter()
                 .map(|n| delete(&format!("secrets/{app}/{n}")))
                 .collect();
-            self.txn(Txn::new().and_then(ops), &[])?;
+            self.txn(Write::new().and_then(ops), &[])?;
         }
         Ok(there)
     }
@@ -852,13 +921,13 @@ impl Store for EtcdStore {
 
     fn put_registry_login(&self, org: &str, login: &SealedLogin) -> Result<()> {
         let key = format!("logins/{org}/{}", login.registry);
-        self.txn(Txn::new().and_then([put(&key, json(login)?)]), &[])?;
+        self.txn(Write::new().and_then([put(&key, json(login)?)]), &[])?;
         Ok(())
     }
 
     fn remove_registry_login(&self, org: &str, registry: &str) -> Result<bool> {
         let key = format!("logins/{org}/{registry}");
-        let txn = Txn::new()
+        let txn = Write::new()
             .when([Compare::create_revision(k(&key), CompareOp::Greater, 0)])
             .and_then([delete(&key)]);
         Ok(self.txn(txn, &[&key])?.0)
@@ -874,6 +943,14 @@ impl Store for EtcdStore {
 
     fn revision(&self) -> Result<u64> {
         Ok(self.model.view().revision as u64)
+    }
+
+    fn members(&self) -> Result<Vec<crate::store::Member>> {
+        Ok(self
+            .scan::<crate::store::Member>("members/")?
+            .into_iter()
+            .map(|(_, m, _)| m)
+            .collect())
     }
 
     fn changes(&self, since: u64) -> Result<Changes> {

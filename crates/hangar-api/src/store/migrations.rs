@@ -192,11 +192,17 @@ fn v3(tx: &Transaction) -> HookResult {
     Ok(())
 }
 
+/// Version 4: the node a machine runs on and its region (a one-node
+/// store's machines before it: empty, the node's own).
+const V4: &str = "ALTER TABLE machines ADD COLUMN node TEXT NOT NULL DEFAULT '';
+                  ALTER TABLE machines ADD COLUMN region TEXT NOT NULL DEFAULT '';";
+
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
         M::up_with_hook("", v1),
         M::up_with_hook("", v2),
         M::up_with_hook("", v3),
+        M::up(V4),
     ])
 }
 

@@ -34,7 +34,7 @@ use crate::apps::{App, Interrupted, Release, ReleaseStatus, Sealer, SecretInfo};
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
 
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, LEASE_TTL};
 pub use sqlite::SqliteStore;
 
 crate::closed_set! {
@@ -48,6 +48,10 @@ crate::closed_set! {
         Destroying,
         Destroyed,
         Failed,
+        /// Its node left the cluster (its lease ended) with it: its app
+        /// gets a replacement elsewhere; it is started again should its
+        /// node come back first.
+        Lost,
     }
 }
 
@@ -74,6 +78,12 @@ pub struct Machine {
     pub release: Option<u32>,
     pub config: MachineConfig,
     pub slot: u32,
+    /// The node it runs on (empty: a one-node store's own, before nodes
+    /// had names) and that node's region.
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub region: String,
     pub exit_code: Option<i32>,
     pub oom_killed: bool,
     pub restarts: u32,
@@ -92,6 +102,31 @@ pub struct Event {
     pub kind: String,
     pub detail: serde_json::Value,
     pub at: u64,
+}
+
+/// Which node runs a machine, and in which region: the node that creates
+/// it (in a cluster, the one its create was placed on).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Site {
+    pub node: String,
+    pub region: String,
+}
+
+/// A node of a cluster as it announces itself while it lives (its
+/// membership ends with its lease: see [`EtcdStore::join`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub region: String,
+    /// Its Machines API (`http://host:port`): where calls about its
+    /// machines are carried out.
+    pub api: String,
+    /// Its registry (`host:port`), if it runs one.
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// The memory its machines may have in all, in MB, and its CPUs.
+    pub memory_mb: u64,
+    pub cpus: u32,
 }
 
 /// Where a machine belongs: its app and the app's release.
@@ -204,6 +239,7 @@ pub trait Store: Send + Sync {
         &self,
         id: &str,
         name: &str,
+        site: &Site,
         place: &Placement,
         config: &MachineConfig,
     ) -> Result<Machine>;
@@ -286,6 +322,12 @@ pub trait Store: Send + Sync {
 
     /// The store's revision now: the last write's.
     fn revision(&self) -> Result<u64>;
+
+    /// The live members of the cluster, by name; none for a store of one
+    /// node.
+    fn members(&self) -> Result<Vec<Member>> {
+        Ok(Vec::new())
+    }
 
     /// What changed after `since` (see [`Changes`]).
     fn changes(&self, since: u64) -> Result<Changes>;

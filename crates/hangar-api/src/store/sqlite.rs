@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     no_app, no_machine, now, Change, Changes, Desired, Event, Expect, Machine, MachineChange,
-    MachineState, Placement, SealedLogin, SealedSecret, Store,
+    MachineState, Placement, SealedLogin, SealedSecret, Site, Store,
 };
 use crate::apps::{valid_name, App, Interrupted, Release, ReleaseStatus};
 use crate::config::MachineConfig;
@@ -38,7 +38,7 @@ pub struct SqliteStore {
     db: Mutex<Connection>,
 }
 
-const COLUMNS: &str = "id, name, state, desired, config, slot, exit_code, oom_killed, restarts, created_at, updated_at, app, release, revision";
+const COLUMNS: &str = "id, name, state, desired, config, slot, exit_code, oom_killed, restarts, created_at, updated_at, app, release, revision, node, region";
 
 fn row(r: &rusqlite::Row) -> rusqlite::Result<(Machine, String)> {
     let config: String = r.get(4)?;
@@ -58,6 +58,8 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<(Machine, String)> {
             created_at: r.get(9)?,
             updated_at: r.get(10)?,
             revision: r.get(13)?,
+            node: r.get(14)?,
+            region: r.get(15)?,
         },
         config,
     ))
@@ -144,6 +146,7 @@ impl Store for SqliteStore {
         &self,
         id: &str,
         name: &str,
+        site: &Site,
         place: &Placement,
         config: &MachineConfig,
     ) -> Result<Machine> {
@@ -165,9 +168,9 @@ impl Store for SqliteStore {
             })?;
         let t = now();
         match db.execute(
-            "INSERT INTO machines (id, name, state, desired, config, slot, exit_code, oom_killed, restarts, created_at, updated_at, app, release)
-             VALUES (?1, ?2, 'created', 'started', ?3, ?4, NULL, 0, 0, ?5, ?5, ?6, ?7)",
-            params![id, name, json(config)?, slot, t, place.app, place.release],
+            "INSERT INTO machines (id, name, state, desired, config, slot, exit_code, oom_killed, restarts, created_at, updated_at, app, release, node, region)
+             VALUES (?1, ?2, 'created', 'started', ?3, ?4, NULL, 0, 0, ?5, ?5, ?6, ?7, ?8, ?9)",
+            params![id, name, json(config)?, slot, t, place.app, place.release, site.node, site.region],
         ) {
             Ok(_) => {}
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {

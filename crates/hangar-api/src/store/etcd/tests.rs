@@ -8,7 +8,7 @@ use hangar_cluster::members::Members;
 
 use super::EtcdStore;
 use crate::error::Error;
-use crate::store::contract::{self, machine};
+use crate::store::contract::{self, machine, site};
 use crate::store::{Changes, Desired, Expect, MachineChange, MachineState, Store};
 
 fn cluster() -> (tempfile::TempDir, Members) {
@@ -61,7 +61,7 @@ fn two_nodes_see_each_others_writes_and_one_compare_and_set_wins() {
     );
     // A name and an address are the cluster's: b cannot take either.
     assert!(matches!(
-        b.insert_machine("other", "web-1", &Default::default(), &Default::default()),
+        b.insert_machine("other", "web-1", &site(), &Default::default(), &Default::default()),
         Err(Error::Conflict(_))
     ));
     let other = machine(&b, "web-2");
@@ -76,7 +76,7 @@ fn two_nodes_see_each_others_writes_and_one_compare_and_set_wins() {
     // A destroyed machine gives its name and address back.
     a.mark_destroyed(&m.id).unwrap();
     let again = a
-        .insert_machine("id-2", "web-1", &Default::default(), &Default::default())
+        .insert_machine("id-2", "web-1", &site(), &Default::default(), &Default::default())
         .unwrap();
     assert_eq!(again.slot, m.slot);
     assert_eq!(a.get(&m.id).unwrap().state, MachineState::Destroyed);

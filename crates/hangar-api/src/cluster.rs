@@ -1,0 +1,364 @@
+//! A node's part in a cluster (nodes started with `--etcd`): who the live
+//! members are, which node a new machine goes to ([`place`]), how a call
+//! about another node's machine is carried out there (the node's API,
+//! called with the cluster's token), and the leader's work: the machines
+//! of a member whose lease ended are marked lost, and those of apps get
+//! replacements on live nodes of their region ([`lead`]).
+//!
+//! Every node reads the cluster from its store's read model; only the
+//! leader (etcd's election, see `EtcdStore::join`) replaces machines, and
+//! its writes are fenced by its election key, so a leader that lost the
+//! lead while paused changes nothing.
+//!
+//! This module must not touch the host: machines are created, stopped and
+//! destroyed by the node that runs them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::client::Client;
+use crate::config::MachineConfig;
+use crate::error::{Error, Result};
+use crate::node::{blocking, Node};
+use crate::store::{
+    EtcdStore, Expect, Machine, MachineChange, MachineState, Member, Placement, Site, Store,
+};
+use crate::wire::{CreateMachine, StopMachine};
+
+/// The header a node sends with a call it carries to another node: its
+/// own name. A call that has it is never carried further.
+pub const VIA: &str = "hangar-via";
+/// The header that names the org a carried call is made for (the call
+/// itself bears the cluster's token).
+pub const FOR_ORG: &str = "hangar-for-org";
+
+pub struct Cluster {
+    /// This node, as it announced itself.
+    pub me: Member,
+    pub store: Arc<EtcdStore>,
+    /// The cluster's admin token: the nodes' calls to each other bear it.
+    pub token: String,
+    /// One HTTP client for those calls (its connections are kept).
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    pub fn site(&self) -> Site {
+        Site {
+            node: self.me.name.clone(),
+            region: self.me.region.clone(),
+        }
+    }
+
+    /// The live member `name`, or why a call about its machines cannot be
+    /// made now.
+    pub fn member(&self, name: &str) -> Result<Member> {
+        self.store
+            .members()?
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "node {name:?} is not a live member of the cluster (its lease ended); \
+                     its machines are replaced on live nodes of their region, retry with those"
+                ))
+            })
+    }
+
+    /// A client of `member`'s API, as this node (the admin, or on behalf
+    /// of `org`).
+    pub fn client(&self, member: &Member, org: Option<&str>) -> Client {
+        let client = Client::with_http(self.http.clone(), &member.api, &self.token)
+            .with_header(VIA, &self.me.name);
+        match org {
+            Some(org) => client.with_header(FOR_ORG, org),
+            None => client,
+        }
+    }
+}
+
+/// What a new machine needs of the node it goes to.
+#[derive(Clone, Copy, Debug)]
+pub struct Want<'a> {
+    pub app: Option<&'a str>,
+    /// The region it must run in; `None`: any.
+    pub region: Option<&'a str>,
+    pub memory_mb: u64,
+}
+
+/// The member a new machine goes to: one of its region with the memory
+/// free (what the member offers, less its machines' memory), the fewest
+/// machines of its app first (spread), then the most memory free, then by
+/// name. Decided from the read model: the chosen node creates the machine,
+/// and refuses when it has not the room after all.
+pub fn place(members: &[Member], machines: &[Machine], want: Want) -> Result<Member> {
+    let in_region: Vec<&Member> = members
+        .iter()
+        .filter(|m| want.region.is_none_or(|r| m.region == r))
+        .collect();
+    if in_region.is_empty() {
+        let mut regions: Vec<&str> = members.iter().map(|m| m.region.as_str()).collect();
+        regions.sort();
+        regions.dedup();
+        return Err(Error::Invalid(format!(
+            "no live node in region {}; regions with nodes: {}",
+            want.region.unwrap_or("(any)"),
+            if regions.is_empty() {
+                "none".to_string()
+            } else {
+                regions.join(", ")
+            }
+        )));
+    }
+    let score = |member: &Member| {
+        let on: Vec<&Machine> = machines.iter().filter(|m| m.node == member.name).collect();
+        let used: u64 = on.iter().map(|m| m.config.guest.memory_mb).sum();
+        let of_app = on
+            .iter()
+            .filter(|m| want.app.is_some() && m.app.as_deref() == want.app)
+            .count();
+        (of_app, member.memory_mb.saturating_sub(used))
+    };
+    let best = in_region
+        .iter()
+        .filter(|m| score(m).1 >= want.memory_mb)
+        .min_by(|a, b| {
+            let (sa, sb) = (score(a), score(b));
+            (sa.0, std::cmp::Reverse(sa.1), &a.name).cmp(&(sb.0, std::cmp::Reverse(sb.1), &b.name))
+        });
+    match best {
+        Some(m) => Ok((*m).clone()),
+        None => {
+            let most = in_region
+                .iter()
+                .map(|m| (score(m).1, m.name.as_str()))
+                .max()
+                .unwrap_or_default();
+            Err(Error::Conflict(format!(
+                "no node in region {} has {} MB free for the machine (the most: {} MB on node {}); \
+                 give it less memory, or add a node there",
+                want.region.unwrap_or("(any)"),
+                want.memory_mb,
+                most.0,
+                most.1
+            )))
+        }
+    }
+}
+
+impl Node {
+    /// Where a new machine goes ([`place`]): `None` here (always, for a
+    /// node alone), else the member that is to create it.
+    pub fn place_new(
+        &self,
+        app: Option<&str>,
+        config: &MachineConfig,
+        region: Option<&str>,
+    ) -> Result<Option<(Arc<Cluster>, Member)>> {
+        let Some(cluster) = self.cluster.clone() else {
+            return Ok(None);
+        };
+        let want = Want {
+            app,
+            region: Some(region.unwrap_or(&cluster.me.region)),
+            memory_mb: config.guest.memory_mb,
+        };
+        let target = place(&self.state.members()?, &self.state.list()?, want)?;
+        Ok((target.name != cluster.me.name).then_some((cluster, target)))
+    }
+
+    /// Create a machine where [`place`] puts it and start it: here, or
+    /// carried out by the chosen node (for `org`, whose images it may use).
+    pub async fn create_placed(
+        self: &Arc<Self>,
+        name: Option<String>,
+        place: Placement,
+        config: MachineConfig,
+        region: Option<&str>,
+        org: Option<&str>,
+    ) -> Result<Machine> {
+        let Some((cluster, target)) = self.place_new(place.app.as_deref(), &config, region)? else {
+            let node = self.clone();
+            return blocking(move || node.create(name, place, config)).await;
+        };
+        let view = cluster
+            .client(&target, org)
+            .create_machine(&CreateMachine {
+                name,
+                app: place.app,
+                config,
+                region: None,
+                release: place.release,
+            })
+            .await?;
+        self.seen(&view.id).await
+    }
+
+    /// The machine `id` once this node's read model has it (another node
+    /// just wrote it).
+    pub async fn seen(&self, id: &str) -> Result<Machine> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.state.get(id) {
+                Ok(m) => return Ok(m),
+                Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// The member that runs `m`, when that is another node; `None`: here.
+    pub fn elsewhere(&self, m: &Machine) -> Result<Option<(Arc<Cluster>, Member)>> {
+        match &self.cluster {
+            Some(cluster) if !self.owns(m) => Ok(Some((cluster.clone(), cluster.member(&m.node)?))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stop `m` (its kill signal and timeout) and destroy it, wherever it
+    /// runs.
+    pub async fn retire(self: &Arc<Self>, m: &Machine) -> Result<()> {
+        let (signal, timeout) = m.config.kill();
+        if let Some((cluster, member)) = self.elsewhere(m)? {
+            let client = cluster.client(&member, None);
+            let stop = StopMachine {
+                signal,
+                timeout: timeout.as_secs(),
+            };
+            client.stop_machine(&m.id, &stop).await?;
+            client.destroy_machine(&m.id, true).await?;
+            return Ok(());
+        }
+        let (node, id) = (self.clone(), m.id.clone());
+        blocking(move || {
+            node.stop(&id, &signal, timeout)?;
+            node.destroy(&id, true).map(drop)
+        })
+        .await
+    }
+
+    /// Wait until `m` is up as a deploy counts it
+    /// ([`crate::deploy::wait_healthy`]), waited for by the node that runs
+    /// it.
+    pub async fn wait_up(self: &Arc<Self>, m: &Machine, checks: bool) -> Result<()> {
+        let Some((cluster, member)) = self.elsewhere(m)? else {
+            return crate::deploy::wait_healthy(self, m, checks).await;
+        };
+        let budget = crate::deploy::wait_budget(&m.config).as_secs() + 1;
+        let state = if checks { "healthy" } else { "started" };
+        cluster
+            .client(&member, None)
+            .wait(&m.id, state, budget)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The name of the machine that replaces `lost`: one per lost machine, so
+/// a leader that takes over halfway finds the replacement made already.
+fn replacement_name(lost: &Machine) -> String {
+    let app = lost.app.as_deref().unwrap_or("machine");
+    let app = &app[..app.len().min(48)];
+    format!("{app}-r{}", &lost.id[..lost.id.len().min(12)])
+}
+
+/// The leader's loop: while this node leads, the machines of members that
+/// are gone are marked lost and replaced (see [`replace_lost`]).
+pub async fn lead(node: Arc<Node>) {
+    let Some(cluster) = node.cluster.clone() else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(fenced) = cluster.store.as_leader() else {
+            continue;
+        };
+        if let Err(e) = replace_lost(&node, &fenced).await {
+            tracing::warn!("leader: {e}");
+        }
+    }
+}
+
+/// One round of the leader's work: every machine of a node that is no
+/// live member is marked lost (once); one of an app gets a replacement
+/// (same release and config, same region) on a live node and is then
+/// destroyed; a machine of no app waits for its node. Writes go through
+/// `leader`, the fenced store.
+pub async fn replace_lost(node: &Arc<Node>, leader: &EtcdStore) -> Result<()> {
+    let live: HashSet<String> = leader.members()?.into_iter().map(|m| m.name).collect();
+    for lost in leader.list()? {
+        if lost.node.is_empty() || live.contains(&lost.node) {
+            continue;
+        }
+        if lost.state != MachineState::Lost {
+            leader.update_machine(
+                &lost.id,
+                Expect::Revision(lost.revision),
+                MachineChange::State(MachineState::Lost),
+            )?;
+            leader.event(
+                &lost.id,
+                "lost",
+                serde_json::json!({"node": lost.node, "why": "its node's lease ended"}),
+            )?;
+            tracing::warn!(machine = %lost.id, node = %lost.node, "lost with its node");
+        }
+        if lost.app.is_none() {
+            continue;
+        }
+        let name = replacement_name(&lost);
+        let made = match leader.get(&name) {
+            Ok(r) if r.state != MachineState::Destroyed => r,
+            _ => {
+                let place = Placement {
+                    app: lost.app.clone(),
+                    release: lost.release,
+                };
+                let org = lost
+                    .app
+                    .as_deref()
+                    .and_then(|a| leader.app(a).ok())
+                    .map(|a| a.org);
+                match node
+                    .create_placed(
+                        Some(name.clone()),
+                        place,
+                        lost.config.clone(),
+                        Some(&lost.region),
+                        org.as_deref(),
+                    )
+                    .await
+                {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(machine = %lost.id, "no replacement yet: {e}");
+                        continue;
+                    }
+                }
+            }
+        };
+        if lost.desired == crate::store::Desired::Stopped {
+            // It was stopped (scaled to zero): so is its replacement.
+            let (signal, timeout) = made.config.kill();
+            if let Some((cluster, member)) = node.elsewhere(&made)? {
+                let stop = StopMachine {
+                    signal,
+                    timeout: timeout.as_secs(),
+                };
+                cluster.client(&member, None).stop_machine(&made.id, &stop).await?;
+            } else {
+                let (n, id) = (node.clone(), made.id.clone());
+                blocking(move || n.stop(&id, &signal, timeout).map(drop)).await?;
+            }
+        }
+        leader.mark_destroyed(&lost.id)?;
+        leader.event(
+            &lost.id,
+            "replaced",
+            serde_json::json!({"by": made.id, "on": made.node}),
+        )?;
+        tracing::info!(machine = %lost.id, by = %made.id, on = %made.node, "replaced a lost machine");
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Calls about another node's machine, carried out there: the layer in
+//! front of every `/v1/machines/{id}` route. The call goes to the node
+//! that runs the machine as it came (method, path, query, body), bearing
+//! the cluster's token and naming the org it is made for, and its answer
+//! comes back as that node gave it (streamed: a followed log stays live).
+//! A carried call is never carried again.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiState, Caller, Carried, MAX_BODY};
+use crate::cluster::{Cluster, FOR_ORG, VIA};
+use crate::error::Error;
+use crate::store::Member;
+
+pub(super) async fn carry(
+    State(api): ApiState,
+    caller: Caller,
+    carried: Carried,
+    Path(params): Path<HashMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(id) = params.get("id") else {
+        return next.run(req).await;
+    };
+    // What is not there, or not the caller's, the handler refuses here.
+    let found = api.node.state.get(id).ok().filter(|m| api.sees(&caller, m));
+    let Some(m) = found.filter(|_| carried.0.is_none()) else {
+        return next.run(req).await;
+    };
+    match api.node.elsewhere(&m) {
+        Ok(None) => next.run(req).await,
+        Ok(Some((cluster, member))) => match forward(&cluster, &member, caller.org(), req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
+        // Its node is gone: what the store knows is answered here (a look
+        // at it, its events, a destroy that forgets it); nothing else can
+        // be done to it.
+        Err(e) => {
+            if matches!(*req.method(), Method::GET | Method::DELETE) {
+                next.run(req).await
+            } else {
+                e.into_response()
+            }
+        }
+    }
+}
+
+async fn forward(
+    cluster: &Cluster,
+    member: &Member,
+    org: Option<&str>,
+    req: Request,
+) -> Result<Response, Error> {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        Error::TooLarge(format!(
+            "the request body is over {} KiB; send less",
+            MAX_BODY >> 10
+        ))
+    })?;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{}{path}", member.api.trim_end_matches('/'));
+    let mut out = cluster
+        .http
+        .request(parts.method.clone(), url)
+        .bearer_auth(&cluster.token)
+        .header(VIA, &cluster.me.name);
+    if let Some(org) = org {
+        out = out.header(FOR_ORG, org);
+    }
+    if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+        out = out.header(header::CONTENT_TYPE, ct);
+    }
+    let resp = out.body(body).send().await.map_err(|e| {
+        Error::Unavailable(format!(
+            "node {} ({}), which runs the machine, did not answer: {e}; try again",
+            member.name, member.api
+        ))
+    })?;
+    let mut answer = Response::builder().status(resp.status());
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+        if let Some(v) = resp.headers().get(&name) {
+            answer = answer.header(name, v);
+        }
+    }
+    answer
+        .body(Body::from_stream(resp.bytes_stream()))
+        .map_err(|e| Error::Internal(format!("carrying an answer: {e}")))
+}

@@ -1,0 +1,281 @@
+//! Membership and the leader election, on the etcd store.
+//!
+//! A node that joins announces itself at `members/<name>` under a lease it
+//! keeps alive; when the node dies (or is cut off longer than the lease),
+//! etcd deletes the key, and every read model sees it go within one watch
+//! event. The same lease backs the node's campaign in etcd's election
+//! (`/hangar/leader`): the leader is the oldest live campaigner, and it
+//! leads until its lease ends. Its writes as the leader go through
+//! [`EtcdStore::as_leader`], which compares its election key on every one.
+
+use std::sync::Weak;
+
+use hangar_cluster::etcd_client::PutOptions;
+
+use super::*;
+use crate::store::Member;
+
+/// How long a node stays a member after its last keep-alive: a node that
+/// died is noticed (and its machines replaced) this long after.
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// The election's name: candidates' keys are `leader/<lease>` below it.
+const ELECTION: &str = "/hangar/leader";
+
+pub(crate) struct Joined {
+    me: Member,
+    lease: i64,
+    ttl: Duration,
+}
+
+fn member_key(name: &str) -> String {
+    format!("members/{name}")
+}
+
+fn with_lease(key: &str, value: Vec<u8>, lease: i64) -> TxnOp {
+    TxnOp::put(k(key), value, Some(PutOptions::new().with_lease(lease)))
+}
+
+impl EtcdStore {
+    /// Join the cluster as `me`, under a lease of `ttl` kept alive from now
+    /// on (taken again should it ever lapse), and stand in the leader
+    /// election. A live member of the same name is refused, unless its
+    /// lease is `earlier`: this node's own from before a restart, which the
+    /// new one takes over. Returns the lease, for the next restart.
+    pub fn join(&self, me: &Member, ttl: Duration, earlier: Option<i64>) -> Result<i64> {
+        let key = member_key(&me.name);
+        let lease = self.grant(ttl)?;
+        let live = self.read::<Member>(&key)?;
+        let write = match &live {
+            None => Write::new()
+                .when([absent(&key)])
+                .and_then([with_lease(&key, json(me)?, lease)]),
+            Some((_, kv)) if Some(kv.lease) == earlier => Write::new()
+                .when([Compare::mod_revision(k(&key), CompareOp::Equal, kv.mod_revision)])
+                .and_then([with_lease(&key, json(me)?, lease)]),
+            Some(_) => {
+                return Err(Error::Conflict(format!(
+                    "a node named {:?} is a live member of the cluster at {} already; start this one with another --node \
+                     (or, if that was this node before a kill, wait {}s for its lease to end)",
+                    me.name,
+                    self.endpoints,
+                    ttl.as_secs()
+                )))
+            }
+        };
+        if !self.txn(write, &[&key])?.0 {
+            return Err(Error::Conflict(format!(
+                "node {:?} joined the cluster at the same moment from elsewhere; start this one with another --node",
+                me.name
+            )));
+        }
+        if let Some(old) = earlier.filter(|_| live.is_some()) {
+            let mut client = self.client.clone();
+            let _ = self.run(async move { Ok(client.lease_revoke(old).await) });
+        }
+        *self.joined.lock().unwrap_or_else(|e| e.into_inner()) = Some(Joined {
+            me: me.clone(),
+            lease,
+            ttl,
+        });
+        let shared = Arc::downgrade(&self.shared);
+        if let Some(rt) = &self.rt {
+            rt.spawn(keep_alive(shared.clone()));
+            rt.spawn(campaign(shared));
+        }
+        Ok(lease)
+    }
+
+    fn grant(&self, ttl: Duration) -> Result<i64> {
+        let mut client = self.client.clone();
+        let endpoints = self.endpoints.clone();
+        self.run(async move {
+            client
+                .lease_grant(ttl.as_secs().max(1) as i64, None)
+                .await
+                .map(|r| r.id())
+                .map_err(|e| Error::Internal(format!("etcd at {endpoints}: no lease: {e}")))
+        })
+    }
+
+    /// The cluster's value of `cluster/<name>`, set once: `proposed` when
+    /// it had none (the first node's), else what the first node set. For
+    /// what every node must share, such as the admin token.
+    pub fn cluster_value(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>> {
+        let key = format!("cluster/{name}");
+        let write = Write::new()
+            .when([absent(&key)])
+            .and_then([put(&key, proposed.to_vec())]);
+        self.txn(write, &[&key])?;
+        self.model
+            .view()
+            .kvs
+            .get(&key)
+            .map(|kv| kv.value.clone())
+            .ok_or_else(|| Error::Internal(format!("etcd at {}: {key} vanished", self.endpoints)))
+    }
+
+    /// The lease this node's membership lives under now.
+    pub fn lease(&self) -> Option<i64> {
+        self.joined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|j| j.lease)
+    }
+
+    /// The name of the node that leads the cluster now, if any.
+    pub fn leader(&self) -> Option<String> {
+        let view = self.model.view();
+        view.kvs
+            .range("leader/".to_string()..)
+            .take_while(|(key, _)| key.starts_with("leader/"))
+            .min_by_key(|(_, kv)| kv.create_revision)
+            .map(|(_, kv)| String::from_utf8_lossy(&kv.value).into_owned())
+    }
+
+    /// This store as the leader writes through it, while this node leads:
+    /// each of its writes is refused once the lead is lost.
+    pub fn as_leader(&self) -> Option<EtcdStore> {
+        let fence = self
+            .leading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        Some(EtcdStore {
+            shared: self.shared.clone(),
+            fence: Some(fence),
+        })
+    }
+}
+
+/// Keep the membership's lease alive; when it lapsed anyway (the node was
+/// cut off longer than its TTL), take a new one and announce the node again.
+async fn keep_alive(shared: Weak<Shared>) {
+    loop {
+        let Some((client, lease, ttl)) = shared.upgrade().and_then(|s| {
+            let j = s.joined.lock().unwrap_or_else(|e| e.into_inner());
+            j.as_ref().map(|j| (s.client.clone(), j.lease, j.ttl))
+        }) else {
+            return;
+        };
+        let mut c = client.clone();
+        let lapsed = match c.lease_keep_alive(lease).await {
+            Ok((mut keeper, mut answers)) => loop {
+                if shared.strong_count() == 0 {
+                    return;
+                }
+                if keeper.keep_alive().await.is_err() {
+                    break false;
+                }
+                match tokio::time::timeout(ttl, answers.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                    Ok(Ok(Some(_))) => break true,
+                    _ => break false,
+                }
+                tokio::time::sleep(ttl / 3).await;
+            },
+            Err(_) => false,
+        };
+        if lapsed {
+            if let Err(e) = announce_again(&shared, client).await {
+                tracing::warn!("etcd: the node's membership lapsed and could not be taken again: {e}");
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn announce_again(shared: &Weak<Shared>, mut client: Client) -> Result<()> {
+    let Some((me, ttl)) = shared.upgrade().and_then(|s| {
+        let j = s.joined.lock().unwrap_or_else(|e| e.into_inner());
+        j.as_ref().map(|j| (j.me.clone(), j.ttl))
+    }) else {
+        return Ok(());
+    };
+    let internal = |e: hangar_cluster::etcd_client::Error| Error::Internal(format!("etcd: {e}"));
+    let lease = client
+        .lease_grant(ttl.as_secs().max(1) as i64, None)
+        .await
+        .map_err(internal)?
+        .id();
+    let key = member_key(&me.name);
+    let txn = Txn::new()
+        .when([absent(&key)])
+        .and_then([with_lease(&key, json(&me)?, lease)]);
+    let resp = client.txn(txn).await.map_err(internal)?;
+    if !resp.succeeded() {
+        return Err(Error::Conflict(format!(
+            "another node took the name {:?} meanwhile",
+            me.name
+        )));
+    }
+    tracing::warn!(
+        "etcd: this node's membership had lapsed (cut off longer than {}s); it is a member again",
+        ttl.as_secs()
+    );
+    if let Some(s) = shared.upgrade() {
+        if let Some(j) = s.joined.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            j.lease = lease;
+        }
+    }
+    Ok(())
+}
+
+/// Stand in the election with the membership's lease, lead while the
+/// election key lives, and stand again after.
+async fn campaign(shared: Weak<Shared>) {
+    loop {
+        let Some((client, model, name, lease)) = shared.upgrade().and_then(|s| {
+            let j = s.joined.lock().unwrap_or_else(|e| e.into_inner());
+            j.as_ref()
+                .map(|j| (s.client.clone(), s.model.clone(), j.me.name.clone(), j.lease))
+        }) else {
+            return;
+        };
+        let mut c = client.clone();
+        // Each call is bounded by the client's timeout: waiting behind a
+        // live leader ends in an error, and the campaign goes on with the
+        // same key.
+        let won = match c.campaign(ELECTION, name.as_bytes(), lease).await {
+            Ok(r) => r.leader().map(|l| Fence {
+                key: String::from_utf8_lossy(l.key()).into_owned(),
+                rev: l.rev(),
+            }),
+            Err(_) => None,
+        };
+        let Some(fence) = won else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        tracing::info!("this node leads the cluster");
+        if let Some(s) = shared.upgrade() {
+            *s.leading.lock().unwrap_or_else(|e| e.into_inner()) = Some(fence.clone());
+        }
+        let local = fence.key.strip_prefix(PREFIX).unwrap_or_default().to_string();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let Some(s) = shared.upgrade() else { return };
+            let lease_now = s
+                .joined
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|j| j.lease);
+            let held = model
+                .view()
+                .kvs
+                .get(&local)
+                .is_some_and(|kv| kv.create_revision == fence.rev);
+            if !held || lease_now != Some(lease) {
+                let mut leading = s.leading.lock().unwrap_or_else(|e| e.into_inner());
+                if leading.as_ref() == Some(&fence) {
+                    *leading = None;
+                }
+                tracing::warn!("this node no longer leads the cluster");
+                break;
+            }
+        }
+    }
+}
