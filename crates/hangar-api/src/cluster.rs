@@ -362,3 +362,6 @@ pub async fn replace_lost(node: &Arc<Node>, leader: &EtcdStore) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

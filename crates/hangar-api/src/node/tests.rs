@@ -71,6 +71,14 @@ fn machine(state: MachineState, desired: Desired, policy: RestartPolicy, restart
     }
 }
 
+/// A started machine of `app`, as a row.
+pub(crate) fn machine_of(app: &str) -> Machine {
+    Machine {
+        app: Some(app.into()),
+        ..machine(MachineState::Started, Desired::Started, RestartPolicy::No, 0)
+    }
+}
+
 fn exited(code: i32) -> ProcState {
     ProcState::Exited(Exit {
         code,

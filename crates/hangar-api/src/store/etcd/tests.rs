@@ -174,3 +174,75 @@ fn writes_of_others_outside_hangars_keys_do_not_hold_up_a_refused_write() {
         t.elapsed()
     );
 }
+
+fn member(name: &str) -> crate::store::Member {
+    crate::store::Member {
+        name: name.into(),
+        region: "ams".into(),
+        api: "http://127.0.0.1:1".into(),
+        registry: None,
+        memory_mb: 1024,
+        cpus: 1,
+    }
+}
+
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_member_name_is_one_live_nodes_and_a_restart_takes_its_own_back() {
+    let (_dir, members) = cluster();
+    let ttl = std::time::Duration::from_secs(2);
+    let a = EtcdStore::open(&members.endpoints()).unwrap();
+    let lease = a.join(&member("n1"), ttl, None).unwrap();
+    let b = EtcdStore::open(&members.endpoints()).unwrap();
+    eventually("b sees n1", || b.members().unwrap().len() == 1);
+    let e = b.join(&member("n1"), ttl, None).unwrap_err();
+    assert!(
+        matches!(e, Error::Conflict(_)) && e.to_string().contains("another --node"),
+        "{e}"
+    );
+    // The same node after a kill, knowing its lease: it takes it over at
+    // once, and the old lease goes.
+    drop(a);
+    let again = b.join(&member("n1"), ttl, Some(lease)).unwrap();
+    assert_ne!(again, lease);
+    assert_eq!(b.members().unwrap(), vec![member("n1")]);
+    std::thread::sleep(ttl * 2);
+    assert_eq!(b.members().unwrap(), vec![member("n1")], "kept alive");
+}
+
+#[test]
+fn a_leader_that_lost_the_lead_writes_nothing() {
+    let (_dir, members) = cluster();
+    let ttl = std::time::Duration::from_secs(2);
+    let a = EtcdStore::open(&members.endpoints()).unwrap();
+    a.join(&member("a"), ttl, None).unwrap();
+    eventually("a leads", || a.as_leader().is_some());
+    let fenced = a.as_leader().unwrap();
+    fenced.create_app("first", "o").unwrap();
+    let b = EtcdStore::open(&members.endpoints()).unwrap();
+    b.join(&member("b"), ttl, None).unwrap();
+    assert_eq!(b.leader().as_deref(), Some("a"));
+    // a's lease ends (as when it was paused past its TTL): b leads, and
+    // what a writes as the leader is refused.
+    let lease = a.lease().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = hangar_cluster::connect(&members.endpoints(), ttl).await.unwrap();
+        c.lease_revoke(lease).await.unwrap();
+    });
+    eventually("b leads", || b.as_leader().is_some());
+    let e = fenced.create_app("second", "o").unwrap_err();
+    assert!(e.to_string().contains("no longer leads"), "{e}");
+    assert!(b.app("second").is_err(), "nothing written");
+    assert_eq!(b.leader().as_deref(), Some("b"));
+    // a is a member again (its keep-alive took a new lease), behind b.
+    eventually("a is back", || b.members().unwrap().len() == 2);
+    assert!(a.as_leader().is_none());
+}
