@@ -125,6 +125,12 @@ pub struct MachineView {
     pub app: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<u32>,
+    /// The node it runs on (a cluster's; empty for a node alone) and its
+    /// region.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    #[serde(default)]
+    pub region: String,
     pub config: MachineConfig,
     /// Its IPv6 address (Fly's name for it); none once destroyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

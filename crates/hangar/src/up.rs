@@ -273,6 +273,21 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
 
 
+        // A member of the cluster before anything is done to the host.
+        if let Some(etcd) = etcd.clone() {
+            let me = hangar_api::store::Member {
+                name: at.node_name(),
+                region: node.site.region.clone(),
+                api: args.advertise.clone().unwrap_or_else(|| format!("http://{addr}")),
+                registry: registry_addr.clone(),
+                memory_mb: args.memory_mb.unwrap_or_else(host_memory_mb),
+                cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            };
+            let cluster = join_cluster(&home, etcd, me, token.clone())?;
+            tracing::info!("a member of the cluster as node {} in region {}", cluster.me.name, cluster.me.region);
+            node = node.with_cluster(cluster);
+        }
+
         // The egress proxy, on the bridge gateway, where machines find it.
         hangar_machine::network::ensure_bridge(0)?;
         let mine: Vec<String> = node.own_machines()?.into_iter().map(|m| m.id).collect();
@@ -315,19 +330,6 @@ pub fn run(args: UpArgs) -> Result<()> {
             edge_url = Some(format!("http://<app>.{}:{}", args.domain, running.http.port()));
             let ingress = crate::bridges::EdgeIngress { edge: running.edge.clone(), runtime: tokio::runtime::Handle::current() };
             node = node.with_routing(hangar_api::routing::Routing::new(Arc::new(ingress), &args.domain));
-        }
-        if let Some(etcd) = etcd.clone() {
-            let me = hangar_api::store::Member {
-                name: at.node_name(),
-                region: node.site.region.clone(),
-                api: args.advertise.clone().unwrap_or_else(|| format!("http://{addr}")),
-                registry: registry_addr.clone(),
-                memory_mb: args.memory_mb.unwrap_or_else(host_memory_mb),
-                cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            };
-            let cluster = join_cluster(&home, etcd, me, token.clone())?;
-            tracing::info!("a member of the cluster as node {} in region {}", cluster.me.name, cluster.me.region);
-            node = node.with_cluster(cluster);
         }
         let node = Arc::new(node);
         tokio::spawn(hangar_api::cluster::lead(node.clone()));

@@ -53,6 +53,12 @@ pub fn view(node: &Node, m: &Machine) -> MachineView {
         state: m.state,
         app: m.app.clone(),
         release: m.release,
+        node: m.node.clone(),
+        region: if m.region.is_empty() {
+            node.site.region.clone()
+        } else {
+            m.region.clone()
+        },
         config: m.config.clone(),
         private_ip: live.then(|| addr.v6.to_string()),
         ipv4: live.then(|| addr.v4.to_string()),

@@ -1602,7 +1602,7 @@ fn a_node_that_cannot_make_sure_nothing_is_forwarded_out_refuses_to_start() {
 /// adopt the running machine from there; a second node on the same
 /// cluster is refused, saying why, until nodes have membership.
 #[test]
-fn a_node_on_etcd_keeps_its_state_there_and_a_second_node_is_refused() {
+fn a_node_on_etcd_keeps_its_state_there_and_its_name_is_its_own() {
     let etcd_dir = tempfile::tempdir().unwrap();
     let members = hangar_cluster::members::Members::start(etcd_dir.path(), 1).unwrap();
     let endpoints = members.endpoints();
@@ -1625,14 +1625,17 @@ fn a_node_on_etcd_keeps_its_state_there_and_a_second_node_is_refused() {
     assert_eq!(s["restarts"], 0, "adopted from etcd's state, not restarted");
     assert_eq!(node.exec(&id, &["true"]).0, 0);
 
+    assert_eq!(s["node"], "n1", "{s}");
+
+    // Another node of the same name, while n1 lives, is refused.
     let other = Hangar::new();
     let mut args = UP_ON_FREE_PORTS.to_vec();
-    args.extend(["--etcd", &endpoints, "--node", "n2"]);
+    args.extend(["--etcd", &endpoints, "--node", "n1"]);
     let child = other.command(&args).stderr(Stdio::piped()).spawn().unwrap();
-    let (status, err) = refused(child, "it is a second node on the first one's cluster");
+    let (status, err) = refused(child, "a live member has its name");
     assert!(!status.success());
     assert!(
-        err.contains("keeps the state of node \"n1\"") && err.contains("one cluster has one node"),
+        err.contains("\"n1\" is a live member") && err.contains("another --node"),
         "{err}"
     );
 }
