@@ -346,7 +346,10 @@ pub async fn replace_lost(node: &Arc<Node>, leader: &EtcdStore) -> Result<()> {
                     signal,
                     timeout: timeout.as_secs(),
                 };
-                cluster.client(&member, None).stop_machine(&made.id, &stop).await?;
+                cluster
+                    .client(&member, None)
+                    .stop_machine(&made.id, &stop)
+                    .await?;
             } else {
                 let (n, id) = (node.clone(), made.id.clone());
                 blocking(move || n.stop(&id, &signal, timeout).map(drop)).await?;

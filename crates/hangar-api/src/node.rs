@@ -13,9 +13,7 @@ use hangar_oci::Reference;
 use crate::config::MachineConfig;
 use crate::config::{DriverKind, RestartPolicy};
 use crate::error::{Error, Result};
-use crate::store::{
-    Desired, Expect, Machine, MachineChange, MachineState, Placement, Site, Store,
-};
+use crate::store::{Desired, Expect, Machine, MachineChange, MachineState, Placement, Site, Store};
 
 /// The port of the node's egress proxy on the bridge gateway.
 pub const EGRESS_PORT: u16 = 4750;
@@ -597,7 +595,9 @@ impl Node {
                     let _ = self.driver.signal(&id, "SIGKILL");
                 }
                 match self.driver.destroy(&id) {
-                    Ok(()) => tracing::info!(machine = %id, "removed from this host: it was destroyed (or replaced) while this node was away"),
+                    Ok(()) => {
+                        tracing::info!(machine = %id, "removed from this host: it was destroyed (or replaced) while this node was away")
+                    }
                     Err(e) => tracing::warn!(machine = %id, "removing a destroyed machine: {e}"),
                 }
             }

@@ -148,7 +148,6 @@ pub mod fake {
         pub fn fail_next_create(&self, why: &str) {
             self.inner().fail_create = Some(why.to_string());
         }
-
     }
 
     impl Driver for FakeDriver {

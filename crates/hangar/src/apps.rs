@@ -480,7 +480,10 @@ pub fn scale(flag: AppFlag, command: ScaleCommand) -> Result<()> {
             if region.is_empty() {
                 println!("{app} runs {count} machine(s)");
             } else {
-                println!("{app} runs {count} machine(s) in each of {}", region.join(", "));
+                println!(
+                    "{app} runs {count} machine(s) in each of {}",
+                    region.join(", ")
+                );
             }
             Ok(())
         }

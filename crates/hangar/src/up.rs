@@ -182,12 +182,20 @@ pub fn open_node(home: &std::path::Path, at: &node_config::StateAt) -> Result<Op
             // cluster's (the first node's).
             let local = hangar_api::apps::Sealer::key_of(home)?;
             let key = store.cluster_value("secrets-key", &local)?;
-            (store.clone(), Some(store), hangar_api::apps::Sealer::from_key(&key)?)
+            (
+                store.clone(),
+                Some(store),
+                hangar_api::apps::Sealer::from_key(&key)?,
+            )
         }
     };
     let images = runtime.store().clone();
     let node = Node::new(state, runtime.clone(), images, sealer).with_site(at.site());
-    Ok(Opened { node, runtime, etcd })
+    Ok(Opened {
+        node,
+        runtime,
+        etcd,
+    })
 }
 
 /// The host's memory in MB (from /proc/meminfo).
@@ -235,7 +243,11 @@ pub fn run(args: UpArgs) -> Result<()> {
         node: args.node.clone().or(earlier.node),
         region: args.region.clone().or(earlier.region),
     };
-    let Opened { mut node, runtime, etcd } = open_node(&home, &at)?;
+    let Opened {
+        mut node,
+        runtime,
+        etcd,
+    } = open_node(&home, &at)?;
     if let Some(etcd) = &at.etcd {
         tracing::info!("state in etcd at {etcd}, as node {}", at.node_name());
     }

@@ -143,7 +143,11 @@ async fn member(endpoints: &str, name: &str, region: &str) -> TestMember {
 
 /// One etcd, and nodes a (ams, started first: the leader), b and c (fra),
 /// with apps `web` of acme and `loot` of evil.
-async fn cluster() -> (tempfile::TempDir, hangar_cluster::members::Members, Vec<TestMember>) {
+async fn cluster() -> (
+    tempfile::TempDir,
+    hangar_cluster::members::Members,
+    Vec<TestMember>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let etcd = {
         let path = dir.path().join("etcd");
@@ -153,7 +157,10 @@ async fn cluster() -> (tempfile::TempDir, hangar_cluster::members::Members, Vec<
             .unwrap()
     };
     let a = member(&etcd.endpoints(), "a", "ams").await;
-    wait_for("a leads", || a.node.cluster.as_ref().unwrap().store.as_leader().is_some()).await;
+    wait_for("a leads", || {
+        a.node.cluster.as_ref().unwrap().store.as_leader().is_some()
+    })
+    .await;
     let b = member(&etcd.endpoints(), "b", "fra").await;
     let c = member(&etcd.endpoints(), "c", "fra").await;
     let admin = a.client(&a.admin);
@@ -210,13 +217,26 @@ fn placement_takes_the_region_then_spreads_the_app_then_the_memory_free() {
     assert_eq!(chosen.name, "c");
     // Spread first: c has a machine of web, b none.
     let machines = [on("c", "web", 256)];
-    assert_eq!(place(&members, &machines, want("web", "fra", 256)).unwrap().name, "b");
+    assert_eq!(
+        place(&members, &machines, want("web", "fra", 256))
+            .unwrap()
+            .name,
+        "b"
+    );
     // Another app does not count against c's spread, only its memory.
     let machines = [on("c", "other", 1536)];
-    assert_eq!(place(&members, &machines, want("web", "fra", 256)).unwrap().name, "b");
+    assert_eq!(
+        place(&members, &machines, want("web", "fra", 256))
+            .unwrap()
+            .name,
+        "b"
+    );
     // Too big for every node of the region: refused, saying the most free.
     let e = place(&members, &[], want("web", "fra", 3000)).unwrap_err();
-    assert!(matches!(e, Error::Conflict(_)) && e.to_string().contains("2048 MB on node c"), "{e}");
+    assert!(
+        matches!(e, Error::Conflict(_)) && e.to_string().contains("2048 MB on node c"),
+        "{e}"
+    );
     // A region with no node names the regions there are.
     let e = place(&members, &[], want("web", "syd", 256)).unwrap_err();
     assert!(e.to_string().contains("ams, fra"), "{e}");
@@ -291,7 +311,11 @@ async fn a_hostile_org_reaches_nothing_of_another_through_any_node() {
         .create_machine(&create("web", "fra"))
         .await
         .unwrap();
-    let missing = nodes[0].client(EVIL).machine("no-such-machine").await.unwrap_err();
+    let missing = nodes[0]
+        .client(EVIL)
+        .machine("no-such-machine")
+        .await
+        .unwrap_err();
     for n in &nodes {
         // Its own token, and the headers a node sends another, change nothing.
         let evil = n
@@ -309,11 +333,23 @@ async fn a_hostile_org_reaches_nothing_of_another_through_any_node() {
             signal: "SIGKILL".into(),
             timeout: 0,
         };
-        assert_eq!(evil.stop_machine(&m.id, &stop).await.unwrap_err().status(), Some(404));
-        assert_eq!(evil.destroy_machine(&m.id, true).await.unwrap_err().status(), Some(404));
+        assert_eq!(
+            evil.stop_machine(&m.id, &stop).await.unwrap_err().status(),
+            Some(404)
+        );
+        assert_eq!(
+            evil.destroy_machine(&m.id, true)
+                .await
+                .unwrap_err()
+                .status(),
+            Some(404)
+        );
         assert!(evil.machines().await.unwrap().is_empty());
         // It cannot place a machine in acme's app from any node either.
-        let e = evil.create_machine(&create("web", "fra")).await.unwrap_err();
+        let e = evil
+            .create_machine(&create("web", "fra"))
+            .await
+            .unwrap_err();
         assert_eq!(e.status(), Some(400), "{e}");
     }
     let seen = nodes[2].client(ACME).machine(&m.id).await.unwrap();
@@ -353,19 +389,29 @@ async fn when_a_node_dies_its_apps_machines_are_replaced_in_its_region() {
             crate::node::tests::config(),
         )
         .unwrap();
-    b.node.state.set_desired(&scaled_to_zero.id, Desired::Stopped).unwrap();
+    b.node
+        .state
+        .set_desired(&scaled_to_zero.id, Desired::Stopped)
+        .unwrap();
     let died = Instant::now();
     b.kill();
     let store = a.node.state.clone();
     let replaced = |id: &str| {
         let store = store.clone();
         let id = id.to_string();
-        move || store.get(&id).is_ok_and(|m| m.state == MachineState::Destroyed)
+        move || {
+            store
+                .get(&id)
+                .is_ok_and(|m| m.state == MachineState::Destroyed)
+        }
     };
     wait_for("web's machine replaced", replaced(&web.id)).await;
     wait_for("the stopped one replaced", replaced(&scaled_to_zero.id)).await;
     let took = died.elapsed();
-    assert!(took < TTL * 2 + Duration::from_secs(1), "replaced after {took:?}");
+    assert!(
+        took < TTL * 2 + Duration::from_secs(1),
+        "replaced after {took:?}"
+    );
     // On c, the only live node of fra, with the same release and config.
     let mine: Vec<Machine> = c.node.own_machines().unwrap();
     let new = mine

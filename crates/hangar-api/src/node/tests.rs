@@ -75,7 +75,12 @@ fn machine(state: MachineState, desired: Desired, policy: RestartPolicy, restart
 pub(crate) fn machine_of(app: &str) -> Machine {
     Machine {
         app: Some(app.into()),
-        ..machine(MachineState::Started, Desired::Started, RestartPolicy::No, 0)
+        ..machine(
+            MachineState::Started,
+            Desired::Started,
+            RestartPolicy::No,
+            0,
+        )
     }
 }
 

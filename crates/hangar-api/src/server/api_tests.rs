@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use super::*;
-use hangar_machine::Driver as _;
 use crate::client::{Client, ClientError};
 use crate::config::MachineConfig;
 use crate::node::tests::{config, test_node, TestNode};
 use crate::store::MachineState;
 use crate::wire::{CreateMachine, DeployRequest, ExecRequest, StopMachine};
+use hangar_machine::Driver as _;
 
 struct TestApi {
     base: String,

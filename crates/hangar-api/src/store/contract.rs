@@ -6,7 +6,9 @@ use std::path::Path;
 
 use crate::apps::{ReleaseStatus, Sealer};
 use crate::error::Error;
-use crate::store::{Changes, Desired, Expect, Kind, MachineChange, MachineState, Placement, Site, Store};
+use crate::store::{
+    Changes, Desired, Expect, Kind, MachineChange, MachineState, Placement, Site, Store,
+};
 use crate::MachineConfig;
 
 /// Where the contract's machines run.
@@ -20,7 +22,13 @@ pub(crate) fn site() -> Site {
 /// A new machine of no app, on [`site`]: it keeps its site.
 pub(crate) fn machine(store: &dyn Store, name: &str) -> crate::Machine {
     let m = store
-        .insert_machine(name, name, &site(), &Placement::default(), &MachineConfig::default())
+        .insert_machine(
+            name,
+            name,
+            &site(),
+            &Placement::default(),
+            &MachineConfig::default(),
+        )
         .unwrap();
     assert_eq!((m.node.as_str(), m.region.as_str()), ("n1", "ams"));
     m

@@ -179,7 +179,9 @@ async fn keep_alive(shared: Weak<Shared>) {
         };
         if lapsed {
             if let Err(e) = announce_again(&shared, client).await {
-                tracing::warn!("etcd: the node's membership lapsed and could not be taken again: {e}");
+                tracing::warn!(
+                    "etcd: the node's membership lapsed and could not be taken again: {e}"
+                );
             }
         } else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -229,8 +231,14 @@ async fn campaign(shared: Weak<Shared>) {
     loop {
         let Some((client, model, name, lease)) = shared.upgrade().and_then(|s| {
             let j = s.joined.lock().unwrap_or_else(|e| e.into_inner());
-            j.as_ref()
-                .map(|j| (s.client.clone(), s.model.clone(), j.me.name.clone(), j.lease))
+            j.as_ref().map(|j| {
+                (
+                    s.client.clone(),
+                    s.model.clone(),
+                    j.me.name.clone(),
+                    j.lease,
+                )
+            })
         }) else {
             return;
         };
@@ -253,7 +261,11 @@ async fn campaign(shared: Weak<Shared>) {
         if let Some(s) = shared.upgrade() {
             *s.leading.lock().unwrap_or_else(|e| e.into_inner()) = Some(fence.clone());
         }
-        let local = fence.key.strip_prefix(PREFIX).unwrap_or_default().to_string();
+        let local = fence
+            .key
+            .strip_prefix(PREFIX)
+            .unwrap_or_default()
+            .to_string();
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let Some(s) = shared.upgrade() else { return };

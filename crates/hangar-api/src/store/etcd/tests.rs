@@ -61,7 +61,13 @@ fn two_nodes_see_each_others_writes_and_one_compare_and_set_wins() {
     );
     // A name and an address are the cluster's: b cannot take either.
     assert!(matches!(
-        b.insert_machine("other", "web-1", &site(), &Default::default(), &Default::default()),
+        b.insert_machine(
+            "other",
+            "web-1",
+            &site(),
+            &Default::default(),
+            &Default::default()
+        ),
         Err(Error::Conflict(_))
     ));
     let other = machine(&b, "web-2");
@@ -76,7 +82,13 @@ fn two_nodes_see_each_others_writes_and_one_compare_and_set_wins() {
     // A destroyed machine gives its name and address back.
     a.mark_destroyed(&m.id).unwrap();
     let again = a
-        .insert_machine("id-2", "web-1", &site(), &Default::default(), &Default::default())
+        .insert_machine(
+            "id-2",
+            "web-1",
+            &site(),
+            &Default::default(),
+            &Default::default(),
+        )
         .unwrap();
     assert_eq!(again.slot, m.slot);
     assert_eq!(a.get(&m.id).unwrap().state, MachineState::Destroyed);
@@ -234,7 +246,9 @@ fn a_leader_that_lost_the_lead_writes_nothing() {
     let lease = a.lease().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut c = hangar_cluster::connect(&members.endpoints(), ttl).await.unwrap();
+        let mut c = hangar_cluster::connect(&members.endpoints(), ttl)
+            .await
+            .unwrap();
         c.lease_revoke(lease).await.unwrap();
     });
     eventually("b leads", || b.as_leader().is_some());
