@@ -48,6 +48,7 @@ impl Cluster {
         Site {
             node: self.me.name.clone(),
             region: self.me.region.clone(),
+            index: self.me.index,
         }
     }
 
@@ -76,6 +77,45 @@ impl Cluster {
             None => client,
         }
     }
+}
+
+/// The private network across nodes on this host (implemented by the
+/// binary with `hangar_machine::overlay`): where the other nodes' machines
+/// are, and the other nodes' underlay addresses.
+pub trait Mesh: Send + Sync {
+    fn apply(&self, peers: &[hangar_machine::overlay::Peer], members: &[std::net::IpAddr]);
+}
+
+/// What the mesh must know now: every machine of another node that has
+/// an org's net and an underlay address, and those nodes' addresses.
+pub fn mesh_of(
+    me: &str,
+    members: &[Member],
+    machines: &[Machine],
+) -> (Vec<hangar_machine::overlay::Peer>, Vec<std::net::IpAddr>) {
+    let underlay = |node: &str| {
+        members
+            .iter()
+            .find(|m| m.name == node)
+            .and_then(|m| m.underlay)
+    };
+    let peers = machines
+        .iter()
+        .filter(|m| m.node != me && hangar_machine::network::net_of(m.slot) > 0)
+        .filter(|m| m.state != MachineState::Destroyed)
+        .filter_map(|m| {
+            Some(hangar_machine::overlay::Peer {
+                slot: m.slot,
+                underlay: underlay(&m.node)?,
+            })
+        })
+        .collect();
+    let others = members
+        .iter()
+        .filter(|m| m.name != me)
+        .filter_map(|m| m.underlay)
+        .collect();
+    (peers, others)
 }
 
 /// What a new machine needs of the node it goes to.

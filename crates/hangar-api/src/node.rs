@@ -39,6 +39,8 @@ pub struct Node {
     pub site: Site,
     /// The cluster it is a member of, if any (see [`crate::cluster`]).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The private network across the cluster's nodes, where it has one.
+    mesh: Option<Arc<dyn crate::cluster::Mesh>>,
 }
 
 /// Output of `exec`.
@@ -148,7 +150,15 @@ impl Node {
             egress: None,
             site: Site::default(),
             cluster: None,
+            mesh: None,
         }
+    }
+
+    /// Keep the private network across nodes in line with where the
+    /// cluster's machines are.
+    pub fn with_mesh(mut self, mesh: Arc<dyn crate::cluster::Mesh>) -> Node {
+        self.mesh = Some(mesh);
+        self
     }
 
     /// Name the node and its region: what its machines record.
@@ -191,10 +201,19 @@ impl Node {
         self
     }
 
-    /// One round of the node's loop: reconcile, the egress policy, idle
-    /// stops, then the routes (which leave the idle stops out).
+    /// One round of the node's loop: reconcile, the mesh, the egress
+    /// policy, idle stops, then the routes (which leave the idle stops out).
     pub fn tick(self: &Arc<Self>) {
         self.reconcile();
+        if let Some(mesh) = &self.mesh {
+            match (self.state.members(), self.state.list()) {
+                (Ok(members), Ok(all)) => {
+                    let (peers, others) = crate::cluster::mesh_of(&self.site.node, &members, &all);
+                    mesh.apply(&peers, &others);
+                }
+                (Err(e), _) | (_, Err(e)) => tracing::warn!("mesh: {e}"),
+            }
+        }
         let machines = match self.own_machines() {
             Ok(m) => m,
             Err(e) => {

@@ -1,8 +1,10 @@
-//! etcd members run from Debian's `etcd` binary on 127.0.0.1, for tests
-//! and for a cluster tried on one host: one or more members, each with its
-//! data under a directory of the caller's, on free loopback ports. Members
-//! can be killed (`kill -9`) and started again with their data, to lose
-//! and regain quorum.
+//! etcd members run from Debian's `etcd` binary, for tests and for a
+//! cluster tried on one host: one or more members, each with its data under
+//! a directory of the caller's, on free loopback ports ([`Members::start`])
+//! or each in a network namespace of the caller's at an address there
+//! ([`Members::start_in`], on etcd's own ports). Members can be killed
+//! (`kill -9`) and started again with their data, to lose and regain
+//! quorum.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -14,10 +16,20 @@ use crate::{Error, Result};
 /// One member: its name, ports and process (when running).
 pub struct Member {
     pub name: String,
+    /// Where it listens: 127.0.0.1, or its address in its namespace.
+    pub host: String,
     pub client_port: u16,
     pub peer_port: u16,
+    /// The network namespace it runs in (`/var/run/netns/<name>`), if any.
+    netns: Option<String>,
     data: PathBuf,
     child: Option<Child>,
+}
+
+impl Member {
+    fn url(&self, port: u16) -> String {
+        format!("http://{}:{port}", self.host)
+    }
 }
 
 /// A cluster of members started together. Dropping it kills them.
@@ -40,15 +52,42 @@ impl Members {
         for i in 1..=n {
             members.push(Member {
                 name: format!("m{i}"),
+                host: "127.0.0.1".into(),
                 client_port: free_port()?,
                 peer_port: free_port()?,
+                netns: None,
                 data: dir.join(format!("m{i}")),
                 child: None,
             });
         }
+        Members::run(members)
+    }
+
+    /// Start one member in each network namespace of `at` (a name under
+    /// `/var/run/netns`, and the member's address there), on ports 2379 and
+    /// 2380, and wait until the cluster answers.
+    pub fn start_in(dir: &Path, at: &[(String, String)]) -> Result<Members> {
+        let members = at
+            .iter()
+            .enumerate()
+            .map(|(i, (netns, host))| Member {
+                name: format!("m{}", i + 1),
+                host: host.clone(),
+                client_port: 2379,
+                peer_port: 2380,
+                netns: Some(netns.clone()),
+                data: dir.join(format!("m{}", i + 1)),
+                child: None,
+            })
+            .collect();
+        Members::run(members)
+    }
+
+    fn run(members: Vec<Member>) -> Result<Members> {
+        let n = members.len();
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}={}", m.name, m.url(m.peer_port)))
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = Members {
@@ -65,11 +104,11 @@ impl Members {
         Ok(cluster)
     }
 
-    /// `http://127.0.0.1:PORT,...`: what `--etcd` takes.
+    /// `http://HOST:PORT,...`: what `--etcd` takes.
     pub fn endpoints(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| m.url(m.client_port))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -88,11 +127,12 @@ impl Members {
         };
         std::fs::create_dir_all(&m.data)
             .map_err(|e| Error::Setup(format!("{}: {e}", m.data.display())))?;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let client = m.url(m.client_port);
+        let peer = m.url(m.peer_port);
         let log = std::fs::File::create(m.data.with_extension("log"))
             .map_err(|e| Error::Setup(format!("{}: {e}", m.data.display())))?;
-        let child = Command::new("etcd")
+        let mut command = in_netns(m.netns.as_deref(), "etcd");
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data)
@@ -119,13 +159,37 @@ impl Members {
         Ok(())
     }
 
+    /// What member `i`'s `/health` endpoint answers, if it answers:
+    /// over plain HTTP/1.0 on loopback, or with curl in its namespace.
+    fn health(&self, i: usize) -> Option<String> {
+        use std::io::{Read, Write};
+        let m = &self.members[i];
+        if let Some(ns) = &m.netns {
+            let out = in_netns(Some(ns), "curl")
+                .args(["-s", "--max-time", "2"])
+                .arg(format!("{}/health", m.url(m.client_port)))
+                .output()
+                .ok()?;
+            return out
+                .status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", m.client_port)).ok()?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut answer = String::new();
+        s.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
+        let _ = s.read_to_string(&mut answer);
+        Some(answer)
+    }
+
     fn wait_listening(&mut self, i: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let m = &mut self.members[i];
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", m.client_port)).is_ok() {
+            if self.health(i).is_some() {
                 return Ok(());
             }
+            let m = &mut self.members[i];
             if let Some(child) = &mut m.child {
                 if let Ok(Some(status)) = child.try_wait() {
                     let log =
@@ -140,7 +204,8 @@ impl Members {
             if Instant::now() > deadline {
                 return Err(Error::Setup(format!(
                     "etcd member {} did not listen on {} within 20 s",
-                    m.name, m.client_port
+                    m.name,
+                    m.url(m.client_port)
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -148,19 +213,11 @@ impl Members {
     }
 
     /// Wait until member `i` says the cluster is healthy (it has a leader
-    /// and a quorum): its `/health` endpoint, over plain HTTP/1.0.
+    /// and a quorum).
     fn wait_healthy(&self, i: usize) -> Result<()> {
-        use std::io::{Read, Write};
-        let port = self.members[i].client_port;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let mut answer = String::new();
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_ok() {
-                    let _ = s.read_to_string(&mut answer);
-                }
-            }
+            let answer = self.health(i).unwrap_or_default();
             if answer.contains("\"health\":\"true\"") {
                 return Ok(());
             }
@@ -189,6 +246,19 @@ impl Members {
         self.kill(i);
         self.spawn(i)?;
         self.wait_listening(i)
+    }
+}
+
+/// `program`, run in network namespace `netns` when one is given (through
+/// nsenter, which leaves the host's /sys as it is).
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/var/run/netns/{ns}")).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }
 

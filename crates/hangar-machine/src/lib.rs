@@ -23,6 +23,7 @@ pub mod dir;
 pub mod driver;
 pub mod error;
 pub mod network;
+pub mod overlay;
 pub mod runtime;
 pub mod shim;
 pub mod snapshot;

@@ -1,11 +1,16 @@
-//! The private networks: one per org on this host. Each is a host bridge
+//! The private networks: one per org. On each node it is a host bridge
 //! (`hangar<net>`) with an IPv4 /24 (`10.213.<net>.0/24`) and an IPv6 /64
 //! (`fdaa:6a6e:6172:<net>::/64`, a ULA prefix like Fly's 6PN); net 0 holds
 //! machines of no org and carries the node's own services (the egress proxy
-//! on `10.213.0.1`). A machine's slot number says its net (`slot >> 8`) and
-//! its host number (`slot & 0xff`), so its addresses name its org's network
-//! and stay the same across restarts. Each machine gets a network namespace
-//! and a veth pair into its net's bridge.
+//! on `10.213.0.1`). A machine's slot number says its node (`slot >> 16`,
+//! 0 for a node alone), its net (`(slot >> 8) & 0xff`) and its host number
+//! (`slot & 0xff`), so its addresses name its org's network and its node
+//! (`fdaa:6a6e:6172:<net>:<node>::<host>`, as Fly's 6PN addresses encode
+//! the host) and stay the same across restarts; its IPv4 address and MAC
+//! are its net's and host's only (host numbers are the cluster's, one per
+//! machine of an org). Each node's gateway on a bridge is `.1` and
+//! `<net>:<node>::1`. Each machine gets a network namespace and a veth pair
+//! into its net's bridge; across nodes, [`crate::overlay`] joins the bridges.
 //!
 //! Machines of one org reach each other over their bridge; machines of two
 //! orgs share no link, and the host routes nothing between them: Hangar never
@@ -41,17 +46,45 @@ pub struct Addresses {
     pub v6: Ipv6Addr,
 }
 
-/// The machine's MAC address, fixed per slot: a slot reused by a new
-/// machine answers under the same MAC, so the host's neighbor cache entry
-/// for the address stays true (a new MAC would leave it stale for seconds).
+/// The machine's MAC address, fixed per net and host: a slot reused by a
+/// new machine answers under the same MAC, so the host's neighbor cache
+/// entry for the address stays true (a new MAC would leave it stale for
+/// seconds).
 pub fn mac(n: u32) -> String {
-    let n = n.clamp(1, NETS * 256 - 1);
-    format!("02:68:61:6e:{:02x}:{:02x}", n >> 8, n & 0xff)
+    format!("02:68:61:6e:{:02x}:{:02x}", net_of(n), n & 0xff)
 }
 
 /// The net a slot is in.
 pub fn net_of(slot: u32) -> u32 {
-    (slot >> 8).min(NETS - 1)
+    (slot >> 8) & 0xff
+}
+
+/// The node a slot is on (0: a node alone).
+pub fn node_of(slot: u32) -> u32 {
+    (slot >> 16) & 0xff
+}
+
+/// The first slot of `node`'s part of the address space.
+pub fn node_base(node: u32) -> u32 {
+    (node & 0xff) << 16
+}
+
+/// What two machines of one org may not share, across nodes: their net
+/// and host number (their IPv4 address and MAC).
+pub fn unique_part(slot: u32) -> u32 {
+    slot & 0xffff
+}
+
+/// This node's number in its cluster (0 alone): the node part of the
+/// gateway addresses it puts on its bridges. Set once, at start.
+static LOCAL_NODE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+pub fn set_local_node(node: u32) {
+    LOCAL_NODE.store(node & 0xff, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub fn local_node() -> u32 {
+    LOCAL_NODE.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The first slot of `net` (its host address).
@@ -64,20 +97,19 @@ pub fn bridge(net: u32) -> String {
     format!("hangar{}", net.min(NETS - 1))
 }
 
-/// The host's addresses on net 0, where the node's services listen.
+/// This node's addresses on net 0, where its services listen.
 pub fn gateway() -> Addresses {
-    gateway_of(0)
+    gateway_of(node_base(local_node()))
 }
 
-/// The host's addresses on the net of `slot`: that net's gateway.
+/// The addresses of the gateway of `slot`'s node on its net.
 pub fn gateway_of(slot: u32) -> Addresses {
-    address(net_base(net_of(slot)) | 1)
+    address((slot & !0xff) | 1)
 }
 
 /// The addresses of slot `n`.
 pub fn address(n: u32) -> Addresses {
-    let n = n.clamp(1, NETS * 256 - 1);
-    let (net, host) = (net_of(n), n & 0xff);
+    let (net, host, node) = (net_of(n), (n & 0xff).max(1), node_of(n));
     Addresses {
         v4: Ipv4Addr::new(SUBNET4[0], SUBNET4[1], net as u8, host as u8),
         v6: Ipv6Addr::new(
@@ -85,7 +117,7 @@ pub fn address(n: u32) -> Addresses {
             PREFIX6[1],
             PREFIX6[2],
             net as u16,
-            0,
+            node as u16,
             0,
             0,
             host as u16,
@@ -169,7 +201,7 @@ fn setup_bridge(net: u32) -> Result<()> {
     if !exists {
         ip(&["link", "add", &name, "type", "bridge"])?;
     }
-    let gw = gateway_of(net_base(net));
+    let gw = gateway_of(node_base(local_node()) | net_base(net));
     // Before nets per org, hangar0 had all of 10.213.0.0/16.
     let _ = ip(&["addr", "del", &format!("{}/16", gw.v4), "dev", &name]);
     let _ = ip(&["addr", "add", &format!("{}/24", gw.v4), "dev", &name]);
@@ -403,5 +435,16 @@ mod tests {
             (1, "hangar1".to_string())
         );
         assert_eq!(mac(258), "02:68:61:6e:01:02");
+    }
+
+    #[test]
+    fn a_slot_of_a_cluster_names_its_node_in_ipv6_only() {
+        let on_3 = node_base(3) | 258;
+        assert_eq!((node_of(on_3), net_of(on_3)), (3, 1));
+        assert_eq!(address(on_3).v4, Ipv4Addr::new(10, 213, 1, 2));
+        assert_eq!(address(on_3).v6.to_string(), "fdaa:6a6e:6172:1:3::2");
+        assert_eq!(gateway_of(on_3).v4, Ipv4Addr::new(10, 213, 1, 1));
+        assert_eq!(gateway_of(on_3).v6.to_string(), "fdaa:6a6e:6172:1:3::1");
+        assert_eq!((mac(on_3), unique_part(on_3)), (mac(258), 258));
     }
 }

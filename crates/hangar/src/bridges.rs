@@ -91,3 +91,14 @@ impl EgressControl for EgressProxy {
         }
     }
 }
+
+/// The host's VXLAN overlay as the node's mesh.
+pub struct Overlay(pub hangar_machine::overlay::Overlay);
+
+impl hangar_api::cluster::Mesh for Overlay {
+    fn apply(&self, peers: &[hangar_machine::overlay::Peer], members: &[std::net::IpAddr]) {
+        if let Err(e) = self.0.apply(peers, members) {
+            tracing::warn!("the private network across nodes: {e}");
+        }
+    }
+}

@@ -61,6 +61,8 @@ impl StateAt {
                 String::new()
             },
             region: self.region.clone().unwrap_or_else(|| "local".into()),
+            // Given by the cluster when the node joins it.
+            index: 0,
         }
     }
 

@@ -71,6 +71,11 @@ pub struct UpArgs {
     /// (default: http://<the --listen address>)
     #[arg(long, requires = "etcd", value_name = "URL")]
     advertise: Option<String>,
+    /// The address the other nodes send this node's share of the private
+    /// network to (VXLAN; default: the host of --advertise when it is not a
+    /// loopback address)
+    #[arg(long, requires = "etcd", value_name = "IP")]
+    underlay: Option<std::net::IpAddr>,
     /// The memory this node's machines may have in all, in MB (default:
     /// the host's)
     #[arg(long, value_name = "MB")]
@@ -287,14 +292,29 @@ pub fn run(args: UpArgs) -> Result<()> {
 
         // A member of the cluster before anything is done to the host.
         if let Some(etcd) = etcd.clone() {
+            let api = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+            let underlay = args.underlay.or_else(|| {
+                let host = reqwest::Url::parse(&api).ok()?.host_str()?.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok()?;
+                (!host.is_loopback() && !host.is_unspecified()).then_some(host)
+            });
+            let name = at.node_name();
+            let index = etcd.node_index(&name)?;
+            // Before any bridge is made: the node's gateways carry its number.
+            hangar_machine::network::set_local_node(index);
             let me = hangar_api::store::Member {
-                name: at.node_name(),
+                name,
                 region: node.site.region.clone(),
-                api: args.advertise.clone().unwrap_or_else(|| format!("http://{addr}")),
+                api,
                 registry: registry_addr.clone(),
                 memory_mb: args.memory_mb.unwrap_or_else(host_memory_mb),
                 cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                index,
+                underlay,
             };
+            match underlay {
+                Some(ip) => node = node.with_mesh(Arc::new(crate::bridges::Overlay(hangar_machine::overlay::Overlay::new(ip)))),
+                None => tracing::warn!("no --underlay address: this node's machines reach the machines of other nodes not at all; give --underlay IP (or --advertise with a routable address)"),
+            }
             let cluster = join_cluster(&home, etcd, me, token.clone())?;
             tracing::info!("a member of the cluster as node {} in region {}", cluster.me.name, cluster.me.region);
             node = node.with_cluster(cluster);

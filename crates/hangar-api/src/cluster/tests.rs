@@ -65,11 +65,13 @@ async fn member(endpoints: &str, name: &str, region: &str) -> TestMember {
         registry: None,
         memory_mb: 4096,
         cpus: 2,
+        ..Default::default()
     };
-    let (store, token, sealer) = tokio::task::spawn_blocking({
-        let me = me.clone();
+    let (store, token, sealer, me) = tokio::task::spawn_blocking({
+        let mut me = me;
         move || {
             let store = Arc::new(EtcdStore::open(&endpoints).unwrap());
+            me.index = store.node_index(&me.name).unwrap();
             let key = crate::apps::Sealer::key_of(&home).unwrap();
             let key = store.cluster_value("secrets-key", &key).unwrap();
             let token = store
@@ -80,6 +82,7 @@ async fn member(endpoints: &str, name: &str, region: &str) -> TestMember {
                 store,
                 String::from_utf8(token).unwrap(),
                 crate::apps::Sealer::from_key(&key).unwrap(),
+                me,
             )
         }
     })
@@ -195,6 +198,7 @@ fn placement_takes_the_region_then_spreads_the_app_then_the_memory_free() {
         registry: None,
         memory_mb,
         cpus: 1,
+        ..Default::default()
     };
     let members = [
         member("a", "ams", 4096),
@@ -242,6 +246,42 @@ fn placement_takes_the_region_then_spreads_the_app_then_the_memory_free() {
     assert!(e.to_string().contains("ams, fra"), "{e}");
 }
 
+#[test]
+fn the_mesh_knows_the_other_nodes_machines_of_an_org() {
+    let member = |name: &str, underlay: Option<&str>| Member {
+        name: name.into(),
+        underlay: underlay.map(|u| u.parse().unwrap()),
+        ..Default::default()
+    };
+    let members = [
+        member("a", Some("10.9.0.1")),
+        member("b", Some("10.9.0.2")),
+        member("c", None),
+    ];
+    let at = |node: &str, slot: u32| {
+        let mut m = crate::node::tests::machine_of("web");
+        (m.node, m.slot) = (node.into(), slot);
+        m
+    };
+    let machines = [
+        at("a", 0x1_0102),
+        at("b", 0x2_0103),
+        at("b", 0x2_0004),
+        at("c", 0x3_0105),
+    ];
+    let (peers, others) = mesh_of("a", &members, &machines);
+    // Not a's own, not one of net 0 (the admin's), not one of a node with
+    // no underlay.
+    assert_eq!(
+        peers,
+        [hangar_machine::overlay::Peer {
+            slot: 0x2_0103,
+            underlay: "10.9.0.2".parse().unwrap()
+        }]
+    );
+    assert_eq!(others, ["10.9.0.2".parse::<std::net::IpAddr>().unwrap()]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_machine_is_made_and_run_by_a_node_of_its_region_and_calls_go_there() {
     let (_dir, _etcd, nodes) = cluster().await;
@@ -262,6 +302,19 @@ async fn a_machine_is_made_and_run_by_a_node_of_its_region_and_calls_go_there() 
     assert!(n2 == ["b"] || n2 == ["c"], "{n2:?}");
     assert_ne!(n1, n2, "the app's machines spread over fra's nodes");
     let owner = if n1 == ["b"] { b } else { c };
+    // Its IPv6 address says its node (a 1, b 2, c 3); its IPv4 address is
+    // its org's net's.
+    let node_part = if n1 == ["b"] { 2 } else { 3 };
+    let v6: std::net::Ipv6Addr = first.private_ip.as_deref().unwrap().parse().unwrap();
+    assert_eq!(v6.segments()[4], node_part, "{v6}");
+    let v4s: Vec<String> = [&first, &second]
+        .iter()
+        .map(|m| m.ipv4.clone().unwrap())
+        .collect();
+    assert_ne!(
+        v4s[0], v4s[1],
+        "one IPv4 address per machine of the org, across nodes"
+    );
     // Seen alike through every node.
     for n in [a, b, c] {
         let seen = n.client(ACME).machine(&first.id).await.unwrap();

@@ -16,6 +16,7 @@ pub(crate) fn site() -> Site {
     Site {
         node: "n1".into(),
         region: "ams".into(),
+        index: 0,
     }
 }
 

@@ -523,12 +523,14 @@ impl Store for EtcdStore {
         let net = self.net_for(place.app.as_deref())?;
         let base = hangar_machine::network::net_base(net);
         for _ in 0..RETRIES {
-            let slot = {
+            // Host numbers are the cluster's: one machine of an org has each.
+            let free = {
                 let view = self.model.view();
                 hangar_machine::network::HOSTS
                     .map(|h| base + h)
                     .find(|s| !view.kvs.contains_key(&format!("slots/{s}")))
             };
+            let slot = free.map(|s| hangar_machine::network::node_base(site.index) | s);
             let Some(slot) = slot else {
                 return Err(Error::Invalid(format!(
                     "this org's network on this node is full ({} machines); destroy some first",
@@ -556,7 +558,7 @@ impl Store for EtcdStore {
             };
             let (names, slots, machines) = (
                 format!("names/{name}"),
-                format!("slots/{slot}"),
+                format!("slots/{}", hangar_machine::network::unique_part(slot)),
                 format!("machines/{id}"),
             );
             let txn = Write::new()
@@ -641,7 +643,10 @@ impl Store for EtcdStore {
                     m.desired = Desired::Destroyed;
                     if m.name != format!("{id}.destroyed") {
                         extra.push(delete(&format!("names/{}", m.name)));
-                        extra.push(delete(&format!("slots/{}", m.slot)));
+                        extra.push(delete(&format!(
+                            "slots/{}",
+                            hangar_machine::network::unique_part(m.slot)
+                        )));
                     }
                     m.name = format!("{id}.destroyed");
                     m.slot = 0;

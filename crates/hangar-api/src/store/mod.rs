@@ -110,11 +110,15 @@ pub struct Event {
 pub struct Site {
     pub node: String,
     pub region: String,
+    /// The node's number in the cluster (0 alone): the node part of its
+    /// machines' addresses (see `hangar_machine::network`).
+    #[serde(default)]
+    pub index: u32,
 }
 
 /// A node of a cluster as it announces itself while it lives (its
 /// membership ends with its lease: see [`EtcdStore::join`]).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Member {
     pub name: String,
     pub region: String,
@@ -127,6 +131,14 @@ pub struct Member {
     /// The memory its machines may have in all, in MB, and its CPUs.
     pub memory_mb: u64,
     pub cpus: u32,
+    /// Its number in the cluster (from 1; given at its first join and
+    /// kept): the node part of its machines' addresses.
+    #[serde(default)]
+    pub index: u32,
+    /// Where it takes the private network's traffic from the other nodes
+    /// (VXLAN); none: its machines are reachable from its own node only.
+    #[serde(default)]
+    pub underlay: Option<std::net::IpAddr>,
 }
 
 /// Where a machine belongs: its app and the app's release.

@@ -98,6 +98,44 @@ impl EtcdStore {
         })
     }
 
+    /// The number of node `name` in the cluster: its own from an earlier
+    /// join, else the lowest free one from 1 (`node-index/<n>`, kept for
+    /// good). It is the node part of its machines' addresses.
+    pub fn node_index(&self, name: &str) -> Result<u32> {
+        let most = hangar_machine::network::NETS - 1;
+        for _ in 0..RETRIES {
+            let (mine, free) = {
+                let view = self.model.view();
+                let mine = (1..=most).find(|n| {
+                    view.kvs
+                        .get(&format!("node-index/{n}"))
+                        .is_some_and(|kv| kv.value == name.as_bytes())
+                });
+                let free = (1..=most).find(|n| !view.kvs.contains_key(&format!("node-index/{n}")));
+                (mine, free)
+            };
+            if let Some(n) = mine {
+                return Ok(n);
+            }
+            let Some(n) = free else {
+                return Err(Error::Invalid(format!(
+                    "the cluster at {} has {most} nodes, all it can number; remove one first",
+                    self.endpoints
+                )));
+            };
+            let key = format!("node-index/{n}");
+            let write = Write::new()
+                .when([absent(&key)])
+                .and_then([put(&key, name.as_bytes().to_vec())]);
+            if self.txn(write, &[&key])?.0 {
+                return Ok(n);
+            }
+        }
+        Err(Error::Conflict(format!(
+            "node {name}: no number could be taken after {RETRIES} tries; try again"
+        )))
+    }
+
     /// The cluster's value of `cluster/<name>`, set once: `proposed` when
     /// it had none (the first node's), else what the first node set. For
     /// what every node must share, such as the admin token.

@@ -195,6 +195,7 @@ fn member(name: &str) -> crate::store::Member {
         registry: None,
         memory_mb: 1024,
         cpus: 1,
+        ..Default::default()
     }
 }
 
