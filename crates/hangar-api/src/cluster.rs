@@ -355,18 +355,15 @@ pub async fn replace_lost(node: &Arc<Node>, leader: &EtcdStore) -> Result<()> {
                     app: lost.app.clone(),
                     release: lost.release,
                 };
-                let org = lost
-                    .app
-                    .as_deref()
-                    .and_then(|a| leader.app(a).ok())
-                    .map(|a| a.org);
                 match node
                     .create_placed(
                         Some(name.clone()),
                         place,
                         lost.config.clone(),
                         Some(&lost.region),
-                        org.as_deref(),
+                        // As the admin: its config, image included, was
+                        // admitted when it was made.
+                        None,
                     )
                     .await
                 {

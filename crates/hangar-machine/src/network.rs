@@ -54,6 +54,11 @@ pub fn mac(n: u32) -> String {
     format!("02:68:61:6e:{:02x}:{:02x}", net_of(n), n & 0xff)
 }
 
+/// The MAC of this node's bridge of `net`: the node's and the net's.
+fn bridge_mac(net: u32) -> String {
+    format!("02:68:67:{:02x}:{:02x}:01", local_node(), net & 0xff)
+}
+
 /// The net a slot is in.
 pub fn net_of(slot: u32) -> u32 {
     (slot >> 8) & 0xff
@@ -201,6 +206,10 @@ fn setup_bridge(net: u32) -> Result<()> {
     if !exists {
         ip(&["link", "add", &name, "type", "bridge"])?;
     }
+    // A MAC of its own, set: a bridge left to pick its ports' lowest would
+    // change it as machines come, and each change flushes the bridge's
+    // neighbor entries (the overlay's among them).
+    ip(&["link", "set", &name, "address", &bridge_mac(net)])?;
     let gw = gateway_of(node_base(local_node()) | net_base(net));
     // Before nets per org, hangar0 had all of 10.213.0.0/16.
     let _ = ip(&["addr", "del", &format!("{}/16", gw.v4), "dev", &name]);

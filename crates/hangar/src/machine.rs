@@ -67,6 +67,9 @@ enum MachineCommand {
         /// The region to run it in (a cluster's; default: the node's)
         #[arg(long)]
         region: Option<String>,
+        /// The app it belongs to (its org's network, secrets and host)
+        #[arg(long, short = 'a')]
+        app: Option<String>,
         /// The command (replaces the image's Cmd)
         #[arg(last = true)]
         cmd: Vec<String>,
@@ -231,6 +234,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             entrypoint,
             rm,
             region,
+            app,
             cmd,
         } => {
             let mut envs = BTreeMap::new();
@@ -270,7 +274,7 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             let m = client
                 .create_machine(&CreateMachine {
                     name,
-                    app: None,
+                    app,
                     config,
                     region,
                     release: None,

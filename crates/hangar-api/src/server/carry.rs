@@ -36,10 +36,25 @@ pub(super) async fn carry(
     };
     match api.node.elsewhere(&m) {
         Ok(None) => next.run(req).await,
-        Ok(Some((cluster, member))) => match forward(&cluster, &member, caller.org(), req).await {
-            Ok(r) => r,
-            Err(e) => e.into_response(),
-        },
+        Ok(Some((cluster, member))) => {
+            // A look at it is answered here, from the store, when its node
+            // does not answer (it may have just died).
+            let again = (req.method() == Method::GET).then(|| {
+                let mut r = Request::new(Body::empty());
+                *r.method_mut() = Method::GET;
+                *r.uri_mut() = req.uri().clone();
+                *r.headers_mut() = req.headers().clone();
+                *r.extensions_mut() = req.extensions().clone();
+                r
+            });
+            match forward(&cluster, &member, caller.org(), req).await {
+                Ok(r) => r,
+                Err(Error::Unavailable(_)) if again.is_some() => {
+                    next.run(again.unwrap_or_default()).await
+                }
+                Err(e) => e.into_response(),
+            }
+        }
         // Its node is gone: what the store knows is answered here (a look
         // at it, its events, a destroy that forgets it); nothing else can
         // be done to it.

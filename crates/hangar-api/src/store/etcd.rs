@@ -291,8 +291,21 @@ impl EtcdStore {
         }
         let txn = Txn::new().when(when).and_then(write.then).or_else(reads);
         let mut client = self.client.clone();
+        // A member that is down refuses the connection: the transaction
+        // never reached etcd, so it goes to another member (the client
+        // picks one per call) until the time is up.
         let resp: TxnResponse = match self.run(async move {
-            Ok(tokio::time::timeout(TIMEOUT, client.txn(txn)).await)
+            Ok(tokio::time::timeout(TIMEOUT, async move {
+                loop {
+                    match client.txn(txn.clone()).await {
+                        Err(e) if e.to_string().contains("tcp connect error") => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        r => return r,
+                    }
+                }
+            })
+            .await)
         })? {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(self.etcd(e)),

@@ -35,9 +35,9 @@ mod toml_like {
 }
 
 /// Serializes machine tests across test processes (nextest) and threads.
-struct HostLock(#[allow(dead_code)] fs::File);
+pub(crate) struct HostLock(#[allow(dead_code)] fs::File);
 
-fn host_lock() -> HostLock {
+pub(crate) fn host_lock() -> HostLock {
     let f = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -48,7 +48,7 @@ fn host_lock() -> HostLock {
     HostLock(f)
 }
 
-fn require_root() {
+pub(crate) fn require_root() {
     assert!(
         rustix::process::geteuid().is_root(),
         "machine tests need root (CI runs as root)"
@@ -58,7 +58,7 @@ fn require_root() {
 }
 
 /// The guest kernel scripts/fetch-kernel put in target/vm.
-fn vm_kernel() -> PathBuf {
+pub(crate) fn vm_kernel() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vm");
     assert!(
         dir.join("vmlinuz").is_file(),
@@ -155,25 +155,31 @@ fn spawn_up(h: &Hangar, extra: &[String]) -> (Child, Vec<String>) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let seen = announced(&mut child);
+    (child, seen)
+}
+
+/// What a `hangar up` started with its stderr piped printed up to
+/// announcing its API (the last thing it does once started); the rest goes
+/// to the test's stderr, so a failing test shows it.
+pub(crate) fn announced(child: &mut Child) -> Vec<String> {
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let mut seen = Vec::new();
     loop {
         let line = lines.next().expect("hangar up exited early").unwrap();
-        // The API is announced last, once the node config is written.
         let last = line.contains("Machines API on");
         seen.push(line);
         if last {
             break;
         }
     }
-    // The rest goes to the test's stderr: a failing test shows it.
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             eprintln!("hangar up: | {line}");
         }
     });
-    (child, seen)
+    seen
 }
 
 /// `hangar up` on free ports with its own home; destroys its machines and

@@ -280,16 +280,35 @@ async fn campaign(shared: Weak<Shared>) {
         }) else {
             return;
         };
+        // etcd's election, as its concurrency package runs it: each
+        // candidate's key under the election's prefix, with its lease; the
+        // oldest live key leads. Taken here through the read model, so no
+        // call waits on the server.
+        let key = format!("{ELECTION}/{lease:x}");
         let mut c = client.clone();
-        // Each call is bounded by the client's timeout: waiting behind a
-        // live leader ends in an error, and the campaign goes on with the
-        // same key.
-        let won = match c.campaign(ELECTION, name.as_bytes(), lease).await {
-            Ok(r) => r.leader().map(|l| Fence {
-                key: String::from_utf8_lossy(l.key()).into_owned(),
-                rev: l.rev(),
-            }),
-            Err(_) => None,
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                name.as_bytes().to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if let Err(e) = c.txn(txn).await {
+            tracing::debug!("campaign: {e}");
+        }
+        let local = key.strip_prefix(PREFIX).unwrap_or_default().to_string();
+        let won = {
+            let view = model.view();
+            let oldest = view
+                .kvs
+                .range("leader/".to_string()..)
+                .take_while(|(k, _)| k.starts_with("leader/"))
+                .min_by_key(|(_, kv)| kv.create_revision)
+                .map(|(k, kv)| (k.clone(), kv.create_revision));
+            oldest.filter(|(k, _)| *k == local).map(|(_, rev)| Fence {
+                key: key.clone(),
+                rev,
+            })
         };
         let Some(fence) = won else {
             tokio::time::sleep(Duration::from_millis(100)).await;

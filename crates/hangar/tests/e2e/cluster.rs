@@ -1,0 +1,436 @@
+//! A cluster on one host, as root: three etcd members and three nodes
+//! (`n1` in ams, `n2` and `n3` in fra), each node in a network namespace of
+//! its own, joined by a bridge in another ("the wire", 10.77.0.0/24), with
+//! its etcd member beside it. Nothing is sent outside these namespaces.
+//! Machines of one org on different nodes reach each other over the
+//! private network; another org's machine and a host on the wire that is
+//! no node reach nothing; a lost etcd member stops nothing, a lost quorum
+//! stops writes with an error that says so; a node killed with `kill -9`
+//! has its app's machines replaced in its region, and removes them from
+//! its host when it comes back.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::machine::{announced, busybox_image, host_lock, require_root, vm_kernel};
+use crate::support::*;
+
+/// The lease a node's membership lives under (`LEASE_TTL`).
+const LEASE: Duration = Duration::from_secs(5);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The namespaces and the wire; removed on drop.
+struct Wire {
+    wire: String,
+    nodes: Vec<String>,
+    stranger: String,
+}
+
+impl Wire {
+    fn new(n: usize) -> Wire {
+        let tag = std::process::id() % 100_000;
+        let w = Wire {
+            wire: format!("hcw{tag}"),
+            nodes: (1..=n).map(|i| format!("hcn{tag}-{i}")).collect(),
+            stranger: format!("hcx{tag}"),
+        };
+        ip(&["netns", "add", &w.wire]);
+        ip(&["-n", &w.wire, "link", "add", "w0", "type", "bridge"]);
+        ip(&["-n", &w.wire, "link", "set", "w0", "up"]);
+        let hosts = w
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| (ns.clone(), i + 1))
+            .chain([(w.stranger.clone(), 9)]);
+        for (ns, host) in hosts {
+            ip(&["netns", "add", &ns]);
+            let port = format!("v{host}");
+            ip(&[
+                "-n", &w.wire, "link", "add", &port, "type", "veth", "peer", "name", "u0", "netns",
+                &ns,
+            ]);
+            ip(&["-n", &w.wire, "link", "set", &port, "master", "w0", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.77.0.{host}/24"),
+                "dev",
+                "u0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "u0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        w
+    }
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain([&self.wire, &self.stranger]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// One node of the cluster: `hangar up` in its namespace.
+struct ClusterNode {
+    h: Hangar,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    fn start(netns: &str, i: usize, region: &str, etcd: &str) -> ClusterNode {
+        let mut h = Hangar::new();
+        h.netns = Some(netns.to_string());
+        let addr = format!("10.77.0.{i}:4280");
+        let args = [
+            "up",
+            "--listen",
+            &addr,
+            "--advertise",
+            &format!("http://{addr}"),
+            "--registry-listen",
+            "127.0.0.1:0",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--edge-admin-listen",
+            "127.0.0.1:0",
+            "--etcd",
+            etcd,
+            "--node",
+            &format!("n{i}"),
+            "--region",
+            region,
+            "--memory-mb",
+            "4096",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut node = ClusterNode {
+            h,
+            args,
+            child: None,
+        };
+        node.up();
+        node
+    }
+
+    fn up(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut child = self
+            .h
+            .command(&args)
+            .env("HANGAR_VM_KERNEL", vm_kernel())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        announced(&mut child);
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A field of machine `id`'s status, as text.
+    fn addr(&self, id: &str, field: &str) -> String {
+        self.status(id)[field].as_str().unwrap().to_string()
+    }
+
+    fn status(&self, id: &str) -> Value {
+        serde_json::from_str(&self.h.ok(&["machine", "status", id, "--json"])).unwrap()
+    }
+
+    /// Wait (60 s at most) until `f` holds of machine `id`.
+    fn wait_for(&self, id: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.status(id);
+            if f(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "machine {id} never got {what}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A machine of `app` in `region` serving /www on port 8080; its id.
+    fn run(&self, app: &str, region: &str) -> String {
+        let image = "localhost/busybox:test";
+        self.h
+            .ok(&[
+                "machine", "run", image, "--app", app, "--region", region, "--", "httpd", "-f",
+                "-p", "8080", "-h", "/www",
+            ])
+            .trim()
+            .to_string()
+    }
+
+    /// A GET of port 8080 at `addr` from inside machine `id` with nc (not
+    /// through the egress proxy); the page, or None.
+    fn fetch(&self, id: &str, addr: &str) -> Option<String> {
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {addr} 8080");
+        let out = self
+            .h
+            .run(&["machine", "exec", id, "--", "/bin/sh", "-c", &script]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    }
+}
+
+impl Drop for ClusterNode {
+    /// Its machines go with it (the others' nodes see to theirs).
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            self.up();
+        }
+        let name = self.args[self.args.iter().position(|a| a == "--node").unwrap() + 1].clone();
+        let list = self.h.run(&["machine", "list", "--json"]);
+        let list: Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+        for m in list.as_array().into_iter().flatten() {
+            if m["node"] == name.as_str() {
+                let id = m["id"].as_str().unwrap_or("");
+                let _ = self.h.run(&["machine", "destroy", id, "--force"]);
+            }
+        }
+        self.kill9();
+    }
+}
+
+const PAGE: &str = "hello from a machine\n";
+
+#[test]
+fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_losses() {
+    require_root();
+    require("etcd");
+    require("curl");
+    let _lock = host_lock();
+    let wire = Wire::new(3);
+    let dir = tempfile::tempdir().unwrap();
+    let at: Vec<(String, String)> = wire
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| (ns.clone(), format!("10.77.0.{}", i + 1)))
+        .collect();
+    let mut etcd = hangar_cluster::members::Members::start_in(dir.path(), &at).unwrap();
+    let endpoints = etcd.endpoints();
+    let regions = ["ams", "fra", "fra"];
+    let mut nodes: Vec<ClusterNode> = wire
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| ClusterNode::start(ns, i + 1, regions[i], &endpoints))
+        .collect();
+    for n in &nodes {
+        busybox_image(&n.h);
+    }
+    let n1 = &nodes[0];
+    for (app, org) in [("web", "acme"), ("loot", "evil")] {
+        let path = n1.h.dir.path().join(app);
+        std::fs::create_dir_all(&path).unwrap();
+        n1.h.ok(&[
+            "launch",
+            "--image",
+            "localhost/busybox:test",
+            "--name",
+            app,
+            "--org",
+            org,
+            "--path",
+            path.to_str().unwrap(),
+        ]);
+    }
+
+    // acme's machines: one in ams (on n1), two in fra, spread over n2 and n3.
+    let here = n1.run("web", "ams");
+    let (f1, f2) = (n1.run("web", "fra"), n1.run("web", "fra"));
+    let loot = n1.run("loot", "fra");
+    let mut placed = Vec::new();
+    for id in [&here, &f1, &f2, &loot] {
+        let s = n1.wait_for(id, "start", |s| s["state"] == "started");
+        placed.push(s["node"].as_str().unwrap().to_string());
+    }
+    assert_eq!(placed[0], "n1");
+    let mut fra = vec![placed[1].clone(), placed[2].clone()];
+    fra.sort();
+    assert_eq!(
+        fra,
+        ["n2", "n3"],
+        "the app's machines spread over fra's nodes"
+    );
+    // A machine's IPv6 address says its node: n2's have 2 as its node part.
+    let v6 = n1.addr(&f1, "private_ip");
+    let node_part = format!(":{}::", &placed[1][1..]);
+    assert!(v6.contains(&node_part), "{v6} on {}", placed[1]);
+
+    // Across nodes, by IPv6 and by IPv4, from ams to fra and back.
+    for target in [&f1, &f2] {
+        for field in ["private_ip", "ipv4"] {
+            let a = n1.addr(target, field);
+            assert_eq!(n1.fetch(&here, &a).as_deref(), Some(PAGE), "{here} to {a}");
+        }
+    }
+    let back = n1.addr(&here, "private_ip");
+    assert_eq!(
+        n1.fetch(&f1, &back).as_deref(),
+        Some(PAGE),
+        "back to {back}"
+    );
+
+    // evil's machine reaches none of acme's, nor does a host on the wire
+    // that is no node, even with routes to the machines' networks.
+    for target in [&here, &f1, &f2] {
+        for field in ["private_ip", "ipv4"] {
+            let a = n1.addr(target, field);
+            assert_eq!(n1.fetch(&loot, &a), None, "evil reached {a}");
+        }
+    }
+    let fra_node = if placed[1] == "n2" { 2 } else { 3 };
+    let via = format!("10.77.0.{fra_node}");
+    ip(&[
+        "-n",
+        &wire.stranger,
+        "route",
+        "add",
+        "10.213.0.0/16",
+        "via",
+        &via,
+    ]);
+    let stranger = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", wire.stranger))
+        .args(["busybox", "wget", "-q", "-T", "2", "-O", "-"])
+        .arg(format!("http://{}:8080/", n1.addr(&f1, "ipv4")))
+        .output()
+        .unwrap();
+    assert!(
+        !stranger.status.success(),
+        "a stranger on the wire reached a machine"
+    );
+
+    // One etcd member lost: nothing stops.
+    etcd.kill(2);
+    let more = n1.run("web", "ams");
+    n1.wait_for(&more, "start", |s| s["state"] == "started");
+    // Quorum lost: machines keep serving, writes fail saying why.
+    etcd.kill(1);
+    let refused = n1.h.fails(&[
+        "machine",
+        "run",
+        "localhost/busybox:test",
+        "--app",
+        "web",
+        "--",
+        "sleep",
+        "1",
+    ]);
+    assert!(
+        refused.contains("etcd") && refused.contains("quorum"),
+        "{refused}"
+    );
+    assert_eq!(
+        n1.fetch(&here, &n1.addr(&f2, "ipv4")).as_deref(),
+        Some(PAGE)
+    );
+    // Quorum back: writes again, and no node was taken for dead.
+    etcd.restart(1).unwrap();
+    etcd.restart(2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        let out = n1.h.run(&[
+            "machine",
+            "run",
+            "localhost/busybox:test",
+            "--app",
+            "web",
+            "--region",
+            "ams",
+            "--",
+            "sleep",
+            "3600",
+        ]);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "writes never came back");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    n1.wait_for(&again, "start", |s| s["state"] == "started");
+    assert_eq!(
+        n1.status(&f1)["state"],
+        "started",
+        "f1 was not taken for lost"
+    );
+
+    // f1's node killed: its machine of web is replaced on the other fra node
+    // within twice the lease, and reachable over the private network.
+    let (dead, on_dead) = (fra_node - 1, &f1);
+    let killed = Instant::now();
+    nodes[dead].kill9();
+    let n1 = &nodes[0];
+    n1.wait_for(on_dead, "replacement", |s| s["state"] == "destroyed");
+    let list: Value = serde_json::from_str(&n1.h.ok(&["machine", "list", "--json"])).unwrap();
+    let new = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"].as_str().is_some_and(|n| n.starts_with("web-r")))
+        .unwrap_or_else(|| panic!("no replacement in {list}"))
+        .clone();
+    let new_id = new["id"].as_str().unwrap().to_string();
+    n1.wait_for(&new_id, "start", |s| s["state"] == "started");
+    let took = killed.elapsed();
+    assert!(
+        took < LEASE * 2 + Duration::from_secs(3),
+        "replaced after {took:?}"
+    );
+    let survivor = if fra_node == 2 { "n3" } else { "n2" };
+    assert_eq!(
+        (new["node"].as_str(), new["region"].as_str()),
+        (Some(survivor), Some("fra"))
+    );
+    let new_v6 = n1.addr(&new_id, "private_ip");
+    assert_eq!(n1.fetch(&here, &new_v6).as_deref(), Some(PAGE));
+    eprintln!("node death to a replacement serving: {took:?} (lease {LEASE:?})");
+
+    // The dead node comes back, takes its name again at once, and removes
+    // the replaced machine from its host.
+    nodes[dead].up();
+    let gone = format!("/var/run/netns/hangar-{}", &on_dead[..12]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&gone).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the replaced machine stayed on its node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let list: Value = serde_json::from_str(&nodes[0].h.ok(&["machine", "list", "--json"])).unwrap();
+    for m in list.as_array().into_iter().flatten() {
+        let _ = nodes[0]
+            .h
+            .run(&["machine", "destroy", m["id"].as_str().unwrap(), "--force"]);
+    }
+}
