@@ -213,8 +213,9 @@ impl Members {
     }
 
     /// Wait until member `i` says the cluster is healthy (it has a leader
-    /// and a quorum).
-    fn wait_healthy(&self, i: usize) -> Result<()> {
+    /// and a quorum): after a member is lost, once the rest have elected
+    /// a leader if it was the lost one.
+    pub fn wait_healthy(&self, i: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let answer = self.health(i).unwrap_or_default();

@@ -131,6 +131,11 @@ fn k(key: &str) -> String {
     format!("{PREFIX}{key}")
 }
 
+/// The key is as it was read: unchanged since `mod_revision`.
+fn unchanged(key: &str, mod_revision: i64) -> Compare {
+    Compare::mod_revision(k(key), CompareOp::Equal, mod_revision)
+}
+
 fn absent(key: &str) -> Compare {
     Compare::create_revision(k(key), CompareOp::Equal, 0)
 }
@@ -670,11 +675,7 @@ impl Store for EtcdStore {
             let mut ops = vec![put(&key, json(&m)?)];
             ops.extend(extra);
             let txn = Write::new()
-                .when([Compare::mod_revision(
-                    k(&key),
-                    CompareOp::Equal,
-                    now_row.revision as i64,
-                )])
+                .when([unchanged(&key, now_row.revision as i64)])
                 .and_then(ops);
             let (done, revision) = self.txn(txn, &[&key])?;
             if done {
@@ -845,11 +846,7 @@ impl Store for EtcdStore {
             stored.release.status = status;
             stored.release.description = description.into();
             let txn = Write::new()
-                .when([Compare::mod_revision(
-                    k(&key),
-                    CompareOp::Equal,
-                    kv.mod_revision,
-                )])
+                .when([unchanged(&key, kv.mod_revision)])
                 .and_then([put(&key, json(&stored)?)]);
             if self.txn(txn, &[&key])?.0 {
                 return Ok(());
@@ -873,11 +870,7 @@ impl Store for EtcdStore {
                 .description
                 .push_str(" (the node stopped during the deploy)");
             let txn = Write::new()
-                .when([Compare::mod_revision(
-                    k(&key),
-                    CompareOp::Equal,
-                    kv.mod_revision,
-                )])
+                .when([unchanged(&key, kv.mod_revision)])
                 .and_then([put(&key, json(&now_stored)?)]);
             // Lost to another writer: that one decided its fate.
             if self.txn(txn, &[&key])?.0 {

@@ -51,7 +51,7 @@ impl EtcdStore {
                 .when([absent(&key)])
                 .and_then([with_lease(&key, json(me)?, lease)]),
             Some((_, kv)) if Some(kv.lease) == earlier => Write::new()
-                .when([Compare::mod_revision(k(&key), CompareOp::Equal, kv.mod_revision)])
+                .when([unchanged(&key, kv.mod_revision)])
                 .and_then([with_lease(&key, json(me)?, lease)]),
             Some(_) => {
                 return Err(Error::Conflict(format!(
@@ -285,6 +285,8 @@ async fn campaign(shared: Weak<Shared>) {
         // oldest live key leads. Taken here through the read model, so no
         // call waits on the server.
         let key = format!("{ELECTION}/{lease:x}");
+        let local = key.strip_prefix(PREFIX).unwrap_or_default().to_string();
+        let standing = model.view().kvs.contains_key(&local);
         let mut c = client.clone();
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
@@ -293,10 +295,11 @@ async fn campaign(shared: Weak<Shared>) {
                 name.as_bytes().to_vec(),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        if let Err(e) = c.txn(txn).await {
-            tracing::debug!("campaign: {e}");
+        if !standing {
+            if let Err(e) = c.txn(txn).await {
+                tracing::debug!("campaign: {e}");
+            }
         }
-        let local = key.strip_prefix(PREFIX).unwrap_or_default().to_string();
         let won = {
             let view = model.view();
             let oldest = view
