@@ -55,6 +55,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod deploy;
+pub mod dns;
 pub mod egress;
 pub mod error;
 pub mod node;

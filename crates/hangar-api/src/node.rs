@@ -41,6 +41,8 @@ pub struct Node {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The private network across the cluster's nodes, where it has one.
     mesh: Option<Arc<dyn crate::cluster::Mesh>>,
+    /// `.internal` DNS for its machines, where it serves it.
+    dns: Option<Arc<crate::dns::Dns>>,
 }
 
 /// Output of `exec`.
@@ -151,6 +153,7 @@ impl Node {
             site: Site::default(),
             cluster: None,
             mesh: None,
+            dns: None,
         }
     }
 
@@ -159,6 +162,23 @@ impl Node {
     pub fn with_mesh(mut self, mesh: Arc<dyn crate::cluster::Mesh>) -> Node {
         self.mesh = Some(mesh);
         self
+    }
+
+    /// Serve `.internal` names to the machines, and make the DNS their
+    /// resolver.
+    pub fn with_dns(mut self, dns: Arc<crate::dns::Dns>) -> Node {
+        self.dns = Some(dns);
+        self
+    }
+
+    /// Before a machine in `slot` starts: its net's resolver is serving.
+    fn serve_dns(&self, slot: u32) -> Result<()> {
+        if let Some(dns) = &self.dns {
+            let net = hangar_machine::network::net_of(slot);
+            hangar_machine::network::ensure_bridge(net)?;
+            dns.open(net)?;
+        }
+        Ok(())
     }
 
     /// Name the node and its region: what its machines record.
@@ -290,6 +310,10 @@ impl Node {
                 cmd: c.init.cmd.clone(),
                 user: c.init.user.clone(),
                 env,
+                nameservers: match &self.dns {
+                    Some(_) => crate::dns::Dns::resolvers(m.slot),
+                    None => Vec::new(),
+                },
                 ..InitConfig::default()
             },
             limits: c.limits(),
@@ -337,7 +361,8 @@ impl Node {
         let lock = self.lock(&id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         let created = self
-            .spec(&m)
+            .serve_dns(m.slot)
+            .and_then(|()| self.spec(&m))
             .and_then(|spec| Ok(self.driver.create(&spec)?));
         match created {
             Ok(c) => self.state.event(&id, "created", serde_json::json!({"ipv4": c.addresses.v4.to_string(), "ipv6": c.addresses.v6.to_string(), "unpacked": c.unpacked}))?,
@@ -357,7 +382,10 @@ impl Node {
         self.state.set_desired(id, Desired::Started)?;
         self.state.set_state(id, MachineState::Starting)?;
         self.state.set_exit(id, None, false)?;
-        match self.driver.start(id, m.slot) {
+        match self
+            .serve_dns(m.slot)
+            .and_then(|()| Ok(self.driver.start(id, m.slot)?))
+        {
             Ok(()) => {
                 self.state.set_state(id, MachineState::Started)?;
                 self.state.event(id, "started", serde_json::json!({}))?;
@@ -367,7 +395,7 @@ impl Node {
                 self.state.set_state(id, MachineState::Failed)?;
                 self.state
                     .event(id, "failed", serde_json::json!({"error": e.to_string()}))?;
-                Err(e.into())
+                Err(e)
             }
         }
     }

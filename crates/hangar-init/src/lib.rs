@@ -124,7 +124,7 @@ pub fn hex_encode(bytes: &[u8]) -> String {
 
 pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
     let text = text.trim();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

@@ -48,6 +48,10 @@ pub struct UpArgs {
     /// Do not run the edge proxy
     #[arg(long)]
     no_edge: bool,
+    /// Do not serve `.internal` DNS to machines (each org net's resolver on
+    /// port 53 of its gateway); machines then have no resolver
+    #[arg(long)]
+    no_dns: bool,
     /// Apps are served at <app>.<domain>
     #[arg(long, default_value = "localhost")]
     domain: String,
@@ -338,6 +342,13 @@ pub fn run(args: UpArgs) -> Result<()> {
         tracing::info!("egress proxy on http://{egress_addr}");
         tokio::spawn(hangar_egress::proxy::serve(egress.clone(), egress_listener, None, std::future::pending()));
         node = node.with_egress(Arc::new(crate::bridges::EgressProxy(egress)));
+
+        if !args.no_dns {
+            let dns = Arc::new(hangar_api::dns::Dns::new(hangar_api::dns::PORT));
+            dns.follow(node.state.clone(), node.site.clone());
+            tracing::info!(".internal DNS for machines on port {} of each org network's gateway", hangar_api::dns::PORT);
+            node = node.with_dns(dns);
+        }
 
         let mut edge_url = None;
         // The edge asks the node for a started machine through this channel.

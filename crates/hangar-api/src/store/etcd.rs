@@ -956,6 +956,16 @@ impl Store for EtcdStore {
         Ok(self.model.view().revision as u64)
     }
 
+    fn wait_change(&self, since: u64, timeout: Duration) -> Result<u64> {
+        let view = self.model.view();
+        let (view, _) = self
+            .model
+            .moved
+            .wait_timeout_while(view, timeout, |v| v.revision as u64 == since)
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(view.revision as u64)
+    }
+
     fn members(&self) -> Result<Vec<crate::store::Member>> {
         Ok(self
             .scan::<crate::store::Member>("members/")?

@@ -335,6 +335,21 @@ pub trait Store: Send + Sync {
     /// The store's revision now: the last write's.
     fn revision(&self) -> Result<u64>;
 
+    /// Wait until the revision is past `since`, for at most `timeout`;
+    /// returns the revision then (still `since` when nothing changed).
+    /// This default looks every 20 ms; a store that is told of changes
+    /// waits to be told.
+    fn wait_change(&self, since: u64, timeout: std::time::Duration) -> Result<u64> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let now = self.revision()?;
+            if now != since || std::time::Instant::now() >= deadline {
+                return Ok(now);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The live members of the cluster, by name; none for a store of one
     /// node.
     fn members(&self) -> Result<Vec<Member>> {

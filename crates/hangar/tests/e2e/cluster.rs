@@ -299,6 +299,80 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
         "back to {back}"
     );
 
+    // `.internal` names, from inside the machines (busybox's resolver
+    // reads the resolv.conf the node wrote): every node answers for the
+    // whole cluster, each org its own.
+    let lookup = |id: &str, rtype: &str, name: &str| -> Option<Vec<String>> {
+        let out = n1.h.run(&[
+            "machine",
+            "exec",
+            id,
+            "--",
+            "nslookup",
+            &format!("-type={rtype}"),
+            name,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut found: Vec<String> = text
+            .lines()
+            .skip_while(|l| !l.trim().is_empty())
+            .filter_map(|l| {
+                l.split_once("ddress: ")
+                    .map(|(_, a)| a.trim().to_string())
+                    .or_else(|| {
+                        l.split_once("text = ")
+                            .map(|(_, t)| t.trim_matches('"').to_string())
+                    })
+            })
+            .collect();
+        found.sort();
+        out.status.success().then_some(found)
+    };
+    let v6_of = |ids: &[&String]| {
+        let mut v: Vec<String> = ids.iter().map(|id| n1.addr(id, "private_ip")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        lookup(&here, "aaaa", "web.internal"),
+        Some(v6_of(&[&here, &f1, &f2]))
+    );
+    assert_eq!(
+        lookup(&f1, "aaaa", "fra.web.internal"),
+        Some(v6_of(&[&f1, &f2]))
+    );
+    assert_eq!(
+        lookup(&f2, "aaaa", "ams.web.internal"),
+        Some(v6_of(&[&here]))
+    );
+    assert_eq!(
+        lookup(&f1, "aaaa", "top1.nearest.of.web.internal"),
+        Some(v6_of(&[&f1]))
+    );
+    // From ams: its own machine, then fra's first (by id: no latency known).
+    let first_fra = (&f1).min(&f2);
+    assert_eq!(
+        lookup(&here, "aaaa", "top2.nearest.of.web.internal"),
+        Some(v6_of(&[&here, first_fra]))
+    );
+    assert_eq!(
+        lookup(&f2, "txt", "regions.web.internal"),
+        Some(vec!["ams,fra".to_string()])
+    );
+    assert_eq!(
+        lookup(&loot, "txt", "_apps.internal"),
+        Some(vec!["loot".to_string()])
+    );
+    assert_eq!(
+        lookup(&loot, "aaaa", "web.internal"),
+        None,
+        "evil resolved acme's app"
+    );
+    assert_eq!(
+        lookup(&loot, "aaaa", &format!("{here}.vm.web.internal")),
+        None
+    );
+
     // evil's machine reaches none of acme's, nor does a host on the wire
     // that is no node, even with routes to the machines' networks.
     for target in [&here, &f1, &f2] {

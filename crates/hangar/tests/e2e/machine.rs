@@ -76,7 +76,7 @@ pub(crate) fn busybox_image(h: &Hangar) -> String {
     for applet in [
         "sh", "echo", "cat", "ps", "hostname", "sleep", "id", "env", "ls", "pwd", "wget", "httpd",
         "dd", "trap", "kill", "grep", "true", "false", "nc", "printf", "date", "df", "rm", "sync",
-        "wc",
+        "wc", "nslookup",
     ] {
         let _ = symlink("busybox", dir.join("bin").join(applet));
     }

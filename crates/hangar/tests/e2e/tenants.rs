@@ -298,6 +298,201 @@ impl Drop for Sysctl {
     }
 }
 
+/// `dig` from inside machine `id`'s network: the answer's records (`+short`),
+/// or the status line when `status` (NOERROR, NXDOMAIN...; empty: none came).
+fn dig(id: &str, server: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(id)))
+        .args(["dig", "+time=1", "+tries=1", &format!("@{server}")])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The status of a `dig` answer (NOERROR, NXDOMAIN...), or "" when none came.
+fn dig_status(id: &str, server: &str, args: &[&str]) -> String {
+    dig(id, server, args)
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|rest| rest.split(',').next().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// `.internal` names as acme's machines and evil's see them: each org its
+/// own apps only, whichever gateway evil asks and whatever it asks for; a
+/// stopped machine leaves the answers at once.
+fn internal_dns(node: &Node, acme: [&Value; 2], evil: &Value) {
+    let id = |m: &Value| m["id"].as_str().unwrap().to_string();
+    // The machine's resolvers are its gateway's two addresses.
+    let (code, resolv) = node.exec(&id(acme[0]), &["cat", "/etc/resolv.conf"]);
+    assert_eq!(code, 0);
+    let servers: Vec<&str> = resolv
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver "))
+        .collect();
+    let prefix4 = acme[0]["ipv4"]
+        .as_str()
+        .unwrap()
+        .rsplit_once('.')
+        .unwrap()
+        .0;
+    assert_eq!(servers.len(), 2, "{resolv}");
+    assert!(
+        servers[0].starts_with("fdaa:") && servers[0].ends_with("::1"),
+        "{resolv}"
+    );
+    assert_eq!(servers[1], format!("{prefix4}.1"), "{resolv}");
+    let (acme_v6, acme_v4) = (servers[0].to_string(), servers[1].to_string());
+
+    // Inside the machine, through its own resolv.conf (busybox's resolver).
+    let (code, out) = node.exec(
+        &id(acme[0]),
+        &["nslookup", "-type=aaaa", "acme-app.internal"],
+    );
+    assert_eq!(code, 0, "{out}");
+    for m in acme {
+        assert!(out.contains(m["private_ip"].as_str().unwrap()), "{out}");
+    }
+    let (code, out) = node.exec(
+        &id(acme[0]),
+        &[
+            "wget",
+            "-Y",
+            "off",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{}.vm.acme-app.internal:8080/who", id(acme[1])),
+        ],
+    );
+    assert_eq!((code, out.trim()), (0, "acme-two"));
+
+    let mut want: Vec<String> = acme
+        .iter()
+        .map(|m| m["ipv4"].as_str().unwrap().to_string())
+        .collect();
+    want.sort();
+    let short = |from: &Value, server: &str, args: &[&str]| {
+        let mut lines: Vec<String> = dig(&id(from), server, &[&["+short"], args].concat())
+            .lines()
+            .map(|l| l.trim_matches('"').to_string())
+            .collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(short(acme[0], &acme_v4, &["A", "acme-app.internal"]), want);
+    assert_eq!(
+        short(acme[0], &acme_v6, &["TXT", "_apps.internal"]),
+        ["acme-app"]
+    );
+    let vms = short(acme[0], &acme_v4, &["TXT", "vms.acme-app.internal"]);
+    assert_eq!(vms.len(), 1);
+    for m in acme {
+        assert!(vms[0].contains(&format!("{} local", id(m))), "{vms:?}");
+    }
+    assert_eq!(
+        short(acme[0], &acme_v4, &["TXT", "regions.acme-app.internal"]),
+        ["local"]
+    );
+    assert_eq!(
+        short(
+            acme[0],
+            &acme_v4,
+            &["A", "top1.nearest.of.acme-app.internal"]
+        )
+        .len(),
+        1
+    );
+    assert_eq!(
+        dig_status(&id(acme[0]), &acme_v4, &["evil-app.internal"]),
+        "NXDOMAIN"
+    );
+    // Over TCP as over UDP.
+    assert_eq!(
+        short(acme[0], &acme_v4, &["+tcp", "A", "acme-app.internal"]),
+        want
+    );
+    // No recursion: outside names are the egress proxy's to resolve.
+    assert_eq!(
+        dig_status(&id(acme[0]), &acme_v4, &["example.com"]),
+        "REFUSED"
+    );
+
+    // Evil: its own gateway knows only evil's app, and acme's names are
+    // no names at all there.
+    let evil_v4 = format!(
+        "{}.1",
+        evil["ipv4"].as_str().unwrap().rsplit_once('.').unwrap().0
+    );
+    assert_eq!(
+        short(evil, &evil_v4, &["TXT", "_apps.internal"]),
+        ["evil-app"]
+    );
+    for name in [
+        "acme-app.internal".to_string(),
+        format!("{}.vm.acme-app.internal", id(acme[0])),
+        "vms.acme-app.internal".into(),
+        "top1.nearest.of.acme-app.internal".into(),
+    ] {
+        for rtype in ["A", "AAAA", "TXT", "ANY"] {
+            assert_eq!(
+                dig_status(&id(evil), &evil_v4, &[rtype, &name]),
+                "NXDOMAIN",
+                "{rtype} {name}"
+            );
+        }
+    }
+    // Acme's resolver, asked by evil at acme's gateway addresses, over UDP
+    // and TCP: no answer at all (its sockets take only what comes in on
+    // acme's bridge).
+    for server in [&acme_v4, &acme_v6] {
+        for proto in ["+notcp", "+tcp"] {
+            let out = dig(&id(evil), server, &[proto, "A", "acme-app.internal"]);
+            assert!(
+                !out.contains("status:"),
+                "evil got an answer from {server} {proto}: {out}"
+            );
+        }
+    }
+
+    // A stopped machine leaves the answers as soon as it is wanted stopped
+    // (measured from the stop call, which waits for the machine to exit).
+    let began = std::time::Instant::now();
+    node.h
+        .ok(&["machine", "stop", &id(acme[1]), "--timeout", "5"]);
+    let stopped = began.elapsed();
+    let one = vec![acme[0]["ipv4"].as_str().unwrap().to_string()];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    loop {
+        let now = short(acme[0], &acme_v4, &["A", "acme-app.internal"]);
+        if now == one {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped machine was still answered 100 ms after its stop ({stopped:?}) returned: {now:?}"
+        );
+    }
+    assert_eq!(
+        dig_status(
+            &id(acme[0]),
+            &acme_v4,
+            &[&format!("{}.vm.acme-app.internal", id(acme[1]))]
+        ),
+        "NXDOMAIN"
+    );
+    node.h.ok(&["machine", "start", &id(acme[1])]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while short(acme[0], &acme_v4, &["A", "acme-app.internal"]) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the started machine never came back to the answers"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn machines_of_two_orgs_reach_nothing_of_each_other() {
     require("nsenter");
@@ -350,14 +545,6 @@ fn machines_of_two_orgs_reach_nothing_of_each_other() {
             m["private_ip"].as_str().unwrap().to_string(),
         ]
     };
-    // No resolver the machine cannot reach: lookups fail at once, and
-    // the file says why.
-    let (code, resolv) = node.exec(&id(&a1), &["cat", "/etc/resolv.conf"]);
-    assert_eq!(code, 0);
-    assert!(
-        !resolv.contains("nameserver") && resolv.contains("egress proxy"),
-        "{resolv}"
-    );
     // The address plan names the org: acme's two share a /24, evil's differs.
     let net = |m: &Value| {
         m["ipv4"]
@@ -401,6 +588,8 @@ fn machines_of_two_orgs_reach_nothing_of_each_other() {
             );
         }
     }
+
+    internal_dns(&node, [&a1, &a2], &e);
 
     let probe = |from: &Value, tag: &str, targets: &[String]| -> Value {
         let mut args = vec![tag];
