@@ -4,9 +4,9 @@
 //! packet (a source address can be forged; the device a packet came in on
 //! cannot), and one org's flood of queries waits on its own threads only.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -160,6 +160,58 @@ fn idle(e: &std::io::Error) -> bool {
     )
 }
 
+/// The answers a UDP thread gave lately, for the zone they came from: an
+/// answer depends only on the zone, the asker's address and the query's
+/// bytes after its ID, so a query seen before costs a lookup and a copy,
+/// not a parse and an encoding. Emptied when the zone changes or it fills.
+struct Recent {
+    zone: Option<Arc<Zone>>,
+    answers: HashMap<Vec<u8>, Vec<u8>>,
+    key: Vec<u8>,
+}
+
+/// Answers kept per UDP thread.
+const RECENT: usize = 4096;
+
+impl Recent {
+    fn new() -> Recent {
+        Recent {
+            zone: None,
+            answers: HashMap::new(),
+            key: Vec::new(),
+        }
+    }
+
+    fn answer(&mut self, zone: Arc<Zone>, request: &[u8], asker: Asker) -> Option<Vec<u8>> {
+        if request.len() < 12 {
+            return zone.answer(request, asker, Transport::Udp);
+        }
+        if !self.zone.as_ref().is_some_and(|z| Arc::ptr_eq(z, &zone)) {
+            self.answers.clear();
+            self.zone = Some(zone.clone());
+        }
+        self.key.clear();
+        match asker.addr {
+            IpAddr::V4(a) => self.key.extend_from_slice(&a.octets()),
+            IpAddr::V6(a) => self.key.extend_from_slice(&a.octets()),
+        }
+        self.key.extend_from_slice(&request[2..]);
+        if let Some(known) = self.answers.get(&self.key[..]) {
+            let mut out = known.clone();
+            out[..2].copy_from_slice(&request[..2]);
+            return Some(out);
+        }
+        let out = zone.answer(request, asker, Transport::Udp)?;
+        if out.len() >= 2 {
+            if self.answers.len() >= RECENT {
+                self.answers.clear();
+            }
+            self.answers.insert(self.key.clone(), out.clone());
+        }
+        Some(out)
+    }
+}
+
 fn serve_udp(
     sock: UdpSocket,
     net: u32,
@@ -168,6 +220,7 @@ fn serve_udp(
 ) -> impl FnOnce() + Send {
     move || {
         let mut buf = [0u8; 4096];
+        let mut recent = Recent::new();
         while !stop.load(Ordering::Relaxed) {
             match sock.recv_from(&mut buf) {
                 Ok((n, from)) => {
@@ -175,7 +228,7 @@ fn serve_udp(
                         net,
                         addr: from.ip(),
                     };
-                    if let Some(out) = current(&zone).answer(&buf[..n], asker, Transport::Udp) {
+                    if let Some(out) = recent.answer(current(&zone), &buf[..n], asker) {
                         let _ = sock.send_to(&out, from);
                     }
                 }

@@ -33,8 +33,9 @@ pub struct Instance {
 struct Net {
     /// Apps by lowercase name, each with its started machines (by id).
     apps: BTreeMap<String, Vec<Instance>>,
-    /// Whose machine an address is: (node, region), for `nearest`.
-    askers: HashMap<IpAddr, (String, String)>,
+    /// Whose machine an address is (its id, node and region), for
+    /// `nearest`.
+    askers: HashMap<IpAddr, Here>,
 }
 
 /// Every org's names as one node serves them. Built whole and swapped in;
@@ -44,10 +45,18 @@ pub struct Zone {
     nets: HashMap<u32, Net>,
     /// The serving node and its region: the asker when the address is not
     /// a machine's.
-    here: (String, String),
+    here: Here,
     /// Measured or configured round-trip times between regions, in
     /// microseconds, when known (key: the two names, in order).
     rtt: HashMap<(String, String), u64>,
+}
+
+/// Where a query comes from: a machine (its id), its node and region.
+#[derive(Clone, Debug, Default)]
+struct Here {
+    id: String,
+    node: String,
+    region: String,
 }
 
 /// What asked, as the server saw it: the net its socket serves and the
@@ -85,7 +94,11 @@ impl Zone {
     /// An empty zone served by `node` of `region`.
     pub fn new(node: &str, region: &str) -> Zone {
         Zone {
-            here: (node.to_string(), region.to_string()),
+            here: Here {
+                id: String::new(),
+                node: node.to_string(),
+                region: region.to_string(),
+            },
             ..Zone::default()
         }
     }
@@ -105,8 +118,12 @@ impl Zone {
     pub fn add_instance(&mut self, net: u32, app: &str, instance: Instance) {
         let n = self.nets.entry(net).or_default();
         for addr in [IpAddr::V4(instance.v4), IpAddr::V6(instance.v6)] {
-            n.askers
-                .insert(addr, (instance.node.clone(), instance.region.clone()));
+            let here = Here {
+                id: instance.id.clone(),
+                node: instance.node.clone(),
+                region: instance.region.clone(),
+            };
+            n.askers.insert(addr, here);
         }
         let list = n.apps.entry(app.to_ascii_lowercase()).or_default();
         list.push(instance);
@@ -259,8 +276,8 @@ impl Zone {
         }
     }
 
-    /// The app's machines nearest the asker: on its node, then in its
-    /// region, then by region round-trip time (when known) and name.
+    /// The app's machines nearest the asker: itself, then on its node, then
+    /// in its region, then by region round-trip time (when known) and name.
     fn nearest<'a>(
         &self,
         net: &Net,
@@ -268,15 +285,18 @@ impl Zone {
         asker: Asker,
         n: usize,
     ) -> Vec<&'a Instance> {
-        let (node, region) = net.askers.get(&asker.addr).unwrap_or(&self.here);
+        let from = net.askers.get(&asker.addr).unwrap_or(&self.here);
+        let region = &from.region;
         let mut ranked: Vec<&Instance> = list.iter().collect();
         ranked.sort_by_key(|i| {
-            let tier = if &i.node == node {
+            let tier = if i.id == from.id {
                 0
-            } else if &i.region == region {
+            } else if i.node == from.node {
                 1
-            } else {
+            } else if &i.region == region {
                 2
+            } else {
+                3
             };
             let key = if region.as_str() <= i.region.as_str() {
                 (region.clone(), i.region.clone())
