@@ -6,6 +6,12 @@
 //! `/v2/token` for a short-lived bearer token scoped to repositories and
 //! actions, signed with HMAC-SHA256 under the registry's secret key.
 //!
+//! In a cluster, nodes pull each other's images for an org with a cluster
+//! pull token (`hgc_<org>_<mac>`): read-only, of that one org, made and
+//! checked with a key every node derives from the cluster's secret
+//! ([`cluster_token`], [`Auth::trust_cluster`]); nothing of it is stored,
+//! and an org never sees one.
+//!
 //! The authorizer's rule: a repository `<org>/<...>` is readable by tokens of
 //! `<org>` (and by anyone when public), writable by `<org>`'s read-write
 //! tokens, and by nobody else.
@@ -67,6 +73,28 @@ pub struct Auth {
     key: Vec<u8>,
     /// Tokens as last read, with the file's stamp then.
     cache: Mutex<Option<(FileStamp, Vec<TokenRecord>)>>,
+    /// The key cluster pull tokens are checked with, in a cluster.
+    cluster: std::sync::OnceLock<Vec<u8>>,
+}
+
+/// The id cluster pull tokens and the bearer tokens traded for them go by.
+const CLUSTER_TOKEN_ID: &str = "cluster";
+
+/// The key for cluster pull tokens, from the cluster's secret.
+fn cluster_key(secret: &[u8]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    mac.update(b"hangar-registry: pulls between the nodes of a cluster");
+    HmacSha256::new_from_slice(&mac.finalize().into_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
+}
+
+/// The read-only token a node of the cluster with `secret` pulls `org`'s
+/// images with from another node's registry.
+pub fn cluster_token(secret: &[u8], org: &str) -> String {
+    let mut mac = cluster_key(secret);
+    mac.update(org.as_bytes());
+    format!("hgc_{org}_{}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// An authenticated caller, or nobody.
@@ -149,6 +177,7 @@ impl Auth {
             path: root.join("tokens.json"),
             key,
             cache: Mutex::new(None),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 
@@ -266,8 +295,34 @@ impl Auth {
         })
     }
 
-    /// The record of a valid, unexpired API token.
+    /// Take cluster pull tokens made with the cluster's `secret` (once; a
+    /// second call changes nothing).
+    pub fn trust_cluster(&self, secret: &[u8]) {
+        let _ = self.cluster.set(secret.to_vec());
+    }
+
+    /// The org of a valid cluster pull token.
+    fn verify_cluster_token(&self, token: &str) -> Option<TokenRecord> {
+        let secret = self.cluster.get()?;
+        let (org, _) = token.strip_prefix("hgc_")?.rsplit_once('_')?;
+        if !same(cluster_token(secret, org).as_bytes(), token.as_bytes()) {
+            return None;
+        }
+        Some(TokenRecord {
+            id: CLUSTER_TOKEN_ID.into(),
+            org: org.to_string(),
+            read_only: true,
+            created: 0,
+            expires: None,
+            sha256: String::new(),
+        })
+    }
+
+    /// The record of a valid, unexpired API token (or cluster pull token).
     pub fn verify_api_token(&self, token: &str) -> Option<TokenRecord> {
+        if token.starts_with("hgc_") {
+            return self.verify_cluster_token(token);
+        }
         let id = token.strip_prefix("hgr_")?.split('_').next()?;
         let want = sha256_hex(token);
         let record = self.tokens().ok()?.into_iter().find(|t| t.id == id)?;
@@ -323,7 +378,13 @@ impl Auth {
         if claims.exp <= now() {
             return None;
         }
-        if let Some(id) = &claims.tid {
+        if claims.tid.as_deref() == Some(CLUSTER_TOKEN_ID) {
+            // Minted here from a cluster pull token: read-only, and only
+            // while this registry is a cluster's.
+            if self.cluster.get().is_none() || !claims.ro {
+                return None;
+            }
+        } else if let Some(id) = &claims.tid {
             // tokens() re-reads tokens.json whenever it changed.
             let alive = self
                 .tokens()
@@ -381,7 +442,7 @@ impl Auth {
             let (_, password) = raw.split_once(':')?;
             self.verify_api_token(password).map(from_record)
         } else if scheme.eq_ignore_ascii_case("bearer") {
-            if rest.starts_with("hgr_") {
+            if rest.starts_with("hgr_") || rest.starts_with("hgc_") {
                 return self.verify_api_token(rest).map(from_record);
             }
             self.verify_bearer(rest)
@@ -453,6 +514,50 @@ mod tests {
         auth.revoke(&rec.id).unwrap();
         assert!(auth.verify_api_token(&token).is_none());
         assert!(auth.create("Acme", false, None).is_err());
+    }
+
+    #[test]
+    fn cluster_pull_tokens_read_one_org_and_only_in_a_cluster_of_that_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("oci/tmp")).unwrap();
+        let auth = Auth::open(dir.path()).unwrap();
+        let token = cluster_token(b"the cluster's secret", "acme-corp_x");
+        // Not a cluster's registry: no such token is taken.
+        assert!(auth.verify_api_token(&token).is_none());
+        auth.trust_cluster(b"the cluster's secret");
+        let record = auth.verify_api_token(&token).unwrap();
+        assert_eq!(
+            (record.org.as_str(), record.read_only),
+            ("acme-corp_x", true)
+        );
+        let caller = auth.identify(Some(&format!("Bearer {token}"))).unwrap();
+        assert_eq!(caller.org.as_deref(), Some("acme-corp_x"));
+        assert!(caller.read_only);
+        // Another cluster's, another org's name on this one's mac, a changed mac.
+        assert!(auth
+            .verify_api_token(&cluster_token(b"another secret", "acme-corp_x"))
+            .is_none());
+        let mac = token.rsplit_once('_').unwrap().1;
+        assert!(auth.verify_api_token(&format!("hgc_evil_{mac}")).is_none());
+        let mut changed = token.clone();
+        changed.pop();
+        changed.push(if token.ends_with('0') { '1' } else { '0' });
+        assert!(auth.verify_api_token(&changed).is_none());
+        // A bearer token traded for it reads, and never writes.
+        let grant = Grant {
+            kind: "repository".into(),
+            name: "acme-corp_x/app".into(),
+            actions: vec!["pull".into()],
+        };
+        let bearer = auth.issue_bearer(&caller, vec![grant]);
+        let back = auth.identify(Some(&format!("Bearer {bearer}"))).unwrap();
+        assert!(back.read_only);
+        assert!(back.scope_covers("acme-corp_x/app", Action::Pull));
+        // A registry that was never the cluster's takes none of its bearers.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("oci/tmp")).unwrap();
+        let lone = Auth::open(other.path()).unwrap();
+        assert!(lone.identify(Some(&format!("Bearer {bearer}"))).is_none());
     }
 
     #[test]

@@ -12,6 +12,13 @@
 //!   the machine network, the host's interfaces) unless the operator allows
 //!   that registry with `hangar up --allow-registry`.
 //!
+//! In a cluster, an image in another node's registry (a member's, as the
+//! store lists them) is pulled from there for the org whose repository it
+//! is in, with a cluster pull token of that org (read-only; that registry
+//! applies the org's rights as to its own tokens): whether an org's call
+//! or a replacement the admin makes, what is pushed at one node runs on
+//! every node, and no more.
+//!
 //! Every refusal an org sees reads the same as a missing image: it tells
 //! nothing of what exists in another org or listens on the node.
 //! It must not decide anything about machines themselves (the API does).
@@ -32,7 +39,12 @@ pub struct Images {
     registry: Option<(Arc<Registry>, SocketAddr)>,
     /// `host:port` of registries the operator allows at private addresses.
     allowed: Vec<String>,
+    /// In a cluster: its secret, and the registries of its members now.
+    cluster: Option<(Vec<u8>, Peers)>,
 }
+
+/// The `host:port` of the registries of the cluster's members.
+pub type Peers = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
 impl Images {
     pub fn new(
@@ -46,7 +58,40 @@ impl Images {
             home,
             registry,
             allowed,
+            cluster: None,
         }
+    }
+
+    /// Pull from the registries of the cluster's members as the cluster.
+    pub fn with_cluster(mut self, secret: Vec<u8>, peers: Peers) -> Images {
+        self.cluster = Some((secret, peers));
+        self
+    }
+
+    /// How to pull `reference` for `org` when it is in another member's
+    /// registry: with `org`'s cluster token, so that registry applies
+    /// `org`'s rights (its own repositories, public ones); for the admin
+    /// (`None`), with the token of the org whose repository it is.
+    fn peer_pull(&self, org: Option<&str>, reference: &Reference) -> Option<ClientOptions> {
+        let (secret, peers) = self.cluster.as_ref()?;
+        if let Some((_, addr)) = &self.registry {
+            if names_own_registry(&reference.registry, *addr) {
+                return None;
+            }
+        }
+        if !peers().contains(&reference.registry) {
+            return None;
+        }
+        let org = org.unwrap_or_else(|| hangar_registry::auth::org_of(&reference.repository));
+        Some(ClientOptions {
+            creds: Some(hangar_oci::auth::Credentials {
+                username: org.to_string(),
+                password: hangar_registry::auth::cluster_token(secret, org),
+            }),
+            no_docker_config: true,
+            insecure: true,
+            ..Default::default()
+        })
     }
 
     /// Make `reference` usable by a machine of `org` (`None`: the admin), or
@@ -57,6 +102,21 @@ impl Images {
         reference: Reference,
         login: Option<(String, String)>,
     ) -> Result<(), String> {
+        if let Some(opts) = self.peer_pull(org.as_deref(), &reference) {
+            return pull(&self.store, &reference, opts)
+                .await
+                .map_err(|e| match &org {
+                    Some(o) => {
+                        tracing::warn!(
+                            "image {reference} from a member's registry refused for org {o}: {e:#}"
+                        );
+                        not_found(o, &reference, None)
+                    }
+                    None => format!(
+                        "cannot get image {reference} from the cluster member's registry: {e:#}"
+                    ),
+                });
+        }
         let Some(org) = org else {
             if self.store.resolve(&reference).is_ok() {
                 return Ok(());

@@ -168,6 +168,9 @@ pub struct Opened {
     pub node: Node,
     pub runtime: Arc<Runtime>,
     pub etcd: Option<Arc<EtcdStore>>,
+    /// The cluster's secret (its secrets key), in a cluster: what its
+    /// nodes' registries trust each other's pulls by.
+    pub cluster_secret: Option<Vec<u8>>,
 }
 
 pub fn open_node(home: &std::path::Path, at: &node_config::StateAt) -> Result<Opened> {
@@ -179,11 +182,12 @@ pub fn open_node(home: &std::path::Path, at: &node_config::StateAt) -> Result<Op
         runtime = runtime.with_vms(kernel);
     }
     let runtime = Arc::new(runtime);
-    let (state, etcd, sealer): (Arc<dyn Store>, _, _) = match &at.etcd {
+    let (state, etcd, sealer, cluster_secret): (Arc<dyn Store>, _, _, _) = match &at.etcd {
         None => (
             Arc::new(SqliteStore::open(home)?),
             None,
             hangar_api::apps::Sealer::open_or_create(home)?,
+            None,
         ),
         Some(endpoints) => {
             let store = Arc::new(EtcdStore::open(endpoints)?);
@@ -195,6 +199,7 @@ pub fn open_node(home: &std::path::Path, at: &node_config::StateAt) -> Result<Op
                 store.clone(),
                 Some(store),
                 hangar_api::apps::Sealer::from_key(&key)?,
+                Some(key),
             )
         }
     };
@@ -204,6 +209,7 @@ pub fn open_node(home: &std::path::Path, at: &node_config::StateAt) -> Result<Op
         node,
         runtime,
         etcd,
+        cluster_secret,
     })
 }
 
@@ -256,6 +262,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         mut node,
         runtime,
         etcd,
+        cluster_secret,
     } = open_node(&home, &at)?;
     if let Some(etcd) = &at.etcd {
         tracing::info!("state in etcd at {etcd}, as node {}", at.node_name());
@@ -284,6 +291,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         let mut own_registry = None;
         if !args.no_registry {
             let registry = Arc::new(hangar_registry::Registry::open(&home, hangar_registry::Config::default())?);
+            if let Some(secret) = &cluster_secret {
+                registry.auth.trust_cluster(secret);
+            }
             let reg_listener = tokio::net::TcpListener::bind(&args.registry_listen)
                 .await
                 .with_context(|| format!("cannot listen on {} for the registry; use --registry-listen or --no-registry", args.registry_listen))?;
@@ -416,7 +426,13 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         tokio::spawn(hangar_api::checks::run(node.clone()));
 
-        let images = Arc::new(crate::images::Images::new(node.images.clone(), home.clone(), own_registry, args.allow_registry.clone()));
+        let mut images = crate::images::Images::new(node.images.clone(), home.clone(), own_registry, args.allow_registry.clone());
+        if let Some(secret) = cluster_secret {
+            let state = node.state.clone();
+            let peers: crate::images::Peers = Arc::new(move || state.members().unwrap_or_default().into_iter().filter_map(|m| m.registry).collect());
+            images = images.with_cluster(secret, peers);
+        }
+        let images = Arc::new(images);
         let pull: Puller = Arc::new(move |org, reference, login| {
             let images = images.clone();
             Box::pin(async move { images.fetch(org, reference, login).await })

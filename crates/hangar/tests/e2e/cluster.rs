@@ -104,7 +104,7 @@ impl ClusterNode {
             "--advertise",
             &format!("http://{addr}"),
             "--registry-listen",
-            "127.0.0.1:0",
+            &format!("10.77.0.{i}:5000"),
             "--edge-listen",
             "127.0.0.1:0",
             "--edge-admin-listen",
@@ -372,6 +372,58 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
         lookup(&loot, "aaaa", &format!("{here}.vm.web.internal")),
         None
     );
+
+    // An image pushed to n1's registry, private to acme, runs in fra (on
+    // n2 or n3, which pull it from n1 as the cluster, for acme); evil's
+    // token asks for it in vain, wherever its machine would go.
+    let token = |org: &str| {
+        n1.h.ok(&["auth", "token", "create", "--org", org])
+            .trim()
+            .to_string()
+    };
+    let pushed = "10.77.0.1:5000/acme/box:v1";
+    n1.h.ok(&[
+        "image",
+        "push",
+        "localhost/busybox:test",
+        pushed,
+        "--insecure",
+        "--creds",
+        &format!("acme:{}", token("acme")),
+    ]);
+    let boxed =
+        n1.h.ok(&[
+            "machine", "run", pushed, "--app", "web", "--region", "fra", "--", "httpd", "-f", "-p",
+            "8080", "-h", "/www",
+        ])
+        .trim()
+        .to_string();
+    let s = n1.wait_for(&boxed, "start", |s| s["state"] == "started");
+    assert_ne!(s["node"], "n1", "placed in fra: {s}");
+    assert_eq!(
+        n1.fetch(&here, &n1.addr(&boxed, "private_ip")).as_deref(),
+        Some(PAGE)
+    );
+    let evil_token = token("evil");
+    for region in ["fra", "ams"] {
+        let out =
+            n1.h.command(&[
+                "machine", "run", pushed, "--app", "loot", "--region", region, "--", "sleep", "60",
+            ])
+            .env("HANGAR_API_TOKEN", &evil_token)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "evil ran acme's private image in {region}"
+        );
+        assert!(
+            err.contains("was not found, or org evil may not pull it"),
+            "{region}: {err}"
+        );
+    }
+    n1.h.ok(&["machine", "destroy", &boxed, "--force"]);
 
     // evil's machine reaches none of acme's, nor does a host on the wire
     // that is no node, even with routes to the machines' networks.
