@@ -253,16 +253,21 @@ enum NumOrText {
     Text(String),
 }
 
+/// A duration of Hangar's grammar (`"10s"`, `"500ms"`, `"1.5s"`, `"5m"`).
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    fundu::DurationParser::new()
+        .parse(text.trim())
+        .ok()
+        .and_then(|d| std::time::Duration::try_from(d).ok())
+}
+
 /// Seconds from `10`, `"10s"`, `"500ms"`, `"1.5s"`, `"5m"`, `"1h"`: the
 /// grammar of every duration in Hangar (the `fundu` crate's).
 fn parse_seconds(v: NumOrText) -> Result<f64, String> {
     match v {
         NumOrText::Num(n) if n >= 0.0 && n.is_finite() => Ok(n),
         NumOrText::Num(n) => Err(format!("{n} is not a duration of 0 seconds or more")),
-        NumOrText::Text(t) => fundu::DurationParser::new()
-            .parse(t.trim())
-            .ok()
-            .and_then(|d| std::time::Duration::try_from(d).ok())
+        NumOrText::Text(t) => parse_duration(&t)
             .map(|d| d.as_secs_f64())
             .ok_or_else(|| format!("{t:?} is not a duration (e.g. \"10s\", \"500ms\", \"5m\")")),
     }

@@ -54,6 +54,9 @@ pub struct Client {
     base: String,
     token: String,
     headers: reqwest::header::HeaderMap,
+    /// Waited before every request: a round trip between regions, where
+    /// one is injected (see [`crate::cluster::Latency`]).
+    delay: std::time::Duration,
 }
 
 /// No body.
@@ -73,7 +76,14 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
             headers: Default::default(),
+            delay: std::time::Duration::ZERO,
         }
+    }
+
+    /// Wait `delay` before each request (an injected round trip).
+    pub fn with_delay(mut self, delay: std::time::Duration) -> Client {
+        self.delay = delay;
+        self
     }
 
     /// Send this header with every request too (a node of a cluster says
@@ -97,6 +107,9 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<reqwest::Response> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))

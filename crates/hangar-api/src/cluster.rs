@@ -41,6 +41,60 @@ pub struct Cluster {
     pub token: String,
     /// One HTTP client for those calls (its connections are kept).
     pub http: reqwest::Client,
+    /// Round trips injected into those calls, by region.
+    pub latency: Latency,
+}
+
+/// Round-trip times between regions, injected in user space into the
+/// nodes' calls to each other (this kernel has no netem): a call from a
+/// node of one region to a node of another waits that long before it is
+/// sent. For clusters tried on one host, and the benchmarks; DNS's
+/// `nearest` ranks regions by them too.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Latency(std::collections::BTreeMap<(String, String), Duration>);
+
+impl Latency {
+    /// From `A:B=DURATION` items (`ams:fra=30ms`), one per pair, either
+    /// order.
+    pub fn parse(items: &[String]) -> Result<Latency> {
+        let mut map = std::collections::BTreeMap::new();
+        for item in items {
+            let bad = || {
+                Error::Invalid(format!(
+                    "latency {item:?} must be REGION:REGION=DURATION, e.g. ams:fra=30ms"
+                ))
+            };
+            let (pair, time) = item.split_once('=').ok_or_else(bad)?;
+            let (a, b) = pair.split_once(':').ok_or_else(bad)?;
+            let (a, b) = (a.trim(), b.trim());
+            if a.is_empty() || b.is_empty() {
+                return Err(bad());
+            }
+            let time = crate::app_toml::parse_duration(time).ok_or_else(bad)?;
+            map.insert(Latency::key(a, b), time);
+        }
+        Ok(Latency(map))
+    }
+
+    fn key(a: &str, b: &str) -> (String, String) {
+        if a <= b {
+            (a.to_string(), b.to_string())
+        } else {
+            (b.to_string(), a.to_string())
+        }
+    }
+
+    /// The round trip between two regions (none unless given).
+    pub fn between(&self, a: &str, b: &str) -> Duration {
+        self.0.get(&Latency::key(a, b)).copied().unwrap_or_default()
+    }
+
+    /// Every pair given, with its round trip.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str, Duration)> + '_ {
+        self.0
+            .iter()
+            .map(|((a, b), d)| (a.as_str(), b.as_str(), *d))
+    }
 }
 
 impl Cluster {
@@ -69,9 +123,15 @@ impl Cluster {
 
     /// A client of `member`'s API, as this node (the admin, or on behalf
     /// of `org`).
+    /// The round trip injected into calls to `member`.
+    pub fn delay_to(&self, member: &Member) -> Duration {
+        self.latency.between(&self.me.region, &member.region)
+    }
+
     pub fn client(&self, member: &Member, org: Option<&str>) -> Client {
         let client = Client::with_http(self.http.clone(), &member.api, &self.token)
-            .with_header(VIA, &self.me.name);
+            .with_header(VIA, &self.me.name)
+            .with_delay(self.delay_to(member));
         match org {
             Some(org) => client.with_header(FOR_ORG, org),
             None => client,

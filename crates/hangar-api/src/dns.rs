@@ -22,6 +22,8 @@ pub struct Dns {
     server: hangar_dns::Server,
     port: u16,
     stop: Arc<AtomicBool>,
+    /// Round trips between regions, for `nearest`.
+    latency: crate::cluster::Latency,
 }
 
 impl Dns {
@@ -30,7 +32,14 @@ impl Dns {
             server: hangar_dns::Server::new(Zone::default()),
             port,
             stop: Arc::new(AtomicBool::new(false)),
+            latency: Default::default(),
         }
+    }
+
+    /// Rank other regions in `top<N>.nearest` by these round trips.
+    pub fn with_latency(mut self, latency: crate::cluster::Latency) -> Dns {
+        self.latency = latency;
+        self
     }
 
     /// Serve `net` on this node's gateway addresses of it (its bridge must
@@ -84,7 +93,10 @@ impl Dns {
                     match now {
                         Ok(rev) if Some(rev) == seen => {}
                         Ok(rev) => match zone(store.as_ref(), &site) {
-                            Ok((zone, own_nets)) => {
+                            Ok((mut zone, own_nets)) => {
+                                for (a, b, rtt) in dns.latency.pairs() {
+                                    zone.set_rtt(a, b, rtt.as_micros() as u64);
+                                }
                                 dns.server.set(zone);
                                 // Nets of machines adopted at start.
                                 for net in own_nets {

@@ -84,6 +84,12 @@ pub struct UpArgs {
     /// the host's)
     #[arg(long, value_name = "MB")]
     memory_mb: Option<u64>,
+    /// The round trip between two regions, injected into this node's calls
+    /// to nodes of the other (A:B=DURATION, e.g. ams:fra=30ms; repeat for
+    /// more pairs): for a cluster tried on one host. `.internal`'s
+    /// `top<N>.nearest` ranks regions by it too
+    #[arg(long = "latency", value_name = "A:B=DURATION")]
+    latency: Vec<String>,
     /// How the node logs (to stderr; the level from $HANGAR_LOG, default info)
     #[arg(long, value_enum, default_value_t)]
     pub log_format: crate::LogFormat,
@@ -234,6 +240,7 @@ fn join_cluster(
     etcd: Arc<EtcdStore>,
     me: hangar_api::store::Member,
     token: String,
+    latency: hangar_api::cluster::Latency,
 ) -> Result<Arc<hangar_api::cluster::Cluster>> {
     let lease_file = home.join("cluster.lease");
     let earlier = std::fs::read_to_string(&lease_file)
@@ -247,6 +254,7 @@ fn join_cluster(
         store: etcd,
         token,
         http: reqwest::Client::new(),
+        latency,
     }))
 }
 
@@ -264,6 +272,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         etcd,
         cluster_secret,
     } = open_node(&home, &at)?;
+    let latency = hangar_api::cluster::Latency::parse(&args.latency)?;
     if let Some(etcd) = &at.etcd {
         tracing::info!("state in etcd at {etcd}, as node {}", at.node_name());
     }
@@ -329,7 +338,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 Some(ip) => node = node.with_mesh(Arc::new(crate::bridges::Overlay(hangar_machine::overlay::Overlay::new(ip)))),
                 None => tracing::warn!("no --underlay address: this node's machines reach the machines of other nodes not at all; give --underlay IP (or --advertise with a routable address)"),
             }
-            let cluster = join_cluster(&home, etcd, me, token.clone())?;
+            let cluster = join_cluster(&home, etcd, me, token.clone(), latency.clone())?;
             tracing::info!("a member of the cluster as node {} in region {}", cluster.me.name, cluster.me.region);
             node = node.with_cluster(cluster);
         }
@@ -354,7 +363,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         node = node.with_egress(Arc::new(crate::bridges::EgressProxy(egress)));
 
         if !args.no_dns {
-            let dns = Arc::new(hangar_api::dns::Dns::new(hangar_api::dns::PORT));
+            let dns = Arc::new(hangar_api::dns::Dns::new(hangar_api::dns::PORT).with_latency(latency.clone()));
             dns.follow(node.state.clone(), node.site.clone());
             tracing::info!(".internal DNS for machines on port {} of each org network's gateway", hangar_api::dns::PORT);
             node = node.with_dns(dns);

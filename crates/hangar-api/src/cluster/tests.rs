@@ -18,6 +18,8 @@ use crate::store::Desired;
 use crate::wire::CreateMachine;
 
 const ACME: &str = "acme-token";
+/// The round trip injected between the two regions.
+const AMS_FRA: Duration = Duration::from_millis(100);
 const EVIL: &str = "evil-token";
 /// The members' lease here: a dead node is noticed this long after.
 const TTL: Duration = Duration::from_secs(2);
@@ -93,6 +95,7 @@ async fn member(endpoints: &str, name: &str, region: &str) -> TestMember {
         store: store.clone(),
         token: token.clone(),
         http: reqwest::Client::new(),
+        latency: Latency::parse(&[format!("ams:fra={}ms", AMS_FRA.as_millis())]).unwrap(),
     });
     let node = Arc::new(
         Node::new(
@@ -320,6 +323,10 @@ async fn a_machine_is_made_and_run_by_a_node_of_its_region_and_calls_go_there() 
         let seen = n.client(ACME).machine(&first.id).await.unwrap();
         assert_eq!(seen.state, MachineState::Started);
     }
+    // A call carried from ams to fra waits out the injected round trip.
+    let began = Instant::now();
+    a.client(ACME).machine(&first.id).await.unwrap();
+    assert!(began.elapsed() >= AMS_FRA, "{:?}", began.elapsed());
     // A stop through a is carried out by its node.
     owner.fake.clear_calls();
     let stopped = acme
@@ -492,4 +499,20 @@ async fn when_a_node_dies_its_apps_machines_are_replaced_in_its_region() {
     // Destroying it forgets it.
     let gone = admin.destroy_machine(&alone.id, true).await.unwrap();
     assert_eq!(gone.state, MachineState::Destroyed);
+}
+
+#[test]
+fn latency_between_regions_is_parsed_either_way_round_and_named_when_bad() {
+    let l = Latency::parse(&["ams:fra=30ms".into(), " syd : ams = 1.5s".into()]).unwrap();
+    assert_eq!(l.between("fra", "ams"), Duration::from_millis(30));
+    assert_eq!(l.between("ams", "syd"), Duration::from_millis(1500));
+    assert_eq!(l.between("fra", "syd"), Duration::ZERO);
+    assert_eq!(l.pairs().count(), 2);
+    for bad in ["ams-fra=30ms", "ams:fra", "ams:=3ms", "ams:fra=soon"] {
+        let e = Latency::parse(&[bad.into()]).unwrap_err().to_string();
+        assert!(
+            e.contains(bad) && e.contains("REGION:REGION=DURATION"),
+            "{e}"
+        );
+    }
 }

@@ -81,6 +81,10 @@ async fn forward(
             MAX_BODY >> 10
         ))
     })?;
+    let delay = cluster.delay_to(member);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{}{path}", member.api.trim_end_matches('/'));
     let mut out = cluster
