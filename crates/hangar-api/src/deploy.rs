@@ -98,7 +98,8 @@ impl Progress {
     }
 }
 
-/// Holds an app for one deploy or scale; released on drop.
+/// Holds an app for one deploy or scale, on this node and (through the
+/// store) on every node of its cluster; released on drop.
 struct AppLock<'a> {
     node: &'a Node,
     app: String,
@@ -107,10 +108,24 @@ struct AppLock<'a> {
 impl<'a> AppLock<'a> {
     fn take(node: &'a Node, app: &str) -> Result<AppLock<'a>> {
         let mut busy = node.busy_apps.lock().unwrap_or_else(|e| e.into_inner());
-        if !busy.insert(app.to_string()) {
-            return Err(Error::Conflict(format!(
+        let busy_msg = || {
+            Error::Conflict(format!(
                 "a deploy or scale of {app} is under way; wait for it (`hangar status -a {app}`) and try again"
-            )));
+            ))
+        };
+        if !busy.insert(app.to_string()) {
+            return Err(busy_msg());
+        }
+        match node.state.hold_app(app) {
+            Ok(true) => {}
+            Ok(false) => {
+                busy.remove(app);
+                return Err(busy_msg());
+            }
+            Err(e) => {
+                busy.remove(app);
+                return Err(e);
+            }
         }
         Ok(AppLock {
             node,
@@ -121,6 +136,10 @@ impl<'a> AppLock<'a> {
 
 impl Drop for AppLock<'_> {
     fn drop(&mut self) {
+        if let Err(e) = self.node.state.let_go_app(&self.app) {
+            // Its lease lets go of it when this node ends, at the latest.
+            tracing::warn!("app {}: the deploy lock stays held: {e}", self.app);
+        }
         self.node
             .busy_apps
             .lock()

@@ -68,18 +68,20 @@ impl Images {
         self
     }
 
+    /// Whether `reference` names this node's own registry.
+    fn is_own(&self, reference: &Reference) -> bool {
+        self.registry
+            .as_ref()
+            .is_some_and(|(_, addr)| names_own_registry(&reference.registry, *addr))
+    }
+
     /// How to pull `reference` for `org` when it is in another member's
     /// registry: with `org`'s cluster token, so that registry applies
     /// `org`'s rights (its own repositories, public ones); for the admin
     /// (`None`), with the token of the org whose repository it is.
     fn peer_pull(&self, org: Option<&str>, reference: &Reference) -> Option<ClientOptions> {
         let (secret, peers) = self.cluster.as_ref()?;
-        if let Some((_, addr)) = &self.registry {
-            if names_own_registry(&reference.registry, *addr) {
-                return None;
-            }
-        }
-        if !peers().contains(&reference.registry) {
+        if self.is_own(reference) || !peers().contains(&reference.registry) {
             return None;
         }
         let org = org.unwrap_or_else(|| hangar_registry::auth::org_of(&reference.repository));
@@ -121,6 +123,15 @@ impl Images {
             if self.store.resolve(&reference).is_ok() {
                 return Ok(());
             }
+            // The node's own registry: as the org whose repository it is.
+            if self.is_own(&reference) {
+                let owner = hangar_registry::auth::org_of(&reference.repository).to_string();
+                return self.fetch_for(&owner, &reference, None).await.map_err(
+                    |(Refusal::Quiet(e) | Refusal::Remote(e))| {
+                        format!("cannot get image {reference} from this node's registry: {e:#}")
+                    },
+                );
+            }
             return pull(&self.store, &reference, ClientOptions::default())
                 .await
                 .map_err(|e| format!("cannot get image {reference}: {e:#}"));
@@ -150,6 +161,9 @@ impl Images {
                         password: token,
                     }),
                     no_docker_config: true,
+                    // The node's own registry speaks plain HTTP, at
+                    // whatever address it listens on.
+                    insecure: true,
                     ..Default::default()
                 };
                 return pull(&self.store, reference, opts)

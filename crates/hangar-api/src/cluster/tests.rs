@@ -516,3 +516,22 @@ fn latency_between_regions_is_parsed_either_way_round_and_named_when_bad() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_deploy_at_a_time_per_app_across_the_nodes() {
+    let (_dir, _etcd, nodes) = cluster().await;
+    let (a, b) = (nodes[0].node.state.clone(), nodes[1].node.state.clone());
+    tokio::task::spawn_blocking(move || {
+        assert!(a.hold_app("web").unwrap());
+        assert!(!b.hold_app("web").unwrap(), "b deploys web while a does");
+        assert!(!a.hold_app("web").unwrap(), "held once, not twice");
+        assert!(b.hold_app("loot").unwrap(), "another app is free");
+        // Only its holder lets go of it.
+        b.let_go_app("web").unwrap();
+        assert!(!b.hold_app("web").unwrap());
+        a.let_go_app("web").unwrap();
+        assert!(b.hold_app("web").unwrap());
+    })
+    .await
+    .unwrap();
+}

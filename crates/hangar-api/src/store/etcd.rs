@@ -17,7 +17,7 @@
 //! (zero-padded), `secrets/<app>/<name>`, `logins/<org>/<registry>`,
 //! `nets/<org>` and `net-owners/<net>`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -158,6 +158,9 @@ struct StoredRelease {
     #[serde(flatten)]
     release: Release,
     replaces: Vec<String>,
+    /// The node that runs the deploy (empty: from before nodes said so).
+    #[serde(default)]
+    node: String,
 }
 
 /// A transaction in the making: what it compares, and what it does when
@@ -817,6 +820,7 @@ impl Store for EtcdStore {
             let stored = StoredRelease {
                 release: release.clone(),
                 replaces: replaces.to_vec(),
+                node: self.joined_name().unwrap_or_default(),
             };
             let txn = Write::new()
                 .when([absent(&key)])
@@ -859,8 +863,14 @@ impl Store for EtcdStore {
 
     fn interrupt_releases(&self) -> Result<Vec<Interrupted>> {
         let mut cut = Vec::new();
+        let me = self.joined_name().unwrap_or_default();
+        let live: HashSet<String> = self.members()?.into_iter().map(|m| m.name).collect();
         for (key, stored, kv) in self.scan::<StoredRelease>("releases/")? {
             if stored.release.status != ReleaseStatus::Running {
+                continue;
+            }
+            // Another live node's deploy goes on there.
+            if !stored.node.is_empty() && stored.node != me && live.contains(&stored.node) {
                 continue;
             }
             let mut now_stored = stored;
@@ -954,6 +964,14 @@ impl Store for EtcdStore {
 
     fn revision(&self) -> Result<u64> {
         Ok(self.model.view().revision as u64)
+    }
+
+    fn hold_app(&self, app: &str) -> Result<bool> {
+        self.hold_app_lock(app)
+    }
+
+    fn let_go_app(&self, app: &str) -> Result<()> {
+        self.let_go_app_lock(app)
     }
 
     fn wait_change(&self, since: u64, timeout: Duration) -> Result<u64> {

@@ -309,8 +309,24 @@ pub trait Store: Send + Sync {
     ) -> Result<()>;
 
     /// Releases still `running` when the node starts were cut short: mark
-    /// them `interrupted` and return them.
+    /// them `interrupted` and return them. In a cluster, those of this node
+    /// and of nodes that are no longer members (a live node's deploy is
+    /// its own).
     fn interrupt_releases(&self) -> Result<Vec<Interrupted>>;
+
+    /// Hold `app` for one deploy or scale across every node that shares
+    /// this store; false when another node holds it. A store of one node
+    /// has nothing to hold (the node's own lock is enough).
+    fn hold_app(&self, app: &str) -> Result<bool> {
+        let _ = app;
+        Ok(true)
+    }
+
+    /// Let go of what [`Store::hold_app`] took.
+    fn let_go_app(&self, app: &str) -> Result<()> {
+        let _ = app;
+        Ok(())
+    }
 
     /// The app's releases, newest first.
     fn releases(&self, app: &str) -> Result<Vec<Release>>;

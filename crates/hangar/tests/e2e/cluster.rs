@@ -176,7 +176,11 @@ impl ClusterNode {
 
     /// A machine of `app` in `region` serving /www on port 8080; its id.
     fn run(&self, app: &str, region: &str) -> String {
-        let image = "localhost/busybox:test";
+        self.run_image("localhost/busybox:test", app, region)
+    }
+
+    /// The same, of `image`.
+    fn run_image(&self, image: &str, app: &str, region: &str) -> String {
         self.h
             .ok(&[
                 "machine", "run", image, "--app", app, "--region", region, "--", "httpd", "-f",
@@ -400,6 +404,11 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
         .to_string();
     let s = n1.wait_for(&boxed, "start", |s| s["state"] == "started");
     assert_ne!(s["node"], "n1", "placed in fra: {s}");
+    // And on n1 itself, from its own registry at its wire address.
+    let at_home = n1.run_image(pushed, "web", "ams");
+    let s = n1.wait_for(&at_home, "start", |s| s["state"] == "started");
+    assert_eq!(s["node"], "n1", "placed in ams: {s}");
+    n1.h.ok(&["machine", "destroy", &at_home, "--force"]);
     assert_eq!(
         n1.fetch(&here, &n1.addr(&boxed, "private_ip")).as_deref(),
         Some(PAGE)

@@ -86,6 +86,58 @@ impl EtcdStore {
         Ok(lease)
     }
 
+    /// This node's name and lease, once it has joined.
+    fn joined_as(&self) -> Option<(String, i64)> {
+        self.joined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|j| (j.me.name.clone(), j.lease))
+    }
+
+    /// Hold `app` for one deploy or scale, cluster-wide: `locks/apps/<app>`
+    /// made if absent, under this node's lease (a node that dies lets go
+    /// with its lease). False when another node holds it.
+    pub(crate) fn hold_app_lock(&self, app: &str) -> Result<bool> {
+        let Some((name, lease)) = self.joined_as() else {
+            return Ok(true);
+        };
+        let key = format!("locks/apps/{app}");
+        let write = Write::new().when([absent(&key)]).and_then([with_lease(
+            &key,
+            name.into_bytes(),
+            lease,
+        )]);
+        Ok(self.txn(write, &[&key])?.0)
+    }
+
+    /// Let go of `app` when this node holds it.
+    pub(crate) fn let_go_app_lock(&self, app: &str) -> Result<()> {
+        let Some((name, _)) = self.joined_as() else {
+            return Ok(());
+        };
+        let key = format!("locks/apps/{app}");
+        let held = self
+            .model
+            .view()
+            .kvs
+            .get(&key)
+            .filter(|kv| kv.value == name.as_bytes())
+            .map(|kv| kv.mod_revision);
+        if let Some(rev) = held {
+            let write = Write::new()
+                .when([unchanged(&key, rev)])
+                .and_then([delete(&key)]);
+            self.txn(write, &[&key])?;
+        }
+        Ok(())
+    }
+
+    /// This node's name in the cluster, once it has joined.
+    pub(crate) fn joined_name(&self) -> Option<String> {
+        self.joined_as().map(|(name, _)| name)
+    }
+
     fn grant(&self, ttl: Duration) -> Result<i64> {
         let mut client = self.client.clone();
         let endpoints = self.endpoints.clone();
