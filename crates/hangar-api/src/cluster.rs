@@ -298,14 +298,25 @@ impl Node {
     /// The machine `id` once this node's read model has it (another node
     /// just wrote it).
     pub async fn seen(&self, id: &str) -> Result<Machine> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match self.state.get(id) {
-                Ok(m) => return Ok(m),
-                Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        let (state, id) = (self.state.clone(), id.to_string());
+        blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                // The revision first: a change after it wakes the wait.
+                let revision = state.revision()?;
+                match state.get(&id) {
+                    Ok(m) => return Ok(m),
+                    Err(e) => {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            return Err(e);
+                        }
+                        state.wait_change(revision, left)?;
+                    }
+                }
             }
-        }
+        })
+        .await
     }
 
     /// The member that runs `m`, when that is another node; `None`: here.

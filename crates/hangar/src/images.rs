@@ -104,6 +104,11 @@ impl Images {
         reference: Reference,
         login: Option<(String, String)>,
     ) -> Result<(), String> {
+        // The admin runs what the store has; an org's right is checked on
+        // every use.
+        if org.is_none() && self.store.resolve(&reference).is_ok() {
+            return Ok(());
+        }
         if let Some(opts) = self.peer_pull(org.as_deref(), &reference) {
             return pull(&self.store, &reference, opts)
                 .await
@@ -120,9 +125,6 @@ impl Images {
                 });
         }
         let Some(org) = org else {
-            if self.store.resolve(&reference).is_ok() {
-                return Ok(());
-            }
             // The node's own registry: as the org whose repository it is.
             if self.is_own(&reference) {
                 let owner = hangar_registry::auth::org_of(&reference.repository).to_string();
