@@ -75,6 +75,19 @@ pub struct Auth {
     cache: Mutex<Option<(FileStamp, Vec<TokenRecord>)>>,
     /// The key cluster pull tokens are checked with, in a cluster.
     cluster: std::sync::OnceLock<Vec<u8>>,
+    /// Where the tokens are kept when not in `tokens.json`: the cluster's
+    /// store, so a token made at one node is good at every node.
+    shared: Option<std::sync::Arc<dyn TokenStore>>,
+}
+
+/// Where a cluster keeps its tokens (implemented over its state store).
+pub trait TokenStore: Send + Sync {
+    /// Every token, as stored now.
+    fn load(&self) -> Result<Vec<TokenRecord>>;
+
+    /// Change the tokens with `f`, atomically: `f` may run again on the
+    /// tokens as another writer left them.
+    fn edit(&self, f: &mut dyn FnMut(&mut Vec<TokenRecord>) -> Result<()>) -> Result<()>;
 }
 
 /// The id cluster pull tokens and the bearer tokens traded for them go by.
@@ -178,10 +191,26 @@ impl Auth {
             key,
             cache: Mutex::new(None),
             cluster: std::sync::OnceLock::new(),
+            shared: None,
         })
     }
 
+    /// Keep the tokens in `store` instead of `tokens.json` (a node of a
+    /// cluster; the HMAC key for bearer tokens stays the registry's own).
+    pub fn with_tokens(mut self, store: std::sync::Arc<dyn TokenStore>) -> Auth {
+        self.share_tokens(store);
+        self
+    }
+
+    /// The same, in place.
+    pub fn share_tokens(&mut self, store: std::sync::Arc<dyn TokenStore>) {
+        self.shared = Some(store);
+    }
+
     fn load(&self) -> Result<Vec<TokenRecord>> {
+        if let Some(shared) = &self.shared {
+            return shared.load();
+        }
         match fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 Error::Invalid(format!(
@@ -200,6 +229,9 @@ impl Auth {
     /// Tokens, re-read when the file changed (the CLI edits it while the
     /// server runs).
     fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        if self.shared.is_some() {
+            return self.load();
+        }
         // Every save is a rename: a new inode, and usually a new length.
         // The modification time alone is too coarse: a revoke right after
         // a create could share it and leave the revoked token valid.
@@ -228,7 +260,15 @@ impl Auth {
         Ok(())
     }
 
-    fn edit<T>(&self, f: impl FnOnce(&mut Vec<TokenRecord>) -> Result<T>) -> Result<T> {
+    fn edit<T>(&self, mut f: impl FnMut(&mut Vec<TokenRecord>) -> Result<T>) -> Result<T> {
+        if let Some(shared) = &self.shared {
+            let mut out = None;
+            shared.edit(&mut |tokens| {
+                out = Some(f(tokens)?);
+                Ok(())
+            })?;
+            return out.ok_or_else(|| Error::Invalid("the token store changed nothing".into()));
+        }
         let lock_path = self.path.with_extension("lock");
         let lock = fs::OpenOptions::new()
             .create(true)
@@ -275,7 +315,7 @@ impl Auth {
         };
         let r = record.clone();
         self.edit(move |tokens| {
-            tokens.push(r);
+            tokens.push(r.clone());
             Ok(())
         })?;
         Ok((record, token))
@@ -558,6 +598,45 @@ mod tests {
         std::fs::create_dir_all(other.path().join("oci/tmp")).unwrap();
         let lone = Auth::open(other.path()).unwrap();
         assert!(lone.identify(Some(&format!("Bearer {bearer}"))).is_none());
+    }
+
+    /// The tokens two registries share, as a cluster's store keeps them.
+    #[derive(Default)]
+    struct Shared(Mutex<Vec<TokenRecord>>);
+
+    impl TokenStore for Shared {
+        fn load(&self) -> Result<Vec<TokenRecord>> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+
+        fn edit(&self, f: &mut dyn FnMut(&mut Vec<TokenRecord>) -> Result<()>) -> Result<()> {
+            f(&mut self.0.lock().unwrap())
+        }
+    }
+
+    #[test]
+    fn registries_sharing_a_token_store_take_each_others_tokens_and_revokes() {
+        let shared = std::sync::Arc::new(Shared::default());
+        let open = || {
+            let dir = tempfile::tempdir().unwrap();
+            let auth = Auth::open(dir.path()).unwrap().with_tokens(shared.clone());
+            (dir, auth)
+        };
+        let ((_da, a), (db, b)) = (open(), open());
+        let (record, token) = a.create("acme", false, None).unwrap();
+        assert_eq!(b.verify_api_token(&token).unwrap().org, "acme");
+        assert_eq!(b.list().unwrap().len(), 1);
+        assert!(
+            !db.path().join("tokens.json").exists(),
+            "nothing in the file"
+        );
+        // A bearer token b minted lives as long as the token a made.
+        let caller = b.identify(Some(&format!("Bearer {token}"))).unwrap();
+        let bearer = b.issue_bearer(&caller, Vec::new());
+        assert!(b.identify(Some(&format!("Bearer {bearer}"))).is_some());
+        b.revoke(&record.id).unwrap();
+        assert!(a.verify_api_token(&token).is_none());
+        assert!(b.identify(Some(&format!("Bearer {bearer}"))).is_none());
     }
 
     #[test]

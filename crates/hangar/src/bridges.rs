@@ -102,3 +102,57 @@ impl hangar_api::cluster::Mesh for Overlay {
         }
     }
 }
+
+/// The registry's tokens in the cluster's etcd: a token made at one node
+/// is good at every node, and a revoke ends it everywhere.
+pub struct ClusterTokens(pub Arc<hangar_api::store::EtcdStore>);
+
+/// The document they are kept in.
+const TOKENS_DOC: &str = "registry-tokens";
+
+impl ClusterTokens {
+    fn read(&self) -> hangar_registry::Result<(Vec<hangar_registry::auth::TokenRecord>, i64)> {
+        match self.0.doc(TOKENS_DOC) {
+            None => Ok((Vec::new(), 0)),
+            Some((bytes, rev)) => serde_json::from_slice(&bytes)
+                .map(|t| (t, rev))
+                .map_err(|e| {
+                    hangar_registry::Error::Invalid(format!(
+                        "the cluster's registry tokens in etcd do not read: {e}"
+                    ))
+                }),
+        }
+    }
+}
+
+impl hangar_registry::auth::TokenStore for ClusterTokens {
+    fn load(&self) -> hangar_registry::Result<Vec<hangar_registry::auth::TokenRecord>> {
+        self.read().map(|(t, _)| t)
+    }
+
+    fn edit(
+        &self,
+        f: &mut dyn FnMut(
+            &mut Vec<hangar_registry::auth::TokenRecord>,
+        ) -> hangar_registry::Result<()>,
+    ) -> hangar_registry::Result<()> {
+        for _ in 0..10 {
+            let (mut tokens, rev) = self.read()?;
+            f(&mut tokens)?;
+            let bytes = serde_json::to_vec(&tokens)
+                .map_err(|e| hangar_registry::Error::Invalid(e.to_string()))?;
+            match self.0.put_doc(TOKENS_DOC, bytes, rev) {
+                Ok(true) => return Ok(()),
+                Ok(false) => continue,
+                Err(e) => {
+                    return Err(hangar_registry::Error::Invalid(format!(
+                        "the cluster's registry tokens were not written: {e}"
+                    )))
+                }
+            }
+        }
+        Err(hangar_registry::Error::Invalid(
+            "the cluster's registry tokens kept changing under this edit; try again".into(),
+        ))
+    }
+}

@@ -148,9 +148,32 @@ pub fn token(command: TokenCommand) -> Result<()> {
 }
 
 /// The registry's token store under `$HANGAR_HOME`.
+/// In a cluster (the node's config names etcd) the tokens are the
+/// cluster's, in etcd.
 pub fn auth() -> Result<Auth> {
-    let store = RegistryStore::open(&crate::home()?)?;
-    Ok(Auth::open(store.root())?)
+    let home = crate::home()?;
+    let etcd = match crate::node_config::StateAt::of_home(&home).etcd {
+        Some(endpoints) => Some(std::sync::Arc::new(
+            hangar_api::store::EtcdStore::open(&endpoints).with_context(|| {
+                format!("the node's tokens are in etcd at {endpoints}, which does not answer")
+            })?,
+        )),
+        None => None,
+    };
+    auth_in(&home, etcd)
+}
+
+/// The registry's token store under `home`, or the cluster's in `etcd`.
+pub fn auth_in(
+    home: &std::path::Path,
+    etcd: Option<std::sync::Arc<hangar_api::store::EtcdStore>>,
+) -> Result<Auth> {
+    let store = RegistryStore::open(home)?;
+    let auth = Auth::open(store.root())?;
+    Ok(match etcd {
+        Some(etcd) => auth.with_tokens(std::sync::Arc::new(crate::bridges::ClusterTokens(etcd))),
+        None => auth,
+    })
 }
 
 pub fn run(args: RegistryArgs) -> Result<()> {

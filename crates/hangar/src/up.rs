@@ -299,10 +299,14 @@ pub fn run(args: UpArgs) -> Result<()> {
         let mut registry_addr = None;
         let mut own_registry = None;
         if !args.no_registry {
-            let registry = Arc::new(hangar_registry::Registry::open(&home, hangar_registry::Config::default())?);
+            let mut registry = hangar_registry::Registry::open(&home, hangar_registry::Config::default())?;
+            if let Some(etcd) = &etcd {
+                registry.auth.share_tokens(Arc::new(crate::bridges::ClusterTokens(etcd.clone())));
+            }
             if let Some(secret) = &cluster_secret {
                 registry.auth.trust_cluster(secret);
             }
+            let registry = Arc::new(registry);
             let reg_listener = tokio::net::TcpListener::bind(&args.registry_listen)
                 .await
                 .with_context(|| format!("cannot listen on {} for the registry; use --registry-listen or --no-registry", args.registry_listen))?;
@@ -457,7 +461,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             });
         }
         // Org tokens (the registry's) reach their org's apps and machines.
-        let orgs: Option<hangar_api::server::OrgTokens> = match crate::registry::auth() {
+        let orgs: Option<hangar_api::server::OrgTokens> = match crate::registry::auth_in(&home, etcd.clone()) {
             Ok(auth) => Some(Arc::new(move |t: &str| auth.verify_api_token(t).filter(|r| !r.read_only).map(|r| r.org))),
             Err(e) => {
                 tracing::warn!("org tokens are off: {e:#}");

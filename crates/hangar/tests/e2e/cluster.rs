@@ -434,6 +434,53 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
     }
     n1.h.ok(&["machine", "destroy", &boxed, "--force"]);
 
+    // Org tokens are the cluster's: acme's, made at n1, works at n2 (its
+    // API shows acme's machines and no others; its registry takes a push),
+    // and a revoke at n1 ends it at n2.
+    let acme_token = token("acme");
+    let n2 = &nodes[1];
+    let as_acme = |args: &[&str]| {
+        n2.h.command(args)
+            .env("HANGAR_API_TOKEN", &acme_token)
+            .output()
+            .unwrap()
+    };
+    let listed = as_acme(&["machine", "list", "--json"]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let apps: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["app"].as_str().unwrap_or(""))
+        .collect();
+    assert!(apps.contains(&"web") && !apps.contains(&"loot"), "{apps:?}");
+    n2.h.ok(&[
+        "image",
+        "push",
+        "localhost/busybox:test",
+        "10.77.0.2:5000/acme/box:v2",
+        "--insecure",
+        "--creds",
+        &format!("acme:{acme_token}"),
+    ]);
+    let id = acme_token
+        .strip_prefix("hgr_")
+        .unwrap()
+        .split('_')
+        .next()
+        .unwrap();
+    n1.h.ok(&["auth", "token", "revoke", id]);
+    let refused = as_acme(&["machine", "list", "--json"]);
+    assert!(
+        !refused.status.success(),
+        "a revoked token still works at n2"
+    );
+
     // evil's machine reaches none of acme's, nor does a host on the wire
     // that is no node, even with routes to the machines' networks.
     for target in [&here, &f1, &f2] {

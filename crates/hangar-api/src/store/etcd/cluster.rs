@@ -138,6 +138,29 @@ impl EtcdStore {
         self.joined_as().map(|(name, _)| name)
     }
 
+    /// A document the cluster keeps whole (`docs/<name>`, e.g. the
+    /// registry's tokens): its bytes and revision, from the read model.
+    pub fn doc(&self, name: &str) -> Option<(Vec<u8>, i64)> {
+        self.model
+            .view()
+            .kvs
+            .get(&format!("docs/{name}"))
+            .map(|kv| (kv.value.clone(), kv.mod_revision))
+    }
+
+    /// Write document `name` if it is still at `revision` (0: absent);
+    /// false when another writer came first (read it again and retry).
+    pub fn put_doc(&self, name: &str, bytes: Vec<u8>, revision: i64) -> Result<bool> {
+        let key = format!("docs/{name}");
+        let when = if revision == 0 {
+            absent(&key)
+        } else {
+            unchanged(&key, revision)
+        };
+        let write = Write::new().when([when]).and_then([put(&key, bytes)]);
+        Ok(self.txn(write, &[&key])?.0)
+    }
+
     fn grant(&self, ttl: Duration) -> Result<i64> {
         let mut client = self.client.clone();
         let endpoints = self.endpoints.clone();
