@@ -275,7 +275,9 @@ fn build_and_push(m: &AppToml, base_dir: &Path, org: &str, registry: &str) -> Re
     let token = deploy_token(&home, org)?;
     let push = hangar_oci::client::PushOptions {
         client: hangar_oci::client::ClientOptions {
-            insecure: false,
+            // The node's own registry speaks plain HTTP, on loopback or
+            // on the address a cluster's nodes reach it at.
+            insecure: true,
             creds: Some(hangar_oci::auth::Credentials {
                 username: "deploy".into(),
                 password: token,

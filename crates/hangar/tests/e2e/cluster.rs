@@ -434,6 +434,72 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
     }
     n1.h.ok(&["machine", "destroy", &boxed, "--force"]);
 
+    // A deploy, then two machines in each region: the release is built at
+    // n1 and pushed to n1's registry, and runs wherever it is placed.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
+    let hello = n1.h.dir.path().join("hello");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&hello)
+        .status()
+        .unwrap()
+        .success());
+    let toml = std::fs::read_to_string(hello.join("hangar.toml")).unwrap();
+    let toml = toml
+        .replace(
+            "base = \"localhost/busybox:demo\"",
+            "base = \"localhost/busybox:test\"",
+        )
+        .replace("interval = \"2s\"", "interval = \"300ms\"")
+        .replace(
+            "app = \"hello\"",
+            "app = \"hello\"\nprimary_region = \"ams\"",
+        );
+    std::fs::write(hello.join("hangar.toml"), toml).unwrap();
+    let in_hello = |args: &[&str]| {
+        let out = n1.h.command(args).current_dir(&hello).output().unwrap();
+        assert!(
+            out.status.success(),
+            "hangar {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    in_hello(&["launch", "--org", "acme"]);
+    let out = in_hello(&["deploy", "--count", "1"]);
+    assert!(out.contains("release v1 is complete"), "{out}");
+    in_hello(&["scale", "count", "2", "--region", "ams,fra"]);
+    let all: Value = serde_json::from_str(&n1.h.ok(&["machine", "list", "--json"])).unwrap();
+    let mut by_region: Vec<(String, String, String)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["app"] == "hello" && m["state"] == "started")
+        .map(|m| {
+            let field = |f: &str| m[f].as_str().unwrap().to_string();
+            (field("region"), field("node"), field("private_ip"))
+        })
+        .collect();
+    by_region.sort();
+    let where_: Vec<(&str, &str)> = by_region
+        .iter()
+        .map(|(r, n, _)| (r.as_str(), n.as_str()))
+        .collect();
+    assert_eq!(
+        where_,
+        [("ams", "n1"), ("ams", "n1"), ("fra", "n2"), ("fra", "n3")],
+        "{by_region:?}"
+    );
+    for (_, node, addr) in &by_region {
+        assert!(
+            n1.fetch(&here, addr).is_some(),
+            "hello on {node} at {addr} does not answer"
+        );
+    }
+    n1.h.ok(&["apps", "destroy", "hello", "--yes"]);
+
     // Org tokens are the cluster's: acme's, made at n1, works at n2 (its
     // API shows acme's machines and no others; its registry takes a push),
     // and a revoke at n1 ends it at n2.
