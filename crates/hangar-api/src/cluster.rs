@@ -189,9 +189,10 @@ pub struct Want<'a> {
 
 /// The member a new machine goes to: one of its region with the memory
 /// free (what the member offers, less its machines' memory), the fewest
-/// machines of its app first (spread), then the most memory free, then by
-/// name. Decided from the read model: the chosen node creates the machine,
-/// and refuses when it has not the room after all.
+/// machines of its app first (spread), then the most memory free, then the
+/// fewest CPUs asked per CPU it has, then by name. Decided from the read
+/// model: the chosen node creates the machine, and refuses when it has not
+/// the room after all (`Node::create`).
 pub fn place(members: &[Member], machines: &[Machine], want: Want) -> Result<Member> {
     let in_region: Vec<&Member> = members
         .iter()
@@ -218,14 +219,21 @@ pub fn place(members: &[Member], machines: &[Machine], want: Want) -> Result<Mem
             .iter()
             .filter(|m| want.app.is_some() && m.app.as_deref() == want.app)
             .count();
-        (of_app, member.memory_mb.saturating_sub(used))
+        let cpus: u64 = on.iter().map(|m| u64::from(m.config.guest.cpus)).sum();
+        let cpu_load = cpus * 1000 / u64::from(member.cpus.max(1));
+        (of_app, member.memory_mb.saturating_sub(used), cpu_load)
     };
     let best = in_region
         .iter()
         .filter(|m| score(m).1 >= want.memory_mb)
         .min_by(|a, b| {
             let (sa, sb) = (score(a), score(b));
-            (sa.0, std::cmp::Reverse(sa.1), &a.name).cmp(&(sb.0, std::cmp::Reverse(sb.1), &b.name))
+            (sa.0, std::cmp::Reverse(sa.1), sa.2, &a.name).cmp(&(
+                sb.0,
+                std::cmp::Reverse(sb.1),
+                sb.2,
+                &b.name,
+            ))
         });
     match best {
         Some(m) => Ok((*m).clone()),

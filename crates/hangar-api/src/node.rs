@@ -43,6 +43,10 @@ pub struct Node {
     mesh: Option<Arc<dyn crate::cluster::Mesh>>,
     /// `.internal` DNS for its machines, where it serves it.
     dns: Option<Arc<crate::dns::Dns>>,
+    /// Held from the room check of a create to its row: only this node
+    /// creates its machines, so two creates at once cannot both take the
+    /// last of its memory.
+    admitting: Mutex<()>,
 }
 
 /// Output of `exec`.
@@ -154,6 +158,7 @@ impl Node {
             cluster: None,
             mesh: None,
             dns: None,
+            admitting: Mutex::new(()),
         }
     }
 
@@ -336,6 +341,29 @@ impl Node {
         Ok(())
     }
 
+    /// In a cluster: whether this node has the memory for `config` of what
+    /// it offers (the placing node chose it from its read model, which a
+    /// create at the same moment may have made stale).
+    fn check_room(&self, config: &MachineConfig) -> Result<()> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        let used: u64 = self
+            .own_machines()?
+            .iter()
+            .map(|m| m.config.guest.memory_mb)
+            .sum();
+        let free = cluster.me.memory_mb.saturating_sub(used);
+        if config.guest.memory_mb > free {
+            return Err(Error::Busy(format!(
+                "node {} has {free} MB free of the {} MB it offers machines, less than this machine's {} MB \
+                 (another create took it first); try again, or scale down elsewhere",
+                self.site.node, cluster.me.memory_mb, config.guest.memory_mb
+            )));
+        }
+        Ok(())
+    }
+
     /// Create a machine of `place` from `config` (its image already in the
     /// store) and start it.
     pub fn create(
@@ -355,9 +383,12 @@ impl Node {
                 "machine name {name:?} must be 1-63 letters, digits or '-'"
             )));
         }
+        let admitting = self.admitting.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_room(&config)?;
         let m = self
             .state
             .insert_machine(&id, &name, &self.site, &place, &config)?;
+        drop(admitting);
         let lock = self.lock(&id);
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         let created = self

@@ -247,6 +247,43 @@ fn placement_takes_the_region_then_spreads_the_app_then_the_memory_free() {
     // A region with no node names the regions there are.
     let e = place(&members, &[], want("web", "syd", 256)).unwrap_err();
     assert!(e.to_string().contains("ams, fra"), "{e}");
+    // Memory alike: the node with fewer CPUs asked of each it has.
+    let mut twins = [member("x", "syd", 2048), member("y", "syd", 2048)];
+    twins[1].cpus = 4;
+    let mut busy = on("x", "other", 512);
+    busy.config.guest.cpus = 2;
+    let mut light = on("y", "other", 512);
+    light.config.guest.cpus = 2;
+    // x: 2 CPUs asked of 1; y: 2 of 4 (y wins though x comes first by name).
+    assert_eq!(
+        place(&twins, &[busy, light], want("web", "syd", 256))
+            .unwrap()
+            .name,
+        "y"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_refuses_a_machine_it_has_not_the_memory_for() {
+    let (_dir, _etcd, nodes) = cluster().await;
+    let b = nodes[1].node.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut config = crate::node::tests::config();
+        config.guest.memory_mb = 3072;
+        b.create(None, Placement::default(), config.clone())
+            .unwrap();
+        // 1024 MB of b's 4096 are left.
+        let e = b.create(None, Placement::default(), config).unwrap_err();
+        assert!(
+            matches!(e, Error::Busy(_)) && e.to_string().contains("1024 MB free of the 4096 MB"),
+            "{e}"
+        );
+        let mut small = crate::node::tests::config();
+        small.guest.memory_mb = 1024;
+        b.create(None, Placement::default(), small).unwrap();
+    })
+    .await
+    .unwrap();
 }
 
 #[test]
