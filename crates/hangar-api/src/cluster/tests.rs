@@ -572,3 +572,47 @@ async fn one_deploy_at_a_time_per_app_across_the_nodes() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_list_at_any_node_shows_what_each_machines_node_knows_of_its_checks() {
+    let (_dir, _etcd, nodes) = cluster().await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut req = create("web", "fra");
+    req.config.checks.insert(
+        "alive".into(),
+        crate::config::Check {
+            port: 8080,
+            path: "/".into(),
+            interval: 10.0,
+            timeout: 1.0,
+            grace_period: 1.0,
+        },
+    );
+    let m = a.client(ACME).create_machine(&req).await.unwrap();
+    let owner = [b, c]
+        .into_iter()
+        .find(|n| n.fake.machines().contains(&m.id))
+        .unwrap();
+    // Only its node probes it: a has the check pending, its node passing.
+    owner
+        .node
+        .checks
+        .mark_passing(&m.id, ["alive".to_string()].iter());
+    for n in [a, b, c] {
+        let listed = n.client(ACME).machines().await.unwrap();
+        let seen = listed.iter().find(|v| v.id == m.id).unwrap();
+        let checks = seen.checks.as_ref().unwrap();
+        assert_eq!(
+            checks[0].status,
+            crate::checks::CheckState::Passing,
+            "listed at {}",
+            n.node.site.node
+        );
+    }
+    // What the org may not see stays out of every list.
+    let evil = a.client(EVIL).machines().await.unwrap();
+    assert!(
+        evil.iter().all(|v| v.app.as_deref() != Some("web")),
+        "{evil:?}"
+    );
+}

@@ -113,16 +113,49 @@ pub(super) fn wait_timeout(given: Option<&str>) -> Result<Duration, Error> {
     Ok(Duration::from_secs(seconds))
 }
 
-pub(super) async fn list(State(api): ApiState, caller: Caller) -> Answer<Vec<MachineView>> {
+pub(super) async fn list(
+    State(api): ApiState,
+    caller: Caller,
+    carried: Carried,
+) -> Answer<Vec<MachineView>> {
     let node = &api.node;
-    Ok(axum::Json(
-        node.state
-            .list()?
+    let mut views: Vec<MachineView> = node
+        .state
+        .list()?
+        .iter()
+        .filter(|m| api.sees(&caller, m))
+        .map(|m| view(node, m))
+        .collect();
+    // What only a machine's node knows (its checks, its image's digest)
+    // comes from that node: one call to each other node that runs any of
+    // these, at once. A node that does not answer leaves its machines as
+    // the store has them.
+    if let (Some(cluster), None) = (&node.cluster, &carried.0) {
+        let others: std::collections::BTreeSet<&str> = views
             .iter()
-            .filter(|m| api.sees(&caller, m))
-            .map(|m| view(node, m))
-            .collect(),
-    ))
+            .map(|v| v.node.as_str())
+            .filter(|n| !n.is_empty() && *n != node.site.node)
+            .collect();
+        let asks = others.into_iter().filter_map(|name| {
+            let member = cluster.member(name).ok()?;
+            let client = cluster.client(&member, caller.org());
+            Some(async move { (member.name.clone(), client.machines().await) })
+        });
+        for (name, answer) in futures_util::future::join_all(asks).await {
+            let Ok(theirs) = answer else { continue };
+            let theirs: std::collections::HashMap<String, MachineView> = theirs
+                .into_iter()
+                .filter(|v| v.node == name)
+                .map(|v| (v.id.clone(), v))
+                .collect();
+            for v in views.iter_mut().filter(|v| v.node == name) {
+                if let Some(t) = theirs.get(&v.id) {
+                    *v = t.clone();
+                }
+            }
+        }
+    }
+    Ok(axum::Json(views))
 }
 
 pub(super) async fn create(
