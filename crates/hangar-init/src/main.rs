@@ -183,6 +183,9 @@ fn run(in_vm: bool) -> u8 {
     }
     ensure_mounts();
     set_hostname(&config.hostname);
+    // An image may have no /etc at all (a single static binary): its
+    // resolver and hosts file are still the machine's.
+    let _ = std::fs::create_dir_all("/etc");
     let _ = std::fs::write("/etc/resolv.conf", config.resolv_conf());
     if !config.hosts.is_empty() {
         let _ = std::fs::write("/etc/hosts", config.hosts_file());

@@ -113,7 +113,7 @@ pub(crate) fn busybox_image(h: &Hangar) -> String {
     reference.to_string()
 }
 
-fn which(tool: &str) -> PathBuf {
+pub(crate) fn which(tool: &str) -> PathBuf {
     std::env::split_paths(&std::env::var_os("PATH").unwrap())
         .map(|d| d.join(tool))
         .find(|p| p.is_file())

@@ -6,7 +6,7 @@ use std::fs;
 
 use serde_json::{json, Value};
 
-use crate::machine::{busybox_image, Node};
+use crate::machine::{busybox_image, which, Node};
 use crate::support::*;
 
 /// The node's API and registry addresses, from its config.toml.
@@ -491,6 +491,32 @@ fn internal_dns(node: &Node, acme: [&Value; 2], evil: &Value) {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+
+    // An image with no /etc at all still gets its resolver.
+    let bare = node.h.dir.path().join("bare");
+    fs::create_dir_all(bare.join("bin")).unwrap();
+    fs::copy(which("busybox"), bare.join("bin/busybox")).unwrap();
+    node.h.ok(&[
+        "image",
+        "build",
+        bare.to_str().unwrap(),
+        "-t",
+        "localhost/bare:test",
+        "--cmd",
+        "/bin/busybox sleep 3600",
+    ]);
+    let bare_id = node
+        .h
+        .ok(&["machine", "run", "localhost/bare:test", "--app", "acme-app"])
+        .trim()
+        .to_string();
+    let (code, out) = node.exec(
+        &bare_id,
+        &["/bin/busybox", "nslookup", "-type=a", "acme-app.internal"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(acme[0]["ipv4"].as_str().unwrap()), "{out}");
+    node.h.ok(&["machine", "destroy", &bare_id, "--force"]);
 }
 
 #[test]
