@@ -264,16 +264,72 @@ impl Node {
         config: &MachineConfig,
         region: Option<&str>,
     ) -> Result<Option<(Arc<Cluster>, Member)>> {
+        self.place_new_except(app, config, region, &[])
+    }
+
+    /// The same, among the members not named in `except`.
+    fn place_new_except(
+        &self,
+        app: Option<&str>,
+        config: &MachineConfig,
+        region: Option<&str>,
+        except: &[String],
+    ) -> Result<Option<(Arc<Cluster>, Member)>> {
         let Some(cluster) = self.cluster.clone() else {
             return Ok(None);
         };
+        let mut members = self.state.members()?;
+        members.retain(|m| !except.contains(&m.name));
         let want = Want {
             app,
             region: Some(region.unwrap_or(&cluster.me.region)),
             memory_mb: config.guest.memory_mb,
         };
-        let target = place(&self.state.members()?, &self.state.list()?, want)?;
+        let target = place(&members, &self.state.list()?, want)?;
         Ok((target.name != cluster.me.name).then_some((cluster, target)))
+    }
+
+    /// Create `req` (its region in `region`) on the node placement chooses
+    /// when that is another node, for `org`: the machine as that node made
+    /// it, once this node's read model has it; `None`: it is to be made
+    /// here. A chosen node that turns out full (a create at the same moment
+    /// took its room) is passed over for the next choice, twice at most.
+    pub async fn create_elsewhere(
+        &self,
+        mut req: CreateMachine,
+        region: Option<&str>,
+        org: Option<&str>,
+    ) -> Result<Option<crate::wire::MachineView>> {
+        let mut full = Vec::new();
+        let mut refusal = None;
+        loop {
+            let placed = self.place_new_except(req.app.as_deref(), &req.config, region, &full);
+            let Some((cluster, target)) = (match (placed, refusal) {
+                // Every node of the region tried and full: say so.
+                (Err(_), Some(busy)) => return Err(busy),
+                (placed, _) => placed?,
+            }) else {
+                return Ok(None);
+            };
+            req.region = None;
+            match cluster.client(&target, org).create_machine(&req).await {
+                Ok(made) => {
+                    self.seen(&made.id).await?;
+                    return Ok(Some(made));
+                }
+                Err(e) => match Error::from(e) {
+                    Error::Busy(why) if full.len() < 2 => {
+                        tracing::info!(
+                            "node {} had no room after all ({why}); placing again",
+                            target.name
+                        );
+                        full.push(target.name);
+                        refusal = Some(Error::Busy(why));
+                    }
+                    e => return Err(e),
+                },
+            }
+        }
     }
 
     /// Create a machine where [`place`] puts it and start it: here, or
@@ -286,21 +342,20 @@ impl Node {
         region: Option<&str>,
         org: Option<&str>,
     ) -> Result<Machine> {
-        let Some((cluster, target)) = self.place_new(place.app.as_deref(), &config, region)? else {
-            let node = self.clone();
-            return blocking(move || node.create(name, place, config)).await;
+        let req = CreateMachine {
+            name,
+            app: place.app.clone(),
+            config,
+            region: None,
+            release: place.release,
         };
-        let view = cluster
-            .client(&target, org)
-            .create_machine(&CreateMachine {
-                name,
-                app: place.app,
-                config,
-                region: None,
-                release: place.release,
-            })
-            .await?;
-        self.seen(&view.id).await
+        match self.create_elsewhere(req.clone(), region, org).await? {
+            Some(made) => self.seen(&made.id).await,
+            None => {
+                let node = self.clone();
+                blocking(move || node.create(req.name, place, req.config)).await
+            }
+        }
     }
 
     /// The machine `id` once this node's read model has it (another node

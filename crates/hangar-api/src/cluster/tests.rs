@@ -616,3 +616,45 @@ async fn a_list_at_any_node_shows_what_each_machines_node_knows_of_its_checks() 
         "{evil:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_every_chosen_node_turns_out_full_the_caller_hears_why_and_nothing_is_made() {
+    let (_dir, _etcd, nodes) = cluster().await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    // A machine of no node's (a row from before nodes had names) counts
+    // against every node's own room, and against no node in placement:
+    // each fra node placement picks turns out full.
+    let state = a.node.state.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut big = crate::node::tests::config();
+        big.guest.memory_mb = 3900;
+        state
+            .insert_machine(
+                "nodeless0000001",
+                "nodeless",
+                &Site::default(),
+                &Placement::default(),
+                &big,
+            )
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let e = a
+        .client(ACME)
+        .create_machine(&create("web", "fra"))
+        .await
+        .unwrap_err();
+    let e = Error::from(e);
+    assert!(matches!(e, Error::Busy(_)), "{e}");
+    // The nodes' own refusal (after both fra nodes were tried in turn),
+    // not that the region has no node left; and neither made anything.
+    assert!(e.to_string().contains("free of the 4096 MB"), "{e}");
+    for n in [b, c] {
+        assert!(
+            n.fake.machines().iter().all(|id| id == "nodeless0000001"),
+            "{:?}",
+            n.fake.machines()
+        );
+    }
+}

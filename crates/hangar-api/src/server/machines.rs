@@ -174,15 +174,14 @@ pub(super) async fn create(
     }
     // A create another node placed here is made here; any other is placed.
     if carried.0.is_none() {
-        let region = body.region.as_deref();
-        if let Some((cluster, member)) = api.node.place_new(app.as_deref(), &body.config, region)? {
-            body.app = app;
-            body.region = None;
-            let made = cluster
-                .client(&member, caller.org())
-                .create_machine(&body)
-                .await?;
-            api.node.seen(&made.id).await?;
+        let region = body.region.take();
+        let mut req = body.clone();
+        req.app = app.clone();
+        if let Some(made) = api
+            .node
+            .create_elsewhere(req, region.as_deref(), caller.org())
+            .await?
+        {
             return Ok(axum::Json(made));
         }
     }
