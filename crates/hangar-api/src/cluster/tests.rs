@@ -504,6 +504,13 @@ async fn when_a_node_dies_its_apps_machines_are_replaced_in_its_region() {
     };
     wait_for("web's machine replaced", replaced(&web.id)).await;
     wait_for("the stopped one replaced", replaced(&scaled_to_zero.id)).await;
+    // The leader goes through the machines in the store's order (by
+    // creation second, then id): the one of no app may come last.
+    let marked = {
+        let (store, id) = (store.clone(), alone.id.clone());
+        move || store.get(&id).is_ok_and(|m| m.state == MachineState::Lost)
+    };
+    wait_for("the machine of no app marked lost", marked).await;
     let took = died.elapsed();
     assert!(
         took < TTL * 2 + Duration::from_secs(1),
