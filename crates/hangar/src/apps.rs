@@ -300,10 +300,15 @@ fn build_and_push(m: &AppToml, base_dir: &Path, org: &str, registry: &str) -> Re
 
 fn deploy_token(home: &Path, org: &str) -> Result<String> {
     let path = home.join(format!("deploy-token-{org}"));
+    let auth = crate::registry::auth()?;
+    // Kept while it is good: a revoked or expired one is made again.
     if let Ok(t) = std::fs::read_to_string(&path) {
-        return Ok(t.trim().to_string());
+        let t = t.trim().to_string();
+        if auth.verify_api_token(&t).is_some() {
+            return Ok(t);
+        }
     }
-    let (_, token) = crate::registry::auth()?.create(org, false, None)?;
+    let (_, token) = auth.create(org, false, None)?;
     std::fs::write(&path, &token).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(token)
 }

@@ -178,12 +178,40 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
     assert!(machines(&v).iter().all(|m| m["release"] == 1));
     assert_eq!(get(&node, "/healthz"), (200, "ok\n".to_string()));
 
+    // The deploy token the CLI keeps, revoked: the next deploy makes a
+    // new one instead of failing its push.
+    let kept = fs::read_dir(node.h.home())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("deploy-token-")
+        })
+        .expect("a kept deploy token");
+    let old = fs::read_to_string(&kept).unwrap();
+    let id = old
+        .trim()
+        .strip_prefix("hgr_")
+        .unwrap()
+        .split('_')
+        .next()
+        .unwrap()
+        .to_string();
+    node.h.ok(&["auth", "token", "revoke", &id]);
+
     // A rolling deploy of an app on one machine, under load: the new
     // machine takes the traffic before the old one is signalled.
     ok_in(&node, &dir, &["scale", "count", "1"]);
     without_errors_under_load(&node, || {
         ok_in(&node, &dir, &["deploy"]);
     });
+    assert_ne!(
+        fs::read_to_string(&kept).unwrap(),
+        old,
+        "a new deploy token"
+    );
 
     // Scale to three: three healthy backends answer.
     ok_in(&node, &dir, &["scale", "count", "3"]);
