@@ -507,13 +507,31 @@ fn internal_dns(node: &Node, acme: [&Value; 2], evil: &Value) {
     ]);
     let bare_id = node
         .h
-        .ok(&["machine", "run", "localhost/bare:test", "--app", "acme-app"])
+        .ok(&[
+            "machine",
+            "run",
+            "localhost/bare:test",
+            "--app",
+            "acme-app",
+            "--",
+            "/bin/busybox",
+            "sleep",
+            "3600",
+        ])
         .trim()
         .to_string();
-    let (code, out) = node.exec(
-        &bare_id,
-        &["/bin/busybox", "nslookup", "-type=a", "acme-app.internal"],
-    );
+    // Until its container is there to exec in (it is being started).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (code, out) = loop {
+        let (code, out) = node.exec(
+            &bare_id,
+            &["/bin/busybox", "nslookup", "-type=a", "acme-app.internal"],
+        );
+        if code == 0 || std::time::Instant::now() > deadline {
+            break (code, out);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(acme[0]["ipv4"].as_str().unwrap()), "{out}");
     node.h.ok(&["machine", "destroy", &bare_id, "--force"]);
