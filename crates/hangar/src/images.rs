@@ -13,11 +13,11 @@
 //!   that registry with `hangar up --allow-registry`.
 //!
 //! In a cluster, an image in another node's registry (a member's, as the
-//! store lists them) is pulled from there for the org whose repository it
-//! is in, with a cluster pull token of that org (read-only; that registry
-//! applies the org's rights as to its own tokens): whether an org's call
-//! or a replacement the admin makes, what is pushed at one node runs on
-//! every node, and no more.
+//! store lists them) is pulled from there with a read-only cluster pull
+//! token of the calling org, so that registry applies that org's rights as
+//! to its own tokens (the admin's replacements use the token of the org
+//! whose repository it is): what is pushed at one node runs on every node,
+//! and no more.
 //!
 //! Every refusal an org sees reads the same as a missing image: it tells
 //! nothing of what exists in another org or listens on the node.
