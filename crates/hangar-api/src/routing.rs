@@ -214,7 +214,13 @@ impl Node {
         let now = crate::store::now();
         let ready_at = {
             let mut map = routing.ready_at.lock().unwrap_or_else(|e| e.into_inner());
-            map.retain(|id, _| machines.iter().any(|m| &m.id == id));
+            map.retain(|id, _| machines.iter().any(|m| &m.id == id && self.in_service(m)));
+            // Idle time counts from when a machine came into service, by
+            // whatever way (a wake, a deploy, a restart): a slow boot is not
+            // idleness.
+            for m in machines.iter().filter(|m| self.in_service(m)) {
+                map.entry(m.id.clone()).or_insert(now);
+            }
             map.clone()
         };
         let mut by_app: HashMap<String, Vec<&Machine>> = HashMap::new();
