@@ -69,7 +69,7 @@ struct HealthState {
 }
 
 impl Backend {
-    fn new(addr: SocketAddr, alternates: &[SocketAddr], slots: Arc<Slots>) -> Backend {
+    pub(crate) fn new(addr: SocketAddr, alternates: &[SocketAddr], slots: Arc<Slots>) -> Backend {
         Backend {
             addr,
             addrs: std::iter::once(addr)

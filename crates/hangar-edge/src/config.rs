@@ -17,6 +17,9 @@ pub struct Config {
     pub limits: Limits,
     pub cache: CacheConfig,
     pub hosts: Vec<Host>,
+    /// The other edges of a cluster (`hangar up` sets it from the
+    /// cluster's members; `hangar edge serve` reads `[mesh]`).
+    pub mesh: Option<crate::mesh::MeshConfig>,
 }
 
 impl Default for Config {
@@ -28,6 +31,7 @@ impl Default for Config {
             limits: Limits::default(),
             cache: CacheConfig::default(),
             hosts: Vec::new(),
+            mesh: None,
         }
     }
 }
@@ -133,6 +137,14 @@ pub struct Host {
     pub queue_timeout: Duration,
     /// Answer plain HTTP with a redirect to HTTPS (when TLS is on).
     pub force_https: bool,
+    /// Other edge nodes (by name, see [`crate::mesh`]) with machines of
+    /// this app in service: when none here has room, the nearest of them
+    /// serves.
+    pub elsewhere: Vec<String>,
+    /// Other edge nodes that can start a stopped machine of this app: when
+    /// none is started anywhere and none here can start, the nearest of
+    /// them is asked.
+    pub asleep_elsewhere: Vec<String>,
 }
 
 impl Default for Host {
@@ -148,6 +160,8 @@ impl Default for Host {
             hard_limit: 0,
             queue_timeout: Duration::from_secs(5),
             force_https: false,
+            elsewhere: Vec::new(),
+            asleep_elsewhere: Vec::new(),
         }
     }
 }
@@ -200,6 +214,9 @@ pub struct HostCache {
     /// Freshness for responses that state none (and have no Last-Modified).
     #[serde(deserialize_with = "duration")]
     pub default_ttl: Duration,
+    /// In a cluster, the region whose edges alone fetch from the origin:
+    /// misses elsewhere go through it (see [`crate::mesh`]).
+    pub shield: Option<String>,
 }
 
 impl Default for HostCache {
@@ -207,6 +224,7 @@ impl Default for HostCache {
         HostCache {
             enabled: true,
             default_ttl: Duration::ZERO,
+            shield: None,
         }
     }
 }
@@ -284,6 +302,20 @@ impl Config {
                 ));
             }
         }
+        if let Some(m) = &self.mesh {
+            if m.node.is_empty() || m.region.is_empty() || m.token.len() < 16 {
+                return Err(
+                    "mesh: node, region and a token of at least 16 characters are needed".into(),
+                );
+            }
+            for h in &self.hosts {
+                if let Some(s) = &h.cache.shield {
+                    if s != &m.region && !m.peers.iter().any(|p| &p.region == s) {
+                        return Err(format!("hosts.{}: cache.shield {s:?} is no region of the mesh (its regions: {})", h.name, m.regions().join(", ")));
+                    }
+                }
+            }
+        }
         if self.limits.max_header_bytes < 1024 {
             return Err("limits.max_header_bytes must be at least 1KiB".into());
         }
@@ -318,7 +350,7 @@ enum NumOrStr {
     Str(String),
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match NumOrStr::deserialize(d)? {
         NumOrStr::Num(n) => Ok(Duration::from_secs(n)),
         NumOrStr::Str(s) => parse_duration(&s).ok_or_else(|| {

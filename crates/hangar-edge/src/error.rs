@@ -60,7 +60,42 @@ pub enum Kind {
     FillEnded,
 }
 
+/// The header an error page names its [`Kind`] in.
+pub const ERROR_HEADER: &str = "hangar-error";
+
 impl Kind {
+    /// Its name in the [`ERROR_HEADER`].
+    pub fn code(self) -> &'static str {
+        match self {
+            Kind::NoHost => "no-host",
+            Kind::UnknownHost => "unknown-host",
+            Kind::BodyTooLarge => "body-too-large",
+            Kind::BodyStalled => "body-stalled",
+            Kind::NotCached => "not-cached",
+            Kind::NoBackend => "no-backend",
+            Kind::AtLimit => "at-limit",
+            Kind::WakeFailed => "wake-failed",
+            Kind::Connect => "connect",
+            Kind::Request => "request",
+            Kind::Timeout => "timeout",
+            Kind::Origin(_) => "origin",
+            Kind::BodyBroke => "body-broke",
+            Kind::FillEnded => "fill-ended",
+        }
+    }
+
+    /// Whether an edge answering so to another had nothing to serve with
+    /// (the other may try elsewhere: nothing reached an app).
+    pub fn nothing_here(code: &[u8]) -> bool {
+        [
+            &b"no-backend"[..],
+            b"connect",
+            b"wake-failed",
+            b"unknown-host",
+        ]
+        .contains(&code)
+    }
+
     pub fn side(self) -> Side {
         match self {
             Kind::NoHost
@@ -157,6 +192,10 @@ impl ProxyError {
     pub fn respond(&self, host: &str) -> Response<UpBody> {
         let mut r = page(self.status(), host, &self.cause);
         r.extensions_mut().insert(self.side);
+        // Another edge that sent the request here reads it (to try
+        // another node when this one has nothing to serve it with).
+        r.headers_mut()
+            .insert(ERROR_HEADER, HeaderValue::from_static(self.kind.code()));
         r
     }
 }

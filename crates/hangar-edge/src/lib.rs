@@ -6,14 +6,18 @@
 //!   least outstanding requests, active checks, passive ejection (failures
 //!   and slowness relative to peers).
 //! - [`upstream`]: pooled HTTP/1.1 connections to backends.
-//! - [`cache`]: RFC 9111 decisions, memory and disk tiers with S3-FIFO
-//!   eviction, request coalescing, purges.
+//! - [`cache`]: RFC 9111 decisions (RFC 9213's targeted fields first),
+//!   memory and disk tiers with S3-FIFO eviction, request coalescing,
+//!   purges.
+//! - [`mesh`]: the other edges of a cluster, and the tiers (region owner,
+//!   super-region, shield) a cache miss climbs through them.
 //! - [`proxy`]: one request through all of the above; [`error`]: its one
 //!   error type, mapped to a status and an error page in one place.
 //! - [`server`] and [`admin`]: the listeners; metrics and purge.
 //!
-//! A data plane: it is handed hosts and backends and knows nothing of
-//! machines, apps or the state store (`hangar up` translates those).
+//! A data plane: it is handed hosts, backends and the other edges, and
+//! knows nothing of machines, apps or the state store (`hangar up`
+//! translates those).
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +26,7 @@ pub mod backend;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod mesh;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

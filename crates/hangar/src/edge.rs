@@ -67,6 +67,7 @@ pub fn run(args: EdgeArgs) -> Result<()> {
                 _ = hup.recv() => match Config::load(&args.config) {
                     Ok(new) => {
                         edge.set_hosts(&new.hosts);
+                        edge.set_mesh(new.mesh.clone().unwrap_or_default());
                         tracing::info!("reloaded {} host(s) from {}", new.hosts.len(), args.config.display());
                     }
                     Err(e) => tracing::warn!("not reloaded, the old hosts stay: {e}"),

@@ -1,7 +1,11 @@
 //! RFC 9111 (shared cache) and RFC 5861 decisions as pure functions of
 //! headers and times: may a response be stored, how long it stays fresh,
-//! how old it is, and what a lookup may do with a stored response.
-//! No I/O here; every clause is unit-tested below.
+//! how old it is, and what a lookup may do with a stored response. The
+//! edge reads a response's directives from the targeted fields of RFC 9213
+//! first (`Hangar-CDN-Cache-Control`, then `CDN-Cache-Control`), else from
+//! `Cache-Control` with `Surrogate-Control`'s freshness over it
+//! ([`Directives::for_edge`]). No I/O here; every clause is unit-tested
+//! below.
 
 use std::time::{Duration, SystemTime};
 
@@ -28,9 +32,32 @@ pub struct Directives {
     pub max_stale: Option<u64>,
     pub min_fresh: Option<u64>,
     pub only_if_cached: bool,
+    /// The field these directives came from.
+    pub source: Source,
 }
 
+/// Where the edge found a response's directives.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    #[default]
+    CacheControl,
+    /// `Cache-Control`, with `Surrogate-Control`'s `max-age` or `no-store`.
+    Surrogate,
+    /// A targeted field (RFC 9213), by name: `Cache-Control` and `Expires`
+    /// are ignored.
+    Targeted(&'static str),
+}
+
+/// The targeted fields this edge obeys, most specific first (RFC 9213
+/// section 2.1's target list).
+pub const TARGETED: [&str; 2] = ["hangar-cdn-cache-control", "cdn-cache-control"];
+
+/// Fields meant for this edge alone, removed before a response reaches a
+/// client (kept between the cluster's tiers).
+pub const EDGE_ONLY: [&str; 2] = ["hangar-cdn-cache-control", "surrogate-control"];
+
 impl Directives {
+    /// A request's directives, or a response's `Cache-Control` alone.
     pub fn parse(headers: &HeaderMap) -> Directives {
         let mut d = Directives::default();
         for value in headers.get_all(header::CACHE_CONTROL) {
@@ -40,6 +67,74 @@ impl Directives {
                     Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
                     None => (item.trim(), None),
                 };
+                d.set(name, arg);
+            }
+        }
+        d
+    }
+
+    /// The directives this edge applies to a stored response: the first
+    /// targeted field ([`TARGETED`]) that is a valid, non-empty structured
+    /// dictionary (RFC 9213 section 2.1; an invalid one is ignored), else
+    /// `Cache-Control` with `Surrogate-Control`'s `max-age` and `no-store`
+    /// taking precedence where both speak of freshness (its items targeted
+    /// at another device, `;name`, are ignored).
+    pub fn for_edge(resp: &HeaderMap) -> Directives {
+        for name in TARGETED {
+            if let Some(d) = targeted(resp, name) {
+                return d;
+            }
+        }
+        let mut d = Directives::parse(resp);
+        let mut surrogate = false;
+        for value in resp.get_all("surrogate-control") {
+            let Ok(value) = value.to_str() else { continue };
+            for item in split_list(value) {
+                let (item, target) = match item.split_once(';') {
+                    Some((i, t)) => (i.trim(), Some(t.trim())),
+                    None => (item, None),
+                };
+                if target.is_some_and(|t| !t.eq_ignore_ascii_case("hangar")) {
+                    continue;
+                }
+                let (name, arg) = match item.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (item.trim(), None),
+                };
+                match name.to_ascii_lowercase().as_str() {
+                    "max-age" => {
+                        // Edge Architecture's `max-age=N+M`: M is how long
+                        // it may be served stale if the origin fails.
+                        let (fresh, stale) = match arg.and_then(|a| a.split_once('+')) {
+                            Some((f, s)) => (f, s.parse::<u64>().ok()),
+                            None => (arg.unwrap_or(""), None),
+                        };
+                        d.max_age = Some(fresh.parse::<u64>().unwrap_or(0));
+                        d.s_maxage = None;
+                        if stale.is_some() {
+                            d.stale_if_error = stale;
+                        }
+                        surrogate = true;
+                    }
+                    "no-store" => {
+                        d.no_store = true;
+                        surrogate = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if surrogate {
+            d.source = Source::Surrogate;
+        }
+        d
+    }
+
+    /// Set one directive from its name and argument (either syntax).
+    fn set(&mut self, name: &str, arg: Option<&str>) {
+        let d = self;
+        {
+            {
                 let secs = || arg.and_then(|a| a.parse::<u64>().ok());
                 match name.to_ascii_lowercase().as_str() {
                     // A duplicated or invalid max-age means the stricter reading.
@@ -66,13 +161,51 @@ impl Directives {
                 }
             }
         }
-        d
     }
 
     /// Stale responses may never be served without validation (section 4.2.4).
     pub fn forbids_stale(&self) -> bool {
         self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some() || self.no_cache
     }
+}
+
+/// One targeted field's directives, when it is present, non-empty and a
+/// valid structured dictionary. Its members mean what the same
+/// `Cache-Control` directives mean: integers for the seconds, `true` for
+/// the flags; a member of another type counts as the stricter reading.
+fn targeted(resp: &HeaderMap, name: &'static str) -> Option<Directives> {
+    let mut lines = resp.get_all(name).iter().peekable();
+    lines.peek()?;
+    let mut text = Vec::new();
+    for (i, v) in lines.enumerate() {
+        if i > 0 {
+            text.extend_from_slice(b", ");
+        }
+        text.extend_from_slice(v.as_bytes());
+    }
+    let dict = sfv::Parser::parse_dictionary(&text).ok()?;
+    if dict.is_empty() {
+        return None;
+    }
+    let mut d = Directives {
+        source: Source::Targeted(name),
+        ..Default::default()
+    };
+    for (key, entry) in &dict {
+        let sfv::ListEntry::Item(item) = entry else {
+            continue;
+        };
+        let arg = match &item.bare_item {
+            sfv::BareItem::Integer(n) if *n >= 0 => Some(n.to_string()),
+            sfv::BareItem::Boolean(true) => None,
+            // `max-age="60"`, `max-age=-1`, `no-store=?0`: for a number,
+            // a value that is none reads as 0; a false flag is not set.
+            sfv::BareItem::Boolean(false) => continue,
+            _ => Some(String::new()),
+        };
+        d.set(key, arg.as_deref());
+    }
+    Some(d)
 }
 
 /// Comma-separated list items, ignoring commas inside quotes.
@@ -122,7 +255,7 @@ pub fn storable(
         return Err("method");
     }
     let rd = Directives::parse(req);
-    let d = Directives::parse(resp);
+    let d = Directives::for_edge(resp);
     if rd.no_store || d.no_store {
         return Err("no-store");
     }
@@ -154,8 +287,9 @@ pub fn storable(
     if resp.contains_key(header::SET_COOKIE) && !d.public && d.s_maxage.is_none() {
         return Err("set-cookie");
     }
-    let explicit =
-        d.s_maxage.is_some() || d.max_age.is_some() || resp.contains_key(header::EXPIRES);
+    let explicit = d.s_maxage.is_some()
+        || d.max_age.is_some()
+        || (d.source == Source::CacheControl && resp.contains_key(header::EXPIRES));
     if explicit || d.public || heuristically_cacheable(status) {
         Ok(())
     } else {
@@ -166,14 +300,14 @@ pub fn storable(
 /// Section 4.2.1: how long the response is fresh. `default_ttl` is the
 /// host's policy for responses with no explicit freshness (heuristic).
 pub fn freshness_lifetime(status: StatusCode, resp: &HeaderMap, default_ttl: Duration) -> Duration {
-    let d = Directives::parse(resp);
+    let d = Directives::for_edge(resp);
     if let Some(s) = d.s_maxage {
         return Duration::from_secs(s);
     }
     if let Some(s) = d.max_age {
         return Duration::from_secs(s);
     }
-    if let Some(expires) = resp.get(header::EXPIRES) {
+    if let (Source::CacheControl, Some(expires)) = (d.source, resp.get(header::EXPIRES)) {
         // An invalid Expires (e.g. "0") means already expired.
         let Some(expires) = expires
             .to_str()
@@ -550,6 +684,200 @@ mod tests {
         assert_eq!(
             freshness_lifetime(StatusCode::INTERNAL_SERVER_ERROR, &h(&[]), dflt),
             S(0)
+        );
+    }
+
+    #[test]
+    fn targeted_fields_take_precedence_clause_by_clause() {
+        let dflt = S(0);
+        let life = |pairs: &[(&str, &str)]| freshness_lifetime(OK, &h(pairs), dflt);
+        // 2.1: a valid targeted field decides; Cache-Control is ignored.
+        assert_eq!(
+            life(&[
+                ("cache-control", "max-age=10"),
+                ("cdn-cache-control", "max-age=600")
+            ]),
+            S(600)
+        );
+        // ...and so is Expires.
+        assert_eq!(
+            life(&[
+                ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+                ("date", "Thu, 26 Nov 2026 10:00:00 GMT"),
+                ("cdn-cache-control", "max-age=5")
+            ]),
+            S(5)
+        );
+        // The most specific target first: ours over everyone's.
+        assert_eq!(
+            life(&[
+                ("cdn-cache-control", "max-age=600"),
+                ("hangar-cdn-cache-control", "max-age=60")
+            ]),
+            S(60)
+        );
+        // Another CDN's targeted field is not ours.
+        assert_eq!(
+            life(&[
+                ("cache-control", "max-age=10"),
+                ("fastly-cdn-cache-control", "max-age=600")
+            ]),
+            S(10)
+        );
+        // An invalid (not a structured dictionary) or empty targeted field
+        // is ignored: the next one, then Cache-Control, decides.
+        assert_eq!(
+            life(&[
+                ("hangar-cdn-cache-control", "max-age=60,,"),
+                ("cdn-cache-control", "max-age=30"),
+                ("cache-control", "max-age=10")
+            ]),
+            S(30)
+        );
+        assert_eq!(
+            life(&[("cdn-cache-control", ""), ("cache-control", "max-age=10")]),
+            S(10)
+        );
+        assert_eq!(
+            life(&[
+                ("cdn-cache-control", "max-age=\"60\""),
+                ("cache-control", "max-age=10")
+            ]),
+            S(0),
+            "a max-age that is a string reads as 0, not as Cache-Control's"
+        );
+        // Several lines of one field are one dictionary.
+        let d = Directives::for_edge(&h(&[
+            ("cdn-cache-control", "max-age=60"),
+            (
+                "cdn-cache-control",
+                "stale-while-revalidate=30, must-revalidate",
+            ),
+        ]));
+        assert_eq!(d.max_age, Some(60));
+        assert_eq!(d.stale_while_revalidate, Some(30));
+        assert!(d.must_revalidate);
+        assert_eq!(d.source, Source::Targeted("cdn-cache-control"));
+        // Storing: the targeted field's no-store and private win over a
+        // public Cache-Control, and a targeted max-age makes a 500 storable
+        // even when Cache-Control says no-store.
+        let get = Method::GET;
+        let ise = StatusCode::INTERNAL_SERVER_ERROR;
+        let st = |status, pairs: &[(&str, &str)]| storable(&get, &h(&[]), status, &h(pairs));
+        assert_eq!(
+            st(
+                OK,
+                &[
+                    ("cache-control", "public, max-age=60"),
+                    ("cdn-cache-control", "no-store")
+                ]
+            ),
+            Err("no-store")
+        );
+        assert_eq!(
+            st(
+                OK,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "private")
+                ]
+            ),
+            Err("private")
+        );
+        assert_eq!(
+            st(
+                ise,
+                &[
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", "max-age=5")
+                ]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            st(
+                OK,
+                &[
+                    ("cache-control", "private"),
+                    ("cdn-cache-control", "no-store=?0, max-age=5")
+                ]
+            ),
+            Ok(()),
+            "a false flag is not set, and private in Cache-Control is ignored"
+        );
+        // Decisions: the targeted no-cache makes the edge validate, though
+        // Cache-Control says the response is fresh.
+        let d = Directives::for_edge(&h(&[
+            ("cache-control", "max-age=600"),
+            ("cdn-cache-control", "max-age=600, no-cache"),
+        ]));
+        assert_eq!(
+            decide_parsed(&h(&[]), &d, S(600), S(1), false),
+            Use::Validate {
+                stale_if_error: false
+            }
+        );
+    }
+
+    #[test]
+    fn surrogate_control_where_it_does_not_conflict() {
+        let dflt = S(0);
+        let life = |pairs: &[(&str, &str)]| freshness_lifetime(OK, &h(pairs), dflt);
+        // Its max-age beats Cache-Control's for the edge...
+        assert_eq!(
+            life(&[
+                ("cache-control", "max-age=10, s-maxage=20"),
+                ("surrogate-control", "max-age=300")
+            ]),
+            S(300)
+        );
+        // ...and loses to a targeted field.
+        assert_eq!(
+            life(&[
+                ("surrogate-control", "max-age=300"),
+                ("cdn-cache-control", "max-age=30")
+            ]),
+            S(30)
+        );
+        // `max-age=N+M`: M seconds of stale-if-error.
+        let d = Directives::for_edge(&h(&[("surrogate-control", "max-age=60+600")]));
+        assert_eq!((d.max_age, d.stale_if_error), (Some(60), Some(600)));
+        assert_eq!(d.source, Source::Surrogate);
+        // Items targeted at another device are not ours.
+        assert_eq!(
+            life(&[
+                ("cache-control", "max-age=10"),
+                ("surrogate-control", "max-age=300;esi-box")
+            ]),
+            S(10)
+        );
+        assert_eq!(life(&[("surrogate-control", "max-age=300;hangar")]), S(300));
+        // Directives it does not speak of stay Cache-Control's: private
+        // still keeps the response out.
+        let get = Method::GET;
+        assert_eq!(
+            storable(
+                &get,
+                &h(&[]),
+                OK,
+                &h(&[
+                    ("cache-control", "private"),
+                    ("surrogate-control", "max-age=60")
+                ])
+            ),
+            Err("private")
+        );
+        assert_eq!(
+            storable(
+                &get,
+                &h(&[]),
+                OK,
+                &h(&[
+                    ("cache-control", "max-age=60"),
+                    ("surrogate-control", "no-store")
+                ])
+            ),
+            Err("no-store")
         );
     }
 

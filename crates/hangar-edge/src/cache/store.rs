@@ -73,11 +73,15 @@ impl Meta {
         body_len: u64,
     ) -> Option<Meta> {
         let mut headers = Vec::with_capacity(header_map.len());
+        let mut header_map = header_map;
+        // Another tier's entry described that tier's answer then, not this
+        // one's hits later.
+        header_map.remove("cache-status");
         for (k, v) in &header_map {
             // Header values that are not text are not stored (rare).
             headers.push((k.as_str().to_string(), v.to_str().ok()?.to_string()));
         }
-        let directives = Directives::parse(&header_map);
+        let directives = Directives::for_edge(&header_map);
         let initial_age = policy::initial_age(&header_map, times);
         Some(Meta {
             directives,
@@ -129,7 +133,7 @@ impl Meta {
                 HeaderValue::from_str(v).ok()?,
             );
         }
-        self.directives = Directives::parse(&map);
+        self.directives = Directives::for_edge(&map);
         self.initial_age = policy::initial_age(&map, self.times);
         self.header_map = map;
         Some(())

@@ -11,8 +11,9 @@ impl Edge {
         site: &Arc<Site>,
         parts: Parts,
         body: Body,
+        role: Role,
     ) -> Result<Response<Body>, ProxyError> {
-        let (resp, guard) = self.send(site, parts, body).await?;
+        let (resp, guard) = self.send(site, parts, body, role).await?;
         let (parts, body) = resp.into_parts();
         let mut resp = Response::from_parts(
             parts,
@@ -25,12 +26,17 @@ impl Edge {
     /// Send a request to a backend of `site`: another backend when one
     /// fails in a way [`ProxyError::retry`] allows (at most three, each
     /// once), the app woken (once) when nothing is started, and a wait in
-    /// line when every backend is at its hard limit.
+    /// line when every backend is at its hard limit. In a cluster (unless
+    /// this edge is the `Origin` hop itself), when no machine here has
+    /// room, the nearest other edge with machines in service takes the
+    /// request; when none is started anywhere and none here can start, the
+    /// nearest edge that can start one is asked.
     pub(super) async fn send(
         &self,
         site: &Arc<Site>,
         parts: Parts,
         body: Body,
+        role: Role,
     ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
         use hyper::body::Body as _;
         let mut tried = Vec::new();
@@ -43,8 +49,24 @@ impl Edge {
         let mut site = site.clone();
         let mut woken = false;
         let mut queued_until: Option<Instant> = None;
+        let view = self.mesh.view();
+        let may_hop = role != Role::Origin && view.clustered();
         loop {
-            let picked = site.pick(&tried);
+            let mut picked = site.pick(&tried);
+            let mut via = None;
+            let room = |b: &Backend| {
+                site.config.soft_limit == 0 || b.outstanding() < site.config.soft_limit
+            };
+            if may_hop && !picked.as_deref().is_some_and(room) {
+                if let Some(p) = view
+                    .nearest(&site.config.elsewhere)
+                    .into_iter()
+                    .find(|p| !tried.contains(&p.config.addr))
+                {
+                    picked = Some(p.backend.clone());
+                    via = Some(p);
+                }
+            }
             // Nothing started (or nothing that answers): wake the app
             // (once), then route again.
             if picked.is_none() && !woken && site.config.autostart {
@@ -74,6 +96,17 @@ impl Edge {
                             let _ = wake.await;
                         });
                     }
+                }
+            }
+            // Nothing here can start: the nearest edge that can.
+            if picked.is_none() && may_hop {
+                if let Some(p) = view
+                    .nearest(&site.config.asleep_elsewhere)
+                    .into_iter()
+                    .find(|p| !tried.contains(&p.config.addr))
+                {
+                    picked = Some(p.backend.clone());
+                    via = Some(p);
                 }
             }
             let Some(backend) = picked else {
@@ -131,17 +164,25 @@ impl Edge {
             };
             tried.push(backend.addr);
             let guard = backend.begin();
-            site.metrics.origin_fetches.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
+            let mut req_parts = clone_parts(&parts);
+            if let Some(p) = &via {
+                if let Some(v) = mesh::hop_value(&view.config.token, Role::Origin) {
+                    req_parts.headers.insert(mesh::HOP, v);
+                }
+                if !p.config.delay.is_zero() {
+                    tokio::time::sleep(p.config.delay).await;
+                }
+            } else {
+                site.metrics.origin_fetches.fetch_add(1, Ordering::Relaxed);
+            }
             // A failed checkout has sent nothing; a failed send may have.
             let attempt = async {
                 let conn =
                     upstream::checkout(&backend.pool, &backend.addrs, self.limits.connect_timeout)
                         .await?;
-                let req = Request::from_parts(
-                    clone_parts(&parts),
-                    body.take().unwrap_or_else(upstream::empty),
-                );
+                let req =
+                    Request::from_parts(req_parts, body.take().unwrap_or_else(upstream::empty));
                 conn.send(
                     req,
                     self.limits.upstream_timeout,
@@ -149,15 +190,37 @@ impl Edge {
                 )
                 .await
             };
-            return match attempt.await {
-                Ok(resp) => {
-                    site.record_success(&backend, started.elapsed());
+            let hops_left = tried.len() < 3;
+            return match (attempt.await, &via) {
+                // The other edge had nothing to serve with: nothing reached
+                // an app, so the next one may take the request.
+                (Ok(resp), Some(p))
+                    if hops_left
+                        && replayable
+                        && resp
+                            .headers()
+                            .get(crate::error::ERROR_HEADER)
+                            .is_some_and(|k| Kind::nothing_here(k.as_bytes())) =>
+                {
+                    last = Some(ProxyError::new(
+                        Kind::NoBackend,
+                        format!("{} had no machine to serve with", p.config.name),
+                    ));
+                    continue;
+                }
+                (Ok(resp), via) => {
+                    if via.is_none() {
+                        site.record_success(&backend, started.elapsed());
+                    }
                     Ok((resp, guard))
                 }
-                Err(e) => {
-                    site.record_failure(&backend, &e.to_string());
+                (Err(e), via) => {
+                    match via {
+                        Some(p) => p.failed(),
+                        None => site.record_failure(&backend, &e.to_string()),
+                    }
                     let e = ProxyError::upstream(&e, replayable);
-                    if elsewhere(&e, &tried, &site) {
+                    if elsewhere(&e, &tried, &site) || (via.is_some() && e.retry && hops_left) {
                         last = Some(e);
                         continue;
                     }

@@ -61,6 +61,7 @@ impl Edge {
                             stored: stored.clone(),
                             host: host.into(),
                             path: path.to_string(),
+                            role: client.role,
                         };
                         let edge = self.clone();
                         tokio::spawn(async move { edge.run_fill(job, fill, reg, None).await });
@@ -116,6 +117,7 @@ impl Edge {
                     stored: stored.clone(),
                     host: host.into(),
                     path: path.to_string(),
+                    role: client.role,
                 };
                 let edge = self.clone();
                 let f = fill.clone();
@@ -220,7 +222,7 @@ impl Edge {
         let mut parts = clone_parts(parts);
         forwarding_headers(&mut parts, client);
         let resp = self
-            .forward(site, parts, upstream::empty())
+            .forward(site, parts, upstream::empty(), client.role)
             .await
             .unwrap_or_else(|e| e.respond(&site.config.name));
         with_status(resp, note)
@@ -237,7 +239,9 @@ impl Edge {
     ) {
         let request_time = SystemTime::now();
         let req_headers = job.parts.headers.clone();
-        let result = self.send(&job.site, job.parts, upstream::empty()).await;
+        let result = self
+            .climb(&job.site, job.parts, job.role, &job.primary)
+            .await;
         let (resp, guard) = match result {
             Ok(r) => r,
             Err(e) => return fill.fail(e),
@@ -385,6 +389,8 @@ struct FillJob {
     stored: Option<Object>,
     host: String,
     path: String,
+    /// What this edge is for the request (the tiers above it are climbed).
+    role: Role,
 }
 
 /// The request the cache sends to fill a key: always GET, never partial,

@@ -15,6 +15,27 @@ pub(super) fn with_status(mut resp: Response<Body>, note: &str) -> Response<Body
     resp
 }
 
+/// In a cluster, this edge's `Cache-Status` entry (the last) names its
+/// node and the tier it served as: `hangar/<node>/<tier>`, tiers `front`,
+/// `region`, `super`, `shield`, `origin`.
+pub(super) fn name_cache_status(h: &mut HeaderMap, node: &str, role: Role) {
+    let entries: Vec<HeaderValue> = h.get_all("cache-status").iter().cloned().collect();
+    let Some(last) = entries.last().and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    let Some(rest) = last.strip_prefix("hangar;") else {
+        return;
+    };
+    let Ok(named) = HeaderValue::from_str(&format!("hangar/{node}/{};{rest}", role.name())) else {
+        return;
+    };
+    h.remove("cache-status");
+    for v in &entries[..entries.len() - 1] {
+        h.append("cache-status", v.clone());
+    }
+    h.append("cache-status", named);
+}
+
 /// 308 to the same URL over HTTPS.
 pub(super) fn redirect_to_https<B>(req: &Request<B>, host: &str, port: u16) -> Response<Body> {
     let path = req
@@ -113,7 +134,13 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Turn a client's request into the one a backend gets: origin-form,
 /// HTTP/1.1, Host kept, the forwarding headers added.
 pub(super) fn forwarding_headers(parts: &mut Parts, client: Client<'_>) {
-    let Client { peer, tls, id } = client;
+    let Client {
+        peer,
+        tls,
+        id,
+        role,
+        region,
+    } = client;
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -151,7 +178,23 @@ pub(super) fn forwarding_headers(parts: &mut Parts, client: Client<'_>) {
         }),
     );
     h.insert("x-request-id", id.clone());
+    // The client's address and the region it came in at, as the first
+    // edge saw them: set there (whatever the client sent), kept by hops.
+    if role == Role::Client {
+        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+            h.insert(CLIENT_IP, v);
+        }
+        match region.and_then(|r| HeaderValue::from_str(r).ok()) {
+            Some(r) => h.insert(REGION, r),
+            None => h.remove(REGION),
+        };
+    }
 }
+
+/// The client's address, as the edge it connected to saw it.
+pub const CLIENT_IP: &str = "hangar-client-ip";
+/// The region of the edge the client connected to.
+pub const REGION: &str = "hangar-region";
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,7 @@ mod balance;
 mod body;
 mod cached;
 mod headers;
+mod tiers;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -26,13 +27,14 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
 
-use crate::backend::{InFlight, Routes, Site};
+use crate::backend::{Backend, InFlight, Routes, Site};
 use crate::cache::fill::{Head, Join, Waited};
 use crate::cache::policy::{self, Directives, Times, Use};
 use crate::cache::store::{Meta, Object};
 use crate::cache::{self, Cache, Purge};
 use crate::config::{Config, Limits};
 use crate::error::{ClientBodyError, Kind, ProxyError, Side};
+use crate::mesh::{self, Mesh, MeshConfig, Role};
 use crate::metrics::HostMetrics;
 use crate::upstream::{self, BoxError, UpBody};
 use body::{count_bytes, hold, ClientBody};
@@ -61,6 +63,8 @@ pub type InFlightGauge = Box<dyn Fn() -> usize + Send + Sync>;
 /// The edge: its routing table, cache and limits.
 pub struct Edge {
     pub(crate) routes: Routes,
+    /// The other edges of the cluster (none alone).
+    pub(crate) mesh: Arc<Mesh>,
     pub(crate) cache: Cache,
     pub(crate) limits: Limits,
     next_id: AtomicU64,
@@ -84,8 +88,17 @@ impl Edge {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
+        let mesh = Arc::new(Mesh::default());
+        if let Some(m) = &config.mesh {
+            mesh.set(m.clone());
+        }
+        tokio::spawn(
+            mesh.clone()
+                .ping_loop(Duration::from_secs(1), Duration::from_millis(900)),
+        );
         Ok(Edge {
             routes,
+            mesh,
             cache: Cache::open(config.cache.clone())?,
             limits: config.limits.clone(),
             next_id: AtomicU64::new(0),
@@ -117,6 +130,12 @@ impl Edge {
                 .await
                 .unwrap_or_else(|_| Err("the node gave no answer".into()))
         })
+    }
+
+    /// Replace the cluster's other edges (live; a peer that stays keeps
+    /// its connections and measured round trip).
+    pub fn set_mesh(&self, config: MeshConfig) {
+        self.mesh.set(config);
     }
 
     /// Replace the hosts (live; open connections are kept).
@@ -159,11 +178,24 @@ impl Edge {
 
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         tls: bool,
     ) -> Result<Response<Body>, std::convert::Infallible> {
         let start = Instant::now();
+        let view = self.mesh.view();
+        let role = if view.clustered() {
+            mesh::role_of(req.headers(), &view.config.token)
+        } else {
+            Role::Client
+        };
+        if role == Role::Ping {
+            let mut r = Response::new(upstream::empty());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            return Ok(r);
+        }
+        // Never passed on: a hop is marked again by the edge that sends it.
+        req.headers_mut().remove(mesh::HOP);
         // The client's request id when it sent a sane one, else ours.
         let id = match req.headers().get("x-request-id") {
             Some(v) if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() => v.clone(),
@@ -196,7 +228,13 @@ impl Edge {
         let metrics = site.metrics.clone();
         metrics.requests.fetch_add(1, Ordering::Relaxed);
         metrics.touch();
-        let client = Client { peer, tls, id: &id };
+        let client = Client {
+            peer,
+            tls,
+            id: &id,
+            role,
+            region: view.clustered().then_some(view.config.region.as_str()),
+        };
         let mut resp = self.route(req, &site, &host, client).await;
         metrics.observe(start.elapsed());
         if resp
@@ -209,6 +247,14 @@ impl Edge {
         let h = resp.headers_mut();
         h.append(header::VIA, HeaderValue::from_static("1.1 hangar"));
         h.insert("x-request-id", id);
+        if view.clustered() {
+            name_cache_status(h, &view.config.node, role);
+        }
+        if role == Role::Client {
+            for name in policy::EDGE_ONLY {
+                h.remove(name);
+            }
+        }
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(parts, count_bytes(body, metrics)))
     }
@@ -235,8 +281,11 @@ impl Edge {
         if is_upgrade(&req) {
             return self.upgrade(req, site, host, client).await;
         }
-        let cacheable =
-            matches!(*req.method(), Method::GET | Method::HEAD) && site.config.cache.enabled;
+        // An origin hop is served by this node's machines as it is: the
+        // edges that asked cache it.
+        let cacheable = matches!(*req.method(), Method::GET | Method::HEAD)
+            && site.config.cache.enabled
+            && client.role != Role::Origin;
         let (mut parts, body) = req.into_parts();
         if cacheable {
             // Forwarding headers go on only if the request goes upstream.
@@ -249,7 +298,7 @@ impl Edge {
         let body = ClientBody::new(body, self.limits.max_body_bytes, self.limits.client_timeout)
             .boxed_unsync();
         let resp = self
-            .forward(site, parts, body)
+            .forward(site, parts, body, client.role)
             .await
             .unwrap_or_else(|e| e.respond(host));
         if policy::invalidates(&method, resp.status()) && site.config.cache.enabled {
@@ -281,10 +330,15 @@ impl Edge {
     }
 }
 
-/// Who sent a request, for the forwarding headers.
+/// Who sent a request, for the forwarding headers, and what this edge is
+/// for it.
 #[derive(Clone, Copy)]
 struct Client<'a> {
     peer: SocketAddr,
     tls: bool,
     id: &'a HeaderValue,
+    /// A client's request, or a hop from another edge (see [`mesh`]).
+    role: Role,
+    /// This edge's region, in a cluster.
+    region: Option<&'a str>,
 }

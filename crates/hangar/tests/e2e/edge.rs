@@ -20,14 +20,14 @@ const TOKEN: &str = "test-admin-token";
 
 /// What a test origin answers: status, headers, body, and a delay first.
 #[derive(Clone)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    delay: Duration,
+pub(crate) struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub delay: Duration,
 }
 
-fn reply(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+pub(crate) fn reply(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Reply {
     Reply {
         status,
         headers: headers
@@ -43,15 +43,15 @@ type Handler = dyn Fn(&crate::support::Request) -> Reply + Send + Sync;
 
 /// An origin on a free loopback port that counts requests by path and
 /// records the last request's headers.
-struct Origin {
-    addr: String,
+pub(crate) struct Origin {
+    pub addr: String,
     hits: Arc<Mutex<BTreeMap<String, u64>>>,
-    last: Arc<Mutex<BTreeMap<String, String>>>,
+    pub last: Arc<Mutex<BTreeMap<String, String>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Origin {
-    fn start(
+    pub fn start(
         handler: impl Fn(&crate::support::Request) -> Reply + Send + Sync + 'static,
     ) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -100,7 +100,7 @@ impl Origin {
         }
     }
 
-    fn hits(&self, path: &str) -> u64 {
+    pub fn hits(&self, path: &str) -> u64 {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
@@ -118,17 +118,23 @@ impl Origin {
 
 /// `hangar edge serve` with a config written from `body` (plus an admin
 /// table), killed on drop.
-struct Edge {
+pub(crate) struct Edge {
     child: Child,
-    addr: String,
+    pub addr: String,
     tls: Option<String>,
     admin: String,
 }
 
 impl Edge {
     fn start(h: &Hangar, body: &str) -> Edge {
-        let path = h.dir.path().join("edge.toml");
-        let config = format!("listen = \"127.0.0.1:0\"\n{body}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n");
+        Edge::start_at(h, 0, body)
+    }
+
+    /// On `port` (0: any), its file named after it: several edges of one
+    /// home (a mesh) each have their own.
+    pub fn start_at(h: &Hangar, port: u16, body: &str) -> Edge {
+        let path = h.dir.path().join(format!("edge-{port}.toml"));
+        let config = format!("listen = \"127.0.0.1:{port}\"\n{body}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n");
         std::fs::write(&path, config).unwrap();
         let mut child = h
             .command(&["edge", "serve", "--config", path.to_str().unwrap()])
@@ -161,7 +167,7 @@ impl Edge {
         }
     }
 
-    fn get(&self, host: &str, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    pub fn get(&self, host: &str, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
         self.request("GET", host, path, headers, b"")
     }
 
@@ -178,7 +184,7 @@ impl Edge {
         http(method, &self.addr, path, &all, body)
     }
 
-    fn purge(&self, json: &str) -> HttpResponse {
+    pub fn purge(&self, json: &str) -> HttpResponse {
         http(
             "POST",
             &self.admin,
@@ -203,7 +209,7 @@ impl Edge {
         String::from_utf8(r.body).unwrap()
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -388,7 +394,7 @@ fn retries_timeouts_large_objects_and_live_reload() {
     std::thread::sleep(Duration::from_millis(300));
     let config =
         format!("listen = \"{}\"\n", edge.addr) + &host_config("app.localhost", &[&two.addr], "");
-    std::fs::write(h.dir.path().join("edge.toml"), config).unwrap();
+    std::fs::write(h.dir.path().join("edge-0.toml"), config).unwrap();
     let out = Command::new("kill")
         .args(["-HUP", &edge.child.id().to_string()])
         .output()

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod apps;
+mod cdn;
 mod cluster;
 mod edge;
 mod egress;

@@ -144,10 +144,18 @@ pub fn http(
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .expect("status");
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
+    // A field sent on several lines is one list (RFC 9110 section 5.3).
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in lines.filter_map(|l| l.split_once(':')) {
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+        headers
+            .entry(k)
+            .and_modify(|all| {
+                all.push_str(", ");
+                all.push_str(v);
+            })
+            .or_insert_with(|| v.to_string());
+    }
     HttpResponse {
         status,
         headers,

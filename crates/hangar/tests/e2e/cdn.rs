@@ -1,0 +1,220 @@
+//! The CDN as a cluster: `hangar edge serve` processes joined in a mesh
+//! (three regions of two edges on loopback, as `bench/cdn.sh` runs them)
+//! in front of a counting origin: one origin request for a URL cold
+//! everywhere, the shard owner killed, the tiers named in `Cache-Status`,
+//! hops that a client cannot fake, and the targeted cache fields.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::edge::{reply, Edge, Origin, Reply};
+use crate::support::{free_port, Hangar};
+
+const MESH_TOKEN: &str = "mesh-token-for-the-tests";
+
+/// Six edges: ams (a1, a2), fra (f1, f2), lon (l1, l2); the origin is a
+/// backend of the fra edges only (the app's machines are there), the
+/// others reach it through them. `host_extra` goes into the host's table.
+struct Mesh {
+    edges: Vec<(String, Edge)>,
+}
+
+const NODES: [(&str, &str); 6] = [
+    ("a1", "ams"),
+    ("a2", "ams"),
+    ("f1", "fra"),
+    ("f2", "fra"),
+    ("l1", "lon"),
+    ("l2", "lon"),
+];
+
+impl Mesh {
+    fn start(h: &Hangar, origin: &Origin, host_extra: &str) -> Mesh {
+        let ports: Vec<u16> = NODES.iter().map(|_| free_port()).collect();
+        let mut edges = Vec::new();
+        for (i, (name, region)) in NODES.iter().enumerate() {
+            let mut peers = String::new();
+            for (j, (n, r)) in NODES.iter().enumerate() {
+                if i != j {
+                    peers.push_str(&format!(
+                        "[[mesh.peers]]\nname = \"{n}\"\nregion = \"{r}\"\naddr = \"127.0.0.1:{}\"\n",
+                        ports[j]
+                    ));
+                }
+            }
+            let (backends, elsewhere) = if *region == "fra" {
+                (format!("\"{}\"", origin.addr), "")
+            } else {
+                (String::new(), "elsewhere = [\"f1\", \"f2\"]\n")
+            };
+            let body = format!(
+                "[[hosts]]\nname = \"app.localhost\"\nbackends = [{backends}]\n{elsewhere}{host_extra}\n\
+                 [mesh]\nnode = \"{name}\"\nregion = \"{region}\"\ntoken = \"{MESH_TOKEN}\"\n{peers}"
+            );
+            edges.push((name.to_string(), Edge::start_at(h, ports[i], &body)));
+        }
+        // Every edge answers a ping of every other before the test starts.
+        std::thread::sleep(Duration::from_millis(1500));
+        Mesh { edges }
+    }
+
+    fn edge(&self, name: &str) -> &Edge {
+        &self.edges.iter().find(|(n, _)| n == name).unwrap().1
+    }
+}
+
+fn cache_status(r: &crate::support::HttpResponse) -> String {
+    r.header("cache-status").unwrap_or("").to_string()
+}
+
+#[test]
+fn a_url_cold_in_every_region_makes_one_origin_request_through_the_shield() {
+    let h = Hangar::new();
+    let origin = Origin::start(|_| Reply {
+        delay: Duration::from_millis(400),
+        ..reply(200, &[("Cache-Control", "max-age=300")], b"shared")
+    });
+    let mesh = Arc::new(Mesh::start(&h, &origin, "cache.shield = \"fra\"\n"));
+
+    // Every edge of every region asked at once, four times each.
+    let ok = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..24)
+        .map(|i| {
+            let (mesh, ok) = (mesh.clone(), ok.clone());
+            std::thread::spawn(move || {
+                let r = mesh.edges[i % 6].1.get("app.localhost", "/cold", &[]);
+                if r.status == 200 && r.body == b"shared" {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(ok.load(Ordering::SeqCst), 24);
+    assert_eq!(
+        origin.hits("/cold"),
+        1,
+        "one origin request for the cluster"
+    );
+
+    // A miss at a lon edge names each tier that answered: the shield (a
+    // fra node) fetched, lon's owner and the front edge stored.
+    let r = mesh.edge("l1").get("app.localhost", "/path-2", &[]);
+    let status = cache_status(&r);
+    assert!(
+        status.contains("/shield; fwd=miss") && status.contains("hangar/l1/front;"),
+        "{status}"
+    );
+    let shield = status
+        .split(", ")
+        .find(|e| e.contains("/shield;"))
+        .and_then(|e| e.split('/').nth(1))
+        .unwrap();
+    assert!(shield.starts_with('f'), "the shield is in fra: {status}");
+    // Then a hit at the front, named so.
+    let r = mesh.edge("l1").get("app.localhost", "/path-2", &[]);
+    assert_eq!(cache_status(&r), "hangar/l1/front; hit");
+    assert_eq!(origin.hits("/path-2"), 1);
+}
+
+#[test]
+fn the_owner_of_a_key_killed_the_next_in_hash_order_fills() {
+    let h = Hangar::new();
+    let origin = Origin::start(|_| reply(200, &[("Cache-Control", "max-age=300")], b"x"));
+    let mut mesh = Mesh::start(&h, &origin, "cache.shield = \"fra\"\n");
+    // Kill f1 (-9): half the keys had it as their shield owner.
+    let (_, f1) = mesh.edges.iter_mut().find(|(n, _)| n == "f1").unwrap();
+    f1.kill9();
+    for i in 0..30 {
+        let path = format!("/after-kill/{i}");
+        let r = mesh.edge("a1").get("app.localhost", &path, &[]);
+        assert_eq!(r.status, 200, "{path}: {}", cache_status(&r));
+        let status = cache_status(&r);
+        assert!(!status.contains("/f1/"), "{path}: {status}");
+        assert!(
+            status.contains("hangar/f2/shield; fwd=miss"),
+            "{path}: {status}"
+        );
+        assert_eq!(origin.hits(&path), 1, "{path}");
+    }
+}
+
+#[test]
+fn hops_cannot_be_faked_and_the_app_learns_the_client_and_region() {
+    let h = Hangar::new();
+    let origin = Origin::start(|_| reply(200, &[("Cache-Control", "no-store")], b"fresh"));
+    let mesh = Mesh::start(&h, &origin, "");
+    // A client that claims to be another edge's origin hop, with the
+    // wrong token, and that names a region and an address of its choice.
+    let r = mesh.edge("l2").get(
+        "app.localhost",
+        "/who",
+        &[
+            ("Hangar-Hop", "guessed-token origin"),
+            ("Hangar-Region", "evil"),
+            ("Hangar-Client-IP", "10.9.9.9"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let seen = origin.last.lock().unwrap().clone();
+    assert_eq!(seen.get("hangar-region").map(String::as_str), Some("lon"));
+    assert_eq!(
+        seen.get("hangar-client-ip").map(String::as_str),
+        Some("127.0.0.1")
+    );
+    assert!(
+        !seen.contains_key("hangar-hop"),
+        "the hop header never reaches an app: {seen:?}"
+    );
+    // And it went to fra (the only machines), uncached.
+    assert_eq!(origin.hits("/who"), 1);
+}
+
+#[test]
+fn targeted_cache_fields_rule_the_edge_and_stay_between_edges() {
+    let h = Hangar::new();
+    let origin = Origin::start(|req| match req.target.as_str() {
+        // The browser must not store it; the edges may, for a minute.
+        "/targeted" => reply(
+            200,
+            &[
+                ("Cache-Control", "no-store"),
+                ("Hangar-CDN-Cache-Control", "max-age=60"),
+                ("CDN-Cache-Control", "no-store"),
+            ],
+            b"t",
+        ),
+        // Surrogate-Control's max-age beats Cache-Control's 0 here.
+        "/surrogate" => reply(
+            200,
+            &[
+                ("Cache-Control", "max-age=0"),
+                ("Surrogate-Control", "max-age=60"),
+            ],
+            b"s",
+        ),
+        _ => reply(404, &[], b""),
+    });
+    let mesh = Mesh::start(&h, &origin, "");
+    for path in ["/targeted", "/surrogate"] {
+        for _ in 0..3 {
+            let r = mesh.edge("a1").get("app.localhost", path, &[]);
+            assert_eq!(r.status, 200);
+            // Meant for Hangar's edges alone: never handed to a client.
+            assert!(
+                r.header("hangar-cdn-cache-control").is_none(),
+                "{:?}",
+                r.headers
+            );
+            assert!(r.header("surrogate-control").is_none(), "{:?}", r.headers);
+        }
+        assert_eq!(origin.hits(path), 1, "{path} is cached by the edges");
+    }
+    // CDN-Cache-Control is for every CDN: passed on to the client.
+    let r = mesh.edge("a1").get("app.localhost", "/targeted", &[]);
+    assert_eq!(r.header("cdn-cache-control"), Some("no-store"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+}
