@@ -146,6 +146,9 @@ pub struct Cache {
     pub enabled: bool,
     #[serde(default, deserialize_with = "seconds")]
     pub default_ttl: u64,
+    /// The shield region (see the edge's `cache.shield`).
+    #[serde(default)]
+    pub shield: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -429,6 +432,7 @@ impl AppToml {
                 cache: self.cache.as_ref().map(|c| EdgeCache {
                     enabled: c.enabled,
                     default_ttl: c.default_ttl,
+                    shield: c.shield.clone(),
                 }),
             });
             for (i, check) in s.checks.iter().enumerate() {
@@ -576,6 +580,7 @@ grace_period = "2s"
 
 [cache]
 default_ttl = "30s"
+shield = "fra"
 
 [metrics]
 port = 9091
@@ -610,7 +615,8 @@ policy = "always"
             c.services[0].cache,
             Some(EdgeCache {
                 enabled: true,
-                default_ttl: 30
+                default_ttl: 30,
+                shield: Some("fra".into()),
             })
         );
         assert_eq!(c.metrics.as_ref().map(|m| m.port), Some(9091));

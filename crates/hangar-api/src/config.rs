@@ -237,6 +237,10 @@ pub struct EdgeCache {
     /// Seconds a response without freshness headers stays fresh.
     #[serde(default)]
     pub default_ttl: u64,
+    /// In a cluster, the region whose edges alone ask the app's machines:
+    /// the other regions' misses go through it.
+    #[serde(default)]
+    pub shield: Option<String>,
 }
 
 impl MachineConfig {

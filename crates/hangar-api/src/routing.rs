@@ -35,6 +35,78 @@ pub struct HostSpec {
     pub cache: Option<EdgeCache>,
     pub soft_limit: u32,
     pub hard_limit: u32,
+    /// Other nodes with machines of the app started (their edges serve
+    /// when none here has room).
+    pub elsewhere: Vec<String>,
+    /// Other nodes with a stopped machine of the app that starts on a
+    /// request.
+    pub asleep_elsewhere: Vec<String>,
+}
+
+/// The cluster's other edges, as the node wants its edge to see them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshSpec {
+    pub node: String,
+    pub region: String,
+    /// Shared by the cluster's edges (derived from its admin token).
+    pub token: String,
+    /// This node's share of the cache keys, 0 to 1.
+    pub weight: f64,
+    pub peers: Vec<PeerSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerSpec {
+    pub name: String,
+    pub region: String,
+    pub addr: SocketAddr,
+    pub weight: f64,
+    /// The round trip injected to it (see [`crate::cluster::Latency`]).
+    pub delay: Duration,
+}
+
+/// How long a node that joined takes to reach its full share of the
+/// cache keys (it starts at a twentieth).
+pub const RAMP: Duration = Duration::from_secs(60);
+
+/// A share of the keys `age` seconds after joining.
+pub fn weight(since: u64, now: u64) -> f64 {
+    if since == 0 {
+        return 1.0;
+    }
+    let age = now.saturating_sub(since) as f64;
+    (age / RAMP.as_secs_f64()).clamp(0.05, 1.0)
+}
+
+/// The mesh of `me` among `members`: each other member with an edge.
+pub fn mesh_spec(
+    me: &crate::store::Member,
+    members: &[crate::store::Member],
+    token: &str,
+    delay: impl Fn(&str) -> Duration,
+    now: u64,
+) -> MeshSpec {
+    use sha2::Digest;
+    let token = hex::encode(sha2::Sha256::digest(format!("hangar edge mesh\0{token}")));
+    MeshSpec {
+        node: me.name.clone(),
+        region: me.region.clone(),
+        token: token[..32].to_string(),
+        weight: weight(me.since, now),
+        peers: members
+            .iter()
+            .filter(|m| m.name != me.name)
+            .filter_map(|m| {
+                Some(PeerSpec {
+                    name: m.name.clone(),
+                    region: m.region.clone(),
+                    addr: m.edge.as_deref()?.parse().ok()?,
+                    weight: weight(m.since, now),
+                    delay: delay(&m.region),
+                })
+            })
+            .collect(),
+    }
 }
 
 /// A count of requests in flight that goes on counting after its backends
@@ -53,6 +125,8 @@ pub trait Ingress: Send + Sync {
     /// Whether one of `addrs`, backends of `host`, is available and below
     /// the host's soft limit.
     fn has_room(&self, host: &str, addrs: &[SocketAddr]) -> bool;
+    /// Replace the cluster's other edges (a node alone has none).
+    fn set_mesh(&self, _mesh: MeshSpec) {}
 }
 
 /// The node's routing state (see the module's doc).
@@ -99,14 +173,20 @@ fn address(m: &Machine, port: u16) -> SocketAddr {
 }
 
 /// The edge's hosts: `<app>.<domain>` for each app with a service; its
-/// machines that are `in_service` are the backends.
+/// machines `here` that are `in_service` are the backends, the other
+/// nodes' started ones make `elsewhere`, their stopped ones that start on
+/// a request `asleep_elsewhere`.
 pub fn edge_hosts(
     machines: &[Machine],
     in_service: impl Fn(&Machine) -> bool,
+    here: impl Fn(&Machine) -> bool,
     domain: &str,
 ) -> Vec<HostSpec> {
     let mut hosts: BTreeMap<String, HostSpec> = BTreeMap::new();
     for m in machines {
+        if m.state == MachineState::Destroyed {
+            continue;
+        }
         let Some(service) = m.config.services.first() else {
             continue;
         };
@@ -115,6 +195,24 @@ pub fn edge_hosts(
             name,
             ..Default::default()
         });
+        if !here(m) {
+            if host.cache.is_none() && service.cache.is_some() {
+                host.cache = service.cache.clone();
+            }
+            let list = if m.running_as_wanted() {
+                &mut host.elsewhere
+            } else if service.autostart
+                && (m.state == MachineState::Stopped || m.desired == Desired::Stopped)
+            {
+                &mut host.asleep_elsewhere
+            } else {
+                continue;
+            };
+            if !list.contains(&m.node) {
+                list.push(m.node.clone());
+            }
+            continue;
+        }
         host.autostart |= service.autostart;
         host.force_https |= service.force_https;
         if service.cache.is_some() {
@@ -178,13 +276,39 @@ impl Node {
             .one_at_a_time
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match self.own_machines() {
+        // In a cluster, every app is served here, the others' machines
+        // through their edges.
+        let machines = match &self.cluster {
+            Some(_) => self.state.list(),
+            None => self.own_machines(),
+        };
+        match machines {
             Ok(machines) => routing.ingress.set_hosts(&edge_hosts(
                 &machines,
                 |m| self.in_service(m),
+                |m| self.owns(m),
                 &routing.domain,
             )),
             Err(e) => tracing::warn!("routes not refreshed: {e}"),
+        }
+        if let Some(c) = &self.cluster {
+            match self.state.members() {
+                Ok(members) => {
+                    let now = crate::store::now();
+                    let me = members
+                        .iter()
+                        .find(|m| m.name == c.me.name)
+                        .unwrap_or(&c.me);
+                    routing.ingress.set_mesh(mesh_spec(
+                        me,
+                        &members,
+                        &c.token,
+                        |r| c.latency.between(&c.me.region, r),
+                        now,
+                    ))
+                }
+                Err(e) => tracing::warn!("edge mesh not refreshed: {e}"),
+            }
         }
     }
 
@@ -433,6 +557,7 @@ mod tests {
         a.config.services[0].cache = Some(EdgeCache {
             enabled: true,
             default_ttl: 30,
+            shield: None,
         });
         let mut b = machine("b", "web", 2, 0, web(0, 60));
         b.config.services[0].hard_limit = 9;
@@ -443,6 +568,7 @@ mod tests {
         let hosts = edge_hosts(
             &[a.clone(), b.clone(), lone, quiet],
             |m| m.id != "b",
+            |_| true,
             "example.test",
         );
         let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
@@ -456,6 +582,37 @@ mod tests {
         let (v4, others) = &host.backends[0];
         assert_eq!(*v4, address(&a, 8080));
         assert!(others[0].is_ipv6() && others[0].port() == 8080);
+    }
+
+    #[test]
+    fn other_nodes_machines_are_served_through_their_edges() {
+        let mut far = machine("far", "web", 1, 0, web(0, 60));
+        far.node = "n2".into();
+        let mut asleep = machine("asleep", "web", 2, 0, web(0, 60));
+        asleep.node = "n3".into();
+        (asleep.state, asleep.desired) = (MachineState::Stopped, Desired::Stopped);
+        let mut gone = machine("gone", "web", 3, 0, web(0, 60));
+        gone.node = "n4".into();
+        gone.state = MachineState::Destroyed;
+        let hosts = edge_hosts(
+            &[far.clone(), asleep, gone, far],
+            |_| true,
+            |m| m.node.is_empty(),
+            "example.test",
+        );
+        let web = &hosts[0];
+        assert!(web.backends.is_empty(), "none of them is here");
+        assert_eq!(web.elsewhere, ["n2"], "once per node");
+        assert_eq!(web.asleep_elsewhere, ["n3"]);
+        assert!(!web.autostart, "nothing here to start");
+    }
+
+    #[test]
+    fn a_new_member_takes_a_growing_share_of_the_keys() {
+        assert_eq!(weight(0, 1_000), 1.0, "a member from before: all of it");
+        assert_eq!(weight(1_000, 1_000), 0.05);
+        assert_eq!(weight(1_000, 1_030), 0.5);
+        assert_eq!(weight(1_000, 1_100), 1.0);
     }
 
     #[test]

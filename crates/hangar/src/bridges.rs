@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_api::egress::{EgressControl, EgressPolicy};
-use hangar_api::routing::{HostSpec, InFlightGauge, Ingress};
+use hangar_api::routing::{HostSpec, InFlightGauge, Ingress, MeshSpec};
 
 /// The edge as the node's ingress.
 pub struct EdgeIngress {
@@ -29,12 +29,15 @@ impl Ingress for EdgeIngress {
                     force_https: h.force_https,
                     soft_limit: h.soft_limit,
                     hard_limit: h.hard_limit,
+                    elsewhere: h.elsewhere.clone(),
+                    asleep_elsewhere: h.asleep_elsewhere.clone(),
                     ..Default::default()
                 };
                 if let Some(cache) = &h.cache {
                     host.cache.enabled = cache.enabled;
                     if cache.enabled {
                         host.cache.default_ttl = Duration::from_secs(cache.default_ttl);
+                        host.cache.shield = cache.shield.clone();
                     }
                 }
                 host
@@ -54,6 +57,27 @@ impl Ingress for EdgeIngress {
 
     fn has_room(&self, host: &str, addrs: &[std::net::SocketAddr]) -> bool {
         self.edge.has_room(host, addrs)
+    }
+
+    fn set_mesh(&self, m: MeshSpec) {
+        self.edge.set_mesh(hangar_edge::mesh::MeshConfig {
+            node: m.node,
+            region: m.region,
+            token: m.token,
+            weight: m.weight,
+            peers: m
+                .peers
+                .into_iter()
+                .map(|p| hangar_edge::mesh::PeerConfig {
+                    name: p.name,
+                    region: p.region,
+                    addr: p.addr,
+                    weight: p.weight,
+                    delay: p.delay,
+                })
+                .collect(),
+            groups: Default::default(),
+        });
     }
 }
 

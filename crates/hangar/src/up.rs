@@ -337,6 +337,8 @@ pub fn run(args: UpArgs) -> Result<()> {
                 cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
                 index,
                 underlay,
+                edge: edge_advertised(&args),
+                since: hangar_api::store::now(),
             };
             match underlay {
                 Some(ip) => node = node.with_mesh(Arc::new(crate::bridges::Overlay(hangar_machine::overlay::Overlay::new(ip)))),
@@ -479,4 +481,29 @@ pub fn run(args: UpArgs) -> Result<()> {
         tracing::info!("stopped");
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// Where the other nodes' edges reach this one's: `--edge-listen` when it
+/// is an address they can reach (not loopback, a fixed port), with the
+/// host of `--advertise` for an unspecified one; else none, said once.
+fn edge_advertised(args: &UpArgs) -> Option<String> {
+    let listen = args.edge_listen;
+    if args.no_edge {
+        return None;
+    }
+    if listen.ip().is_loopback() || listen.port() == 0 {
+        tracing::warn!("the edge listens on {listen}, which the other nodes cannot reach: it serves this node's clients, but the cluster's CDN leaves it out (give --edge-listen a routable address and a fixed port)");
+        return None;
+    }
+    if !listen.ip().is_unspecified() {
+        return Some(listen.to_string());
+    }
+    let advertised = args.advertise.as_deref()?;
+    let rest = advertised.split_once("://").map_or(advertised, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    Some(format!("{host}:{}", listen.port()))
 }

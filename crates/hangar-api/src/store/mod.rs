@@ -139,6 +139,14 @@ pub struct Member {
     /// (VXLAN); none: its machines are reachable from its own node only.
     #[serde(default)]
     pub underlay: Option<std::net::IpAddr>,
+    /// Its edge's HTTP listener (`host:port`) where the other edges reach
+    /// it; none: its edge is not part of the cluster's CDN.
+    #[serde(default)]
+    pub edge: Option<String>,
+    /// When it joined (unix seconds): its edge's share of the cache keys
+    /// grows from then (0: all of it at once).
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// Where a machine belongs: its app and the app's release.

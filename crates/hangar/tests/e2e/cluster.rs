@@ -106,7 +106,7 @@ impl ClusterNode {
             "--registry-listen",
             &format!("10.77.0.{i}:5000"),
             "--edge-listen",
-            "127.0.0.1:0",
+            &format!("10.77.0.{i}:8080"),
             "--edge-admin-listen",
             "127.0.0.1:0",
             "--etcd",
@@ -470,6 +470,30 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
     in_hello(&["launch", "--org", "acme"]);
     let out = in_hello(&["deploy", "--count", "1"]);
     assert!(out.contains("release v1 is complete"), "{out}");
+    // Every node's edge serves the app, asked from outside the cluster:
+    // n2 and n3 (fra) have no machine of it and reach n1's (ams) through
+    // n1's edge, each edge's Cache-Status entry naming it.
+    for i in 1..=3 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{}", wire.stranger))
+                .args(["curl", "-s", "-i", "-m", "5", "-H", "Host: hello.localhost"])
+                .arg(format!("http://10.77.0.{i}:8080/"))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.starts_with("HTTP/1.1 200") && text.contains(&format!("hangar/n{i}/front;")) {
+                assert!(text.contains("hello"), "edge of n{i}: {text}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the edge of n{i} does not serve hello: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     in_hello(&["scale", "count", "2", "--region", "ams,fra"]);
     let all: Value = serde_json::from_str(&n1.h.ok(&["machine", "list", "--json"])).unwrap();
     let mut by_region: Vec<(String, String, String)> = all
