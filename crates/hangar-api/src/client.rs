@@ -321,6 +321,15 @@ impl Client {
             })
     }
 
+    /// Purge the app's cached responses at every edge of the cluster.
+    pub async fn purge(
+        &self,
+        app: &str,
+        req: &crate::wire::PurgeRequest,
+    ) -> Result<crate::purge::PurgeOutcome> {
+        self.post(&format!("/v1/apps/{app}/purge"), req).await
+    }
+
     /// Scale the app's current release to `count` machines.
     /// `count` machines in each of `regions` (none: each region the app
     /// has machines in).

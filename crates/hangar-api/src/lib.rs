@@ -59,6 +59,7 @@ pub mod dns;
 pub mod egress;
 pub mod error;
 pub mod node;
+pub mod purge;
 pub mod routing;
 pub mod server;
 pub mod store;

@@ -127,11 +127,16 @@ pub trait Ingress: Send + Sync {
     fn has_room(&self, host: &str, addrs: &[SocketAddr]) -> bool;
     /// Replace the cluster's other edges (a node alone has none).
     fn set_mesh(&self, _mesh: MeshSpec) {}
+    /// Remove (or mark stale) what `purge` names from the edge's cache.
+    fn purge(&self, _purge: &crate::purge::PurgeSpec) {}
+    /// Serve cached responses as fresh until `until` only (see
+    /// [`crate::purge`]).
+    fn fresh_until(&self, _until: std::time::Instant) {}
 }
 
 /// The node's routing state (see the module's doc).
 pub struct Routing {
-    ingress: Arc<dyn Ingress>,
+    pub(crate) ingress: Arc<dyn Ingress>,
     domain: String,
     /// Every update of the routes goes through one lock, so a table
     /// computed from an older listing never replaces one computed from a
@@ -261,6 +266,14 @@ pub fn idle_stops<'a>(
 }
 
 impl Node {
+    /// The host the edge serves `app` at.
+    pub fn app_host(&self, app: &str) -> String {
+        match &self.routing {
+            Some(r) => r.host_of(app),
+            None => format!("{app}.localhost"),
+        }
+    }
+
     /// Whether `m` may take requests: started, wanted started (not on its
     /// way to a stop) and its checks pass.
     pub fn in_service(&self, m: &Machine) -> bool {

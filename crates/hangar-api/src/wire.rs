@@ -201,6 +201,23 @@ pub struct ScaleRequest {
     pub regions: Vec<String>,
 }
 
+/// `POST /v1/apps/{app}/purge`: one of `url`, `prefix`, `tag`, or none of
+/// them for the whole app; `wait` seconds at most for every live node to
+/// have applied it (10 by default).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PurgeRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    pub soft: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait: Option<f64>,
+}
+
 /// `POST /v1/apps/{app}/secrets`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -20,6 +20,10 @@ pub struct Config {
     /// The other edges of a cluster (`hangar up` sets it from the
     /// cluster's members; `hangar edge serve` reads `[mesh]`).
     pub mesh: Option<crate::mesh::MeshConfig>,
+    /// Serve nothing from the cache as fresh until `Edge::set_fresh_until`
+    /// says so (a cluster's node, which first applies the purges it
+    /// missed, then keeps moving the horizon on).
+    pub await_purges: bool,
 }
 
 impl Default for Config {
@@ -32,6 +36,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             hosts: Vec::new(),
             mesh: None,
+            await_purges: false,
         }
     }
 }

@@ -93,6 +93,29 @@ pub enum ScaleCommand {
 }
 
 #[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Remove (or with --soft, mark stale) cached responses at every edge;
+    /// answers once every live node has applied it
+    Purge {
+        /// One URL (path and query, every variant of it)
+        #[arg(long, conflicts_with_all = ["prefix", "tag"])]
+        url: Option<String>,
+        /// Every URL whose path starts with this
+        #[arg(long, conflicts_with = "tag")]
+        prefix: Option<String>,
+        /// Every response with this surrogate key (Surrogate-Key or Cache-Tag)
+        #[arg(long)]
+        tag: Option<String>,
+        /// Mark stale (revalidated next time) instead of removing
+        #[arg(long)]
+        soft: bool,
+        /// Seconds to wait for every live node (default 10)
+        #[arg(long)]
+        wait: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum SecretsCommand {
     /// Set secrets (KEY=VALUE ...); redeploys unless --stage
     Set {
@@ -630,5 +653,45 @@ pub fn registry_logins() -> Result<()> {
 pub fn registry_logout(registry: &str) -> Result<()> {
     runtime()?.block_on(connect()?.remove_registry_login(registry))?;
     println!("logged out of {registry}");
+    Ok(())
+}
+
+pub fn cache(flag: AppFlag, command: CacheCommand) -> Result<()> {
+    let app = app_name(&flag)?;
+    let client = connect()?;
+    let CacheCommand::Purge {
+        url,
+        prefix,
+        tag,
+        soft,
+        wait,
+    } = command;
+    let req = hangar_api::wire::PurgeRequest {
+        url,
+        prefix,
+        tag,
+        soft,
+        wait,
+    };
+    let outcome = runtime()?.block_on(client.purge(&app, &req))?;
+    if flag.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else if outcome.complete {
+        println!(
+            "purged at every edge (applied in {}; purge #{})",
+            outcome.applied.join(", "),
+            outcome.revision
+        );
+    } else {
+        println!(
+            "purge #{} applied in {}; not yet in {} (those nodes apply it when they can reach the cluster, before serving from their cache as fresh)",
+            outcome.revision,
+            if outcome.applied.is_empty() { "no region".to_string() } else { outcome.applied.join(", ") },
+            outcome.pending.join("; ")
+        );
+    }
+    if !outcome.complete {
+        std::process::exit(3);
+    }
     Ok(())
 }

@@ -59,6 +59,32 @@ impl Ingress for EdgeIngress {
         self.edge.has_room(host, addrs)
     }
 
+    fn purge(&self, p: &hangar_api::purge::PurgeSpec) {
+        use hangar_api::purge::What;
+        use hangar_edge::cache::Purge;
+        let host = p.host.clone();
+        let what = match &p.what {
+            What::Url(path) => Purge::Url {
+                host,
+                path: path.clone(),
+            },
+            What::Prefix(prefix) => Purge::Prefix {
+                host,
+                prefix: prefix.clone(),
+            },
+            What::Tag(tag) => Purge::Tag {
+                host: Some(host),
+                tag: tag.clone(),
+            },
+            What::All => Purge::Host { host },
+        };
+        self.edge.purge(&what, p.soft);
+    }
+
+    fn fresh_until(&self, until: std::time::Instant) {
+        self.edge.set_fresh_until(until);
+    }
+
     fn set_mesh(&self, m: MeshSpec) {
         self.edge.set_mesh(hangar_edge::mesh::MeshConfig {
             node: m.node,

@@ -84,6 +84,13 @@ enum Command {
         #[command(subcommand)]
         command: apps::ScaleCommand,
     },
+    /// Purge the app's cached responses at every edge of the cluster.
+    Cache {
+        #[command(flatten)]
+        app: apps::AppFlag,
+        #[command(subcommand)]
+        command: apps::CacheCommand,
+    },
     /// Set, list and unset the app's secrets (encrypted at rest, never shown).
     Secrets {
         #[command(flatten)]
@@ -234,6 +241,7 @@ fn main() -> ExitCode {
         Command::Logs { app, follow } => apps::logs(app, follow),
         Command::Scale { app, command } => apps::scale(app, command),
         Command::Secrets { app, command } => apps::secrets(app, command),
+        Command::Cache { app, command } => apps::cache(app, command),
         Command::Apps { json, command } => apps::apps(json, command),
         Command::Open(app) => apps::open(app),
     };

@@ -387,6 +387,14 @@ pub fn run(args: UpArgs) -> Result<()> {
                     (Some(listen), Some(cert), Some(key)) => Some(hangar_edge::config::Tls { listen, cert: cert.clone(), key: key.clone() }),
                     _ => None,
                 },
+                // In a cluster: this node's place in the edges' mesh (the
+                // others come with the first tick), and nothing served from
+                // the cache as fresh until the purges are caught up.
+                mesh: node.cluster.as_ref().map(|c| {
+                    let m = hangar_api::routing::mesh_spec(&c.me, &[], &c.token, |_| Duration::ZERO, hangar_api::store::now());
+                    hangar_edge::mesh::MeshConfig { node: m.node, region: m.region, token: m.token, weight: m.weight, ..Default::default() }
+                }),
+                await_purges: node.cluster.is_some(),
                 ..Default::default()
             };
             let running = hangar_edge::start(&config, Some(wakes), std::future::pending()).await.map_err(|e| anyhow::anyhow!("{e}; use --edge-listen or --no-edge"))?;
@@ -401,6 +409,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         let node = Arc::new(node);
         tokio::spawn(hangar_api::cluster::lead(node.clone()));
+        if node.cluster.is_some() {
+            let (node, file) = (node.clone(), home.join("edge/purged"));
+            std::thread::Builder::new().name("hangar-purges".into()).spawn(move || hangar_api::purge::follow(node, file))?;
+        }
         {
             let node = node.clone();
             tokio::spawn(async move {

@@ -108,6 +108,48 @@ pub(super) async fn scale(
     }))
 }
 
+/// Purge the app's cached responses at every edge of the cluster.
+pub(super) async fn purge(
+    State(api): ApiState,
+    OwnApp(app): OwnApp,
+    Json(body): Json<crate::wire::PurgeRequest>,
+) -> Answer<crate::purge::PurgeOutcome> {
+    use crate::purge::{PurgeSpec, What};
+    let what = match (body.url, body.prefix, body.tag) {
+        (Some(u), None, None) => What::Url(u),
+        (None, Some(p), None) => What::Prefix(p),
+        (None, None, Some(t)) => What::Tag(t),
+        (None, None, None) => What::All,
+        _ => {
+            return Err(Error::Invalid(
+                "give one of url, prefix or tag (or none, for the whole app)".into(),
+            ))
+        }
+    };
+    if let What::Url(p) | What::Prefix(p) = &what {
+        if !p.starts_with('/') {
+            return Err(Error::Invalid(format!(
+                "{p:?} must start with / (a path on the app, not a full URL)"
+            )));
+        }
+    }
+    let wait = body.wait.unwrap_or(10.0);
+    if !(0.0..=300.0).contains(&wait) {
+        return Err(Error::Invalid(format!(
+            "wait {wait} is not between 0 and 300 seconds"
+        )));
+    }
+    let node = api.node.clone();
+    let spec = PurgeSpec {
+        host: node.app_host(&app.name),
+        what,
+        soft: body.soft,
+    };
+    let outcome =
+        blocking(move || node.purge(spec, std::time::Duration::from_secs_f64(wait))).await?;
+    Ok(axum::Json(outcome))
+}
+
 /// Run a long operation, streaming its progress as JSON lines
 /// ([`ProgressLine`]); the last line says how it ended.
 fn progress<F, Fut>(run: F) -> Response

@@ -15,7 +15,8 @@
 //! `mod_revision`), `names/<name>` and `slots/<slot>` (a machine's, taken
 //! with it), `events/<id>/<seq>`, `apps/<name>`, `releases/<app>/<version>`
 //! (zero-padded), `secrets/<app>/<name>`, `logins/<org>/<registry>`,
-//! `nets/<org>` and `net-owners/<net>`.
+//! `nets/<org>` and `net-owners/<net>`, `purges/<id>` (the purge log, see
+//! [`crate::purge`]) and `acks/purges/<node>`.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
@@ -46,6 +47,8 @@ const KEEP_CHANGES: usize = 10_000;
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a write decided on a read model that was behind is retried.
 const RETRIES: usize = 20;
+/// How often the model proves it is current (see `View::current_at`).
+const SYNC_EVERY: Duration = Duration::from_millis(250);
 
 /// One key of the read model.
 #[derive(Clone, Debug)]
@@ -68,6 +71,10 @@ struct View {
     feed_from: i64,
     /// Why the model is not following etcd now, if it is not.
     trouble: Option<String>,
+    /// The model holds every write made before this moment (a quorum read
+    /// gave the revision then, and the watch said it had reached it);
+    /// none: not known (a node cut off from a quorum stays so).
+    current_at: Option<std::time::Instant>,
 }
 
 struct Model {
@@ -464,9 +471,42 @@ async fn follow(client: Client, model: Arc<Model>, mut from: i64) {
                 continue;
             }
         };
+        // A quorum read of the revision, then a progress request: once the
+        // watch's progress reaches that revision, every write made before
+        // the read is in the model (a member cut off from the quorum
+        // cannot answer the read, so such a node never looks current).
+        let mut sync = tokio::time::interval(SYNC_EVERY);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending: Option<(i64, std::time::Instant)> = None;
         loop {
-            match stream.message().await {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = sync.tick() => {
+                    let asked = std::time::Instant::now();
+                    let mut c = client.clone();
+                    let read = c.get(PREFIX, Some(GetOptions::new().with_prefix().with_count_only()));
+                    if let Ok(Ok(r)) = tokio::time::timeout(SYNC_EVERY * 4, read).await {
+                        if let Some(h) = r.header() {
+                            pending = Some((h.revision(), asked));
+                            let _ = stream.request_progress().await;
+                        }
+                    }
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(resp)) => {
+                    let progress = resp.events().is_empty() && !resp.created() && !resp.canceled();
+                    if let (true, Some((wanted, asked)), Some(h)) =
+                        (progress, pending, resp.header())
+                    {
+                        if h.revision() >= wanted {
+                            model.view().current_at = Some(asked);
+                            pending = None;
+                            model.moved.notify_all();
+                        }
+                        continue;
+                    }
                     if resp.compact_revision() > 0 {
                         tracing::warn!(
                             "etcd compacted past revision {from}: reloading the cluster state"

@@ -38,13 +38,21 @@ impl Edge {
             let meta = &obj.meta;
             let age = policy::age_at(meta.initial_age, meta.times, SystemTime::now());
             let lifetime = Duration::from_secs_f64(meta.lifetime);
-            match policy::decide_parsed(
+            let decided = match policy::decide_parsed(
                 &parts.headers,
                 &meta.directives,
                 lifetime,
                 age,
                 meta.invalidated,
             ) {
+                // Past the horizon a purge may have been missed: nothing
+                // is served unvalidated.
+                Use::Fresh | Use::StaleWhileRevalidate if !self.within_horizon() => Use::Validate {
+                    stale_if_error: false,
+                },
+                decided => decided,
+            };
+            match decided {
                 Use::Fresh => {
                     m.hits.fetch_add(1, Ordering::Relaxed);
                     return serve_object(&parts, obj, age, "hit");

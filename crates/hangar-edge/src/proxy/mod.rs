@@ -75,6 +75,10 @@ pub struct Edge {
     wakes: Option<Wakes>,
     /// Keyed per process: credentials never appear in fill keys as such.
     credential_hasher: std::collections::hash_map::RandomState,
+    /// Until when (nanoseconds after `born`) stored responses may be
+    /// served as fresh; `u64::MAX`: always (no cluster to hear purges from).
+    fresh_until: AtomicU64,
+    born: Instant,
 }
 
 impl Edge {
@@ -103,6 +107,10 @@ impl Edge {
             limits: config.limits.clone(),
             next_id: AtomicU64::new(0),
             credential_hasher: Default::default(),
+            // A cluster's node: nothing is fresh until it says it has
+            // applied every purge (see `set_fresh_until`).
+            fresh_until: AtomicU64::new(if config.await_purges { 0 } else { u64::MAX }),
+            born: Instant::now(),
             https_port: Default::default(),
             wakes,
             id_prefix: format!(
@@ -136,6 +144,29 @@ impl Edge {
     /// its connections and measured round trip).
     pub fn set_mesh(&self, config: MeshConfig) {
         self.mesh.set(config);
+    }
+
+    /// Remove (or, `soft`, mark stale) what `what` names; how many objects.
+    pub fn purge(&self, what: &Purge, soft: bool) -> usize {
+        self.cache.purge(what, soft)
+    }
+
+    /// Serve stored responses as fresh until `until` only; after it every
+    /// hit is revalidated first. A cluster's node moves it on as long as it
+    /// knows it has applied every purge (a node cut off from the cluster
+    /// stops serving from its cache as fresh when it runs out).
+    pub fn set_fresh_until(&self, until: Instant) {
+        let nanos = until.saturating_duration_since(self.born).as_nanos();
+        self.fresh_until
+            .store(nanos.min(u64::MAX as u128 - 1) as u64, Ordering::Relaxed);
+    }
+
+    /// Whether stored responses may be served as fresh now.
+    pub(crate) fn within_horizon(&self) -> bool {
+        match self.fresh_until.load(Ordering::Relaxed) {
+            u64::MAX => true,
+            until => (self.born.elapsed().as_nanos() as u64) < until,
+        }
     }
 
     /// Replace the hosts (live; open connections are kept).

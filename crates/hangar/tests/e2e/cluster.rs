@@ -224,12 +224,15 @@ impl Drop for ClusterNode {
 
 const PAGE: &str = "hello from a machine\n";
 
-#[test]
-fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_losses() {
-    require_root();
-    require("etcd");
-    require("curl");
-    let _lock = host_lock();
+/// Three nodes, n1 in ams, n2 and n3 in fra, each in its namespace with its
+/// etcd member beside it, busybox loaded at each. Bind them in this order:
+/// the nodes go first, the namespaces last.
+fn three_nodes() -> (
+    Wire,
+    tempfile::TempDir,
+    hangar_cluster::members::Members,
+    Vec<ClusterNode>,
+) {
     let wire = Wire::new(3);
     let dir = tempfile::tempdir().unwrap();
     let at: Vec<(String, String)> = wire
@@ -238,10 +241,10 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
         .enumerate()
         .map(|(i, ns)| (ns.clone(), format!("10.77.0.{}", i + 1)))
         .collect();
-    let mut etcd = hangar_cluster::members::Members::start_in(dir.path(), &at).unwrap();
+    let etcd = hangar_cluster::members::Members::start_in(dir.path(), &at).unwrap();
     let endpoints = etcd.endpoints();
     let regions = ["ams", "fra", "fra"];
-    let mut nodes: Vec<ClusterNode> = wire
+    let nodes: Vec<ClusterNode> = wire
         .nodes
         .iter()
         .enumerate()
@@ -250,6 +253,31 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
     for n in &nodes {
         busybox_image(&n.h);
     }
+    (wire, dir, etcd, nodes)
+}
+
+/// A GET of `path` on `host` at node `i`'s edge, from the host on the wire
+/// that is no node (a client): status and body.
+fn edge_get(wire: &Wire, i: usize, host: &str, path: &str) -> (u16, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", wire.stranger))
+        .args(["curl", "-s", "-m", "10", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Host: {host}"))
+        .arg(format!("http://10.77.0.{i}:8080{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_losses() {
+    require_root();
+    require("etcd");
+    require("curl");
+    let _lock = host_lock();
+    let (wire, _dir, mut etcd, mut nodes) = three_nodes();
     let n1 = &nodes[0];
     for (app, org) in [("web", "acme"), ("loot", "evil")] {
         let path = n1.h.dir.path().join(app);
@@ -706,5 +734,179 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
         let _ = nodes[0]
             .h
             .run(&["machine", "destroy", m["id"].as_str().unwrap(), "--force"]);
+    }
+}
+
+/// A cached response of an app with one machine (on n1, ams), at every
+/// node's edge: `/cgi-bin/t` answers a new body each time the origin is
+/// asked, cacheable for 5 minutes with surrogate key `news`.
+const NEWS_CGI: &str = r#"mkdir -p /www/cgi-bin && cat > /www/cgi-bin/t <<'END'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\nCache-Control: max-age=300\r\nSurrogate-Key: news\r\n\r\n'
+cat /proc/uptime
+END
+chmod +x /www/cgi-bin/t"#;
+
+/// iptables in node `i`'s namespace: cut the node off from every etcd
+/// member (its own among them, which stays in the quorum); clients and
+/// the other edges still reach it.
+fn etcd_cut(wire: &Wire, i: usize, cut: bool) {
+    let ns = format!("--net=/var/run/netns/{}", wire.nodes[i - 1]);
+    let rules: &[&[&str]] = &[
+        &["OUTPUT", "-p", "tcp", "--dport", "2379"],
+        &["INPUT", "-p", "tcp", "--sport", "2379"],
+    ];
+    for rule in rules {
+        let out = Command::new("nsenter")
+            .arg(&ns)
+            .arg("iptables")
+            .arg(if cut { "-A" } else { "-D" })
+            .args(*rule)
+            .args(["-j", "DROP"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_purge_reaches_every_region_in_order_and_a_cut_off_node_catches_up_first() {
+    require_root();
+    require("etcd");
+    require("curl");
+    require("iptables");
+    let _lock = host_lock();
+    let (wire, _dir, _etcd, nodes) = three_nodes();
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let path = n1.h.dir.path().join("news");
+    std::fs::create_dir_all(&path).unwrap();
+    n1.h.ok(&[
+        "launch",
+        "--image",
+        "localhost/busybox:test",
+        "--name",
+        "news",
+        "--org",
+        "acme",
+        "--path",
+        path.to_str().unwrap(),
+    ]);
+    let id =
+        n1.h.ok(&[
+            "machine",
+            "run",
+            "localhost/busybox:test",
+            "--app",
+            "news",
+            "--region",
+            "ams",
+            "--port",
+            "8080",
+            "--",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/www",
+        ])
+        .trim()
+        .to_string();
+    n1.wait_for(&id, "started", |s| s["state"] == "started");
+    n1.h.ok(&["machine", "exec", &id, "--", "/bin/sh", "-c", NEWS_CGI]);
+    let get = |i: usize| edge_get(&wire, i, "news.localhost", "/cgi-bin/t");
+    // Cached at every edge (the same body twice).
+    let cached = |i: usize| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = get(i);
+            if status == 200 && get(i) == (200, body.clone()) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "n{i} never cached /cgi-bin/t: {status} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let before: Vec<String> = (1..=3).map(cached).collect();
+
+    // A purge by tag at n2 reaches every region before it is answered.
+    let out: Value = serde_json::from_str(
+        &n2.h
+            .ok(&["cache", "purge", "-a", "news", "--tag", "news", "--json"]),
+    )
+    .unwrap();
+    assert_eq!(out["complete"], true, "{out}");
+    assert_eq!(out["applied"], serde_json::json!(["ams", "fra"]), "{out}");
+    for i in 1..=3 {
+        let (status, body) = get(i);
+        assert_eq!(status, 200);
+        assert_ne!(body, before[i - 1], "n{i} served the purged response");
+    }
+    // Another org cannot purge acme's app (nor learn it exists).
+    let evil = n1.h.ok(&["auth", "token", "create", "--org", "evil"]);
+    let refused =
+        n1.h.command(&["cache", "purge", "-a", "news", "--tag", "news"])
+            .env("HANGAR_API_TOKEN", evil.trim())
+            .output()
+            .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no app \"news\""),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // n3 cut off from etcd (its clients and the other edges still reach
+    // it), then a purge: the region that has not applied it is named (n3
+    // is still a member: its lease has not run out)...
+    let held = cached(3);
+    etcd_cut(&wire, 3, true);
+    let cut_at = Instant::now();
+    let raw =
+        n1.h.command(&[
+            "cache", "purge", "-a", "news", "--tag", "news", "--json", "--wait", "2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        raw.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    let out: Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(out["complete"], false, "{out}");
+    assert_eq!(out["pending"], serde_json::json!(["fra (n3)"]), "{out}");
+    // ...and past the horizon (3 s after it last knew it was current, well
+    // before its lease ends) n3 serves nothing from its cache as fresh:
+    // not the purged response.
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(cut_at.elapsed()));
+    let (status, during) = get(3);
+    assert_eq!(status, 200, "n3 still serves, revalidating");
+    assert_ne!(during, held, "n3 served the purged response while cut off");
+    // ...and once back, it applies the purges it missed before it serves
+    // from its cache as fresh again.
+    etcd_cut(&wire, 3, false);
+    let after = cached(3);
+    assert_ne!(after, held);
+    let acked = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out: Value = serde_json::from_str(
+            &n2.h
+                .ok(&["cache", "purge", "-a", "news", "--url", "/none", "--json"]),
+        )
+        .unwrap();
+        if out["complete"] == true && out["applied"] == serde_json::json!(["ams", "fra"]) {
+            break;
+        }
+        assert!(Instant::now() < acked, "n3 never caught up: {out}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

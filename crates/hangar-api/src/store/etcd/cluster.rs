@@ -426,3 +426,80 @@ async fn campaign(shared: Weak<Shared>) {
         }
     }
 }
+
+/// The cluster's purge log: `purges/<id>`, each in the order of its create
+/// revision (one order for every node), and each node's progress through it,
+/// `acks/purges/<node>` (under its lease: a node that is gone acks nothing).
+impl EtcdStore {
+    /// Append a purge; its revision (its place in the order).
+    pub fn add_purge(&self, bytes: Vec<u8>) -> Result<i64> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let who = self.joined_name().unwrap_or_default();
+        let key = format!("purges/{nanos:032}-{who}");
+        let write = Write::new()
+            .when([absent(&key)])
+            .and_then([put(&key, bytes)]);
+        match self.txn(write, &[&key])? {
+            (true, rev) => Ok(rev),
+            (false, _) => Err(Error::Conflict(format!(
+                "purge {key} was written twice; try again"
+            ))),
+        }
+    }
+
+    /// The purges after revision `after`, in order, with when the read
+    /// model was last known current (read together: every purge made
+    /// before that moment is among them).
+    pub fn purges_after(&self, after: i64) -> (Option<std::time::Instant>, Vec<(i64, Vec<u8>)>) {
+        let view = self.model.view();
+        let mut purges: Vec<(i64, Vec<u8>)> = view
+            .kvs
+            .range("purges/".to_string()..)
+            .take_while(|(k, _)| k.starts_with("purges/"))
+            .filter(|(_, kv)| kv.create_revision > after)
+            .map(|(_, kv)| (kv.create_revision, kv.value.clone()))
+            .collect();
+        purges.sort_by_key(|(rev, _)| *rev);
+        (view.current_at, purges)
+    }
+
+    /// This node has applied every purge up to `revision`.
+    pub fn ack_purges(&self, revision: i64) -> Result<()> {
+        let Some((name, lease)) = self.joined_as() else {
+            return Ok(());
+        };
+        let key = format!("acks/purges/{name}");
+        let write =
+            Write::new().and_then([with_lease(&key, revision.to_string().into_bytes(), lease)]);
+        self.txn(write, &[])?;
+        Ok(())
+    }
+
+    /// Each node's last applied purge revision.
+    pub fn purge_acks(&self) -> BTreeMap<String, i64> {
+        let view = self.model.view();
+        view.kvs
+            .range("acks/purges/".to_string()..)
+            .take_while(|(k, _)| k.starts_with("acks/purges/"))
+            .filter_map(|(k, kv)| {
+                let node = k.strip_prefix("acks/purges/")?;
+                let rev = std::str::from_utf8(&kv.value).ok()?.parse().ok()?;
+                Some((node.to_string(), rev))
+            })
+            .collect()
+    }
+
+    /// Wait (up to `timeout`) for the read model to change; its revision.
+    pub fn wait_model(&self, since: i64, timeout: Duration) -> i64 {
+        let view = self.model.view();
+        let (view, _) = self
+            .model
+            .moved
+            .wait_timeout_while(view, timeout, |v| v.revision == since)
+            .unwrap_or_else(|e| e.into_inner());
+        view.revision
+    }
+}
