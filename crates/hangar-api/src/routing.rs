@@ -41,6 +41,10 @@ pub struct HostSpec {
     /// Other nodes with a stopped machine of the app that starts on a
     /// request.
     pub asleep_elsewhere: Vec<String>,
+    /// The machines in service by id: here (their address), and elsewhere
+    /// (their node), for requests and replays to one instance.
+    pub instances: Vec<(String, SocketAddr)>,
+    pub instances_elsewhere: Vec<(String, String)>,
 }
 
 /// The cluster's other edges, as the node wants its edge to see them.
@@ -205,6 +209,10 @@ pub fn edge_hosts(
                 host.cache = service.cache.clone();
             }
             let list = if m.running_as_wanted() {
+                let at = (m.id.clone(), m.node.clone());
+                if !host.instances_elsewhere.contains(&at) {
+                    host.instances_elsewhere.push(at);
+                }
                 &mut host.elsewhere
             } else if service.autostart
                 && (m.state == MachineState::Stopped || m.desired == Desired::Stopped)
@@ -228,6 +236,8 @@ pub fn edge_hosts(
         if in_service(m) {
             // An app that listens on IPv6 only is reached there.
             let v6 = hangar_machine::network::address(m.slot).v6;
+            host.instances
+                .push((m.id.clone(), address(m, service.internal_port)));
             host.backends.push((
                 address(m, service.internal_port),
                 vec![SocketAddr::new(v6.into(), service.internal_port)],
@@ -617,6 +627,10 @@ mod tests {
         assert!(web.backends.is_empty(), "none of them is here");
         assert_eq!(web.elsewhere, ["n2"], "once per node");
         assert_eq!(web.asleep_elsewhere, ["n3"]);
+        assert_eq!(
+            web.instances_elsewhere,
+            [("far".to_string(), "n2".to_string())]
+        );
         assert!(!web.autostart, "nothing here to start");
     }
 

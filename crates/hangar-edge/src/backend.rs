@@ -143,6 +143,13 @@ impl Backend {
 
 pub struct InFlight(Arc<Backend>);
 
+impl InFlight {
+    /// The backend the request went to.
+    pub fn addr(&self) -> SocketAddr {
+        self.0.addr
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(1, Ordering::SeqCst);

@@ -150,6 +150,11 @@ pub struct Host {
     /// none is started anywhere and none here can start, the nearest of
     /// them is asked.
     pub asleep_elsewhere: Vec<String>,
+    /// Its machines by id (for `hangar-force-instance-id` and replays to
+    /// an instance): the backends here...
+    pub instances: std::collections::BTreeMap<String, SocketAddr>,
+    /// ...and the nodes the others are on.
+    pub instances_elsewhere: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Host {
@@ -167,6 +172,8 @@ impl Default for Host {
             force_https: false,
             elsewhere: Vec::new(),
             asleep_elsewhere: Vec::new(),
+            instances: Default::default(),
+            instances_elsewhere: Default::default(),
         }
     }
 }

@@ -58,6 +58,8 @@ pub enum Kind {
     BodyBroke,
     /// The request the cache waited on ended without an answer.
     FillEnded,
+    /// The app asked to replay a request that was replayed already.
+    ReplayLoop,
 }
 
 /// The header an error page names its [`Kind`] in.
@@ -81,6 +83,7 @@ impl Kind {
             Kind::Origin(_) => "origin",
             Kind::BodyBroke => "body-broke",
             Kind::FillEnded => "fill-ended",
+            Kind::ReplayLoop => "replay-loop",
         }
     }
 
@@ -120,6 +123,7 @@ impl Kind {
                 StatusCode::BAD_GATEWAY
             }
             Kind::Origin(status) => status,
+            Kind::ReplayLoop => StatusCode::LOOP_DETECTED,
         }
     }
 }
@@ -145,6 +149,26 @@ pub enum ClientBodyError {
 }
 
 impl ProxyError {
+    /// A client's body that could not be read whole: its limit's error
+    /// (413, 408) when it tripped one, else a broken request.
+    pub fn client_body(e: &(dyn std::error::Error + 'static)) -> ProxyError {
+        let mut source = Some(e);
+        while let Some(s) = source {
+            if let Some(body) = s.downcast_ref::<ClientBodyError>() {
+                let kind = match body {
+                    ClientBodyError::TooLarge(_) => Kind::BodyTooLarge,
+                    ClientBodyError::Stalled(_) => Kind::BodyStalled,
+                };
+                return ProxyError::new(kind, body.to_string());
+            }
+            source = s.source();
+        }
+        ProxyError::new(
+            Kind::BodyStalled,
+            format!("the request body broke off: {e}"),
+        )
+    }
+
     pub fn new(kind: Kind, cause: impl Into<Arc<str>>) -> ProxyError {
         ProxyError {
             kind,

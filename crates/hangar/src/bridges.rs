@@ -31,6 +31,8 @@ impl Ingress for EdgeIngress {
                     hard_limit: h.hard_limit,
                     elsewhere: h.elsewhere.clone(),
                     asleep_elsewhere: h.asleep_elsewhere.clone(),
+                    instances: h.instances.iter().cloned().collect(),
+                    instances_elsewhere: h.instances_elsewhere.iter().cloned().collect(),
                     ..Default::default()
                 };
                 if let Some(cache) = &h.cache {

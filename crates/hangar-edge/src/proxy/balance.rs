@@ -1,7 +1,51 @@
 //! Balancing with retry, wake and queue: which backend gets a request,
-//! another one when it may, a stopped app woken, a full one waited for.
+//! another one when it may, a stopped app woken, a full one waited for;
+//! and replays: a response with `hangar-replay` (`region=`, `instance=`,
+//! `elsewhere=true`, as Fly's `fly-replay`) sends the request again there,
+//! once.
 
 use super::*;
+
+/// The app's answer that asks for the request to be replayed elsewhere.
+pub const REPLAY: &str = "hangar-replay";
+/// On a replayed request: the node that replayed it (the app may read it;
+/// a response asking to replay it again is refused, so nothing loops).
+pub const REPLAYED: &str = "hangar-replayed";
+/// A request for one machine of the app, by id (a client's, or a replay's).
+pub const FORCE_INSTANCE: &str = "hangar-force-instance-id";
+/// The largest request body kept whole so that the request can be
+/// replayed (Fly keeps 1 MiB too).
+const REPLAY_BODY: u64 = 1 << 20;
+
+/// Which backends a request may go to.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Target {
+    Any,
+    /// One machine, by id.
+    Instance(String),
+    /// A machine in this region.
+    Region(String),
+    /// Any backend but the one that answered.
+    Elsewhere(SocketAddr),
+}
+
+impl Target {
+    /// What a `hangar-replay` value asks for (`answered`: the backend
+    /// that sent it).
+    fn from_replay(v: &str, answered: SocketAddr) -> Option<Target> {
+        for item in v.split([';', ',']) {
+            let (k, val) = item.split_once('=')?;
+            let val = val.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "instance" if !val.is_empty() => return Some(Target::Instance(val.into())),
+                "region" if !val.is_empty() => return Some(Target::Region(val.into())),
+                "elsewhere" if val == "true" => return Some(Target::Elsewhere(answered)),
+                _ => {}
+            }
+        }
+        None
+    }
+}
 
 impl Edge {
     /// Send a request to a backend of `site` (see [`Edge::send`]); the
@@ -39,6 +83,92 @@ impl Edge {
         role: Role,
     ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
         use hyper::body::Body as _;
+        let forced = parts
+            .headers
+            .get(FORCE_INSTANCE)
+            .and_then(|v| v.to_str().ok())
+            .map(|id| Target::Instance(id.to_string()))
+            .unwrap_or(Target::Any);
+        // An origin hop passes a replay back to the edge that sent it,
+        // which can reach the other regions.
+        if role == Role::Origin {
+            return self.send_to(site, parts, body, role, &forced).await;
+        }
+        // A small body is kept whole, so the request can be sent again.
+        let (kept, body) = match body.size_hint().exact() {
+            Some(n) if n <= REPLAY_BODY => {
+                let whole = body
+                    .collect()
+                    .await
+                    .map_err(|e| ProxyError::client_body(&*e))?
+                    .to_bytes();
+                let again = Full::new(whole.clone())
+                    .map_err(|e| match e {})
+                    .boxed_unsync();
+                (Some(whole), again)
+            }
+            _ => (None, body),
+        };
+        let (resp, guard) = self
+            .send_to(site, clone_parts(&parts), body, role, &forced)
+            .await?;
+        let Some(target) = resp
+            .headers()
+            .get(REPLAY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Target::from_replay(v, guard.addr()))
+        else {
+            return Ok((resp, guard));
+        };
+        if parts.headers.contains_key(REPLAYED) {
+            return Err(ProxyError::new(
+                Kind::ReplayLoop,
+                "the app asked to replay a request that was replayed already (once is the limit)",
+            ));
+        }
+        let Some(kept) = kept else {
+            return Err(ProxyError::new(
+                Kind::Request,
+                "the app asked to replay the request, but its body (over 1 MiB, or of no stated length) was not kept",
+            ));
+        };
+        drop((resp, guard));
+        let view = self.mesh.view();
+        let mut again = clone_parts(&parts);
+        let by = if view.clustered() {
+            view.config.node.as_str()
+        } else {
+            "edge"
+        };
+        if let Ok(v) = HeaderValue::from_str(by) {
+            again.headers.insert(REPLAYED, v);
+        }
+        if let Target::Instance(id) = &target {
+            if let Ok(v) = HeaderValue::from_str(id) {
+                again.headers.insert(FORCE_INSTANCE, v);
+            }
+        }
+        let body = Full::new(kept).map_err(|e| match e {}).boxed_unsync();
+        let (resp, guard) = self.send_to(site, again, body, role, &target).await?;
+        if resp.headers().contains_key(REPLAY) {
+            return Err(ProxyError::new(
+                Kind::ReplayLoop,
+                "the app asked to replay a request that was replayed already (once is the limit)",
+            ));
+        }
+        Ok((resp, guard))
+    }
+
+    /// [`Edge::send`] to the backends `target` allows.
+    async fn send_to(
+        &self,
+        site: &Arc<Site>,
+        parts: Parts,
+        body: Body,
+        role: Role,
+        target: &Target,
+    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+        use hyper::body::Body as _;
         let mut tried = Vec::new();
         // An idempotent request without a body can be sent again elsewhere
         // when its backend fails before answering (a machine killed with
@@ -52,6 +182,42 @@ impl Edge {
         let view = self.mesh.view();
         let may_hop = role != Role::Origin && view.clustered();
         loop {
+            if *target != Target::Any {
+                let Some((backend, via)) = self.pick_target(&site, &view, target, &tried, may_hop)
+                else {
+                    return Err(last.unwrap_or_else(|| {
+                        ProxyError::new(
+                            Kind::NoBackend,
+                            match target {
+                                Target::Instance(id) => {
+                                    format!("no machine {id:?} of the app is in service")
+                                }
+                                Target::Region(r) => {
+                                    format!("no machine of the app is in service in region {r}")
+                                }
+                                _ => "no other machine of the app is in service".to_string(),
+                            },
+                        )
+                    }));
+                };
+                tried.push(backend.addr);
+                match self
+                    .attempt(
+                        &site,
+                        &view,
+                        &backend,
+                        via.as_deref(),
+                        &parts,
+                        &mut body,
+                        replayable,
+                    )
+                    .await
+                {
+                    Err(e) if e.retry && tried.len() < 3 => last = Some(e),
+                    answer => return answer,
+                }
+                continue;
+            }
             let mut picked = site.pick(&tried);
             let mut via = None;
             let room = |b: &Backend| {
@@ -163,70 +329,153 @@ impl Edge {
                 ));
             };
             tried.push(backend.addr);
-            let guard = backend.begin();
-            let started = Instant::now();
-            let mut req_parts = clone_parts(&parts);
-            if let Some(p) = &via {
-                if let Some(v) = mesh::hop_value(&view.config.token, Role::Origin) {
-                    req_parts.headers.insert(mesh::HOP, v);
-                }
-                if !p.config.delay.is_zero() {
-                    tokio::time::sleep(p.config.delay).await;
-                }
-            } else {
-                site.metrics.origin_fetches.fetch_add(1, Ordering::Relaxed);
-            }
-            // A failed checkout has sent nothing; a failed send may have.
-            let attempt = async {
-                let conn =
-                    upstream::checkout(&backend.pool, &backend.addrs, self.limits.connect_timeout)
-                        .await?;
-                let req =
-                    Request::from_parts(req_parts, body.take().unwrap_or_else(upstream::empty));
-                conn.send(
-                    req,
-                    self.limits.upstream_timeout,
-                    self.limits.connect_timeout,
+            let hops_left = tried.len() < 3;
+            match self
+                .attempt(
+                    site.as_ref(),
+                    &view,
+                    &backend,
+                    via.as_deref(),
+                    &parts,
+                    &mut body,
+                    replayable,
                 )
                 .await
-            };
-            let hops_left = tried.len() < 3;
-            return match (attempt.await, &via) {
-                // The other edge had nothing to serve with: nothing reached
-                // an app, so the next one may take the request.
-                (Ok(resp), Some(p))
-                    if hops_left
-                        && replayable
-                        && resp
-                            .headers()
-                            .get(crate::error::ERROR_HEADER)
-                            .is_some_and(|k| Kind::nothing_here(k.as_bytes())) =>
-                {
-                    last = Some(ProxyError::new(
-                        Kind::NoBackend,
-                        format!("{} had no machine to serve with", p.config.name),
-                    ));
-                    continue;
-                }
-                (Ok(resp), via) => {
-                    if via.is_none() {
-                        site.record_success(&backend, started.elapsed());
-                    }
-                    Ok((resp, guard))
-                }
-                (Err(e), via) => {
-                    match via {
-                        Some(p) => p.failed(),
-                        None => site.record_failure(&backend, &e.to_string()),
-                    }
-                    let e = ProxyError::upstream(&e, replayable);
+            {
+                Ok(answer) => return Ok(answer),
+                Err(e) => {
                     if elsewhere(&e, &tried, &site) || (via.is_some() && e.retry && hops_left) {
                         last = Some(e);
                         continue;
                     }
-                    Err(e)
+                    return Err(e);
                 }
-            };
+            }
+        }
+    }
+
+    /// The backends of `site` that `target` (not `Any`) allows, first not
+    /// yet `tried`: a local one, or another node's edge (`may_hop`).
+    fn pick_target(
+        &self,
+        site: &Site,
+        view: &mesh::View,
+        target: &Target,
+        tried: &[SocketAddr],
+        may_hop: bool,
+    ) -> Option<(Arc<Backend>, Option<Arc<mesh::Peer>>)> {
+        let local = |addr: &SocketAddr| {
+            site.backends
+                .iter()
+                .find(|b| b.addr == *addr && !tried.contains(&b.addr) && b.healthy())
+                .cloned()
+        };
+        let peer = |pred: &dyn Fn(&mesh::Peer) -> bool, nodes: &[String]| {
+            if !may_hop {
+                return None;
+            }
+            view.nearest(nodes)
+                .into_iter()
+                .find(|p| !tried.contains(&p.config.addr) && pred(p))
+                .map(|p| (p.backend.clone(), Some(p)))
+        };
+        match target {
+            Target::Any => None,
+            Target::Instance(id) => {
+                if let Some(addr) = site.config.instances.get(id) {
+                    return local(addr).map(|b| (b, None));
+                }
+                let node = site.config.instances_elsewhere.get(id)?;
+                peer(&|p| p.config.name == *node, std::slice::from_ref(node))
+            }
+            Target::Region(r) if !view.clustered() || *r == view.config.region => {
+                site.pick(tried).map(|b| (b, None))
+            }
+            Target::Region(r) => peer(&|p| p.config.region == *r, &site.config.elsewhere),
+            Target::Elsewhere(not) => {
+                let mut skip = tried.to_vec();
+                skip.push(*not);
+                site.pick(&skip)
+                    .map(|b| (b, None))
+                    .or_else(|| peer(&|p| p.config.addr != *not, &site.config.elsewhere))
+            }
+        }
+    }
+
+    /// One try at `backend` (through the edge `via`, as an origin hop).
+    /// A failure's `retry` says whether another may take the request: a
+    /// connect error, a replayable request that broke, or another edge that
+    /// had nothing to serve with.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        site: &Site,
+        view: &mesh::View,
+        backend: &Arc<Backend>,
+        via: Option<&mesh::Peer>,
+        parts: &Parts,
+        body: &mut Option<Body>,
+        replayable: bool,
+    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+        let guard = backend.begin();
+        let started = Instant::now();
+        let mut req_parts = clone_parts(parts);
+        if let Some(p) = via {
+            if let Some(v) = mesh::hop_value(&view.config.token, Role::Origin) {
+                req_parts.headers.insert(mesh::HOP, v);
+            }
+            if !p.config.delay.is_zero() {
+                tokio::time::sleep(p.config.delay).await;
+            }
+        } else {
+            site.metrics.origin_fetches.fetch_add(1, Ordering::Relaxed);
+        }
+        // A failed checkout has sent nothing; a failed send may have.
+        let attempt = async {
+            let conn =
+                upstream::checkout(&backend.pool, &backend.addrs, self.limits.connect_timeout)
+                    .await?;
+            // Taken only once connected: a refused connection keeps the
+            // body for the next backend.
+            let req = Request::from_parts(req_parts, body.take().unwrap_or_else(upstream::empty));
+            conn.send(
+                req,
+                self.limits.upstream_timeout,
+                self.limits.connect_timeout,
+            )
+            .await
+        };
+        match (attempt.await, via) {
+            // The other edge had nothing to serve with: nothing reached an
+            // app, so the next one may take the request.
+            (Ok(resp), Some(p))
+                if replayable
+                    && resp
+                        .headers()
+                        .get(crate::error::ERROR_HEADER)
+                        .is_some_and(|k| Kind::nothing_here(k.as_bytes())) =>
+            {
+                Err(ProxyError {
+                    retry: true,
+                    ..ProxyError::new(
+                        Kind::NoBackend,
+                        format!("{} had no machine to serve with", p.config.name),
+                    )
+                })
+            }
+            (Ok(resp), via) => {
+                if via.is_none() {
+                    site.record_success(backend, started.elapsed());
+                }
+                Ok((resp, guard))
+            }
+            (Err(e), via) => {
+                match via {
+                    Some(p) => p.failed(),
+                    None => site.record_failure(backend, &e.to_string()),
+                }
+                Err(ProxyError::upstream(&e, replayable))
+            }
         }
     }
 }

@@ -31,6 +31,20 @@ const NODES: [(&str, &str); 6] = [
 
 impl Mesh {
     fn start(h: &Hangar, origin: &Origin, host_extra: &str) -> Mesh {
+        Mesh::start_hosts(h, |_, region| {
+            let (backends, elsewhere) = if region == "fra" {
+                (format!("\"{}\"", origin.addr), "")
+            } else {
+                (String::new(), "elsewhere = [\"f1\", \"f2\"]\n")
+            };
+            format!(
+                "[[hosts]]\nname = \"app.localhost\"\nbackends = [{backends}]\n{elsewhere}{host_extra}\n"
+            )
+        })
+    }
+
+    /// Six edges, each with the hosts `hosts(node, region)` gives.
+    fn start_hosts(h: &Hangar, hosts: impl Fn(&str, &str) -> String) -> Mesh {
         let ports: Vec<u16> = NODES.iter().map(|_| free_port()).collect();
         let mut edges = Vec::new();
         for (i, (name, region)) in NODES.iter().enumerate() {
@@ -43,14 +57,9 @@ impl Mesh {
                     ));
                 }
             }
-            let (backends, elsewhere) = if *region == "fra" {
-                (format!("\"{}\"", origin.addr), "")
-            } else {
-                (String::new(), "elsewhere = [\"f1\", \"f2\"]\n")
-            };
             let body = format!(
-                "[[hosts]]\nname = \"app.localhost\"\nbackends = [{backends}]\n{elsewhere}{host_extra}\n\
-                 [mesh]\nnode = \"{name}\"\nregion = \"{region}\"\ntoken = \"{MESH_TOKEN}\"\n{peers}"
+                "{}[mesh]\nnode = \"{name}\"\nregion = \"{region}\"\ntoken = \"{MESH_TOKEN}\"\n{peers}",
+                hosts(name, region)
             );
             edges.push((name.to_string(), Edge::start_at(h, ports[i], &body)));
         }
@@ -217,4 +226,94 @@ fn targeted_cache_fields_rule_the_edge_and_stay_between_edges() {
     let r = mesh.edge("a1").get("app.localhost", "/targeted", &[]);
     assert_eq!(r.header("cdn-cache-control"), Some("no-store"));
     assert_eq!(r.header("cache-control"), Some("no-store"));
+}
+
+#[test]
+fn a_replay_header_sends_the_request_to_the_region_or_instance_it_names_once() {
+    let h = Hangar::new();
+    // The app's machine in ams is a read replica: writes go to fra, where
+    // the primary is; fra answers what it got.
+    let replica = Origin::start(|req| match req.target.as_str() {
+        "/write" | "/loop" => reply(200, &[("Hangar-Replay", "region=fra")], b"not here"),
+        "/pin" => reply(200, &[("Hangar-Replay", "instance=fra-m1")], b"not here"),
+        _ => reply(200, &[("Cache-Control", "no-store")], b"replica"),
+    });
+    let primary = Origin::start(|req| {
+        let body = format!(
+            "primary got {} {} ({} bytes) replayed by {}",
+            req.method,
+            req.target,
+            req.body.len(),
+            req.headers
+                .get("hangar-replayed")
+                .map(String::as_str)
+                .unwrap_or("-")
+        );
+        if req.target == "/loop" {
+            return reply(200, &[("Hangar-Replay", "region=ams")], b"and back");
+        }
+        reply(200, &[("Cache-Control", "no-store")], body.as_bytes())
+    });
+    let (r, p) = (replica.addr.clone(), primary.addr.clone());
+    let mesh = Mesh::start_hosts(&h, move |_, region| {
+        let (backends, instances, elsewhere) = match region {
+            "ams" => (
+                format!("\"{r}\""),
+                format!("instances = {{ \"ams-m1\" = \"{r}\" }}\ninstances_elsewhere = {{ \"fra-m1\" = \"f1\" }}\n"),
+                "elsewhere = [\"f1\", \"f2\"]\n",
+            ),
+            "fra" => (
+                format!("\"{p}\""),
+                format!("instances = {{ \"fra-m1\" = \"{p}\" }}\n"),
+                "elsewhere = [\"a1\", \"a2\"]\n",
+            ),
+            _ => (
+                String::new(),
+                "instances_elsewhere = { \"fra-m1\" = \"f1\" }\n".to_string(),
+                "elsewhere = [\"a1\", \"a2\", \"f1\", \"f2\"]\n",
+            ),
+        };
+        format!("[[hosts]]\nname = \"app.localhost\"\nbackends = [{backends}]\n{elsewhere}{instances}\n")
+    });
+    // A POST with a body at an ams edge, replayed to fra, body and all.
+    let a1 = mesh.edge("a1");
+    let r = a1.request("POST", "app.localhost", "/write", &[], b"0123456789");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&r.body),
+        "primary got POST /write (10 bytes) replayed by a1"
+    );
+    assert!(r.header("hangar-replay").is_none(), "{:?}", r.headers);
+    // To one instance, by its id.
+    let r = a1.get("app.localhost", "/pin", &[]);
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).into_owned()),
+        (
+            200,
+            "primary got GET /pin (0 bytes) replayed by a1".to_string()
+        )
+    );
+    // A client may ask for an instance too, at any edge.
+    let r = mesh.edge("l2").get(
+        "app.localhost",
+        "/read",
+        &[("Hangar-Force-Instance-Id", "fra-m1")],
+    );
+    assert!(
+        String::from_utf8_lossy(&r.body).starts_with("primary got GET /read"),
+        "{:?}",
+        r.body
+    );
+    let r = mesh.edge("l2").get(
+        "app.localhost",
+        "/read",
+        &[("Hangar-Force-Instance-Id", "nope")],
+    );
+    assert_eq!(r.status, 503);
+    assert!(String::from_utf8_lossy(&r.body).contains("no machine \"nope\""));
+    // Asked to replay a replayed request: once is the limit.
+    let r = a1.get("app.localhost", "/loop", &[]);
+    assert_eq!(r.status, 508, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(primary.hits("/loop"), 1);
+    assert_eq!(replica.hits("/loop"), 1);
 }

@@ -171,7 +171,7 @@ impl Edge {
         self.request("GET", host, path, headers, b"")
     }
 
-    fn request(
+    pub fn request(
         &self,
         method: &str,
         host: &str,

@@ -26,6 +26,7 @@ pub struct Request {
     pub method: String,
     pub target: String,
     pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
 }
 
 pub fn read_request(stream: &mut TcpStream) -> Option<Request> {
@@ -47,17 +48,18 @@ pub fn read_request(stream: &mut TcpStream) -> Option<Request> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
+    let mut body = Vec::new();
     if let Some(len) = headers
         .get("content-length")
         .and_then(|l| l.parse::<u64>().ok())
     {
-        let mut body = Vec::new();
         reader.take(len).read_to_end(&mut body).ok()?;
     }
     Some(Request {
         method,
         target,
         headers,
+        body,
     })
 }
 
