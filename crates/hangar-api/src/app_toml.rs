@@ -110,6 +110,10 @@ pub struct HttpService {
     pub concurrency: Option<Concurrency>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<HttpCheck>,
+    /// `[http_service.rate_limit]`: per_app, per_client (requests per
+    /// second) and their bursts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::config::RateLimit>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -429,6 +433,7 @@ impl AppToml {
                 soft_limit: s.concurrency.as_ref().map(|c| c.soft_limit).unwrap_or(0),
                 hard_limit: s.concurrency.as_ref().map(|c| c.hard_limit).unwrap_or(0),
                 force_https: s.force_https,
+                rate_limit: s.rate_limit.clone(),
                 cache: self.cache.as_ref().map(|c| EdgeCache {
                     enabled: c.enabled,
                     default_ttl: c.default_ttl,
@@ -569,6 +574,9 @@ auto_stop_machines = "stop"
 auto_start_machines = true
 min_machines_running = 0
 idle_timeout = "2m"
+[http_service.rate_limit]
+per_client = 10
+per_app = 500
 [http_service.concurrency]
 soft_limit = 20
 hard_limit = 25
@@ -607,6 +615,11 @@ policy = "always"
         assert!(c.services[0].autostop && c.services[0].autostart);
         assert_eq!(c.services[0].soft_limit, 20);
         assert_eq!(c.services[0].hard_limit, 25);
+        let rl = c.services[0].rate_limit.clone().unwrap();
+        assert_eq!(
+            (rl.per_client, rl.per_app, rl.per_client_burst),
+            (10, 500, 0)
+        );
         assert_eq!(c.checks["http-0"].interval, 0.5);
         assert_eq!(c.checks["http-0"].path, "/healthz");
         assert_eq!(c.env["GREETING"], "hi");

@@ -227,6 +227,21 @@ pub struct Service {
     /// default TTL).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<EdgeCache>,
+    /// Requests per second the edge lets through (see [`RateLimit`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// The edge's rate limits for an app, in requests per second (0: none):
+/// the app's, shared by a region's edges, and each client address's;
+/// past them a 429 with `Retry-After`. Bursts default to one second's.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_app: u32,
+    pub per_app_burst: u32,
+    pub per_client: u32,
+    pub per_client_burst: u32,
 }
 
 /// The edge's cache policy for an app's host.

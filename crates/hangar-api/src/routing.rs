@@ -45,6 +45,7 @@ pub struct HostSpec {
     /// (their node), for requests and replays to one instance.
     pub instances: Vec<(String, SocketAddr)>,
     pub instances_elsewhere: Vec<(String, String)>,
+    pub rate_limit: Option<crate::config::RateLimit>,
 }
 
 /// The cluster's other edges, as the node wants its edge to see them.
@@ -204,6 +205,9 @@ pub fn edge_hosts(
             name,
             ..Default::default()
         });
+        if host.rate_limit.is_none() {
+            host.rate_limit = service.rate_limit.clone();
+        }
         if !here(m) {
             if host.cache.is_none() && service.cache.is_some() {
                 host.cache = service.cache.clone();

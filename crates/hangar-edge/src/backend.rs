@@ -166,6 +166,9 @@ pub struct Site {
     pub metrics: Arc<HostMetrics>,
     /// Kept across table swaps, like the metrics and the backends.
     pub slots: Arc<Slots>,
+    /// The rate limiters, for the share of the region's edges they were
+    /// made for (kept across swaps while the limits stay the same).
+    pub limiters: Mutex<Option<(u32, Arc<crate::limit::Limiters>)>>,
     checks: Option<tokio::task::AbortHandle>,
 }
 
@@ -190,6 +193,19 @@ fn random() -> u64 {
 }
 
 impl Site {
+    /// Its rate limiters at one of `share` edges of the region.
+    pub fn limiters(&self, share: u32) -> Arc<crate::limit::Limiters> {
+        let mut l = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        match &*l {
+            Some((s, lim)) if *s == share => lim.clone(),
+            _ => {
+                let lim = Arc::new(crate::limit::Limiters::new(&self.config.rate_limit, share));
+                *l = Some((share, lim.clone()));
+                lim
+            }
+        }
+    }
+
     /// Pick a backend: of two random available ones, the one with fewer
     /// outstanding requests. Backends below the soft
     /// limit come first; one at or above it gets a request only when all
@@ -364,6 +380,9 @@ impl Routes {
                 })
                 .collect();
             let metrics = previous.map(|s| s.metrics.clone()).unwrap_or_default();
+            let limiters = previous
+                .filter(|s| s.config.rate_limit == host.rate_limit)
+                .and_then(|s| s.limiters.lock().unwrap_or_else(|e| e.into_inner()).clone());
             let checks = host.health.path.as_ref().map(|path| {
                 tokio::spawn(check_loop(
                     backends.clone(),
@@ -381,6 +400,7 @@ impl Routes {
                     metrics,
                     slots,
                     checks,
+                    limiters: Mutex::new(limiters),
                 }),
             );
         }
@@ -481,6 +501,7 @@ mod tests {
             metrics: Default::default(),
             slots: Default::default(),
             checks: None,
+            limiters: Default::default(),
         }
     }
 

@@ -155,6 +155,21 @@ pub struct Host {
     pub instances: std::collections::BTreeMap<String, SocketAddr>,
     /// ...and the nodes the others are on.
     pub instances_elsewhere: std::collections::BTreeMap<String, String>,
+    pub rate_limit: RateLimit,
+}
+
+/// Requests per second the edge lets through, as token buckets (0: no
+/// limit); past them a 429 with `Retry-After`. Counted per region: the
+/// app's rate is shared evenly by the region's edges; a client's is
+/// counted at each edge it reaches (by its address).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_app: u32,
+    /// Requests above the rate taken at once (default: one second's).
+    pub per_app_burst: u32,
+    pub per_client: u32,
+    pub per_client_burst: u32,
 }
 
 impl Default for Host {
@@ -174,6 +189,7 @@ impl Default for Host {
             asleep_elsewhere: Vec::new(),
             instances: Default::default(),
             instances_elsewhere: Default::default(),
+            rate_limit: RateLimit::default(),
         }
     }
 }

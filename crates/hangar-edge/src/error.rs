@@ -60,6 +60,8 @@ pub enum Kind {
     FillEnded,
     /// The app asked to replay a request that was replayed already.
     ReplayLoop,
+    /// Past the app's rate limit (its own, or the client's).
+    RateLimited,
 }
 
 /// The header an error page names its [`Kind`] in.
@@ -84,6 +86,7 @@ impl Kind {
             Kind::BodyBroke => "body-broke",
             Kind::FillEnded => "fill-ended",
             Kind::ReplayLoop => "replay-loop",
+            Kind::RateLimited => "rate-limited",
         }
     }
 
@@ -105,7 +108,8 @@ impl Kind {
             | Kind::UnknownHost
             | Kind::BodyTooLarge
             | Kind::BodyStalled
-            | Kind::NotCached => Side::Client,
+            | Kind::NotCached
+            | Kind::RateLimited => Side::Client,
             Kind::FillEnded => Side::Internal,
             _ => Side::Upstream,
         }
@@ -124,6 +128,7 @@ impl Kind {
             }
             Kind::Origin(status) => status,
             Kind::ReplayLoop => StatusCode::LOOP_DETECTED,
+            Kind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`cache`]: RFC 9111 decisions (RFC 9213's targeted fields first),
 //!   memory and disk tiers with S3-FIFO eviction, request coalescing,
 //!   purges.
+//! - [`limit`]: per-app and per-client rate limits (token buckets).
 //! - [`mesh`]: the other edges of a cluster, and the tiers (region owner,
 //!   super-region, shield) a cache miss climbs through them.
 //! - [`proxy`]: one request through all of the above; [`error`]: its one
@@ -26,6 +27,7 @@ pub mod backend;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod limit;
 pub mod mesh;
 pub mod metrics;
 pub mod proxy;

@@ -370,6 +370,16 @@ impl View {
         tiers
     }
 
+    /// How many edges the region has, this one among them (the share of
+    /// a region-wide rate each takes).
+    pub fn region_edges(&self) -> u32 {
+        1 + self
+            .peers
+            .iter()
+            .filter(|p| p.config.region == self.config.region)
+            .count() as u32
+    }
+
     fn has_region(&self, region: &str) -> bool {
         self.config.region == region || self.peers.iter().any(|p| p.config.region == region)
     }

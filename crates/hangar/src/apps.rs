@@ -227,6 +227,7 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
         min_machines_running: 0,
         idle_timeout: 300,
         concurrency: None,
+        rate_limit: None,
         checks: vec![hangar_api::app_toml::HttpCheck {
             path: "/".into(),
             interval: 10.0,

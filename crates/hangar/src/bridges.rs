@@ -33,6 +33,16 @@ impl Ingress for EdgeIngress {
                     asleep_elsewhere: h.asleep_elsewhere.clone(),
                     instances: h.instances.iter().cloned().collect(),
                     instances_elsewhere: h.instances_elsewhere.iter().cloned().collect(),
+                    rate_limit: h
+                        .rate_limit
+                        .as_ref()
+                        .map(|r| hangar_edge::config::RateLimit {
+                            per_app: r.per_app,
+                            per_app_burst: r.per_app_burst,
+                            per_client: r.per_client,
+                            per_client_burst: r.per_client_burst,
+                        })
+                        .unwrap_or_default(),
                     ..Default::default()
                 };
                 if let Some(cache) = &h.cache {

@@ -259,6 +259,21 @@ impl Edge {
         let metrics = site.metrics.clone();
         metrics.requests.fetch_add(1, Ordering::Relaxed);
         metrics.touch();
+        if role == Role::Client && site.config.rate_limit != crate::config::RateLimit::default() {
+            if let Err(wait) = site.limiters(view.region_edges()).check(peer.ip()) {
+                let e = ProxyError::new(
+                    Kind::RateLimited,
+                    format!(
+                        "too many requests: past the app's rate limit; try again in {wait:.1?}"
+                    ),
+                );
+                let mut r = e.respond(&host);
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                return Ok(r);
+            }
+        }
         let client = Client {
             peer,
             tls,

@@ -317,3 +317,46 @@ fn a_replay_header_sends_the_request_to_the_region_or_instance_it_names_once() {
     assert_eq!(primary.hits("/loop"), 1);
     assert_eq!(replica.hits("/loop"), 1);
 }
+
+#[test]
+fn rate_limits_per_client_and_per_app_counted_per_region_and_per_tenant() {
+    let h = Hangar::new();
+    let origin = Origin::start(|_| reply(200, &[("Cache-Control", "no-store")], b"ok"));
+    let o = origin.addr.clone();
+    let mesh = Mesh::start_hosts(&h, move |_, _| {
+        format!(
+            "[[hosts]]\nname = \"greedy.localhost\"\nbackends = [\"{o}\"]\nrate_limit = {{ per_client = 1, per_client_burst = 5 }}\n\
+             [[hosts]]\nname = \"busy.localhost\"\nbackends = [\"{o}\"]\nrate_limit = {{ per_app = 2, per_app_burst = 20 }}\n\
+             [[hosts]]\nname = \"calm.localhost\"\nbackends = [\"{o}\"]\n"
+        )
+    });
+    let a1 = mesh.edge("a1");
+    let statuses = |edge: &Edge, host: &str, n: usize| -> Vec<u16> {
+        (0..n).map(|_| edge.get(host, "/", &[]).status).collect()
+    };
+    // A client past its burst of 5 (1/s after it): 429, told when to come
+    // back. (Slow rates: a slow machine refills a token a second at most.)
+    let got = statuses(a1, "greedy.localhost", 5);
+    assert_eq!(got, [200; 5]);
+    let r = (0..3)
+        .map(|_| a1.get("greedy.localhost", "/", &[]))
+        .find(|r| r.status == 429)
+        .expect("no 429 past the burst");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert_eq!(retry, 1);
+    assert!(String::from_utf8_lossy(&r.body).contains("rate limit"));
+    // Another tenant's app at the same edge, same client: not slowed.
+    assert!(statuses(a1, "calm.localhost", 30).iter().all(|s| *s == 200));
+    // The app's burst of 20 is the region's: each of ams's two edges lets
+    // 10 by (and 1/s after).
+    let ams: Vec<u16> = [
+        statuses(a1, "busy.localhost", 12),
+        statuses(mesh.edge("a2"), "busy.localhost", 12),
+    ]
+    .concat();
+    let passed = ams.iter().filter(|s| **s == 200).count();
+    assert!((20..=22).contains(&passed), "{ams:?}");
+    // Another region counts its own.
+    let lon = statuses(mesh.edge("l1"), "busy.localhost", 10);
+    assert!(lon.iter().all(|s| *s == 200), "{lon:?}");
+}
