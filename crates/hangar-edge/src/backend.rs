@@ -159,6 +159,34 @@ impl Drop for InFlight {
     }
 }
 
+/// How one other region's edges serve one app: a fast and a slow moving
+/// average of its answers' latency, failures in a row, and an ejection
+/// with a gradual return.
+#[derive(Debug, Default, Clone)]
+pub struct RemoteHealth {
+    fast_ms: f64,
+    slow_ms: f64,
+    samples: u64,
+    failures: u32,
+    ejected_until: Option<Instant>,
+    /// Ejections in a row: each lasts twice the last (up to a minute).
+    ejections: u32,
+    /// When it came back: its share of requests grows over `RAMP`.
+    back_at: Option<Instant>,
+}
+
+/// A region whose answers for an app fail this many times in a row is
+/// avoided for a while.
+const REMOTE_FAILURES: u32 = 3;
+/// Answers needed before latency can eject a node.
+const REMOTE_MIN_SAMPLES: u64 = 3;
+/// The first ejection; later ones double, up to `REMOTE_EJECT_MAX`.
+const REMOTE_EJECT: Duration = Duration::from_secs(5);
+const REMOTE_EJECT_MAX: Duration = Duration::from_secs(60);
+/// After an ejection a node's share of requests grows from none to all
+/// over this long (no thundering return).
+const RAMP: Duration = Duration::from_secs(10);
+
 /// One host: its configuration, backends and counters.
 pub struct Site {
     pub config: Host,
@@ -169,6 +197,9 @@ pub struct Site {
     /// The rate limiters, for the share of the region's edges they were
     /// made for (kept across swaps while the limits stay the same).
     pub limiters: Mutex<Option<(u32, Arc<crate::limit::Limiters>)>>,
+    /// How the other regions' edges serve this app, by region (see
+    /// [`Site::remote_usable`]); kept across swaps.
+    pub remote: Arc<Mutex<HashMap<String, RemoteHealth>>>,
     checks: Option<tokio::task::AbortHandle>,
 }
 
@@ -193,6 +224,89 @@ fn random() -> u64 {
 }
 
 impl Site {
+    /// Whether a request may go to an edge of `region` now: not ejected,
+    /// and while it returns from an ejection, a growing share of requests.
+    /// Regions fail by getting slow, so they are judged whole.
+    pub fn remote_usable(&self, region: &str) -> bool {
+        let node = region;
+        let mut all = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = all.get_mut(node) else {
+            return true;
+        };
+        let now = Instant::now();
+        if let Some(until) = h.ejected_until {
+            if now < until {
+                return false;
+            }
+            h.ejected_until = None;
+            h.back_at = Some(now);
+            h.samples = 0;
+            h.failures = 0;
+        }
+        match h.back_at {
+            Some(at) if now.duration_since(at) < RAMP => {
+                let share = now.duration_since(at).as_secs_f64() / RAMP.as_secs_f64();
+                (random() % 1000) as f64 / 1000.0 < share.max(0.05)
+            }
+            Some(_) => {
+                h.back_at = None;
+                h.ejections = 0;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// How a request through an edge of `region` went: its latency to the
+    /// answer, or `None` when it failed (or that edge had nothing to serve
+    /// with). A region much slower than it was (or than the app's other
+    /// regions), or failing, is ejected: within a few answers.
+    pub fn remote_result(&self, region: &str, latency: Option<Duration>) {
+        let node = region;
+        let h_cfg = &self.config.health;
+        let mut all = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let others: Vec<f64> = all
+            .iter()
+            .filter(|(n, h)| {
+                n.as_str() != node && h.samples >= REMOTE_MIN_SAMPLES && h.ejected_until.is_none()
+            })
+            .map(|(_, h)| h.fast_ms)
+            .collect();
+        let h = all.entry(node.to_string()).or_default();
+        let slow = match latency {
+            None => {
+                h.failures += 1;
+                h.failures >= REMOTE_FAILURES
+            }
+            Some(l) => {
+                let ms = l.as_secs_f64() * 1000.0;
+                h.failures = 0;
+                if h.samples == 0 {
+                    (h.fast_ms, h.slow_ms) = (ms, ms);
+                } else {
+                    h.fast_ms = h.fast_ms * 0.7 + ms * 0.3;
+                    h.slow_ms = h.slow_ms * 0.98 + ms * 0.02;
+                }
+                h.samples += 1;
+                let baseline = others.iter().copied().fold(h.slow_ms, f64::min);
+                h.samples >= REMOTE_MIN_SAMPLES
+                    && h.fast_ms > h_cfg.slow_floor.as_secs_f64() * 1000.0
+                    && h.fast_ms > baseline * h_cfg.slow_ratio
+            }
+        };
+        if slow {
+            let eject = REMOTE_EJECT
+                .saturating_mul(1 << h.ejections.min(4))
+                .min(REMOTE_EJECT_MAX);
+            h.ejected_until = Some(Instant::now() + eject);
+            h.ejections += 1;
+            h.back_at = None;
+            h.samples = 0;
+            h.failures = 0;
+            self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Its rate limiters at one of `share` edges of the region.
     pub fn limiters(&self, share: u32) -> Arc<crate::limit::Limiters> {
         let mut l = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
@@ -380,6 +494,7 @@ impl Routes {
                 })
                 .collect();
             let metrics = previous.map(|s| s.metrics.clone()).unwrap_or_default();
+            let remote = previous.map(|s| s.remote.clone()).unwrap_or_default();
             let limiters = previous
                 .filter(|s| s.config.rate_limit == host.rate_limit)
                 .and_then(|s| s.limiters.lock().unwrap_or_else(|e| e.into_inner()).clone());
@@ -401,6 +516,7 @@ impl Routes {
                     slots,
                     checks,
                     limiters: Mutex::new(limiters),
+                    remote,
                 }),
             );
         }
@@ -502,7 +618,44 @@ mod tests {
             slots: Default::default(),
             checks: None,
             limiters: Default::default(),
+            remote: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_slow_or_failing_node_is_avoided_then_comes_back_gradually() {
+        let s = site(0);
+        let ms = Duration::from_millis;
+        for _ in 0..10 {
+            s.remote_result("fra-1", Some(ms(20)));
+        }
+        assert!(s.remote_usable("fra-1"));
+        // Slow: out within two answers.
+        s.remote_result("fra-1", Some(ms(600)));
+        s.remote_result("fra-1", Some(ms(600)));
+        assert!(!s.remote_usable("fra-1"), "{:?}", s.remote.lock().unwrap());
+        // Failing: out after three in a row.
+        s.remote_result("ams-1", None);
+        s.remote_result("ams-1", None);
+        assert!(s.remote_usable("ams-1"));
+        s.remote_result("ams-1", None);
+        assert!(!s.remote_usable("ams-1"));
+        // Back: a small share at first, a growing one, then all of it.
+        let share = |back: Duration| {
+            {
+                let mut all = s.remote.lock().unwrap();
+                let h = all.get_mut("ams-1").unwrap();
+                h.ejected_until = None;
+                h.back_at = Some(Instant::now() - back);
+            }
+            (0..2000).filter(|_| s.remote_usable("ams-1")).count() as f64 / 2000.0
+        };
+        let (early, mid) = (share(Duration::ZERO), share(Duration::from_secs(5)));
+        assert!(early < 0.15, "{early}");
+        assert!((0.35..0.65).contains(&mid), "{mid}");
+        assert_eq!(share(Duration::from_secs(11)), 1.0);
+        // A node not seen yet is usable.
+        assert!(s.remote_usable("lon-1"));
     }
 
     #[test]

@@ -224,10 +224,16 @@ impl Edge {
                 site.config.soft_limit == 0 || b.outstanding() < site.config.soft_limit
             };
             if may_hop && !picked.as_deref().is_some_and(room) {
-                if let Some(p) = view
-                    .nearest(&site.config.elsewhere)
-                    .into_iter()
-                    .find(|p| !tried.contains(&p.config.addr))
+                // The nearest edge serving the app well; when none does,
+                // the nearest at all (a bad signal must not take it down).
+                let nearest = view.nearest(&site.config.elsewhere);
+                let untried = |p: &&Arc<mesh::Peer>| !tried.contains(&p.config.addr);
+                if let Some(p) = nearest
+                    .iter()
+                    .filter(untried)
+                    .find(|p| site.remote_usable(&p.config.region))
+                    .or_else(|| nearest.iter().find(untried))
+                    .cloned()
                 {
                     picked = Some(p.backend.clone());
                     via = Some(p);
@@ -344,7 +350,11 @@ impl Edge {
             {
                 Ok(answer) => return Ok(answer),
                 Err(e) => {
-                    if elsewhere(&e, &tried, &site) || (via.is_some() && e.retry && hops_left) {
+                    // Another machine here, or (all tried) another node's.
+                    let remote = may_hop && !site.config.elsewhere.is_empty();
+                    if elsewhere(&e, &tried, &site)
+                        || (e.retry && hops_left && (via.is_some() || remote))
+                    {
                         last = Some(e);
                         continue;
                     }
@@ -455,6 +465,7 @@ impl Edge {
                         .get(crate::error::ERROR_HEADER)
                         .is_some_and(|k| Kind::nothing_here(k.as_bytes())) =>
             {
+                site.remote_result(&p.config.region, None);
                 Err(ProxyError {
                     retry: true,
                     ..ProxyError::new(
@@ -464,14 +475,18 @@ impl Edge {
                 })
             }
             (Ok(resp), via) => {
-                if via.is_none() {
-                    site.record_success(backend, started.elapsed());
+                match via {
+                    None => site.record_success(backend, started.elapsed()),
+                    Some(p) => site.remote_result(&p.config.region, Some(started.elapsed())),
                 }
                 Ok((resp, guard))
             }
             (Err(e), via) => {
                 match via {
-                    Some(p) => p.failed(),
+                    Some(p) => {
+                        site.remote_result(&p.config.region, None);
+                        p.failed()
+                    }
                     None => site.record_failure(backend, &e.to_string()),
                 }
                 Err(ProxyError::upstream(&e, replayable))

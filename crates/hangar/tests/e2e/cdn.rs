@@ -45,6 +45,15 @@ impl Mesh {
 
     /// Six edges, each with the hosts `hosts(node, region)` gives.
     fn start_hosts(h: &Hangar, hosts: impl Fn(&str, &str) -> String) -> Mesh {
+        Mesh::start_with(h, hosts, |_, _| 0)
+    }
+
+    /// The same, with `delay(from, to)` ms injected between regions.
+    fn start_with(
+        h: &Hangar,
+        hosts: impl Fn(&str, &str) -> String,
+        delay: impl Fn(&str, &str) -> u64,
+    ) -> Mesh {
         let ports: Vec<u16> = NODES.iter().map(|_| free_port()).collect();
         let mut edges = Vec::new();
         for (i, (name, region)) in NODES.iter().enumerate() {
@@ -52,8 +61,9 @@ impl Mesh {
             for (j, (n, r)) in NODES.iter().enumerate() {
                 if i != j {
                     peers.push_str(&format!(
-                        "[[mesh.peers]]\nname = \"{n}\"\nregion = \"{r}\"\naddr = \"127.0.0.1:{}\"\n",
-                        ports[j]
+                        "[[mesh.peers]]\nname = \"{n}\"\nregion = \"{r}\"\naddr = \"127.0.0.1:{}\"\ndelay = \"{}ms\"\n",
+                        ports[j],
+                        delay(region, r)
                     ));
                 }
             }
@@ -359,4 +369,85 @@ fn rate_limits_per_client_and_per_app_counted_per_region_and_per_tenant() {
     // Another region counts its own.
     let lon = statuses(mesh.edge("l1"), "busy.localhost", 10);
     assert!(lon.iter().all(|s| *s == 200), "{lon:?}");
+}
+
+#[test]
+fn a_region_that_dies_or_gets_slow_is_avoided_without_errors() {
+    let h = Hangar::new();
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = slow.clone();
+    let ams = Origin::start(move |_| Reply {
+        delay: if s.load(Ordering::SeqCst) {
+            Duration::from_millis(800)
+        } else {
+            Duration::ZERO
+        },
+        ..reply(200, &[("Cache-Control", "no-store")], b"ams")
+    });
+    let fra = Origin::start(|_| reply(200, &[("Cache-Control", "no-store")], b"fra"));
+    let (a, f) = (ams.addr.clone(), fra.addr.clone());
+    // lon has no machine: ams is nearer (10 ms) than fra (30 ms).
+    let mesh = Mesh::start_with(
+        &h,
+        move |_, region| {
+            let (backends, elsewhere) = match region {
+                "ams" => (format!("\"{a}\""), "[\"f1\", \"f2\"]"),
+                "fra" => (format!("\"{f}\""), "[\"a1\", \"a2\"]"),
+                _ => (String::new(), "[\"a1\", \"a2\", \"f1\", \"f2\"]"),
+            };
+            format!("[[hosts]]\nname = \"app.localhost\"\nbackends = [{backends}]\nelsewhere = {elsewhere}\n")
+        },
+        |from, to| match (from, to) {
+            (x, y) if x == y => 0,
+            ("lon", "ams") | ("ams", "lon") => 10,
+            _ => 30,
+        },
+    );
+    let body = |r: &crate::support::HttpResponse| String::from_utf8_lossy(&r.body).into_owned();
+    let l1 = mesh.edge("l1");
+    // Traffic as usual first: each lon edge learns how fast ams answers.
+    for edge in ["l1", "l2"] {
+        for _ in 0..5 {
+            let r = mesh.edge(edge).get("app.localhost", "/", &[]);
+            assert_eq!(body(&r), "ams", "the nearest region");
+        }
+    }
+    // ams gets slow: within a few answers lon goes to fra, with no error.
+    slow.store(true, Ordering::SeqCst);
+    let answers: Vec<(u16, String, Duration)> = (0..12)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let r = l1.get("app.localhost", "/", &[]);
+            (r.status, body(&r), t.elapsed())
+        })
+        .collect();
+    assert!(answers.iter().all(|(s, _, _)| *s == 200), "{answers:?}");
+    let slow_ones = answers
+        .iter()
+        .filter(|(_, _, t)| *t > Duration::from_millis(600))
+        .count();
+    assert!(
+        slow_ones <= 4,
+        "lon kept going to the slow region: {answers:?}"
+    );
+    assert!(
+        answers[6..].iter().all(|(_, b, _)| b == "fra"),
+        "{answers:?}"
+    );
+    // ams's machines all die while its own clients send requests: every
+    // request is still answered (from fra).
+    slow.store(false, Ordering::SeqCst);
+    let a1 = mesh.edge("a1");
+    assert_eq!(body(&a1.get("app.localhost", "/", &[])), "ams");
+    ams.stop();
+    let after: Vec<(u16, String)> = (0..20)
+        .map(|_| {
+            let r = a1.get("app.localhost", "/", &[]);
+            (r.status, body(&r))
+        })
+        .collect();
+    assert!(
+        after.iter().all(|(s, b)| *s == 200 && b == "fra"),
+        "{after:?}"
+    );
 }

@@ -105,7 +105,7 @@ impl Origin {
     }
 
     /// Stop answering: the port then refuses connections.
-    fn stop(&self) {
+    pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(&self.addr);
         let deadline = Instant::now() + Duration::from_secs(5);
