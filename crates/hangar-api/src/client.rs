@@ -330,6 +330,12 @@ impl Client {
         self.post(&format!("/v1/apps/{app}/purge"), req).await
     }
 
+    /// Apply a purge at this node now (a node's call to another).
+    pub async fn apply_purge(&self, spec: &crate::purge::PurgeSpec) -> Result<()> {
+        let _: Done = self.post("/v1/internal/purge", spec).await?;
+        Ok(())
+    }
+
     /// Scale the app's current release to `count` machines.
     /// `count` machines in each of `regions` (none: each region the app
     /// has machines in).

@@ -1,6 +1,7 @@
 //! Purges of an app's cached responses, at every edge of the cluster.
 //!
-//! A purge made at any node is appended to the cluster's purge log in etcd
+//! A purge made at any node is sent straight to every member (applied on
+//! arrival: one round trip) and appended to the cluster's purge log in etcd
 //! (`purges/<id>`; its create revision is its place in the one order all
 //! nodes apply them in). Each node follows the log ([`follow`]): it applies
 //! every purge after the last it applied (kept in a file, so a node that
@@ -56,6 +57,10 @@ pub struct PurgeSpec {
     /// Mark stale (revalidated next time) instead of removing.
     #[serde(default)]
     pub soft: bool,
+    /// Unique in the cluster: a node that got it directly skips the log's
+    /// copy.
+    #[serde(default)]
+    pub id: String,
 }
 
 /// How a purge went: its place in the order, and who has applied it.
@@ -73,12 +78,17 @@ pub struct PurgeOutcome {
 
 impl Node {
     /// Purge `spec` at every edge of the cluster; wait up to `wait` for
-    /// every live node to have applied it.
-    pub fn purge(&self, spec: PurgeSpec, wait: Duration) -> Result<PurgeOutcome> {
-        let Some(cluster) = &self.cluster else {
-            if let Some(routing) = &self.routing {
-                routing.ingress.purge(&spec);
-            }
+    /// every live node to have applied it. In a cluster the purge goes to
+    /// the log and, at the same time, straight to every other member's
+    /// API (one round trip, in parallel): a member counts once it answered
+    /// or acked the purge in the log.
+    pub async fn purge(
+        self: &Arc<Self>,
+        mut spec: PurgeSpec,
+        wait: Duration,
+    ) -> Result<PurgeOutcome> {
+        let Some(cluster) = self.cluster.clone() else {
+            self.apply_purge(&spec);
             return Ok(PurgeOutcome {
                 revision: 0,
                 complete: true,
@@ -86,17 +96,34 @@ impl Node {
                 pending: Vec::new(),
             });
         };
-        let bytes = serde_json::to_vec(&spec).map_err(|e| Error::Internal(e.to_string()))?;
-        let revision = cluster.store.add_purge(bytes)?;
         let deadline = Instant::now() + wait;
-        let mut seen = 0;
+        spec.id = format!("{}-{}", crate::store::now_nanos(), cluster.me.name);
+        self.apply_purge(&spec);
+        let bytes = serde_json::to_vec(&spec).map_err(|e| Error::Internal(e.to_string()))?;
+        let store = cluster.store.clone();
+        let logged = crate::node::blocking(move || store.add_purge(bytes));
+        let members = self.state.members()?;
+        let direct = members
+            .iter()
+            .filter(|m| m.name != cluster.me.name)
+            .map(|m| {
+                let (client, spec, name) = (cluster.client(m, None), spec.clone(), m.name.clone());
+                async move {
+                    let sent = tokio::time::timeout(wait, client.apply_purge(&spec)).await;
+                    matches!(sent, Ok(Ok(()))).then_some(name)
+                }
+            });
+        let (revision, answered) = tokio::join!(logged, futures_util::future::join_all(direct));
+        let revision = revision?;
+        let mut done: std::collections::HashSet<String> = answered.into_iter().flatten().collect();
+        done.insert(cluster.me.name.clone());
         loop {
             let members = self.state.members()?;
             let acks = cluster.store.purge_acks();
             let mut regions: std::collections::BTreeMap<String, Vec<String>> = Default::default();
             for m in &members {
                 let behind = regions.entry(m.region.clone()).or_default();
-                if acks.get(&m.name).copied().unwrap_or(0) < revision {
+                if !done.contains(&m.name) && acks.get(&m.name).copied().unwrap_or(0) < revision {
                     behind.push(m.name.clone());
                 }
             }
@@ -115,10 +142,22 @@ impl Node {
                         .collect(),
                 });
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            seen = cluster
-                .store
-                .wait_model(seen, left.min(Duration::from_millis(100)));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Apply a purge to this node's edge now (the log's copy of it is then
+    /// skipped, by its id).
+    pub fn apply_purge(&self, spec: &PurgeSpec) {
+        if let Some(routing) = &self.routing {
+            routing.ingress.purge(spec);
+            if !spec.id.is_empty() {
+                let mut seen = routing.purged.lock().unwrap_or_else(|e| e.into_inner());
+                if seen.len() > 10_000 {
+                    seen.clear();
+                }
+                seen.insert(spec.id.clone());
+            }
         }
     }
 }
@@ -138,6 +177,13 @@ pub fn follow(node: Arc<Node>, file: PathBuf) {
         let (current_at, purges) = cluster.store.purges_after(applied);
         for (revision, bytes) in purges {
             match serde_json::from_slice::<PurgeSpec>(&bytes) {
+                // Applied already when it was sent here directly.
+                Ok(spec)
+                    if routing
+                        .purged
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&spec.id) => {}
                 Ok(spec) => routing.ingress.purge(&spec),
                 Err(e) => tracing::warn!("purge at revision {revision} skipped, unreadable: {e}"),
             }

@@ -153,6 +153,9 @@ pub struct Routing {
     ready_at: Mutex<HashMap<String, u64>>,
     /// One wake per app at a time; callers that arrive meanwhile wait.
     waking: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The ids of purges applied as they were sent here (see
+    /// [`crate::purge`]).
+    pub(crate) purged: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Routing {
@@ -164,6 +167,7 @@ impl Routing {
             one_at_a_time: Mutex::new(()),
             ready_at: Mutex::default(),
             waking: Mutex::default(),
+            purged: Mutex::default(),
         }
     }
 

@@ -49,9 +49,16 @@ pub async fn connect(endpoints: &str, timeout: std::time::Duration) -> Result<et
             "no etcd endpoint given; use --etcd http://HOST:2379[,http://HOST:2379...]".into(),
         ));
     }
+    // HTTP/2 pings find a member that went silent (a partition, not a
+    // refusal) within two seconds, so calls move to the others.
     let options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(timeout)
-        .with_timeout(timeout);
+        .with_timeout(timeout)
+        .with_keep_alive(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .with_keep_alive_while_idle(true);
     etcd_client::Client::connect(list, Some(options))
         .await
         .map_err(|source| Error::Etcd {

@@ -144,10 +144,27 @@ pub(super) async fn purge(
         host: node.app_host(&app.name),
         what,
         soft: body.soft,
+        id: String::new(),
     };
-    let outcome =
-        blocking(move || node.purge(spec, std::time::Duration::from_secs_f64(wait))).await?;
+    let outcome = node
+        .purge(spec, std::time::Duration::from_secs_f64(wait))
+        .await?;
     Ok(axum::Json(outcome))
+}
+
+/// A purge another node sends this one (the cluster's calls only).
+pub(super) async fn apply_purge(
+    State(api): ApiState,
+    caller: Caller,
+    Json(spec): Json<crate::purge::PurgeSpec>,
+) -> Answer<Done> {
+    if !matches!(caller, Caller::Admin) {
+        return Err(Error::NotAllowed(
+            "only the cluster's nodes send purges here".into(),
+        ));
+    }
+    api.node.apply_purge(&spec);
+    Ok(axum::Json(Done { ok: true }))
 }
 
 /// Run a long operation, streaming its progress as JSON lines

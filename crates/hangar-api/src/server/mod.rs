@@ -126,6 +126,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/apps/{app}/deploy", post(apps::deploy))
         .route("/v1/apps/{app}/scale", post(apps::scale))
         .route("/v1/apps/{app}/purge", post(apps::purge))
+        .route("/v1/internal/purge", post(apps::apply_purge))
         .route(
             "/v1/apps/{app}/secrets",
             get(apps::secrets).post(apps::set_secrets),

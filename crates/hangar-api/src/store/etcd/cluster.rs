@@ -439,14 +439,28 @@ impl EtcdStore {
             .unwrap_or(0);
         let who = self.joined_name().unwrap_or_default();
         let key = format!("purges/{nanos:032}-{who}");
-        let write = Write::new()
-            .when([absent(&key)])
-            .and_then([put(&key, bytes)]);
-        match self.txn(write, &[&key])? {
-            (true, rev) => Ok(rev),
-            (false, _) => Err(Error::Conflict(format!(
-                "purge {key} was written twice; try again"
-            ))),
+        // A write whose answer was lost (an etcd member cut off mid-call)
+        // is sent again; if the first one landed, its revision stands.
+        let mut tries = 0;
+        loop {
+            let write = Write::new()
+                .when([absent(&key)])
+                .and_then([put(&key, bytes.clone())]);
+            match self.txn(write, &[&key]) {
+                Ok((true, rev)) => return Ok(rev),
+                Ok((false, _)) => {
+                    let view = self.model.view();
+                    return view
+                        .kvs
+                        .get(&key)
+                        .map(|kv| kv.create_revision)
+                        .ok_or_else(|| {
+                            Error::Conflict(format!("purge {key} was refused by etcd; try again"))
+                        });
+                }
+                Err(Error::Unavailable(_)) if tries < 2 => tries += 1,
+                Err(e) => return Err(e),
+            }
         }
     }
 
