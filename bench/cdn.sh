@@ -10,6 +10,10 @@
 # Reports hit ratio (requests the origin did not see) and origin requests
 # per distinct object, and the ratios against (b). Counts, not times: the
 # machine's noise does not move them.
+# Then failover: the app has machines in ams and fra, $DELAY injected
+# between regions; clients in ams send requests while ams's machines are
+# all killed: errors seen (goal: none), when answers stopped coming from
+# ams, and when the latency settled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -111,3 +115,38 @@ stop_edges
 echo "  hit ratio against (b): (a) $(ratio "$a_hit" "$b_hit")x  (c) $(ratio "$c_hit" "$b_hit")x  (d) $(ratio "$d_hit" "$b_hit")x"
 echo "  origin requests per distinct object against (b): (a) $(ratio "$a_per" "$b_per")x  (c) $(ratio "$c_per" "$b_per")x  (d) $(ratio "$d_per" "$b_per")x"
 echo "  goal: (d) at most 1.05 per distinct object (it is $d_per), hit ratio at least (b)'s"
+
+# Failover: ams's and fra's machines (origins), ams's killed mid-run.
+delay=${DELAY:-20ms}
+ams_o=$(free_port) fra_o=$(free_port)
+python3 bench/cdn_load.py origin "$ams_o" ams & ams_pid=$! pids+=($!)
+python3 bench/cdn_load.py origin "$fra_o" fra & pids+=($!)
+wait_port "$ams_o"; wait_port "$fra_o"
+ports=() edge_pids=()
+for i in 0 1 2 3 4 5; do ports+=("$(free_port)"); done
+for i in 0 1 2 3 4 5; do
+    case ${regions[$i]} in
+        ams) backends="\"127.0.0.1:$ams_o\"" elsewhere='["f1", "f2"]' ;;
+        fra) backends="\"127.0.0.1:$fra_o\"" elsewhere='["a1", "a2"]' ;;
+        *) backends="" elsewhere='["a1", "a2", "f1", "f2"]' ;;
+    esac
+    {
+        echo "listen = \"127.0.0.1:${ports[$i]}\""
+        printf '[[hosts]]\nname = "bench.localhost"\nbackends = [%s]\nelsewhere = %s\n' "$backends" "$elsewhere"
+        printf '[mesh]\nnode = "%s"\nregion = "%s"\ntoken = "bench-mesh-token-0123456789"\n' "${names[$i]}" "${regions[$i]}"
+        for j in 0 1 2 3 4 5; do
+            [ "$i" = "$j" ] && continue
+            d=0ms; [ "${regions[$i]}" != "${regions[$j]}" ] && d=$delay
+            printf '[[mesh.peers]]\nname = "%s"\nregion = "%s"\naddr = "127.0.0.1:%s"\ndelay = "%s"\n' "${names[$j]}" "${regions[$j]}" "${ports[$j]}" "$d"
+        done
+    } > "$work/fail-$i.toml"
+    "$hangar" edge serve -c "$work/fail-$i.toml" 2>/dev/null & edge_pids+=($!) pids+=($!)
+done
+for i in 0 1 2 3 4 5; do wait_port "${ports[$i]}"; done
+sleep 1.5
+( sleep 2; kill -9 "$ams_pid" ) &
+read -r n errors switch settle before after <<<"$(python3 bench/cdn_load.py failover 6 2 "${ports[0]},${ports[1]}")"
+echo "failover: ams's machines killed under 4 clients in ams ($delay injected between regions), $n requests"
+echo "  errors seen by clients: $errors (goal: none); answers from ams stopped ${switch} ms after the kill; latency settled after ${settle} ms"
+echo "  p50 before ${before} ms (ams), after ${after} ms (fra): $(ratio "$after" "$before")x"
+stop_edges

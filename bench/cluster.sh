@@ -7,7 +7,13 @@
 #     at n1 of a machine placed in fra (carried to n2 or n3) against one
 #     placed in ams (n1's own), alternating, $ROUNDS each. The added time
 #     over the injected round trip is the figure (goal: at most 10 ms).
-#  2. Node death: `kill -9` of the fra node that runs one of the app's two
+#  2. Purge: $PURGES purges by tag through n1's API, each answered once
+#     every node of every region has applied it: p50/p99 (goal: p99 at
+#     most one inter-region round trip plus 20 ms; run with LATENCY=40ms
+#     for the issue's figure). Etcd's own traffic has no injected delay:
+#     the log write is local here, the direct calls to fra pay the round
+#     trip.
+#  3. Node death: `kill -9` of the fra node that runs one of the app's two
 #     fra machines, until its replacement on the other fra node answers
 #     HTTP from a machine in ams (goal: at most 2x the 5 s lease).
 set -euo pipefail
@@ -19,7 +25,7 @@ ensure_commands "${MACHINE_COMMANDS[@]}" etcd:etcd-server nsenter:util-linux cur
 cargo build --release -q -p hangar
 hangar=$PWD/target/release/hangar
 work=$(mktemp -d /var/tmp/hangar-cluster.XXXXXX)
-rounds=${ROUNDS:-10}
+rounds=${ROUNDS:-10} purges=${PURGES:-100}
 latency=${LATENCY:-20ms}
 regions=(ams fra fra)
 pids=()
@@ -66,7 +72,7 @@ up() {
     local i=$1
     HANGAR_HOME=$work/n$i nsenter --net="/var/run/netns/hb$i" "$hangar" up --etcd "$etcd" --node "n$i" --region "${regions[$((i - 1))]}" \
         --listen "10.77.0.$i:4280" --advertise "http://10.77.0.$i:4280" --registry-listen "10.77.0.$i:5000" \
-        --edge-listen 127.0.0.1:0 --edge-admin-listen 127.0.0.1:0 --memory-mb 4096 \
+        --edge-listen "10.77.0.$i:8080" --edge-admin-listen 127.0.0.1:0 --memory-mb 4096 \
         --latency "ams:fra=$latency" 2>>"$work/up$i.log" &
     node_pid[$i]=$!
     pids+=($!)
@@ -102,6 +108,17 @@ printf '  own node (ams, n1)         median %7s ms\n' "$(calc "$own / 1000")"
 printf '  another node (fra, n2/n3)  median %7s ms\n' "$(calc "$far / 1000")"
 printf '  added over the injected %s: %s ms (goal: at most 10 ms); another / own: %sx\n' \
     "$latency" "$(calc "($far - $own - $lat_us) / 1000")" "$(ratio "$far" "$own")"
+
+# Purges through n1, each answered once n1, n2 and n3 have applied it.
+token=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["token"])' "$work/n1/config.toml")
+for r in $(seq "$purges"); do
+    in_ns 1 curl -s -o "$work/purge.json" -w '%{time_total}\n' -X POST -H "Authorization: Bearer $token" \
+        -H 'content-type: application/json' -d "{\"tag\":\"t$r\"}" http://10.77.0.1:4280/v1/apps/web/purge >> "$work/purge.s"
+    grep -q '"complete":true' "$work/purge.json" || { echo "purge $r incomplete: $(cat "$work/purge.json")" >&2; exit 1; }
+done
+read -r p50 p99 <<<"$(awk '{print $1 * 1000}' "$work/purge.s" | sort -n | awk '{a[NR]=$1} END {printf "%.1f %.1f", a[int((NR+1)/2)], a[int(NR*0.99+0.5)]}')"
+printf 'purge at n1 until every region applied it (%s purges, %s between regions): p50 %s ms, p99 %s ms; p99 - round trip = %s ms (goal: at most 20 ms)\n' \
+    "$purges" "$latency" "$p50" "$p99" "$(calc "$p99 - $lat_us / 1000")"
 
 # Node death: the fra node of warm[1] dies; its replacement must serve.
 status() { at 1 machine status "$1" --json; }
