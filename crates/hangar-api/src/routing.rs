@@ -58,6 +58,8 @@ pub struct MeshSpec {
     /// This node's share of the cache keys, 0 to 1.
     pub weight: f64,
     pub peers: Vec<PeerSpec>,
+    /// Super-regions: region -> group.
+    pub groups: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -111,6 +113,7 @@ pub fn mesh_spec(
                 })
             })
             .collect(),
+        groups: BTreeMap::new(),
     }
 }
 
@@ -156,6 +159,39 @@ pub struct Routing {
     /// The ids of purges applied as they were sent here (see
     /// [`crate::purge`]).
     pub(crate) purged: Mutex<std::collections::HashSet<String>>,
+    /// Super-regions of the edges' CDN: region -> its group.
+    groups: BTreeMap<String, String>,
+}
+
+/// `NAME=REGION,REGION` items into region -> group; a region in two
+/// groups, or an item without regions, is an error naming it.
+pub fn parse_groups(items: &[String]) -> Result<BTreeMap<String, String>, Error> {
+    let mut groups = BTreeMap::new();
+    for item in items {
+        let bad = || {
+            Error::Invalid(format!(
+                "--region-group {item:?}: give NAME=REGION,REGION (e.g. eu=ams,fra)"
+            ))
+        };
+        let (name, regions) = item.split_once('=').ok_or_else(bad)?;
+        let regions: Vec<&str> = regions
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .collect();
+        if name.trim().is_empty() || regions.is_empty() {
+            return Err(bad());
+        }
+        for r in regions {
+            if let Some(other) = groups.insert(r.to_string(), name.trim().to_string()) {
+                return Err(Error::Invalid(format!(
+                    "--region-group: region {r} is in {other} and {} (one group each)",
+                    name.trim()
+                )));
+            }
+        }
+    }
+    Ok(groups)
 }
 
 impl Routing {
@@ -168,7 +204,14 @@ impl Routing {
             ready_at: Mutex::default(),
             waking: Mutex::default(),
             purged: Mutex::default(),
+            groups: BTreeMap::new(),
         }
+    }
+
+    /// With super-regions (see [`parse_groups`]).
+    pub fn with_groups(mut self, groups: BTreeMap<String, String>) -> Routing {
+        self.groups = groups;
+        self
     }
 
     fn host_of(&self, app: &str) -> String {
@@ -330,13 +373,16 @@ impl Node {
                         .iter()
                         .find(|m| m.name == c.me.name)
                         .unwrap_or(&c.me);
-                    routing.ingress.set_mesh(mesh_spec(
-                        me,
-                        &members,
-                        &c.token,
-                        |r| c.latency.between(&c.me.region, r),
-                        now,
-                    ))
+                    routing.ingress.set_mesh(MeshSpec {
+                        groups: routing.groups.clone(),
+                        ..mesh_spec(
+                            me,
+                            &members,
+                            &c.token,
+                            |r| c.latency.between(&c.me.region, r),
+                            now,
+                        )
+                    })
                 }
                 Err(e) => tracing::warn!("edge mesh not refreshed: {e}"),
             }
@@ -640,6 +686,19 @@ mod tests {
             [("far".to_string(), "n2".to_string())]
         );
         assert!(!web.autostart, "nothing here to start");
+    }
+
+    #[test]
+    fn region_groups_parse_and_a_region_is_in_one_only() {
+        let g = parse_groups(&["eu=ams,fra".into(), "us = iad".into()]).unwrap();
+        assert_eq!(g["ams"], "eu");
+        assert_eq!(g["fra"], "eu");
+        assert_eq!(g["iad"], "us");
+        let e = parse_groups(&["eu=ams".into(), "west=ams".into()]).unwrap_err();
+        assert!(e.to_string().contains("ams is in eu and west"), "{e}");
+        let e = parse_groups(&["eu".into()]).unwrap_err();
+        assert!(e.to_string().contains("NAME=REGION"), "{e}");
+        assert!(parse_groups(&["eu=".into()]).is_err());
     }
 
     #[test]

@@ -114,7 +114,7 @@ impl Ingress for EdgeIngress {
                     delay: p.delay,
                 })
                 .collect(),
-            groups: Default::default(),
+            groups: m.groups,
         });
     }
 }

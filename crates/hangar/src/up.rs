@@ -90,6 +90,11 @@ pub struct UpArgs {
     /// `top<N>.nearest` ranks regions by it too
     #[arg(long = "latency", value_name = "A:B=DURATION")]
     latency: Vec<String>,
+    /// A super-region of the cluster's CDN (NAME=REGION,REGION; repeat for
+    /// more): a miss in one of its regions goes through the group's owner
+    /// of the key before the app's shield. Give every node the same
+    #[arg(long = "region-group", value_name = "NAME=REGION,...")]
+    region_groups: Vec<String>,
     /// How the node logs (to stderr; the level from $HANGAR_LOG, default info)
     #[arg(long, value_enum, default_value_t)]
     pub log_format: crate::LogFormat,
@@ -405,7 +410,8 @@ pub fn run(args: UpArgs) -> Result<()> {
             }
             edge_url = Some(format!("http://<app>.{}:{}", args.domain, running.http.port()));
             let ingress = crate::bridges::EdgeIngress { edge: running.edge.clone(), runtime: tokio::runtime::Handle::current() };
-            node = node.with_routing(hangar_api::routing::Routing::new(Arc::new(ingress), &args.domain));
+            let groups = hangar_api::routing::parse_groups(&args.region_groups)?;
+            node = node.with_routing(hangar_api::routing::Routing::new(Arc::new(ingress), &args.domain).with_groups(groups));
         }
         let node = Arc::new(node);
         tokio::spawn(hangar_api::cluster::lead(node.clone()));
