@@ -153,25 +153,32 @@ pub enum ClientBodyError {
     Stalled(std::time::Duration),
 }
 
+/// The client body limit an error comes from, among its sources.
+fn tripped_limit(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(body) = s.downcast_ref::<ClientBodyError>() {
+            let kind = match body {
+                ClientBodyError::TooLarge(_) => Kind::BodyTooLarge,
+                ClientBodyError::Stalled(_) => Kind::BodyStalled,
+            };
+            return Some(ProxyError::new(kind, body.to_string()));
+        }
+        source = s.source();
+    }
+    None
+}
+
 impl ProxyError {
     /// A client's body that could not be read whole: its limit's error
     /// (413, 408) when it tripped one, else a broken request.
     pub fn client_body(e: &(dyn std::error::Error + 'static)) -> ProxyError {
-        let mut source = Some(e);
-        while let Some(s) = source {
-            if let Some(body) = s.downcast_ref::<ClientBodyError>() {
-                let kind = match body {
-                    ClientBodyError::TooLarge(_) => Kind::BodyTooLarge,
-                    ClientBodyError::Stalled(_) => Kind::BodyStalled,
-                };
-                return ProxyError::new(kind, body.to_string());
-            }
-            source = s.source();
-        }
-        ProxyError::new(
-            Kind::BodyStalled,
-            format!("the request body broke off: {e}"),
-        )
+        tripped_limit(e).unwrap_or_else(|| {
+            ProxyError::new(
+                Kind::BodyStalled,
+                format!("the request body broke off: {e}"),
+            )
+        })
     }
 
     pub fn new(kind: Kind, cause: impl Into<Arc<str>>) -> ProxyError {
@@ -189,16 +196,8 @@ impl ProxyError {
     /// backend did not merely take too long. A client's body that tripped
     /// a limit is the client's error, whatever the connection made of it.
     pub fn upstream(e: &UpstreamError, replayable: bool) -> ProxyError {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        while let Some(s) = source {
-            if let Some(body) = s.downcast_ref::<ClientBodyError>() {
-                let kind = match body {
-                    ClientBodyError::TooLarge(_) => Kind::BodyTooLarge,
-                    ClientBodyError::Stalled(_) => Kind::BodyStalled,
-                };
-                return ProxyError::new(kind, body.to_string());
-            }
-            source = s.source();
+        if let Some(limit) = tripped_limit(e) {
+            return limit;
         }
         let (kind, retry) = match e {
             UpstreamError::Connect(..) => (Kind::Connect, true),
