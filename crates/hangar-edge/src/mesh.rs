@@ -20,6 +20,10 @@ use rendezvous_hash::{Capacity, DefaultNodeHasher, KeyValueNode, RendezvousNodes
 use crate::backend::Backend;
 use crate::upstream;
 
+/// How much later than the injected delay a ping may come back before
+/// its edge counts as slow (a healthy edge answers in well under 1 ms).
+const SLOW_PING: Duration = Duration::from_millis(200);
+
 /// The header a request between edges carries: `<token> <role>`.
 pub const HOP: &str = "hangar-hop";
 
@@ -165,6 +169,13 @@ impl Peer {
         self.missed.store(2, Ordering::Relaxed);
         self.up.store(false, Ordering::Relaxed);
         self.backend.pool.clear();
+    }
+
+    /// Its pings take this much longer than the injected delay: an edge
+    /// that answers a ping so late is overloaded or stuck, and owns keys
+    /// only after the others.
+    pub fn slow(&self) -> bool {
+        self.rtt() > self.config.delay + SLOW_PING
     }
 
     /// The measured round trip (the injected delay until a ping is back).
@@ -403,13 +414,18 @@ impl View {
                 ));
             }
         }
-        nodes
+        let ordered: Vec<Owner> = nodes
             .calc_candidates(&key)
             .map(|n| match n.node.value {
                 usize::MAX => Owner::Me,
                 i => Owner::Peer(self.peers[i].clone()),
             })
-            .collect()
+            .collect();
+        // A slow owner's keys go to the next in hash order while it is slow.
+        let (fast, slow): (Vec<Owner>, Vec<Owner>) = ordered
+            .into_iter()
+            .partition(|o| !matches!(o, Owner::Peer(p) if p.slow()));
+        fast.into_iter().chain(slow).collect()
     }
 
     /// The peers of `nodes` (by name) usable now, nearest first.
@@ -597,5 +613,12 @@ mod tests {
             light < heavier && heavier < before,
             "{light} < {heavier} < {before}"
         );
+        // A slow one (its pings 200 ms late) is passed over, not dropped.
+        let v = mesh("a1", "ams", &[("a2", "ams")]);
+        v.peers[0].rtt_us.store(900_000, Ordering::Relaxed);
+        for k in 0..50 {
+            let tiers = v.tiers(&format!("k{k}"), Role::Client, None);
+            assert!(tiers.is_empty(), "a1 owns every key while a2 is slow");
+        }
     }
 }
