@@ -443,6 +443,7 @@ pub async fn lead(node: Arc<Node>) {
     let Some(cluster) = node.cluster.clone() else {
         return;
     };
+    let mut round = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let Some(fenced) = cluster.store.as_leader() else {
@@ -450,6 +451,14 @@ pub async fn lead(node: Arc<Node>) {
         };
         if let Err(e) = replace_lost(&node, &fenced).await {
             tracing::warn!("leader: {e}");
+        }
+        // Every 10 s: the purge log keeps its last `crate::purge::KEEP`.
+        round += 1;
+        if round % 100 == 0 {
+            let trim = tokio::task::spawn_blocking(move || fenced.trim_purges(crate::purge::KEEP));
+            if let Ok(Err(e)) = trim.await {
+                tracing::warn!("leader: trimming the purge log: {e}");
+            }
         }
     }
 }

@@ -29,6 +29,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::node::Node;
 
+/// How many purges the log keeps; a node that was away for more drops its
+/// whole cache when it comes back.
+pub const KEEP: usize = 10_000;
+
 /// How long after the read model was last known current the edge may
 /// serve cached responses as fresh.
 pub const HORIZON: Duration = Duration::from_secs(3);
@@ -174,6 +178,14 @@ pub fn follow(node: Arc<Node>, file: PathBuf) {
     let mut acked = None;
     let mut seen = 0;
     loop {
+        // Purges this node never applied are gone from the log: nothing it
+        // holds can be trusted.
+        let floor = cluster.store.purge_floor();
+        if applied < floor {
+            tracing::warn!("missed purges were trimmed from the log (up to revision {floor}, this node had applied {applied}): dropping the whole edge cache");
+            routing.ingress.purge_all();
+            applied = floor;
+        }
         let (current_at, purges) = cluster.store.purges_after(applied);
         for (revision, bytes) in purges {
             match serde_json::from_slice::<PurgeSpec>(&bytes) {

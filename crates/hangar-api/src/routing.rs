@@ -137,6 +137,8 @@ pub trait Ingress: Send + Sync {
     fn set_mesh(&self, _mesh: MeshSpec) {}
     /// Remove (or mark stale) what `purge` names from the edge's cache.
     fn purge(&self, _purge: &crate::purge::PurgeSpec) {}
+    /// Remove everything from the edge's cache.
+    fn purge_all(&self) {}
     /// Serve cached responses as fresh until `until` only (see
     /// [`crate::purge`]).
     fn fresh_until(&self, _until: std::time::Instant) {}

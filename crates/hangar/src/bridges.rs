@@ -93,6 +93,10 @@ impl Ingress for EdgeIngress {
         self.edge.purge(&what, p.soft);
     }
 
+    fn purge_all(&self) {
+        self.edge.purge_all();
+    }
+
     fn fresh_until(&self, until: std::time::Instant) {
         self.edge.set_fresh_until(until);
     }

@@ -151,6 +151,11 @@ impl Edge {
         self.cache.purge(what, soft)
     }
 
+    /// Remove every stored object, of every host.
+    pub fn purge_all(&self) -> usize {
+        self.cache.store.purge_prefix("", false)
+    }
+
     /// Serve stored responses as fresh until `until` only; after it every
     /// hit is revalidated first. A cluster's node moves it on as long as it
     /// knows it has applied every purge (a node cut off from the cluster

@@ -480,6 +480,58 @@ impl EtcdStore {
         (view.current_at, purges)
     }
 
+    /// Keep the last `keep` purges of the log (on the leader's handle): the
+    /// older ones go, and `docs/purge-floor` says up to which revision
+    /// they went (a node that had not applied them drops its whole cache).
+    pub fn trim_purges(&self, keep: usize) -> Result<usize> {
+        let old: Vec<(String, i64)> = {
+            let view = self.model.view();
+            let mut all: Vec<(String, i64)> = view
+                .kvs
+                .range("purges/".to_string()..)
+                .take_while(|(k, _)| k.starts_with("purges/"))
+                .map(|(k, kv)| (k.clone(), kv.create_revision))
+                .collect();
+            all.sort_by_key(|(_, rev)| *rev);
+            let n = all.len().saturating_sub(keep);
+            all.truncate(n);
+            all
+        };
+        let mut trimmed = 0;
+        // etcd takes at most 128 operations in one transaction.
+        for chunk in old.chunks(100) {
+            let floor = chunk.iter().map(|(_, rev)| *rev).max().unwrap_or(0);
+            let (_, at) = self.doc("purge-floor").unwrap_or_default();
+            let ops = chunk
+                .iter()
+                .map(|(k, _)| delete(k))
+                .chain([put("docs/purge-floor", floor.to_string().into_bytes())]);
+            let when = if at == 0 {
+                absent("docs/purge-floor")
+            } else {
+                unchanged("docs/purge-floor", at)
+            };
+            if !self
+                .txn(
+                    Write::new().when([when]).and_then(ops),
+                    &["docs/purge-floor"],
+                )?
+                .0
+            {
+                break;
+            }
+            trimmed += chunk.len();
+        }
+        Ok(trimmed)
+    }
+
+    /// Up to which revision purges were trimmed from the log (0: none).
+    pub fn purge_floor(&self) -> i64 {
+        self.doc("purge-floor")
+            .and_then(|(v, _)| std::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// This node has applied every purge up to `revision`.
     pub fn ack_purges(&self, revision: i64) -> Result<()> {
         let Some((name, lease)) = self.joined_as() else {

@@ -261,3 +261,33 @@ fn a_leader_that_lost_the_lead_writes_nothing() {
     eventually("a is back", || b.members().unwrap().len() == 2);
     assert!(a.as_leader().is_none());
 }
+
+#[test]
+fn the_purge_log_is_one_order_acked_per_node_and_trimmed_with_a_floor() {
+    let (_dir, members) = cluster();
+    let ttl = std::time::Duration::from_secs(2);
+    let a = EtcdStore::open(&members.endpoints()).unwrap();
+    a.join(&member("n1"), ttl, None).unwrap();
+    let b = EtcdStore::open(&members.endpoints()).unwrap();
+    let revs: Vec<i64> = (0..5)
+        .map(|i| a.add_purge(format!("p{i}").into_bytes()).unwrap())
+        .collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+    // Another node's model has them, in that order, and knows when it was
+    // last current.
+    eventually("b has the purges", || b.purges_after(0).1.len() == 5);
+    eventually("b is current", || b.purges_after(0).0.is_some());
+    let (_, after) = b.purges_after(revs[1]);
+    let bodies: Vec<&[u8]> = after.iter().map(|(_, v)| v.as_slice()).collect();
+    assert_eq!(bodies, [&b"p2"[..], b"p3", b"p4"]);
+    // Acks are per node, under its lease.
+    a.ack_purges(revs[4]).unwrap();
+    eventually("b sees the ack", || {
+        b.purge_acks().get("n1") == Some(&revs[4])
+    });
+    // Trimmed to the last 2: the floor says up to where.
+    eventually("a leads", || a.as_leader().is_some());
+    assert_eq!(a.as_leader().unwrap().trim_purges(2).unwrap(), 3);
+    eventually("b sees the trim", || b.purges_after(0).1.len() == 2);
+    assert_eq!(b.purge_floor(), revs[2]);
+}
