@@ -454,7 +454,7 @@ pub async fn lead(node: Arc<Node>) {
         }
         // Every 10 s: the purge log keeps its last `crate::purge::KEEP`.
         round += 1;
-        if round % 100 == 0 {
+        if round.is_multiple_of(100) {
             let trim = tokio::task::spawn_blocking(move || fenced.trim_purges(crate::purge::KEEP));
             if let Ok(Err(e)) = trim.await {
                 tracing::warn!("leader: trimming the purge log: {e}");
