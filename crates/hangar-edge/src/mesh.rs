@@ -206,6 +206,9 @@ pub struct Tier {
 #[derive(Default)]
 pub struct Mesh {
     view: RwLock<Arc<View>>,
+    /// Whether the view is of a cluster: read on every request, so that a
+    /// node alone never touches the shared view.
+    clustered: AtomicBool,
 }
 
 #[derive(Default)]
@@ -217,6 +220,11 @@ pub struct View {
 impl Mesh {
     pub fn view(&self) -> Arc<View> {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether this edge is part of a cluster (see [`View::clustered`]).
+    pub fn clustered(&self) -> bool {
+        self.clustered.load(Ordering::Relaxed)
     }
 
     pub fn set(&self, config: MeshConfig) {
@@ -244,7 +252,9 @@ impl Mesh {
                 }
             })
             .collect();
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(View { config, peers });
+        let view = View { config, peers };
+        self.clustered.store(view.clustered(), Ordering::Relaxed);
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
     }
 
     /// Measure every peer's round trip each `every`, and mark a peer that

@@ -219,7 +219,11 @@ impl Edge {
         tls: bool,
     ) -> Result<Response<Body>, std::convert::Infallible> {
         let start = Instant::now();
-        let view = self.mesh.view();
+        // A node alone never reads the shared view (its reference count
+        // would be one more cache line every request touches).
+        let shared = self.mesh.clustered().then(|| self.mesh.view());
+        let alone = mesh::View::default();
+        let view = shared.as_deref().unwrap_or(&alone);
         let role = if view.clustered() {
             mesh::role_of(req.headers(), &view.config.token)
         } else {
