@@ -174,6 +174,23 @@ impl ClusterNode {
         }
     }
 
+    /// Create app `app` of `org` (busybox), its hangar.toml in the home.
+    fn launch(&self, app: &str, org: &str) {
+        let path = self.h.dir.path().join(app);
+        std::fs::create_dir_all(&path).unwrap();
+        self.h.ok(&[
+            "launch",
+            "--image",
+            "localhost/busybox:test",
+            "--name",
+            app,
+            "--org",
+            org,
+            "--path",
+            path.to_str().unwrap(),
+        ]);
+    }
+
     /// A machine of `app` in `region` serving /www on port 8080; its id.
     fn run(&self, app: &str, region: &str) -> String {
         self.run_image("localhost/busybox:test", app, region)
@@ -280,19 +297,7 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
     let (wire, _dir, mut etcd, mut nodes) = three_nodes();
     let n1 = &nodes[0];
     for (app, org) in [("web", "acme"), ("loot", "evil")] {
-        let path = n1.h.dir.path().join(app);
-        std::fs::create_dir_all(&path).unwrap();
-        n1.h.ok(&[
-            "launch",
-            "--image",
-            "localhost/busybox:test",
-            "--name",
-            app,
-            "--org",
-            org,
-            "--path",
-            path.to_str().unwrap(),
-        ]);
+        n1.launch(app, org);
     }
 
     // acme's machines: one in ams (on n1), two in fra, spread over n2 and n3.
@@ -781,19 +786,7 @@ fn a_purge_reaches_every_region_in_order_and_a_cut_off_node_catches_up_first() {
     let _lock = host_lock();
     let (wire, _dir, _etcd, nodes) = three_nodes();
     let (n1, n2) = (&nodes[0], &nodes[1]);
-    let path = n1.h.dir.path().join("news");
-    std::fs::create_dir_all(&path).unwrap();
-    n1.h.ok(&[
-        "launch",
-        "--image",
-        "localhost/busybox:test",
-        "--name",
-        "news",
-        "--org",
-        "acme",
-        "--path",
-        path.to_str().unwrap(),
-    ]);
+    n1.launch("news", "acme");
     let id =
         n1.h.ok(&[
             "machine",
