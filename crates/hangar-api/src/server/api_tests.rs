@@ -339,11 +339,13 @@ async fn one_orgs_flood_leaves_the_other_org_served() {
     let waits: Vec<_> = (0..IN_FLIGHT_PER_CALLER)
         .map(|_| {
             let (evil, id) = (evil.clone(), own.id.clone());
-            tokio::spawn(async move { evil.wait(&id, "destroyed", 5).await })
+            // Longer than the loop below may take on a loaded machine: the
+            // first ones must still be in flight when the last arrive.
+            tokio::spawn(async move { evil.wait(&id, "destroyed", 30).await })
         })
         .collect();
     // Until all of them are in.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let refused = loop {
         match evil.machines().await {
             Err(e) if e.status() == Some(429) => break e,
