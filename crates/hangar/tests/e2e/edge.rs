@@ -1182,3 +1182,46 @@ fn a_backend_at_its_hard_limit_takes_no_more_requests() {
     // With room again, requests are taken at once.
     assert_eq!(text(&edge.get("short.localhost", "/e", &[])), "done");
 }
+
+#[test]
+fn an_early_hints_interim_response_is_never_stored_nor_mistaken_for_the_final_one() {
+    // An origin that sends 103 Early Hints, then the final response.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = listener.local_addr().unwrap().to_string();
+    let asked = Arc::new(AtomicU64::new(0));
+    let a = asked.clone();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                while read_request(&mut s).is_some() {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    let interim =
+                        "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n";
+                    let last = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nCache-Control: max-age=60\r\n\r\nhello";
+                    if s.write_all(interim.as_bytes()).is_err()
+                        || s.write_all(last.as_bytes()).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let h = Hangar::new();
+    let edge = Edge::start(&h, &host_config("app.localhost", &[&origin], ""));
+    let first = edge.get("app.localhost", "/page", &[]);
+    assert_eq!((first.status, text(&first).as_str()), (200, "hello"));
+    assert!(
+        status_of(&first).contains("stored"),
+        "{}",
+        status_of(&first)
+    );
+    // The hint's fields belong to the hint, not to the response (RFC 8297).
+    assert_eq!(first.header("link"), None);
+    let again = edge.get("app.localhost", "/page", &[]);
+    assert_eq!((again.status, text(&again).as_str()), (200, "hello"));
+    assert!(status_of(&again).contains("hit"), "{}", status_of(&again));
+    assert_eq!(again.header("link"), None);
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+}
