@@ -59,8 +59,13 @@ pub struct AppToml {
     pub http_service: Option<HttpService>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<Cache>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<Metrics>,
+    /// `[metrics]`, or several `[[metrics]]`.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::config::one_or_many"
+    )]
+    pub metrics: Vec<Metrics>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vm: Vec<Vm>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -456,10 +461,14 @@ impl AppToml {
         if let Some(region) = &self.primary_region {
             c.metadata.insert("region".into(), region.clone());
         }
-        c.metrics = self.metrics.as_ref().map(|m| crate::config::Metrics {
-            port: m.port,
-            path: m.path.clone(),
-        });
+        c.metrics = self
+            .metrics
+            .iter()
+            .map(|m| crate::config::Metrics {
+                port: m.port,
+                path: m.path.clone(),
+            })
+            .collect();
         c
     }
 
@@ -632,7 +641,7 @@ policy = "always"
                 shield: Some("fra".into()),
             })
         );
-        assert_eq!(c.metrics.as_ref().map(|m| m.port), Some(9091));
+        assert_eq!(c.metrics.iter().map(|m| m.port).collect::<Vec<_>>(), [9091]);
         c.validate().unwrap();
         assert_eq!(
             m.deploy_request("x", None, "").strategy,

@@ -330,6 +330,20 @@ impl Client {
         self.post(&format!("/v1/apps/{app}/purge"), req).await
     }
 
+    /// Call the node's Prometheus HTTP API (`query`, `series`, ...;
+    /// confined to the token's org) and return Prometheus's answer.
+    pub async fn metrics(
+        &self,
+        endpoint: &str,
+        params: &[(&str, &str)],
+    ) -> Result<serde_json::Value> {
+        let query = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params)
+            .finish();
+        self.get(&format!("/v1/metrics/api/v1/{endpoint}?{query}"))
+            .await
+    }
+
     /// Apply a purge at this node now (a node's call to another).
     pub async fn apply_purge(&self, spec: &crate::purge::PurgeSpec) -> Result<()> {
         let _: Done = self.post("/v1/internal/purge", spec).await?;

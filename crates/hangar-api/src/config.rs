@@ -70,9 +70,34 @@ pub struct MachineConfig {
     /// timeout (seconds).
     pub kill_signal: Option<String>,
     pub kill_timeout: Option<u64>,
-    /// Where the app serves Prometheus metrics (fly.toml's `[metrics]`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<Metrics>,
+    /// Where the app serves Prometheus metrics (fly.toml's `[metrics]`;
+    /// one table or several): each is scraped on every started machine.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "one_or_many"
+    )]
+    pub metrics: Vec<Metrics>,
+}
+
+/// A list written as one value or as a list (`[metrics]` or
+/// `[[metrics]]`; Fly's machine config has one object).
+pub fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        Many(Vec<T>),
+        One(T),
+    }
+    Ok(match Option::<OneOrMany<T>>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(t)) => vec![t],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }
 
 /// An app's Prometheus endpoint inside its machines.
@@ -307,6 +332,14 @@ impl MachineConfig {
                 "config.rootfs.size_gb {} must be 1 to {MAX_ROOTFS_GB}",
                 self.rootfs.size_gb
             )));
+        }
+        for (i, m) in self.metrics.iter().enumerate() {
+            if m.port == 0 || !m.path.starts_with('/') || m.path.len() > 1024 {
+                return Err(Error::Invalid(format!(
+                    "config.metrics[{i}]: port {} and path {:?}: give a port from 1 to 65535 and a path that starts with /",
+                    m.port, m.path
+                )));
+            }
         }
         if self.kill_timeout.is_some_and(|t| t > MAX_SECONDS) {
             return Err(Error::Invalid(format!(

@@ -58,6 +58,7 @@ pub mod deploy;
 pub mod dns;
 pub mod egress;
 pub mod error;
+pub mod metrics;
 pub mod node;
 pub mod purge;
 pub mod routing;

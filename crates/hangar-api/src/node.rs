@@ -43,6 +43,8 @@ pub struct Node {
     mesh: Option<Arc<dyn crate::cluster::Mesh>>,
     /// `.internal` DNS for its machines, where it serves it.
     dns: Option<Arc<crate::dns::Dns>>,
+    /// Where its metrics are stored and queried, when they are on.
+    pub metrics: Option<crate::metrics::Metrics>,
     /// Held from the room check of a create to its row: only this node
     /// creates its machines, so two creates at once cannot both take the
     /// last of its memory.
@@ -158,6 +160,7 @@ impl Node {
             cluster: None,
             mesh: None,
             dns: None,
+            metrics: None,
             admitting: Mutex::new(()),
         }
     }
@@ -173,6 +176,13 @@ impl Node {
     /// resolver.
     pub fn with_dns(mut self, dns: Arc<crate::dns::Dns>) -> Node {
         self.dns = Some(dns);
+        self
+    }
+
+    /// Store metrics in the Prometheus at `metrics.prometheus`, and serve
+    /// its targets and the per-org query endpoint.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Node {
+        self.metrics = Some(metrics);
         self
     }
 

@@ -227,7 +227,7 @@ pub fn app_of(m: &Machine) -> String {
 }
 
 /// The address of `m`'s `port` (IPv4, the edge's first try).
-fn address(m: &Machine, port: u16) -> SocketAddr {
+pub(crate) fn address(m: &Machine, port: u16) -> SocketAddr {
     SocketAddr::new(hangar_machine::network::address(m.slot).v4.into(), port)
 }
 

@@ -160,7 +160,7 @@ fn app_name(flag: &AppFlag) -> Result<String> {
     bail!("which app? pass -a APP, or run this where a hangar.toml is (`hangar launch` writes one)")
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -21,6 +21,7 @@ mod egress;
 mod image;
 mod images;
 mod machine;
+mod metrics;
 mod node;
 mod node_config;
 mod progress;
@@ -90,6 +91,11 @@ enum Command {
         app: apps::AppFlag,
         #[command(subcommand)]
         command: apps::CacheCommand,
+    },
+    /// Query the metrics of your org's apps (PromQL, through the node's Prometheus).
+    Metrics {
+        #[command(subcommand)]
+        command: metrics::MetricsCommand,
     },
     /// Set, list and unset the app's secrets (encrypted at rest, never shown).
     Secrets {
@@ -242,6 +248,7 @@ fn main() -> ExitCode {
         Command::Scale { app, command } => apps::scale(app, command),
         Command::Secrets { app, command } => apps::secrets(app, command),
         Command::Cache { app, command } => apps::cache(app, command),
+        Command::Metrics { command } => metrics::run(command),
         Command::Apps { json, command } => apps::apps(json, command),
         Command::Open(app) => apps::open(app),
     };

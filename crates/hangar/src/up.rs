@@ -95,9 +95,76 @@ pub struct UpArgs {
     /// of the key before the app's shield. Give every node the same
     #[arg(long = "region-group", value_name = "NAME=REGION,...")]
     region_groups: Vec<String>,
+    /// Store and serve metrics with Debian's Prometheus: `auto` when it is
+    /// installed, `on` (refuse to start without it) or `off`
+    #[arg(long, value_enum, default_value_t)]
+    metrics: MetricsMode,
+    /// The loopback port the node's Prometheus listens on (default: a free one)
+    #[arg(long, value_name = "PORT")]
+    prometheus_port: Option<u16>,
     /// How the node logs (to stderr; the level from $HANGAR_LOG, default info)
     #[arg(long, value_enum, default_value_t)]
     pub log_format: crate::LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, clap::ValueEnum)]
+pub enum MetricsMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// Start the node's Prometheus, scraping the targets the API at `api`
+/// lists, when `mode` and the host allow; says why not otherwise.
+fn start_prometheus(
+    mode: MetricsMode,
+    port: Option<u16>,
+    home: &std::path::Path,
+    api: std::net::SocketAddr,
+    token: &str,
+) -> Result<Option<hangar_metrics::prometheus::Prometheus>> {
+    use hangar_metrics::prometheus::{self, Prometheus, Settings};
+    let binary = match (mode, prometheus::find()) {
+        (MetricsMode::Off, _) => return Ok(None),
+        (_, Some(binary)) => binary,
+        (MetricsMode::On, None) => bail!("--metrics on needs Debian's prometheus: apt-get install prometheus (or run with --metrics off)"),
+        (MetricsMode::Auto, None) => {
+            tracing::info!("metrics are off: Debian's prometheus is not installed (apt-get install prometheus, then restart `hangar up` to store and query apps' metrics)");
+            return Ok(None);
+        }
+    };
+    let port = match port {
+        Some(p) => p,
+        None => std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port(),
+    };
+    let host = if api.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        api.ip()
+    };
+    let settings = Settings {
+        binary,
+        dir: home.join("prometheus"),
+        targets_url: format!(
+            "http://{}/v1/internal/metrics/targets",
+            std::net::SocketAddr::new(host, api.port())
+        ),
+        token: token.to_string(),
+        port,
+        scrape_interval: prometheus::SCRAPE_INTERVAL,
+        retention: Duration::from_secs(15 * 86400),
+    };
+    let running = Prometheus::start(settings)
+        .map_err(|e| anyhow::anyhow!("{e}; or run with --metrics off"))?;
+    tracing::info!(
+        "metrics in Prometheus at {} (data in {}); orgs query them at /v1/metrics",
+        running.url(),
+        home.join("prometheus").display()
+    );
+    Ok(Some(running))
 }
 
 /// The static hangar-init this binary carries (built by `build.rs`).
@@ -381,6 +448,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
 
         let mut edge_url = None;
+        let mut edge_admin = None;
         // The edge asks the node for a started machine through this channel.
         let (wakes, mut wake_requests) = tokio::sync::mpsc::channel::<hangar_edge::proxy::Wake>(64);
         if !args.no_edge {
@@ -403,6 +471,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 ..Default::default()
             };
             let running = hangar_edge::start(&config, Some(wakes), std::future::pending()).await.map_err(|e| anyhow::anyhow!("{e}; use --edge-listen or --no-edge"))?;
+            edge_admin = running.admin;
             let admin = running.admin.map(|a| a.to_string()).unwrap_or_default();
             tracing::info!("edge on http://{} (apps at http://<app>.{}:{}), admin on http://{admin}", running.http, args.domain, running.http.port());
             if let Some(tls) = running.tls {
@@ -412,6 +481,14 @@ pub fn run(args: UpArgs) -> Result<()> {
             let ingress = crate::bridges::EdgeIngress { edge: running.edge.clone(), runtime: tokio::runtime::Handle::current() };
             let groups = hangar_api::routing::parse_groups(&args.region_groups)?;
             node = node.with_routing(hangar_api::routing::Routing::new(Arc::new(ingress), &args.domain).with_groups(groups));
+        }
+        let prometheus = start_prometheus(args.metrics, args.prometheus_port, &home, addr, &token)?;
+        if let Some(p) = &prometheus {
+            let own = edge_admin
+                .map(|a| hangar_metrics::TargetGroup { targets: vec![a.to_string()], labels: [("component".to_string(), "edge".to_string())].into() })
+                .into_iter()
+                .collect();
+            node = node.with_metrics(hangar_api::metrics::Metrics { prometheus: p.url().to_string(), own });
         }
         let node = Arc::new(node);
         tokio::spawn(hangar_api::cluster::lead(node.clone()));
@@ -491,6 +568,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let api = Arc::new(Api { node: node.clone(), token, pull, orgs, in_flight: Default::default() });
         hangar_api::server::serve(api, listener, crate::shutdown_signal()).await;
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(prometheus);
         if args.stop_machines {
             tracing::info!("stopping machines");
             let node = node.clone();

@@ -14,6 +14,7 @@ mod api_tests;
 mod apps;
 mod carry;
 mod machines;
+mod metrics;
 #[cfg(test)]
 mod tests;
 
@@ -127,6 +128,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/apps/{app}/scale", post(apps::scale))
         .route("/v1/apps/{app}/purge", post(apps::purge))
         .route("/v1/internal/purge", post(apps::apply_purge))
+        .route("/v1/internal/metrics/targets", get(metrics::targets))
+        .route(
+            "/v1/metrics/api/v1/{*endpoint}",
+            get(metrics::query).post(metrics::query),
+        )
         .route(
             "/v1/apps/{app}/secrets",
             get(apps::secrets).post(apps::set_secrets),

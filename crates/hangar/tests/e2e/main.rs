@@ -11,6 +11,7 @@ mod edge;
 mod egress;
 mod image;
 mod machine;
+mod metrics;
 mod registry;
 mod setup;
 mod support;

@@ -1,0 +1,222 @@
+//! The node's metrics, as the control plane sees them: the targets its
+//! Prometheus scrapes (every started machine here of an app with
+//! `[metrics]`, labelled `org`, `app`, `region`, `node` and `instance`;
+//! and the node's own components), and queries of Prometheus's HTTP API
+//! confined to the caller's org.
+//!
+//! Prometheus itself is run by the binary (`hangar_metrics::prometheus`);
+//! this module only answers what it asks and forwards what orgs ask it.
+
+use std::collections::BTreeMap;
+
+use hangar_metrics::prometheus::{JOB_APPS, JOB_HANGAR};
+use hangar_metrics::{promql, TargetGroup};
+
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::store::MachineState;
+
+/// Where the node's metrics go.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// The Prometheus HTTP API's base (`http://127.0.0.1:9090`).
+    pub prometheus: String,
+    /// The node's own components' endpoints (job `hangar`): their series
+    /// name their org themselves, where they have one.
+    pub own: Vec<TargetGroup>,
+}
+
+/// The Prometheus HTTP API endpoints an org may call, under
+/// `/v1/metrics/api/v1/`.
+pub const ENDPOINTS: &str =
+    "query, query_range, query_exemplars, series, labels, label/<name>/values, status/buildinfo";
+
+impl Node {
+    /// The scrape targets of `job` on this node (Prometheus's HTTP service
+    /// discovery).
+    pub fn metric_targets(&self, job: &str) -> Result<Vec<TargetGroup>> {
+        match job {
+            JOB_APPS => self.app_targets(),
+            JOB_HANGAR => Ok(self
+                .metrics
+                .as_ref()
+                .map(|m| m.own.clone())
+                .unwrap_or_default()),
+            _ => Err(Error::Invalid(format!(
+                "no job {job:?}: the jobs are {JOB_APPS} and {JOB_HANGAR}"
+            ))),
+        }
+    }
+
+    fn app_targets(&self) -> Result<Vec<TargetGroup>> {
+        let node = if self.site.node.is_empty() {
+            "local"
+        } else {
+            &self.site.node
+        };
+        let mut orgs: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut groups = Vec::new();
+        for m in self.own_machines()? {
+            let Some(app) = m.app.as_deref() else {
+                continue;
+            };
+            if m.state != MachineState::Started || m.config.metrics.is_empty() {
+                continue;
+            }
+            let org = orgs
+                .entry(app.to_string())
+                .or_insert_with(|| self.state.app(app).ok().map(|a| a.org))
+                .clone();
+            // An app gone since its machine was listed: nothing to label.
+            let Some(org) = org else { continue };
+            let region = if m.region.is_empty() {
+                self.site.region.clone()
+            } else {
+                m.region.clone()
+            };
+            for endpoint in &m.config.metrics {
+                let labels = BTreeMap::from([
+                    ("__metrics_path__".to_string(), endpoint.path.clone()),
+                    ("org".to_string(), org.clone()),
+                    ("app".to_string(), app.to_string()),
+                    ("region".to_string(), region.clone()),
+                    ("node".to_string(), node.to_string()),
+                    ("instance".to_string(), m.id.clone()),
+                ]);
+                groups.push(TargetGroup {
+                    targets: vec![crate::routing::address(&m, endpoint.port).to_string()],
+                    labels,
+                });
+            }
+        }
+        Ok(groups)
+    }
+
+    /// Call Prometheus's HTTP API at `endpoint` (one of [`ENDPOINTS`])
+    /// with `params`, confined to `org` (`None`: the admin, unconfined).
+    /// Returns Prometheus's status and JSON body as they are.
+    pub async fn query_metrics(
+        &self,
+        org: Option<&str>,
+        endpoint: &str,
+        params: Vec<(String, String)>,
+    ) -> Result<(u16, bytes::Bytes)> {
+        let Some(metrics) = &self.metrics else {
+            return Err(Error::Unavailable(
+                "metrics are off on this node: install Debian's prometheus (apt-get install prometheus) and restart `hangar up`".into(),
+            ));
+        };
+        let params = match org {
+            None => params,
+            Some(org) => confine(endpoint, params, org)?,
+        };
+        let url = format!("{}/api/v1/{endpoint}", metrics.prometheus);
+        let form = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&params)
+            .finish();
+        // Prometheus takes a form where it can (queries can be long); its
+        // label values and build info are GET only.
+        let http = reqwest::Client::new();
+        let req = if endpoint.starts_with("label/") || endpoint.starts_with("status/") {
+            http.get(format!("{url}?{form}"))
+        } else {
+            http.post(&url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form)
+        };
+        let sent = req
+            .timeout(std::time::Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "the node's Prometheus did not answer ({e}); see $HANGAR_HOME/prometheus/prometheus.log"
+                ))
+            })?;
+        let status = sent.status().as_u16();
+        let body = sent
+            .bytes()
+            .await
+            .map_err(|e| Error::Unavailable(format!("the node's Prometheus broke off: {e}")))?;
+        Ok((status, body))
+    }
+}
+
+/// `params` for `endpoint`, with every query and series selector confined
+/// to `org`; endpoints an org may not call are refused.
+fn confine(
+    endpoint: &str,
+    params: Vec<(String, String)>,
+    org: &str,
+) -> Result<Vec<(String, String)>> {
+    let selectors = match endpoint {
+        "query" | "query_range" | "query_exemplars" => false,
+        "series" | "labels" => true,
+        "status/buildinfo" => return Ok(Vec::new()),
+        other => match other
+            .strip_prefix("label/")
+            .and_then(|r| r.strip_suffix("/values"))
+        {
+            Some(name) if !name.is_empty() && !name.contains('/') => true,
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "no metrics endpoint {other}: an org may call {ENDPOINTS}"
+                )))
+            }
+        },
+    };
+    let bad = |e: promql::ConfineError| Error::Invalid(e.to_string());
+    let mut out = Vec::with_capacity(params.len() + 1);
+    let mut matched = false;
+    for (k, v) in params {
+        match k.as_str() {
+            "query" => out.push((k, promql::confine(&v, org).map_err(bad)?)),
+            "match[]" => {
+                matched = true;
+                out.push((k, promql::confine_selector(&v, org).map_err(bad)?));
+            }
+            _ => out.push((k, v)),
+        }
+    }
+    if selectors && !matched {
+        out.push(("match[]".into(), promql::org_selector(org)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_orgs_parameters_are_confined_and_other_endpoints_refused() {
+        let out = confine("query", p(&[("query", "up"), ("time", "1")]), "acme").unwrap();
+        assert_eq!(out, p(&[("query", r#"up{org="acme"}"#), ("time", "1")]));
+        let out = confine("labels", p(&[]), "acme").unwrap();
+        assert_eq!(out, p(&[("match[]", r#"{org="acme"}"#)]));
+        let out = confine("label/__name__/values", p(&[("match[]", "up")]), "acme").unwrap();
+        assert_eq!(out, p(&[("match[]", r#"up{org="acme"}"#)]));
+        for refused in [
+            "metadata",
+            "targets",
+            "label//values",
+            "admin/tsdb/delete_series",
+        ] {
+            assert!(
+                matches!(confine(refused, p(&[]), "acme"), Err(Error::NotFound(_))),
+                "{refused}"
+            );
+        }
+        assert!(matches!(
+            confine("query", p(&[("query", "sum(")]), "acme"),
+            Err(Error::Invalid(_))
+        ));
+    }
+}

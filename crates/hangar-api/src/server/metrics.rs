@@ -1,0 +1,59 @@
+//! Metrics routes: the service discovery the node's Prometheus reads
+//! (the admin only), and Prometheus's HTTP API confined to the caller's
+//! org, which Grafana can be pointed at
+//! (`http://<node>:4280/v1/metrics`, the org's token as a bearer).
+
+use axum::extract::{Path, Query, RawQuery};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::{ApiState, Caller};
+use crate::error::Error;
+
+#[derive(Deserialize)]
+pub(super) struct Job {
+    job: String,
+}
+
+pub(super) async fn targets(
+    axum::extract::State(api): ApiState,
+    caller: Caller,
+    Query(Job { job }): Query<Job>,
+) -> Result<axum::Json<Vec<hangar_metrics::TargetGroup>>, Error> {
+    if caller != Caller::Admin {
+        return Err(Error::NotAllowed(
+            "only the node's Prometheus reads the scrape targets".into(),
+        ));
+    }
+    let node = api.node.clone();
+    Ok(axum::Json(
+        crate::node::blocking(move || node.metric_targets(&job)).await?,
+    ))
+}
+
+/// `GET` or `POST` (a form, as Grafana sends) of a Prometheus API call.
+pub(super) async fn query(
+    axum::extract::State(api): ApiState,
+    caller: Caller,
+    Path(endpoint): Path<String>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let mut params: Vec<(String, String)> =
+        form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    params.extend(form_urlencoded::parse(&body).into_owned());
+    let (status, body) = api
+        .node
+        .query_metrics(caller.org(), &endpoint, params)
+        .await?;
+    Ok((
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}

@@ -1,0 +1,301 @@
+//! Debian's `prometheus`, run for the node: its configuration written
+//! here, its data under the node's home, its targets read from the node's
+//! HTTP service-discovery endpoint (so targets follow machines with no
+//! reload), and the process started again when it exits.
+//!
+//! A node killed with `kill -9` leaves its Prometheus running; the next
+//! start finds it by its pid file and stops it before starting its own
+//! (Prometheus also locks its data directory, so two never share it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// How often targets are scraped and rules evaluated.
+pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The jobs the node's service discovery serves, by `?job=`.
+pub const JOB_APPS: &str = "apps";
+pub const JOB_HANGAR: &str = "hangar";
+
+/// Where to find the binary, where to keep things, where targets come
+/// from.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub binary: PathBuf,
+    /// Configuration, data, pid file, logs: all under here.
+    pub dir: PathBuf,
+    /// The node's service-discovery URL, without `?job=`.
+    pub targets_url: String,
+    /// The bearer token for it (and for the node's own metrics).
+    pub token: String,
+    /// Loopback port Prometheus listens on.
+    pub port: u16,
+    pub scrape_interval: Duration,
+    /// How long samples are kept.
+    pub retention: Duration,
+}
+
+/// `prometheus` on `$PATH` (Debian's package installs `/usr/bin/prometheus`).
+pub fn find() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("prometheus"))
+        .find(|p| p.is_file())
+}
+
+/// A running Prometheus, stopped on drop.
+pub struct Prometheus {
+    url: String,
+    stop: Arc<AtomicBool>,
+    child: Arc<Mutex<Option<Child>>>,
+}
+
+impl Prometheus {
+    /// Write the configuration and start Prometheus (again whenever it
+    /// exits, until dropped).
+    pub fn start(settings: Settings) -> Result<Prometheus, String> {
+        let dir = &settings.dir;
+        std::fs::create_dir_all(dir.join("data"))
+            .and_then(|()| std::fs::create_dir_all(dir.join("rules")))
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        stop_stale(dir);
+        write_private(&dir.join("token"), settings.token.as_bytes())?;
+        let config = serde_yaml::to_string(&config(&settings))
+            .map_err(|e| format!("cannot write Prometheus's configuration: {e}"))?;
+        write_private(&dir.join("prometheus.yml"), config.as_bytes())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let child: Arc<Mutex<Option<Child>>> = Arc::default();
+        let first = spawn(&settings)?;
+        *child.lock().unwrap_or_else(|e| e.into_inner()) = Some(first);
+        let url = format!("http://127.0.0.1:{}", settings.port);
+        let (s, c) = (stop.clone(), child.clone());
+        std::thread::Builder::new()
+            .name("prometheus".into())
+            .spawn(move || supervise(settings, s, c))
+            .map_err(|e| format!("cannot start the thread that watches Prometheus: {e}"))?;
+        Ok(Prometheus { url, stop, child })
+    }
+
+    /// Its HTTP API's base, such as `http://127.0.0.1:9090`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn supervise(settings: Settings, stop: Arc<AtomicBool>, child: Arc<Mutex<Option<Child>>>) {
+    let mut backoff = Duration::from_millis(500);
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut guard = child.lock().unwrap_or_else(|e| e.into_inner());
+        let exited = match guard.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(status))) => Some(status.to_string()),
+            Some(Err(e)) => Some(e.to_string()),
+            None => Some("not running".into()),
+            Some(Ok(None)) => None,
+        };
+        let Some(why) = exited else {
+            backoff = Duration::from_millis(500);
+            continue;
+        };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(
+            "Prometheus exited ({why}); starting it again in {backoff:?} (its log: {})",
+            settings.dir.join("prometheus.log").display()
+        );
+        drop(guard);
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+        match spawn(&settings) {
+            Ok(c) => *child.lock().unwrap_or_else(|e| e.into_inner()) = Some(c),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+fn spawn(settings: &Settings) -> Result<Child, String> {
+    let dir = &settings.dir;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("prometheus.log"))
+        .map_err(|e| format!("cannot open {}: {e}", dir.join("prometheus.log").display()))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| format!("cannot open Prometheus's log: {e}"))?;
+    let child = Command::new(&settings.binary)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.retention.time={}s",
+            settings.retention.as_secs()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{}", settings.port))
+        .arg("--web.enable-lifecycle")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", settings.binary.display()))?;
+    std::fs::write(dir.join("pid"), child.id().to_string())
+        .map_err(|e| format!("cannot write Prometheus's pid file: {e}"))?;
+    Ok(child)
+}
+
+/// Stop a Prometheus left running on `dir` by a node that was killed.
+fn stop_stale(dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(dir.join("pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+        let needle = format!("--config.file={}", dir.join("prometheus.yml").display());
+        cmd.split(|b| *b == 0).any(|a| a == needle.as_bytes())
+    });
+    if ours {
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        for _ in 0..50 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+#[derive(Serialize)]
+struct Config {
+    global: Global,
+    rule_files: Vec<String>,
+    scrape_configs: Vec<ScrapeConfig>,
+}
+
+#[derive(Serialize)]
+struct Global {
+    scrape_interval: String,
+    evaluation_interval: String,
+}
+
+#[derive(Serialize)]
+struct ScrapeConfig {
+    job_name: String,
+    /// Apps' own labels never override the node's (`app`, `org`, ...:
+    /// an app's are kept as `exported_<name>`); the node's own exposition
+    /// is trusted to name each series' org.
+    honor_labels: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authorization: Option<Authorization>,
+    http_sd_configs: Vec<HttpSd>,
+}
+
+#[derive(Serialize)]
+struct HttpSd {
+    url: String,
+    refresh_interval: String,
+    authorization: Authorization,
+}
+
+#[derive(Serialize)]
+struct Authorization {
+    /// Said, or Prometheus sends the bare token.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    credentials_file: String,
+}
+
+fn config(s: &Settings) -> Config {
+    let every = format!("{}s", s.scrape_interval.as_secs().max(1));
+    let auth = || Authorization {
+        kind: "Bearer",
+        credentials_file: s.dir.join("token").display().to_string(),
+    };
+    let job = |name: &str, honor: bool, scrape_auth: bool| ScrapeConfig {
+        job_name: name.into(),
+        honor_labels: honor,
+        authorization: scrape_auth.then(auth),
+        http_sd_configs: vec![HttpSd {
+            url: format!("{}?job={name}", s.targets_url),
+            refresh_interval: every.clone(),
+            authorization: auth(),
+        }],
+    };
+    Config {
+        global: Global {
+            scrape_interval: every.clone(),
+            evaluation_interval: every.clone(),
+        },
+        rule_files: vec![s.dir.join("rules").join("*.yml").display().to_string()],
+        scrape_configs: vec![job(JOB_APPS, false, false), job(JOB_HANGAR, true, true)],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configuration_names_both_jobs_and_keeps_the_token_out_of_it() {
+        let s = Settings {
+            binary: "prometheus".into(),
+            dir: "/h/prometheus".into(),
+            targets_url: "http://127.0.0.1:4280/v1/internal/metrics/targets".into(),
+            token: "secret".into(),
+            port: 9090,
+            scrape_interval: SCRAPE_INTERVAL,
+            retention: Duration::from_secs(86400),
+        };
+        let text = serde_yaml::to_string(&config(&s)).unwrap();
+        assert!(!text.contains("secret"), "{text}");
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let jobs = v["scrape_configs"].as_sequence().unwrap();
+        assert_eq!(jobs[0]["job_name"], "apps");
+        assert_eq!(jobs[0]["honor_labels"], false);
+        assert_eq!(
+            jobs[0]["http_sd_configs"][0]["url"],
+            "http://127.0.0.1:4280/v1/internal/metrics/targets?job=apps"
+        );
+        assert_eq!(jobs[1]["honor_labels"], true);
+        assert_eq!(v["global"]["scrape_interval"], "5s");
+    }
+}
