@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use hangar_metrics::exposition::Family;
 use hangar_metrics::prometheus::{JOB_APPS, JOB_HANGAR};
 use hangar_metrics::{promql, TargetGroup};
 
@@ -49,11 +50,7 @@ impl Node {
     }
 
     fn app_targets(&self) -> Result<Vec<TargetGroup>> {
-        let node = if self.site.node.is_empty() {
-            "local"
-        } else {
-            &self.site.node
-        };
+        let node = self.node_label();
         let mut orgs: BTreeMap<String, Option<String>> = BTreeMap::new();
         let mut groups = Vec::new();
         for m in self.own_machines()? {
@@ -90,6 +87,118 @@ impl Node {
             }
         }
         Ok(groups)
+    }
+
+    /// The node's own series, gathered now: its machines (state, and what
+    /// each running one uses, from its cgroup or VMM), each labelled with
+    /// its `org`, so an org's queries see its own machines' use.
+    pub fn metric_families(&self) -> Result<Vec<Family>> {
+        let node = self.node_label().to_string();
+        let mut states: BTreeMap<(String, String, String, String), u64> = BTreeMap::new();
+        let mut cpu = Family::counter(
+            "hangar_machine_cpu",
+            "CPU time the machine used (container: its cgroup; micro-VM: its QEMU process).",
+            Some("seconds"),
+        );
+        let mut memory = Family::gauge(
+            "hangar_machine_memory",
+            "Memory the machine uses now (micro-VM: its QEMU process's resident memory).",
+            Some("bytes"),
+        );
+        let mut limit = Family::gauge(
+            "hangar_machine_memory_limit",
+            "Memory the machine may have.",
+            Some("bytes"),
+        );
+        let mut rx = Family::counter(
+            "hangar_machine_network_receive",
+            "Bytes the machine received.",
+            Some("bytes"),
+        );
+        let mut tx = Family::counter(
+            "hangar_machine_network_transmit",
+            "Bytes the machine sent.",
+            Some("bytes"),
+        );
+        let mut restarts = Family::counter(
+            "hangar_machine_restarts",
+            "Times the node restarted the machine's app.",
+            None,
+        );
+        let mut ooms = Family::counter(
+            "hangar_machine_oom_kills",
+            "OOM kills in the machine's cgroup.",
+            None,
+        );
+        let mut orgs: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for m in self.own_machines()? {
+            let app = m.app.clone().unwrap_or_default();
+            let org = match &m.app {
+                Some(a) => orgs
+                    .entry(a.clone())
+                    .or_insert_with(|| self.state.app(a).ok().map(|a| a.org))
+                    .clone()
+                    .unwrap_or_default(),
+                None => String::new(),
+            };
+            let region = if m.region.is_empty() {
+                self.site.region.clone()
+            } else {
+                m.region.clone()
+            };
+            *states
+                .entry((
+                    org.clone(),
+                    app.clone(),
+                    region.clone(),
+                    m.state.to_string(),
+                ))
+                .or_default() += 1;
+            let labels = [
+                ("org", org.as_str()),
+                ("app", app.as_str()),
+                ("region", region.as_str()),
+                ("node", node.as_str()),
+                ("instance", m.id.as_str()),
+            ];
+            restarts.push(&labels, f64::from(m.restarts));
+            if m.state != MachineState::Started {
+                continue;
+            }
+            let Some(u) = self.driver.usage(&m.id) else {
+                continue;
+            };
+            cpu.push(&labels, u.cpu_seconds);
+            memory.push(&labels, u.memory_bytes as f64);
+            if let Some(l) = u.memory_limit_bytes {
+                limit.push(&labels, l as f64);
+            }
+            rx.push(&labels, u.received_bytes as f64);
+            tx.push(&labels, u.transmitted_bytes as f64);
+            ooms.push(&labels, u.oom_kills as f64);
+        }
+        let mut machines = Family::gauge("hangar_machines", "The node's machines by state.", None);
+        for ((org, app, region, state), n) in &states {
+            machines.push(
+                &[
+                    ("org", org),
+                    ("app", app),
+                    ("region", region),
+                    ("node", &node),
+                    ("state", state),
+                ],
+                *n as f64,
+            );
+        }
+        Ok(vec![machines, cpu, memory, limit, rx, tx, restarts, ooms])
+    }
+
+    fn node_label(&self) -> &str {
+        if self.site.node.is_empty() {
+            "local"
+        } else {
+            &self.site.node
+        }
     }
 
     /// Call Prometheus's HTTP API at `endpoint` (one of [`ENDPOINTS`])

@@ -41,6 +41,8 @@ pub trait Driver: Send + Sync {
     fn vm_info(&self, id: &str) -> Option<VmInfo>;
     /// The ids of the machines the host has (created, not destroyed).
     fn machines(&self) -> Vec<String>;
+    /// What the running machine uses (none when it does not run).
+    fn usage(&self, id: &str) -> Option<crate::usage::Usage>;
 }
 
 /// A command for [`Driver::exec`].
@@ -261,6 +263,10 @@ pub mod fake {
         }
 
         fn vm_info(&self, _id: &str) -> Option<VmInfo> {
+            None
+        }
+
+        fn usage(&self, _id: &str) -> Option<crate::usage::Usage> {
             None
         }
     }

@@ -27,6 +27,7 @@ pub mod overlay;
 pub mod runtime;
 pub mod shim;
 pub mod snapshot;
+pub mod usage;
 pub mod vm;
 
 pub use driver::{Driver, Exec};

@@ -169,7 +169,8 @@ fn netns(id: &str) -> String {
     format!("hangar-{}", &id[..id.len().min(12)])
 }
 
-fn host_veth(id: &str) -> String {
+/// The machine's end of its veth pair on the host.
+pub fn host_veth(id: &str) -> String {
     format!("hv{}", &id[..id.len().min(12)])
 }
 

@@ -346,6 +346,27 @@ impl Driver for Runtime {
         self.dir(id).log()
     }
 
+    fn usage(&self, id: &str) -> Option<crate::usage::Usage> {
+        let dir = self.dir(id);
+        match fs::read(dir.vm_launch()) {
+            Ok(bytes) => {
+                let launch: crate::vm::Launch = serde_json::from_slice(&bytes).ok()?;
+                let pid = fs::read_to_string(dir.qemu_pid())
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|p| pid_alive(*p))?;
+                crate::usage::vm(pid as u32, launch.memory_mb, &crate::vm::tap_name(id))
+            }
+            Err(_) => crate::usage::container(
+                std::path::Path::new("/sys/fs/cgroup"),
+                id,
+                &crate::network::host_veth(id),
+            ),
+        }
+    }
+
     /// Build everything a machine needs short of starting it: snapshots,
     /// its own layer, the overlay mount, its network, the bundle.
     fn create(&self, spec: &MachineSpec) -> Result<Created> {

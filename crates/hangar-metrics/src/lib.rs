@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod exposition;
 pub mod prometheus;
 pub mod promql;
 

@@ -482,12 +482,11 @@ pub fn run(args: UpArgs) -> Result<()> {
             let groups = hangar_api::routing::parse_groups(&args.region_groups)?;
             node = node.with_routing(hangar_api::routing::Routing::new(Arc::new(ingress), &args.domain).with_groups(groups));
         }
-        let prometheus = start_prometheus(args.metrics, args.prometheus_port, &home, addr, &token)?;
+        let local_api = if addr.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+        let prometheus = start_prometheus(args.metrics, args.prometheus_port, &home, local_api, &token)?;
         if let Some(p) = &prometheus {
-            let own = edge_admin
-                .map(|a| hangar_metrics::TargetGroup { targets: vec![a.to_string()], labels: [("component".to_string(), "edge".to_string())].into() })
-                .into_iter()
-                .collect();
+            let target = |addr: std::net::SocketAddr, component: &str| hangar_metrics::TargetGroup { targets: vec![addr.to_string()], labels: [("component".to_string(), component.to_string())].into() };
+            let own = [Some((local_api, "api")), edge_admin.map(|a| (a, "edge"))].into_iter().flatten().map(|(a, c)| target(a, c)).collect();
             node = node.with_metrics(hangar_api::metrics::Metrics { prometheus: p.url().to_string(), own });
         }
         let node = Arc::new(node);

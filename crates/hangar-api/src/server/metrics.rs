@@ -57,3 +57,22 @@ pub(super) async fn query(
     )
         .into_response())
 }
+
+/// The node's own exposition (its Prometheus scrapes it with the admin
+/// token): OpenMetrics when asked, else the text format.
+pub(super) async fn exposition(
+    axum::extract::State(api): ApiState,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, Error> {
+    if caller != Caller::Admin {
+        return Err(Error::NotAllowed(
+            "the node's own metrics name every org: query yours at /v1/metrics/api/v1/query".into(),
+        ));
+    }
+    let node = api.node.clone();
+    let families = crate::node::blocking(move || node.metric_families()).await?;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = hangar_metrics::exposition::render(families, accept);
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}

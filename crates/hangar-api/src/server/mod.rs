@@ -129,6 +129,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/apps/{app}/purge", post(apps::purge))
         .route("/v1/internal/purge", post(apps::apply_purge))
         .route("/v1/internal/metrics/targets", get(metrics::targets))
+        .route("/metrics", get(metrics::exposition))
         .route(
             "/v1/metrics/api/v1/{*endpoint}",
             get(metrics::query).post(metrics::query),

@@ -198,6 +198,52 @@ fn an_org_queries_its_own_series_only() {
     assert!(evil.query("acme_jobs_total").is_empty());
     assert!(evil.query(r#"{exported_org="evil"}"#).is_empty());
 
+    // The node's own series of each machine's use carry its org: acme
+    // sees its machine's, never evil's.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acme.query("hangar_machine_memory_bytes").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the node's own metrics were never scraped"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for name in [
+        "hangar_machine_memory_bytes",
+        "hangar_machine_cpu_seconds_total",
+        "hangar_machines",
+    ] {
+        let seen = acme.query(name);
+        assert!(!seen.is_empty(), "{name}");
+        for s in &seen {
+            assert_eq!(s["metric"]["org"], "acme", "{name}: {s}");
+            assert_ne!(s["metric"]["instance"], evil_id.as_str(), "{name}: {s}");
+        }
+    }
+    let mem = acme.query(&format!(
+        r#"hangar_machine_memory_bytes{{instance="{acme_id}"}}"#
+    ));
+    assert!(
+        mem[0]["value"][1].as_str().unwrap().parse::<f64>().unwrap() > 0.0,
+        "{mem:?}"
+    );
+    assert!(acme
+        .query(&format!(
+            r#"hangar_machine_cpu_seconds_total{{instance="{evil_id}"}}"#
+        ))
+        .is_empty());
+    let started = acme.query(r#"hangar_machines{state="started"}"#);
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0]["value"][1], "1");
+    let r = http(
+        "GET",
+        &api,
+        "/metrics",
+        &[("Authorization", &format!("Bearer {}", acme.token))],
+        b"",
+    );
+    assert_eq!(r.status, 405, "an org reads the node's whole exposition");
+
     // The series and labels endpoints are confined the same way.
     let r = acme.prom("series", &[("match[]", r#"{__name__=~".+"}"#)]);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
