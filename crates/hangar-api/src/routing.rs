@@ -46,6 +46,8 @@ pub struct HostSpec {
     pub instances: Vec<(String, SocketAddr)>,
     pub instances_elsewhere: Vec<(String, String)>,
     pub rate_limit: Option<crate::config::RateLimit>,
+    /// Labels on the edge's series of this host: the app's `org` and `app`.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The cluster's other edges, as the node wants its edge to see them.
@@ -359,12 +361,33 @@ impl Node {
             None => self.own_machines(),
         };
         match machines {
-            Ok(machines) => routing.ingress.set_hosts(&edge_hosts(
-                &machines,
-                |m| self.in_service(m),
-                |m| self.owns(m),
-                &routing.domain,
-            )),
+            Ok(machines) => {
+                let mut hosts = edge_hosts(
+                    &machines,
+                    |m| self.in_service(m),
+                    |m| self.owns(m),
+                    &routing.domain,
+                );
+                // The edge's series of each app carry its org, so the org
+                // can query them.
+                let orgs: BTreeMap<String, String> = self
+                    .state
+                    .apps()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|a| (format!("{}.{}", a.name, routing.domain), a.org))
+                    .collect();
+                for h in &mut hosts {
+                    if let Some(org) = orgs.get(&h.name) {
+                        let app = h.name.trim_end_matches(&format!(".{}", routing.domain));
+                        h.labels = BTreeMap::from([
+                            ("org".to_string(), org.clone()),
+                            ("app".to_string(), app.to_string()),
+                        ]);
+                    }
+                }
+                routing.ingress.set_hosts(&hosts)
+            }
             Err(e) => tracing::warn!("routes not refreshed: {e}"),
         }
         if let Some(c) = &self.cluster {

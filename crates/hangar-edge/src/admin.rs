@@ -95,11 +95,16 @@ async fn handle(
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             let store = &edge.cache.store;
-            let text = crate::metrics::render(&edge.routes, store.bytes(), store.len());
+            let families = crate::metrics::families(&edge.routes, store.bytes(), store.len());
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let (content_type, text) = hangar_metrics::exposition::render(families, accept);
             let mut r = reply(StatusCode::OK, text);
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                header::HeaderValue::from_static(content_type),
             );
             Ok(r)
         }

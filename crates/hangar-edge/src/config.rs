@@ -156,6 +156,8 @@ pub struct Host {
     /// ...and the nodes the others are on.
     pub instances_elsewhere: std::collections::BTreeMap<String, String>,
     pub rate_limit: RateLimit,
+    /// Labels on every series of this host (a node sets `org` and `app`).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Requests per second the edge lets through, as token buckets (0: no
@@ -190,6 +192,7 @@ impl Default for Host {
             instances: Default::default(),
             instances_elsewhere: Default::default(),
             rate_limit: RateLimit::default(),
+            labels: Default::default(),
         }
     }
 }

@@ -1,9 +1,11 @@
-//! Per-host counters, a latency histogram and backend health, rendered in
-//! the Prometheus text format.
+//! Per-host counters, a latency histogram and backend health, gathered
+//! for a scrape as `hangar-metrics` families (documented in
+//! docs/metrics.md).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use hangar_metrics::exposition::Family;
 
 use crate::backend::Routes;
 
@@ -25,6 +27,8 @@ pub struct HostMetrics {
     pub bytes_out: AtomicU64,
     pub errors: AtomicU64,
     pub ejections: AtomicU64,
+    /// Responses by status class, 1xx to 5xx.
+    pub status: [AtomicU64; 5],
     last_request: AtomicU64,
     latency: [AtomicU64; BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
@@ -47,6 +51,13 @@ impl HostMetrics {
         self.last_request.load(Ordering::Relaxed)
     }
 
+    /// Count a response to a client by its status class.
+    pub fn answered(&self, status: u16) {
+        if let Some(c) = self.status.get(usize::from(status / 100).wrapping_sub(1)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn observe(&self, took: Duration) {
         let s = took.as_secs_f64();
         let i = BUCKETS
@@ -65,143 +76,154 @@ fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
-/// The whole exposition for every host.
-pub fn render(routes: &Routes, cache_bytes: (u64, u64), cache_objects: usize) -> String {
+/// Every host's series, gathered now, each labelled with its `host` and
+/// the host's own labels (a node gives each app's `org` and `app`).
+pub fn families(routes: &Routes, cache_bytes: (u64, u64), cache_objects: usize) -> Vec<Family> {
     let sites = routes.all();
     let mut names: Vec<&String> = sites.keys().collect();
     names.sort();
-    let mut out = String::new();
-    let counters: [(&str, &str, Field); 10] = [
-        ("requests_total", "Requests received", |m| &m.requests),
+    let labels_of = |host: &str| -> Vec<(String, String)> {
+        let mut l = vec![("host".to_string(), host.to_string())];
+        if let Some(site) = sites.get(host) {
+            l.extend(
+                site.config
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
+        l
+    };
+    let borrowed = |l: &[(String, String)]| -> Vec<(String, String)> { l.to_vec() };
+    let mut out = Vec::new();
+    let counters: [(&str, &str, Option<&'static str>, Field); 10] = [
+        ("hangar_edge_requests", "Requests received.", None, |m| {
+            &m.requests
+        }),
         (
-            "cache_hits_total",
-            "Requests served fresh from the cache",
+            "hangar_edge_cache_hits",
+            "Requests served fresh from the cache.",
+            None,
             |m| &m.hits,
         ),
         (
-            "cache_misses_total",
-            "Requests not found in the cache",
+            "hangar_edge_cache_misses",
+            "Requests not found in the cache.",
+            None,
             |m| &m.misses,
         ),
         (
-            "cache_stale_total",
-            "Requests served stale (while revalidating or on error)",
+            "hangar_edge_cache_stale",
+            "Requests served stale (while revalidating or on error).",
+            None,
             |m| &m.stale,
         ),
         (
-            "cache_passes_total",
-            "Requests that bypassed the cache",
+            "hangar_edge_cache_passes",
+            "Requests that bypassed the cache.",
+            None,
             |m| &m.passes,
         ),
-        ("origin_fetches_total", "Requests sent to backends", |m| {
-            &m.origin_fetches
-        }),
         (
-            "coalesced_total",
-            "Requests that waited for another request's origin fetch",
+            "hangar_edge_origin_fetches",
+            "Requests sent to backends.",
+            None,
+            |m| &m.origin_fetches,
+        ),
+        (
+            "hangar_edge_coalesced",
+            "Requests that waited for another request's origin fetch.",
+            None,
             |m| &m.coalesced,
         ),
-        ("response_bytes_total", "Body bytes sent to clients", |m| {
-            &m.bytes_out
-        }),
         (
-            "errors_total",
-            "Responses with status 5xx made by the edge",
+            "hangar_edge_response",
+            "Body bytes sent to clients.",
+            Some("bytes"),
+            |m| &m.bytes_out,
+        ),
+        (
+            "hangar_edge_errors",
+            "Responses with status 5xx made by the edge.",
+            None,
             |m| &m.errors,
         ),
         (
-            "backend_ejections_total",
-            "Backends ejected by passive health checks",
+            "hangar_edge_backend_ejections",
+            "Backends ejected by passive health checks.",
+            None,
             |m| &m.ejections,
         ),
     ];
-    for (name, help, field) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP hangar_edge_{name} {help}.\n# TYPE hangar_edge_{name} counter"
-        );
+    for (name, help, unit, field) in counters {
+        let mut f = Family::counter(name, help, unit);
         for host in &names {
-            let _ = writeln!(
-                out,
-                "hangar_edge_{name}{{host=\"{host}\"}} {}",
-                get(field(&sites[*host].metrics))
-            );
+            f.samples
+                .push((labels_of(host), get(field(&sites[*host].metrics)) as f64));
         }
+        out.push(f);
     }
-    let _ = writeln!(out, "# HELP hangar_edge_cache_hit_ratio Hits (fresh and stale) over cacheable lookups.\n# TYPE hangar_edge_cache_hit_ratio gauge");
+    let mut by_status = Family::counter(
+        "hangar_edge_responses",
+        "Responses sent to clients, by status class (1xx to 5xx).",
+        None,
+    );
+    let mut ratio = Family::gauge(
+        "hangar_edge_cache_hit",
+        "Hits (fresh and stale) over cacheable lookups.",
+        Some("ratio"),
+    );
+    let mut latency = Family::histogram(
+        "hangar_edge_request_duration",
+        "Time to the response head.",
+        Some("seconds"),
+        &BUCKETS,
+    );
+    let mut up = Family::gauge(
+        "hangar_edge_backend_up",
+        "1 when the backend passes its checks and is not ejected.",
+        None,
+    );
+    let mut outstanding = Family::gauge(
+        "hangar_edge_backend_outstanding",
+        "Requests in flight to the backend.",
+        None,
+    );
     for host in &names {
         let m = &sites[*host].metrics;
+        let labels = labels_of(host);
+        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            let mut l = borrowed(&labels);
+            l.push(("status".into(), (*class).into()));
+            by_status.samples.push((l, get(&m.status[i]) as f64));
+        }
         let served = get(&m.hits) + get(&m.stale);
         let total = served + get(&m.misses);
-        let ratio = if total == 0 {
+        let r = if total == 0 {
             0.0
         } else {
             served as f64 / total as f64
         };
-        let _ = writeln!(
-            out,
-            "hangar_edge_cache_hit_ratio{{host=\"{host}\"}} {ratio:.4}"
-        );
-    }
-    let _ = writeln!(out, "# HELP hangar_edge_request_duration_seconds Time to the response head.\n# TYPE hangar_edge_request_duration_seconds histogram");
-    for host in &names {
-        let m = &sites[*host].metrics;
-        let mut cum = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cum += get(&m.latency[i]);
-            let _ = writeln!(
-                out,
-                "hangar_edge_request_duration_seconds_bucket{{host=\"{host}\",le=\"{b}\"}} {cum}"
-            );
-        }
-        cum += get(&m.latency[BUCKETS.len()]);
-        let _ = writeln!(
-            out,
-            "hangar_edge_request_duration_seconds_bucket{{host=\"{host}\",le=\"+Inf\"}} {cum}"
-        );
-        let _ = writeln!(
-            out,
-            "hangar_edge_request_duration_seconds_sum{{host=\"{host}\"}} {}",
-            get(&m.latency_sum_us) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "hangar_edge_request_duration_seconds_count{{host=\"{host}\"}} {cum}"
-        );
-    }
-    let _ = writeln!(out, "# HELP hangar_edge_backend_up 1 when the backend passes its checks and is not ejected.\n# TYPE hangar_edge_backend_up gauge");
-    for host in &names {
+        ratio.samples.push((borrowed(&labels), r));
+        let counts = m.latency.iter().map(get).collect();
+        latency.histograms.push((
+            borrowed(&labels),
+            get(&m.latency_sum_us) as f64 / 1e6,
+            counts,
+        ));
         for b in &sites[*host].backends {
-            let up = u8::from(b.healthy() && !b.ejected());
-            let _ = writeln!(
-                out,
-                "hangar_edge_backend_up{{host=\"{host}\",backend=\"{}\"}} {up}",
-                b.addr
-            );
+            let mut l = borrowed(&labels);
+            l.push(("backend".into(), b.addr.to_string()));
+            up.samples
+                .push((l.clone(), f64::from(u8::from(b.healthy() && !b.ejected()))));
+            outstanding.samples.push((l, b.outstanding() as f64));
         }
     }
-    let _ = writeln!(out, "# HELP hangar_edge_backend_outstanding Requests in flight to the backend.\n# TYPE hangar_edge_backend_outstanding gauge");
-    for host in &names {
-        for b in &sites[*host].backends {
-            let _ = writeln!(
-                out,
-                "hangar_edge_backend_outstanding{{host=\"{host}\",backend=\"{}\"}} {}",
-                b.addr,
-                b.outstanding()
-            );
-        }
-    }
-    let _ = writeln!(out, "# HELP hangar_edge_cache_bytes Bytes stored per tier.\n# TYPE hangar_edge_cache_bytes gauge");
-    let _ = writeln!(
-        out,
-        "hangar_edge_cache_bytes{{tier=\"memory\"}} {}",
-        cache_bytes.0
-    );
-    let _ = writeln!(
-        out,
-        "hangar_edge_cache_bytes{{tier=\"disk\"}} {}",
-        cache_bytes.1
-    );
-    let _ = writeln!(out, "# HELP hangar_edge_cache_objects Objects stored.\n# TYPE hangar_edge_cache_objects gauge\nhangar_edge_cache_objects {cache_objects}");
+    let mut bytes = Family::gauge("hangar_edge_cache", "Bytes stored per tier.", Some("bytes"));
+    bytes.push(&[("tier", "memory")], cache_bytes.0 as f64);
+    bytes.push(&[("tier", "disk")], cache_bytes.1 as f64);
+    let mut objects = Family::gauge("hangar_edge_cache_objects", "Objects stored.", None);
+    objects.push(&[], cache_objects as f64);
+    out.extend([by_status, ratio, latency, up, outstanding, bytes, objects]);
     out
 }

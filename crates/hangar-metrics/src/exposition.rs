@@ -120,15 +120,26 @@ impl Collector for Snapshot {
             };
             let mut metric = encoder.encode_descriptor(&f.name, &f.help, unit.as_ref(), kind)?;
             match &f.kind {
+                // Whole numbers are written as such (`3`, not `3.0`).
                 Kind::Counter => {
                     for (labels, v) in &f.samples {
                         let mut m = metric.encode_family(labels)?;
-                        m.encode_counter::<NoLabelSet, f64, f64>(&v.max(0.0), None)?;
+                        let v = v.max(0.0);
+                        match whole(v) {
+                            Some(n) => {
+                                m.encode_counter::<NoLabelSet, u64, f64>(&(n as u64), None)?
+                            }
+                            None => m.encode_counter::<NoLabelSet, f64, f64>(&v, None)?,
+                        }
                     }
                 }
                 Kind::Gauge => {
                     for (labels, v) in &f.samples {
-                        metric.encode_family(labels)?.encode_gauge(v)?;
+                        let mut m = metric.encode_family(labels)?;
+                        match whole(*v) {
+                            Some(n) => m.encode_gauge(&n)?,
+                            None => m.encode_gauge(v)?,
+                        }
                     }
                 }
                 Kind::Histogram(bounds) => {
@@ -151,6 +162,11 @@ impl Collector for Snapshot {
         }
         Ok(())
     }
+}
+
+/// `v` as an integer when it is one (and exactly representable).
+fn whole(v: f64) -> Option<i64> {
+    (v.fract() == 0.0 && v.abs() < 9.0e15).then_some(v as i64)
 }
 
 /// Write `families` for a scraper whose `Accept` header is `accept`:
@@ -221,7 +237,7 @@ mod tests {
             "{open}"
         );
         assert!(
-            open.contains(r#"hangar_test_requests_total{app="web",status="2xx"} 3.0"#),
+            open.contains(r#"hangar_test_requests_total{app="web",status="2xx"} 3"#),
             "{open}"
         );
         assert!(
@@ -229,7 +245,7 @@ mod tests {
             "{open}"
         );
         assert!(
-            open.contains(r#"hangar_test_memory_bytes{instance="m1"} 1024.0"#),
+            open.contains(r#"hangar_test_memory_bytes{instance="m1"} 1024"#),
             "{open}"
         );
         assert!(

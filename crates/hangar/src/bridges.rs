@@ -43,6 +43,7 @@ impl Ingress for EdgeIngress {
                             per_client_burst: r.per_client_burst,
                         })
                         .unwrap_or_default(),
+                    labels: h.labels.clone(),
                     ..Default::default()
                 };
                 if let Some(cache) = &h.cache {

@@ -277,6 +277,7 @@ impl Edge {
                     ),
                 );
                 let mut r = e.respond(&host);
+                metrics.answered(r.status().as_u16());
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -292,6 +293,7 @@ impl Edge {
         };
         let mut resp = self.route(req, &site, &host, client).await;
         metrics.observe(start.elapsed());
+        metrics.answered(resp.status().as_u16());
         if resp
             .extensions()
             .get::<Side>()

@@ -132,6 +132,7 @@ fn an_org_queries_its_own_series_only() {
             "/v1/machines",
             &json!({"config": {"image": image, "metadata": {"app": app},
                 "metrics": {"port": 9100, "path": "/metrics"},
+                "services": [{"internal_port": 9100}],
                 "init": {"cmd": ["sh", "-c", script]}}}),
         );
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -243,6 +244,38 @@ fn an_org_queries_its_own_series_only() {
         b"",
     );
     assert_eq!(r.status, 405, "an org reads the node's whole exposition");
+
+    // The edge's series of an app carry its org too.
+    for _ in 0..5 {
+        let r = http(
+            "GET",
+            &node.edge,
+            "/metrics",
+            &[("Host", "acme-app.localhost")],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let served = loop {
+        let s = acme.query(r#"hangar_edge_responses_total{app="acme-app",status="2xx"}"#);
+        if s.first().is_some_and(|s| s["value"][1] == "5") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edge's series of acme-app never showed: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(served[0]["metric"]["org"], "acme");
+    assert!(evil
+        .query(r#"hangar_edge_responses_total{app="acme-app"}"#)
+        .is_empty());
+    assert!(evil
+        .query(r#"{__name__=~"hangar_edge_.+"}"#)
+        .iter()
+        .all(|s| s["metric"]["org"] == "evil" && s["metric"]["app"] != "acme-app"));
 
     // The series and labels endpoints are confined the same way.
     let r = acme.prom("series", &[("match[]", r#"{__name__=~".+"}"#)]);
