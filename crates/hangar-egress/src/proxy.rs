@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
+use hangar_metrics::exposition::Family;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -60,7 +61,7 @@ enum Upstream {
 /// Idle connections kept per upstream address.
 const POOL_PER_ADDR: usize = 8;
 
-/// Counters, rendered in the Prometheus text format.
+/// Counters, gathered for a scrape as `hangar-metrics` families.
 #[derive(Default)]
 pub struct Metrics {
     /// (decision, role, project) -> requests
@@ -83,55 +84,67 @@ impl Metrics {
         .or_default() += 1;
     }
 
-    pub fn render(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::from("# HELP hangar_egress_requests_total Requests by decision (allow, report, deny), role and project.\n# TYPE hangar_egress_requests_total counter\n");
+    /// The series, gathered for a scrape (see docs/metrics.md).
+    pub fn families(&self) -> Vec<Family> {
+        let mut requests = Family::counter(
+            "hangar_egress_requests",
+            "Requests by decision (allow, report, deny), role and project.",
+            None,
+        );
         for ((d, role, project), n) in self
             .decisions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            let _ = writeln!(out, "hangar_egress_requests_total{{decision=\"{d}\",role=\"{role}\",project=\"{project}\"}} {n}");
-        }
-        for (name, kind, help, v) in [
-            (
-                "hangar_egress_connect_attempts_total",
-                "counter",
-                "Connections dialed.",
-                &self.connect_attempts,
-            ),
-            (
-                "hangar_egress_connect_errors_total",
-                "counter",
-                "Connections that failed or timed out.",
-                &self.connect_errors,
-            ),
-            (
-                "hangar_egress_dns_lookups_total",
-                "counter",
-                "Names resolved.",
-                &self.dns_lookups,
-            ),
-            (
-                "hangar_egress_dns_lookup_microseconds_total",
-                "counter",
-                "Time spent resolving names.",
-                &self.dns_micros,
-            ),
-            (
-                "hangar_egress_open_tunnels",
-                "gauge",
-                "CONNECT tunnels open now.",
-                &self.open_tunnels,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                v.load(Ordering::Relaxed)
+            requests.push(
+                &[
+                    ("decision", d),
+                    ("role", role.as_str()),
+                    ("project", project.as_str()),
+                ],
+                *n as f64,
             );
         }
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        let mut out = vec![requests];
+        for (name, help, unit, v) in [
+            (
+                "hangar_egress_connect_attempts",
+                "Connections dialed.",
+                None,
+                get(&self.connect_attempts),
+            ),
+            (
+                "hangar_egress_connect_errors",
+                "Connections that failed or timed out.",
+                None,
+                get(&self.connect_errors),
+            ),
+            (
+                "hangar_egress_dns_lookups",
+                "Names resolved.",
+                None,
+                get(&self.dns_lookups),
+            ),
+            (
+                "hangar_egress_dns_lookup",
+                "Time spent resolving names.",
+                Some("seconds"),
+                get(&self.dns_micros) / 1e6,
+            ),
+        ] {
+            let mut f = Family::counter(name, help, unit);
+            f.push(&[], v);
+            out.push(f);
+        }
+        let mut open = Family::gauge(
+            "hangar_egress_open_tunnels",
+            "CONNECT tunnels open now.",
+            None,
+        );
+        open.push(&[], get(&self.open_tunnels));
+        out.push(open);
         out
     }
 }
@@ -712,7 +725,7 @@ pub async fn serve(
     }
 }
 
-/// Serve the metrics at `endpoint` (Prometheus text format) on `listener`.
+/// Serve the metrics at `endpoint` (OpenMetrics or the text format) on `listener`.
 pub async fn serve_metrics(proxy: Arc<Proxy>, listener: TcpListener, endpoint: String) {
     use hyper::server::conn::http1;
     use hyper::service::service_fn;
@@ -723,14 +736,23 @@ pub async fn serve_metrics(proxy: Arc<Proxy>, listener: TcpListener, endpoint: S
         let (proxy, endpoint) = (proxy.clone(), endpoint.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let body = if req.uri().path() == endpoint {
-                    Some(proxy.metrics.render())
-                } else {
-                    None
-                };
+                let body = (req.uri().path() == endpoint).then(|| {
+                    let accept = req
+                        .headers()
+                        .get(hyper::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    hangar_metrics::exposition::render(proxy.metrics.families(), accept)
+                });
                 async move {
                     Ok::<_, Infallible>(match body {
-                        Some(b) => text(StatusCode::OK, b, None),
+                        Some((content_type, b)) => {
+                            let mut r = text(StatusCode::OK, b, None);
+                            r.headers_mut().insert(
+                                hyper::header::CONTENT_TYPE,
+                                HeaderValue::from_static(content_type),
+                            );
+                            r
+                        }
                         None => text(StatusCode::NOT_FOUND, "not found".into(), None),
                     })
                 }

@@ -7,7 +7,7 @@
 //! `_total` in both formats. `docs/metrics.md` lists them all.
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -120,25 +120,13 @@ impl Collector for Snapshot {
             };
             let mut metric = encoder.encode_descriptor(&f.name, &f.help, unit.as_ref(), kind)?;
             match &f.kind {
-                // Whole numbers are written as such (`3`, not `3.0`).
-                Kind::Counter => {
+                Kind::Counter | Kind::Gauge => {
                     for (labels, v) in &f.samples {
-                        let mut m = metric.encode_family(labels)?;
-                        let v = v.max(0.0);
-                        match whole(v) {
-                            Some(n) => {
-                                m.encode_counter::<NoLabelSet, u64, f64>(&(n as u64), None)?
-                            }
-                            None => m.encode_counter::<NoLabelSet, f64, f64>(&v, None)?,
-                        }
-                    }
-                }
-                Kind::Gauge => {
-                    for (labels, v) in &f.samples {
-                        let mut m = metric.encode_family(labels)?;
-                        match whole(*v) {
-                            Some(n) => m.encode_gauge(&n)?,
-                            None => m.encode_gauge(v)?,
+                        // No labels: no braces.
+                        if labels.is_empty() {
+                            sample(&mut metric, &f.kind, *v)?;
+                        } else {
+                            sample(&mut metric.encode_family(labels)?, &f.kind, *v)?;
                         }
                     }
                 }
@@ -161,6 +149,19 @@ impl Collector for Snapshot {
             }
         }
         Ok(())
+    }
+}
+
+/// One counter or gauge value; whole numbers are written as such (`3`,
+/// not `3.0`).
+fn sample(m: &mut MetricEncoder, kind: &Kind, v: f64) -> Result<(), std::fmt::Error> {
+    match (kind, whole(v)) {
+        (Kind::Counter, Some(n)) => {
+            m.encode_counter::<NoLabelSet, u64, f64>(&(n.max(0) as u64), None)
+        }
+        (Kind::Counter, None) => m.encode_counter::<NoLabelSet, f64, f64>(&v.max(0.0), None),
+        (_, Some(n)) => m.encode_gauge(&n),
+        (_, None) => m.encode_gauge(&v),
     }
 }
 
@@ -215,6 +216,8 @@ mod tests {
         c.push(&[("app", "web"), ("status", "2xx")], 3.0);
         let mut g = Family::gauge("hangar_test_memory", "Memory in use.", Some("bytes"));
         g.push(&[("instance", "m1")], 1024.0);
+        let mut bare = Family::gauge("hangar_test_open", "Open now.", None);
+        bare.push(&[], 2.0);
         let mut h = Family::histogram(
             "hangar_test_latency",
             "Latency.",
@@ -222,7 +225,7 @@ mod tests {
             &[0.1, 1.0],
         );
         h.push_histogram(&[("app", "web")], 2.5, vec![1, 2, 3]);
-        vec![c, g, h]
+        vec![c, g, bare, h]
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub async fn serve(
     cleaner.abort();
 }
 
-/// Serve `/metrics` (Prometheus text format) on the admin listener.
+/// Serve `/metrics` (OpenMetrics or the text format) on the admin listener.
 pub async fn serve_admin(registry: Arc<Registry>, listener: TcpListener) {
     use http_body_util::Full;
     loop {
@@ -105,17 +105,25 @@ pub async fn serve_admin(registry: Arc<Registry>, listener: TcpListener) {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let registry = registry.clone();
                 async move {
-                    let (status, body) = if req.uri().path() == "/metrics" {
-                        (hyper::StatusCode::OK, registry.metrics.render())
+                    let accept = req
+                        .headers()
+                        .get(hyper::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    let (status, (content_type, body)) = if req.uri().path() == "/metrics" {
+                        let families = registry.metrics.families();
+                        (
+                            hyper::StatusCode::OK,
+                            hangar_metrics::exposition::render(families, accept),
+                        )
                     } else {
                         (
                             hyper::StatusCode::NOT_FOUND,
-                            "only /metrics is served here\n".to_string(),
+                            ("text/plain", "only /metrics is served here\n".to_string()),
                         )
                     };
                     hyper::Response::builder()
                         .status(status)
-                        .header("Content-Type", "text/plain; version=0.0.4")
+                        .header("Content-Type", content_type)
                         .body(Full::new(bytes::Bytes::from(body)))
                 }
             });

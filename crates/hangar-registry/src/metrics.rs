@@ -1,9 +1,10 @@
-//! Request counters, rendered in the Prometheus text format.
+//! Request counters, gathered for a scrape as `hangar-metrics` families.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use hangar_metrics::exposition::Family;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -18,34 +19,40 @@ impl Metrics {
         *map.entry((route, method.to_string(), status)).or_default() += 1;
     }
 
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP hangar_registry_requests_total Requests answered, by route, method and status.\n");
-        out.push_str("# TYPE hangar_registry_requests_total counter\n");
+    /// The series, gathered for a scrape (see docs/metrics.md).
+    pub fn families(&self) -> Vec<Family> {
+        let mut requests = Family::counter(
+            "hangar_registry_requests",
+            "Requests answered, by route, method and status.",
+            None,
+        );
         let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         for ((route, method, status), n) in map.iter() {
-            let _ = writeln!(
-                out,
-                "hangar_registry_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+            requests.push(
+                &[
+                    ("route", route),
+                    ("method", method),
+                    ("status", &status.to_string()),
+                ],
+                *n as f64,
             );
         }
+        let mut out = vec![requests];
         for (name, help, v) in [
             (
-                "hangar_registry_received_bytes_total",
+                "hangar_registry_received",
                 "Request body bytes received.",
                 &self.bytes_in,
             ),
             (
-                "hangar_registry_sent_bytes_total",
+                "hangar_registry_sent",
                 "Response body bytes sent.",
                 &self.bytes_out,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            let mut f = Family::counter(name, help, Some("bytes"));
+            f.push(&[], v.load(Ordering::Relaxed) as f64);
+            out.push(f);
         }
         out
     }
