@@ -344,6 +344,63 @@ impl Client {
             .await
     }
 
+    /// A TCP stream to `port` of machine `id`, through the node (see
+    /// `server::tunnel`).
+    pub async fn tunnel(&self, id: &str, port: u16) -> Result<hyper::upgrade::Upgraded> {
+        let unreachable = |detail: String| ClientError::Answer {
+            what: format!("a tunnel to port {port} of machine {id}"),
+            detail,
+        };
+        let authority = self
+            .base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let stream = tokio::net::TcpStream::connect(&authority)
+            .await
+            .map_err(|e| unreachable(format!("cannot reach the node at {authority}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(conn.with_upgrades());
+        let req = hyper::Request::get(format!("/v1/machines/{id}/proxy?port={port}"))
+            .header(hyper::header::HOST, &authority)
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(hyper::header::UPGRADE, crate::server::tunnel::PROTOCOL)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            use http_body_util::BodyExt as _;
+            let status = resp.status().as_u16();
+            let body = resp
+                .body_mut()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| unreachable(e.to_string()))
+    }
+
     /// Apply a purge at this node now (a node's call to another).
     pub async fn apply_purge(&self, spec: &crate::purge::PurgeSpec) -> Result<()> {
         let _: Done = self.post("/v1/internal/purge", spec).await?;

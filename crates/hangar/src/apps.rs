@@ -149,7 +149,7 @@ pub enum AppsCommand {
 }
 
 /// `app` from the flag or ./hangar.toml, with what to do when neither.
-fn app_name(flag: &AppFlag) -> Result<String> {
+pub(crate) fn app_name(flag: &AppFlag) -> Result<String> {
     if let Some(a) = &flag.app {
         return Ok(a.clone());
     }

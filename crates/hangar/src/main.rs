@@ -26,6 +26,7 @@ mod node;
 mod node_config;
 mod progress;
 mod registry;
+mod tunnel;
 mod up;
 
 /// Hangar: run OCI images as isolated machines on your own servers.
@@ -92,6 +93,8 @@ enum Command {
         #[command(subcommand)]
         command: apps::CacheCommand,
     },
+    /// Forward a local TCP port to a port of one of the app's machines, through the node.
+    Proxy(tunnel::ProxyArgs),
     /// Query the metrics of your org's apps (PromQL, through the node's Prometheus).
     Metrics {
         #[command(subcommand)]
@@ -249,6 +252,7 @@ fn main() -> ExitCode {
         Command::Secrets { app, command } => apps::secrets(app, command),
         Command::Cache { app, command } => apps::cache(app, command),
         Command::Metrics { command } => metrics::run(command),
+        Command::Proxy(args) => tunnel::run(args),
         Command::Apps { json, command } => apps::apps(json, command),
         Command::Open(app) => apps::open(app),
     };

@@ -17,6 +17,7 @@ mod machines;
 mod metrics;
 #[cfg(test)]
 mod tests;
+pub mod tunnel;
 
 use std::sync::Arc;
 
@@ -114,6 +115,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/machines/{id}/events", get(machines::events))
         .route("/v1/machines/{id}/wait", get(machines::wait))
         .route("/v1/machines/{id}/logs", get(machines::logs))
+        .route("/v1/machines/{id}/proxy", get(tunnel::proxy))
         .route_layer(axum::middleware::from_fn_with_state(
             api.clone(),
             carry::carry,

@@ -12,6 +12,7 @@ mod egress;
 mod image;
 mod machine;
 mod metrics;
+mod operate;
 mod registry;
 mod setup;
 mod support;
