@@ -351,14 +351,7 @@ impl Client {
             what: format!("a tunnel to port {port} of machine {id}"),
             detail,
         };
-        let authority = self
-            .base
-            .split_once("://")
-            .map_or(self.base.as_str(), |(_, rest)| rest)
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let authority = self.authority();
         let stream = tokio::net::TcpStream::connect(&authority)
             .await
             .map_err(|e| unreachable(format!("cannot reach the node at {authority}: {e}")))?;
@@ -399,6 +392,73 @@ impl Client {
         hyper::upgrade::on(resp)
             .await
             .map_err(|e| unreachable(e.to_string()))
+    }
+
+    /// A terminal in machine `id` running `args` (none: its shell), as
+    /// `user`, of `rows` x `cols` (see `server::console` for the messages).
+    pub async fn console(
+        &self,
+        id: &str,
+        args: &[String],
+        user: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
+        let failed = |detail: String| ClientError::Answer {
+            what: format!("a console in machine {id}"),
+            detail,
+        };
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for a in args {
+            query.append_pair("arg", a);
+        }
+        if let Some(u) = user {
+            query.append_pair("user", u);
+        }
+        query.append_pair("rows", &rows.to_string());
+        query.append_pair("cols", &cols.to_string());
+        let authority = self.authority();
+        let url = format!(
+            "ws://{authority}/v1/machines/{id}/console?{}",
+            query.finish()
+        );
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+            .map_err(|e| failed(e.to_string()))?;
+        let bearer = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| failed("the token is not a header value".into()))?;
+        req.headers_mut()
+            .insert(hyper::header::AUTHORIZATION, bearer);
+        let stream = tokio::net::TcpStream::connect(&authority)
+            .await
+            .map_err(|e| failed(format!("cannot reach the node at {authority}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        match tokio_tungstenite::client_async(req, stream).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let body = resp.body().clone().unwrap_or_default();
+                let message = serde_json::from_slice::<ErrorBody>(&body)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+                Err(ClientError::Api { status, message })
+            }
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+
+    /// `host:port` of the base URL.
+    fn authority(&self) -> String {
+        self.base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Apply a purge at this node now (a node's call to another).

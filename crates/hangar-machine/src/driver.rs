@@ -43,6 +43,16 @@ pub trait Driver: Send + Sync {
     fn machines(&self) -> Vec<String>;
     /// What the running machine uses (none when it does not run).
     fn usage(&self, id: &str) -> Option<crate::usage::Usage>;
+    /// Run `argv` in the running machine on a new terminal of `rows` x
+    /// `cols`, as `user` (a user of its image) or root.
+    fn console(
+        &self,
+        id: &str,
+        argv: &[String],
+        user: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<crate::console::Console>;
 }
 
 /// A command for [`Driver::exec`].
@@ -268,6 +278,19 @@ pub mod fake {
 
         fn usage(&self, _id: &str) -> Option<crate::usage::Usage> {
             None
+        }
+
+        fn console(
+            &self,
+            id: &str,
+            _argv: &[String],
+            _user: Option<&str>,
+            _rows: u16,
+            _cols: u16,
+        ) -> Result<crate::console::Console> {
+            Err(crate::Error::Host(format!(
+                "the fake driver runs no console for {id}"
+            )))
         }
     }
 }

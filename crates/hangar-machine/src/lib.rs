@@ -18,6 +18,7 @@
 //! reconcile loop) and knows nothing of HTTP.
 
 pub mod bundle;
+pub mod console;
 mod container;
 pub mod dir;
 pub mod driver;

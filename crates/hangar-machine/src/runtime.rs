@@ -524,6 +524,28 @@ impl Driver for Runtime {
         self.exec_as(id, exec.argv, exec.env, user.as_ref(), exec.stdin)
     }
 
+    fn console(
+        &self,
+        id: &str,
+        argv: &[String],
+        user: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<crate::console::Console> {
+        if self.is_vm(id) {
+            return Err(Error::Invalid(
+                "a console is for containers for now; in a micro-VM, run commands with `hangar machine exec`".into(),
+            ));
+        }
+        let user = user
+            .map(|spec| {
+                self.user(id, spec)
+                    .map_err(|e| Error::Invalid(format!("console user {spec:?}: {e}")))
+            })
+            .transpose()?;
+        crate::console::open(&self.runc_root, id, argv, &[], user.as_ref(), rows, cols)
+    }
+
     fn holding_host_resources(&self, ids: &[&str]) -> Vec<String> {
         self.holding(ids).into_iter().map(String::from).collect()
     }

@@ -26,6 +26,7 @@ mod node;
 mod node_config;
 mod progress;
 mod registry;
+mod ssh;
 mod tunnel;
 mod up;
 
@@ -92,6 +93,11 @@ enum Command {
         app: apps::AppFlag,
         #[command(subcommand)]
         command: apps::CacheCommand,
+    },
+    /// A terminal in a running machine of the app (`ssh console`).
+    Ssh {
+        #[command(subcommand)]
+        command: ssh::SshCommand,
     },
     /// Forward a local TCP port to a port of one of the app's machines, through the node.
     Proxy(tunnel::ProxyArgs),
@@ -253,6 +259,7 @@ fn main() -> ExitCode {
         Command::Cache { app, command } => apps::cache(app, command),
         Command::Metrics { command } => metrics::run(command),
         Command::Proxy(args) => tunnel::run(args),
+        Command::Ssh { command } => ssh::run(command),
         Command::Apps { json, command } => apps::apps(json, command),
         Command::Open(app) => apps::open(app),
     };

@@ -13,6 +13,7 @@
 mod api_tests;
 mod apps;
 mod carry;
+pub mod console;
 mod machines;
 mod metrics;
 #[cfg(test)]
@@ -116,6 +117,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/machines/{id}/wait", get(machines::wait))
         .route("/v1/machines/{id}/logs", get(machines::logs))
         .route("/v1/machines/{id}/proxy", get(tunnel::proxy))
+        .route("/v1/machines/{id}/console", get(console::console))
         .route_layer(axum::middleware::from_fn_with_state(
             api.clone(),
             carry::carry,

@@ -209,3 +209,232 @@ fn hangar_proxy_carries_streams_to_a_machine_and_refuses_another_org() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// A pseudo-terminal: the master for the test, the slave for the CLI.
+fn pty() -> (std::fs::File, std::fs::File) {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().unwrap())
+        .unwrap();
+    (std::fs::File::from(master), slave)
+}
+
+/// What the terminal has shown so far, read on a thread.
+struct Screen(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Screen {
+    fn watch(mut master: std::fs::File) -> Screen {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                s.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Screen(seen)
+    }
+
+    fn wait_for(&self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.0.lock().unwrap().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the terminal never showed {text:?}; it shows:\n{}",
+                self.0.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
+    let node = Node::start();
+    let api = config_value(&node, "api")
+        .trim_start_matches("http://")
+        .to_string();
+    let admin = config_value(&node, "token");
+    let call = |method: &str, path: &str, body: &Value| {
+        let auth = format!("Bearer {admin}");
+        http(
+            method,
+            &api,
+            path,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
+    };
+    let token = |org: &str| {
+        node.h
+            .ok(&["auth", "token", "create", "--org", org])
+            .trim()
+            .to_string()
+    };
+    let (acme, evil) = (token("acme"), token("evil"));
+    for (app, org) in [("acme-app", "acme"), ("evil-app", "evil")] {
+        let r = call("POST", "/v1/apps", &json!({"name": app, "org": org}));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let image = busybox_image(&node.h);
+    let r = call(
+        "POST",
+        "/v1/machines",
+        &json!({"config": {"image": image, "metadata": {"app": "acme-app"},
+            "init": {"cmd": ["sleep", "3600"]}}}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let name = r.json()["name"].as_str().unwrap().to_string();
+    let r = call(
+        "GET",
+        &format!("/v1/machines/{id}/wait?state=started&timeout=60"),
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // An interactive shell on a terminal the test holds.
+    let (master, slave) = pty();
+    rustix::termios::tcsetwinsize(
+        &master,
+        rustix::termios::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        },
+    )
+    .unwrap();
+    let mut cli = node
+        .h
+        .command(&["ssh", "console", "-a", "acme-app"])
+        .env("HANGAR_API_TOKEN", &acme)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    let mut keys = master.try_clone().unwrap();
+    let screen = Screen::watch(master.try_clone().unwrap());
+    let mut type_in = |s: &str| keys.write_all(s.as_bytes()).unwrap();
+    type_in("echo hi-$((6*7)) $(hostname)\r");
+    screen.wait_for("hi-42", Duration::from_secs(30));
+    // It runs in the machine: its hostname is the machine's.
+    screen.wait_for(&format!("hi-42 {name}"), Duration::from_secs(5));
+    // The size follows the terminal's.
+    type_in("busybox stty size\r");
+    screen.wait_for("24 80", Duration::from_secs(10));
+    rustix::termios::tcsetwinsize(
+        &master,
+        rustix::termios::Winsize {
+            ws_row: 50,
+            ws_col: 132,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        },
+    )
+    .unwrap();
+    let pid = cli.id().to_string();
+    // What a terminal emulator's resize makes the kernel do.
+    assert!(std::process::Command::new("kill")
+        .args(["-WINCH", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(500));
+    type_in("busybox stty size\r");
+    screen.wait_for("50 132", Duration::from_secs(10));
+    // Ctrl-C interrupts what runs, not the session.
+    type_in("sleep 60\r");
+    std::thread::sleep(Duration::from_millis(700));
+    type_in("\x03");
+    type_in("echo after-$((1+1))\r");
+    screen.wait_for("after-2", Duration::from_secs(10));
+    // The exit code is the shell's.
+    type_in("exit 7\r");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = cli.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console did not end with the shell"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(7));
+
+    // One command, no terminal of its own.
+    let out = node
+        .h
+        .command(&[
+            "ssh",
+            "console",
+            "-a",
+            "acme-app",
+            "-C",
+            "echo one-$((2*3)); exit 3",
+        ])
+        .env("HANGAR_API_TOKEN", &acme)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("one-6"));
+
+    // Another org: no such machine, by the CLI or the API.
+    let out = node
+        .h
+        .command(&[
+            "ssh",
+            "console",
+            "-a",
+            "acme-app",
+            "--machine",
+            &id,
+            "-C",
+            "id",
+        ])
+        .env("HANGAR_API_TOKEN", &evil)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("no machine"), "{text}");
+    let auth = format!("Bearer {evil}");
+    let r = http(
+        "GET",
+        &api,
+        &format!("/v1/machines/{id}/console"),
+        &[
+            ("Authorization", &auth),
+            ("Connection", "upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+}
