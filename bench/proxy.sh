@@ -17,9 +17,9 @@ export HANGAR_HOME=$work/home
 mb=${MB:-512} rounds=${ROUNDS:-2000}
 api=$(free_port)
 start_node --listen "127.0.0.1:$api" --no-registry --no-edge --metrics off
-proxy_pid=
+proxies=()
 finish() {
-    [ -n "$proxy_pid" ] && kill "$proxy_pid" 2>/dev/null
+    for p in "${proxies[@]}"; do kill "$p" 2>/dev/null || true; done
     stop_node
 }
 trap finish EXIT
@@ -34,10 +34,9 @@ v4=$("$hangar" machine status "$id" --json | python3 -c 'import json,sys; print(
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/$v4/7001") 2>/dev/null && break; sleep 0.1; done
 
 sink_port=$(free_port) echo_port=$(free_port)
-"$hangar" proxy "$sink_port:7000" -a tunnel 2>>"$work/proxy.log" & proxy_pid="$proxy_pid $!"
-"$hangar" proxy "$echo_port:7001" -a tunnel 2>>"$work/proxy.log" & proxy_pid="$proxy_pid $!"
+"$hangar" proxy "$sink_port:7000" -a tunnel 2>>"$work/proxy.log" >/dev/null & proxies+=($!)
+"$hangar" proxy "$echo_port:7001" -a tunnel 2>>"$work/proxy.log" >/dev/null & proxies+=($!)
 wait_port "$sink_port"; wait_port "$echo_port"
-proxy_pid=${proxy_pid# }
 
 read -r d_rate d_p50 d_p99 <<<"$(python3 bench/proxy_load.py "$v4" 7000 7001 "$mb" "$rounds")"
 read -r p_rate p_p50 p_p99 <<<"$(python3 bench/proxy_load.py 127.0.0.1 "$sink_port" "$echo_port" "$mb" "$rounds")"

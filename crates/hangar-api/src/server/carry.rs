@@ -3,7 +3,9 @@
 //! that runs the machine as it came (method, path, query, body), bearing
 //! the cluster's token and naming the org it is made for, and its answer
 //! comes back as that node gave it (streamed: a followed log stays live).
-//! A carried call is never carried again.
+//! A carried call is never carried again. An upgrade (a tunnel, a
+//! console) is carried as a connection: once the other node agrees, the
+//! two are joined byte for byte.
 
 use std::collections::HashMap;
 
@@ -47,6 +49,13 @@ pub(super) async fn carry(
                 *r.extensions_mut() = req.extensions().clone();
                 r
             });
+            // A tunnel or a console: the connection itself is carried.
+            if req.headers().contains_key(header::UPGRADE) {
+                return match forward_upgrade(&cluster, &member, caller.org(), req).await {
+                    Ok(r) => r,
+                    Err(e) => e.into_response(),
+                };
+            }
             match forward(&cluster, &member, caller.org(), req).await {
                 Ok(r) => r,
                 Err(Error::Unavailable(_)) if again.is_some() => {
@@ -112,5 +121,86 @@ async fn forward(
     }
     answer
         .body(Body::from_stream(resp.bytes_stream()))
+        .map_err(|e| Error::Internal(format!("carrying an answer: {e}")))
+}
+
+/// Carry an upgrade (`hangar proxy`'s tunnel, `ssh console`'s WebSocket)
+/// to the node that runs the machine: the request goes there as it came,
+/// and once that node agrees, the two upgraded connections are joined.
+async fn forward_upgrade(
+    cluster: &Cluster,
+    member: &Member,
+    org: Option<&str>,
+    mut req: Request,
+) -> Result<Response, Error> {
+    let gone = |e: String| {
+        Error::Unavailable(format!(
+            "node {} ({}), which runs the machine, did not answer: {e}; try again",
+            member.name, member.api
+        ))
+    };
+    let delay = cluster.delay_to(member);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let authority = member
+        .api
+        .split_once("://")
+        .map_or(member.api.as_str(), |(_, r)| r)
+        .trim_end_matches('/')
+        .to_string();
+    let stream = tokio::net::TcpStream::connect(&authority)
+        .await
+        .map_err(|e| gone(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| gone(e.to_string()))?;
+    tokio::spawn(conn.with_upgrades());
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let mut out = hyper::Request::get(path).header(header::HOST, &authority);
+    for (name, value) in req.headers() {
+        let hop = name == header::AUTHORIZATION || name == header::HOST;
+        if !hop {
+            out = out.header(name, value);
+        }
+    }
+    out = out
+        .header(header::AUTHORIZATION, format!("Bearer {}", cluster.token))
+        .header(VIA, &cluster.me.name);
+    if let Some(org) = org {
+        out = out.header(FOR_ORG, org);
+    }
+    let out = out
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| Error::Internal(format!("carrying an upgrade: {e}")))?;
+    let mut resp = send.send_request(out).await.map_err(|e| gone(e.to_string()))?;
+    let mut answer = Response::builder().status(resp.status());
+    for (name, value) in resp.headers() {
+        answer = answer.header(name, value);
+    }
+    if resp.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS {
+        use http_body_util::BodyExt as _;
+        let body = resp
+            .body_mut()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return answer
+            .body(Body::from(body))
+            .map_err(|e| Error::Internal(format!("carrying an answer: {e}")));
+    }
+    let theirs = hyper::upgrade::on(resp);
+    let ours = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let (Ok(a), Ok(b)) = (ours.await, theirs.await) {
+            let (mut a, mut b) = (hyper_util::rt::TokioIo::new(a), hyper_util::rt::TokioIo::new(b));
+            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        }
+    });
+    answer
+        .body(Body::empty())
         .map_err(|e| Error::Internal(format!("carrying an answer: {e}")))
 }
