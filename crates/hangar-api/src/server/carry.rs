@@ -158,7 +158,11 @@ async fn forward_upgrade(
             .await
             .map_err(|e| gone(e.to_string()))?;
     tokio::spawn(conn.with_upgrades());
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
     let mut out = hyper::Request::get(path).header(header::HOST, &authority);
     for (name, value) in req.headers() {
         let hop = name == header::AUTHORIZATION || name == header::HOST;
@@ -175,7 +179,10 @@ async fn forward_upgrade(
     let out = out
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| Error::Internal(format!("carrying an upgrade: {e}")))?;
-    let mut resp = send.send_request(out).await.map_err(|e| gone(e.to_string()))?;
+    let mut resp = send
+        .send_request(out)
+        .await
+        .map_err(|e| gone(e.to_string()))?;
     let mut answer = Response::builder().status(resp.status());
     for (name, value) in resp.headers() {
         answer = answer.header(name, value);
@@ -196,7 +203,10 @@ async fn forward_upgrade(
     let ours = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         if let (Ok(a), Ok(b)) = (ours.await, theirs.await) {
-            let (mut a, mut b) = (hyper_util::rt::TokioIo::new(a), hyper_util::rt::TokioIo::new(b));
+            let (mut a, mut b) = (
+                hyper_util::rt::TokioIo::new(a),
+                hyper_util::rt::TokioIo::new(b),
+            );
             let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
         }
     });

@@ -336,6 +336,30 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
         "back to {back}"
     );
 
+    // A console at n1 in a machine on n2 or n3: the connection is carried
+    // to its node (the image has no hostname applet; busybox has).
+    let out = n1.h.run(&[
+        "ssh",
+        "console",
+        "-a",
+        "web",
+        "--machine",
+        &f1,
+        "-C",
+        "echo in-$(busybox hostname); exit 4",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("in-{}", n1.addr(&f1, "name"))),
+        "{text}"
+    );
+
     // `.internal` names, from inside the machines (busybox's resolver
     // reads the resolv.conf the node wrote): every node answers for the
     // whole cluster, each org its own.
