@@ -72,6 +72,10 @@ pub struct AppToml {
     pub deploy: Option<Deploy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartSection>,
+    /// What `hangar console` runs in its machine (default: the image's
+    /// shell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_command: Option<String>,
     /// fly.toml's process groups: read only to say they are not supported.
     #[serde(default, skip_serializing)]
     pub processes: Option<toml::Value>,

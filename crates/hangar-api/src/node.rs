@@ -625,6 +625,32 @@ impl Node {
         })
     }
 
+    /// `argv` on a new terminal in machine `m`, with the app's own
+    /// environment (as `exec` has), as `user` or root.
+    pub fn console(
+        &self,
+        m: &Machine,
+        argv: &[String],
+        user: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<hangar_machine::console::Console> {
+        if self.driver.state(&m.id) != ProcState::Running {
+            return Err(Error::Conflict(format!(
+                "machine {} is not running; start it first",
+                m.id
+            )));
+        }
+        let env: Vec<String> = self
+            .spec(m)?
+            .init
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        Ok(self.driver.console(&m.id, argv, &env, user, rows, cols)?)
+    }
+
     /// Bring the host in line with the state store, once.
     pub fn reconcile(self: &Arc<Self>) {
         let machines = match self.own_machines() {

@@ -44,11 +44,13 @@ pub trait Driver: Send + Sync {
     /// What the running machine uses (none when it does not run).
     fn usage(&self, id: &str) -> Option<crate::usage::Usage>;
     /// Run `argv` in the running machine on a new terminal of `rows` x
-    /// `cols`, as `user` (a user of its image) or root.
+    /// `cols`, with `env` (`KEY=value`), as `user` (a user of its image)
+    /// or root.
     fn console(
         &self,
         id: &str,
         argv: &[String],
+        env: &[String],
         user: Option<&str>,
         rows: u16,
         cols: u16,
@@ -284,6 +286,7 @@ pub mod fake {
             &self,
             id: &str,
             _argv: &[String],
+            _env: &[String],
             _user: Option<&str>,
             _rows: u16,
             _cols: u16,

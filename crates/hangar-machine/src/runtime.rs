@@ -528,6 +528,7 @@ impl Driver for Runtime {
         &self,
         id: &str,
         argv: &[String],
+        env: &[String],
         user: Option<&str>,
         rows: u16,
         cols: u16,
@@ -543,7 +544,19 @@ impl Driver for Runtime {
                     .map_err(|e| Error::Invalid(format!("console user {spec:?}: {e}")))
             })
             .transpose()?;
-        crate::console::open(&self.runc_root, id, argv, &[], user.as_ref(), rows, cols)
+        // A machine just started may not have its container yet: runc
+        // makes it after `start` returns.
+        let made = self.runc_root.join(id).join("state.json");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !made.exists() {
+            if std::time::Instant::now() > deadline || self.state(id) != ProcState::Running {
+                return Err(Error::Invalid(format!(
+                    "machine {id} has no running container (it may be stopping): start it and try again"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        crate::console::open(&self.runc_root, id, argv, env, user.as_ref(), rows, cols)
     }
 
     fn holding_host_resources(&self, ids: &[&str]) -> Vec<String> {

@@ -99,6 +99,8 @@ enum Command {
         #[command(subcommand)]
         command: ssh::SshCommand,
     },
+    /// A terminal in a new, short-lived machine of the app's current release (console_command).
+    Console(ssh::ConsoleMachineArgs),
     /// Forward a local TCP port to a port of one of the app's machines, through the node.
     Proxy(tunnel::ProxyArgs),
     /// Query the metrics of your org's apps (PromQL, through the node's Prometheus).
@@ -260,6 +262,7 @@ fn main() -> ExitCode {
         Command::Metrics { command } => metrics::run(command),
         Command::Proxy(args) => tunnel::run(args),
         Command::Ssh { command } => ssh::run(command),
+        Command::Console(args) => ssh::console_machine(args),
         Command::Apps { json, command } => apps::apps(json, command),
         Command::Open(app) => apps::open(app),
     };

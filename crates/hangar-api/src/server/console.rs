@@ -66,13 +66,8 @@ pub(super) async fn console(
     if argv.is_empty() {
         argv = SHELL.iter().map(|s| s.to_string()).collect();
     }
-    let (node, id) = (api.node.clone(), m.id.clone());
-    let console = blocking(move || {
-        Ok(node
-            .driver
-            .console(&id, &argv, user.as_deref(), rows, cols)?)
-    })
-    .await?;
+    let node = api.node.clone();
+    let console = blocking(move || node.console(&m, &argv, user.as_deref(), rows, cols)).await?;
     Ok(ws.on_upgrade(move |socket| bridge(socket, console)))
 }
 

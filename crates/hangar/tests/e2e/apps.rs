@@ -305,6 +305,60 @@ fn launch_deploy_rollback_scale_secrets_scale_to_zero_and_restart() {
     assert!(node.h.home().join("state.db").exists());
     assert!(outputs[2].contains("DB_PASSWORD"));
 
+    // `hangar console`: a short-lived machine of the release, with its
+    // secrets, running hangar.toml's console_command, gone when it ends.
+    let app_machines = |node: &Node| -> Vec<String> {
+        let list: serde_json::Value =
+            serde_json::from_str(&node.h.ok(&["machine", "list", "--json"])).unwrap();
+        let mut ids: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["app"] == "hello" && m["state"] != "destroyed")
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = app_machines(&node);
+    let toml = fs::read_to_string(dir.join("hangar.toml")).unwrap();
+    fs::write(
+        dir.join("hangar.toml"),
+        toml.replacen(
+            "app = \"hello\"\n",
+            "app = \"hello\"\nconsole_command = \"echo console-$DB_PASSWORD-$(busybox hostname); exit 5\"\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = node
+        .h
+        .command(&["console"])
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("console-{secret}-")), "{text}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    let console_id = said
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !before.contains(&console_id) && !console_id.is_empty(),
+        "{said}"
+    );
+    assert_eq!(app_machines(&node), before, "the console machine stayed");
+    fs::write(dir.join("hangar.toml"), toml).unwrap();
+
     // Scale to zero: idle machines stop; the next request starts one.
     let toml = fs::read_to_string(dir.join("hangar.toml")).unwrap();
     let toml = toml
