@@ -17,14 +17,59 @@ use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::store::MachineState;
 
+/// Series of other components in the node's process (its registry, its
+/// egress proxy), gathered with the node's own at each scrape.
+pub type Gather = std::sync::Arc<dyn Fn() -> Vec<Family> + Send + Sync>;
+
 /// Where the node's metrics go.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Metrics {
     /// The Prometheus HTTP API's base (`http://127.0.0.1:9090`).
     pub prometheus: String,
     /// The node's own components' endpoints (job `hangar`): their series
     /// name their org themselves, where they have one.
     pub own: Vec<TargetGroup>,
+    /// Served at the node's `/metrics` beside its own series.
+    pub also: Vec<Gather>,
+}
+
+/// The API's requests, by route and status class, and their latency.
+#[derive(Default)]
+pub struct ApiMetrics {
+    /// (route, method, status class) -> (count, latency bucket counts, sum).
+    by_route: std::sync::Mutex<BTreeMap<(String, String, String), (Vec<u64>, f64)>>,
+}
+
+/// Upper bounds of the API's latency buckets, in seconds.
+const API_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 10.0];
+
+impl ApiMetrics {
+    /// Count one answer of `route` (the matched path pattern).
+    pub fn observe(&self, route: &str, method: &str, status: u16, took: std::time::Duration) {
+        let class = format!("{}xx", status / 100);
+        let mut map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map
+            .entry((route.to_string(), method.to_string(), class))
+            .or_insert_with(|| (vec![0; API_BUCKETS.len() + 1], 0.0));
+        let s = took.as_secs_f64();
+        let i = API_BUCKETS.iter().position(|b| s <= *b).unwrap_or(API_BUCKETS.len());
+        entry.0[i] += 1;
+        entry.1 += s;
+    }
+
+    pub fn families(&self) -> Vec<Family> {
+        let mut f = Family::histogram(
+            "hangar_api_request_duration",
+            "Machines and Apps API answers, by route, method and status class: time to the answer's head.",
+            Some("seconds"),
+            &API_BUCKETS,
+        );
+        let map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+        for ((route, method, class), (counts, sum)) in map.iter() {
+            f.push_histogram(&[("route", route), ("method", method), ("status", class)], *sum, counts.clone());
+        }
+        vec![f]
+    }
 }
 
 /// The Prometheus HTTP API endpoints an org may call, under
@@ -190,7 +235,12 @@ impl Node {
                 *n as f64,
             );
         }
-        Ok(vec![machines, cpu, memory, limit, rx, tx, restarts, ooms])
+        let mut all = vec![machines, cpu, memory, limit, rx, tx, restarts, ooms];
+        all.extend(self.api_requests.families());
+        for gather in self.metrics.iter().flat_map(|m| m.also.iter()) {
+            all.extend(gather());
+        }
+        Ok(all)
     }
 
     fn node_label(&self) -> &str {

@@ -45,6 +45,8 @@ pub struct Node {
     dns: Option<Arc<crate::dns::Dns>>,
     /// Where its metrics are stored and queried, when they are on.
     pub metrics: Option<crate::metrics::Metrics>,
+    /// The API's requests, for the node's own exposition.
+    pub api_requests: crate::metrics::ApiMetrics,
     /// Held from the room check of a create to its row: only this node
     /// creates its machines, so two creates at once cannot both take the
     /// last of its memory.
@@ -161,6 +163,7 @@ impl Node {
             mesh: None,
             dns: None,
             metrics: None,
+            api_requests: Default::default(),
             admitting: Mutex::new(()),
         }
     }

@@ -438,7 +438,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {egress_addr} for the egress proxy; is another node running?"))?;
         tracing::info!("egress proxy on http://{egress_addr}");
         tokio::spawn(hangar_egress::proxy::serve(egress.clone(), egress_listener, None, std::future::pending()));
-        node = node.with_egress(Arc::new(crate::bridges::EgressProxy(egress)));
+        node = node.with_egress(Arc::new(crate::bridges::EgressProxy(egress.clone())));
 
         if !args.no_dns {
             let dns = Arc::new(hangar_api::dns::Dns::new(hangar_api::dns::PORT).with_latency(latency.clone()));
@@ -487,7 +487,17 @@ pub fn run(args: UpArgs) -> Result<()> {
         if let Some(p) = &prometheus {
             let target = |addr: std::net::SocketAddr, component: &str| hangar_metrics::TargetGroup { targets: vec![addr.to_string()], labels: [("component".to_string(), component.to_string())].into() };
             let own = [Some((local_api, "api")), edge_admin.map(|a| (a, "edge"))].into_iter().flatten().map(|(a, c)| target(a, c)).collect();
-            node = node.with_metrics(hangar_api::metrics::Metrics { prometheus: p.url().to_string(), own });
+            // The registry and the egress proxy run in this process: their
+            // series come with the node's own.
+            let mut also: Vec<hangar_api::metrics::Gather> = vec![{
+                let egress = egress.clone();
+                Arc::new(move || egress.metrics.families())
+            }];
+            if let Some((registry, _)) = &own_registry {
+                let registry = registry.clone();
+                also.push(Arc::new(move || registry.metrics.families()));
+            }
+            node = node.with_metrics(hangar_api::metrics::Metrics { prometheus: p.url().to_string(), own, also });
         }
         let node = Arc::new(node);
         tokio::spawn(hangar_api::cluster::lead(node.clone()));

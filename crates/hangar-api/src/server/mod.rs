@@ -148,6 +148,7 @@ pub fn router(api: Arc<Api>) -> Router {
             "/v1/registry-logins/{registry}",
             put(apps::set_registry_login).delete(apps::remove_registry_login),
         )
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), observe))
         .fallback(no_endpoint)
         .method_not_allowed_fallback(no_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -173,6 +174,22 @@ pub async fn serve(
         }
         () = shutdown => {}
     }
+}
+
+/// Count each answer of a route, and its latency, for `/metrics`.
+async fn observe(State(api): ApiState, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let method = req.method().to_string();
+    let start = std::time::Instant::now();
+    let r = next.run(req).await;
+    api.node
+        .api_requests
+        .observe(&route, &method, r.status().as_u16(), start.elapsed());
+    r
 }
 
 async fn no_endpoint(req: Request) -> Error {
