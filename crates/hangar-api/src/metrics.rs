@@ -33,6 +33,27 @@ pub struct Metrics {
     pub also: Vec<Gather>,
 }
 
+/// Queries an org may have running in Prometheus at once: fewer than
+/// Prometheus runs at once, so one org's heavy queries leave room for the
+/// others'. Each is cut off at [`QUERY_TIMEOUT`].
+pub const QUERIES_PER_ORG: usize = 4;
+pub const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The running queries' slots, per org.
+#[derive(Default)]
+pub struct QuerySlots(std::sync::Mutex<BTreeMap<String, std::sync::Arc<tokio::sync::Semaphore>>>);
+
+impl QuerySlots {
+    fn of(&self, org: &str) -> std::sync::Arc<tokio::sync::Semaphore> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(org.to_string())
+            .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(QUERIES_PER_ORG)))
+            .clone()
+    }
+}
+
 /// The API's requests, by route and status class, and their latency.
 #[derive(Default)]
 pub struct ApiMetrics {
@@ -52,7 +73,10 @@ impl ApiMetrics {
             .entry((route.to_string(), method.to_string(), class))
             .or_insert_with(|| (vec![0; API_BUCKETS.len() + 1], 0.0));
         let s = took.as_secs_f64();
-        let i = API_BUCKETS.iter().position(|b| s <= *b).unwrap_or(API_BUCKETS.len());
+        let i = API_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(API_BUCKETS.len());
         entry.0[i] += 1;
         entry.1 += s;
     }
@@ -66,7 +90,11 @@ impl ApiMetrics {
         );
         let map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
         for ((route, method, class), (counts, sum)) in map.iter() {
-            f.push_histogram(&[("route", route), ("method", method), ("status", class)], *sum, counts.clone());
+            f.push_histogram(
+                &[("route", route), ("method", method), ("status", class)],
+                *sum,
+                counts.clone(),
+            );
         }
         vec![f]
     }
@@ -265,9 +293,24 @@ impl Node {
                 "metrics are off on this node: install Debian's prometheus (apt-get install prometheus) and restart `hangar up`".into(),
             ));
         };
-        let params = match org {
-            None => params,
-            Some(org) => confine(endpoint, params, org)?,
+        let (params, _slot) = match org {
+            None => (params, None),
+            Some(org) => {
+                let mut params = confine(endpoint, params, org)?;
+                // Prometheus stops the query at this, whatever was asked.
+                params.retain(|(k, _)| k != "timeout");
+                params.push(("timeout".into(), format!("{}s", QUERY_TIMEOUT.as_secs())));
+                let slot = self
+                    .metric_queries
+                    .of(org)
+                    .try_acquire_owned()
+                    .map_err(|_| {
+                        Error::Busy(format!(
+                            "this org has {QUERIES_PER_ORG} metrics queries running; retry after a second"
+                        ))
+                    })?;
+                (params, Some(slot))
+            }
         };
         let url = format!("{}/api/v1/{endpoint}", metrics.prometheus);
         let form = form_urlencoded::Serializer::new(String::new())
@@ -284,7 +327,7 @@ impl Node {
                 .body(form)
         };
         let sent = req
-            .timeout(std::time::Duration::from_secs(60))
+            .timeout(QUERY_TIMEOUT + std::time::Duration::from_secs(5))
             .send()
             .await
             .map_err(|e| {
@@ -352,6 +395,18 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn one_org_holding_its_query_slots_leaves_the_others_theirs() {
+        let slots = QuerySlots::default();
+        let held: Vec<_> = (0..QUERIES_PER_ORG)
+            .map(|_| slots.of("acme").try_acquire_owned().unwrap())
+            .collect();
+        assert!(slots.of("acme").try_acquire_owned().is_err());
+        assert!(slots.of("evil").try_acquire_owned().is_ok());
+        drop(held);
+        assert!(slots.of("acme").try_acquire_owned().is_ok());
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Node {
     pub metrics: Option<crate::metrics::Metrics>,
     /// The API's requests, for the node's own exposition.
     pub api_requests: crate::metrics::ApiMetrics,
+    /// Orgs' metrics queries running now.
+    pub(crate) metric_queries: crate::metrics::QuerySlots,
     /// Held from the room check of a create to its row: only this node
     /// creates its machines, so two creates at once cannot both take the
     /// last of its memory.
@@ -164,6 +166,7 @@ impl Node {
             dns: None,
             metrics: None,
             api_requests: Default::default(),
+            metric_queries: Default::default(),
             admitting: Mutex::new(()),
         }
     }

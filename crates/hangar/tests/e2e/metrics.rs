@@ -334,13 +334,19 @@ fn an_org_queries_its_own_series_only() {
     // The node's process serves its API's, its registry's and its egress
     // proxy's series too: the admin's to see, no org's.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let node_own = r#"hangar_api_request_duration_seconds_count{route="/v1/machines",method="POST"}"#;
+    let node_own =
+        r#"hangar_api_request_duration_seconds_count{route="/v1/machines",method="POST"}"#;
     while admin.query(node_own).is_empty() || admin.query("hangar_egress_open_tunnels").is_empty() {
-        assert!(Instant::now() < deadline, "the node's API and egress series never showed");
+        assert!(
+            Instant::now() < deadline,
+            "the node's API and egress series never showed"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(acme.query("hangar_egress_open_tunnels").is_empty());
-    assert!(acme.query("hangar_api_request_duration_seconds_count").is_empty());
+    assert!(acme
+        .query("hangar_api_request_duration_seconds_count")
+        .is_empty());
 
     // The admin sees both orgs, and the CLI prints an org's series.
     let orgs: BTreeSet<String> = admin
