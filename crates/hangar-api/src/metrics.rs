@@ -54,11 +54,14 @@ impl QuerySlots {
     }
 }
 
+/// (route, method, status class) of an answer.
+type RouteKey = (String, String, String);
+
 /// The API's requests, by route and status class, and their latency.
 #[derive(Default)]
 pub struct ApiMetrics {
-    /// (route, method, status class) -> (count, latency bucket counts, sum).
-    by_route: std::sync::Mutex<BTreeMap<(String, String, String), (Vec<u64>, f64)>>,
+    /// Per route: the latency bucket counts and their sum.
+    by_route: std::sync::Mutex<BTreeMap<RouteKey, (Vec<u64>, f64)>>,
 }
 
 /// Upper bounds of the API's latency buckets, in seconds.
