@@ -352,15 +352,9 @@ impl Client {
             detail,
         };
         let authority = self.authority();
-        let stream = tokio::net::TcpStream::connect(&authority)
+        let mut send = upgrading(&authority)
             .await
-            .map_err(|e| unreachable(format!("cannot reach the node at {authority}: {e}")))?;
-        let _ = stream.set_nodelay(true);
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(conn.with_upgrades());
+            .map_err(|e| unreachable(format!("the node at {authority}: {e}")))?;
         let req = hyper::Request::get(format!("/v1/machines/{id}/proxy?port={port}"))
             .header(hyper::header::HOST, &authority)
             .header(
@@ -452,13 +446,7 @@ impl Client {
 
     /// `host:port` of the base URL.
     fn authority(&self) -> String {
-        self.base
-            .split_once("://")
-            .map_or(self.base.as_str(), |(_, rest)| rest)
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string()
+        authority_of(&self.base)
     }
 
     /// Apply a purge at this node now (a node's call to another).
@@ -605,4 +593,33 @@ pub fn changed(release: &Release, change: impl FnOnce(&mut MachineConfig)) -> De
         description: String::new(),
         primary_region: release.config.metadata.get("region").cloned(),
     }
+}
+
+/// `host:port` of a URL such as `http://10.0.0.1:4280/`.
+pub(crate) fn authority_of(url: &str) -> String {
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// An HTTP/1 connection to `authority` that can be upgraded (a tunnel,
+/// a carried console).
+pub(crate) async fn upgrading(
+    authority: &str,
+) -> std::result::Result<
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    String,
+> {
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn.with_upgrades());
+    Ok(send)
 }

@@ -92,17 +92,7 @@ pub(crate) fn open(
     tcsetwinsize(&master, size(rows, cols)).map_err(|e| host("set its size", e.into()))?;
     let mut cmd = crate::runtime::runc(runc_root);
     cmd.args(["exec", "-t", "--env", "TERM=xterm-256color"]);
-    if let Some(who) = user {
-        cmd.arg("--user").arg(format!("{}:{}", who.uid, who.gid));
-        for g in &who.groups {
-            cmd.arg("--additional-gids").arg(g.to_string());
-        }
-        cmd.arg("--env").arg(format!("HOME={}", who.home));
-    }
-    for e in env {
-        cmd.arg("--env").arg(e);
-    }
-    cmd.arg(id).args(argv);
+    crate::container::exec_args(&mut cmd, id, argv, env, user);
     let child = spawn_on(&mut cmd, &slave).map_err(|e| Error::Command {
         command: "runc exec -t".into(),
         detail: e.to_string(),

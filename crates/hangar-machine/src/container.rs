@@ -104,6 +104,22 @@ pub(crate) fn exec(
 ) -> Result<Output> {
     let mut cmd = runc(runc_root);
     cmd.args(["exec"]);
+    exec_args(&mut cmd, id, argv, env, user);
+    output_capped(&mut cmd, stdin, EXEC_OUTPUT_CAP).map_err(|e| Error::Command {
+        command: "runc exec".into(),
+        detail: e.to_string(),
+    })
+}
+
+/// The rest of a `runc exec` line: the user (and its groups and home),
+/// the environment, the container and the command.
+pub(crate) fn exec_args(
+    cmd: &mut Command,
+    id: &str,
+    argv: &[String],
+    env: &[String],
+    user: Option<&hangar_init::RunAs>,
+) {
     if let Some(who) = user {
         cmd.arg("--user").arg(format!("{}:{}", who.uid, who.gid));
         for g in &who.groups {
@@ -115,10 +131,6 @@ pub(crate) fn exec(
         cmd.arg("--env").arg(e);
     }
     cmd.arg(id).args(argv);
-    output_capped(&mut cmd, stdin, EXEC_OUTPUT_CAP).map_err(|e| Error::Command {
-        command: "runc exec".into(),
-        detail: e.to_string(),
-    })
 }
 
 /// The smallest root filesystem a machine can have (ext4's own structures

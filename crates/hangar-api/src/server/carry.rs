@@ -143,21 +143,8 @@ async fn forward_upgrade(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let authority = member
-        .api
-        .split_once("://")
-        .map_or(member.api.as_str(), |(_, r)| r)
-        .trim_end_matches('/')
-        .to_string();
-    let stream = tokio::net::TcpStream::connect(&authority)
-        .await
-        .map_err(|e| gone(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| gone(e.to_string()))?;
-    tokio::spawn(conn.with_upgrades());
+    let authority = crate::client::authority_of(&member.api);
+    let mut send = crate::client::upgrading(&authority).await.map_err(gone)?;
     let path = req
         .uri()
         .path_and_query()

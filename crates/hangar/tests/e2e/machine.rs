@@ -196,6 +196,16 @@ pub(crate) struct Node {
 }
 
 impl Node {
+    /// A value of its `config.toml` (`api`, `token`, ...).
+    pub(crate) fn config(&self, key: &str) -> String {
+        fs::read_to_string(self.h.home().join("config.toml"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("no {key} in the node's config.toml"))
+    }
+
     pub(crate) fn start() -> Node {
         Node::start_in(None, &[])
     }

@@ -8,17 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::machine::{busybox_image, Node};
+use crate::machine::busybox_image;
 use crate::support::*;
-
-fn config_value(node: &Node, key: &str) -> String {
-    std::fs::read_to_string(node.h.home().join("config.toml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key} = ")))
-        .map(|v| v.trim_matches('"').to_string())
-        .unwrap()
-}
 
 /// Form encoding of `pairs` (every byte but letters and digits escaped).
 fn form(pairs: &[(&str, &str)]) -> String {
@@ -88,40 +79,14 @@ impl Caller {
 #[test]
 fn an_org_queries_its_own_series_only() {
     require("prometheus");
-    let node = Node::start();
-    let api = config_value(&node, "api")
-        .trim_start_matches("http://")
-        .to_string();
-    let admin = Caller {
+    let t = crate::operate::TwoOrgs::start();
+    let (node, api) = (&t.node, t.api.clone());
+    let caller = |token: &str| Caller {
         api: api.clone(),
-        token: config_value(&node, "token"),
+        token: token.to_string(),
     };
-    let org = |name: &str| Caller {
-        api: api.clone(),
-        token: node
-            .h
-            .ok(&["auth", "token", "create", "--org", name])
-            .trim()
-            .to_string(),
-    };
-    let (acme, evil) = (org("acme"), org("evil"));
-    let admin_call = |method: &str, path: &str, body: &Value| {
-        let auth = format!("Bearer {}", admin.token);
-        http(
-            method,
-            &api,
-            path,
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )
-    };
-    for (app, org) in [("acme-app", "acme"), ("evil-app", "evil")] {
-        let r = admin_call("POST", "/v1/apps", &json!({"name": app, "org": org}));
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    }
+    let (admin, acme, evil) = (caller(&t.admin), caller(&t.acme), caller(&t.evil));
+    let admin_call = |method: &str, path: &str, body: &Value| t.call(&t.admin, method, path, body);
     // Each app's machine serves a static exposition. acme's forges the
     // labels the node sets, claiming to be evil's.
     let image = busybox_image(&node.h);

@@ -11,13 +11,90 @@ use serde_json::{json, Value};
 use crate::machine::{busybox_image, Node};
 use crate::support::*;
 
-fn config_value(node: &Node, key: &str) -> String {
-    std::fs::read_to_string(node.h.home().join("config.toml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key} = ")))
-        .map(|v| v.trim_matches('"').to_string())
-        .unwrap()
+/// A node with orgs `acme` and `evil`, each with a token and an app
+/// (`acme-app`, `evil-app`): the API's address and the admin's token.
+pub(crate) struct TwoOrgs {
+    pub node: Node,
+    pub api: String,
+    pub admin: String,
+    pub acme: String,
+    pub evil: String,
+}
+
+impl TwoOrgs {
+    pub fn start() -> TwoOrgs {
+        let node = Node::start();
+        let api = node.config("api").trim_start_matches("http://").to_string();
+        let admin = node.config("token");
+        let token = |org: &str| {
+            node.h
+                .ok(&["auth", "token", "create", "--org", org])
+                .trim()
+                .to_string()
+        };
+        let (acme, evil) = (token("acme"), token("evil"));
+        let t = TwoOrgs {
+            node,
+            api,
+            admin,
+            acme,
+            evil,
+        };
+        for (app, org) in [("acme-app", "acme"), ("evil-app", "evil")] {
+            let r = t.call(
+                &t.admin,
+                "POST",
+                "/v1/apps",
+                &json!({"name": app, "org": org}),
+            );
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        }
+        t
+    }
+
+    /// A JSON call to the API with `token`.
+    pub fn call(&self, token: &str, method: &str, path: &str, body: &Value) -> HttpResponse {
+        let auth = format!("Bearer {token}");
+        http(
+            method,
+            &self.api,
+            path,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// A started machine of `app` running `cmd` (with `more` config),
+    /// created by the admin: its id and name.
+    pub fn machine(&self, app: &str, cmd: &[&str], more: Value) -> (String, String) {
+        let image = busybox_image(&self.node.h);
+        let mut config = json!({"image": image, "metadata": {"app": app}, "init": {"cmd": cmd}});
+        if let (Some(c), Some(m)) = (config.as_object_mut(), more.as_object()) {
+            c.extend(m.clone());
+        }
+        let r = self.call(
+            &self.admin,
+            "POST",
+            "/v1/machines",
+            &json!({ "config": config }),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let (id, name) = (
+            r.json()["id"].as_str().unwrap().to_string(),
+            r.json()["name"].as_str().unwrap().to_string(),
+        );
+        let r = self.call(
+            &self.admin,
+            "GET",
+            &format!("/v1/machines/{id}/wait?state=started&timeout=60"),
+            &json!({}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        (id, name)
+    }
 }
 
 /// `n` bytes that are not all the same (xorshift).
@@ -52,65 +129,17 @@ fn hash_through(addr: &str, data: &[u8]) -> String {
 
 #[test]
 fn hangar_proxy_carries_streams_to_a_machine_and_refuses_another_org() {
-    let node = Node::start();
-    let api = config_value(&node, "api")
-        .trim_start_matches("http://")
-        .to_string();
-    let admin = config_value(&node, "token");
-    let call = |token: &str, method: &str, path: &str, body: &Value| {
-        let auth = format!("Bearer {token}");
-        http(
-            method,
-            &api,
-            path,
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )
-    };
-    let token = |org: &str| {
-        node.h
-            .ok(&["auth", "token", "create", "--org", org])
-            .trim()
-            .to_string()
-    };
-    let (acme, evil) = (token("acme"), token("evil"));
-    for (app, org) in [("acme-app", "acme"), ("evil-app", "evil")] {
-        let r = call(
-            &admin,
-            "POST",
-            "/v1/apps",
-            &json!({"name": app, "org": org}),
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    }
+    let t = TwoOrgs::start();
+    let (node, api, acme, evil) = (&t.node, &t.api, &t.acme, &t.evil);
     // A service that answers the SHA-256 of whatever a connection sends.
-    let image = busybox_image(&node.h);
     let script = "printf '#!/bin/sh\\nexec busybox sha256sum\\n' > /h.sh; busybox chmod +x /h.sh; exec nc -ll -p 7000 -e /h.sh";
-    let r = call(
-        &admin,
-        "POST",
-        "/v1/machines",
-        &json!({"config": {"image": image, "metadata": {"app": "acme-app"},
-            "init": {"cmd": ["sh", "-c", script]}}}),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let r = call(
-        &admin,
-        "GET",
-        &format!("/v1/machines/{id}/wait?state=started&timeout=60"),
-        &json!({}),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (id, _) = t.machine("acme-app", &["sh", "-c", script], json!({}));
 
     let port = free_port();
     let mut proxy = node
         .h
         .command(&["proxy", &format!("{port}:7000"), "-a", "acme-app"])
-        .env("HANGAR_API_TOKEN", &acme)
+        .env("HANGAR_API_TOKEN", acme)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -159,7 +188,7 @@ fn hangar_proxy_carries_streams_to_a_machine_and_refuses_another_org() {
             "--machine",
             &id,
         ])
-        .env("HANGAR_API_TOKEN", &evil)
+        .env("HANGAR_API_TOKEN", evil)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -168,7 +197,7 @@ fn hangar_proxy_carries_streams_to_a_machine_and_refuses_another_org() {
     let auth = format!("Bearer {evil}");
     let r = http(
         "GET",
-        &api,
+        api,
         &format!("/v1/machines/{id}/proxy?port=7000"),
         &[
             ("Authorization", &auth),
@@ -182,7 +211,7 @@ fn hangar_proxy_carries_streams_to_a_machine_and_refuses_another_org() {
     let out = node
         .h
         .command(&["proxy", &format!("{}:7999", free_port()), "-a", "acme-app"])
-        .env("HANGAR_API_TOKEN", &acme)
+        .env("HANGAR_API_TOKEN", acme)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -261,51 +290,9 @@ impl Screen {
 
 #[test]
 fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
-    let node = Node::start();
-    let api = config_value(&node, "api")
-        .trim_start_matches("http://")
-        .to_string();
-    let admin = config_value(&node, "token");
-    let call = |method: &str, path: &str, body: &Value| {
-        let auth = format!("Bearer {admin}");
-        http(
-            method,
-            &api,
-            path,
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )
-    };
-    let token = |org: &str| {
-        node.h
-            .ok(&["auth", "token", "create", "--org", org])
-            .trim()
-            .to_string()
-    };
-    let (acme, evil) = (token("acme"), token("evil"));
-    for (app, org) in [("acme-app", "acme"), ("evil-app", "evil")] {
-        let r = call("POST", "/v1/apps", &json!({"name": app, "org": org}));
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    }
-    let image = busybox_image(&node.h);
-    let r = call(
-        "POST",
-        "/v1/machines",
-        &json!({"config": {"image": image, "metadata": {"app": "acme-app"},
-            "init": {"cmd": ["sleep", "3600"]}}}),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let name = r.json()["name"].as_str().unwrap().to_string();
-    let r = call(
-        "GET",
-        &format!("/v1/machines/{id}/wait?state=started&timeout=60"),
-        &json!({}),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let t = TwoOrgs::start();
+    let (node, api, acme, evil) = (&t.node, &t.api, &t.acme, &t.evil);
+    let (id, name) = t.machine("acme-app", &["sleep", "3600"], json!({}));
 
     // An interactive shell on a terminal the test holds.
     let (master, slave) = pty();
@@ -322,7 +309,7 @@ fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
     let mut cli = node
         .h
         .command(&["ssh", "console", "-a", "acme-app"])
-        .env("HANGAR_API_TOKEN", &acme)
+        .env("HANGAR_API_TOKEN", acme)
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave))
@@ -390,7 +377,7 @@ fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
             "-C",
             "echo one-$((2*3)); exit 3",
         ])
-        .env("HANGAR_API_TOKEN", &acme)
+        .env("HANGAR_API_TOKEN", acme)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -415,7 +402,7 @@ fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
             "-C",
             "id",
         ])
-        .env("HANGAR_API_TOKEN", &evil)
+        .env("HANGAR_API_TOKEN", evil)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -425,7 +412,7 @@ fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
     let auth = format!("Bearer {evil}");
     let r = http(
         "GET",
-        &api,
+        api,
         &format!("/v1/machines/{id}/console"),
         &[
             ("Authorization", &auth),
