@@ -3,9 +3,11 @@
 //! HTTP service-discovery endpoint (so targets follow machines with no
 //! reload), and the process started again when it exits.
 //!
-//! A node killed with `kill -9` leaves its Prometheus running; the next
-//! start finds it by its pid file and stops it before starting its own
-//! (Prometheus also locks its data directory, so two never share it).
+//! Prometheus is started under util-linux's `setpriv --pdeathsig KILL`, so
+//! it ends with the node, even one killed with `kill -9`. Should one
+//! outlive its node anyway, the next start finds it by its pid file and
+//! stops it (Prometheus also locks its data directory, so two never share
+//! it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,9 +44,13 @@ pub struct Settings {
 
 /// `prometheus` on `$PATH` (Debian's package installs `/usr/bin/prometheus`).
 pub fn find() -> Option<PathBuf> {
+    find_in_path("prometheus")
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
-        .map(|d| d.join("prometheus"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 
@@ -139,7 +145,18 @@ fn spawn(settings: &Settings) -> Result<Child, String> {
     let err = log
         .try_clone()
         .map_err(|e| format!("cannot open Prometheus's log: {e}"))?;
-    let child = Command::new(&settings.binary)
+    // Prometheus dies with the node, even by `kill -9`: util-linux's
+    // setpriv sets its parent-death signal (this thread lives as long as
+    // the node does: the first start's caller, then the supervisor).
+    let mut cmd = match find_in_path("setpriv") {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&settings.binary);
+            c
+        }
+        None => Command::new(&settings.binary),
+    };
+    let child = cmd
         .arg(format!(
             "--config.file={}",
             dir.join("prometheus.yml").display()

@@ -79,7 +79,7 @@ impl Caller {
 #[test]
 fn an_org_queries_its_own_series_only() {
     require("prometheus");
-    let t = crate::operate::TwoOrgs::start();
+    let mut t = crate::operate::TwoOrgs::start();
     let (node, api) = (&t.node, t.api.clone());
     let caller = |token: &str| Caller {
         api: api.clone(),
@@ -337,4 +337,18 @@ fn an_org_queries_its_own_series_only() {
         "{text}"
     );
     assert!(!text.contains("evil_secret_total"), "{text}");
+
+    // Prometheus ends with its node, even one killed with kill -9.
+    let pid = std::fs::read_to_string(t.node.h.home().join("prometheus/pid")).unwrap();
+    let proc_dir = format!("/proc/{}", pid.trim());
+    assert!(
+        std::path::Path::new(&proc_dir).exists(),
+        "Prometheus is not running"
+    );
+    t.node.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&proc_dir).exists() {
+        assert!(Instant::now() < deadline, "Prometheus outlived its node");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
