@@ -134,6 +134,18 @@ fn hangar_proxy_carries_streams_to_a_machine_and_refuses_another_org() {
     // A service that answers the SHA-256 of whatever a connection sends.
     let script = "printf '#!/bin/sh\\nexec busybox sha256sum\\n' > /h.sh; busybox chmod +x /h.sh; exec nc -ll -p 7000 -e /h.sh";
     let (id, _) = t.machine("acme-app", &["sh", "-c", script], json!({}));
+    // `hangar proxy` refuses a port nothing listens on: wait until the
+    // service does (the node reaches the machine's address).
+    let status = t.call(&t.admin, "GET", &format!("/v1/machines/{id}"), &json!({}));
+    let service = format!("{}:7000", status.json()["ipv4"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect_timeout(&service.parse().unwrap(), Duration::from_secs(1)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the service in the machine never listened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let port = free_port();
     let mut proxy = node
