@@ -76,9 +76,28 @@ pub struct AppToml {
     /// shell).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_command: Option<String>,
+    /// `[alerts]`: rules the node's Prometheus evaluates, and the webhook
+    /// firing alerts are posted to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Alerts>,
+    /// Dashboard files (Grafana JSON, relative to hangar.toml) shown
+    /// beside the shipped one by `hangar dashboard`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dashboards: Vec<String>,
     /// fly.toml's process groups: read only to say they are not supported.
     #[serde(default, skip_serializing)]
     pub processes: Option<toml::Value>,
+}
+
+/// `[alerts]`: `webhook`, and `[[alerts.rules]]` in Prometheus's fields
+/// (`alert`, `expr`, `for`, `labels`, `annotations`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<crate::observe::AlertRule>,
 }
 
 /// Where the image comes from: `image`, or a directory to build.
@@ -495,7 +514,31 @@ impl AppToml {
             max_unavailable: d.max_unavailable,
             description: description.to_string(),
             primary_region: self.primary_region.clone(),
+            observe: crate::observe::Observe {
+                rules: self.alerts.clone().unwrap_or_default().rules,
+                webhook: self.alerts.as_ref().and_then(|a| a.webhook.clone()),
+                dashboards: Vec::new(),
+            },
         }
+    }
+
+    /// The contents of the `dashboards` files, read relative to `dir`
+    /// (hangar.toml's directory).
+    pub fn dashboard_files(
+        &self,
+        dir: &std::path::Path,
+    ) -> std::result::Result<Vec<String>, String> {
+        self.dashboards
+            .iter()
+            .map(|f| {
+                let path = dir.join(f);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("dashboards: cannot read {}: {e}", path.display()))?;
+                hangar_metrics::dashboard::parse(&text)
+                    .map_err(|e| format!("dashboards: {}: {e}", path.display()))?;
+                Ok(text)
+            })
+            .collect()
     }
 }
 

@@ -32,6 +32,9 @@ pub struct Release {
     pub description: String,
     pub config: MachineConfig,
     pub created_at: u64,
+    /// Its alert rules, webhook and own dashboards.
+    #[serde(default)]
+    pub observe: crate::observe::Observe,
 }
 
 crate::closed_set! {

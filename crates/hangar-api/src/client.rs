@@ -344,6 +344,20 @@ impl Client {
             .await
     }
 
+    /// A one-time ticket that opens the dashboard page (the path to open
+    /// on this node's API).
+    pub async fn dashboard_ticket(
+        &self,
+        req: &crate::wire::TicketRequest,
+    ) -> Result<crate::wire::TicketAnswer> {
+        self.post("/v1/dashboard/tickets", req).await
+    }
+
+    /// What fires now of `app`, and its webhook's last delivery.
+    pub async fn alerts(&self, app: &str) -> Result<crate::wire::AppAlerts> {
+        self.get(&format!("/v1/apps/{app}/alerts")).await
+    }
+
     /// A TCP stream to `port` of machine `id`, through the node (see
     /// `server::tunnel`).
     pub async fn tunnel(&self, id: &str, port: u16) -> Result<hyper::upgrade::Upgraded> {
@@ -592,6 +606,7 @@ pub fn changed(release: &Release, change: impl FnOnce(&mut MachineConfig)) -> De
         max_unavailable: 0,
         description: String::new(),
         primary_region: release.config.metadata.get("region").cloned(),
+        observe: release.observe.clone(),
     }
 }
 

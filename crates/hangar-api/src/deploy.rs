@@ -56,6 +56,9 @@ pub struct DeployRequest {
     /// node's region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_region: Option<String>,
+    /// Alert rules, webhook and dashboards (`[alerts]`, `dashboards`).
+    #[serde(default)]
+    pub observe: crate::observe::Observe,
 }
 
 /// How long a deploy waits for a new machine to be up: long enough for
@@ -403,7 +406,8 @@ pub async fn deploy(
     req: DeployRequest,
     progress: Progress,
 ) -> Result<Release> {
-    node.state.app(&app)?;
+    let org = node.state.app(&app)?.org;
+    req.observe.check(&org)?;
     let _one_at_a_time = AppLock::take(&node, &app)?;
     if let Some(count) = req.count {
         check_count(count)?;
@@ -423,9 +427,14 @@ pub async fn deploy(
         })
         .collect();
     let replaces: Vec<String> = old.iter().map(|m| m.id.clone()).collect();
-    let release = node
-        .state
-        .add_release(&app, &req.image, &req.description, &config, &replaces)?;
+    let release = node.state.add_release(
+        &app,
+        &req.image,
+        &req.description,
+        &config,
+        &replaces,
+        &req.observe,
+    )?;
     let v = Some(release.version);
     progress.say(format!(
         "release v{} of {app}: {} machine(s), {} strategy, image {}",

@@ -48,6 +48,7 @@ macro_rules! closed_set {
     };
 }
 
+pub mod alerts;
 pub mod app_toml;
 pub mod apps;
 pub mod checks;
@@ -60,6 +61,7 @@ pub mod egress;
 pub mod error;
 pub mod metrics;
 pub mod node;
+pub mod observe;
 pub mod purge;
 pub mod routing;
 pub mod server;

@@ -31,6 +31,11 @@ pub struct Metrics {
     pub own: Vec<TargetGroup>,
     /// Served at the node's `/metrics` beside its own series.
     pub also: Vec<Gather>,
+    /// Prometheus's directory (its alert rules go under `rules/`).
+    pub dir: std::path::PathBuf,
+    /// Which addresses alert webhooks may be posted to (none: no webhook
+    /// is posted).
+    pub webhook_check: Option<crate::alerts::DialCheck>,
 }
 
 /// Queries an org may have running in Prometheus at once: fewer than
@@ -291,6 +296,28 @@ impl Node {
         endpoint: &str,
         params: Vec<(String, String)>,
     ) -> Result<(u16, bytes::Bytes)> {
+        self.query_metrics_with(org, endpoint, params, false).await
+    }
+
+    /// [`Node::query_metrics`], waiting (up to [`QUERY_TIMEOUT`]) for one
+    /// of the org's slots instead of answering busy: the node's own pages
+    /// and checks, which run their queries in turn.
+    pub async fn query_metrics_queued(
+        &self,
+        org: Option<&str>,
+        endpoint: &str,
+        params: Vec<(String, String)>,
+    ) -> Result<(u16, bytes::Bytes)> {
+        self.query_metrics_with(org, endpoint, params, true).await
+    }
+
+    async fn query_metrics_with(
+        &self,
+        org: Option<&str>,
+        endpoint: &str,
+        params: Vec<(String, String)>,
+        wait: bool,
+    ) -> Result<(u16, bytes::Bytes)> {
         let Some(metrics) = &self.metrics else {
             return Err(Error::Unavailable(
                 "metrics are off on this node: install Debian's prometheus (apt-get install prometheus) and restart `hangar up`".into(),
@@ -303,15 +330,21 @@ impl Node {
                 // Prometheus stops the query at this, whatever was asked.
                 params.retain(|(k, _)| k != "timeout");
                 params.push(("timeout".into(), format!("{}s", QUERY_TIMEOUT.as_secs())));
-                let slot = self
-                    .metric_queries
-                    .of(org)
-                    .try_acquire_owned()
-                    .map_err(|_| {
-                        Error::Busy(format!(
-                            "this org has {QUERIES_PER_ORG} metrics queries running; retry after a second"
-                        ))
-                    })?;
+                let busy = || {
+                    Error::Busy(format!(
+                        "this org has {QUERIES_PER_ORG} metrics queries running; retry after a second"
+                    ))
+                };
+                let slots = self.metric_queries.of(org);
+                let slot = if wait {
+                    tokio::time::timeout(QUERY_TIMEOUT, slots.acquire_owned())
+                        .await
+                        .ok()
+                        .and_then(|s| s.ok())
+                        .ok_or_else(busy)?
+                } else {
+                    slots.try_acquire_owned().map_err(|_| busy())?
+                };
                 (params, Some(slot))
             }
         };

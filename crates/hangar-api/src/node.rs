@@ -49,6 +49,8 @@ pub struct Node {
     pub api_requests: crate::metrics::ApiMetrics,
     /// Orgs' metrics queries running now.
     pub(crate) metric_queries: crate::metrics::QuerySlots,
+    /// The alerts posted to apps' webhooks.
+    pub alert_deliveries: crate::alerts::Deliveries,
     /// Held from the room check of a create to its row: only this node
     /// creates its machines, so two creates at once cannot both take the
     /// last of its memory.
@@ -167,6 +169,7 @@ impl Node {
             metrics: None,
             api_requests: Default::default(),
             metric_queries: Default::default(),
+            alert_deliveries: Default::default(),
             admitting: Mutex::new(()),
         }
     }

@@ -286,3 +286,17 @@ pub struct ProgressLine {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// `GET /v1/apps/{app}/alerts`: the current release's rules, what fires
+/// now, and how the last post to the webhook went.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AppAlerts {
+    pub rules: Vec<String>,
+    #[serde(default)]
+    pub webhook: Option<String>,
+    pub firing: Vec<crate::alerts::Firing>,
+    #[serde(default)]
+    pub last_delivery: Option<crate::alerts::Delivery>,
+}
+
+pub use crate::server::dashboard::{TicketAnswer, TicketRequest};

@@ -9,9 +9,10 @@ use hangar_metrics::exposition::Family;
 
 use crate::backend::Routes;
 
-/// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 10] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+/// Upper bounds of the latency buckets, in seconds (0.5 and 2 are the
+/// Apdex thresholds of the app dashboard: T and 4T).
+const BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
 ];
 
 #[derive(Default)]
@@ -27,6 +28,8 @@ pub struct HostMetrics {
     pub bytes_out: AtomicU64,
     pub errors: AtomicU64,
     pub ejections: AtomicU64,
+    /// Requests that found no machine started and woke the app.
+    pub cold_starts: AtomicU64,
     /// Responses by status class, 1xx to 5xx.
     pub status: [AtomicU64; 5],
     last_request: AtomicU64,
@@ -96,7 +99,7 @@ pub fn families(routes: &Routes, cache_bytes: (u64, u64), cache_objects: usize) 
     };
     let borrowed = |l: &[(String, String)]| -> Vec<(String, String)> { l.to_vec() };
     let mut out = Vec::new();
-    let counters: [(&str, &str, Option<&'static str>, Field); 10] = [
+    let counters: [(&str, &str, Option<&'static str>, Field); 11] = [
         ("hangar_edge_requests", "Requests received.", None, |m| {
             &m.requests
         }),
@@ -153,6 +156,12 @@ pub fn families(routes: &Routes, cache_bytes: (u64, u64), cache_objects: usize) 
             "Backends ejected by passive health checks.",
             None,
             |m| &m.ejections,
+        ),
+        (
+            "hangar_edge_cold_starts",
+            "Requests that found no machine started and woke the app.",
+            None,
+            |m| &m.cold_starts,
         ),
     ];
     for (name, help, unit, field) in counters {

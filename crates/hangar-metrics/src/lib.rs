@@ -4,8 +4,10 @@
 //! It owns PromQL confined to one org ([`promql`]: the `org` matcher put
 //! on every selector and checked by parsing the result again), running
 //! Debian's Prometheus for the node ([`prometheus`]: configuration, data
-//! under the node's home, restarts), and the shape of the node's HTTP
-//! service discovery ([`TargetGroup`]).
+//! under the node's home, restarts), the shape of the node's HTTP
+//! service discovery ([`TargetGroup`]), and dashboards: the Grafana JSON
+//! subset they are written in ([`dashboard`], the shipped files under
+//! `dashboards/`) and their panels drawn as SVG ([`chart`]).
 //!
 //! It must not decide which machines are scraped or who may query: the
 //! control plane (`hangar-api`) lists the targets and authenticates the
@@ -18,6 +20,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod chart;
+pub mod dashboard;
 pub mod exposition;
 pub mod prometheus;
 pub mod promql;

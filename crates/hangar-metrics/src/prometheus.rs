@@ -40,6 +40,9 @@ pub struct Settings {
     pub scrape_interval: Duration,
     /// How long samples are kept.
     pub retention: Duration,
+    /// Where firing alerts go: the node's Alertmanager API
+    /// (`http://127.0.0.1:4280/v1/internal/alertmanager`), with the token.
+    pub alertmanager: Option<String>,
 }
 
 /// `prometheus` on `$PATH` (Debian's package installs `/usr/bin/prometheus`).
@@ -90,6 +93,15 @@ impl Prometheus {
     /// Its HTTP API's base, such as `http://127.0.0.1:9090`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -226,6 +238,65 @@ struct Config {
     global: Global,
     rule_files: Vec<String>,
     scrape_configs: Vec<ScrapeConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alerting: Option<Alerting>,
+}
+
+#[derive(Serialize)]
+struct Alerting {
+    alertmanagers: Vec<Alertmanager>,
+}
+
+#[derive(Serialize)]
+struct Alertmanager {
+    scheme: String,
+    path_prefix: String,
+    api_version: &'static str,
+    authorization: Authorization,
+    static_configs: Vec<StaticConfig>,
+}
+
+#[derive(Serialize)]
+struct StaticConfig {
+    targets: Vec<String>,
+}
+
+/// An alerting rule as Prometheus reads it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rule {
+    pub alert: String,
+    pub expr: String,
+    #[serde(rename = "for", skip_serializing_if = "Option::is_none")]
+    pub for_: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// A group of rules (one per app).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleGroup {
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Serialize)]
+struct RuleFile<'a> {
+    groups: &'a [RuleGroup],
+}
+
+/// The file of `groups` under `dir/rules/`, written (atomically) only
+/// when it changed; whether it did (then Prometheus must reload).
+pub fn write_rules(dir: &Path, groups: &[RuleGroup]) -> Result<bool, String> {
+    let text = serde_yaml::to_string(&RuleFile { groups })
+        .map_err(|e| format!("cannot write the alert rules: {e}"))?;
+    let path = dir.join("rules").join("hangar.yml");
+    if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir.join("rules"))
+        .map_err(|e| format!("cannot create {}: {e}", dir.join("rules").display()))?;
+    write_private(&path, text.as_bytes())?;
+    Ok(true)
 }
 
 #[derive(Serialize)]
@@ -284,6 +355,21 @@ fn config(s: &Settings) -> Config {
         },
         rule_files: vec![s.dir.join("rules").join("*.yml").display().to_string()],
         scrape_configs: vec![job(JOB_APPS, false, false), job(JOB_HANGAR, true, true)],
+        alerting: s.alertmanager.as_deref().and_then(|url| {
+            let (scheme, rest) = url.split_once("://")?;
+            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+            Some(Alerting {
+                alertmanagers: vec![Alertmanager {
+                    scheme: scheme.into(),
+                    path_prefix: format!("/{path}"),
+                    api_version: "v2",
+                    authorization: auth(),
+                    static_configs: vec![StaticConfig {
+                        targets: vec![host.into()],
+                    }],
+                }],
+            })
+        }),
     }
 }
 
@@ -301,6 +387,7 @@ mod tests {
             port: 9090,
             scrape_interval: SCRAPE_INTERVAL,
             retention: Duration::from_secs(86400),
+            alertmanager: Some("http://127.0.0.1:4280/v1/internal/alertmanager".into()),
         };
         let text = serde_yaml::to_string(&config(&s)).unwrap();
         assert!(!text.contains("secret"), "{text}");
@@ -314,5 +401,30 @@ mod tests {
         );
         assert_eq!(jobs[1]["honor_labels"], true);
         assert_eq!(v["global"]["scrape_interval"], "5s");
+        let am = &v["alerting"]["alertmanagers"][0];
+        assert_eq!(am["path_prefix"], "/v1/internal/alertmanager");
+        assert_eq!(am["static_configs"][0]["targets"][0], "127.0.0.1:4280");
+        assert_eq!(am["authorization"]["type"], "Bearer");
+    }
+
+    #[test]
+    fn rules_are_written_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = vec![RuleGroup {
+            name: "app-shop".into(),
+            rules: vec![Rule {
+                alert: "Down".into(),
+                expr: r#"up{org="acme"} == 0"#.into(),
+                for_: Some("1m".into()),
+                labels: [("org".to_string(), "acme".to_string())].into(),
+                annotations: Default::default(),
+            }],
+        }];
+        assert!(write_rules(dir.path(), &groups).unwrap());
+        assert!(!write_rules(dir.path(), &groups).unwrap());
+        let text = std::fs::read_to_string(dir.path().join("rules/hangar.yml")).unwrap();
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(v["groups"][0]["rules"][0]["for"], "1m");
+        assert!(write_rules(dir.path(), &[]).unwrap());
     }
 }

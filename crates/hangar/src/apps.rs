@@ -17,10 +17,10 @@ use crate::client::{connect, Client};
 pub struct AppFlag {
     /// The app (default: `app` in ./hangar.toml)
     #[arg(short = 'a', long = "app", global = true)]
-    app: Option<String>,
+    pub(crate) app: Option<String>,
     /// Print JSON for scripts
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]
@@ -369,7 +369,12 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
             build_and_push(&m, base_dir, &org, &registry)?
         }
     };
-    let req = m.deploy_request(&image, args.count, &format!("deploy of {image}"));
+    let mut req = m.deploy_request(&image, args.count, &format!("deploy of {image}"));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    req.observe.dashboards = m.dashboard_files(dir).map_err(|e| anyhow!("{e}"))?;
     println!("Deploying {} ({})", m.app, req.strategy);
     let release = rt.block_on(client.deploy(&m.app, &req, say(args.app.json)))?;
     if args.app.json {

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod apps;
 mod bridges;
 mod client;
+mod dashboard;
 mod demo;
 mod edge;
 mod egress;
@@ -103,6 +104,10 @@ enum Command {
     Console(ssh::ConsoleMachineArgs),
     /// Forward a local TCP port to a port of one of the app's machines, through the node.
     Proxy(tunnel::ProxyArgs),
+    /// Open the app's dashboards (drawn by the node, live) in a browser.
+    Dashboard(dashboard::DashboardArgs),
+    /// The app's alert rules, what fires now, and its webhook's last post.
+    Alerts(dashboard::AlertsArgs),
     /// Query the metrics of your org's apps (PromQL, through the node's Prometheus).
     Metrics {
         #[command(subcommand)]
@@ -260,6 +265,8 @@ fn main() -> ExitCode {
         Command::Secrets { app, command } => apps::secrets(app, command),
         Command::Cache { app, command } => apps::cache(app, command),
         Command::Metrics { command } => metrics::run(command),
+        Command::Dashboard(args) => dashboard::dashboard(args),
+        Command::Alerts(args) => dashboard::alerts(args),
         Command::Proxy(args) => tunnel::run(args),
         Command::Ssh { command } => ssh::run(command),
         Command::Console(args) => ssh::console_machine(args),

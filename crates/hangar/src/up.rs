@@ -102,6 +102,9 @@ pub struct UpArgs {
     /// The loopback port the node's Prometheus listens on (default: a free one)
     #[arg(long, value_name = "PORT")]
     prometheus_port: Option<u16>,
+    /// Let alert webhooks reach this range too (by default they reach public addresses only; repeatable)
+    #[arg(long = "webhook-allow-range", value_name = "CIDR")]
+    webhook_allow_ranges: Vec<String>,
     /// How the node logs (to stderr; the level from $HANGAR_LOG, default info)
     #[arg(long, value_enum, default_value_t)]
     pub log_format: crate::LogFormat,
@@ -156,6 +159,10 @@ fn start_prometheus(
         port,
         scrape_interval: prometheus::SCRAPE_INTERVAL,
         retention: Duration::from_secs(15 * 86400),
+        alertmanager: Some(format!(
+            "http://{}/v1/internal/alertmanager",
+            std::net::SocketAddr::new(host, api.port())
+        )),
     };
     let running = Prometheus::start(settings)
         .map_err(|e| anyhow::anyhow!("{e}; or run with --metrics off"))?;
@@ -497,13 +504,34 @@ pub fn run(args: UpArgs) -> Result<()> {
                 let registry = registry.clone();
                 also.push(Arc::new(move || registry.metrics.families()));
             }
-            node = node.with_metrics(hangar_api::metrics::Metrics { prometheus: p.url().to_string(), own, also });
+            // Alert webhooks are dialed under the egress proxy's rules
+            // for addresses (never the node's own services, private
+            // ranges or metadata services), plus --webhook-allow-range.
+            let webhook_policy = hangar_egress::IpPolicy {
+                allow_ranges: args.webhook_allow_ranges.iter().map(|r| r.parse().map_err(|e| anyhow::anyhow!("--webhook-allow-range {r}: {e}"))).collect::<Result<_>>()?,
+                own_addresses: [Some(local_api), Some(addr), edge_admin, Some(std::net::SocketAddr::from(([127, 0, 0, 1], p.port())))].into_iter().flatten().collect(),
+                ..Default::default()
+            };
+            let webhook_check: hangar_api::alerts::DialCheck = Arc::new(move |a| webhook_policy.check(a));
+            node = node.with_metrics(hangar_api::metrics::Metrics { prometheus: p.url().to_string(), own, also, dir: home.join("prometheus"), webhook_check: Some(webhook_check) });
         }
         let node = Arc::new(node);
         tokio::spawn(hangar_api::cluster::lead(node.clone()));
         if node.cluster.is_some() {
             let (node, file) = (node.clone(), home.join("edge/purged"));
             std::thread::Builder::new().name("hangar-purges".into()).spawn(move || hangar_api::purge::follow(node, file))?;
+        }
+        if node.metrics.is_some() {
+            // Alert rules follow the apps' releases (deploys on any node).
+            let node = node.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = node.sync_alert_rules().await {
+                        tracing::warn!("alert rules: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            });
         }
         {
             let node = node.clone();
@@ -574,7 +602,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 None
             }
         };
-        let api = Arc::new(Api { node: node.clone(), token, pull, orgs, in_flight: Default::default() });
+        let api = Arc::new(Api { node: node.clone(), token, pull, orgs, in_flight: Default::default(), dashboards: Default::default() });
         hangar_api::server::serve(api, listener, crate::shutdown_signal()).await;
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         drop(prometheus);

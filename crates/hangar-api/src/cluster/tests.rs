@@ -118,6 +118,7 @@ async fn member(endpoints: &str, name: &str, region: &str) -> TestMember {
         pull,
         orgs: Some(orgs),
         in_flight: Default::default(),
+        dashboards: Default::default(),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let ticks = {

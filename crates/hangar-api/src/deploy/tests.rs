@@ -67,6 +67,7 @@ fn request(image: &str, count: u32, strategy: Strategy) -> DeployRequest {
         max_unavailable: 0,
         description: String::new(),
         primary_region: None,
+        observe: Default::default(),
     }
 }
 
@@ -361,6 +362,7 @@ async fn a_deploy_cut_short_by_the_node_is_undone_when_it_starts_again() {
             "",
             &checked(),
             &[v1[0].id.clone(), v1[1].id.clone()],
+            &Default::default(),
         )
         .unwrap();
     let place = Placement {

@@ -46,6 +46,7 @@ async fn serve_api() -> TestApi {
         pull,
         orgs: Some(orgs),
         in_flight: Default::default(),
+        dashboards: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -134,6 +135,7 @@ async fn the_client_deploys_and_streams_the_progress() {
         max_unavailable: 0,
         description: "first".into(),
         primary_region: None,
+        observe: Default::default(),
     };
     let release = acme
         .deploy("web", &req, |m| said.push(m.to_string()))
@@ -229,6 +231,7 @@ async fn a_second_org_reaches_nothing_of_the_first() {
         max_unavailable: 0,
         description: String::new(),
         primary_region: None,
+        observe: Default::default(),
     };
     assert_eq!(status(evil.deploy("web", &deploy, |_| {}).await).0, 404);
     assert_eq!(status(evil.destroy_app("web").await).0, 404);

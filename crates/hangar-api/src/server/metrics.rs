@@ -58,6 +58,40 @@ pub(super) async fn query(
         .into_response())
 }
 
+/// What Prometheus sends the node as its Alertmanager.
+pub(super) async fn receive_alerts(
+    axum::extract::State(api): ApiState,
+    caller: Caller,
+    super::Json(alerts): super::Json<Vec<crate::alerts::PromAlert>>,
+) -> Result<StatusCode, Error> {
+    if caller != Caller::Admin {
+        return Err(Error::NotAllowed(
+            "only the node's Prometheus sends alerts".into(),
+        ));
+    }
+    crate::alerts::receive(&api.node, alerts);
+    Ok(StatusCode::OK)
+}
+
+/// An app's firing alerts and its webhook's last delivery.
+pub(super) async fn alerts(
+    axum::extract::State(api): ApiState,
+    caller: Caller,
+    super::OwnApp(app): super::OwnApp,
+) -> Result<axum::Json<crate::wire::AppAlerts>, Error> {
+    let firing = crate::alerts::firing(&api.node, caller.org(), Some(&app.name)).await?;
+    let release = api.node.state.current_release(&app.name)?;
+    Ok(axum::Json(crate::wire::AppAlerts {
+        rules: release
+            .as_ref()
+            .map(|r| r.observe.rules.iter().map(|r| r.alert.clone()).collect())
+            .unwrap_or_default(),
+        webhook: release.and_then(|r| r.observe.webhook),
+        firing,
+        last_delivery: api.node.alert_deliveries.last(&app.name),
+    }))
+}
+
 /// The node's own exposition (its Prometheus scrapes it with the admin
 /// token): OpenMetrics when asked, else the text format.
 pub(super) async fn exposition(

@@ -14,6 +14,7 @@ mod api_tests;
 mod apps;
 mod carry;
 pub mod console;
+pub mod dashboard;
 mod machines;
 mod metrics;
 #[cfg(test)]
@@ -94,6 +95,8 @@ pub struct Api {
     /// Org tokens: their org's apps and those apps' machines only.
     pub orgs: Option<OrgTokens>,
     pub in_flight: InFlight,
+    /// The dashboard page's tickets and sessions.
+    pub dashboards: dashboard::Sessions,
 }
 
 type ApiState = State<Arc<Api>>;
@@ -135,6 +138,12 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/internal/metrics/targets", get(metrics::targets))
         .route("/metrics", get(metrics::exposition))
         .route(
+            "/v1/internal/alertmanager/api/v2/alerts",
+            post(metrics::receive_alerts),
+        )
+        .route("/v1/apps/{app}/alerts", get(metrics::alerts))
+        .route("/v1/dashboard/tickets", post(dashboard::ticket))
+        .route(
             "/v1/metrics/api/v1/{*endpoint}",
             get(metrics::query).post(metrics::query),
         )
@@ -156,6 +165,8 @@ pub fn router(api: Arc<Api>) -> Router {
             api.clone(),
             authenticate,
         ))
+        // The dashboard's pages: a session cookie, not a token.
+        .merge(dashboard::routes())
         .with_state(api)
 }
 

@@ -44,7 +44,14 @@ pub(crate) fn apps_releases_and_secrets(state: &dyn Store, dir: &Path) {
         Err(Error::Conflict(_))
     ));
     let r1 = state
-        .add_release("hello", "img:1", "first", &MachineConfig::default(), &[])
+        .add_release(
+            "hello",
+            "img:1",
+            "first",
+            &MachineConfig::default(),
+            &[],
+            &Default::default(),
+        )
         .unwrap();
     let r2 = state
         .add_release(
@@ -53,6 +60,7 @@ pub(crate) fn apps_releases_and_secrets(state: &dyn Store, dir: &Path) {
             "second",
             &MachineConfig::default(),
             &["m1".to_string(), "m2".to_string()],
+            &Default::default(),
         )
         .unwrap();
     assert_eq!((r1.version, r2.version), (1, 2));
@@ -137,7 +145,14 @@ pub(crate) fn the_feed_names_every_write_in_order(store: &dyn Store, dir: &Path)
         .unwrap();
     store.set_desired(&m.id, Desired::Stopped).unwrap();
     store
-        .add_release("web", "img:1", "first", &MachineConfig::default(), &[])
+        .add_release(
+            "web",
+            "img:1",
+            "first",
+            &MachineConfig::default(),
+            &[],
+            &Default::default(),
+        )
         .unwrap();
     let sealer = Sealer::open_or_create(dir).unwrap();
     let v: BTreeMap<_, _> = [("K".to_string(), "v".to_string())].into();

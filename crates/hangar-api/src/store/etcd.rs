@@ -844,6 +844,7 @@ impl Store for EtcdStore {
         description: &str,
         config: &MachineConfig,
         replaces: &[String],
+        observe: &crate::observe::Observe,
     ) -> Result<Release> {
         for _ in 0..RETRIES {
             let version = self.releases(app)?.first().map_or(0, |r| r.version) + 1;
@@ -855,6 +856,7 @@ impl Store for EtcdStore {
                 description: description.into(),
                 config: config.clone(),
                 created_at: now(),
+                observe: observe.clone(),
             };
             let key = release_key(app, version);
             let stored = StoredRelease {

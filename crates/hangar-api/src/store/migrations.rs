@@ -192,6 +192,9 @@ fn v3(tx: &Transaction) -> HookResult {
     Ok(())
 }
 
+/// Version 5: a release's alert rules, webhook and dashboards.
+const V5: &str = "ALTER TABLE releases ADD COLUMN observe TEXT NOT NULL DEFAULT '{}';";
+
 /// Version 4: the node a machine runs on and its region (a one-node
 /// store's machines before it: empty, the node's own).
 const V4: &str = "ALTER TABLE machines ADD COLUMN node TEXT NOT NULL DEFAULT '';
@@ -203,6 +206,7 @@ fn migrations() -> Migrations<'static> {
         M::up_with_hook("", v2),
         M::up_with_hook("", v3),
         M::up(V4),
+        M::up(V5),
     ])
 }
 

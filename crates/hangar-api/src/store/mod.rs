@@ -306,6 +306,7 @@ pub trait Store: Send + Sync {
         description: &str,
         config: &MachineConfig,
         replaces: &[String],
+        observe: &crate::observe::Observe,
     ) -> Result<Release>;
 
     fn set_release_status(

@@ -369,6 +369,7 @@ impl Store for SqliteStore {
         description: &str,
         config: &MachineConfig,
         replaces: &[String],
+        observe: &crate::observe::Observe,
     ) -> Result<Release> {
         let version: u32 = {
             let db = self.db();
@@ -378,8 +379,8 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )?;
             db.execute(
-                "INSERT INTO releases (app, version, image, status, description, config, created_at, replaces) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7)",
-                params![app, version, image, description, json(config)?, now(), json(replaces)?],
+                "INSERT INTO releases (app, version, image, status, description, config, created_at, replaces, observe) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8)",
+                params![app, version, image, description, json(config)?, now(), json(replaces)?, json(observe)?],
             )?;
             version
         };
@@ -425,11 +426,12 @@ impl Store for SqliteStore {
     fn releases(&self, app: &str) -> Result<Vec<Release>> {
         let db = self.db();
         let mut stmt = db.prepare(
-            "SELECT app, version, image, status, description, config, created_at FROM releases WHERE app = ?1 ORDER BY version DESC",
+            "SELECT app, version, image, status, description, config, created_at, observe FROM releases WHERE app = ?1 ORDER BY version DESC",
         )?;
         let rows = stmt
             .query_map([app], |r| {
                 let config: String = r.get(5)?;
+                let observe: String = r.get(7)?;
                 Ok((
                     Release {
                         app: r.get(0)?,
@@ -439,15 +441,20 @@ impl Store for SqliteStore {
                         description: r.get(4)?,
                         config: MachineConfig::default(),
                         created_at: r.get(6)?,
+                        observe: Default::default(),
                     },
                     config,
+                    observe,
                 ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
-            .map(|(mut rel, config)| {
+            .map(|(mut rel, config, observe)| {
                 rel.config = serde_json::from_str(&config)
                     .map_err(|e| Error::Internal(format!("stored release config: {e}")))?;
+                rel.observe = serde_json::from_str(&observe).map_err(|e| {
+                    Error::Internal(format!("stored release alerts and dashboards: {e}"))
+                })?;
                 Ok(rel)
             })
             .collect()

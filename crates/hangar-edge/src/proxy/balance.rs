@@ -244,6 +244,7 @@ impl Edge {
             if picked.is_none() && !woken && site.config.autostart {
                 if let Some(wake) = self.wake(&site.config.name) {
                     woken = true;
+                    site.metrics.cold_starts.fetch_add(1, Ordering::Relaxed);
                     if let Err(why) = wake.await {
                         return Err(ProxyError::new(
                             Kind::WakeFailed,

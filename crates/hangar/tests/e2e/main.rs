@@ -7,6 +7,7 @@
 mod apps;
 mod cdn;
 mod cluster;
+mod dashboard;
 mod edge;
 mod egress;
 mod image;

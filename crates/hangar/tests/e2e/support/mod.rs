@@ -1,5 +1,6 @@
 //! Shared helpers of the end-to-end tests, by concern:
 //!
+//! - [`browser`]: Debian's headless Chromium over WebDriver (fantoccini);
 //! - [`harness`]: the real `hangar` binary (in a network namespace when
 //!   asked), `hangar registry serve`, free ports and waits;
 //! - [`peers`]: real peers (docker-registry, skopeo, openssl) on 127.0.0.1,
@@ -11,6 +12,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod harness;
 pub mod http;
 pub mod images;
