@@ -88,6 +88,8 @@ pub(super) async fn deploy(
     OwnApp(app): OwnApp,
     Json(body): Json<DeployRequest>,
 ) -> Result<Response, Error> {
+    // Refused before anything streams, so the answer is a 400.
+    body.observe.check(&app.org)?;
     api.fetch_image(&caller, &body.image).await?;
     let node = api.node.clone();
     Ok(progress(move |progress| async move {

@@ -69,7 +69,27 @@ fn session_of(t: &TwoOrgs, link: &str) -> String {
 fn the_dashboard_page_draws_an_apps_series_live_in_chromium() {
     require("prometheus");
     let t = TwoOrgs::start();
-    let acme_id = web_machine(&t, "acme-app");
+    // acme's app is deployed with a dashboard of its own.
+    let own = json!({
+        "uid": "acme-orders", "title": "Orders", "schemaVersion": 39,
+        "panels": [{"id": 1, "type": "stat", "title": "Machines up",
+            "gridPos": {"x": 0, "y": 0, "w": 6, "h": 4},
+            "targets": [{"refId": "A", "expr": "sum(hangar_machines{app=\"$app\",state=\"started\"})"}]}],
+    });
+    let r = deploy_with(&t, "acme-app", json!({"dashboards": [own.to_string()]}));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("\"ok\":true"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let machines = t.call(&t.admin, "GET", "/v1/machines", &json!({})).json();
+    let acme_id = machines
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["app"] == "acme-app")
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .expect("acme's machine");
     let evil_id = web_machine(&t, "evil-app");
     // Traffic through the edge all along: answers of two classes.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -221,6 +241,14 @@ fn the_dashboard_page_draws_an_apps_series_live_in_chromium() {
     let errors = browser.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
     let shot = browser.screenshot("dashboard-app");
+    // The app's own dashboard is a tab.
+    browser
+        .eval("document.querySelector('nav a[href*=\"dash=acme-orders\"]').click(); return true;");
+    browser.wait_for(
+        r#"return location.search.includes('dash=acme-orders') && document.querySelector('figure.panel[data-title="Machines up"] svg')?.dataset.value === '1'"#,
+        Duration::from_secs(20),
+        "the app's own dashboard did not draw",
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.join().unwrap();
     assert!(
@@ -317,4 +345,225 @@ fn the_dashboard_page_draws_an_apps_series_live_in_chromium() {
     );
     assert_eq!(r.status, 303);
     assert_eq!(r.header("location"), Some("/dashboard"));
+}
+
+/// Every request a listener gets: (path, JSON body), answered 200.
+fn webhook_receiver(listener: std::net::TcpListener) -> std::sync::mpsc::Receiver<(String, Value)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            if let Some(req) = read_request(&mut stream) {
+                let body = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+                respond(&mut stream, 200, &[], b"ok");
+                if tx.send((req.target, body)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Deploy one web machine of `app` with `observe` (rules, webhook), as
+/// the admin (the test image is the node's own; the rules still confine
+/// to the app's org): the streamed answer.
+fn deploy_with(t: &TwoOrgs, app: &str, observe: Value) -> HttpResponse {
+    let image = crate::machine::busybox_image(&t.node.h);
+    t.call(
+        &t.admin,
+        "POST",
+        &format!("/v1/apps/{app}/deploy"),
+        &json!({
+            "image": image,
+            "count": 1,
+            "config": {
+                "init": {"cmd": ["sh", "-c", "mkdir -p /www && echo hi > /www/index.html && exec httpd -f -p 8080 -h /www"]},
+                "services": [{"internal_port": 8080}],
+            },
+            "observe": observe,
+        }),
+    )
+}
+
+/// `hangar alerts -a APP` as `token`: (success, output).
+fn alerts_cli(t: &TwoOrgs, token: &str, app: &str) -> (bool, String) {
+    let out = t
+        .node
+        .h
+        .command(&["alerts", "-a", app])
+        .env("HANGAR_API_TOKEN", token)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn alert_rules_fire_reach_the_webhook_and_resolve_and_stay_in_their_org() {
+    require("prometheus");
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_port = hook.local_addr().unwrap().port();
+    let posts = webhook_receiver(hook);
+    // What evil aims its webhook at: another loopback address, outside
+    // the range the operator allowed.
+    let trap = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let trap_addr = trap.local_addr().unwrap();
+    let trapped = webhook_receiver(trap);
+    let t = TwoOrgs::start_with(&["--webhook-allow-range", "127.0.0.1/32"]);
+
+    // Evil's rules may not set the labels the node sets, nor fail to parse.
+    let r = deploy_with(
+        &t,
+        "evil-app",
+        json!({"rules": [{"alert": "Forged", "expr": "vector(1)", "labels": {"org": "acme"}}]}),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("set by the node"));
+
+    let r = deploy_with(
+        &t,
+        "acme-app",
+        json!({
+            "rules": [{
+                "alert": "NotFoundAnswers",
+                "expr": r#"sum(rate(hangar_edge_responses_total{app="acme-app",status="4xx"}[20s])) > 0"#,
+                "for": "5s",
+                "labels": {"severity": "ticket"},
+                "annotations": {"summary": "acme-app answers 404s"},
+            }],
+            "webhook": format!("http://127.0.0.1:{hook_port}/acme-hook"),
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("\"ok\":true"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // Evil's rules try to watch acme's app, fire always, and post to an
+    // address the policy refuses.
+    let r = deploy_with(
+        &t,
+        "evil-app",
+        json!({
+            "rules": [
+                {"alert": "SpyOnAcme", "expr": r#"sum(rate(hangar_edge_responses_total{app="acme-app"}[20s])) > 0"#},
+                {"alert": "Always", "expr": "vector(1)"},
+            ],
+            "webhook": format!("http://{trap_addr}/steal"),
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // 404s through the edge make acme's alert fire.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (edge, stop) = (t.node.edge.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                http(
+                    "GET",
+                    &edge,
+                    "/missing",
+                    &[("Host", "acme-app.localhost")],
+                    b"",
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (path, body) = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (path, body) = posts
+            .recv_timeout(left)
+            .expect("acme's webhook never got the alert");
+        if body["status"] == "firing" {
+            break (path, body);
+        }
+    };
+    assert_eq!(path, "/acme-hook");
+    assert_eq!(body["version"], "4");
+    let alert = &body["alerts"][0];
+    assert_eq!(alert["labels"]["alertname"], "NotFoundAnswers");
+    assert_eq!(alert["labels"]["org"], "acme");
+    assert_eq!(alert["labels"]["app"], "acme-app");
+    assert_eq!(alert["labels"]["severity"], "ticket");
+    assert_eq!(alert["annotations"]["summary"], "acme-app answers 404s");
+    assert_eq!(body["alerts"].as_array().unwrap().len(), 1, "{body}");
+
+    // The CLI shows it firing, and the delivery.
+    let (ok, text) = alerts_cli(&t, &t.acme, "acme-app");
+    assert!(ok, "{text}");
+    assert!(text.contains("FIRING NotFoundAnswers since 20"), "{text}");
+    assert!(text.contains("acme-app answers 404s"), "{text}");
+    assert!(text.contains("delivered (HTTP 200)"), "{text}");
+    assert!(
+        !text.contains("SpyOnAcme") && !text.contains("Always"),
+        "{text}"
+    );
+    // And so does the dashboard page.
+    let link = dashboard_link(&t, &t.acme, &["-a", "acme-app"]).unwrap();
+    let cookie = session_of(&t, &link);
+    let page = http(
+        "GET",
+        &t.api,
+        "/dashboard/apps/acme-app",
+        &[("Cookie", &cookie)],
+        b"",
+    );
+    let page = String::from_utf8_lossy(&page.body).to_string();
+    assert!(page.contains(r#"data-alert="NotFoundAnswers""#), "{page}");
+    assert!(!page.contains("Always"), "{page}");
+
+    // Evil sees its own alert only; its spy never fires; its webhook is
+    // refused without a connection.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let (ok, text) = alerts_cli(&t, &t.evil, "evil-app");
+        assert!(ok, "{text}");
+        if text.contains("refused by the egress policy") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "evil's webhook was never tried: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(text.contains("FIRING Always"), "{text}");
+    assert!(
+        !text.contains("FIRING SpyOnAcme") && !text.contains("NotFoundAnswers"),
+        "{text}"
+    );
+    assert!(
+        trapped.try_recv().is_err(),
+        "the refused webhook was dialed"
+    );
+    let (ok, text) = alerts_cli(&t, &t.evil, "acme-app");
+    assert!(!ok && text.contains("no app"), "{text}");
+
+    // The 404s stop: the alert resolves and the webhook hears it.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, body) = posts
+            .recv_timeout(left)
+            .expect("the webhook never heard the alert resolve");
+        if body["status"] == "resolved" {
+            assert_eq!(body["alerts"][0]["labels"]["alertname"], "NotFoundAnswers");
+            break;
+        }
+    }
+    let (_, text) = alerts_cli(&t, &t.acme, "acme-app");
+    assert!(text.contains("no alerts firing"), "{text}");
 }

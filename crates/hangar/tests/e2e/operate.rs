@@ -23,7 +23,12 @@ pub(crate) struct TwoOrgs {
 
 impl TwoOrgs {
     pub fn start() -> TwoOrgs {
-        let node = Node::start();
+        TwoOrgs::start_with(&[])
+    }
+
+    /// With more arguments to `hangar up`.
+    pub fn start_with(up_args: &[&str]) -> TwoOrgs {
+        let node = Node::start_with(up_args);
         let api = node.config("api").trim_start_matches("http://").to_string();
         let admin = node.config("token");
         let token = |org: &str| {
