@@ -220,6 +220,10 @@ pub struct Deploy {
     pub strategy: Strategy,
     #[serde(default)]
     pub max_unavailable: u32,
+    /// `[deploy.guard]`: `enabled`, `window` (seconds), `min_requests`,
+    /// `error_margin`, `latency_factor`, `latency_margin_ms`.
+    #[serde(default)]
+    pub guard: crate::deploy::guard::GuardSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -505,6 +509,7 @@ impl AppToml {
         let d = self.deploy.clone().unwrap_or(Deploy {
             strategy: Strategy::Rolling,
             max_unavailable: 0,
+            guard: Default::default(),
         });
         DeployRequest {
             image: image.to_string(),
@@ -514,6 +519,7 @@ impl AppToml {
             max_unavailable: d.max_unavailable,
             description: description.to_string(),
             primary_region: self.primary_region.clone(),
+            guard: d.guard,
             observe: crate::observe::Observe {
                 rules: self.alerts.clone().unwrap_or_default().rules,
                 webhook: self.alerts.as_ref().and_then(|a| a.webhook.clone()),

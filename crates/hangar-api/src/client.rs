@@ -607,6 +607,7 @@ pub fn changed(release: &Release, change: impl FnOnce(&mut MachineConfig)) -> De
         description: String::new(),
         primary_region: release.config.metadata.get("region").cloned(),
         observe: release.observe.clone(),
+        guard: Default::default(),
     }
 }
 

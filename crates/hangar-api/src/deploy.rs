@@ -8,8 +8,12 @@
 //! - `immediate`: start every new machine and stop the old at once, without
 //!   waiting for checks.
 //!
+//! A rolling or blue-green deploy is also watched by its [`guard`]: when
+//! the new release's machines answer clearly worse at the edge than the
+//! old release's (errors, latency), the deploy stops.
+//!
 //! When a new machine fails (exits, or a check goes critical, or time runs
-//! out), the deploy rolls back: the new machines go and the old ones that
+//! out), or the guard stops the deploy, it rolls back: the new machines go and the old ones that
 //! were stopped come back, and the release is `failed` with the check's
 //! output and the machine's last log lines.
 
@@ -59,7 +63,12 @@ pub struct DeployRequest {
     /// Alert rules, webhook and dashboards (`[alerts]`, `dashboards`).
     #[serde(default)]
     pub observe: crate::observe::Observe,
+    /// The deploy guard (`[deploy.guard]`; on by default).
+    #[serde(default)]
+    pub guard: guard::GuardSettings,
 }
+
+pub mod guard;
 
 /// How long a deploy waits for a new machine to be up: long enough for
 /// its checks to pass a few times, at most 5 minutes.
@@ -408,6 +417,7 @@ pub async fn deploy(
 ) -> Result<Release> {
     let org = node.state.app(&app)?.org;
     req.observe.check(&org)?;
+    req.guard.check()?;
     let _one_at_a_time = AppLock::take(&node, &app)?;
     if let Some(count) = req.count {
         check_count(count)?;
@@ -443,6 +453,11 @@ pub async fn deploy(
 
     let mut created: Vec<Machine> = Vec::new();
     let mut retired: Vec<Machine> = Vec::new();
+    let mut guard = match req.strategy {
+        Strategy::Immediate => None,
+        _ => guard::Guard::start(&node, &old, release.version, &req.guard),
+    };
+    let say = |m: String| progress.say(m);
     let outcome: Result<()> = async {
         match req.strategy {
             Strategy::Rolling => {
@@ -461,6 +476,9 @@ pub async fn deploy(
                     for m in &fresh {
                         node.wait_up(m, true).await?;
                         progress.say(format!("machine {} is healthy", m.id));
+                    }
+                    if let Some(g) = &mut guard {
+                        g.watch(&node, &created, &old, &say).await?;
                     }
                     for _ in 0..n {
                         if remaining_old.is_empty() {
@@ -484,6 +502,10 @@ pub async fn deploy(
                     ));
                     retired.push(o);
                 }
+                // And a window with the new release alone.
+                if let Some(g) = &mut guard {
+                    g.watch(&node, &created, &old, &say).await?;
+                }
             }
             strategy => {
                 for region in &regions {
@@ -503,10 +525,16 @@ pub async fn deploy(
                         }
                     ));
                 }
+                if let Some(g) = &mut guard {
+                    g.watch(&node, &created, &old, &say).await?;
+                }
                 for o in &old {
                     retire(&node, o).await?;
                     progress.say(format!("machine {} stopped and destroyed", o.id));
                     retired.push(o.clone());
+                }
+                if let Some(g) = &mut guard {
+                    g.watch(&node, &created, &old, &say).await?;
                 }
             }
         }

@@ -123,8 +123,23 @@ pub fn mesh_spec(
 /// leave the routes.
 pub type InFlightGauge = Box<dyn Fn() -> usize + Send + Sync>;
 
+/// What the backends at an address answered since they were first routed
+/// to: by status class (1xx to 5xx), attempts with no answer, and time to
+/// the response head per bucket of [`Ingress::answer_bounds`] (then
+/// slower ones).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Answers {
+    pub classes: [u64; 5],
+    pub failed: u64,
+    pub latency: Vec<u64>,
+}
+
 /// What the node needs of the edge.
 pub trait Ingress: Send + Sync {
+    /// What the backends at `ip` answered (see [`Answers`]).
+    fn answers_at(&self, ip: IpAddr) -> Answers;
+    /// The upper bounds (seconds) of [`Answers::latency`]'s buckets.
+    fn answer_bounds(&self) -> Vec<f64>;
     /// Replace every host (live; requests in flight finish).
     fn set_hosts(&self, hosts: &[HostSpec]);
     /// When `host` last had a request (unix seconds; 0: never).

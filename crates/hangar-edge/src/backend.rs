@@ -27,6 +27,60 @@ pub struct Backend {
     health: Mutex<HealthState>,
     /// The host's: told when a request of this backend finishes.
     slots: Arc<Slots>,
+    /// What it answered (a deploy compares a new release's machines with
+    /// the old ones' by these).
+    pub answers: BackendAnswers,
+}
+
+/// A backend's answers by status class, the attempts it never answered,
+/// and the time to its response heads (per bucket of
+/// [`crate::metrics::BUCKETS`], the last for slower ones).
+#[derive(Default)]
+pub struct BackendAnswers {
+    classes: [AtomicU64; 5],
+    failed: AtomicU64,
+    latency: [AtomicU64; crate::metrics::BUCKETS.len() + 1],
+}
+
+/// A reading of [`BackendAnswers`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Answers {
+    /// 1xx to 5xx.
+    pub classes: [u64; 5],
+    /// Attempts that got no answer (refused, reset, timed out).
+    pub failed: u64,
+    /// Per bucket of [`crate::metrics::BUCKETS`], then `+Inf`.
+    pub latency: Vec<u64>,
+}
+
+impl BackendAnswers {
+    pub fn answered(&self, status: u16, took: Duration) {
+        if let Some(c) = self.classes.get(usize::from(status / 100).wrapping_sub(1)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let s = took.as_secs_f64();
+        let i = crate::metrics::BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(crate::metrics::BUCKETS.len());
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) -> Answers {
+        Answers {
+            classes: std::array::from_fn(|i| self.classes[i].load(Ordering::Relaxed)),
+            failed: self.failed.load(Ordering::Relaxed),
+            latency: self
+                .latency
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
 }
 
 /// Requests waiting for a backend of a host to have room (all at their
@@ -76,6 +130,7 @@ impl Backend {
                 .chain(alternates.iter().copied())
                 .collect(),
             slots,
+            answers: BackendAnswers::default(),
             outstanding: AtomicU32::new(0),
             pool: Arc::new(Pool::default()),
             health: Mutex::new(HealthState {

@@ -11,7 +11,7 @@ use crate::backend::Routes;
 
 /// Upper bounds of the latency buckets, in seconds (0.5 and 2 are the
 /// Apdex thresholds of the app dashboard: T and 4T).
-const BUCKETS: [f64; 13] = [
+pub const BUCKETS: [f64; 13] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
 ];
 

@@ -64,6 +64,19 @@ impl Ingress for EdgeIngress {
         self.edge.last_request(host)
     }
 
+    fn answers_at(&self, ip: std::net::IpAddr) -> hangar_api::routing::Answers {
+        let a = self.edge.answers_at(ip);
+        hangar_api::routing::Answers {
+            classes: a.classes,
+            failed: a.failed,
+            latency: a.latency,
+        }
+    }
+
+    fn answer_bounds(&self) -> Vec<f64> {
+        hangar_edge::metrics::BUCKETS.to_vec()
+    }
+
     fn in_flight_at(&self, ip: std::net::IpAddr) -> InFlightGauge {
         self.edge.in_flight_at(ip)
     }

@@ -68,6 +68,7 @@ fn request(image: &str, count: u32, strategy: Strategy) -> DeployRequest {
         description: String::new(),
         primary_region: None,
         observe: Default::default(),
+        guard: Default::default(),
     }
 }
 

@@ -434,6 +434,12 @@ impl crate::routing::Ingress for FakeIngress {
     fn last_request(&self, _host: &str) -> u64 {
         0
     }
+    fn answers_at(&self, _ip: std::net::IpAddr) -> crate::routing::Answers {
+        crate::routing::Answers::default()
+    }
+    fn answer_bounds(&self) -> Vec<f64> {
+        Vec::new()
+    }
     fn in_flight_at(&self, _ip: std::net::IpAddr) -> crate::routing::InFlightGauge {
         Box::new(|| 0)
     }

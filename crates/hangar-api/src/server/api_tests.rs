@@ -136,6 +136,7 @@ async fn the_client_deploys_and_streams_the_progress() {
         description: "first".into(),
         primary_region: None,
         observe: Default::default(),
+        guard: Default::default(),
     };
     let release = acme
         .deploy("web", &req, |m| said.push(m.to_string()))
@@ -232,6 +233,7 @@ async fn a_second_org_reaches_nothing_of_the_first() {
         description: String::new(),
         primary_region: None,
         observe: Default::default(),
+        guard: Default::default(),
     };
     assert_eq!(status(evil.deploy("web", &deploy, |_| {}).await).0, 404);
     assert_eq!(status(evil.destroy_app("web").await).0, 404);

@@ -90,6 +90,7 @@ pub(super) async fn deploy(
 ) -> Result<Response, Error> {
     // Refused before anything streams, so the answer is a 400.
     body.observe.check(&app.org)?;
+    body.guard.check()?;
     api.fetch_image(&caller, &body.image).await?;
     let node = api.node.clone();
     Ok(progress(move |progress| async move {

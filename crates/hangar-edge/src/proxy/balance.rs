@@ -477,7 +477,12 @@ impl Edge {
             }
             (Ok(resp), via) => {
                 match via {
-                    None => site.record_success(backend, started.elapsed()),
+                    None => {
+                        site.record_success(backend, started.elapsed());
+                        backend
+                            .answers
+                            .answered(resp.status().as_u16(), started.elapsed());
+                    }
                     Some(p) => site.remote_result(&p.config.region, Some(started.elapsed())),
                 }
                 Ok((resp, guard))
@@ -488,7 +493,10 @@ impl Edge {
                         site.remote_result(&p.config.region, None);
                         p.failed()
                     }
-                    None => site.record_failure(backend, &e.to_string()),
+                    None => {
+                        site.record_failure(backend, &e.to_string());
+                        backend.answers.failed();
+                    }
                 }
                 Err(ProxyError::upstream(&e, replayable))
             }

@@ -201,6 +201,28 @@ impl Edge {
         Box::new(move || mine.iter().map(|b| b.outstanding() as usize).sum())
     }
 
+    /// What the backends at `ip` answered, in every host, since they were
+    /// first routed to.
+    pub fn answers_at(&self, ip: std::net::IpAddr) -> crate::backend::Answers {
+        let mut sum = crate::backend::Answers {
+            latency: vec![0; crate::metrics::BUCKETS.len() + 1],
+            ..Default::default()
+        };
+        for site in self.routes.all().values() {
+            for b in site.backends.iter().filter(|b| b.addr.ip() == ip) {
+                let a = b.answers.read();
+                for (s, x) in sum.classes.iter_mut().zip(a.classes) {
+                    *s += x;
+                }
+                sum.failed += a.failed;
+                for (s, x) in sum.latency.iter_mut().zip(a.latency) {
+                    *s += x;
+                }
+            }
+        }
+        sum
+    }
+
     /// Whether one of `addrs`, backends of `host`, is available and below
     /// the host's soft limit (1 when it has none).
     pub fn has_room(&self, host: &str, addrs: &[SocketAddr]) -> bool {
