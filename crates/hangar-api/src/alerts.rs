@@ -81,15 +81,19 @@ impl Node {
         })
         .await?;
         if changed {
-            reqwest::Client::new()
+            let reloaded = reqwest::Client::new()
                 .post(format!("{}/-/reload", metrics.prometheus))
                 .timeout(Duration::from_secs(10))
                 .send()
                 .await
-                .and_then(|r| r.error_for_status())
-                .map_err(|e| {
-                    Error::Unavailable(format!("Prometheus did not reload the alert rules: {e}"))
-                })?;
+                .and_then(|r| r.error_for_status());
+            if let Err(e) = reloaded {
+                // Written again, and reloaded, on the next call.
+                let _ = std::fs::remove_file(metrics.dir.join("rules").join("hangar.yml"));
+                return Err(Error::Unavailable(format!(
+                    "Prometheus did not reload the alert rules (tried again in a moment): {e}"
+                )));
+            }
         }
         Ok(())
     }

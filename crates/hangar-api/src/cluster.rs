@@ -349,13 +349,20 @@ impl Node {
             region: None,
             release: place.release,
         };
-        match self.create_elsewhere(req.clone(), region, org).await? {
-            Some(made) => self.seen(&made.id).await,
-            None => {
+        let started = std::time::Instant::now();
+        let (made, here) = match self.create_elsewhere(req.clone(), region, org).await {
+            Ok(Some(made)) => (self.seen(&made.id).await, false),
+            Ok(None) => {
                 let node = self.clone();
-                blocking(move || node.create(req.name, place, req.config)).await
+                (
+                    blocking(move || node.create(req.name, place, req.config)).await,
+                    true,
+                )
             }
-        }
+            Err(e) => (Err(e), true),
+        };
+        self.placements.observe(&made, here, started.elapsed());
+        made
     }
 
     /// The machine `id` once this node's read model has it (another node

@@ -75,6 +75,46 @@ impl Dns {
         self.server.zone()
     }
 
+    /// The queries of each net with an org (`nets`: net to org), labelled
+    /// with the org and this `node`.
+    pub fn families(
+        &self,
+        nets: &std::collections::BTreeMap<u32, String>,
+        node: &str,
+    ) -> Vec<hangar_metrics::exposition::Family> {
+        use hangar_metrics::exposition::Family;
+        let mut answered = Family::counter(
+            "hangar_dns_queries",
+            "`.internal` queries answered, by transport and response code.",
+            None,
+        );
+        let mut dropped = Family::counter(
+            "hangar_dns_dropped",
+            "`.internal` queries too short or malformed to answer.",
+            None,
+        );
+        for c in self.server.counts() {
+            let Some(org) = nets.get(&c.net) else {
+                continue;
+            };
+            for (transport, rcode, n) in &c.answered {
+                if *n > 0 {
+                    answered.push(
+                        &[
+                            ("org", org.as_str()),
+                            ("node", node),
+                            ("transport", *transport),
+                            ("rcode", *rcode),
+                        ],
+                        *n as f64,
+                    );
+                }
+            }
+            dropped.push(&[("org", org.as_str()), ("node", node)], c.dropped as f64);
+        }
+        vec![answered, dropped]
+    }
+
     /// Keep the zone in line with `store` from now on, on a thread of its
     /// own; stops when the `Dns` is dropped.
     pub fn follow(self: &Arc<Self>, store: Arc<dyn Store>, site: Site) {

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use hangar_metrics::exposition::Family;
-use hangar_metrics::prometheus::{JOB_APPS, JOB_HANGAR};
+use hangar_metrics::prometheus::{JOB_APPS, JOB_FEDERATE, JOB_HANGAR};
 use hangar_metrics::{promql, TargetGroup};
 
 use crate::error::{Error, Result};
@@ -59,52 +59,125 @@ impl QuerySlots {
     }
 }
 
-/// (route, method, status class) of an answer.
-type RouteKey = (String, String, String);
+/// Bucket counts and their sum.
+type Histogram = (Vec<u64>, f64);
 
-/// The API's requests, by route and status class, and their latency.
-#[derive(Default)]
-pub struct ApiMetrics {
-    /// Per route: the latency bucket counts and their sum.
-    by_route: std::sync::Mutex<BTreeMap<RouteKey, (Vec<u64>, f64)>>,
+/// Latency histograms of one family, by the values of its labels.
+pub struct Timings {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    bounds: &'static [f64],
+    /// Per label values: the bucket counts and their sum.
+    by: std::sync::Mutex<BTreeMap<Vec<String>, Histogram>>,
+}
+
+impl Timings {
+    fn new(
+        name: &'static str,
+        help: &'static str,
+        labels: &'static [&'static str],
+        bounds: &'static [f64],
+    ) -> Timings {
+        Timings {
+            name,
+            help,
+            labels,
+            bounds,
+            by: Default::default(),
+        }
+    }
+
+    /// Count one event of `values` (one per label) that took `took`.
+    pub fn observe(&self, values: &[&str], took: std::time::Duration) {
+        let key = values.iter().map(|v| v.to_string()).collect();
+        let mut map = self.by.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map
+            .entry(key)
+            .or_insert_with(|| (vec![0; self.bounds.len() + 1], 0.0));
+        let s = took.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(self.bounds.len());
+        entry.0[i] += 1;
+        entry.1 += s;
+    }
+
+    pub fn family(&self) -> Family {
+        let mut f = Family::histogram(self.name, self.help, Some("seconds"), self.bounds);
+        let map = self.by.lock().unwrap_or_else(|e| e.into_inner());
+        for (values, (counts, sum)) in map.iter() {
+            let labels: Vec<(&str, &str)> = self
+                .labels
+                .iter()
+                .copied()
+                .zip(values.iter().map(String::as_str))
+                .collect();
+            f.push_histogram(&labels, *sum, counts.clone());
+        }
+        f
+    }
 }
 
 /// Upper bounds of the API's latency buckets, in seconds.
 const API_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 10.0];
 
+/// The API's requests, by route and status class, and their latency.
+pub struct ApiMetrics(Timings);
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        ApiMetrics(Timings::new(
+            "hangar_api_request_duration",
+            "Machines and Apps API answers, by route, method and status class: time to the answer's head.",
+            &["route", "method", "status"],
+            &API_BUCKETS,
+        ))
+    }
+}
+
 impl ApiMetrics {
     /// Count one answer of `route` (the matched path pattern).
     pub fn observe(&self, route: &str, method: &str, status: u16, took: std::time::Duration) {
         let class = format!("{}xx", status / 100);
-        let mut map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map
-            .entry((route.to_string(), method.to_string(), class))
-            .or_insert_with(|| (vec![0; API_BUCKETS.len() + 1], 0.0));
-        let s = took.as_secs_f64();
-        let i = API_BUCKETS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(API_BUCKETS.len());
-        entry.0[i] += 1;
-        entry.1 += s;
+        self.0.observe(&[route, method, &class], took);
     }
 
     pub fn families(&self) -> Vec<Family> {
-        let mut f = Family::histogram(
-            "hangar_api_request_duration",
-            "Machines and Apps API answers, by route, method and status class: time to the answer's head.",
-            Some("seconds"),
-            &API_BUCKETS,
-        );
-        let map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
-        for ((route, method, class), (counts, sum)) in map.iter() {
-            f.push_histogram(
-                &[("route", route), ("method", method), ("status", class)],
-                *sum,
-                counts.clone(),
-            );
-        }
-        vec![f]
+        vec![self.0.family()]
+    }
+}
+
+/// Upper bounds of the scheduler's buckets, in seconds (a placement
+/// includes creating and starting the machine).
+const PLACEMENT_BUCKETS: [f64; 8] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0];
+
+/// Where new machines went: `here`, `elsewhere` (another node of the
+/// cluster), `no_room` (every node of the region full) or `failed`.
+pub struct Placements(Timings);
+
+impl Default for Placements {
+    fn default() -> Self {
+        Placements(Timings::new(
+            "hangar_scheduler_placement_duration",
+            "Machines placed by this node (deploys, scaling, creates), by outcome: time to a started machine or the refusal.",
+            &["outcome"],
+            &PLACEMENT_BUCKETS,
+        ))
+    }
+}
+
+impl Placements {
+    pub fn observe<T>(&self, outcome: &Result<T>, here: bool, took: std::time::Duration) {
+        let what = match outcome {
+            Ok(_) if here => "here",
+            Ok(_) => "elsewhere",
+            Err(Error::Busy(_)) => "no_room",
+            Err(_) => "failed",
+        };
+        self.0.observe(&[what], took);
     }
 }
 
@@ -124,8 +197,24 @@ impl Node {
                 .as_ref()
                 .map(|m| m.own.clone())
                 .unwrap_or_default()),
+            JOB_FEDERATE => {
+                if self.cluster.is_none() {
+                    return Ok(Vec::new());
+                }
+                let me = self.node_label();
+                Ok(self
+                    .state
+                    .members()?
+                    .into_iter()
+                    .filter(|m| m.name != me && !m.api.is_empty())
+                    .map(|m| TargetGroup {
+                        targets: vec![crate::client::authority_of(&m.api)],
+                        labels: Default::default(),
+                    })
+                    .collect())
+            }
             _ => Err(Error::Invalid(format!(
-                "no job {job:?}: the jobs are {JOB_APPS} and {JOB_HANGAR}"
+                "no job {job:?}: the jobs are {JOB_APPS}, {JOB_HANGAR} and {JOB_FEDERATE}"
             ))),
         }
     }
@@ -212,6 +301,7 @@ impl Node {
             None,
         );
         let mut orgs: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut nets: BTreeMap<u32, String> = BTreeMap::new();
         for m in self.own_machines()? {
             let app = m.app.clone().unwrap_or_default();
             let org = match &m.app {
@@ -222,6 +312,9 @@ impl Node {
                     .unwrap_or_default(),
                 None => String::new(),
             };
+            if !org.is_empty() {
+                nets.insert(hangar_machine::network::net_of(m.slot), org.clone());
+            }
             let region = if m.region.is_empty() {
                 self.site.region.clone()
             } else {
@@ -273,13 +366,46 @@ impl Node {
         }
         let mut all = vec![machines, cpu, memory, limit, rx, tx, restarts, ooms];
         all.extend(self.api_requests.families());
+        all.push(self.placements.0.family());
+        if let Some(dns) = &self.dns {
+            all.extend(dns.families(&nets, &node));
+        }
         for gather in self.metrics.iter().flat_map(|m| m.also.iter()) {
             all.extend(gather());
         }
         Ok(all)
     }
 
-    fn node_label(&self) -> &str {
+    /// This node's own series from its Prometheus (`node="<it>"`), in the
+    /// text format, for the cluster's other nodes to federate.
+    pub async fn federate(&self) -> Result<(String, bytes::Bytes)> {
+        let Some(metrics) = &self.metrics else {
+            return Err(Error::Unavailable("metrics are off on this node".into()));
+        };
+        let selector = format!("{{node=\"{}\"}}", self.node_label());
+        let sent = reqwest::Client::new()
+            .get(format!("{}/federate", metrics.prometheus))
+            .query(&[("match[]", selector.as_str())])
+            .timeout(QUERY_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!("the node's Prometheus did not answer: {e}"))
+            })?;
+        let kind = sent
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("text/plain; version=0.0.4")
+            .to_string();
+        let body = sent
+            .bytes()
+            .await
+            .map_err(|e| Error::Unavailable(format!("the node's Prometheus broke off: {e}")))?;
+        Ok((kind, body))
+    }
+
+    pub(crate) fn node_label(&self) -> &str {
         if self.site.node.is_empty() {
             "local"
         } else {

@@ -42,13 +42,15 @@ pub struct Node {
     /// The private network across the cluster's nodes, where it has one.
     mesh: Option<Arc<dyn crate::cluster::Mesh>>,
     /// `.internal` DNS for its machines, where it serves it.
-    dns: Option<Arc<crate::dns::Dns>>,
+    pub(crate) dns: Option<Arc<crate::dns::Dns>>,
     /// Where its metrics are stored and queried, when they are on.
     pub metrics: Option<crate::metrics::Metrics>,
     /// The API's requests, for the node's own exposition.
     pub api_requests: crate::metrics::ApiMetrics,
     /// Orgs' metrics queries running now.
     pub(crate) metric_queries: crate::metrics::QuerySlots,
+    /// The machines it placed, for the scheduler's series.
+    pub placements: crate::metrics::Placements,
     /// The alerts posted to apps' webhooks.
     pub alert_deliveries: crate::alerts::Deliveries,
     /// Held from the room check of a create to its row: only this node
@@ -170,6 +172,7 @@ impl Node {
             api_requests: Default::default(),
             metric_queries: Default::default(),
             alert_deliveries: Default::default(),
+            placements: Default::default(),
             admitting: Mutex::new(()),
         }
     }

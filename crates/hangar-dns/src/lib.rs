@@ -20,7 +20,7 @@
 mod server;
 mod zone;
 
-pub use server::{Error, Server};
+pub use server::{Counts, Error, Server, RCODES};
 pub use zone::{Asker, Instance, Transport, Zone, MAX_UDP, TTL};
 
 #[cfg(test)]

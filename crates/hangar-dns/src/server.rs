@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -40,6 +40,45 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     open: Mutex<HashSet<(u32, SocketAddr)>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    counters: Mutex<std::collections::BTreeMap<u32, Arc<Counters>>>,
+}
+
+/// The response codes counted apart (anything else is `OTHER`).
+pub const RCODES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "OTHER",
+];
+
+/// One net's queries: answered, by transport (UDP, TCP) and response
+/// code; and dropped (too short or malformed to answer).
+#[derive(Default)]
+pub struct Counters {
+    answered: [[AtomicU64; RCODES.len()]; 2],
+    dropped: AtomicU64,
+}
+
+impl Counters {
+    fn count(&self, transport: Transport, answer: Option<&[u8]>) {
+        let Some(out) = answer else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let code = out
+            .get(3)
+            .map(|b| usize::from(b & 0x0f))
+            .unwrap_or(RCODES.len() - 1)
+            .min(RCODES.len() - 1);
+        let t = usize::from(transport == Transport::Tcp);
+        self.answered[t][code].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A reading of one net's [`Counters`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Counts {
+    pub net: u32,
+    /// (`udp` or `tcp`, response code, answers)
+    pub answered: Vec<(&'static str, &'static str, u64)>,
+    pub dropped: u64,
 }
 
 impl Server {
@@ -49,7 +88,31 @@ impl Server {
             stop: Arc::new(AtomicBool::new(false)),
             open: Mutex::new(HashSet::new()),
             threads: Mutex::new(Vec::new()),
+            counters: Mutex::default(),
         }
+    }
+
+    /// Every open net's queries so far.
+    pub fn counts(&self) -> Vec<Counts> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(net, c)| Counts {
+                net: *net,
+                answered: ["udp", "tcp"]
+                    .iter()
+                    .zip(&c.answered)
+                    .flat_map(|(t, codes)| {
+                        RCODES
+                            .iter()
+                            .zip(codes)
+                            .map(|(code, n)| (*t, *code, n.load(Ordering::Relaxed)))
+                    })
+                    .collect(),
+                dropped: c.dropped.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Answer from `zone` from now on.
@@ -93,16 +156,34 @@ impl Server {
             .map_err(|e| fail(e.to_string()))?;
         let udp: UdpSocket = udp.into();
         let tcp: std::net::TcpListener = tcp.into();
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(net)
+            .or_default()
+            .clone();
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         for (kind, work) in [
             (
                 "udp",
-                Box::new(serve_udp(udp, net, self.zone.clone(), self.stop.clone()))
-                    as Box<dyn FnOnce() + Send>,
+                Box::new(serve_udp(
+                    udp,
+                    net,
+                    self.zone.clone(),
+                    self.stop.clone(),
+                    counters.clone(),
+                )) as Box<dyn FnOnce() + Send>,
             ),
             (
                 "tcp",
-                Box::new(serve_tcp(tcp, net, self.zone.clone(), self.stop.clone())),
+                Box::new(serve_tcp(
+                    tcp,
+                    net,
+                    self.zone.clone(),
+                    self.stop.clone(),
+                    counters.clone(),
+                )),
             ),
         ] {
             let t = std::thread::Builder::new()
@@ -217,6 +298,7 @@ fn serve_udp(
     net: u32,
     zone: Arc<RwLock<Arc<Zone>>>,
     stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
 ) -> impl FnOnce() + Send {
     move || {
         let mut buf = [0u8; 4096];
@@ -228,7 +310,9 @@ fn serve_udp(
                         net,
                         addr: from.ip(),
                     };
-                    if let Some(out) = recent.answer(current(&zone), &buf[..n], asker) {
+                    let out = recent.answer(current(&zone), &buf[..n], asker);
+                    counters.count(Transport::Udp, out.as_deref());
+                    if let Some(out) = out {
                         let _ = sock.send_to(&out, from);
                     }
                 }
@@ -247,6 +331,7 @@ fn serve_tcp(
     net: u32,
     zone: Arc<RwLock<Arc<Zone>>>,
     stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
 ) -> impl FnOnce() + Send {
     move || {
         let busy = Arc::new(AtomicUsize::new(0));
@@ -264,7 +349,7 @@ fn serve_tcp(
                 busy.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }
-            let (zone, stop, busy) = (zone.clone(), stop.clone(), busy.clone());
+            let (zone, stop, counters) = (zone.clone(), stop.clone(), counters.clone());
             let asker = Asker {
                 net,
                 addr: from.ip(),
@@ -274,7 +359,7 @@ fn serve_tcp(
                 .spawn({
                     let busy = busy.clone();
                     move || {
-                        let _ = serve_conn(conn, asker, &zone, &stop);
+                        let _ = serve_conn(conn, asker, &zone, &stop, &counters);
                         busy.fetch_sub(1, Ordering::SeqCst);
                     }
                 });
@@ -291,6 +376,7 @@ fn serve_conn(
     asker: Asker,
     zone: &RwLock<Arc<Zone>>,
     stop: &AtomicBool,
+    counters: &Counters,
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(TCP_IDLE))?;
     conn.set_write_timeout(Some(TCP_IDLE))?;
@@ -300,7 +386,9 @@ fn serve_conn(
         conn.read_exact(&mut len)?;
         msg.resize(u16::from_be_bytes(len) as usize, 0);
         conn.read_exact(&mut msg)?;
-        let Some(out) = current(zone).answer(&msg, asker, Transport::Tcp) else {
+        let out = current(zone).answer(&msg, asker, Transport::Tcp);
+        counters.count(Transport::Tcp, out.as_deref());
+        let Some(out) = out else {
             return Ok(());
         };
         let mut framed = Vec::with_capacity(out.len() + 2);

@@ -23,6 +23,11 @@ pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(5);
 /// The jobs the node's service discovery serves, by `?job=`.
 pub const JOB_APPS: &str = "apps";
 pub const JOB_HANGAR: &str = "hangar";
+/// The cluster's other nodes: each one's own series (`node="<it>"`),
+/// federated through its API, so a query on any node sees the cluster.
+pub const JOB_FEDERATE: &str = "federate";
+/// Where a node serves its own series for the others' Prometheus.
+pub const FEDERATE_PATH: &str = "/v1/internal/metrics/federate";
 
 /// Where to find the binary, where to keep things, where targets come
 /// from.
@@ -159,11 +164,23 @@ fn spawn(settings: &Settings) -> Result<Child, String> {
         .map_err(|e| format!("cannot open Prometheus's log: {e}"))?;
     // Prometheus dies with the node, even by `kill -9`: util-linux's
     // setpriv sets its parent-death signal (this thread lives as long as
-    // the node does: the first start's caller, then the supervisor).
+    // the node does: the first start's caller, then the supervisor). A
+    // node killed before setpriv set it is caught by the shell between
+    // them: its parent is no longer the node, so it goes no further.
     let mut cmd = match find_in_path("setpriv") {
         Some(setpriv) => {
             let mut c = Command::new(setpriv);
-            c.args(["--pdeathsig", "KILL", "--"]).arg(&settings.binary);
+            c.args([
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "/bin/sh",
+                "-c",
+                r#"test "$PPID" = "$1" || exit 70; shift; exec "$@""#,
+                "prometheus",
+            ])
+            .arg(std::process::id().to_string())
+            .arg(&settings.binary);
             c
         }
         None => Command::new(&settings.binary),
@@ -313,6 +330,8 @@ struct ScrapeConfig {
     /// is trusted to name each series' org.
     honor_labels: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     authorization: Option<Authorization>,
     http_sd_configs: Vec<HttpSd>,
 }
@@ -341,6 +360,7 @@ fn config(s: &Settings) -> Config {
     let job = |name: &str, honor: bool, scrape_auth: bool| ScrapeConfig {
         job_name: name.into(),
         honor_labels: honor,
+        metrics_path: (name == JOB_FEDERATE).then(|| FEDERATE_PATH.to_string()),
         authorization: scrape_auth.then(auth),
         http_sd_configs: vec![HttpSd {
             url: format!("{}?job={name}", s.targets_url),
@@ -354,7 +374,11 @@ fn config(s: &Settings) -> Config {
             evaluation_interval: every.clone(),
         },
         rule_files: vec![s.dir.join("rules").join("*.yml").display().to_string()],
-        scrape_configs: vec![job(JOB_APPS, false, false), job(JOB_HANGAR, true, true)],
+        scrape_configs: vec![
+            job(JOB_APPS, false, false),
+            job(JOB_HANGAR, true, true),
+            job(JOB_FEDERATE, true, true),
+        ],
         alerting: s.alertmanager.as_deref().and_then(|url| {
             let (scheme, rest) = url.split_once("://")?;
             let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -400,6 +424,9 @@ mod tests {
             "http://127.0.0.1:4280/v1/internal/metrics/targets?job=apps"
         );
         assert_eq!(jobs[1]["honor_labels"], true);
+        assert_eq!(jobs[2]["job_name"], "federate");
+        assert_eq!(jobs[2]["metrics_path"], FEDERATE_PATH);
+        assert_eq!(jobs[2]["authorization"]["type"], "Bearer");
         assert_eq!(v["global"]["scrape_interval"], "5s");
         let am = &v["alerting"]["alertmanagers"][0];
         assert_eq!(am["path_prefix"], "/v1/internal/alertmanager");

@@ -492,7 +492,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         let local_api = if addr.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
         let prometheus = start_prometheus(args.metrics, args.prometheus_port, &home, local_api, &token)?;
         if let Some(p) = &prometheus {
-            let target = |addr: std::net::SocketAddr, component: &str| hangar_metrics::TargetGroup { targets: vec![addr.to_string()], labels: [("component".to_string(), component.to_string())].into() };
+            // Labelled with the node and its region, so the cluster's other
+            // nodes can federate this node's own series by `node`.
+            let (node_label, region_label) = (if node.site.node.is_empty() { "local".to_string() } else { node.site.node.clone() }, node.site.region.clone());
+            let target = |addr: std::net::SocketAddr, component: &str| hangar_metrics::TargetGroup { targets: vec![addr.to_string()], labels: [("component".to_string(), component.to_string()), ("node".to_string(), node_label.clone()), ("region".to_string(), region_label.clone())].into() };
             let own = [Some((local_api, "api")), edge_admin.map(|a| (a, "edge"))].into_iter().flatten().map(|(a, c)| target(a, c)).collect();
             // The registry and the egress proxy run in this process: their
             // series come with the node's own.
@@ -525,9 +528,17 @@ pub fn run(args: UpArgs) -> Result<()> {
             // Alert rules follow the apps' releases (deploys on any node).
             let node = node.clone();
             tokio::spawn(async move {
+                // Prometheus takes a moment to listen: said once it keeps failing.
+                let mut failures = 0;
                 loop {
-                    if let Err(e) = node.sync_alert_rules().await {
-                        tracing::warn!("alert rules: {e}");
+                    match node.sync_alert_rules().await {
+                        Ok(()) => failures = 0,
+                        Err(e) => {
+                            failures += 1;
+                            if failures == 3 {
+                                tracing::warn!("alert rules: {e}");
+                            }
+                        }
                     }
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }

@@ -172,27 +172,39 @@ pub(super) async fn create(
             "release is set by deploys; leave it out".into(),
         ));
     }
-    // A create another node placed here is made here; any other is placed.
-    if carried.0.is_none() {
-        let region = body.region.take();
-        let mut req = body.clone();
-        req.app = app.clone();
-        if let Some(made) = api
-            .node
-            .create_elsewhere(req, region.as_deref(), caller.org())
-            .await?
-        {
-            return Ok(axum::Json(made));
+    // A create another node placed here is made here (that node counts
+    // the placement); any other is placed, and counted.
+    let placing = carried.0.is_none();
+    let started = std::time::Instant::now();
+    let mut here = true;
+    let made: Result<MachineView, Error> = async {
+        if placing {
+            let region = body.region.take();
+            let mut req = body.clone();
+            req.app = app.clone();
+            if let Some(made) = api
+                .node
+                .create_elsewhere(req, region.as_deref(), caller.org())
+                .await?
+            {
+                here = false;
+                return Ok(made);
+            }
         }
+        api.fetch_image(&caller, &body.config.image).await?;
+        let node = api.node.clone();
+        let place = Placement {
+            app,
+            release: body.release,
+        };
+        let m = blocking(move || node.create(body.name, place, body.config)).await?;
+        Ok(view(&api.node, &m))
     }
-    api.fetch_image(&caller, &body.config.image).await?;
-    let node = api.node.clone();
-    let place = Placement {
-        app,
-        release: body.release,
-    };
-    let m = blocking(move || node.create(body.name, place, body.config)).await?;
-    Ok(axum::Json(view(&api.node, &m)))
+    .await;
+    if placing {
+        api.node.placements.observe(&made, here, started.elapsed());
+    }
+    made.map(axum::Json)
 }
 
 pub(super) async fn show(State(api): ApiState, OwnMachine(m): OwnMachine) -> Answer<MachineView> {

@@ -58,6 +58,20 @@ pub(super) async fn query(
         .into_response())
 }
 
+/// This node's own series, for the other nodes' Prometheus.
+pub(super) async fn federate(
+    axum::extract::State(api): ApiState,
+    caller: Caller,
+) -> Result<Response, Error> {
+    if caller != Caller::Admin {
+        return Err(Error::NotAllowed(
+            "only the cluster's nodes federate a node's series".into(),
+        ));
+    }
+    let (kind, body) = api.node.federate().await?;
+    Ok(([(header::CONTENT_TYPE, kind)], body).into_response())
+}
+
 /// What Prometheus sends the node as its Alertmanager.
 pub(super) async fn receive_alerts(
     axum::extract::State(api): ApiState,

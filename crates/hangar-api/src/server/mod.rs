@@ -136,6 +136,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/apps/{app}/purge", post(apps::purge))
         .route("/v1/internal/purge", post(apps::apply_purge))
         .route("/v1/internal/metrics/targets", get(metrics::targets))
+        .route(
+            hangar_metrics::prometheus::FEDERATE_PATH,
+            get(metrics::federate),
+        )
         .route("/metrics", get(metrics::exposition))
         .route(
             "/v1/internal/alertmanager/api/v2/alerts",

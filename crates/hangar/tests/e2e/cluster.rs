@@ -434,6 +434,52 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
         None
     );
 
+    // Metrics are cluster-wide: n1's Prometheus federates n2's and n3's
+    // own series, so acme's query at n1 sees its machines on every node
+    // (and their `.internal` queries); evil's sees none of them.
+    {
+        require("prometheus");
+        let query = |org: &str, expr: &str| -> String {
+            let token = n1.h.ok(&["auth", "token", "create", "--org", org]);
+            let out =
+                n1.h.command(&["metrics", "query", expr])
+                    .env("HANGAR_API_TOKEN", token.trim())
+                    .output()
+                    .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let by_node = query(
+                "acme",
+                r#"count by (node) (hangar_machine_memory_bytes{app="web"})"#,
+            );
+            let dns = query("acme", "sum by (node) (hangar_dns_queries_total)");
+            if ["n1", "n2", "n3"]
+                .iter()
+                .all(|n| by_node.contains(&format!("node=\"{n}\"")))
+                && dns.contains("node=\"n2\"")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "n1 never saw the cluster's series: {by_node} / {dns}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let theirs = query("evil", r#"{app="web"}"#);
+        assert!(
+            theirs.trim().is_empty(),
+            "evil sees acme's series: {theirs}"
+        );
+    }
+
     // An image pushed to n1's registry, private to acme, runs in fra (on
     // n2 or n3, which pull it from n1 as the cluster, for acme); evil's
     // token asks for it in vain, wherever its machine would go.

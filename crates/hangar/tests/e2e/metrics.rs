@@ -308,6 +308,22 @@ fn an_org_queries_its_own_series_only() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The scheduler's: both machines were placed here.
+    let placed =
+        admin.query(r#"hangar_scheduler_placement_duration_seconds_count{outcome="here"}"#);
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    assert!(
+        placed[0]["value"][1]
+            .as_str()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            >= 2.0,
+        "{placed:?}"
+    );
+    assert!(acme
+        .query("hangar_scheduler_placement_duration_seconds_count")
+        .is_empty());
     assert!(acme.query("hangar_egress_open_tunnels").is_empty());
     assert!(acme
         .query("hangar_api_request_duration_seconds_count")
