@@ -19,6 +19,8 @@
 //! library half (this file) for the config format. It must stay small and
 //! static: no async runtime, no network protocols (eth0 is set by ioctl).
 
+pub mod vmconsole;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -180,6 +180,7 @@ fn run(in_vm: bool) -> u8 {
             return 125;
         }
         vm::listen_for_signals(&APP);
+        vm::serve_consoles();
     }
     ensure_mounts();
     set_hostname(&config.hostname);

@@ -428,3 +428,232 @@ pub fn listen_for_signals(app: &'static std::sync::atomic::AtomicI32) {
         }
     });
 }
+
+/// Console sessions the host opens on the second serial port (see
+/// [`hangar_init::vmconsole`]): each runs its command on a new terminal
+/// of its own (session leader, controlling terminal: Ctrl-C reaches it as
+/// SIGINT) and relays the terminal both ways; a new session ends the one
+/// before it.
+pub fn serve_consoles() {
+    use hangar_init::vmconsole::{Kind, Reader, GUEST_DEVICE};
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(GUEST_DEVICE)
+            {
+                Ok(p) => break p,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(_) => return,
+            }
+        };
+        raw(&port);
+        let Ok(writer) = port.try_clone() else {
+            return;
+        };
+        let writer = Arc::new(Mutex::new(writer));
+        let mut session: Option<Session> = None;
+        let mut reader = Reader::default();
+        let mut buf = [0u8; 4096];
+        let mut port = port;
+        loop {
+            let n = match port.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Ok(n) => n,
+            };
+            for (kind, payload) in reader.push(&buf[..n]) {
+                match kind {
+                    Kind::Open => {
+                        if let Some(old) = session.take() {
+                            old.signal(libc::SIGHUP);
+                        }
+                        let open: Option<hangar_init::vmconsole::Open> =
+                            serde_json::from_slice(&payload).ok();
+                        session = open.and_then(|o| Session::start(&o, writer.clone()));
+                    }
+                    Kind::Data => {
+                        if let Some(s) = &session {
+                            let _ = (&s.master).write_all(&payload);
+                        }
+                    }
+                    Kind::Resize if payload.len() == 4 => {
+                        if let Some(s) = &session {
+                            let rows = u16::from_be_bytes([payload[0], payload[1]]);
+                            let cols = u16::from_be_bytes([payload[2], payload[3]]);
+                            s.resize(rows, cols);
+                        }
+                    }
+                    Kind::HangUp => {
+                        if let Some(s) = session.take() {
+                            s.signal(libc::SIGHUP);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+}
+
+/// The serial port passes bytes as they are: no echo, no line editing, no
+/// signals, no flow control, no newline translation.
+fn raw(port: &std::fs::File) {
+    // SAFETY: termios is plain data, filled in by tcgetattr before use.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(port.as_raw_fd(), &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(port.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+}
+
+/// The session whose output goes to the host: a session ended by a new
+/// one sends nothing more.
+static CURRENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One console session: its terminal's master side and its command.
+struct Session {
+    master: std::fs::File,
+    pid: i32,
+}
+
+impl Session {
+    fn start(
+        open: &hangar_init::vmconsole::Open,
+        out: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+    ) -> Option<Session> {
+        use hangar_init::vmconsole::{frame, Kind};
+        use std::io::{Read, Write};
+        use std::os::fd::FromRawFd;
+        use std::os::unix::process::CommandExt;
+        let say = |text: String| {
+            let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = o.write_all(&frame(Kind::Data, text.as_bytes()));
+            let _ = o.write_all(&frame(Kind::Exit, &127i32.to_be_bytes()));
+        };
+        if open.argv.is_empty() {
+            say("hangar-init: a console needs a command\r\n".into());
+            return None;
+        }
+        // SAFETY: plain libc calls on descriptors this function owns.
+        let (master, slave) = unsafe {
+            let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            if m < 0 || libc::grantpt(m) != 0 || libc::unlockpt(m) != 0 {
+                say("hangar-init: cannot make a terminal\r\n".into());
+                return None;
+            }
+            let name = libc::ptsname(m);
+            if name.is_null() {
+                say("hangar-init: cannot name the terminal\r\n".into());
+                return None;
+            }
+            let s = libc::open(name, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            if s < 0 {
+                say("hangar-init: cannot open the terminal\r\n".into());
+                return None;
+            }
+            (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s))
+        };
+        use std::sync::atomic::Ordering;
+        let me = CURRENT.fetch_add(1, Ordering::SeqCst) + 1;
+        let current = move || CURRENT.load(Ordering::SeqCst) == me;
+        let session = Session { master, pid: 0 };
+        session.resize(open.rows, open.cols);
+        let stdio = |f: &std::fs::File| f.try_clone().map(std::process::Stdio::from);
+        let (Ok(i), Ok(o), Ok(e)) = (stdio(&slave), stdio(&slave), stdio(&slave)) else {
+            say("hangar-init: cannot open the terminal\r\n".into());
+            return None;
+        };
+        let mut cmd = std::process::Command::new(&open.argv[0]);
+        cmd.args(&open.argv[1..])
+            .env_clear()
+            .stdin(i)
+            .stdout(o)
+            .stderr(e)
+            .uid(open.uid)
+            .gid(open.gid);
+        for kv in &open.env {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            cmd.env(k, v);
+        }
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                say(format!("hangar-init: cannot run {}: {e}\r\n", open.argv[0]));
+                return None;
+            }
+        };
+        drop(slave);
+        let pid = child.id() as i32;
+        let Ok(mut from) = session.master.try_clone() else {
+            return None;
+        };
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Until the terminal closes (EIO once the command and all it
+            // started are gone).
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+                if !current() || o.write_all(&frame(Kind::Data, &buf[..n])).is_err() {
+                    break;
+                }
+            }
+            let code = match child.wait() {
+                Ok(s) => s.code().unwrap_or_else(|| {
+                    128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(0)
+                }),
+                Err(_) => -1,
+            };
+            let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+            if current() {
+                let _ = o.write_all(&frame(Kind::Exit, &code.to_be_bytes()));
+            }
+        });
+        Some(Session { pid, ..session })
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        let size = libc::winsize {
+            ws_row: rows.max(1),
+            ws_col: cols.max(1),
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize; the kernel tells the
+        // terminal's foreground group (SIGWINCH).
+        unsafe {
+            libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size);
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if self.pid > 0 {
+            // SAFETY: a signal to the session's process group.
+            unsafe {
+                libc::kill(-self.pid, sig);
+            }
+        }
+    }
+}

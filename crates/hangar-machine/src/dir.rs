@@ -109,6 +109,12 @@ impl MachineDir {
         self.file("ctl")
     }
 
+    /// A micro-VM's second serial port, for console sessions (QEMU
+    /// listens; see `hangar_init::vmconsole`).
+    pub fn console_socket(&self) -> PathBuf {
+        self.file("console.sock")
+    }
+
     /// The result of the VM's exec number `n`, filed by the shim.
     pub fn exec_result(&self, n: impl std::fmt::Display) -> PathBuf {
         self.file(&format!("exec-{n}.json"))

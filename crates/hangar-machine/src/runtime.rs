@@ -534,9 +534,32 @@ impl Driver for Runtime {
         cols: u16,
     ) -> Result<crate::console::Console> {
         if self.is_vm(id) {
-            return Err(Error::Invalid(
-                "a console is for containers for now; in a micro-VM, run commands with `hangar machine exec`".into(),
-            ));
+            // The image's users are on its disk: by number only.
+            let (uid, gid) = match user {
+                None => (0, 0),
+                Some(spec) => {
+                    let (u, g) = spec.split_once(':').unwrap_or((spec, spec));
+                    match (u.parse(), g.parse()) {
+                        (Ok(u), Ok(g)) => (u, g),
+                        _ => {
+                            return Err(Error::Invalid(format!(
+                                "console user {spec:?}: in a micro-VM give a uid or uid:gid"
+                            )))
+                        }
+                    }
+                }
+            };
+            let mut env = env.to_vec();
+            env.push("TERM=xterm-256color".into());
+            let open = hangar_init::vmconsole::Open {
+                argv: argv.to_vec(),
+                env,
+                uid,
+                gid,
+                rows,
+                cols,
+            };
+            return crate::console::open_vm(&self.shim_exe, &self.dir(id).console_socket(), &open);
         }
         let user = user
             .map(|spec| {

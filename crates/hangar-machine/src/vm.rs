@@ -452,6 +452,16 @@ pub fn argv(
         "-device".into(),
         format!("virtio-net-device,netdev=net0,mac={}", network::mac(slot)),
     ]);
+    // The second serial port (the guest's ttyS1): console sessions.
+    a.extend([
+        "-chardev".into(),
+        format!(
+            "socket,id=sessions,path={},server=on,wait=off",
+            s(&dir.console_socket())
+        ),
+        "-device".into(),
+        "isa-serial,chardev=sessions,index=1".into(),
+    ]);
     a
 }
 

@@ -621,12 +621,17 @@ pub fn open(flag: AppFlag) -> Result<()> {
     let url = crate::node_config::load(&crate::home()?)?.app_url(&app);
     println!("{url}");
     // A browser if there is one; the URL above either way.
+    open_in_browser(&url);
+    Ok(())
+}
+
+/// Start a browser on `url` when the machine has one (`xdg-open`).
+pub(crate) fn open_in_browser(url: &str) {
     let _ = std::process::Command::new("xdg-open")
-        .arg(&url)
+        .arg(url)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn();
-    Ok(())
 }
 
 /// `hangar auth registry-login`: the org's login to another registry.

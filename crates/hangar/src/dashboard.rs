@@ -37,11 +37,7 @@ pub fn dashboard(args: DashboardArgs) -> Result<()> {
     println!("(the link works once, within two minutes; the page then keeps a 12-hour session)");
     if !args.print {
         // A browser if there is one; the link above either way.
-        let _ = std::process::Command::new("xdg-open")
-            .arg(&url)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
+        crate::apps::open_in_browser(&url);
     }
     Ok(())
 }

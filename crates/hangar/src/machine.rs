@@ -22,7 +22,10 @@ pub struct MachineArgs {
 impl MachineArgs {
     /// The hidden shim, which outlives the command that started it.
     pub fn is_shim(&self) -> bool {
-        matches!(self.command, MachineCommand::Shim { .. })
+        matches!(
+            self.command,
+            MachineCommand::Shim { .. } | MachineCommand::VmConsole { .. }
+        )
     }
 }
 
@@ -147,6 +150,9 @@ enum MachineCommand {
         id: String,
         runc_root: PathBuf,
     },
+    /// (internal) relay a console session of a micro-VM; started by `hangar up`
+    #[command(name = "vm-console", hide = true)]
+    VmConsole { socket: PathBuf, open: String },
 }
 
 /// The most `exec -i` sends: it goes in the request's JSON, which the API
@@ -207,6 +213,10 @@ pub fn run(args: MachineArgs) -> Result<()> {
     if let MachineCommand::Shim { dir, id, runc_root } = &args.command {
         let dir = hangar_machine::dir::MachineDir::new(dir);
         let code = hangar_machine::shim::run_shim(&dir, id, runc_root);
+        std::process::exit(code.clamp(0, 255));
+    }
+    if let MachineCommand::VmConsole { socket, open } = &args.command {
+        let code = hangar_machine::console::relay_vm(socket, open);
         std::process::exit(code.clamp(0, 255));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -376,7 +386,9 @@ async fn run_async(args: MachineArgs) -> Result<()> {
             let m = client.wait(&id, &state, timeout).await?;
             print_state(&m);
         }
-        MachineCommand::Shim { .. } => unreachable!("handled before the runtime starts"),
+        MachineCommand::Shim { .. } | MachineCommand::VmConsole { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
     Ok(())
 }

@@ -73,13 +73,17 @@ fn size() -> (u16, u16) {
 
 pub fn run(command: SshCommand) -> Result<()> {
     let SshCommand::Console(args) = command;
-    let app = app_name(&args.app)?;
+    // A machine named needs no app.
+    let pick = match args.machine {
+        Some(id) => Ok(id),
+        None => Err(app_name(&args.app)?),
+    };
     let client = connect()?;
     let rt = runtime()?;
     let code = rt.block_on(async move {
-        let id = match args.machine {
-            Some(id) => id,
-            None => started_machine(&client, &app).await?,
+        let id = match pick {
+            Ok(id) => id,
+            Err(app) => started_machine(&client, &app).await?,
         };
         let argv: Vec<String> = match &args.command {
             Some(c) => vec!["/bin/sh".into(), "-c".into(), c.clone()],

@@ -434,16 +434,21 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
         None
     );
 
+    let token = |org: &str| {
+        n1.h.ok(&["auth", "token", "create", "--org", org])
+            .trim()
+            .to_string()
+    };
+
     // Metrics are cluster-wide: n1's Prometheus federates n2's and n3's
     // own series, so acme's query at n1 sees its machines on every node
     // (and their `.internal` queries); evil's sees none of them.
     {
         require("prometheus");
         let query = |org: &str, expr: &str| -> String {
-            let token = n1.h.ok(&["auth", "token", "create", "--org", org]);
             let out =
                 n1.h.command(&["metrics", "query", expr])
-                    .env("HANGAR_API_TOKEN", token.trim())
+                    .env("HANGAR_API_TOKEN", token(org))
                     .output()
                     .unwrap();
             assert!(
@@ -483,11 +488,6 @@ fn three_nodes_in_two_regions_share_one_private_network_per_org_and_survive_loss
     // An image pushed to n1's registry, private to acme, runs in fra (on
     // n2 or n3, which pull it from n1 as the cluster, for acme); evil's
     // token asks for it in vain, wherever its machine would go.
-    let token = |org: &str| {
-        n1.h.ok(&["auth", "token", "create", "--org", org])
-            .trim()
-            .to_string()
-    };
     let pushed = "10.77.0.1:5000/acme/box:v1";
     n1.h.ok(&[
         "image",

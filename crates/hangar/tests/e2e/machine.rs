@@ -1394,6 +1394,14 @@ fn micro_vms_boot_serve_talk_stop_and_leave_nothing() {
         exec_with_input(&node, &vm, "to the guest\n", &["cat"]),
         "to the guest\n"
     );
+    // A console in the VM: a real terminal (the guest's init runs the
+    // shell on one of its own, over the VM's second serial port).
+    crate::operate::drive_console(
+        &node,
+        &node.config("token"),
+        &["ssh", "console", "--machine", &vm],
+        "vmweb",
+    );
 
     // Container -> VM, and VM -> container (the VM's log says what it got).
     let ctr = node.run(&[

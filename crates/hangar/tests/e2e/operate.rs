@@ -305,13 +305,11 @@ impl Screen {
     }
 }
 
-#[test]
-fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
-    let t = TwoOrgs::start();
-    let (node, api, acme, evil) = (&t.node, &t.api, &t.acme, &t.evil);
-    let (id, name) = t.machine("acme-app", &["sleep", "3600"], json!({}));
-
-    // An interactive shell on a terminal the test holds.
+/// `hangar <args>` (an `ssh console`) with `token`, driven from a terminal
+/// the test holds, as a user would: a command (in the machine named
+/// `hostname`), the terminal's size and a resize, Ctrl-C, and the exit
+/// code of the shell.
+pub(crate) fn drive_console(node: &Node, token: &str, args: &[&str], hostname: &str) {
     let (master, slave) = pty();
     rustix::termios::tcsetwinsize(
         &master,
@@ -325,8 +323,8 @@ fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
     .unwrap();
     let mut cli = node
         .h
-        .command(&["ssh", "console", "-a", "acme-app"])
-        .env("HANGAR_API_TOKEN", acme)
+        .command(args)
+        .env("HANGAR_API_TOKEN", token)
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave))
@@ -338,7 +336,7 @@ fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
     type_in("echo hi-$((6*7)) $(hostname)\r");
     screen.wait_for("hi-42", Duration::from_secs(30));
     // It runs in the machine: its hostname is the machine's.
-    screen.wait_for(&format!("hi-42 {name}"), Duration::from_secs(5));
+    screen.wait_for(&format!("hi-42 {hostname}"), Duration::from_secs(5));
     // The size follows the terminal's.
     type_in("busybox stty size\r");
     screen.wait_for("24 80", Duration::from_secs(10));
@@ -382,6 +380,16 @@ fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(7));
+}
+
+#[test]
+fn ssh_console_is_a_real_terminal_in_the_machine_and_refuses_another_org() {
+    let t = TwoOrgs::start();
+    let (node, api, acme, evil) = (&t.node, &t.api, &t.acme, &t.evil);
+    let (id, name) = t.machine("acme-app", &["sleep", "3600"], json!({}));
+
+    // An interactive shell on a terminal the test holds.
+    drive_console(node, acme, &["ssh", "console", "-a", "acme-app"], &name);
 
     // One command, no terminal of its own.
     let out = node
