@@ -166,10 +166,12 @@ pub fn relay_vm(socket: &Path, open: &str) -> i32 {
             Err(_) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(100))
             }
-            Err(e) => return fail(format!(
+            Err(e) => {
+                return fail(format!(
                 "the micro-VM's console socket {} does not answer ({e}); is the machine running?",
                 socket.display()
-            )),
+            ))
+            }
         }
     };
     let Ok(request) = serde_json::from_str::<hangar_init::vmconsole::Open>(open) else {

@@ -613,7 +613,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 None
             }
         };
-        let api = Arc::new(Api { node: node.clone(), token, pull, orgs, in_flight: Default::default(), dashboards: Default::default() });
+        let api = Arc::new(Api { node: node.clone(), token, pull, orgs, in_flight: Default::default(), streams: Default::default(), dashboards: Default::default() });
         hangar_api::server::serve(api, listener, crate::shutdown_signal()).await;
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         drop(prometheus);

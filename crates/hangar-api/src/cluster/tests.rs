@@ -119,6 +119,7 @@ async fn member(endpoints: &str, name: &str, region: &str) -> TestMember {
         orgs: Some(orgs),
         in_flight: Default::default(),
         dashboards: Default::default(),
+        streams: Default::default(),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let ticks = {

@@ -47,6 +47,7 @@ async fn serve_api() -> TestApi {
         orgs: Some(orgs),
         in_flight: Default::default(),
         dashboards: Default::default(),
+        streams: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -33,6 +33,7 @@ pub enum Control {
 
 pub(super) async fn console(
     State(api): ApiState,
+    caller: super::Caller,
     OwnMachine(m): OwnMachine,
     RawQuery(raw): RawQuery,
     ws: WebSocketUpgrade,
@@ -66,9 +67,14 @@ pub(super) async fn console(
     if argv.is_empty() {
         argv = SHELL.iter().map(|s| s.to_string()).collect();
     }
+    let permit = api.streams.take(&caller, "tunnels and consoles")?;
     let node = api.node.clone();
     let console = blocking(move || node.console(&m, &argv, user.as_deref(), rows, cols)).await?;
-    Ok(ws.on_upgrade(move |socket| bridge(socket, console)))
+    Ok(ws.on_upgrade(move |socket| async move {
+        // Held while the console is open.
+        let _permit = permit;
+        bridge(socket, console).await
+    }))
 }
 
 /// Terminal bytes between the socket and the console until the command

@@ -68,22 +68,50 @@ pub const IN_FLIGHT_PER_CALLER: usize = 32;
 /// reading no more than this.
 pub const MAX_BODY: usize = 1 << 20;
 
-/// The requests in flight per caller.
+/// Tunnels and consoles one caller may have open on this node at once;
+/// more answer 429, so one tenant's connections never use up the node's.
+pub const STREAMS_PER_CALLER: usize = 64;
+
+/// Permits per caller, up to `N` at once: the requests in flight, or the
+/// tunnels and consoles open.
 #[derive(Default)]
-pub struct InFlight(
+pub struct Permits<const N: usize>(
     std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 );
 
-impl InFlight {
+/// The requests in flight per caller.
+pub type InFlight = Permits<IN_FLIGHT_PER_CALLER>;
+/// The tunnels and consoles open per caller.
+pub type Streams = Permits<STREAMS_PER_CALLER>;
+
+impl<const N: usize> Permits<N> {
     fn permit(&self, who: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let sem = self
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(who.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_PER_CALLER)))
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(N)))
             .clone();
         sem.try_acquire_owned().ok()
+    }
+
+    /// A permit for `caller`, or the busy error naming `what`.
+    fn take(
+        &self,
+        caller: &Caller,
+        what: &str,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        self.permit(caller.org().unwrap_or_default())
+            .ok_or_else(|| {
+                Error::Busy(format!(
+                    "{} has {N} {what} open on this node; close some and try again",
+                    caller
+                        .org()
+                        .map(|o| format!("org {o}"))
+                        .unwrap_or("the admin".into())
+                ))
+            })
     }
 }
 
@@ -95,6 +123,8 @@ pub struct Api {
     /// Org tokens: their org's apps and those apps' machines only.
     pub orgs: Option<OrgTokens>,
     pub in_flight: InFlight,
+    /// The tunnels and consoles open.
+    pub streams: Streams,
     /// The dashboard page's tickets and sessions.
     pub dashboards: dashboard::Sessions,
 }

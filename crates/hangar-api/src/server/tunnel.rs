@@ -26,6 +26,7 @@ pub(super) struct Port {
 
 pub(super) async fn proxy(
     State(api): ApiState,
+    caller: super::Caller,
     OwnMachine(m): OwnMachine,
     Query(Port { port }): Query<Port>,
     mut req: Request,
@@ -49,6 +50,7 @@ pub(super) async fn proxy(
     if port == 0 {
         return Err(Error::Invalid("port 0 is no port: give 1 to 65535".into()));
     }
+    let permit = api.streams.take(&caller, "tunnels and consoles")?;
     let addr = crate::routing::address(&m, port);
     let upstream = match tokio::time::timeout(
         Duration::from_secs(5),
@@ -71,9 +73,10 @@ pub(super) async fn proxy(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let _ = api;
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        // Held while the tunnel is open.
+        let _permit = permit;
         let Ok(upgraded) = upgrade.await else { return };
         let mut client = TokioIo::new(upgraded);
         let mut upstream = upstream;

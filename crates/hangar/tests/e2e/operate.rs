@@ -235,6 +235,64 @@ fn hangar_proxy_carries_streams_to_a_machine_and_refuses_another_org() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("nothing answers on port 7999"), "{text}");
 
+    // A flood of tunnels: evil's stop at its limit on the node, and acme
+    // opens its own meanwhile.
+    let (evil_id, _) = t.machine(
+        "evil-app",
+        &["nc", "-ll", "-p", "7000", "-e", "cat"],
+        json!({}),
+    );
+    // A tunnel, or the answer's head.
+    let open = |token: &str, machine: &str| -> Result<TcpStream, String> {
+        let mut c = TcpStream::connect(api).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            c,
+            "GET /v1/machines/{machine}/proxy?port=7000 HTTP/1.1\r\nHost: n\r\nAuthorization: Bearer {token}\r\nConnection: upgrade\r\nUpgrade: hangar-tcp\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if c.read(&mut b).unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        if head.starts_with("HTTP/1.1 101") {
+            Ok(c)
+        } else {
+            Err(head)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open(evil, &evil_id).is_err() {
+        assert!(Instant::now() < deadline, "evil's service never listened");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // (the one just opened closes; the node notices within a moment)
+    std::thread::sleep(Duration::from_millis(300));
+    let held: Vec<TcpStream> = (0..64)
+        .map(|i| open(evil, &evil_id).unwrap_or_else(|head| panic!("tunnel {i}: {head}")))
+        .collect();
+    let refused = open(evil, &evil_id).expect_err("evil opened a 65th tunnel");
+    assert!(
+        refused.starts_with("HTTP/1.1 429"),
+        "the 65th tunnel: {refused}"
+    );
+    let mine = open(acme, &id).expect("acme's tunnel, while evil's are at their limit");
+    drop(mine);
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open(evil, &evil_id).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "closed tunnels were never given back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // Ctrl-C stops it cleanly.
     let pid = proxy.id().to_string();
     assert!(std::process::Command::new("kill")
