@@ -47,9 +47,28 @@ crate::closed_set! {
     }
 }
 
+crate::closed_set! {
+    /// What a machine of an app is for.
+    #[derive(Default)]
+    pub enum MachineRole {
+        /// It serves the app: deploys replace it, scaling counts it.
+        #[default]
+        App,
+        /// A `hangar console` session's: deploys and scaling leave it be.
+        Console,
+    }
+}
+
+fn is_app(r: &MachineRole) -> bool {
+    *r == MachineRole::App
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MachineConfig {
+    /// What it is for (default: the app).
+    #[serde(skip_serializing_if = "is_app")]
+    pub role: MachineRole,
     pub image: String,
     pub env: BTreeMap<String, String>,
     pub init: Init,

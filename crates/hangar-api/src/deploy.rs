@@ -160,9 +160,12 @@ impl Drop for AppLock<'_> {
     }
 }
 
-/// The app's machines that are not destroyed, oldest first.
+/// The app's machines that serve it (not destroyed, and not a console
+/// session's), oldest first: what deploys replace and scaling counts.
 pub fn app_machines(node: &Node, app: &str) -> Result<Vec<Machine>> {
-    node.state.app_machines(app)
+    let mut all = node.state.app_machines(app)?;
+    all.retain(|m| m.config.role == crate::config::MachineRole::App);
+    Ok(all)
 }
 
 fn suffix() -> String {

@@ -217,6 +217,8 @@ pub fn console_machine(args: ConsoleMachineArgs) -> Result<()> {
         config.init.exec = Some(vec!["sleep".into(), "86400".into()]);
         config.auto_destroy = true;
         config.restart.policy = hangar_api::config::RestartPolicy::No;
+        // Deploys and scaling leave it be while the session lasts.
+        config.role = hangar_api::config::MachineRole::Console;
         let m = client
             .create_machine(&hangar_api::wire::CreateMachine {
                 name: None,

@@ -146,6 +146,28 @@ async fn with_v1_checked(strategy_of_v1: Strategy, count: u32, failing: Failing)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_sessions_machine_is_left_be_by_deploys_and_scaling() {
+    let (t, _) = with_v1(Strategy::Rolling, 2).await;
+    let mut console = config();
+    console.role = crate::config::MachineRole::Console;
+    let place = Placement {
+        app: Some("web".into()),
+        release: None,
+    };
+    let c = t.node.create(None, place, console).unwrap();
+    deploy_now(&t, "registry.test/web:2", 2, Strategy::Rolling)
+        .await
+        .unwrap();
+    scale_count(t.node.clone(), "web".into(), 1, Vec::new(), progress().0)
+        .await
+        .unwrap();
+    assert_eq!(live(&t), vec![(Some(2), MachineState::Started)]);
+    let still = t.node.state.get(&c.id).unwrap();
+    assert_ne!(still.state, MachineState::Destroyed, "{still:?}");
+    assert!(!t.fake.calls().contains(&Call::Destroy(c.id.clone())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_replaces_one_machine_at_a_time_after_its_checks_pass() {
     let (t, _) = with_v1(Strategy::Rolling, 3).await;
     let r = deploy_now(&t, "registry.test/web:2", 3, Strategy::Rolling)
