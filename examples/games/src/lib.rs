@@ -1,0 +1,17 @@
+//! `hangar-games`: the turn-based game system that runs on Hangar as an
+//! example app (the seed's distributed game system, in Rust).
+//!
+//! It owns the games' rules ([`rules`]: each game a pure state machine of
+//! state, legal moves, a move applied and the outcome; a game's state is
+//! its kind and its moves, so any machine rebuilds it from them), the
+//! 4-letter codes players share ([`code`]), and which machine of the app
+//! owns a game ([`owner`]: rendezvous hashing over the live peers).
+//!
+//! It must not know how it is deployed: peers come from `.internal` DNS
+//! and moves from players, both through the server built on it.
+
+#![forbid(unsafe_code)]
+
+pub mod code;
+pub mod owner;
+pub mod rules;
