@@ -3,7 +3,7 @@
 //! retried until it is free where games are kept (the server's store says
 //! which are taken, cluster-wide).
 
-/// Letters of codes: 22, so 234,256 codes.
+/// Letters of codes: 23, so 279,841 codes.
 pub const ALPHABET: &[u8] = b"ABCDEFGHJKMNPQRSTUVWXYZ";
 pub const LEN: usize = 4;
 
