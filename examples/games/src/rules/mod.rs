@@ -50,6 +50,15 @@ pub enum Side {
 }
 
 impl Side {
+    /// Who moves after `moves` moves, when the sides alternate.
+    pub fn after(moves: usize) -> Side {
+        if moves.is_multiple_of(2) {
+            Side::First
+        } else {
+            Side::Second
+        }
+    }
+
     pub fn other(self) -> Side {
         match self {
             Side::First => Side::Second,

@@ -29,11 +29,7 @@ impl Game for TicTacToe {
     }
 
     fn to_move(&self) -> Side {
-        if self.moves.is_multiple_of(2) {
-            Side::First
-        } else {
-            Side::Second
-        }
+        Side::after(self.moves)
     }
 
     fn legal_moves(&self) -> Vec<String> {
