@@ -317,6 +317,20 @@ impl Node {
                 .map(|b| b.to_string())
                 .join(".")
         );
+        // Who the machine is, as Fly's FLY_* variables say it: what an app
+        // needs to find itself among its peers on `<app>.internal`.
+        let private = hangar_machine::network::address(m.slot).v6.to_string();
+        let mut identity = vec![
+            ("HANGAR_MACHINE_ID", m.id.clone()),
+            ("HANGAR_PRIVATE_IP", private),
+            ("HANGAR_REGION", self.site.region.clone()),
+        ];
+        if let Some(app) = &m.app {
+            identity.push(("HANGAR_APP_NAME", app.clone()));
+        }
+        for (k, v) in identity {
+            env.insert(k.to_string(), v);
+        }
         for (k, v) in [
             ("HTTP_PROXY", &proxy),
             ("HTTPS_PROXY", &proxy),

@@ -14,4 +14,5 @@
 
 pub mod code;
 pub mod owner;
+pub mod record;
 pub mod rules;

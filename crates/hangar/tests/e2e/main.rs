@@ -10,6 +10,7 @@ mod cluster;
 mod dashboard;
 mod edge;
 mod egress;
+mod games;
 mod guard;
 mod image;
 mod machine;

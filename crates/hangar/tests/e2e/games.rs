@@ -1,0 +1,673 @@
+//! The example game system (`examples/games`) deployed with `hangar
+//! deploy` on three machines of one node, which find each other as
+//! `games.internal`: played in Chromium by two players and a spectator
+//! through the edge, with the owner machine killed (`kill -9`) mid-game;
+//! and over the API: concurrent moves while the owner dies (one wins, once),
+//! ownership moving as a machine joins and leaves (no game lost or
+//! doubled), and an idle game ending and freeing its code.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::machine::Node;
+use crate::support::browser::Browser;
+use crate::support::*;
+
+const HOST: &str = "games.localhost";
+
+/// The static game server, built once per test run (scripts/games-server).
+fn server_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = std::process::Command::new(root.join("scripts/games-server"))
+            .output()
+            .expect("run scripts/games-server");
+        assert!(
+            out.status.success(),
+            "scripts/games-server failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+/// The example app in the test's directory, with `env` added to [env].
+fn games_app(node: &Node, env: &[(&str, &str)]) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/games");
+    let dir = node.h.dir.path().join("games");
+    fs::create_dir_all(dir.join("bin")).unwrap();
+    fs::copy(server_binary(), dir.join("bin/hangar-games")).unwrap();
+    fs::copy(src.join(".hangarignore"), dir.join(".hangarignore")).unwrap();
+    let mut toml = fs::read_to_string(src.join("hangar.toml")).unwrap();
+    toml = toml.replace("interval = \"2s\"", "interval = \"300ms\"");
+    for (k, v) in env {
+        let kept: Vec<&str> = toml
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{k} = ")))
+            .collect();
+        toml = kept
+            .join("\n")
+            .replace("[env]", &format!("[env]\n{k} = \"{v}\""));
+    }
+    fs::write(dir.join("hangar.toml"), toml).unwrap();
+    dir
+}
+
+fn hangar_in(node: &Node, dir: &Path, args: &[&str]) -> String {
+    let out = node.h.command(args).current_dir(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "hangar {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Launch and deploy the games on `count` machines; wait until each sees
+/// all of them as peers. The machines' ids.
+fn deploy(node: &Node, dir: &Path, count: usize) -> Vec<String> {
+    hangar_in(node, dir, &["launch"]);
+    let out = hangar_in(node, dir, &["deploy", "--count", &count.to_string()]);
+    assert!(out.contains("is complete"), "{out}");
+    let ids = started_machines(node, dir);
+    assert_eq!(ids.len(), count, "{ids:?}");
+    wait_for_peers(node, &ids);
+    ids
+}
+
+fn started_machines(node: &Node, dir: &Path) -> Vec<String> {
+    let v: Value = serde_json::from_str(&hangar_in(node, dir, &["status", "--json"])).unwrap();
+    v["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == "started")
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every machine of `ids` sees exactly `ids.len()` peers.
+fn wait_for_peers(node: &Node, ids: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in ids {
+        loop {
+            let r = api(node, "GET", "/api/status", None, None, Some(id));
+            let n = r.json()["peers"].as_array().map_or(0, Vec::len);
+            if r.status == 200 && n == ids.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "machine {id} sees {n} peers of {}: {}",
+                ids.len(),
+                String::from_utf8_lossy(&r.body)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A request through the edge (to machine `on`, when given).
+fn api(
+    node: &Node,
+    method: &str,
+    path: &str,
+    player: Option<&str>,
+    body: Option<Value>,
+    on: Option<&str>,
+) -> HttpResponse {
+    let auth = player.map(|p| format!("Bearer {p}"));
+    let mut headers = vec![("Host", HOST), ("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a));
+    }
+    if let Some(id) = on {
+        headers.push(("hangar-force-instance-id", id));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    http(method, &node.edge, path, &headers, body.as_bytes())
+}
+
+/// A new game and its two players' identities.
+fn new_game(node: &Node, kind: &str) -> (String, String, String) {
+    let r = api(
+        node,
+        "POST",
+        "/api/games",
+        None,
+        Some(json!({"kind": kind, "name": "Ada"})),
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let code = r.json()["code"].as_str().unwrap().to_string();
+    let a = r.json()["player"].as_str().unwrap().to_string();
+    let r = api(
+        node,
+        "POST",
+        &format!("/api/games/{code}/join"),
+        None,
+        Some(json!({"name": "Bob"})),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let b = r.json()["player"].as_str().unwrap().to_string();
+    (code, a, b)
+}
+
+fn state(node: &Node, code: &str) -> Value {
+    let r = api(node, "GET", &format!("/api/games/{code}"), None, None, None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+/// The pids of the game server serving as `private_ip` (its peer
+/// address's host) and of its machine's init: found by the environment
+/// Hangar gave the server.
+fn server_of(owner: &str) -> (i32, i32, String) {
+    let ip = owner
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']))
+        .unwrap_or(owner);
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmd).contains("hangar-games") {
+            continue;
+        }
+        let env = fs::read(entry.path().join("environ")).unwrap_or_default();
+        let vars: Vec<String> = env
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        if !vars.iter().any(|v| *v == format!("HANGAR_PRIVATE_IP={ip}")) {
+            continue;
+        }
+        let id = vars
+            .iter()
+            .find_map(|v| v.strip_prefix("HANGAR_MACHINE_ID="))
+            .unwrap()
+            .to_string();
+        let status = fs::read_to_string(entry.path().join("status")).unwrap();
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        return (pid, ppid, id);
+    }
+    panic!("no game server process serves as {owner}");
+}
+
+/// `kill -9` of the machine that owns `code`, its server and its init:
+/// the machine's id and the server's pid.
+fn kill_owner(node: &Node, code: &str) -> (String, i32) {
+    let owner = state(node, code)["owner"].as_str().unwrap().to_string();
+    let (pid, init, id) = server_of(&owner);
+    // One signal each; the second may find its process gone already (the
+    // init ends with its server).
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &init.to_string(), &pid.to_string()])
+        .output();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the server {pid} outlived kill -9"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("killed machine {id} (owner {owner} of {code}): pids {pid} and {init}");
+    (id, pid)
+}
+
+fn page_text(b: &Browser) -> String {
+    b.eval("return document.getElementById('game') ? document.getElementById('game').innerText : document.body.innerText")
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Wait until the page's board has `moves` (in the page's moves line).
+fn wait_moves(b: &Browser, who: &str, moves: &[&str]) {
+    let want = format!("Moves: {}", moves.join(" "));
+    let script = format!(
+        "const m = document.querySelector('#game .moves'); return !!m && m.innerText.trim() === {};",
+        json!(want)
+    );
+    b.wait_for(
+        &script,
+        Duration::from_secs(20),
+        &format!(
+            "{who}'s page never showed {want:?}; it shows: {}",
+            page_text(b)
+        ),
+    );
+}
+
+/// Click the page's button for `cell` once it is there (the player's turn).
+fn play(b: &Browser, who: &str, cell: &str) {
+    let sel = format!("button[data-cell={cell}]");
+    b.wait_for(
+        &format!(
+            "return !!document.querySelector('{sel}') && document.body.dataset.live === 'yes';"
+        ),
+        Duration::from_secs(20),
+        &format!("{who} never got to play {cell}: {}", page_text(b)),
+    );
+    b.eval(&format!(
+        "document.querySelector('{sel}').click(); return true;"
+    ));
+}
+
+#[test]
+fn two_players_and_a_spectator_play_live_in_chromium_while_the_owner_machine_is_killed() {
+    let node = Node::start();
+    let dir = games_app(&node, &[]);
+    let ids = deploy(&node, &dir, 3);
+    let port = node.edge.rsplit(':').next().unwrap().to_string();
+    let base = format!("http://{HOST}:{port}");
+
+    // Ada creates a game from the lobby: plain forms.
+    let ada = Browser::start();
+    ada.goto(&format!("{base}/"));
+    ada.eval(
+        "document.querySelector('form.create [name=name]').value = 'Ada';\
+         document.querySelector('form.create [name=kind]').value = 'tic-tac-toe';\
+         document.querySelector('form.create').submit(); return true;",
+    );
+    ada.wait_for(
+        "return location.pathname.startsWith('/g/') && !!document.getElementById('game');",
+        Duration::from_secs(20),
+        "the create form did not lead to the game page",
+    );
+    let code = ada
+        .eval("return document.getElementById('game').dataset.code;")
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        page_text(&ada).contains("Waiting for a second player"),
+        "{}",
+        page_text(&ada)
+    );
+
+    // Bob joins by the code, in a browser of his own.
+    let bob = Browser::start();
+    bob.goto(&format!("{base}/"));
+    bob.eval(&format!(
+        "document.querySelector('form.join [name=name]').value = 'Bob';\
+         document.querySelector('form.join [name=code]').value = '{}';\
+         document.querySelector('form.join').submit(); return true;",
+        code.to_lowercase()
+    ));
+    bob.wait_for(
+        &format!(
+            "return location.pathname === '/g/{code}' && document.body.dataset.live === 'yes';"
+        ),
+        Duration::from_secs(20),
+        "Bob's join did not lead to the live game page",
+    );
+    assert!(
+        page_text(&bob).contains("O: Bob (you)"),
+        "{}",
+        page_text(&bob)
+    );
+    // Ada's page heard Bob join, without a reload.
+    ada.wait_for(
+        "return document.querySelector('#game .status').innerText.includes('Your move');",
+        Duration::from_secs(20),
+        "Ada's page never saw Bob join",
+    );
+
+    // A spectator: the seats are taken, so the link shows the game.
+    let eve = Browser::start();
+    eve.goto(&format!("{base}/g/{code}"));
+    eve.wait_for(
+        "return document.body.dataset.live === 'yes';",
+        Duration::from_secs(20),
+        "the spectator's page never went live",
+    );
+    assert!(
+        page_text(&eve).contains("You are watching"),
+        "{}",
+        page_text(&eve)
+    );
+    assert_eq!(
+        eve.eval("return document.querySelectorAll('button.cell').length;"),
+        json!(0),
+        "a spectator has no moves"
+    );
+
+    play(&ada, "Ada", "a1");
+    for (b, who) in [(&ada, "Ada"), (&bob, "Bob"), (&eve, "the spectator")] {
+        wait_moves(b, who, &["a1"]);
+    }
+    // Out of turn: Ada has no buttons now; the API refuses her too.
+    assert_eq!(
+        ada.eval("return document.querySelectorAll('button.cell').length;"),
+        json!(0)
+    );
+    play(&bob, "Bob", "b1");
+    wait_moves(&eve, "the spectator", &["a1", "b1"]);
+
+    // A reload keeps Bob's seat (his cookie, not the URL).
+    bob.goto(&format!("{base}/g/{code}"));
+    assert!(
+        page_text(&bob).contains("O: Bob (you)"),
+        "{}",
+        page_text(&bob)
+    );
+    play(&ada, "Ada", "a2");
+    for (b, who) in [(&ada, "Ada"), (&bob, "Bob"), (&eve, "the spectator")] {
+        wait_moves(b, who, &["a1", "b1", "a2"]);
+    }
+    let errors = [
+        ada.console_errors(),
+        bob.console_errors(),
+        eve.console_errors(),
+    ];
+    assert!(
+        errors.iter().all(Vec::is_empty),
+        "console errors before the kill: {errors:?}"
+    );
+    ada.screenshot("games-before-kill-ada");
+
+    // The owner machine dies mid-game.
+    let (killed, killed_pid) = kill_owner(&node, &code);
+    assert!(ids.contains(&killed));
+    let t0 = Instant::now();
+    play(&bob, "Bob", "b2");
+    for (b, who) in [(&ada, "Ada"), (&bob, "Bob"), (&eve, "the spectator")] {
+        wait_moves(b, who, &["a1", "b1", "a2", "b2"]);
+    }
+    eprintln!("the game went on {:?} after the kill", t0.elapsed());
+    play(&ada, "Ada", "a3");
+    for (b, who) in [(&ada, "Ada"), (&bob, "Bob"), (&eve, "the spectator")] {
+        wait_moves(b, who, &["a1", "b1", "a2", "b2", "a3"]);
+        b.wait_for(
+            "return document.querySelector('#game .status').dataset.status === 'over';",
+            Duration::from_secs(10),
+            &format!("{who}'s page does not show the end"),
+        );
+    }
+    assert!(
+        page_text(&ada).contains("Ada wins: you"),
+        "{}",
+        page_text(&ada)
+    );
+    assert!(page_text(&eve).contains("Ada wins"), "{}", page_text(&eve));
+    ada.screenshot("games-win-ada");
+    bob.screenshot("games-win-bob");
+    eve.screenshot("games-win-spectator");
+    let s = state(&node, &code);
+    assert_eq!(s["moves"], json!(["a1", "b1", "a2", "b2", "a3"]), "{s}");
+    assert_eq!(s["outcome"], json!({"win": "first"}), "{s}");
+    // Owned by a live server: another machine, or the killed one restarted
+    // by its node (then a new process, which took the game back from its
+    // peers).
+    let (pid, _, owner) = server_of(s["owner"].as_str().unwrap());
+    assert_ne!(pid, killed_pid, "the game is owned by a live server");
+    eprintln!("the game is owned by {owner} now (the killed machine was {killed})");
+
+    // A rematch: Bob opens this time.
+    bob.eval("document.querySelector('button.rematch').click(); return true;");
+    for (b, who) in [(&ada, "Ada"), (&bob, "Bob")] {
+        b.wait_for(
+            "return document.querySelector('#game .status').dataset.status === 'playing' && !document.querySelector('#game .moves');",
+            Duration::from_secs(20),
+            &format!("{who}'s page never showed the rematch"),
+        );
+    }
+    assert!(page_text(&bob).contains("Your move"), "{}", page_text(&bob));
+    play(&bob, "Bob", "b2");
+    wait_moves(&eve, "the spectator", &["b2"]);
+    eve.screenshot("games-rematch-spectator");
+}
+
+#[test]
+fn moves_race_through_every_machine_while_the_owner_dies_and_games_move_with_machines() {
+    let node = Node::start();
+    let dir = games_app(&node, &[]);
+    let ids = deploy(&node, &dir, 3);
+
+    // Bad input is refused with the reason.
+    let r = api(
+        &node,
+        "POST",
+        "/api/games",
+        None,
+        Some(json!({"kind": "go", "name": "x"})),
+        None,
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("tic-tac-toe"),
+        "{:?}",
+        r.json()
+    );
+    let r = api(
+        &node,
+        "POST",
+        "/api/games",
+        None,
+        Some(json!({"kind": "chess", "name": "<b>"})),
+        None,
+    );
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    let r = api(&node, "GET", "/api/games/ZZZZ", None, None, None);
+    assert_eq!(r.status, 404);
+
+    // Games on every owner, with moves, kept alive by play.
+    let games: Vec<(String, String, String)> =
+        (0..12).map(|_| new_game(&node, "connect-four")).collect();
+    for (code, a, b) in &games {
+        for (i, (p, m)) in [(a, "4"), (b, "4"), (a, "3")].into_iter().enumerate() {
+            let r = api(
+                &node,
+                "POST",
+                &format!("/api/games/{code}/moves"),
+                Some(p),
+                Some(json!({"move": m, "n": i})),
+                None,
+            );
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        }
+    }
+
+    // Concurrent moves for one seat, each through another machine, while
+    // the game's owner is killed: one is played, once.
+    let (code, _, b) = games[0].clone();
+    let killed = {
+        let node_edge = node.edge.clone();
+        let racers: Vec<_> = ["1", "2", "5", "6", "7", "1"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let (edge, code, b, on) = (
+                    node_edge.clone(),
+                    code.clone(),
+                    b.clone(),
+                    ids[i % 3].clone(),
+                );
+                std::thread::spawn(move || {
+                    // Staggered: some before the kill, some during, some after.
+                    std::thread::sleep(Duration::from_millis(8 * i as u64));
+                    let auth = format!("Bearer {b}");
+                    let body = json!({"move": m, "n": 3}).to_string();
+                    // A connection cut by the kill is an answer too: none.
+                    let r = std::panic::catch_unwind(|| {
+                        http(
+                            "POST",
+                            &edge,
+                            &format!("/api/games/{code}/moves"),
+                            &[
+                                ("Host", HOST),
+                                ("Authorization", &auth),
+                                ("Content-Type", "application/json"),
+                                ("hangar-force-instance-id", &on),
+                            ],
+                            body.as_bytes(),
+                        )
+                    });
+                    match r {
+                        Ok(r) => (m, r.status, r.json()),
+                        Err(_) => (m, 0, Value::Null),
+                    }
+                })
+            })
+            .collect();
+        let (killed, _) = kill_owner(&node, &code);
+        let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        eprintln!("racing moves: {results:?}");
+        let s = state(&node, &code);
+        let moves = s["moves"].as_array().unwrap().clone();
+        assert_eq!(moves.len(), 4, "one racing move is played: {s}");
+        let played = moves[3].as_str().unwrap();
+        for (m, status, body) in &results {
+            if *status == 200 {
+                assert_eq!(*m, played, "a move was acknowledged but not played: {body}");
+            }
+        }
+        assert!(
+            results
+                .iter()
+                .any(|(m, status, _)| *status == 200 && *m == played),
+            "the played move was acknowledged to someone: {results:?}"
+        );
+        killed
+    };
+
+    // The killed machine comes back or is replaced; meanwhile every game
+    // is whole. Then a fourth machine joins and leaves: no game lost or
+    // doubled, each still on one owner.
+    let check = |games: &[(String, String, String)]| {
+        for (code, _, _) in games {
+            let s = state(&node, code);
+            assert!(
+                s["moves"].as_array().unwrap().len() >= 3,
+                "{code} lost moves: {s}"
+            );
+            assert_eq!(
+                s["moves"].as_array().unwrap()[..3],
+                [json!("4"), json!("4"), json!("3")],
+                "{s}"
+            );
+        }
+    };
+    check(&games);
+    hangar_in(&node, &dir, &["scale", "count", "4"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let four = loop {
+        let up = started_machines(&node, &dir);
+        if up.len() == 4 {
+            break up;
+        }
+        assert!(Instant::now() < deadline, "no fourth machine: {up:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    wait_for_peers(&node, &four);
+    check(&games);
+    // A move on each game after the join: made by its (maybe new) owner.
+    for (code, _, b) in &games[1..] {
+        let r = api(
+            &node,
+            "POST",
+            &format!("/api/games/{code}/moves"),
+            Some(b),
+            Some(json!({"move": "1", "n": 3})),
+            None,
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{code}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    hangar_in(&node, &dir, &["scale", "count", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let three = loop {
+        let up = started_machines(&node, &dir);
+        if up.len() == 3 {
+            break up;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scale down did not happen: {up:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    wait_for_peers(&node, &three);
+    for (code, _, _) in &games[1..] {
+        let s = state(&node, code);
+        assert_eq!(s["moves"], json!(["4", "4", "3", "1"]), "{code}: {s}");
+    }
+    eprintln!("killed {killed}; machines now {three:?}");
+}
+
+#[test]
+fn an_idle_game_ends_and_frees_its_code() {
+    let node = Node::start();
+    let dir = games_app(&node, &[("GAMES_IDLE", "3s")]);
+    deploy(&node, &dir, 2);
+    let (code, a, _) = new_game(&node, "chess");
+    let r = api(
+        &node,
+        "POST",
+        &format!("/api/games/{code}/moves"),
+        Some(&a),
+        Some(json!({"move": "e2e4", "n": 0})),
+        None,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = api(
+        &node,
+        "POST",
+        &format!("/api/games/{code}/moves"),
+        Some(&a),
+        Some(json!({"move": "e7e5", "n": 1})),
+        None,
+    );
+    assert_eq!(r.status, 409, "not Ada's turn: {:?}", r.json());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = api(
+            &node,
+            "GET",
+            &format!("/api/games/{code}"),
+            None,
+            None,
+            None,
+        );
+        if r.status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle game {code} never ended: {:?}",
+            r.json()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let r = api(
+        &node,
+        "POST",
+        &format!("/api/games/{code}/moves"),
+        Some(&a),
+        Some(json!({"move": "e7e5", "n": 1})),
+        None,
+    );
+    assert_eq!(r.status, 404, "{:?}", r.json());
+}
