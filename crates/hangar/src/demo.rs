@@ -18,6 +18,14 @@ pub struct DemoArgs {
     /// How many machines run the example
     #[arg(long, default_value_t = 2)]
     count: u32,
+    /// Deploy the game system (examples/games) on three machines instead
+    /// of the web example (`scripts/demo --games` builds its server first)
+    #[arg(long)]
+    games: bool,
+    /// The static game server to deploy with --games (default: the one
+    /// scripts/games-server puts in examples/games/bin of this checkout)
+    #[arg(long)]
+    games_server: Option<std::path::PathBuf>,
 }
 
 /// The example app, bundled into the binary so the demo runs anywhere.
@@ -166,7 +174,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
-        let tour = tokio::task::spawn_blocking(move || tour(&tour_home, args.count));
+        let tour = tokio::task::spawn_blocking(move || {
+            if args.games {
+                games_tour(&tour_home, args.games_server)
+            } else {
+                tour(&tour_home, args.count)
+            }
+        });
         tokio::select! {
             r = tour => match r {
                 Ok(Ok(())) => {
@@ -204,6 +218,81 @@ pub fn run(args: DemoArgs) -> Result<()> {
     result
 }
 
+/// Create app `name` in the personal org, or say it exists.
+fn ensure_app(name: &str) -> Result<()> {
+    let client = connect()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(client.create_app(name, "personal")) {
+        Ok(_) => println!("   created app {name}"),
+        Err(e) if e.to_string().contains("exists already") => {
+            println!("   app {name} exists: deploying a new release")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// The game system: its hangar.toml and the static server, deployed on
+/// three machines that find each other as `games.internal`.
+fn games_tour(home: &Path, server: Option<std::path::PathBuf>) -> Result<()> {
+    let server = match server {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("cannot find the hangar binary")?
+            .ancestors()
+            .nth(3)
+            .context("hangar is not in a checkout's target/ directory: pass --games-server")?
+            .join("examples/games/bin/hangar-games"),
+    };
+    if !server.is_file() {
+        bail!(
+            "no game server at {}: build it with scripts/games-server --release (scripts/demo --games does), or pass --games-server",
+            server.display()
+        );
+    }
+    let dir = home.join("demo/games");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("bin"))?;
+    for (name, text) in [
+        (
+            "hangar.toml",
+            include_str!("../../../examples/games/hangar.toml"),
+        ),
+        (
+            ".hangarignore",
+            include_str!("../../../examples/games/.hangarignore"),
+        ),
+    ] {
+        std::fs::write(dir.join(name), text)?;
+    }
+    std::fs::copy(&server, dir.join("bin/hangar-games"))
+        .with_context(|| format!("cannot copy {}", server.display()))?;
+    println!(
+        "\n2. The game system: {} (hangar.toml, bin/hangar-games)",
+        dir.display()
+    );
+    ensure_app("games")?;
+    println!("\n3. hangar deploy (an image of the static server, 3 machines on games.internal)");
+    crate::apps::deploy(crate::apps::DeployArgs::for_file(
+        dir.join(hangar_api::app_toml::FILE),
+        3,
+    ))?;
+    let url = crate::node_config::load(home)?.app_url("games");
+    println!("\nThe games are live at {url}");
+    println!("\nTry:");
+    println!(
+        "  open {url} in two browsers: create a game in one, join it by its code in the other"
+    );
+    println!("  open {url}/g/CODE in a third to watch");
+    println!(
+        "  hangar status -a games        # kill -9 a machine's process mid-game: the game goes on"
+    );
+    println!("  curl -s {url}/api/status      # the peers a machine sees");
+    Ok(())
+}
+
 fn tour(home: &Path, count: u32) -> Result<()> {
     println!("\n2. Building a busybox base image from this host's busybox (no Docker)");
     build_base(home)?;
@@ -213,18 +302,7 @@ fn tour(home: &Path, count: u32) -> Result<()> {
         "\n3. The example app: {} (hangar.toml, bin/hello, www/)",
         dir.display()
     );
-    let client = connect()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    match rt.block_on(client.create_app("hello", "personal")) {
-        Ok(_) => println!("   created app hello"),
-        Err(e) if e.to_string().contains("exists already") => {
-            println!("   app hello exists: deploying a new release")
-        }
-        Err(e) => return Err(e.into()),
-    }
-    drop(rt);
+    ensure_app("hello")?;
     println!("\n4. hangar deploy (build, push to the node's registry, roll out {count} machines)");
     crate::apps::deploy(crate::apps::DeployArgs::for_file(
         dir.join(hangar_api::app_toml::FILE),

@@ -40,6 +40,10 @@ pub struct LoadArgs {
     /// The game
     #[arg(long, default_value = "connect-four")]
     kind: String,
+    /// A player's time to think before each move (ms, varied by ±50%);
+    /// 0 plays as fast as the answers come
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
 }
 
 #[derive(Default)]
@@ -190,7 +194,14 @@ async fn play(
                         if legal.is_empty() {
                             continue;
                         }
-                        let mv = legal[(rng.next() % legal.len() as u64) as usize];
+                        let mv = legal[(rng.next() % legal.len() as u64) as usize].to_string();
+                        if a.think_ms > 0 {
+                            let ms = a.think_ms / 2 + rng.next() % (a.think_ms + 1);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        if Instant::now() >= until {
+                            break 'outer;
+                        }
                         let n = g["moves"].as_array().map_or(0, Vec::len);
                         ask_id += 1;
                         let ask = json!({ "move": mv, "n": n, "id": ask_id }).to_string();
