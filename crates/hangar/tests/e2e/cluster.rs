@@ -30,10 +30,10 @@ fn ip(args: &[&str]) {
 }
 
 /// The namespaces and the wire; removed on drop.
-struct Wire {
+pub(crate) struct Wire {
     wire: String,
     nodes: Vec<String>,
-    stranger: String,
+    pub(crate) stranger: String,
 }
 
 impl Wire {
@@ -86,8 +86,8 @@ impl Drop for Wire {
 }
 
 /// One node of the cluster: `hangar up` in its namespace.
-struct ClusterNode {
-    h: Hangar,
+pub(crate) struct ClusterNode {
+    pub(crate) h: Hangar,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -244,7 +244,7 @@ const PAGE: &str = "hello from a machine\n";
 /// Three nodes, n1 in ams, n2 and n3 in fra, each in its namespace with its
 /// etcd member beside it, busybox loaded at each. Bind them in this order:
 /// the nodes go first, the namespaces last.
-fn three_nodes() -> (
+pub(crate) fn three_nodes() -> (
     Wire,
     tempfile::TempDir,
     hangar_cluster::members::Members,

@@ -671,3 +671,159 @@ fn an_idle_game_ends_and_frees_its_code() {
     );
     assert_eq!(r.status, 404, "{:?}", r.json());
 }
+
+/// A call to the games at node `i`'s edge from the wire's client host:
+/// status and JSON body.
+fn edge_call(
+    wire: &crate::cluster::Wire,
+    i: usize,
+    method: &str,
+    path: &str,
+    player: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{}", wire.stranger))
+        .args([
+            "curl",
+            "-s",
+            "-m",
+            "15",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ])
+        .args([
+            "-H",
+            &format!("Host: {HOST}"),
+            "-H",
+            "Content-Type: application/json",
+        ]);
+    if let Some(p) = player {
+        cmd.args(["-H", &format!("Authorization: Bearer {p}")]);
+    }
+    if let Some(b) = body {
+        cmd.args(["--data", &b.to_string()]);
+    }
+    let out = cmd
+        .arg(format!("http://10.77.0.{i}:8080{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        status.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn a_game_across_two_regions_goes_on_when_its_owner_dies() {
+    crate::machine::require_root();
+    require("etcd");
+    require("curl");
+    let _lock = crate::machine::host_lock();
+    let (wire, _dir, _etcd, nodes) = crate::cluster::three_nodes();
+    let n1 = &nodes[0];
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/games");
+    let dir = n1.h.dir.path().join("games");
+    fs::create_dir_all(dir.join("bin")).unwrap();
+    fs::copy(server_binary(), dir.join("bin/hangar-games")).unwrap();
+    fs::copy(src.join(".hangarignore"), dir.join(".hangarignore")).unwrap();
+    let toml = fs::read_to_string(src.join("hangar.toml"))
+        .unwrap()
+        .replace("interval = \"2s\"", "interval = \"300ms\"")
+        .replace(
+            "app = \"games\"",
+            "app = \"games\"\nprimary_region = \"ams\"",
+        );
+    fs::write(dir.join("hangar.toml"), toml).unwrap();
+    let in_games = |args: &[&str]| {
+        let out = n1.h.command(args).current_dir(&dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "hangar {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    in_games(&["launch", "--org", "acme"]);
+    in_games(&["deploy", "--count", "1"]);
+    in_games(&["scale", "count", "2", "--region", "ams,fra"]);
+
+    // Every machine, in either region, sees the four as its peers, asked
+    // through each node's edge.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 1..=3 {
+        loop {
+            let (status, v) = edge_call(&wire, i, "GET", "/api/status", None, None);
+            if status == 200 && v["peers"].as_array().map_or(0, Vec::len) == 4 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "n{i}'s edge: {status} {v}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    // Ada plays at n1 (ams), Bob at n3 (fra).
+    let (s, created) = edge_call(
+        &wire,
+        1,
+        "POST",
+        "/api/games",
+        None,
+        Some(json!({"kind": "tic-tac-toe", "name": "Ada"})),
+    );
+    assert_eq!(s, 201, "{created}");
+    let code = created["code"].as_str().unwrap().to_string();
+    let ada = created["player"].as_str().unwrap().to_string();
+    let (s, joined) = edge_call(
+        &wire,
+        3,
+        "POST",
+        &format!("/api/games/{code}/join"),
+        None,
+        Some(json!({"name": "Bob"})),
+    );
+    assert_eq!(s, 200, "{joined}");
+    let bob = joined["player"].as_str().unwrap().to_string();
+    let mv = |i: usize, who: &str, m: &str, n: usize| {
+        let (s, v) = edge_call(
+            &wire,
+            i,
+            "POST",
+            &format!("/api/games/{code}/moves"),
+            Some(who),
+            Some(json!({"move": m, "n": n})),
+        );
+        assert_eq!(s, 200, "{m} at n{i}: {v}");
+        v
+    };
+    mv(1, &ada, "b2", 0);
+    mv(3, &bob, "a1", 1);
+    let v = mv(2, &ada, "c1", 2);
+
+    // Its owner dies; the game goes on from the other region's edge.
+    let owner = v["owner"].as_str().unwrap().to_string();
+    let (pid, init, id) = server_of(&owner);
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &init.to_string(), &pid.to_string()])
+        .output();
+    eprintln!("killed machine {id}, owner {owner} of {code}");
+    mv(3, &bob, "a3", 3);
+    mv(1, &ada, "a2", 4);
+    mv(3, &bob, "c3", 5);
+    let v = mv(2, &ada, "c2", 6);
+    assert_eq!(
+        v["moves"],
+        json!(["b2", "a1", "c1", "a3", "a2", "c3", "c2"]),
+        "{v}"
+    );
+    assert_eq!(v["status"], "over", "{v}");
+    assert_eq!(v["outcome"], json!({"win": "first"}), "{v}");
+    for i in 1..=3 {
+        let (_, v) = edge_call(&wire, i, "GET", &format!("/api/games/{code}"), None, None);
+        assert_eq!(v["moves"].as_array().map_or(0, Vec::len), 7, "n{i}: {v}");
+    }
+}
