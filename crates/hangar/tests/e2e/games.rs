@@ -442,6 +442,102 @@ fn moves_race_through_every_machine_while_the_owner_dies_and_games_move_with_mac
     let dir = games_app(&node, &[]);
     let ids = deploy(&node, &dir, 3);
 
+    // A hostile org: its machine neither finds the games' machines nor
+    // reaches their peer port, and the edge never routes to that port.
+    let me = api(&node, "GET", "/api/status", None, None, Some(&ids[0])).json()["me"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ip, port) = me.rsplit_once(':').unwrap();
+    let ip = ip.trim_matches(['[', ']']);
+    // busybox's nc dials IPv4 only; the server listens on both.
+    let status: Value =
+        serde_json::from_str(&node.h.ok(&["machine", "status", &ids[0], "--json"])).unwrap();
+    let ipv4 = status["ipv4"].as_str().unwrap().to_string();
+    crate::machine::busybox_image(&node.h);
+    let loot = node.h.dir.path().join("loot");
+    fs::create_dir_all(&loot).unwrap();
+    node.h.ok(&[
+        "launch",
+        "--image",
+        "localhost/busybox:test",
+        "--name",
+        "loot",
+        "--org",
+        "evil",
+        "--path",
+        loot.to_str().unwrap(),
+    ]);
+    let spy = node
+        .h
+        .ok(&[
+            "machine",
+            "run",
+            "localhost/busybox:test",
+            "--app",
+            "loot",
+            "--",
+            "sleep",
+            "600",
+        ])
+        .trim()
+        .to_string();
+    let probe = format!(
+        "nslookup games.internal 2>&1; printf 'GET /peer/copy/AAAA HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ipv4} {port}; echo end"
+    );
+    let out = node
+        .h
+        .run(&["machine", "exec", &spy, "--", "/bin/sh", "-c", &probe]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("end"), "the probe did not run: {text}");
+    assert!(
+        !text.contains(ip),
+        "evil's machine resolved the games' machines: {text}"
+    );
+    assert!(
+        !text.contains("HTTP/1."),
+        "evil's machine reached the peer port: {text}"
+    );
+    // The same probe from another app of the games' own org does reach
+    // them: the check above can fail.
+    let friend = node.h.dir.path().join("friend");
+    fs::create_dir_all(&friend).unwrap();
+    node.h.ok(&[
+        "launch",
+        "--image",
+        "localhost/busybox:test",
+        "--name",
+        "friend",
+        "--path",
+        friend.to_str().unwrap(),
+    ]);
+    let pal = node
+        .h
+        .ok(&[
+            "machine",
+            "run",
+            "localhost/busybox:test",
+            "--app",
+            "friend",
+            "--",
+            "sleep",
+            "600",
+        ])
+        .trim()
+        .to_string();
+    let out = node
+        .h
+        .run(&["machine", "exec", &pal, "--", "/bin/sh", "-c", &probe]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(ip) && text.contains("404 Not Found"),
+        "a machine of the games' own org does not reach them: {text}"
+    );
+    node.h.ok(&["machine", "destroy", &pal, "--force"]);
+    let r = api(&node, "GET", "/peer/copy/AAAA", None, None, None);
+    assert_eq!(r.status, 404, "the edge routes to the peer port");
+    node.h.ok(&["machine", "destroy", &spy, "--force"]);
+
     // Bad input is refused with the reason.
     let r = api(
         &node,
