@@ -4,8 +4,10 @@
 //! It owns the games' rules ([`rules`]: each game a pure state machine of
 //! state, legal moves, a move applied and the outcome; a game's state is
 //! its kind and its moves, so any machine rebuilds it from them), the
-//! 4-letter codes players share ([`code`]), and which machine of the app
-//! owns a game ([`owner`]: rendezvous hashing over the live peers).
+//! record the machines keep and replicate and the changes made to it
+//! ([`record`]), the 4-letter codes players share ([`code`]), and which
+//! machine of the app owns a game ([`owner`]: rendezvous hashing over the
+//! live peers). The server (`src/bin/hangar-games`) is built on it.
 //!
 //! It must not know how it is deployed: peers come from `.internal` DNS
 //! and moves from players, both through the server built on it.

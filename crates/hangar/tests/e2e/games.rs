@@ -4,7 +4,8 @@
 //! through the edge, with the owner machine killed (`kill -9`) mid-game;
 //! and over the API: concurrent moves while the owner dies (one wins, once),
 //! ownership moving as a machine joins and leaves (no game lost or
-//! doubled), and an idle game ending and freeing its code.
+//! doubled), a hostile org kept out, the pages' forms without a script,
+//! and an idle game ending and freeing its code.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -714,10 +715,70 @@ fn moves_race_through_every_machine_while_the_owner_dies_and_games_move_with_mac
 }
 
 #[test]
-fn an_idle_game_ends_and_frees_its_code() {
+fn the_forms_work_without_a_script_and_an_idle_game_ends_and_frees_its_code() {
     let node = Node::start();
     let dir = games_app(&node, &[("GAMES_IDLE", "3s")]);
     deploy(&node, &dir, 2);
+
+    // The pages without a script: plain form posts and redirects.
+    let form = |path: &str, cookie: Option<&str>, body: &str| {
+        let mut headers = vec![
+            ("Host", HOST),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ];
+        if let Some(c) = cookie {
+            headers.push(("Cookie", c));
+        }
+        http("POST", &node.edge, path, &headers, body.as_bytes())
+    };
+    let gid = |r: &HttpResponse| {
+        r.header("set-cookie")
+            .and_then(|c| c.split([';', ',']).find(|p| p.trim().starts_with("gid=")))
+            .map(|p| p.trim().to_string())
+            .unwrap_or_else(|| panic!("no identity cookie: {:?}", r.headers))
+    };
+    let r = form("/games", None, "name=Ada&kind=tic-tac-toe");
+    assert_eq!(r.status, 303, "{}", String::from_utf8_lossy(&r.body));
+    let page = r.header("location").unwrap().to_string();
+    let code = page.trim_start_matches("/g/").to_string();
+    let ada = gid(&r);
+    let r = form(
+        "/join",
+        None,
+        &format!("name=Bob&code={}", code.to_lowercase()),
+    );
+    assert_eq!((r.status, r.header("location")), (303, Some(page.as_str())));
+    let bob = gid(&r);
+    let r = form(&format!("{page}/move"), Some(&ada), "move=b2&n=0");
+    assert_eq!((r.status, r.header("location")), (303, Some(page.as_str())));
+    let r = form(&format!("{page}/move"), Some(&ada), "move=a1&n=1");
+    assert!(
+        r.header("location")
+            .unwrap()
+            .contains("error=it+is+not+your+turn"),
+        "{:?}",
+        r.headers
+    );
+    let r = http(
+        "GET",
+        &node.edge,
+        &page,
+        &[("Host", HOST), ("Cookie", &bob)],
+        b"",
+    );
+    let html = String::from_utf8_lossy(&r.body);
+    assert!(
+        html.contains("O: Bob (you)") && html.contains("Your move"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<button class=cell name=move value=a1"),
+        "{html}"
+    );
+    let r = form("/games", None, "name=%3Cx%3E&kind=chess");
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("a display name has letters"));
+
     let (code, a, _) = new_game(&node, "chess");
     let r = api(
         &node,
