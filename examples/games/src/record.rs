@@ -10,6 +10,8 @@ use crate::rules::{Kind, MoveError, Outcome, Side};
 
 /// The longest display name, in characters.
 pub const NAME_MAX: usize = 24;
+/// The longest move text any game reads (UCI's is 5).
+pub const MOVE_MAX: usize = 16;
 
 /// A seated player: the identity of their browser or program (never shown
 /// to others) and their display name.
@@ -204,6 +206,14 @@ impl Record {
                         if game.to_move() != side {
                             return Err(OpError::NotYourTurn);
                         }
+                        if mv.len() > MOVE_MAX {
+                            let head: String = mv.chars().take(MOVE_MAX).collect();
+                            return Err(MoveError::Unreadable(
+                                head + "…",
+                                "a move is a few characters",
+                            )
+                            .into());
+                        }
                         game.play(mv)?;
                         r.moves.push(mv.trim().to_string());
                     }
@@ -296,6 +306,10 @@ mod tests {
             Record::apply(Some(&r), "ABCD", &mv("c", "a1", 0), 3),
             Err(OpError::NotSeated("ABCD".into()))
         );
+        assert!(matches!(
+            Record::apply(Some(&r), "ABCD", &mv("a", &"x".repeat(5000), 0), 3),
+            Err(OpError::Move(MoveError::Unreadable(m, _))) if m.len() < 40
+        ));
         let mut r = r;
         for (i, (p, m)) in [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2")]
             .into_iter()

@@ -31,6 +31,36 @@ impl Kind {
         }
     }
 
+    /// Its name in URLs and the API (as serde writes it).
+    pub fn slug(self) -> &'static str {
+        match self {
+            Kind::TicTacToe => "tic-tac-toe",
+            Kind::ConnectFour => "connect-four",
+            Kind::Chess => "chess",
+        }
+    }
+
+    /// Its name for people.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::TicTacToe => "Tic-tac-toe",
+            Kind::ConnectFour => "Connect four",
+            Kind::Chess => "Chess",
+        }
+    }
+
+    /// What players call `side` in this game.
+    pub fn side_name(self, side: Side) -> &'static str {
+        match (self, side) {
+            (Kind::TicTacToe, Side::First) => "X",
+            (Kind::TicTacToe, Side::Second) => "O",
+            (Kind::ConnectFour, Side::First) => "Red",
+            (Kind::ConnectFour, Side::Second) => "Yellow",
+            (Kind::Chess, Side::First) => "White",
+            (Kind::Chess, Side::Second) => "Black",
+        }
+    }
+
     /// A game of this kind after `moves`, each checked as it is played.
     pub fn replay<S: AsRef<str>>(self, moves: &[S]) -> Result<Box<dyn Game>, MoveError> {
         let mut g = self.start();
@@ -98,4 +128,18 @@ pub trait Game: Send + Sync {
     /// The position in the game's standard notation (FEN for chess; the
     /// rows, top first, for the others).
     fn position(&self) -> String;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_are_the_names_serde_reads() {
+        for k in Kind::ALL {
+            let read: Kind = serde_json::from_value(serde_json::json!(k.slug())).unwrap();
+            assert_eq!(read, k);
+            assert_ne!(k.side_name(Side::First), k.side_name(Side::Second));
+        }
+    }
 }

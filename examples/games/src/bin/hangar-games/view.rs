@@ -86,36 +86,6 @@ pub fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-fn kind_name(k: Kind) -> &'static str {
-    match k {
-        Kind::TicTacToe => "Tic-tac-toe",
-        Kind::ConnectFour => "Connect four",
-        Kind::Chess => "Chess",
-    }
-}
-
-fn side_name(k: Kind, s: Side) -> &'static str {
-    match (k, s) {
-        (Kind::TicTacToe, Side::First) => "X",
-        (Kind::TicTacToe, Side::Second) => "O",
-        (Kind::ConnectFour, Side::First) => "Red",
-        (Kind::ConnectFour, Side::Second) => "Yellow",
-        (Kind::Chess, Side::First) => "White",
-        (Kind::Chess, Side::Second) => "Black",
-    }
-}
-
-pub fn kinds() -> impl Iterator<Item = (&'static str, &'static str)> {
-    Kind::ALL.into_iter().map(|k| {
-        let slug = match k {
-            Kind::TicTacToe => "tic-tac-toe",
-            Kind::ConnectFour => "connect-four",
-            Kind::Chess => "chess",
-        };
-        (slug, kind_name(k))
-    })
-}
-
 /// The inside of the game's `<div id="game">`: players, status, board
 /// and the forms that make moves (posted as they are without a script;
 /// the page's script sends them over its WebSocket instead).
@@ -130,7 +100,7 @@ pub fn game_html(v: &GameView) -> String {
     let _ = write!(
         h,
         "<h1>{} <span class=code>{}</span></h1><ul class=players>",
-        kind_name(v.kind),
+        v.kind.name(),
         v.code
     );
     for side in [Side::First, Side::Second] {
@@ -141,7 +111,7 @@ pub fn game_html(v: &GameView) -> String {
             h,
             "<li class=\"{}{turn}\">{}: {name}{you}</li>",
             side_slug(side),
-            side_name(v.kind, side)
+            v.kind.side_name(side)
         );
     }
     h.push_str("</ul>");
@@ -175,7 +145,7 @@ pub fn game_html(v: &GameView) -> String {
         "<form method=post action=\"/g/{}/move\" data-ws=move class=\"board {}\" data-legal=\"{}\" data-n={n}>\
          <input type=hidden name=n value={n}>",
         v.code,
-        kind_slug(v.kind),
+        v.kind.slug(),
         if mine { escape(&v.legal.join(" ")) } else { String::new() },
     );
     match v.kind {
@@ -242,14 +212,6 @@ fn side_slug(s: Side) -> &'static str {
     match s {
         Side::First => "first",
         Side::Second => "second",
-    }
-}
-
-fn kind_slug(k: Kind) -> &'static str {
-    match k {
-        Kind::TicTacToe => "tic-tac-toe",
-        Kind::ConnectFour => "connect-four",
-        Kind::Chess => "chess",
     }
 }
 

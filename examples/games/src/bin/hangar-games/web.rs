@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::cluster::{Cluster, Failure};
-use crate::view::{escape, game_html, kinds, view};
+use crate::view::{escape, game_html, view};
 
 const SCRIPT: &str = include_str!("game.js");
 const STYLE: &str = include_str!("game.css");
@@ -148,8 +148,8 @@ fn page(title: &str, body: &str, script: bool) -> String {
 
 fn lobby_html(name: &str, error: Option<&str>) -> String {
     let mut options = String::new();
-    for (slug, label) in kinds() {
-        options.push_str(&format!("<option value={slug}>{label}</option>"));
+    for k in Kind::ALL {
+        options.push_str(&format!("<option value={}>{}</option>", k.slug(), k.name()));
     }
     let error = error
         .map(|e| format!("<p class=error>{}</p>", escape(e)))
@@ -188,7 +188,7 @@ fn parse_kind(s: &str) -> Result<Kind, Failure> {
         status: 400,
         message: format!(
             "{s:?} is not a game here; the games are {}",
-            kinds().map(|(s, _)| s).collect::<Vec<_>>().join(", ")
+            Kind::ALL.map(Kind::slug).join(", ")
         ),
     })
 }
