@@ -7,7 +7,8 @@
 # moves/s, and the ratio (the cost of never losing a move). Goal: p99 at
 # most 10 ms with replication on.
 #
-# Then failover: the same load on the replicated app, one of its machines
+# Then capacity (no think time, replication on and off), and failover:
+# the same paced load on the replicated app, one of its machines
 # killed (`kill -9` of its server and its init) mid-run: acknowledged moves
 # lost (goal 0) and the longest a move waited for its acknowledgement
 # (the time until every affected game accepts moves again).
@@ -62,6 +63,20 @@ for name in on off; do
         "$(field "$r" p50_ms)" "$(field "$r" p99_ms)" "$(field "$r" moves_per_s)" "$(field "$r" lost)" "$(field "$r" setup_errors)"
 done
 echo "  replication on / off: p50 $(ratio "$(field "$on" p50_ms)" "$(field "$off" p50_ms)")x, p99 $(ratio "$(field "$on" p99_ms)" "$(field "$off" p99_ms)")x, moves/s $(ratio "$(field "$on" moves_per_s)" "$(field "$off" moves_per_s)")x"
+
+# Capacity: players that never think, so the moves come as fast as the
+# answers (a closed loop: here latency is what the throughput costs).
+cap=${CAPACITY_GAMES:-200}
+runfast() { "$load" load --edge "127.0.0.1:$edge" --host "$1.localhost" --games "$cap" --think-ms 0 --seconds 10; }
+fast_on=$(runfast games)
+fast_off=$(runfast games-norep)
+echo "capacity: $cap games with no think time, 10 s each:"
+for name in fast_on fast_off; do
+    r=${!name}
+    printf '  replication %-3s  %6s moves/s  p50 %6s ms  p99 %6s ms\n' "${name#fast_}" \
+        "$(field "$r" moves_per_s)" "$(field "$r" p50_ms)" "$(field "$r" p99_ms)"
+done
+echo "  replication on / off: moves/s $(ratio "$(field "$fast_on" moves_per_s)" "$(field "$fast_off" moves_per_s)")x"
 
 echo "failover: the same load, one of the 3 machines killed after $((secs / 2)) s:"
 run games > "$work/failover.json" &
