@@ -136,6 +136,18 @@ fn api(
     http(method, &node.edge, path, &headers, body.as_bytes())
 }
 
+/// `player`'s move `mv` as the `n`th of `code`, through the edge.
+fn post_move(node: &Node, code: &str, player: &str, mv: &str, n: usize) -> HttpResponse {
+    api(
+        node,
+        "POST",
+        &format!("/api/games/{code}/moves"),
+        Some(player),
+        Some(json!({"move": mv, "n": n})),
+        None,
+    )
+}
+
 /// A new game and its two players' identities.
 fn new_game(node: &Node, kind: &str) -> (String, String, String) {
     let r = api(
@@ -208,6 +220,43 @@ fn server_of(owner: &str) -> (i32, i32, String) {
         return (pid, ppid, id);
     }
     panic!("no game server process serves as {owner}");
+}
+
+/// The output of shell `script` in a machine of a new app `app` of `org`
+/// (busybox), destroyed after.
+fn probe_from(node: &Node, org: &str, app: &str, script: &str) -> String {
+    let path = node.h.dir.path().join(app);
+    fs::create_dir_all(&path).unwrap();
+    node.h.ok(&[
+        "launch",
+        "--image",
+        "localhost/busybox:test",
+        "--name",
+        app,
+        "--org",
+        org,
+        "--path",
+        path.to_str().unwrap(),
+    ]);
+    let id = node
+        .h
+        .ok(&[
+            "machine",
+            "run",
+            "localhost/busybox:test",
+            "--app",
+            app,
+            "--",
+            "sleep",
+            "600",
+        ])
+        .trim()
+        .to_string();
+    let out = node
+        .h
+        .run(&["machine", "exec", &id, "--", "/bin/sh", "-c", script]);
+    node.h.ok(&["machine", "destroy", &id, "--force"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `kill -9` of the machine that owns `code`, its server and its init:
@@ -456,43 +505,13 @@ fn moves_race_through_every_machine_while_the_owner_dies_and_games_move_with_mac
         serde_json::from_str(&node.h.ok(&["machine", "status", &ids[0], "--json"])).unwrap();
     let ipv4 = status["ipv4"].as_str().unwrap().to_string();
     crate::machine::busybox_image(&node.h);
-    let loot = node.h.dir.path().join("loot");
-    fs::create_dir_all(&loot).unwrap();
-    node.h.ok(&[
-        "launch",
-        "--image",
-        "localhost/busybox:test",
-        "--name",
-        "loot",
-        "--org",
-        "evil",
-        "--path",
-        loot.to_str().unwrap(),
-    ]);
-    let spy = node
-        .h
-        .ok(&[
-            "machine",
-            "run",
-            "localhost/busybox:test",
-            "--app",
-            "loot",
-            "--",
-            "sleep",
-            "600",
-        ])
-        .trim()
-        .to_string();
     let probe = format!(
         "nslookup games.internal 2>&1; printf 'GET /peer/copy/AAAA HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ipv4} {port}; echo end"
     );
-    let out = node
-        .h
-        .run(&["machine", "exec", &spy, "--", "/bin/sh", "-c", &probe]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = probe_from(&node, "evil", "loot", &probe);
     assert!(text.contains("end"), "the probe did not run: {text}");
     assert!(
-        !text.contains(ip),
+        !text.contains(ip) && !text.contains(&format!("{ipv4}\n")),
         "evil's machine resolved the games' machines: {text}"
     );
     assert!(
@@ -501,43 +520,13 @@ fn moves_race_through_every_machine_while_the_owner_dies_and_games_move_with_mac
     );
     // The same probe from another app of the games' own org does reach
     // them: the check above can fail.
-    let friend = node.h.dir.path().join("friend");
-    fs::create_dir_all(&friend).unwrap();
-    node.h.ok(&[
-        "launch",
-        "--image",
-        "localhost/busybox:test",
-        "--name",
-        "friend",
-        "--path",
-        friend.to_str().unwrap(),
-    ]);
-    let pal = node
-        .h
-        .ok(&[
-            "machine",
-            "run",
-            "localhost/busybox:test",
-            "--app",
-            "friend",
-            "--",
-            "sleep",
-            "600",
-        ])
-        .trim()
-        .to_string();
-    let out = node
-        .h
-        .run(&["machine", "exec", &pal, "--", "/bin/sh", "-c", &probe]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = probe_from(&node, "personal", "friend", &probe);
     assert!(
         text.contains(ip) && text.contains("404 Not Found"),
         "a machine of the games' own org does not reach them: {text}"
     );
-    node.h.ok(&["machine", "destroy", &pal, "--force"]);
     let r = api(&node, "GET", "/peer/copy/AAAA", None, None, None);
     assert_eq!(r.status, 404, "the edge routes to the peer port");
-    node.h.ok(&["machine", "destroy", &spy, "--force"]);
 
     // Bad input is refused with the reason.
     let r = api(
@@ -571,14 +560,7 @@ fn moves_race_through_every_machine_while_the_owner_dies_and_games_move_with_mac
         (0..12).map(|_| new_game(&node, "connect-four")).collect();
     for (code, a, b) in &games {
         for (i, (p, m)) in [(a, "4"), (b, "4"), (a, "3")].into_iter().enumerate() {
-            let r = api(
-                &node,
-                "POST",
-                &format!("/api/games/{code}/moves"),
-                Some(p),
-                Some(json!({"move": m, "n": i})),
-                None,
-            );
+            let r = post_move(&node, code, p, m, i);
             assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         }
     }
@@ -678,14 +660,7 @@ fn moves_race_through_every_machine_while_the_owner_dies_and_games_move_with_mac
     check(&games);
     // A move on each game after the join: made by its (maybe new) owner.
     for (code, _, b) in &games[1..] {
-        let r = api(
-            &node,
-            "POST",
-            &format!("/api/games/{code}/moves"),
-            Some(b),
-            Some(json!({"move": "1", "n": 3})),
-            None,
-        );
+        let r = post_move(&node, code, b, "1", 3);
         assert_eq!(
             r.status,
             200,
@@ -780,23 +755,9 @@ fn the_forms_work_without_a_script_and_an_idle_game_ends_and_frees_its_code() {
     assert!(String::from_utf8_lossy(&r.body).contains("a display name has letters"));
 
     let (code, a, _) = new_game(&node, "chess");
-    let r = api(
-        &node,
-        "POST",
-        &format!("/api/games/{code}/moves"),
-        Some(&a),
-        Some(json!({"move": "e2e4", "n": 0})),
-        None,
-    );
+    let r = post_move(&node, &code, &a, "e2e4", 0);
     assert_eq!(r.status, 200, "{:?}", r.json());
-    let r = api(
-        &node,
-        "POST",
-        &format!("/api/games/{code}/moves"),
-        Some(&a),
-        Some(json!({"move": "e7e5", "n": 1})),
-        None,
-    );
+    let r = post_move(&node, &code, &a, "e7e5", 1);
     assert_eq!(r.status, 409, "not Ada's turn: {:?}", r.json());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -818,14 +779,7 @@ fn the_forms_work_without_a_script_and_an_idle_game_ends_and_frees_its_code() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let r = api(
-        &node,
-        "POST",
-        &format!("/api/games/{code}/moves"),
-        Some(&a),
-        Some(json!({"move": "e7e5", "n": 1})),
-        None,
-    );
+    let r = post_move(&node, &code, &a, "e7e5", 1);
     assert_eq!(r.status, 404, "{:?}", r.json());
 }
 

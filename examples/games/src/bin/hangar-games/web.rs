@@ -335,14 +335,7 @@ async fn game_page(
     headers: HeaderMap,
 ) -> Response {
     let (id, set) = identity_or_new(&headers);
-    let found = async {
-        let code = code_of(&code)?;
-        c.read(&code).await?.ok_or_else(|| Failure::Rejected {
-            status: 404,
-            message: format!("there is no game {code} (it may have ended); create one"),
-        })
-    };
-    let r = match found.await {
+    let r = match find(&c, &code).await {
         Ok(r) => r,
         Err(f) => return with_cookies(failure_page(&f, &headers), [set]),
     };
@@ -366,6 +359,15 @@ async fn game_page(
     with_cookies(Html(page(&title, &body, true)).into_response(), [set])
 }
 
+/// The game under `code` as typed, or why there is none.
+async fn find(c: &Cluster, code: &str) -> Result<Arc<Record>, Failure> {
+    let code = code_of(code)?;
+    c.read(&code).await?.ok_or_else(|| Failure::Rejected {
+        status: 404,
+        message: format!("there is no game {code} (it may have ended); create one"),
+    })
+}
+
 fn owner_of(c: &Cluster, code: &str) -> String {
     hangar_games::owner::owner(code, &c.view().peers)
         .unwrap_or_default()
@@ -385,18 +387,12 @@ async fn move_form(
     headers: HeaderMap,
     Form(f): Form<MoveForm>,
 ) -> Response {
-    let Some(id) = identity(&headers) else {
-        return failure_page(
-            &bad("no player identity: join the game first".into()),
-            &headers,
-        );
-    };
-    let op = Op::Move {
-        player: id,
+    form_op(&c, &code, &headers, |player| Op::Move {
+        player,
         mv: f.mv,
         n: f.n,
-    };
-    after_form(&c, &code, &op, &headers).await
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -410,17 +406,27 @@ async fn rematch_form(
     headers: HeaderMap,
     Form(f): Form<RematchForm>,
 ) -> Response {
-    let Some(id) = identity(&headers) else {
+    form_op(&c, &code, &headers, |player| Op::Rematch {
+        player,
+        round: f.round,
+    })
+    .await
+}
+
+/// A form's change for the player who posts it.
+async fn form_op(
+    c: &Cluster,
+    code: &str,
+    headers: &HeaderMap,
+    op: impl FnOnce(String) -> Op,
+) -> Response {
+    let Some(id) = identity(headers) else {
         return failure_page(
             &bad("no player identity: join the game first".into()),
-            &headers,
+            headers,
         );
     };
-    let op = Op::Rematch {
-        player: id,
-        round: f.round,
-    };
-    after_form(&c, &code, &op, &headers).await
+    after_form(c, code, &op(id), headers).await
 }
 
 /// A form's change made; back to the game page (with the reason when it
@@ -502,14 +508,7 @@ async fn state_api(
     Path(code): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let found = async {
-        let code = code_of(&code)?;
-        c.read(&code).await?.ok_or_else(|| Failure::Rejected {
-            status: 404,
-            message: format!("no game {code}"),
-        })
-    };
-    match found.await {
+    match find(&c, &code).await {
         Ok(r) => api_view(&c, &r, identity(&headers).as_deref()),
         Err(f) => api_error(&f),
     }
@@ -520,14 +519,7 @@ async fn legal_api(
     Path(code): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let found = async {
-        let code = code_of(&code)?;
-        c.read(&code).await?.ok_or_else(|| Failure::Rejected {
-            status: 404,
-            message: format!("no game {code}"),
-        })
-    };
-    match found.await {
+    match find(&c, &code).await {
         Ok(r) => {
             let v = view(&r, identity(&headers).as_deref(), "");
             Json(json!({ "to_move": v.to_move, "moves": v.legal })).into_response()
