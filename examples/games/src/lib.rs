@@ -7,7 +7,8 @@
 //! record the machines keep and replicate and the changes made to it
 //! ([`record`]), the 4-letter codes players share ([`code`]), and which
 //! machine of the app owns a game ([`owner`]: rendezvous hashing over the
-//! live peers). The server (`src/bin/hangar-games`) is built on it.
+//! live peers), and ratings from finished games ([`rating`]). The server
+//! (`src/bin/hangar-games`) is built on it.
 //!
 //! It must not know how it is deployed: peers come from `.internal` DNS
 //! and moves from players, both through the server built on it.
@@ -16,5 +17,6 @@
 
 pub mod code;
 pub mod owner;
+pub mod rating;
 pub mod record;
 pub mod rules;
