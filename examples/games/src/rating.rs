@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 /// One finished game: who played, and the first player's score (1 a win,
 /// 0.5 a draw, 0 a loss).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Result2 {
+pub struct Score {
     pub first: usize,
     pub second: usize,
     pub score: f64,
@@ -33,7 +33,7 @@ pub struct Rated {
 
 /// Bradley–Terry strengths (log scale, natural) of `players` from
 /// `games`, the anchor at 0.
-pub fn fit_log_strengths(players: usize, games: &[Result2], anchor: usize) -> Vec<f64> {
+pub fn fit_log_strengths(players: usize, games: &[Score], anchor: usize) -> Vec<f64> {
     // wins[i]: score of i; pairs[(i, j)]: games between i < j.
     let mut wins = vec![0.5; players];
     let mut pairs: BTreeMap<(usize, usize), f64> = BTreeMap::new();
@@ -79,7 +79,7 @@ pub fn fit_log_strengths(players: usize, games: &[Result2], anchor: usize) -> Ve
 /// intervals at `level` (0.95) from `rounds` resamplings of the games.
 pub fn bradley_terry(
     players: usize,
-    games: &[Result2],
+    games: &[Score],
     anchor: usize,
     anchor_rating: f64,
     rounds: usize,
@@ -119,7 +119,7 @@ pub fn bradley_terry(
 }
 
 /// Online Elo over `games` in order, every player starting at `start`.
-pub fn online_elo(players: usize, games: &[Result2], k: f64, start: f64) -> Vec<f64> {
+pub fn online_elo(players: usize, games: &[Score], k: f64, start: f64) -> Vec<f64> {
     let mut r = vec![start; players];
     for g in games {
         let expected = 1.0 / (1.0 + 10f64.powf((r[g.second] - r[g.first]) / SCALE));
@@ -165,7 +165,7 @@ mod tests {
 
     /// A round robin of players with true ratings `truth`, `per_pair`
     /// games each way, `draws` setting how often games are drawn.
-    fn tournament(truth: &[f64], per_pair: usize, draws: f64, rng: &mut SplitMix) -> Vec<Result2> {
+    fn tournament(truth: &[f64], per_pair: usize, draws: f64, rng: &mut SplitMix) -> Vec<Score> {
         let mut games = Vec::new();
         for i in 0..truth.len() {
             for j in 0..truth.len() {
@@ -185,7 +185,7 @@ mod tests {
                     } else {
                         0.0
                     };
-                    games.push(Result2 {
+                    games.push(Score {
                         first: i,
                         second: j,
                         score,
@@ -234,8 +234,8 @@ mod tests {
 
     #[test]
     fn a_player_who_won_everything_is_finite_and_elo_agrees_in_order() {
-        let games: Vec<Result2> = (0..20)
-            .map(|i| Result2 {
+        let games: Vec<Score> = (0..20)
+            .map(|i| Score {
                 first: i % 2,
                 second: 1 - i % 2,
                 score: if i % 2 == 0 { 1.0 } else { 0.0 },
