@@ -15,7 +15,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod calibration;
 pub mod code;
+pub mod engine;
 pub mod owner;
 pub mod rating;
 pub mod record;

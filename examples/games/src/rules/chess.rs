@@ -4,7 +4,7 @@
 //! Moves are UCI (`e2e4`, `e1g1` to castle, `e7e8q`); the position is FEN.
 
 use cozy_chess::util::{display_uci_move, parse_uci_move};
-use cozy_chess::{Board, Color, GameStatus};
+use cozy_chess::{Board, Color, GameStatus, Move, Piece};
 
 use super::{Game, Kind, MoveError, Outcome, Side};
 
@@ -76,6 +76,91 @@ impl Game for Chess {
         }
     }
 
+    /// Material, counted the usual way (1, 3, 3, 5, 9).
+    fn evaluate(&self) -> f64 {
+        let me = self.board.side_to_move();
+        let mut score = 0.0;
+        for (piece, worth) in [
+            (Piece::Pawn, 1.0),
+            (Piece::Knight, 3.0),
+            (Piece::Bishop, 3.0),
+            (Piece::Rook, 5.0),
+            (Piece::Queen, 9.0),
+        ] {
+            let ours = (self.board.pieces(piece) & self.board.colors(me)).len();
+            let theirs = (self.board.pieces(piece) & self.board.colors(!me)).len();
+            score += worth * (f64::from(ours) - f64::from(theirs));
+        }
+        (score / 10.0).tanh() * 0.9
+    }
+
+    /// SAN: `e4`, `exd5`, `Nbd7`, `R1e2`, `e8=Q`, `O-O` (and `0-0`), with
+    /// and without the capture, check and promotion marks.
+    fn spellings(&self, mv: &str) -> Vec<String> {
+        let Ok(m) = parse_uci_move(&self.board, mv) else {
+            return Vec::new();
+        };
+        let Some(piece) = self.board.piece_on(m.from) else {
+            return Vec::new();
+        };
+        let capture = self.board.color_on(m.to) == Some(!self.board.side_to_move());
+        let castle =
+            piece == Piece::King && self.board.color_on(m.to) == self.board.color_on(m.from);
+        if castle {
+            let long = m.to.file() < m.from.file();
+            return if long {
+                vec!["O-O-O".into(), "0-0-0".into()]
+            } else {
+                vec!["O-O".into(), "0-0".into()]
+            };
+        }
+        let to = m.to.to_string();
+        let promo = m
+            .promotion
+            .map(|p| format!("={}", char::from(p).to_ascii_uppercase()))
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        if piece == Piece::Pawn {
+            if m.from.file() != m.to.file() {
+                let file = m.from.file().to_string();
+                out.push(format!("{file}x{to}{promo}"));
+                out.push(format!("{file}{to}{promo}"));
+            } else {
+                out.push(format!("{to}{promo}"));
+            }
+            return out;
+        }
+        let letter = char::from(piece).to_ascii_uppercase();
+        // Other pieces of this kind that reach the same square.
+        let mut rivals: Vec<Move> = Vec::new();
+        self.board.generate_moves(|moves| {
+            for other in moves {
+                if other.to == m.to && other.from != m.from && moves.piece == piece {
+                    rivals.push(other);
+                }
+            }
+            false
+        });
+        let x = if capture { "x" } else { "" };
+        let from = m.from.to_string();
+        let (file, rank) = (&from[..1], &from[1..]);
+        if rivals.is_empty() {
+            out.push(format!("{letter}{x}{to}"));
+        }
+        if rivals.iter().all(|r| r.from.file() != m.from.file()) {
+            out.push(format!("{letter}{file}{x}{to}"));
+        }
+        if rivals.iter().all(|r| r.from.rank() != m.from.rank()) {
+            out.push(format!("{letter}{rank}{x}{to}"));
+        }
+        out.push(format!("{letter}{from}{x}{to}"));
+        out
+    }
+
+    fn boxed(&self) -> Box<dyn Game> {
+        Box::new(self.clone())
+    }
+
     fn position(&self) -> String {
         self.board.to_string()
     }
@@ -138,5 +223,30 @@ mod tests {
         assert_eq!(g.play("e2e5"), Err(MoveError::Illegal("e2e5".into())));
         assert!(matches!(g.play("castle"), Err(MoveError::Unreadable(..))));
         assert_eq!(g.to_move(), Side::First);
+    }
+
+    #[test]
+    fn san_spellings_name_the_uci_moves() {
+        let g = Kind::Chess.start();
+        assert!(g.spellings("g1f3").contains(&"Nf3".to_string()));
+        assert_eq!(g.spellings("e2e4"), ["e4"]);
+        let g = Kind::Chess
+            .replay(&["e2e4", "e7e5", "g1f3", "b8c6", "f1c4", "g8f6"])
+            .unwrap();
+        assert!(g.spellings("e1g1").contains(&"O-O".to_string()));
+        // Two knights can reach d2 after b1c3 and... only one here: plain.
+        assert!(g.spellings("b1c3").contains(&"Nc3".to_string()));
+        // Both rooks reach d1 once the way is clear: the file tells them apart.
+        let g = Kind::Chess
+            .replay(&[
+                "d2d4", "d7d5", "b1c3", "b8c6", "c1f4", "c8f5", "d1d2", "d8d7", "e1c1", "e8c8",
+                "g1f3", "g8f6", "e2e3", "e7e6", "f1e2", "f8e7", "h1f1", "h8f8",
+            ])
+            .unwrap();
+        let s = g.spellings("f1e1");
+        assert!(s.contains(&"Rfe1".to_string()), "{s:?}");
+        assert!(!s.contains(&"Re1".to_string()), "{s:?}");
+        let g = Kind::Chess.replay(&["e2e4", "d7d5"]).unwrap();
+        assert!(g.spellings("e4d5").contains(&"exd5".to_string()));
     }
 }

@@ -75,6 +75,42 @@ impl Game for ConnectFour {
         (self.moves == COLS * ROWS).then_some(Outcome::Draw)
     }
 
+    /// Every line of four still open to one side only, weighted by how
+    /// full it is: the usual connect-four heuristic.
+    fn evaluate(&self) -> f64 {
+        let me = self.to_move();
+        let mut score = 0.0;
+        for col in 0..COLS as i32 {
+            for row in 0..ROWS as i32 {
+                for (dc, dr) in [(1, 0), (0, 1), (1, 1), (1, -1)] {
+                    let end = (col + dc * 3, row + dr * 3);
+                    if !(0..COLS as i32).contains(&end.0) || !(0..ROWS as i32).contains(&end.1) {
+                        continue;
+                    }
+                    let (mut mine, mut theirs) = (0, 0);
+                    for k in 0..4 {
+                        match self.at(col + dc * k, row + dr * k) {
+                            Some(s) if s == me => mine += 1,
+                            Some(_) => theirs += 1,
+                            None => {}
+                        }
+                    }
+                    let weight = |n: i32| f64::from(n * n);
+                    if theirs == 0 {
+                        score += weight(mine);
+                    } else if mine == 0 {
+                        score -= weight(theirs);
+                    }
+                }
+            }
+        }
+        (score / 60.0).tanh() * 0.9
+    }
+
+    fn boxed(&self) -> Box<dyn Game> {
+        Box::new(self.clone())
+    }
+
     fn position(&self) -> String {
         (0..ROWS)
             .rev()

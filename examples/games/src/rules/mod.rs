@@ -128,6 +128,18 @@ pub trait Game: Send + Sync {
     /// The position in the game's standard notation (FEN for chess; the
     /// rows, top first, for the others).
     fn position(&self) -> String;
+    /// A copy, for searching ahead.
+    fn boxed(&self) -> Box<dyn Game>;
+    /// A guess at the position's value for the side to move, from -1 (lost)
+    /// to 1 (won), for depth-limited search; 0 when the game has none.
+    fn evaluate(&self) -> f64 {
+        0.0
+    }
+    /// Other ways people write the legal move `mv` (chess: SAN, `Nf3`,
+    /// `O-O`), so loosely written answers still name it.
+    fn spellings(&self, _mv: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

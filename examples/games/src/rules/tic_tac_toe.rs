@@ -71,6 +71,10 @@ impl Game for TicTacToe {
         (self.moves == 9).then_some(Outcome::Draw)
     }
 
+    fn boxed(&self) -> Box<dyn Game> {
+        Box::new(self.clone())
+    }
+
     fn position(&self) -> String {
         (0..3)
             .rev()
