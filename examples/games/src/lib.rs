@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ai;
 pub mod calibration;
 pub mod code;
 pub mod engine;

@@ -1,6 +1,8 @@
 //! `hangar-games`: the game server as a Hangar app (`hangar-games serve`,
-//! the image's command), and `hangar-games load`, the scripted players of
-//! the benchmark.
+//! the image's command); `hangar-games arena`, tournaments between AI
+//! players and their reports; and, for tests and benchmarks,
+//! `hangar-games load` (scripted players against a server) and
+//! `hangar-games scripted-model` (a scripted OpenAI-compatible endpoint).
 //!
 //! The server listens on `PORT` (8080) for players, through the edge, and
 //! on `GAMES_PEER_PORT` (8081) for its peers, over the org's private
@@ -9,10 +11,12 @@
 
 #![forbid(unsafe_code)]
 
+mod arena;
 mod cluster;
 mod load;
 mod peer;
 mod peers;
+mod scripted;
 mod store;
 mod view;
 mod web;
@@ -37,6 +41,11 @@ enum Command {
     Serve,
     /// Play scripted games against a server, as the benchmark does
     Load(load::LoadArgs),
+    /// Tournaments between AI players: run one, or write its reports
+    #[command(subcommand)]
+    Arena(arena::ArenaCommand),
+    /// An OpenAI-compatible endpoint with scripted players, for tests
+    ScriptedModel(scripted::ScriptedArgs),
 }
 
 fn env(name: &str) -> Option<String> {
@@ -170,5 +179,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve => rt.block_on(serve()),
         Command::Load(args) => rt.block_on(load::run(args)),
+        Command::Arena(cmd) => rt.block_on(arena::main(cmd)),
+        Command::ScriptedModel(args) => rt.block_on(scripted::main(args)),
     }
 }
