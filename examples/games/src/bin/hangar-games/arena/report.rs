@@ -252,7 +252,16 @@ pub fn write(dir: &Path) -> Result<Vec<String>> {
         &std::fs::read_to_string(dir.join("config.toml"))
             .with_context(|| format!("{} holds no tournament (no config.toml)", dir.display()))?,
     )?;
-    let games = finished(dir)?;
+    let mut games = finished(dir)?;
+    // In the schedule's order, not the order they finished in, so online
+    // Elo and the bootstrap see the same sequence however the games ran.
+    let order: BTreeMap<String, usize> = cfg
+        .schedule()
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| (f.id, i))
+        .collect();
+    games.sort_by_key(|g| order.get(&g.id).copied().unwrap_or(usize::MAX));
     let calls = kept_calls(dir, &games)?;
     let mut written = Vec::new();
 
