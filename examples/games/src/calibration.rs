@@ -280,7 +280,7 @@ pub fn report(p: &[f64], y: &[bool], bins: usize, rounds: usize, level: f64, see
 /// rate for both binnings (the diagonal is perfect calibration), and each
 /// equal-width bin's count as a bar along the bottom.
 pub fn svg(r: &Report, title: &str) -> String {
-    let (w, h, pad) = (420.0, 460.0, 40.0);
+    let (w, h, pad) = (420.0, 480.0, 40.0);
     let side = w - 2.0 * pad;
     let x = |v: f64| pad + v * side;
     let y = |v: f64| pad + (1.0 - v) * side;
@@ -314,11 +314,12 @@ pub fn svg(r: &Report, title: &str) -> String {
         .unwrap_or(1)
         .max(1) as f64;
     for b in &r.equal_width {
+        // Counts along the bottom, under the legend.
         let bh = 40.0 * b.count as f64 / most;
         s += &format!(
             "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#cde\"><title>{} in [{:.2}, {:.2}]</title></rect>",
             x(b.low),
-            h - 20.0 - bh,
+            h - 10.0 - bh,
             (b.high - b.low) * side,
             b.count,
             b.low,

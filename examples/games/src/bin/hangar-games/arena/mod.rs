@@ -40,6 +40,18 @@ pub enum ArenaCommand {
         /// The results directory
         dir: PathBuf,
     },
+    /// For bench/arena.sh: time the rating fit on a synthetic tournament
+    /// (decisive games between players of known strength), and write its
+    /// games (winner, loser) as JSON for the peer to fit the same data
+    #[command(hide = true)]
+    FitBench {
+        #[arg(long, default_value_t = 100)]
+        players: usize,
+        #[arg(long, default_value_t = 100_000)]
+        games: usize,
+        #[arg(long)]
+        pairs: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -66,12 +78,56 @@ pub async fn main(cmd: ArenaCommand) -> Result<()> {
             println!("reports: {}", files.join(", "));
             Ok(())
         }
+        ArenaCommand::FitBench {
+            players,
+            games,
+            pairs,
+        } => fit_bench(players, games, &pairs),
         ArenaCommand::Report { dir } => {
             let files = report::write(&dir)?;
             println!("reports: {}", files.join(", "));
             Ok(())
         }
     }
+}
+
+fn fit_bench(players: usize, games: usize, pairs: &Path) -> Result<()> {
+    use hangar_games::rating::{fit_log_strengths, Score, SplitMix};
+    if players < 2 {
+        bail!("--players must be at least 2");
+    }
+    let mut rng = SplitMix(1);
+    // True strengths spread over about 800 Elo points.
+    let truth: Vec<f64> = (0..players).map(|_| (rng.unit() - 0.5) * 4.6).collect();
+    let mut scores = Vec::with_capacity(games);
+    for _ in 0..games {
+        let a = (rng.next_u64() % players as u64) as usize;
+        let b = (a + 1 + (rng.next_u64() % (players as u64 - 1)) as usize) % players;
+        let p = 1.0 / (1.0 + (truth[b] - truth[a]).exp());
+        let score = if rng.unit() < p { 1.0 } else { 0.0 };
+        scores.push(Score { first: a, second: b, score });
+    }
+    let mut times = Vec::new();
+    let mut fit = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        fit = fit_log_strengths(players, &scores, 0);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let wl: Vec<[usize; 2]> = scores
+        .iter()
+        .map(|s| if s.score > 0.5 { [s.first, s.second] } else { [s.second, s.first] })
+        .collect();
+    std::fs::write(
+        pairs,
+        serde_json::to_string(&json!({ "players": players, "pairs": wl }))?,
+    )?;
+    println!(
+        "{}",
+        json!({ "players": players, "games": games, "fit_ms": times[2], "strengths": fit, "truth": truth })
+    );
+    Ok(())
 }
 
 /// One finished game.
@@ -272,6 +328,7 @@ pub async fn run(cfg: &Config, out: &Path, limit: Option<usize>) -> Result<()> {
         host: cfg.server_host.clone(),
     });
     let mut tasks = tokio::task::JoinSet::new();
+    let began = Instant::now();
     for f in todo {
         let permit = games_at_once.clone().acquire_owned().await?;
         let (seats, results, run_id, counter) = (
@@ -314,6 +371,12 @@ pub async fn run(cfg: &Config, out: &Path, limit: Option<usize>) -> Result<()> {
     while let Some(r) = tasks.join_next().await {
         r??;
     }
+    let played = counter.load(std::sync::atomic::Ordering::SeqCst) - done.len();
+    let secs = began.elapsed().as_secs_f64();
+    println!(
+        "played {played} games in {secs:.2} s ({:.1} games/s)",
+        played as f64 / secs.max(1e-9)
+    );
     Ok(())
 }
 

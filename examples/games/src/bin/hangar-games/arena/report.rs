@@ -496,7 +496,7 @@ fn model_report(
     json!({ "model": model, "variants": variants })
 }
 
-const STYLE: &str = "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}td,th{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}.ci{display:inline-block;height:.6em;background:#9bd;vertical-align:middle}";
+const STYLE: &str = "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}td,th{padding:.3em .7em;white-space:nowrap;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}.ci{display:inline-block;height:.6em;background:#9bd;vertical-align:middle}";
 
 fn leaderboard_html(cfg: &Config, pools: &[Pool], games: &[GameResult]) -> String {
     let mut h = format!(
