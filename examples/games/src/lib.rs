@@ -7,11 +7,15 @@
 //! record the machines keep and replicate and the changes made to it
 //! ([`record`]), the 4-letter codes players share ([`code`]), and which
 //! machine of the app owns a game ([`owner`]: rendezvous hashing over the
-//! live peers), and ratings from finished games ([`rating`]). The server
-//! (`src/bin/hangar-games`) is built on it.
+//! live peers), ratings from finished games ([`rating`]), and for games
+//! as model evaluation: the built-in engines ([`engine`]), what a model
+//! is asked and how its answer is read ([`ai`]), and calibration metrics
+//! ([`calibration`]). The server and the arena (`src/bin/hangar-games`)
+//! are built on it.
 //!
-//! It must not know how it is deployed: peers come from `.internal` DNS
-//! and moves from players, both through the server built on it.
+//! It must not know how it is deployed, nor do I/O: peers come from
+//! `.internal` DNS and moves from players or endpoints, all through the
+//! binary built on it.
 
 #![forbid(unsafe_code)]
 

@@ -337,6 +337,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_config_reads() {
+        let c = Config::parse(include_str!("../../../../arena/example.toml")).unwrap();
+        assert_eq!(c.schedule().len(), 10 * 10 * 2);
+        assert_eq!(c.players[c.anchor_index()].name, "random");
+    }
+
+    #[test]
     fn configs_are_checked_and_schedules_alternate_colours() {
         let c = Config::parse(
             r#"

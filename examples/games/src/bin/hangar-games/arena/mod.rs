@@ -105,7 +105,11 @@ fn fit_bench(players: usize, games: usize, pairs: &Path) -> Result<()> {
         let b = (a + 1 + (rng.next_u64() % (players as u64 - 1)) as usize) % players;
         let p = 1.0 / (1.0 + (truth[b] - truth[a]).exp());
         let score = if rng.unit() < p { 1.0 } else { 0.0 };
-        scores.push(Score { first: a, second: b, score });
+        scores.push(Score {
+            first: a,
+            second: b,
+            score,
+        });
     }
     let mut times = Vec::new();
     let mut fit = Vec::new();
@@ -117,7 +121,13 @@ fn fit_bench(players: usize, games: usize, pairs: &Path) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let wl: Vec<[usize; 2]> = scores
         .iter()
-        .map(|s| if s.score > 0.5 { [s.first, s.second] } else { [s.second, s.first] })
+        .map(|s| {
+            if s.score > 0.5 {
+                [s.first, s.second]
+            } else {
+                [s.second, s.first]
+            }
+        })
         .collect();
     std::fs::write(
         pairs,
