@@ -5,7 +5,8 @@
 //! and over the API: concurrent moves while the owner dies (one wins, once),
 //! ownership moving as a machine joins and leaves (no game lost or
 //! doubled), a hostile org kept out, the pages' forms without a script,
-//! and an idle game ending and freeing its code.
+//! an idle game ending and freeing its code, and two models of the arena
+//! playing on the app while a spectator watches in Chromium.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -938,4 +939,103 @@ fn a_game_across_two_regions_goes_on_when_its_owner_dies() {
         let (_, v) = edge_call(&wire, i, "GET", &format!("/api/games/{code}"), None, None);
         assert_eq!(v["moves"].as_array().map_or(0, Vec::len), 7, "n{i}: {v}");
     }
+}
+
+/// Two models (the scripted OpenAI-compatible server, slowed so people
+/// can follow) play a tournament game on the deployed app through the
+/// edge, and a spectator watches it live in Chromium: the moves arrive
+/// without a reload, under the models' names, to the end.
+#[test]
+fn two_models_play_on_the_deployed_app_and_a_spectator_watches_in_chromium() {
+    let node = Node::start();
+    let dir = games_app(&node, &[]);
+    deploy(&node, &dir, 2);
+    let bin = server_binary();
+    let mut model = std::process::Command::new(&bin)
+        .args(["scripted-model", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(model.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line.trim().trim_start_matches("listening on ").to_string();
+    let config = dir.join("arena.toml");
+    fs::write(
+        &config,
+        format!(
+            "name = \"watch\"\ngames = [\"tic-tac-toe\"]\nper_pair = 1\n\
+             server = \"http://{}\"\nserver_host = \"{HOST}\"\n\
+             [[player]]\nname = \"model-a\"\nbase_url = \"http://{addr}/v1\"\nmodel = \"slow-700\"\n\
+             [[player]]\nname = \"model-b\"\nbase_url = \"http://{addr}/v1\"\nmodel = \"slow-700\"\n",
+            node.edge
+        ),
+    )
+    .unwrap();
+    let mut arena = std::process::Command::new(&bin)
+        .args(["arena", "run"])
+        .arg(&config)
+        .arg("--out")
+        .arg(dir.join("results"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(arena.stdout.take().unwrap());
+    let url = loop {
+        let mut l = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut l).unwrap() > 0,
+            "the arena ended without opening a game"
+        );
+        if let Some((_, url)) = l.trim().split_once(": http://") {
+            break format!("http://{url}");
+        }
+    };
+    let port = node.edge.rsplit(':').next().unwrap();
+    assert!(
+        url.starts_with(&format!("http://{HOST}:{port}/g/")),
+        "{url}"
+    );
+
+    let eve = Browser::start();
+    eve.goto(&url);
+    eve.wait_for(
+        "return document.body.dataset.live === 'yes';",
+        Duration::from_secs(20),
+        "the spectator's page never went live",
+    );
+    let text = page_text(&eve);
+    assert!(
+        text.contains("model-a") && text.contains("model-b"),
+        "{text}"
+    );
+    assert!(text.contains("You are watching"), "{text}");
+    let count = "const m = document.querySelector('#game .moves'); \
+                 return m ? m.innerText.replace('Moves:', '').trim().split(/\\s+/).filter(x => x).length : 0;";
+    let seen = eve.eval(count).as_u64().unwrap_or(0);
+    // Moves arrive live, one after another, with no reload.
+    eve.wait_for(
+        &format!("return (function() {{ {count} }})() > {seen};"),
+        Duration::from_secs(20),
+        &format!("no move arrived after {seen}: {}", page_text(&eve)),
+    );
+    // The first-legal players' game: X takes a1, c1, b2, then a3.
+    eve.wait_for(
+        "return document.querySelector('#game .moves').innerText.trim() === 'Moves: a1 b1 c1 a2 b2 c2 a3';",
+        Duration::from_secs(30),
+        &format!("the game never finished live: {}", page_text(&eve)),
+    );
+    eve.screenshot("games-arena-spectator");
+    assert!(arena.wait().unwrap().success());
+    let _ = model.kill();
+    let _ = model.wait();
+    let board: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("results/leaderboard.json")).unwrap())
+            .unwrap();
+    assert_eq!(board["finished"], 1, "{board}");
+    let games = fs::read_to_string(dir.join("results/games.jsonl")).unwrap();
+    assert!(games.contains(&url), "{games}");
 }

@@ -516,6 +516,13 @@ async fn play(
     let table = match server {
         Some(s) => match s.open(f.kind, &a.cfg.name, &b.cfg.name).await {
             Ok(t) => {
+                println!(
+                    "  watch {} {} vs {}: {}",
+                    f.kind.slug(),
+                    a.cfg.name,
+                    b.cfg.name,
+                    t.url
+                );
                 result.url = Some(t.url.clone());
                 Some(t)
             }
