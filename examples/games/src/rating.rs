@@ -140,6 +140,14 @@ pub fn quantile(xs: &[f64], q: f64) -> f64 {
     xs[lo] + (xs[hi] - xs[lo]) * (pos - lo as f64)
 }
 
+/// FNV-1a: a hash that is the same in every run and build (std's is
+/// not), for seeds made from names and requests.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A small seeded generator (SplitMix64), so fits and tests repeat.
 #[derive(Clone, Debug)]
 pub struct SplitMix(pub u64);

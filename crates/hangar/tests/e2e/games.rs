@@ -253,11 +253,29 @@ fn probe_from(node: &Node, org: &str, app: &str, script: &str) -> String {
         ])
         .trim()
         .to_string();
-    let out = node
-        .h
-        .run(&["machine", "exec", &id, "--", "/bin/sh", "-c", script]);
+    // An exec that fails as a whole (the script ends with `echo end`, so
+    // its own failures do not) is tried again, then reported with its
+    // stderr: CI once saw one come back empty with no word why.
+    let mut errors = Vec::new();
+    let mut text = None;
+    for _ in 0..4 {
+        let out = node
+            .h
+            .run(&["machine", "exec", &id, "--", "/bin/sh", "-c", script]);
+        if out.status.success() {
+            text = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+            break;
+        }
+        errors.push(format!(
+            "{}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+        std::thread::sleep(Duration::from_secs(1));
+    }
     node.h.ok(&["machine", "destroy", &id, "--force"]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    text.unwrap_or_else(|| panic!("machine exec in {org}/{app} failed every time: {errors:#?}"))
 }
 
 /// `kill -9` of the machine that owns `code`, its server and its init:

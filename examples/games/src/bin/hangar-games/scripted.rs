@@ -27,7 +27,7 @@ use axum::{Json, Router};
 use clap::Args;
 use hangar_games::ai::read_prompt;
 use hangar_games::engine::Engine;
-use hangar_games::rating::SplitMix;
+use hangar_games::rating::{fnv1a, SplitMix};
 use hangar_games::rules::{Game, Kind};
 use serde_json::{json, Value};
 
@@ -62,12 +62,6 @@ pub async fn main(a: ScriptedArgs) -> Result<()> {
         .with_state(state);
     axum::serve(listener, app).await?;
     Ok(())
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -106,7 +100,7 @@ async fn complete(State(s): State<Arc<Scripted>>, headers: HeaderMap, body: Stri
             "the moves in the prompt do not replay",
         );
     };
-    let seed = fnv(body.as_bytes());
+    let seed = fnv1a(body.as_bytes());
     let (name, arg) = match model.rsplit_once('-') {
         Some((n, a)) if a.chars().all(|c| c.is_ascii_digit()) => (n.to_string(), a.parse().ok()),
         _ => (model.clone(), None),

@@ -325,11 +325,9 @@ fn plays(p: &PlayerConfig, kind: Kind) -> bool {
     p.engine.as_deref() != Some("stockfish") || kind == Kind::Chess
 }
 
-/// FNV-1a: a stable hash for seeds (std's is not stable across runs).
+/// A stable hash of `s`, for seeds.
 pub fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    hangar_games::rating::fnv1a(s.as_bytes())
 }
 
 #[cfg(test)]
