@@ -223,8 +223,8 @@ fn server_of(owner: &str) -> (i32, i32, String) {
     panic!("no game server process serves as {owner}");
 }
 
-/// The output of shell `script` in a machine of a new app `app` of `org`
-/// (busybox), destroyed after.
+/// The output of shell `script` (which ends with `echo end`) in a machine
+/// of a new app `app` of `org` (busybox), destroyed after.
 fn probe_from(node: &Node, org: &str, app: &str, script: &str) -> String {
     let path = node.h.dir.path().join(app);
     fs::create_dir_all(&path).unwrap();
@@ -253,17 +253,18 @@ fn probe_from(node: &Node, org: &str, app: &str, script: &str) -> String {
         ])
         .trim()
         .to_string();
-    // An exec that fails as a whole (the script ends with `echo end`, so
-    // its own failures do not) is tried again, then reported with its
-    // stderr: CI once saw one come back empty with no word why.
+    // An exec that fails as a whole, or whose output lacks the script's
+    // last line, is tried again, then reported with its stderr: CI once
+    // saw one come back empty with no word why.
     let mut errors = Vec::new();
     let mut text = None;
     for _ in 0..4 {
         let out = node
             .h
             .run(&["machine", "exec", &id, "--", "/bin/sh", "-c", script]);
-        if out.status.success() {
-            text = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && stdout.contains("end") {
+            text = Some(stdout);
             break;
         }
         errors.push(format!(
