@@ -246,6 +246,12 @@ fn overconfidence_is_measured_and_the_metrics_agree_with_scikit_learn() {
             engine("random", "random", ""),
             endpoint("calibrated", &addr, "calibrated", "confidence = true"),
             endpoint("overconfident", &addr, "overconfident", "confidence = true"),
+            endpoint(
+                "calibrated-listed",
+                &addr,
+                "calibrated",
+                "confidence = true\nshow_legal = true",
+            ),
         ],
     );
     let out = dir.path().join("res");
@@ -268,6 +274,23 @@ fn overconfidence_is_measured_and_the_metrics_agree_with_scikit_learn() {
         "the intervals are apart: {ge} vs {be}"
     );
     assert!(out.join(good["svg"].as_str().expect("svg")).is_file());
+    // The one-model report sets the model's prompt variants side by side.
+    let m = json(&out.join("model-calibrated.json"));
+    let variants: Vec<&str> = m["variants"]
+        .as_array()
+        .expect("variants")
+        .iter()
+        .map(|v| v["variant"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(variants, ["confidence", "legal-moves+confidence"]);
+    for v in m["variants"].as_array().into_iter().flatten() {
+        let g = &v["games"][0];
+        assert!(
+            g["calibration"]["legal"]["ece"]["value"].as_f64().is_some(),
+            "{g}"
+        );
+        assert!(num(&g["tokens_in_per_move"]) > 0.0, "{g}");
+    }
 
     // The same forecasts, read back from the calls, through scikit-learn.
     let games: std::collections::HashSet<String> = lines(&out.join("games.jsonl"))
@@ -524,6 +547,31 @@ fn bad_configs_are_refused_with_the_way_out() {
         ("games = [\"chess\"]\n[[player]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\napi_key_env = \"NO_SUCH_KEY_HERE\"\n[[player]]\nname = \"b\"\nengine = \"random\"", "hangar secrets set NO_SUCH_KEY_HERE"),
         ("games = [\"tic-tac-toe\"]\n[[player]]\nname = \"a\"\nengine = \"stockfish\"\n[[player]]\nname = \"b\"\nengine = \"random\"", "chess only"),
     ];
+    // A results directory of another tournament is not mixed into.
+    let out = dir.path().join("taken");
+    let one = dir.path().join("one.toml");
+    std::fs::write(&one, "games = [\"tic-tac-toe\"]\nper_pair = 1\n[[player]]\nname = \"a\"\nengine = \"random\"\n[[player]]\nname = \"b\"\nengine = \"random\"").expect("write");
+    arena(&one, &out);
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, "games = [\"tic-tac-toe\"]\nper_pair = 1\n[[player]]\nname = \"a\"\nengine = \"random\"\n[[player]]\nname = \"c\"\nengine = \"perfect\"").expect("write");
+    let o = Command::new(BIN)
+        .args(["arena", "run"])
+        .arg(&other)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("other players"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        lines(&out.join("games.jsonl")).len(),
+        1,
+        "nothing was added"
+    );
     for (text, says) in cases {
         let cfg = dir.path().join("bad.toml");
         std::fs::write(&cfg, text).expect("write");

@@ -682,3 +682,24 @@ async fn turn(
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_cut_before_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("games.jsonl");
+        std::fs::write(&path, "{\"a\":1}\n{\"a\":2}\n{\"a\":").unwrap();
+        let read: Vec<Value> = read_log(&path).unwrap();
+        assert_eq!(read.len(), 2, "the torn line is not read");
+        let file = Mutex::new(open_log(&path).unwrap());
+        Results::append(&file, &["{\"a\":3}".to_string()]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n");
+        assert!(read_log::<Value>(&dir.path().join("none.jsonl"))
+            .unwrap()
+            .is_empty());
+    }
+}
