@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod apply;
 mod apps;
 mod bridges;
 mod client;
@@ -130,6 +131,8 @@ enum Command {
     },
     /// Print the app's URL (and open it in a browser when there is one).
     Open(apps::AppFlag),
+    /// Merge a lazy code edit (`// ... existing code ...` markers) into a file; exit 2 when it refuses.
+    Apply(apply::ApplyArgs),
 }
 
 #[derive(Subcommand)]
@@ -272,6 +275,7 @@ fn main() -> ExitCode {
         Command::Console(args) => ssh::console_machine(args),
         Command::Apps { json, command } => apps::apps(json, command),
         Command::Open(app) => apps::open(app),
+        Command::Apply(args) => apply::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

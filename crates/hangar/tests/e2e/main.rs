@@ -4,6 +4,7 @@
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used)]
 
+mod apply;
 mod apps;
 mod cdn;
 mod cluster;
